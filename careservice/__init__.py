@@ -1,0 +1,1 @@
+"""careservice: privacy-first customer-care mail service."""

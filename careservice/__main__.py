@@ -1,0 +1,5 @@
+import sys
+
+from careservice.cli import main
+
+sys.exit(main())

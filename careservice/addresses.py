@@ -1,0 +1,80 @@
+"""Our addresses: care addresses, signed reply addresses for staff, signed Message-IDs for customers."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from careservice.config import Site
+from careservice.crypto import Keyring
+
+_TOKEN = re.compile(r"^([0-9a-f]{12})\.([0-9a-f]{8})\.([a-z2-7]{16})$")
+_ACK_ID = re.compile(r"^ack\.([0-9a-f]{12})\.([0-9a-f]{8})\.([a-z2-7]{16})@(.+)$")
+
+
+@dataclass(frozen=True)
+class Recipient:
+    site: Site
+    token: str  # "" for the care address itself, else the text after "+"
+
+
+@dataclass(frozen=True)
+class ReplyToken:
+    case_id: str
+    nonce: str
+    mac: str
+
+
+class Addressing:
+    """Recognises and issues the addresses and ids the service owns."""
+
+    def __init__(self, sites: tuple[Site, ...], keyring: Keyring) -> None:
+        self._by_care = {s.care_address: s for s in sites}
+        self._by_domain = {s.domain: s for s in sites}
+        self._keyring = keyring
+
+    def recipient(self, address: str) -> Recipient | None:
+        """The site and token for one of our addresses; None for anything else (relay refused)."""
+        local, at, domain = address.rpartition("@")
+        if not at or not local or local.startswith('"'):
+            return None
+        site = self._by_domain.get(domain.lower())
+        if site is None:
+            return None
+        if f"{local.lower()}@{site.domain}" == site.care_address:
+            return Recipient(site, "")
+        base, plus, token = local.partition("+")
+        if plus and base.lower() == site.care_local and _TOKEN.match(token.lower()):
+            return Recipient(site, token.lower())
+        return None
+
+    def is_ours(self, address: str) -> bool:
+        return self.recipient(address) is not None
+
+    def reply_address(self, site: Site, case_id: str, nonce: str) -> str:
+        mac = self._keyring.sign(f"staff|{site.id}|{case_id}|{nonce}".encode())
+        return f"{site.care_local}+{case_id}.{nonce}.{mac}@{site.domain}"
+
+    def check_reply_token(self, site: Site, token: str) -> ReplyToken | None:
+        """The case a staff reply address names, if its MAC is ours for this site."""
+        m = _TOKEN.match(token)
+        if not m:
+            return None
+        case_id, nonce, mac = m.groups()
+        if not self._keyring.verify(f"staff|{site.id}|{case_id}|{nonce}".encode(), mac):
+            return None
+        return ReplyToken(case_id, nonce, mac)
+
+    def ack_message_id(self, site: Site, case_id: str, nonce: str) -> str:
+        mac = self._keyring.sign(f"customer|{site.id}|{case_id}|{nonce}".encode())
+        return f"ack.{case_id}.{nonce}.{mac}@{site.domain}"
+
+    def followed_case(self, site: Site, references: tuple[str, ...]) -> str:
+        """The case id of a signed acknowledgement this message refers to, or ""."""
+        for ref in references:
+            m = _ACK_ID.match(ref)
+            if m and m.group(4) == site.domain:
+                case_id, nonce, mac = m.group(1), m.group(2), m.group(3)
+                if self._keyring.verify(f"customer|{site.id}|{case_id}|{nonce}".encode(), mac):
+                    return case_id
+        return ""

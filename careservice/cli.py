@@ -1,0 +1,91 @@
+"""`careservice run | check | keygen | status`; every command takes --config PATH."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from careservice.config import Config, ConfigError, load_config
+from careservice.crypto import MasterKeyError, write_master_key
+from careservice.logs import setup_logging
+from careservice.store import StoreError, read_status
+
+EXIT_CONFIG = 2
+
+
+def _run(config: Config, args: argparse.Namespace) -> int:
+    from careservice.daemon import run_forever  # imports aiosmtpd & co only when serving
+
+    setup_logging(config.log_level)
+    asyncio.run(run_forever(config))
+    return 0
+
+
+def _check(config: Config, args: argparse.Namespace) -> int:
+    print(f"config {config.path}: ok")
+    print(f"  data_dir   {config.data_dir}")
+    print(f"  smtp       {config.smtp.listen.host}:{config.smtp.listen.port}"
+          f"{' (STARTTLS)' if config.smtp.tls_cert else ''}")
+    print(f"  web        {config.web.listen.host}:{config.web.listen.port} verification={config.web.verification}")
+    print(f"  relay      {config.relay.url}")
+    print(f"  retention  unanswered cases purged after {config.unanswered_days} days")
+    for site in config.sites:
+        print(f"  site {site.id}: {site.name} <{site.care_address}> staff={len(site.staff)}")
+    for box in config.imap:
+        print(f"  imap {box.name} -> site {box.site}")
+    return 0
+
+
+def _keygen(config: Config, args: argparse.Namespace) -> int:
+    path = Path(args.output) if args.output else config.master_key_file
+    try:
+        write_master_key(path)
+    except FileExistsError:
+        print(f"careservice: {path} exists; not overwriting a master key (move it away first)", file=sys.stderr)
+        return 1
+    print(f"wrote new master key to {path} (mode 0600)")
+    return 0
+
+
+def _status(config: Config, args: argparse.Namespace) -> int:
+    status = read_status(config.data_dir)
+    if args.json:
+        print(json.dumps(status))
+    else:
+        for key, value in status.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="careservice", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, func, text in (("run", _run, "run the daemon in the foreground"),
+                             ("check", _check, "validate the config and print a summary"),
+                             ("keygen", _keygen, "write a new master key file"),
+                             ("status", _status, "print queue and case counts from the store")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--config", default="config.toml", help="config file (default ./config.toml)")
+        sub.set_defaults(func=func)
+        if name == "status":
+            sub.add_argument("--json", action="store_true", help="print JSON")
+        if name == "keygen":
+            sub.add_argument("--output", help="write here instead of security.master_key_file")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(Path(args.config))
+        return args.func(config, args)
+    except ConfigError as exc:
+        print(f"careservice: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except MasterKeyError as exc:
+        print(f"careservice: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (StoreError, OSError) as exc:
+        print(f"careservice: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0

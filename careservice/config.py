@@ -1,0 +1,297 @@
+"""Load config.toml into frozen dataclasses; every error names its key."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from email_validator import EmailNotValidError, validate_email
+
+RELAY_SCHEMES = ("smtp", "smtps", "smtp+starttls", "maildir")
+IMAP_SECURITY = ("tls", "starttls", "none")
+
+
+class ConfigError(Exception):
+    """A config problem, phrased as `key: problem`."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Site:
+    id: str
+    name: str
+    domain: str
+    care_address: str
+    staff: tuple[str, ...]
+
+    @property
+    def care_local(self) -> str:
+        return self.care_address.rsplit("@", 1)[0]
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    url: str
+    scheme: str
+    host: str
+    port: int
+    maildir: Path | None
+    retry_delays: tuple[int, ...]
+    give_up_after: int
+    username: str
+    password_file: str
+    timeout: float
+    connections: int
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    listen: Endpoint
+    hostname: str
+    max_message_bytes: int
+    tls_cert: str
+    tls_key: str
+    require_tls: bool
+    min_free_bytes: int
+    max_recipients: int
+    timeout: int
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    listen: Endpoint
+    verification: str
+    frame_ancestors: str
+    code_ttl_seconds: int
+    max_posts_per_ip_per_hour: int
+
+
+@dataclass(frozen=True)
+class ImapMailbox:
+    site: str
+    host: str
+    port: int
+    security: str
+    username: str
+    password_file: str
+    folder: str
+    poll_seconds: int
+    quarantine_folder: str
+    verify_tls: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.username}@{self.host}:{self.port}/{self.folder}"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    data_dir: Path
+    templates_dir: Path
+    log_level: str
+    master_key_file: Path
+    smtp: SmtpConfig
+    relay: RelayConfig
+    web: WebConfig
+    unanswered_days: int
+    acks_per_hour: int
+    sites: tuple[Site, ...]
+    imap: tuple[ImapMailbox, ...] = field(default=())
+
+    def site(self, site_id: str) -> Site | None:
+        return next((s for s in self.sites if s.id == site_id), None)
+
+
+class _Table:
+    """Typed reads from one TOML table, naming the full key in every error."""
+
+    def __init__(self, data: dict[str, Any], prefix: str) -> None:
+        self.data = data
+        self.prefix = prefix
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+        if name not in self.data:
+            if default is None:
+                raise ConfigError(self.key(name), "missing")
+            return default
+        value = self.data[name]
+        if isinstance(value, bool) and kind is not bool:
+            raise ConfigError(self.key(name), f"expected {_kind_name(kind)}, got a boolean")
+        if not isinstance(value, kind):
+            raise ConfigError(self.key(name), f"expected {_kind_name(kind)}, got {type(value).__name__}")
+        return value
+
+    def positive(self, name: str, default: int) -> int:
+        value = self.get(name, int, default)
+        if value <= 0:
+            raise ConfigError(self.key(name), f"must be positive, got {value}")
+        return value
+
+    def sub(self, name: str) -> _Table:
+        return _Table(self.get(name, dict, {}), self.key(name))
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {"str": "a string", "int": "an integer", "bool": "true or false", "list": "a list", "dict": "a table"}
+    return " or ".join(names.get(k.__name__, k.__name__) for k in kinds)
+
+
+def parse_endpoint(key: str, value: str) -> Endpoint:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(key, f'expected "host:port", got "{value}"')
+    return Endpoint(host.strip("[]"), int(port))
+
+
+def _address(key: str, value: str) -> str:
+    try:
+        return validate_email(value, check_deliverability=False, test_environment=True).normalized.lower()
+    except EmailNotValidError as exc:
+        raise ConfigError(key, f'not a valid address "{value}" ({exc})') from None
+
+
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else base / path
+
+
+def _relay(t: _Table, base: Path) -> RelayConfig:
+    url = t.get("url", str, "smtp://127.0.0.1:25")
+    scheme, sep, rest = url.partition(":")
+    if not sep or scheme not in RELAY_SCHEMES:
+        raise ConfigError(t.key("url"), f'unknown scheme "{scheme}" (use one of {", ".join(RELAY_SCHEMES)})')
+    maildir, host, port = None, "", 0
+    if scheme == "maildir":
+        if not rest:
+            raise ConfigError(t.key("url"), "maildir: needs a path")
+        maildir = _resolve(base, rest)
+    else:
+        if not rest.startswith("//"):
+            raise ConfigError(t.key("url"), f'expected "{scheme}://host:port", got "{url}"')
+        hostport = rest[2:].rstrip("/")
+        default_port = {"smtps": 465, "smtp+starttls": 587}.get(scheme, 25)
+        endpoint = parse_endpoint(t.key("url"), hostport if ":" in hostport else f"{hostport}:{default_port}")
+        host, port = endpoint.host, endpoint.port
+    delays = t.get("retry_delays", list, [300, 300, 600, 1200, 2400, 4020])
+    if not delays or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in delays):
+        raise ConfigError(t.key("retry_delays"), "expected a non-empty list of positive seconds")
+    return RelayConfig(
+        url=url, scheme=scheme, host=host, port=port, maildir=maildir, retry_delays=tuple(delays),
+        give_up_after=t.positive("give_up_after", 432000), username=t.get("username", str, ""),
+        password_file=t.get("password_file", str, ""), timeout=float(t.positive("timeout", 60)),
+        connections=t.positive("connections", 4),
+    )
+
+
+def _site(t: _Table) -> Site:
+    site_id = t.get("id", str)
+    if not site_id.isidentifier() and not site_id.replace("-", "").replace(".", "").isalnum():
+        raise ConfigError(t.key("id"), f'use letters, digits, "-" or "." only, got "{site_id}"')
+    domain = t.get("domain", str).lower()
+    care = _address(t.key("care_address"), t.get("care_address", str))
+    if care.rsplit("@", 1)[1] != domain:
+        raise ConfigError(t.key("care_address"), f'must be an address at the site domain "{domain}"')
+    if "+" in care.rsplit("@", 1)[0]:
+        raise ConfigError(t.key("care_address"), 'must not contain "+" (used for reply addresses)')
+    staff = t.get("staff", list)
+    if not staff:
+        raise ConfigError(t.key("staff"), "needs at least one address")
+    addresses = tuple(_address(f"{t.key('staff')}[{i}]", str(a)) for i, a in enumerate(staff))
+    return Site(site_id, t.get("name", str), domain, care, addresses)
+
+
+def _imap(t: _Table, site_ids: set[str]) -> ImapMailbox:
+    site = t.get("site", str)
+    if site not in site_ids:
+        raise ConfigError(t.key("site"), f'unknown site "{site}"')
+    security = t.get("security", str, "tls")
+    if security not in IMAP_SECURITY:
+        raise ConfigError(t.key("security"), f'expected one of {", ".join(IMAP_SECURITY)}, got "{security}"')
+    return ImapMailbox(
+        site=site, host=t.get("host", str), port=t.positive("port", 993), security=security,
+        username=t.get("username", str), password_file=t.get("password_file", str),
+        folder=t.get("folder", str, "INBOX"), poll_seconds=t.positive("poll_seconds", 60),
+        quarantine_folder=t.get("quarantine_folder", str, "careservice-quarantine"),
+        verify_tls=t.get("verify_tls", bool, True),
+    )
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate `path`; raise ConfigError naming the first bad key."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("config", f"file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"not valid TOML: {exc}") from None
+    base = path.resolve().parent
+    root = _Table(data, "")
+    service, security, smtp = root.sub("service"), root.sub("security"), root.sub("smtp")
+    web, retention = root.sub("web"), root.sub("retention")
+    data_dir = _resolve(base, service.get("data_dir", str, "var"))
+    sites_raw = root.get("sites", list)
+    if not sites_raw:
+        raise ConfigError("sites", "at least one [[sites]] table is needed")
+    sites = tuple(_site(_Table(s, f"sites[{i}]")) for i, s in enumerate(sites_raw))
+    ids = [s.id for s in sites]
+    for i, site_id in enumerate(ids):
+        if ids.index(site_id) != i:
+            raise ConfigError(f"sites[{i}].id", f'duplicate site id "{site_id}"')
+    cert, key = smtp.get("tls_cert", str, ""), smtp.get("tls_key", str, "")
+    if bool(cert) != bool(key):
+        raise ConfigError("smtp.tls_key" if cert else "smtp.tls_cert", "tls_cert and tls_key go together")
+    require_tls = smtp.get("require_tls", bool, False)
+    if require_tls and not cert:
+        raise ConfigError("smtp.require_tls", "needs smtp.tls_cert and smtp.tls_key")
+    verification = web.get("verification", str, "image")
+    if verification not in ("image", "off"):
+        raise ConfigError("web.verification", f'expected "image" or "off", got "{verification}"')
+    log_level = service.get("log_level", str, "INFO").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError("service.log_level", f'unknown level "{log_level}"')
+    max_bytes = smtp.positive("max_message_bytes", 10_000_000)
+    return Config(
+        path=path,
+        data_dir=data_dir,
+        templates_dir=_resolve(base, service.get("templates_dir", str, "templates")),
+        log_level=log_level,
+        master_key_file=_resolve(base, security.get("master_key_file", str, "var/master.key")),
+        smtp=SmtpConfig(
+            listen=parse_endpoint("smtp.listen", smtp.get("listen", str, "127.0.0.1:2525")),
+            hostname=smtp.get("hostname", str, "careservice.localhost"),
+            max_message_bytes=max_bytes, tls_cert=cert, tls_key=key, require_tls=require_tls,
+            min_free_bytes=smtp.positive("min_free_bytes", max_bytes * 3 // 2),
+            max_recipients=smtp.positive("max_recipients", 20),
+            timeout=smtp.positive("timeout", 300),
+        ),
+        relay=_relay(root.sub("relay"), base),
+        web=WebConfig(
+            listen=parse_endpoint("web.listen", web.get("listen", str, "127.0.0.1:8025")),
+            verification=verification,
+            frame_ancestors=web.get("frame_ancestors", str, "'none'"),
+            code_ttl_seconds=web.positive("code_ttl_seconds", 900),
+            max_posts_per_ip_per_hour=web.positive("max_posts_per_ip_per_hour", 20),
+        ),
+        unanswered_days=retention.positive("unanswered_days", 30),
+        acks_per_hour=root.sub("acknowledge").positive("max_per_address_per_hour", 5),
+        sites=sites,
+        imap=tuple(_imap(_Table(m, f"imap[{i}]"), set(ids)) for i, m in enumerate(root.get("imap", list, []))),
+    )

@@ -1,0 +1,1 @@
+"""Intake adapters: SMTP, IMAP and the web form turn their input into NewMessage records."""

@@ -1,0 +1,88 @@
+"""aiosmtpd handler: RCPT only for our addresses, 250 only after the durable commit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from careservice.addresses import Addressing
+from careservice.config import SmtpConfig
+from careservice.intake.ingest import Ingest
+from careservice.logs import error_fields
+from careservice.model import Envelope as CaseEnvelope
+from careservice.model import Source
+from careservice.store import NewMessage
+
+log = logging.getLogger("careservice.smtp")
+
+REPLY_OK = "250 2.0.0 OK: queued"
+REPLY_RELAY_DENIED = "550 5.7.1 Relaying denied: not a care address here"
+REPLY_TOO_MANY_RCPT = "452 4.5.3 Too many recipients"
+REPLY_NO_SPACE = "452 4.3.1 Insufficient system storage"
+REPLY_TRY_AGAIN = "451 4.3.0 Temporary failure, please try again later"
+
+
+class SmtpHandler:
+    """aiosmtpd hooks; everything else (SIZE, syntax, smuggling) is aiosmtpd's own."""
+
+    def __init__(self, config: SmtpConfig, addressing: Addressing, ingest: Ingest) -> None:
+        self.config = config
+        self.addressing = addressing
+        self.ingest = ingest
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          mail_options: list[str]) -> str:
+        if await asyncio.to_thread(self.ingest.disk_low):
+            log.warning("intake_refused reason=disk_low")
+            return REPLY_NO_SPACE
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          rcpt_options: list[str]) -> str:
+        if len(envelope.rcpt_tos) >= self.config.max_recipients:
+            return REPLY_TOO_MANY_RCPT
+        if not self.addressing.is_ours(address):
+            log.info("rcpt_refused reason=not_ours")
+            return REPLY_RELAY_DENIED
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        raw = envelope.original_content or b""
+        messages = []
+        for rcpt in envelope.rcpt_tos:
+            recipient = self.addressing.recipient(rcpt)
+            assert recipient is not None  # handle_RCPT let only ours through
+            messages.append(NewMessage(recipient.site.id, Source.SMTP,
+                                       CaseEnvelope(envelope.mail_from or "", rcpt), raw))
+        try:
+            await self.ingest.accept(messages, "smtp")
+        except Exception as exc:  # not committed: the client keeps the message and retries
+            log.error("intake_failed %s", error_fields(exc))
+            return REPLY_TRY_AGAIN
+        return REPLY_OK
+
+
+def tls_context(config: SmtpConfig) -> ssl.SSLContext | None:
+    if not config.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    return context
+
+
+async def start_smtp(config: SmtpConfig, handler: SmtpHandler) -> asyncio.Server:
+    """Listen on smtp.listen in the running loop."""
+    context = tls_context(config)
+    options: dict[str, Any] = {
+        "hostname": config.hostname, "data_size_limit": config.max_message_bytes, "enable_SMTPUTF8": True,
+        "timeout": config.timeout, "tls_context": context, "require_starttls": config.require_tls,
+    }
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: SMTP(handler, **options), config.listen.host, config.listen.port)

@@ -1,0 +1,237 @@
+"""Parse untrusted mail with limits, and build the mail we send (stdlib `email`, policy.default)."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass, field
+from email import policy
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.utils import format_datetime, getaddresses, localtime
+
+MAX_HEADER_BLOCK = 64 * 1024
+MAX_HEADER_LINE = 4 * 1024  # longer (unfolded) headers are dropped before parsing: CPython is quadratic on them
+MAX_PARTS = 200
+MAX_DEPTH = 20
+LOOP_HEADER = "X-Careservice-Loop"
+AUTO_PRECEDENCE = {"bulk", "junk", "list"}
+SYSTEM_LOCALPARTS = {"mailer-daemon", "postmaster", "noreply", "no-reply", "double-bounce"}
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\u0085\u2028\u2029]")
+_MSGID = re.compile(r"<([^<>\s]{1,250})>")
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_LINE = re.compile(rb"\r?\n(?![ \t])")
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content_type: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """What the workflow needs from an inbound message; every field is already bounded and clean."""
+
+    from_name: str = ""
+    from_address: str = ""
+    from_count: int = 0
+    subject: str = ""
+    message_id: str = ""
+    references: tuple[str, ...] = ()
+    recipients: tuple[str, ...] = ()  # To, Cc, Delivered-To, X-Original-To
+    automatic: str = ""  # why this is an auto-reply, bounce or list mail ("" = a person wrote it)
+    text: str = ""
+    attachments: tuple[Attachment, ...] = field(default=())
+    defects: tuple[str, ...] = ()
+
+
+def one_line(value: str, limit: int = 998) -> str:
+    """Control characters (CR, LF, NUL, ...) become spaces: nothing can add a header line."""
+    return _CONTROL.sub(" ", value).strip()[:limit]
+
+
+def _trim_headers(raw: bytes) -> tuple[bytes, list[str]]:
+    """Drop oversized header lines and cap the header block before the stdlib parser sees them."""
+    end = _HEADER_END.search(raw)
+    head, body = (raw[: end.start()], raw[end.start():]) if end else (raw, b"")
+    defects = []
+    if len(head) > MAX_HEADER_BLOCK:
+        head = head[:MAX_HEADER_BLOCK].rsplit(b"\n", 1)[0]
+        defects.append("header_block_truncated")
+    lines = _LINE.split(head)
+    kept = [line for line in lines if len(line) <= MAX_HEADER_LINE]
+    if len(kept) != len(lines):
+        defects.append("long_header_dropped")
+    return b"\r\n".join(kept) + body, defects
+
+
+def _header(msg: EmailMessage, name: str) -> str:
+    try:
+        value = msg.get(name)
+    except Exception:  # the stdlib raises many kinds on hostile headers
+        return ""
+    return one_line(str(value)) if value is not None else ""
+
+
+def _automatic(msg: EmailMessage, mail_from: str, from_address: str) -> str:
+    auto = _header(msg, "Auto-Submitted").lower()
+    if auto and auto != "no":
+        return "auto_submitted"
+    if _header(msg, "Precedence").lower() in AUTO_PRECEDENCE:
+        return "precedence"
+    if any(k.lower().startswith("list-") for k in msg.keys()):
+        return "list"
+    if _header(msg, LOOP_HEADER):
+        return "loop"
+    if _header(msg, "X-Auto-Response-Suppress").lower() in {"all", "autoreply", "oof"}:
+        return "auto_response_suppress"
+    if msg.get_content_type() == "multipart/report":
+        return "report"
+    if not mail_from:
+        return "null_sender"
+    for address in (mail_from, from_address):
+        if address.rsplit("@", 1)[0].lower() in SYSTEM_LOCALPARTS:
+            return "system_sender"
+    received = sum(1 for k in msg.keys() if k.lower() == "received")
+    return "too_many_hops" if received > 50 else ""
+
+
+def _walk(part: EmailMessage, depth: int, out: list[EmailMessage]) -> None:
+    if depth > MAX_DEPTH or len(out) >= MAX_PARTS:
+        raise ValueError("mime_too_deep_or_large")
+    out.append(part)
+    if part.is_multipart():
+        for sub in part.iter_parts():
+            _walk(sub, depth + 1, out)
+
+
+def _content(part: EmailMessage) -> str | bytes:
+    try:
+        return part.get_content()
+    except (LookupError, ValueError, AssertionError, KeyError):
+        payload = part.get_payload(decode=True)
+        if isinstance(payload, bytes):
+            return payload.decode("utf-8", "replace") if part.get_content_maintype() == "text" else payload
+        return ""
+
+
+def _body(msg: EmailMessage) -> tuple[str, list[Attachment]]:
+    parts: list[EmailMessage] = []
+    _walk(msg, 0, parts)
+    text, html, attachments = "", "", []
+    for part in parts:
+        if part.is_multipart():
+            continue
+        disposition = part.get_content_disposition()
+        ctype = part.get_content_type()
+        if disposition != "attachment" and ctype == "text/plain" and not text:
+            content = _content(part)
+            text = content if isinstance(content, str) else content.decode("utf-8", "replace")
+        elif disposition != "attachment" and ctype == "text/html" and not html:
+            content = _content(part)
+            html = content if isinstance(content, str) else content.decode("utf-8", "replace")
+        else:
+            data = part.get_payload(decode=True)
+            if isinstance(data, bytes):
+                name = one_line(part.get_filename() or "attachment", 200) or "attachment"
+                attachments.append(Attachment(name, ctype, data))
+    if not text and html:
+        text = re.sub(r"<[^>]{0,2000}>", " ", html)
+    return text.replace("\x00", ""), attachments
+
+
+def message_ids(value: str) -> tuple[str, ...]:
+    return tuple(_MSGID.findall(value))[:50]
+
+
+def parse(raw: bytes, mail_from: str) -> Parsed:
+    """Parse `raw` within fixed limits; never raises: problems become `defects`."""
+    trimmed, defects = _trim_headers(raw)
+    msg = BytesParser(policy=policy.default).parsebytes(trimmed)
+    try:
+        froms = msg.get_all("From") or []
+        addresses = getaddresses([str(f) for f in froms])
+    except Exception:
+        addresses, defects = [], [*defects, "bad_from"]
+    name, address = addresses[0] if addresses else ("", "")
+    if "@" not in address:
+        address = ""
+    try:
+        text, attachments = _body(msg)
+    except (ValueError, RecursionError) as exc:
+        text, attachments = "", [Attachment("original.eml", "message/rfc822", raw)]
+        defects.append(str(exc) if isinstance(exc, ValueError) else "recursion")
+    recipients: list[str] = []
+    for header in ("To", "Cc", "Delivered-To", "X-Original-To"):
+        try:
+            recipients += [a for _, a in getaddresses([str(v) for v in msg.get_all(header) or []])]
+        except Exception:
+            defects.append(f"bad_{header.lower()}")
+    return Parsed(
+        from_name=one_line(name, 200), from_address=one_line(address, 254).lower(), from_count=len(addresses),
+        subject=one_line(_header(msg, "Subject"), 500), message_id=(message_ids(_header(msg, "Message-ID")) or ("",))[0],
+        references=message_ids(_header(msg, "References") + " " + _header(msg, "In-Reply-To")),
+        recipients=tuple(one_line(r, 254).lower() for r in recipients[:100]),
+        automatic=_automatic(msg, mail_from, address), text=text, attachments=tuple(attachments),
+        defects=tuple(defects),
+    )
+
+
+def new_message_id(domain: str, left: str = "") -> str:
+    return f"{left or secrets.token_hex(12)}@{domain}"
+
+
+@dataclass(frozen=True)
+class Draft:
+    """An outgoing message before it is rendered to bytes."""
+
+    from_name: str
+    from_address: str
+    to: tuple[str, ...]
+    subject: str
+    text: str
+    message_id: str
+    reply_to: str = ""
+    in_reply_to: str = ""
+    references: tuple[str, ...] = ()
+    automatic: bool = False
+    attachments: tuple[Attachment, ...] = ()
+    loop_marker: str = ""
+
+
+def _address_header(name: str, address: str) -> Address:
+    local, _, domain = address.rpartition("@")
+    return Address(display_name=one_line(name, 200), username=local, domain=domain)
+
+
+def render(draft: Draft) -> bytes:
+    """Build the RFC 5322 bytes (CRLF) of `draft`; header values are single-line by construction."""
+    msg = EmailMessage(policy=policy.SMTP)
+    msg["From"] = _address_header(draft.from_name, draft.from_address)
+    msg["To"] = [_address_header("", a) for a in draft.to]
+    if draft.reply_to:
+        msg["Reply-To"] = _address_header("", draft.reply_to)
+    msg["Subject"] = one_line(draft.subject)
+    msg["Date"] = format_datetime(localtime())
+    msg["Message-ID"] = f"<{draft.message_id}>"
+    if draft.in_reply_to:
+        msg["In-Reply-To"] = f"<{draft.in_reply_to}>"
+    refs = [r for r in (*draft.references, draft.in_reply_to) if r]
+    if refs:
+        msg["References"] = " ".join(f"<{r}>" for r in dict.fromkeys(refs))
+    if draft.automatic:
+        msg["Auto-Submitted"] = "auto-replied"
+        msg["X-Auto-Response-Suppress"] = "All"
+    if draft.loop_marker:
+        msg[LOOP_HEADER] = draft.loop_marker
+    msg.set_content(draft.text)
+    for a in draft.attachments:
+        maintype, _, subtype = a.content_type.partition("/")
+        if maintype == "text":
+            maintype, subtype = "application", "octet-stream"  # keep the bytes exactly as sent
+        msg.add_attachment(a.data, maintype=maintype or "application", subtype=subtype or "octet-stream",
+                           filename=a.filename)
+    return msg.as_bytes()

@@ -1,0 +1,95 @@
+"""Typed records passed between intake, stages, store and outbox. No I/O here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class CaseState(StrEnum):
+    RECEIVED = "received"  # an inbound message, not yet classified
+    NEW = "new"  # a customer's first message: forward it to staff
+    ACKNOWLEDGE = "acknowledge"  # forwarded: acknowledge the customer
+    FOLLOW_UP = "follow_up"  # a customer's reply to an open case: forward, then merge
+    STAFF_REPLY = "staff_reply"  # mail to a reply address: verify sender and token
+    VERIFIED = "verified"  # a genuine staff answer: relay it (or close the case on #closed)
+    OPEN = "open"  # forwarded, waiting for staff; expires after retention.unanswered_days
+    ANSWERING = "answering"  # answer queued for the relay; purged on the relay's 250
+    PURGED = "purged"  # terminal: rows and key deleted
+
+
+class MailKind(StrEnum):
+    FORWARD = "forward"  # case to staff
+    ACK = "ack"  # acknowledgement to the customer
+    ANSWER = "answer"  # staff answer to the customer; its 250 purges the case
+    NOTICE = "notice"  # short notice to staff (case id only)
+
+
+class Source(StrEnum):
+    SMTP = "smtp"
+    IMAP = "imap"
+    WEB = "web"
+
+
+@dataclass(frozen=True)
+class Envelope:
+    mail_from: str
+    rcpt: str  # the one of our addresses this copy was delivered to
+
+
+@dataclass(frozen=True)
+class ContactDetails:
+    """What the customer told us about themselves (form fields, or the From header of a mail)."""
+
+    name: str
+    email: str
+    address: str = ""
+    telephone: str = ""
+    fax: str = ""
+    company: str = ""
+    preferred_contact: str = "email"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One stored item: an inbound message and, once opened, the case it became."""
+
+    id: str
+    site: str
+    state: CaseState
+    source: Source
+    created: float
+    nonce: str
+    envelope: Envelope
+    raw: bytes
+    contact: ContactDetails | None = None
+    subject: str = ""
+    message_id: str = ""
+    references: tuple[str, ...] = ()
+    target: str = ""  # for FOLLOW_UP / STAFF_REPLY: the case it refers to
+
+
+@dataclass(frozen=True)
+class OutgoingMail:
+    kind: MailKind
+    case_id: str  # the case whose key encrypts it and whose purge removes it
+    sender: str  # envelope MAIL FROM ("" = null sender)
+    recipients: tuple[str, ...]
+    message: bytes
+    message_id: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a stage decided: the case's next state, a reason code, and mail to queue.
+
+    `updates` replaces the stored case (e.g. parsed contact details); `target_state` moves
+    the case named by `case.target` (a staff answer sets it ANSWERING or PURGED).
+    """
+
+    state: CaseState
+    reason: str
+    mails: tuple[OutgoingMail, ...] = ()
+    updates: Case | None = None
+    target_state: CaseState | None = None
+    counters: tuple[str, ...] = field(default=())

@@ -1,0 +1,187 @@
+"""Deliver queued mail to relay.url: retries on the configured schedule, one probe for a dead relay."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiosmtplib
+
+from careservice.config import RelayConfig
+from careservice.logs import error_fields
+from careservice.model import MailKind, OutgoingMail
+from careservice.store import QueuedMail, Store
+
+log = logging.getLogger("careservice.outbox")
+
+BATCH = 100
+IDLE_WAIT = 5.0
+
+
+class RelayDown(Exception):
+    """The relay could not be reached or dropped the connection: nothing was delivered."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    code: int
+    permanent: bool
+
+
+def _maildir_deliver(path: os.PathLike[str], message: bytes) -> None:
+    """Write one message into a Maildir the way MTAs do: tmp/, fsync, rename into new/."""
+    name = f"{secrets.token_hex(12)}.careservice"
+    tmp, new = os.path.join(path, "tmp", name), os.path.join(path, "new", name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, message)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, new)
+
+
+class Relay:
+    """One connection's worth of sending; `send` returns None on 250 or the refusal."""
+
+    def __init__(self, config: RelayConfig, password: str) -> None:
+        self.config = config
+        self.password = password
+
+    async def send_all(self, items: list[QueuedMail]) -> list[Refusal | None]:
+        if self.config.maildir is not None:
+            for sub in ("tmp", "new", "cur"):
+                os.makedirs(self.config.maildir / sub, mode=0o700, exist_ok=True)
+            for item in items:
+                await asyncio.to_thread(_maildir_deliver, self.config.maildir, item.mail.message)
+            return [None] * len(items)
+        client = aiosmtplib.SMTP(
+            hostname=self.config.host, port=self.config.port, timeout=self.config.timeout,
+            use_tls=self.config.scheme == "smtps", start_tls=self.config.scheme == "smtp+starttls",
+            tls_context=ssl.create_default_context(),
+        )
+        results: list[Refusal | None] = []
+        try:
+            await client.connect()
+            if self.config.username:
+                await client.login(self.config.username, self.password)
+            for item in items:
+                results.append(await self._send_one(client, item.mail))
+            await client.quit()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            if not results:
+                raise RelayDown(type(exc).__name__) from None
+            # mail after the break is retried like any temporary failure
+        return results + [Refusal(0, False)] * (len(items) - len(results))
+
+    @staticmethod
+    async def _send_one(client: aiosmtplib.SMTP, mail: OutgoingMail) -> Refusal | None:
+        try:
+            errors, _ = await client.sendmail(mail.sender, list(mail.recipients), mail.message)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            codes = [r.code for r in exc.recipients]
+            return Refusal(min(codes), all(c >= 500 for c in codes))
+        except aiosmtplib.SMTPResponseException as exc:
+            if exc.code in (421, -1):
+                raise
+            await client.rset()
+            return Refusal(exc.code, exc.code >= 500)
+        if errors:
+            log.warning("relay_partial_refusal recipients_refused=%d", len(errors))
+        return None
+
+
+class Outbox:
+    """The sender loop: due mail in batches over `connections` parallel connections."""
+
+    def __init__(self, config: RelayConfig, store: Store, relay: Relay, clock: Callable[[], float],
+                 notice_for: Callable[[QueuedMail, str], OutgoingMail | None]) -> None:
+        self.config = config
+        self.store = store
+        self.relay = relay
+        self.clock = clock
+        self.notice_for = notice_for  # staff notice when an answer cannot be delivered
+        self._wake = asyncio.Event()
+        self._down_until = 0.0
+        self._down_count = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def delay(self, attempt: int) -> int:
+        """Seconds before retry number `attempt` (0-based); the last configured delay repeats."""
+        delays = self.config.retry_delays
+        return delays[min(attempt, len(delays) - 1)]
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.deliver_due()
+            except Exception as exc:  # the store failed: nothing is marked, so it is all sent again later
+                log.error("outbox_round_failed %s", error_fields(exc))
+            wait = IDLE_WAIT if self._down_until <= self.clock() else min(IDLE_WAIT, self._down_until - self.clock())
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(wait, 0.05))
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def deliver_due(self) -> int:
+        """Send everything due now; returns how many were handed over (250)."""
+        sent = 0
+        while self.clock() >= self._down_until:
+            items = await self.store.due_mail(self.clock(), BATCH, set())
+            if not items:
+                break
+            if self._down_count:
+                items = items[:1]  # the relay was down: one probe, not the whole queue
+            chunks = [items[i:: self.config.connections] for i in range(min(self.config.connections, len(items)))]
+            outcomes = await asyncio.gather(*(self._deliver(chunk) for chunk in chunks))
+            sent += sum(outcomes)
+        return sent
+
+    async def _deliver(self, items: list[QueuedMail]) -> int:
+        try:
+            results = await self.relay.send_all(items)
+        except RelayDown as exc:
+            self._down_count += 1
+            self._down_until = self.clock() + self.delay(self._down_count - 1)
+            log.warning("relay_down error=%s queued=%d retry_in=%d", exc, len(items),
+                        self._down_until - self.clock())
+            for item in items:
+                await self._defer_or_fail(item, "relay unreachable")
+            return 0
+        self._down_count = 0
+        sent = 0
+        for item, refusal in zip(items, results, strict=True):
+            if refusal is None:
+                await self.store.mail_delivered(item, self.clock())
+                log.info("mail_delivered case=%s kind=%s", item.mail.case_id, item.mail.kind)
+                sent += 1
+            elif refusal.permanent:
+                await self._fail(item, f"the relay refused it permanently (code {refusal.code})")
+            else:
+                await self._defer_or_fail(item, f"temporary refusal (code {refusal.code})")
+        return sent
+
+    async def _defer_or_fail(self, item: QueuedMail, why: str) -> None:
+        now = self.clock()
+        next_attempt = now + self.delay(item.attempts)
+        if next_attempt - item.created > self.config.give_up_after:
+            await self._fail(item, f"{why}; gave up after {self.config.give_up_after} s")
+        else:
+            await self.store.mail_deferred(item, next_attempt)
+
+    async def _fail(self, item: QueuedMail, why: str) -> None:
+        try:
+            notice = self.notice_for(item, why) if item.mail.kind is MailKind.ANSWER else None
+            await self.store.mail_failed(item, notice, self.clock())
+        except Exception as exc:
+            log.error("mail_fail_record_failed case=%s %s", item.mail.case_id, error_fields(exc))
+            return
+        log.warning("mail_failed case=%s kind=%s notice=%s", item.mail.case_id, item.mail.kind, notice is not None)

@@ -1,0 +1,97 @@
+"""Drive cases through the stage table: claim due cases, run their stages, commit one outcome each."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
+
+from careservice.context import Context
+from careservice.logs import error_fields
+from careservice.model import Case, CaseState, Outcome
+
+log = logging.getLogger("careservice.runner")
+
+Stage = Callable[[Case, Context], Awaitable[Outcome]]
+BATCH = 64
+IDLE_WAIT = 5.0
+RETRY_AFTER_ERROR = 60.0
+MAX_CHAIN = 10
+
+
+def merge(first: Outcome, then: Outcome) -> Outcome:
+    """Two consecutive outcomes as one: the later state, all mail and counters."""
+    return Outcome(
+        state=then.state, reason=then.reason, mails=first.mails + then.mails,
+        updates=then.updates or first.updates, target_state=then.target_state or first.target_state,
+        counters=first.counters + then.counters,
+    )
+
+
+class Runner:
+    """Runs stages in memory until a case must wait, then commits the merged outcome once."""
+
+    def __init__(self, ctx: Context, stages: Mapping[CaseState, Stage], waits: Mapping[CaseState, float],
+                 on_mail: Callable[[], None]) -> None:
+        self.ctx = ctx
+        self.on_mail = on_mail  # wakes the outbox once mail is committed
+        self.stages = stages
+        self.waits = waits  # seconds after creation before a state's stage is due (OPEN: retention)
+        self._wake = asyncio.Event()
+        self._busy: set[str] = set()
+        self._held: dict[str, float] = {}
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def next_run(self, case: Case, state: CaseState, now: float) -> float:
+        return case.created + self.waits[state] if state in self.waits else now
+
+    async def run(self) -> None:
+        while True:
+            await self.run_due()
+            try:
+                await asyncio.wait_for(self._wake.wait(), IDLE_WAIT)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def run_due(self) -> int:
+        """Advance every due case once; returns how many were advanced."""
+        done = 0
+        while True:
+            now = self.ctx.clock()
+            self._held = {k: t for k, t in self._held.items() if t > now}
+            cases = await self.ctx.store.due_cases(self.stages, now, BATCH, self._busy | set(self._held))
+            if not cases:
+                return done
+            self._busy.update(c.id for c in cases)
+            try:
+                await asyncio.gather(*(self.advance(c) for c in cases))
+            finally:
+                self._busy.difference_update(c.id for c in cases)
+            done += len(cases)
+
+    async def advance(self, case: Case) -> None:
+        now = self.ctx.clock()
+        outcome: Outcome | None = None
+        current = case
+        try:
+            for _ in range(MAX_CHAIN):
+                step = await self.stages[current.state](current, self.ctx)
+                outcome = step if outcome is None else merge(outcome, step)
+                current = replace(step.updates or current, state=step.state)
+                if step.state not in self.stages or self.next_run(case, step.state, now) > now:
+                    break
+            assert outcome is not None
+            await self.ctx.store.apply(case, outcome, now, self.next_run(case, outcome.state, now))
+            if outcome.mails:
+                self.on_mail()
+            log.info("case_advanced case=%s from=%s to=%s reason=%s mails=%d", case.id, case.state,
+                     outcome.state, outcome.reason, len(outcome.mails))
+        except Exception as exc:  # a stage or the store failed: hold the case, try again later
+            self._held[case.id] = now + RETRY_AFTER_ERROR
+            log.error("case_stage_failed case=%s state=%s %s", case.id, current.state, error_fields(exc))
+        finally:
+            self.ctx.forget(case.id)

@@ -1,0 +1,480 @@
+"""The durable case store: the only module that speaks SQL.
+
+SQLite in WAL mode with synchronous=FULL and secure_delete=ON. Every personal byte is sealed
+with AES-256-GCM under a per-case data key; the wrapped keys live in a separate database file
+(keys.db), so deleting a key makes every copy of its case unreadable. One writer thread owns the
+connection and commits whatever is waiting as one transaction (group commit), each call inside
+its own savepoint, and resolves the callers' futures only after COMMIT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from careservice.crypto import Keyring, open_sealed, seal
+from careservice.model import Case, CaseState, ContactDetails, Envelope, MailKind, Outcome, OutgoingMail, Source
+
+OPEN_STATES = (CaseState.NEW, CaseState.ACKNOWLEDGE, CaseState.OPEN, CaseState.ANSWERING)
+INBOUND_STATES = (CaseState.RECEIVED, CaseState.FOLLOW_UP, CaseState.STAFF_REPLY, CaseState.VERIFIED)
+MAX_BATCH = 256
+TTA_BUCKETS = ((3600, "tta_lt_1h"), (86400, "tta_lt_1d"), (7 * 86400, "tta_lt_7d"))
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS cases(
+    id TEXT PRIMARY KEY, site TEXT NOT NULL, state TEXT NOT NULL, source TEXT NOT NULL,
+    created REAL NOT NULL, next_run REAL NOT NULL, nonce TEXT NOT NULL, target TEXT NOT NULL,
+    meta BLOB NOT NULL, raw BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS cases_due ON cases(state, next_run);
+CREATE TABLE IF NOT EXISTS outbox(
+    id INTEGER PRIMARY KEY, case_id TEXT NOT NULL, site TEXT NOT NULL, kind TEXT NOT NULL,
+    created REAL NOT NULL, next_attempt REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    meta BLOB NOT NULL, message BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(next_attempt);
+CREATE INDEX IF NOT EXISTS outbox_case ON outbox(case_id);
+CREATE TABLE IF NOT EXISTS stats(
+    site TEXT NOT NULL, day TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
+    PRIMARY KEY(site, day, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ack_rate(
+    digest BLOB NOT NULL, hour INTEGER NOT NULL, n INTEGER NOT NULL, PRIMARY KEY(digest, hour)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS seen(digest BLOB PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS k.keys(id TEXT PRIMARY KEY, wrapped BLOB NOT NULL) WITHOUT ROWID;
+"""
+
+
+class StoreError(Exception):
+    """The store could not commit; the caller must not acknowledge anything."""
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """An inbound message as intake hands it over."""
+
+    site: str
+    source: Source
+    envelope: Envelope
+    raw: bytes
+    contact: ContactDetails | None = None
+    dedupe: bytes = b""  # keyed digest; a second message with the same digest is not stored
+
+
+@dataclass(frozen=True)
+class QueuedMail:
+    id: int
+    site: str
+    attempts: int
+    created: float
+    mail: OutgoingMail
+
+
+@dataclass
+class _Op:
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+    checkpoint: bool
+
+
+def _day(ts: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(ts))
+
+
+def _connect(data_dir: Path, read_only: bool = False) -> sqlite3.Connection:
+    if read_only:
+        conn = sqlite3.connect(f"file:{data_dir / 'cases.db'}?mode=ro", uri=True, isolation_level=None)
+        conn.execute("PRAGMA busy_timeout=5000")
+        return conn
+    data_dir.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(data_dir / "cases.db", isolation_level=None)
+    conn.execute("ATTACH DATABASE ? AS k", (str(data_dir / "keys.db"),))
+    for schema in ("main", "k"):
+        conn.execute(f"PRAGMA {schema}.journal_mode=WAL")
+        conn.execute(f"PRAGMA {schema}.synchronous=FULL")
+        conn.execute(f"PRAGMA {schema}.secure_delete=ON")
+        conn.execute(f"PRAGMA {schema}.journal_size_limit=0")
+    conn.execute("PRAGMA temp_store=MEMORY")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+def read_status(data_dir: Path) -> dict[str, int]:
+    """Counts for `careservice status`, read through a separate read-only connection."""
+    if not (data_dir / "cases.db").exists():
+        return {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0}
+    conn = _connect(data_dir, read_only=True)
+    try:
+        return _counts(conn)
+    finally:
+        conn.close()
+
+
+def _counts(conn: sqlite3.Connection) -> dict[str, int]:
+    def count(states: tuple[CaseState, ...]) -> int:
+        marks = ",".join("?" * len(states))
+        return conn.execute(f"SELECT count(*) FROM cases WHERE state IN ({marks})", states).fetchone()[0]
+
+    return {
+        "open_cases": count(OPEN_STATES),
+        "inbound_pending": count(INBOUND_STATES),
+        "outbound_queued": conn.execute("SELECT count(*) FROM outbox").fetchone()[0],
+    }
+
+
+class Store:
+    """Async facade over the writer thread. Construct, `await start()`, and `await close()`."""
+
+    def __init__(self, data_dir: Path, keyring: Keyring) -> None:
+        self.data_dir = data_dir
+        self.keyring = keyring
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._open_error: BaseException | None = None
+
+    # ----- lifecycle and the writer thread -----
+
+    async def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="careservice-store", daemon=True)
+        self._thread.start()
+        await asyncio.to_thread(self._ready.wait)
+        if self._open_error is not None:
+            raise StoreError(f"cannot open store in {self.data_dir}: {self._open_error}")
+        await self._call(_sweep_orphans, checkpoint=True)
+
+    async def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    async def _call(self, fn: Callable[..., Any], *args: Any, checkpoint: bool = False) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put(_Op(fn, args, future, loop, checkpoint))
+        return await future
+
+    def _run(self) -> None:
+        try:
+            conn = _connect(self.data_dir)
+        except (sqlite3.Error, OSError) as exc:
+            self._open_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        stopping = False
+        while not stopping:
+            op = self._queue.get()
+            if op is None:
+                break
+            batch = [op]
+            while len(batch) < MAX_BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stopping = True
+                    break
+                batch.append(nxt)
+            self._commit_batch(conn, batch)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+
+    def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        results: list[Any] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    results.append(op.fn(conn, self.keyring, *op.args))
+                    conn.execute("RELEASE op")
+                except Exception as exc:  # one failing call must not undo the others
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append(exc if isinstance(exc, StoreError) else StoreError(type(exc).__name__))
+            conn.execute("COMMIT")
+            if any(op.checkpoint for op in batch):
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            results = [StoreError(f"commit failed: {exc.sqlite_errorname}")] * len(batch)
+        for op, result in zip(batch, results, strict=True):
+            op.loop.call_soon_threadsafe(_resolve, op.future, result)
+
+    # ----- the operations the rest of the code calls -----
+
+    async def add_inbound(self, messages: list[NewMessage], now: float) -> list[str]:
+        """Commit inbound messages durably; returns their ids ('' for a de-duplicated one)."""
+        return await self._call(_add_inbound, messages, now)
+
+    async def due_cases(self, states: Iterable[CaseState], now: float, limit: int, exclude: set[str]) -> list[Case]:
+        return await self._call(_due_cases, tuple(states), now, limit, tuple(exclude))
+
+    async def get_case(self, case_id: str) -> Case | None:
+        return await self._call(_get_case, case_id)
+
+    async def apply(self, case: Case, outcome: Outcome, now: float, next_run: float) -> None:
+        """Write a stage's outcome and the mail it causes in one transaction."""
+        purging = CaseState.PURGED in (outcome.state, outcome.target_state)
+        await self._call(_apply, case, outcome, now, next_run, checkpoint=purging)
+
+    async def due_mail(self, now: float, limit: int, exclude: set[int]) -> list[QueuedMail]:
+        return await self._call(_due_mail, now, limit, tuple(exclude))
+
+    async def mail_delivered(self, item: QueuedMail, now: float) -> None:
+        """Drop a delivered mail; a delivered answer purges its case in the same transaction."""
+        answer = item.mail.kind is MailKind.ANSWER
+        await self._call(_mail_delivered, item, now, checkpoint=answer)
+
+    async def mail_deferred(self, item: QueuedMail, next_attempt: float) -> None:
+        await self._call(_mail_deferred, item.id, next_attempt)
+
+    async def mail_failed(self, item: QueuedMail, notice: OutgoingMail | None, now: float) -> None:
+        """Drop a mail the relay refused for good; queue `notice` to staff in the same transaction."""
+        await self._call(_mail_failed, item, notice, now)
+
+    async def take_ack_slot(self, digest: bytes, now: float, limit: int) -> bool:
+        """Count one acknowledgement for a (digested) address this hour; False once over `limit`."""
+        return await self._call(_take_ack_slot, digest, int(now // 3600), limit)
+
+    async def counts(self) -> dict[str, int]:
+        return await self._call(_counts_op)
+
+    async def stats(self) -> list[tuple[str, str, str, int]]:
+        return await self._call(_stats)
+
+
+def _resolve(future: asyncio.Future[Any], result: Any) -> None:
+    if future.cancelled():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
+# ----- SQL: each runs in the writer thread inside its own savepoint -----
+
+
+def _case_key(conn: sqlite3.Connection, keyring: Keyring, case_id: str) -> bytes:
+    row = conn.execute("SELECT wrapped FROM k.keys WHERE id=?", (case_id,)).fetchone()
+    if row is None:
+        raise StoreError(f"no key for case {case_id}")
+    return keyring.unwrap(row[0])
+
+
+def _meta(case: Case) -> bytes:
+    return json.dumps({
+        "mail_from": case.envelope.mail_from, "rcpt": case.envelope.rcpt,
+        "contact": asdict(case.contact) if case.contact else None, "subject": case.subject,
+        "message_id": case.message_id, "references": list(case.references),
+    }).encode()
+
+
+def _sweep_orphans(conn: sqlite3.Connection, keyring: Keyring) -> None:
+    """After a crash between the two files' commits: drop rows without a key and keys without rows."""
+    conn.execute("DELETE FROM cases WHERE id NOT IN (SELECT id FROM k.keys)")
+    conn.execute("DELETE FROM outbox WHERE case_id NOT IN (SELECT id FROM k.keys)")
+    conn.execute(
+        "DELETE FROM k.keys WHERE id NOT IN (SELECT id FROM cases) AND id NOT IN (SELECT case_id FROM outbox)"
+    )
+    conn.execute("DELETE FROM seen WHERE expires < ?", (time.time(),))
+
+
+def _add_inbound(conn: sqlite3.Connection, keyring: Keyring, messages: list[NewMessage], now: float) -> list[str]:
+    ids = []
+    for m in messages:
+        if m.dedupe:
+            if conn.execute("SELECT 1 FROM seen WHERE digest=?", (m.dedupe,)).fetchone():
+                ids.append("")
+                continue
+            conn.execute("INSERT INTO seen VALUES (?, ?)", (m.dedupe, now + 14 * 86400))
+        case_id = secrets.token_hex(6)
+        key, wrapped = keyring.new_case_key()
+        case = Case(case_id, m.site, CaseState.RECEIVED, m.source, now, secrets.token_hex(4), m.envelope, m.raw,
+                    m.contact)
+        conn.execute("INSERT INTO k.keys VALUES (?, ?)", (case_id, wrapped))
+        conn.execute(
+            "INSERT INTO cases VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (case_id, m.site, case.state, m.source, now, now, case.nonce, "",
+             seal(key, _meta(case), case_id.encode() + b"meta"), seal(key, m.raw, case_id.encode() + b"raw")),
+        )
+        ids.append(case_id)
+    return ids
+
+
+def _load_case(conn: sqlite3.Connection, keyring: Keyring, row: tuple[Any, ...]) -> Case:
+    case_id, site, state, source, created, nonce, target, meta_blob, raw_blob = row
+    key = _case_key(conn, keyring, case_id)
+    meta = json.loads(open_sealed(key, meta_blob, case_id.encode() + b"meta"))
+    return Case(
+        id=case_id, site=site, state=CaseState(state), source=Source(source), created=created, nonce=nonce,
+        envelope=Envelope(meta["mail_from"], meta["rcpt"]),
+        raw=open_sealed(key, raw_blob, case_id.encode() + b"raw"),
+        contact=ContactDetails(**meta["contact"]) if meta["contact"] else None,
+        subject=meta["subject"], message_id=meta["message_id"], references=tuple(meta["references"]),
+        target=target,
+    )
+
+
+_CASE_COLUMNS = "id, site, state, source, created, nonce, target, meta, raw"
+
+
+def _due_cases(conn: sqlite3.Connection, keyring: Keyring, states: tuple[CaseState, ...], now: float,
+               limit: int, exclude: tuple[str, ...]) -> list[Case]:
+    marks = ",".join("?" * len(states))
+    rows = conn.execute(
+        f"SELECT {_CASE_COLUMNS} FROM cases WHERE state IN ({marks}) AND next_run <= ? ORDER BY next_run LIMIT ?",
+        (*states, now, limit + len(exclude)),
+    ).fetchall()
+    skip = set(exclude)
+    return [_load_case(conn, keyring, r) for r in rows if r[0] not in skip][:limit]
+
+
+def _get_case(conn: sqlite3.Connection, keyring: Keyring, case_id: str) -> Case | None:
+    row = conn.execute(f"SELECT {_CASE_COLUMNS} FROM cases WHERE id=?", (case_id,)).fetchone()
+    return _load_case(conn, keyring, row) if row else None
+
+
+def _count(conn: sqlite3.Connection, site: str, now: float, name: str) -> None:
+    conn.execute(
+        "INSERT INTO stats VALUES (?,?,?,1) ON CONFLICT(site, day, name) DO UPDATE SET value = value + 1",
+        (site, _day(now), name),
+    )
+
+
+def _queue_mail(conn: sqlite3.Connection, keyring: Keyring, site: str, mail: OutgoingMail, now: float) -> None:
+    key = _case_key(conn, keyring, mail.case_id)
+    meta = json.dumps({"sender": mail.sender, "recipients": list(mail.recipients), "message_id": mail.message_id})
+    cur = conn.execute(
+        "INSERT INTO outbox(case_id, site, kind, created, next_attempt, meta, message) VALUES (?,?,?,?,?,?,?)",
+        (mail.case_id, site, mail.kind, now, now, b"", b""),
+    )
+    aad = f"{mail.case_id}:{cur.lastrowid}".encode()
+    conn.execute(
+        "UPDATE outbox SET meta=?, message=? WHERE id=?",
+        (seal(key, meta.encode(), aad + b"meta"), seal(key, mail.message, aad + b"msg"), cur.lastrowid),
+    )
+
+
+def _purge(conn: sqlite3.Connection, case_id: str) -> None:
+    """Delete a case, everything queued for it, and its key."""
+    conn.execute("DELETE FROM outbox WHERE case_id=?", (case_id,))
+    conn.execute("DELETE FROM cases WHERE id=?", (case_id,))
+    conn.execute("DELETE FROM k.keys WHERE id=?", (case_id,))
+
+
+def _drop_item(conn: sqlite3.Connection, case_id: str) -> None:
+    """Delete a case row; its key goes too unless queued mail still needs it."""
+    conn.execute("DELETE FROM cases WHERE id=?", (case_id,))
+    if not conn.execute("SELECT 1 FROM outbox WHERE case_id=? LIMIT 1", (case_id,)).fetchone():
+        conn.execute("DELETE FROM k.keys WHERE id=?", (case_id,))
+
+
+def _answered(conn: sqlite3.Connection, site: str, case_id: str, now: float) -> None:
+    row = conn.execute("SELECT created FROM cases WHERE id=?", (case_id,)).fetchone()
+    if row is None:
+        return
+    waited = now - row[0]
+    _count(conn, site, now, next((name for limit, name in TTA_BUCKETS if waited < limit), "tta_ge_7d"))
+    _purge(conn, case_id)
+
+
+def _apply(conn: sqlite3.Connection, keyring: Keyring, case: Case, outcome: Outcome, now: float,
+           next_run: float) -> None:
+    if not conn.execute("SELECT 1 FROM cases WHERE id=? AND state=?", (case.id, case.state)).fetchone():
+        raise StoreError(f"case {case.id} changed under a stage")
+    for name in outcome.counters:
+        _count(conn, case.site, now, name)
+    for mail in outcome.mails:
+        _queue_mail(conn, keyring, case.site, mail, now)
+    if outcome.target_state is CaseState.PURGED:
+        _purge(conn, case.target)
+    elif outcome.target_state is not None:
+        conn.execute("UPDATE cases SET state=? WHERE id=?", (outcome.target_state, case.target))
+    if outcome.state is CaseState.PURGED:
+        _drop_item(conn, case.id)
+        return
+    updated = outcome.updates or case
+    key = _case_key(conn, keyring, case.id)
+    conn.execute(
+        "UPDATE cases SET state=?, next_run=?, target=?, meta=? WHERE id=?",
+        (outcome.state, next_run, updated.target, seal(key, _meta(updated), case.id.encode() + b"meta"), case.id),
+    )
+
+
+def _due_mail(conn: sqlite3.Connection, keyring: Keyring, now: float, limit: int,
+              exclude: tuple[int, ...]) -> list[QueuedMail]:
+    rows = conn.execute(
+        "SELECT id, case_id, site, kind, created, attempts, meta, message FROM outbox WHERE next_attempt <= ? "
+        "ORDER BY next_attempt LIMIT ?", (now, limit + len(exclude)),
+    ).fetchall()
+    skip, out = set(exclude), []
+    for row_id, case_id, site, kind, created, attempts, meta_blob, msg_blob in rows:
+        if row_id in skip:
+            continue
+        key = _case_key(conn, keyring, case_id)
+        aad = f"{case_id}:{row_id}".encode()
+        meta = json.loads(open_sealed(key, meta_blob, aad + b"meta"))
+        mail = OutgoingMail(MailKind(kind), case_id, meta["sender"], tuple(meta["recipients"]),
+                            open_sealed(key, msg_blob, aad + b"msg"), meta["message_id"])
+        out.append(QueuedMail(row_id, site, attempts, created, mail))
+    return out[:limit]
+
+
+def _mail_delivered(conn: sqlite3.Connection, keyring: Keyring, item: QueuedMail, now: float) -> None:
+    if item.mail.kind is MailKind.ANSWER:
+        _answered(conn, item.site, item.mail.case_id, now)
+        _count(conn, item.site, now, "answered")
+    conn.execute("DELETE FROM outbox WHERE id=?", (item.id,))
+    if not conn.execute("SELECT 1 FROM cases WHERE id=?", (item.mail.case_id,)).fetchone():
+        _drop_item(conn, item.mail.case_id)
+
+
+def _mail_deferred(conn: sqlite3.Connection, keyring: Keyring, row_id: int, next_attempt: float) -> None:
+    conn.execute("UPDATE outbox SET attempts = attempts + 1, next_attempt=? WHERE id=?", (next_attempt, row_id))
+
+
+def _mail_failed(conn: sqlite3.Connection, keyring: Keyring, item: QueuedMail, notice: OutgoingMail | None,
+                 now: float) -> None:
+    _count(conn, item.site, now, f"{item.mail.kind}_failed")
+    conn.execute("DELETE FROM outbox WHERE id=?", (item.id,))
+    if item.mail.kind is MailKind.ANSWER:
+        conn.execute("UPDATE cases SET state=? WHERE id=? AND state=?",
+                     (CaseState.OPEN, item.mail.case_id, CaseState.ANSWERING))
+    if notice is not None:
+        _queue_mail(conn, keyring, item.site, notice, now)
+    if not conn.execute("SELECT 1 FROM cases WHERE id=?", (item.mail.case_id,)).fetchone():
+        _drop_item(conn, item.mail.case_id)
+
+
+def _take_ack_slot(conn: sqlite3.Connection, keyring: Keyring, digest: bytes, hour: int, limit: int) -> bool:
+    conn.execute("DELETE FROM ack_rate WHERE hour < ?", (hour,))
+    row = conn.execute("SELECT n FROM ack_rate WHERE digest=? AND hour=?", (digest, hour)).fetchone()
+    if row and row[0] >= limit:
+        return False
+    conn.execute(
+        "INSERT INTO ack_rate VALUES (?,?,1) ON CONFLICT(digest, hour) DO UPDATE SET n = n + 1", (digest, hour)
+    )
+    return True
+
+
+def _counts_op(conn: sqlite3.Connection, keyring: Keyring) -> dict[str, int]:
+    return _counts(conn)
+
+
+def _stats(conn: sqlite3.Connection, keyring: Keyring) -> list[tuple[str, str, str, int]]:
+    return conn.execute("SELECT site, day, name, value FROM stats ORDER BY site, day, name").fetchall()

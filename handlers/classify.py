@@ -1,0 +1,28 @@
+"""Stage RECEIVED: decide what an inbound message is (discard, staff reply, follow-up or new case)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from careservice.context import Context
+from careservice.model import Case, CaseState, ContactDetails, Outcome
+
+
+async def handle(case: Case, ctx: Context) -> Outcome:
+    site = ctx.site(case)
+    parsed = await ctx.parsed(case)
+    if parsed.automatic:
+        return Outcome(CaseState.PURGED, f"discard_{parsed.automatic}", counters=("discarded",))
+    contact = case.contact or ContactDetails(parsed.from_name, parsed.from_address or case.envelope.mail_from)
+    details = replace(case, contact=contact, subject=parsed.subject, message_id=parsed.message_id,
+                      references=parsed.references)
+    tokens = [r.token for r in map(ctx.addressing.recipient, (case.envelope.rcpt, *parsed.recipients))
+              if r is not None and r.site.id == site.id and r.token]
+    if tokens:
+        checked = ctx.addressing.check_reply_token(site, tokens[0])
+        return Outcome(CaseState.STAFF_REPLY, "reply_address",
+                       updates=replace(details, target=checked.case_id if checked else ""))
+    followed = ctx.addressing.followed_case(site, parsed.references)
+    if followed:
+        return Outcome(CaseState.FOLLOW_UP, "follow_up", updates=replace(details, target=followed))
+    return Outcome(CaseState.NEW, "new_case", updates=details)

@@ -1,0 +1,26 @@
+"""Stage STAFF_REPLY: a reply is genuine only with our token for an open case and a staff From."""
+
+from __future__ import annotations
+
+from careservice.context import Context
+from careservice.model import Case, CaseState, Outcome
+
+
+async def handle(case: Case, ctx: Context) -> Outcome:
+    site = ctx.site(case)
+    parsed = await ctx.parsed(case)
+    sender = parsed.from_address
+    if parsed.from_count != 1 or sender not in site.staff:
+        return Outcome(CaseState.PURGED, "reply_not_from_staff", counters=("reply_refused",))
+    if not case.target:
+        notice = ctx.notice(site, "?", case.id, (sender,), "Your reply was not sent",
+                            "The reply address was not valid (changed or not issued by us), so nothing "
+                            "was sent to anyone. Reply to the original forwarded case instead.")
+        return Outcome(CaseState.PURGED, "reply_token_invalid", mails=(notice,), counters=("reply_refused",))
+    target = await ctx.store.get_case(case.target)
+    if target is None or target.state is not CaseState.OPEN:
+        notice = ctx.notice(site, case.target, case.id, (sender,), "Already answered, nothing sent",
+                            "This case was already answered, closed or expired, and its data is deleted. "
+                            "Your reply was not sent to anyone.")
+        return Outcome(CaseState.PURGED, "reply_late", mails=(notice,), counters=("reply_late",))
+    return Outcome(CaseState.VERIFIED, "reply_verified")

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install careservice into a venv and run it in the foreground with ./config.toml (Ctrl-C stops it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip >/dev/null
+.venv/bin/pip install -q -e .
+exec .venv/bin/careservice run --config "${CARESERVICE_CONFIG:-config.toml}"

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install everything the tests need (Debian packages when run as root, a venv with the project),
+# then run the linter and the whole test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v dovecot >/dev/null 2>&1 || [ -x /usr/sbin/dovecot ] || need+=(dovecot-imapd)
+[ -x /usr/bin/chromium ] || need+=(chromium)
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+        # the package starts a system Dovecot; tests run their own instances
+        (systemctl disable --now dovecot || service dovecot stop) >/dev/null 2>&1 || true
+    else
+        echo "note: not root, cannot install ${need[*]}; tests needing them are skipped" >&2
+    fi
+fi
+
+python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip >/dev/null
+.venv/bin/pip install -q -e '.[test]'
+.venv/bin/ruff check careservice handlers tests bench
+.venv/bin/python -m pytest -q "$@"

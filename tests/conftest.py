@@ -1,0 +1,35 @@
+"""Loopback fixtures: a capture relay, a per-test config, the daemon as a real process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import CaptureRelay, Daemon, write_config
+
+pytest_plugins = ["tests.conftest_dovecot"]
+
+
+@pytest.fixture
+def relay() -> Iterator[CaptureRelay]:
+    server = CaptureRelay().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def config(tmp_path: Path, relay: CaptureRelay) -> Path:
+    return write_config(tmp_path, relay.port)
+
+
+@pytest.fixture
+def daemon(config: Path) -> Iterator[Daemon]:
+    proc = Daemon(config).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
