@@ -172,7 +172,8 @@ def parse(raw: bytes, mail_from: str) -> Parsed:
             defects.append(f"bad_{header.lower()}")
     return Parsed(
         from_name=one_line(name, 200), from_address=one_line(address, 254).lower(), from_count=len(addresses),
-        subject=one_line(_header(msg, "Subject"), 500), message_id=(message_ids(_header(msg, "Message-ID")) or ("",))[0],
+        subject=one_line(_header(msg, "Subject"), 500),
+        message_id=(message_ids(_header(msg, "Message-ID")) or ("",))[0],
         references=message_ids(_header(msg, "References") + " " + _header(msg, "In-Reply-To")),
         recipients=tuple(one_line(r, 254).lower() for r in recipients[:100]),
         automatic=_automatic(msg, mail_from, address), text=text, attachments=tuple(attachments),

@@ -6,7 +6,6 @@ from imapclient.exceptions import IMAPClientError, LoginError
 
 from tests.dovecot import DovecotServer
 
-
 pytestmark = pytest.mark.imap
 
 
