@@ -77,6 +77,7 @@ def _header(msg: EmailMessage, name: str) -> str:
 
 
 def _automatic(msg: EmailMessage, mail_from: str, from_address: str) -> str:
+    """Why `msg` must not be answered automatically (RFC 3834, RFC 5321 §4.5.5), or ""."""
     auto = _header(msg, "Auto-Submitted").lower()
     if auto and auto != "no":
         return "auto_submitted"

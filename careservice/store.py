@@ -47,6 +47,9 @@ CREATE TABLE IF NOT EXISTS stats(
 CREATE TABLE IF NOT EXISTS ack_rate(
     digest BLOB NOT NULL, hour INTEGER NOT NULL, n INTEGER NOT NULL, PRIMARY KEY(digest, hour)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS seen(digest BLOB PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS mailbox_health(
+    name TEXT PRIMARY KEY, ok INTEGER NOT NULL, problem TEXT NOT NULL, since REAL NOT NULL,
+    failures INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS k.keys(id TEXT PRIMARY KEY, wrapped BLOB NOT NULL) WITHOUT ROWID;
 """
 
@@ -108,7 +111,7 @@ def _connect(data_dir: Path, read_only: bool = False) -> sqlite3.Connection:
     return conn
 
 
-def read_status(data_dir: Path) -> dict[str, int]:
+def read_status(data_dir: Path) -> dict[str, Any]:
     """Counts for `careservice status`, read through a separate read-only connection."""
     if not (data_dir / "cases.db").exists():
         return {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0}
@@ -119,7 +122,7 @@ def read_status(data_dir: Path) -> dict[str, int]:
         conn.close()
 
 
-def _counts(conn: sqlite3.Connection) -> dict[str, int]:
+def _counts(conn: sqlite3.Connection) -> dict[str, Any]:
     def count(states: tuple[CaseState, ...]) -> int:
         marks = ",".join("?" * len(states))
         return conn.execute(f"SELECT count(*) FROM cases WHERE state IN ({marks})", states).fetchone()[0]
@@ -128,6 +131,10 @@ def _counts(conn: sqlite3.Connection) -> dict[str, int]:
         "open_cases": count(OPEN_STATES),
         "inbound_pending": count(INBOUND_STATES),
         "outbound_queued": conn.execute("SELECT count(*) FROM outbox").fetchone()[0],
+        **({"imap": {
+            name: {"ok": bool(ok), "problem": problem, "since": since, "consecutive_failures": failures}
+            for name, ok, problem, since, failures in conn.execute("SELECT * FROM mailbox_health ORDER BY name")
+        }} if conn.execute("SELECT 1 FROM mailbox_health LIMIT 1").fetchone() else {}),
     }
 
 
@@ -250,8 +257,12 @@ class Store:
         """Count one acknowledgement for a (digested) address this hour; False once over `limit`."""
         return await self._call(_take_ack_slot, digest, int(now // 3600), limit)
 
-    async def counts(self) -> dict[str, int]:
+    async def counts(self) -> dict[str, Any]:
         return await self._call(_counts_op)
+
+    async def mailbox_health(self, name: str, problem: str, now: float) -> None:
+        """Record an IMAP mailbox's health for `status --json` ("" = working; else a short code)."""
+        await self._call(_mailbox_health, name, problem, now)
 
     async def stats(self) -> list[tuple[str, str, str, int]]:
         return await self._call(_stats)
@@ -401,14 +412,14 @@ def _apply(conn: sqlite3.Connection, keyring: Keyring, case: Case, outcome: Outc
         _count(conn, case.site, now, name)
     for mail in outcome.mails:
         _queue_mail(conn, keyring, case.site, mail, now)
+    updated = outcome.updates or case
     if outcome.target_state is CaseState.PURGED:
-        _purge(conn, case.target)
+        _purge(conn, updated.target)
     elif outcome.target_state is not None:
-        conn.execute("UPDATE cases SET state=? WHERE id=?", (outcome.target_state, case.target))
+        conn.execute("UPDATE cases SET state=? WHERE id=?", (outcome.target_state, updated.target))
     if outcome.state is CaseState.PURGED:
         _drop_item(conn, case.id)
         return
-    updated = outcome.updates or case
     key = _case_key(conn, keyring, case.id)
     conn.execute(
         "UPDATE cases SET state=?, next_run=?, target=?, meta=? WHERE id=?",
@@ -472,8 +483,16 @@ def _take_ack_slot(conn: sqlite3.Connection, keyring: Keyring, digest: bytes, ho
     return True
 
 
-def _counts_op(conn: sqlite3.Connection, keyring: Keyring) -> dict[str, int]:
+def _counts_op(conn: sqlite3.Connection, keyring: Keyring) -> dict[str, Any]:
     return _counts(conn)
+
+
+def _mailbox_health(conn: sqlite3.Connection, keyring: Keyring, name: str, problem: str, now: float) -> None:
+    row = conn.execute("SELECT ok, problem, since, failures FROM mailbox_health WHERE name=?", (name,)).fetchone()
+    failures = 0 if not problem else (row[3] + 1 if row else 1)
+    since = row[2] if row and row[1] == problem else now
+    conn.execute("INSERT OR REPLACE INTO mailbox_health VALUES (?,?,?,?,?)", (name, int(not problem), problem,
+                                                                              since, failures))
 
 
 def _stats(conn: sqlite3.Connection, keyring: Keyring) -> list[tuple[str, str, str, int]]:

@@ -13,6 +13,8 @@ async def handle(case: Case, ctx: Context) -> Outcome:
     parsed = await ctx.parsed(case)
     if parsed.automatic:
         return Outcome(CaseState.PURGED, f"discard_{parsed.automatic}", counters=("discarded",))
+    if ctx.addressing.is_ours(parsed.from_address) or ctx.addressing.is_ours(case.envelope.mail_from):
+        return Outcome(CaseState.PURGED, "discard_from_ourselves", counters=("discarded",))
     contact = case.contact or ContactDetails(parsed.from_name, parsed.from_address or case.envelope.mail_from)
     details = replace(case, contact=contact, subject=parsed.subject, message_id=parsed.message_id,
                       references=parsed.references)

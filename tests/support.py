@@ -65,7 +65,8 @@ class CaptureRelay:
             self.attempts += 1
             if self.replies:
                 return self.replies.pop(0)
-            self.received.append(Captured(envelope.mail_from, list(envelope.rcpt_tos),  # type: ignore[attr-defined]
+            sender = "" if envelope.mail_from == "<>" else envelope.mail_from  # type: ignore[attr-defined]
+            self.received.append(Captured(sender, list(envelope.rcpt_tos),  # type: ignore[attr-defined]
                                           envelope.original_content))  # type: ignore[attr-defined]
         return "250 2.0.0 captured"
 

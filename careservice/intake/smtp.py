@@ -55,12 +55,13 @@ class SmtpHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
+        sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from  # aiosmtpd: null sender is "<>"
         messages = []
         for rcpt in envelope.rcpt_tos:
             recipient = self.addressing.recipient(rcpt)
             assert recipient is not None  # handle_RCPT let only ours through
             messages.append(NewMessage(recipient.site.id, Source.SMTP,
-                                       CaseEnvelope(envelope.mail_from or "", rcpt), raw))
+                                       CaseEnvelope(sender, rcpt), raw))
         try:
             await self.ingest.accept(messages, "smtp")
         except Exception as exc:  # not committed: the client keeps the message and retries
