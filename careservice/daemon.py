@@ -57,6 +57,11 @@ class Service:
         self.runner.wake()
         self.outbox.wake()
 
+    async def sweep(self) -> None:
+        """Periodic: run due expiries and retries, and truncate the WAL."""
+        self.wake()
+        await self.store.checkpoint()
+
     def answer_failed_notice(self, item: QueuedMail, why: str) -> OutgoingMail | None:
         site = self.config.site(item.site)
         if site is None:
@@ -71,7 +76,7 @@ class Service:
         self.servers.append(await start_smtp(self.config.smtp, SmtpHandler(self.config.smtp,
                                                                            self.ctx.addressing, self.ingest)))
         self.tasks = [asyncio.create_task(self.runner.run()), asyncio.create_task(self.outbox.run())]
-        self.scheduler.add_job(self.wake, "interval", seconds=SWEEP_SECONDS, id="retention_and_retry_sweep")
+        self.scheduler.add_job(self.sweep, "interval", seconds=SWEEP_SECONDS, id="retention_and_retry_sweep")
         self.scheduler.start()
         log.info("started smtp=%s:%d sites=%d", self.config.smtp.listen.host, self.config.smtp.listen.port,
                  len(self.config.sites))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import queue
 import secrets
 import sqlite3
@@ -23,6 +24,8 @@ from typing import Any
 
 from careservice.crypto import Keyring, open_sealed, seal
 from careservice.model import Case, CaseState, ContactDetails, Envelope, MailKind, Outcome, OutgoingMail, Source
+
+log = logging.getLogger("careservice.store")
 
 OPEN_STATES = (CaseState.NEW, CaseState.ACKNOWLEDGE, CaseState.OPEN, CaseState.ANSWERING)
 INBOUND_STATES = (CaseState.RECEIVED, CaseState.FOLLOW_UP, CaseState.STAFF_REPLY, CaseState.VERIFIED)
@@ -195,7 +198,7 @@ class Store:
                     break
                 batch.append(nxt)
             self._commit_batch(conn, batch)
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        _checkpoint(conn)
         conn.close()
 
     def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
@@ -212,12 +215,13 @@ class Store:
                     conn.execute("RELEASE op")
                     results.append(exc if isinstance(exc, StoreError) else StoreError(type(exc).__name__))
             conn.execute("COMMIT")
-            if any(op.checkpoint for op in batch):
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             results = [StoreError(f"commit failed: {exc.sqlite_errorname}")] * len(batch)
+        else:
+            if any(op.checkpoint for op in batch):
+                _checkpoint(conn)
         for op, result in zip(batch, results, strict=True):
             op.loop.call_soon_threadsafe(_resolve, op.future, result)
 
@@ -253,6 +257,10 @@ class Store:
         """Drop a mail the relay refused for good; queue `notice` to staff in the same transaction."""
         await self._call(_mail_failed, item, notice, now)
 
+    async def checkpoint(self) -> None:
+        """Truncate the WAL now (a purge's own checkpoint may have met a reader)."""
+        await self._call(_nothing, checkpoint=True)
+
     async def take_ack_slot(self, digest: bytes, now: float, limit: int) -> bool:
         """Count one acknowledgement for a (digested) address this hour; False once over `limit`."""
         return await self._call(_take_ack_slot, digest, int(now // 3600), limit)
@@ -266,6 +274,17 @@ class Store:
 
     async def stats(self) -> list[tuple[str, str, str, int]]:
         return await self._call(_stats)
+
+
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    """Copy the WAL into the database and truncate it to zero bytes, so no purged page stays in it."""
+    try:
+        busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+    except sqlite3.Error as exc:
+        log.warning("wal_checkpoint_failed error=%s", exc.sqlite_errorname)
+        return
+    if busy:
+        log.warning("wal_checkpoint_busy: a reader held the WAL; the next purge truncates it")
 
 
 def _resolve(future: asyncio.Future[Any], result: Any) -> None:
@@ -481,6 +500,10 @@ def _take_ack_slot(conn: sqlite3.Connection, keyring: Keyring, digest: bytes, ho
         "INSERT INTO ack_rate VALUES (?,?,1) ON CONFLICT(digest, hour) DO UPDATE SET n = n + 1", (digest, hour)
     )
     return True
+
+
+def _nothing(conn: sqlite3.Connection, keyring: Keyring) -> None:
+    return None
 
 
 def _counts_op(conn: sqlite3.Connection, keyring: Keyring) -> dict[str, Any]:
