@@ -1,0 +1,79 @@
+"""Stages alone against a real store: the table is complete, each stage decides as documented."""
+
+from __future__ import annotations
+
+import pkgutil
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+import handlers
+from careservice.addresses import Addressing
+from careservice.config import load_config
+from careservice.context import Context
+from careservice.crypto import Keyring
+from careservice.model import CaseState, Envelope, MailKind, Outcome, Source
+from careservice.store import NewMessage, Store
+from careservice.texts import Texts
+from handlers import STAGES, acknowledge, classify, forward
+from tests.support import CARE, STAFF, customer_mail, files_containing, write_config
+
+WAITING = {CaseState.ANSWERING, CaseState.PURGED}  # moved on by the outbox, or gone
+
+
+def test_every_state_has_a_stage_and_every_stage_module_is_wired() -> None:
+    assert set(STAGES) == set(CaseState) - WAITING
+    wired = {fn.__module__.rsplit(".", 1)[1] for fn in STAGES.values()}
+    assert wired == {m.name for m in pkgutil.iter_modules(handlers.__path__)}
+
+
+@pytest.fixture
+async def ctx(tmp_path: Path) -> AsyncIterator[Context]:
+    config = load_config(write_config(tmp_path, relay_port=1))
+    keyring = Keyring(b"k" * 32)
+    store = Store(config.data_dir, keyring)
+    await store.start()
+    yield Context(config, store, Addressing(config.sites, keyring), keyring, Texts(config.templates_dir), time.time)
+    await store.close()
+
+
+async def received(ctx: Context, raw: bytes, sender: str = "alice@customer.example", rcpt: str = CARE) -> None:
+    await ctx.store.add_inbound([NewMessage("ticketnest", Source.SMTP, Envelope(sender, rcpt), raw)], time.time())
+
+
+async def test_classify_new_then_forward_then_acknowledge(ctx: Context) -> None:
+    await received(ctx, customer_mail("Hello", "text"))
+    [case] = await ctx.store.due_cases(STAGES, time.time(), 10, set())
+    outcome = await classify.handle(case, ctx)
+    assert outcome.state is CaseState.NEW and outcome.updates is not None
+    assert outcome.updates.contact is not None and outcome.updates.contact.email == "alice@customer.example"
+    new = outcome.updates
+    forwarded = await forward.new_case(new, ctx)
+    assert forwarded.state is CaseState.ACKNOWLEDGE
+    assert [m.kind for m in forwarded.mails] == [MailKind.FORWARD]
+    assert forwarded.mails[0].recipients[0] == STAFF
+    acked = await acknowledge.handle(new, ctx)
+    assert acked.state is CaseState.OPEN and [m.kind for m in acked.mails] == [MailKind.ACK]
+    assert acked.mails[0].sender == ""
+
+
+async def test_classify_discards_bounces(ctx: Context) -> None:
+    await received(ctx, customer_mail("Undeliverable", "bounce"), sender="")
+    [case] = await ctx.store.due_cases(STAGES, time.time(), 10, set())
+    outcome = await classify.handle(case, ctx)
+    assert (outcome.state, outcome.reason) == (CaseState.PURGED, "discard_null_sender")
+
+
+async def test_store_seals_everything_and_purge_shreds_the_key(ctx: Context) -> None:
+    await received(ctx, customer_mail("Zebra subject", "quokka body", sender="marker@customer.example"),
+                   sender="marker@customer.example")
+    [case] = await ctx.store.due_cases(STAGES, time.time(), 10, set())
+    assert files_containing(ctx.config.data_dir, [b"marker@customer", b"Zebra", b"quokka"]) == []
+    await ctx.store.apply(case, Outcome(CaseState.PURGED, "test"), time.time(), time.time())
+    keys = sqlite3.connect(ctx.config.data_dir / "keys.db")
+    assert keys.execute("SELECT count(*) FROM keys").fetchone()[0] == 0
+    keys.close()
+    assert (await ctx.store.counts())["inbound_pending"] == 0
