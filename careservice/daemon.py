@@ -15,6 +15,7 @@ from careservice.addresses import Addressing
 from careservice.config import Config
 from careservice.context import Context
 from careservice.crypto import Keyring, load_master_key
+from careservice.intake.imap import ImapIntake
 from careservice.intake.ingest import Ingest
 from careservice.intake.smtp import SmtpHandler, start_smtp
 from careservice.model import CaseState, OutgoingMail
@@ -49,6 +50,7 @@ class Service:
         self.runner = Runner(self.ctx, STAGES, {CaseState.OPEN: config.unanswered_days * 86400.0},
                              self.outbox.wake)
         self.ingest = Ingest(self.store, config.data_dir, config.smtp.min_free_bytes, self.wake, time.time)
+        self.imap = ImapIntake(config, self.ingest, keyring)
         self.servers: list[asyncio.Server] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.scheduler = AsyncIOScheduler(job_defaults={"coalesce": True, "misfire_grace_time": SWEEP_SECONDS})
@@ -76,6 +78,7 @@ class Service:
         self.servers.append(await start_smtp(self.config.smtp, SmtpHandler(self.config.smtp,
                                                                            self.ctx.addressing, self.ingest)))
         self.tasks = [asyncio.create_task(self.runner.run()), asyncio.create_task(self.outbox.run())]
+        self.imap.start()
         self.scheduler.add_job(self.sweep, "interval", seconds=SWEEP_SECONDS, id="retention_and_retry_sweep")
         self.scheduler.start()
         log.info("started smtp=%s:%d sites=%d", self.config.smtp.listen.host, self.config.smtp.listen.port,
@@ -86,6 +89,7 @@ class Service:
             server.close()
         for server in self.servers:
             await server.wait_closed()
+        await self.imap.stop()
         self.scheduler.shutdown(wait=False)
         for task in self.tasks:
             task.cancel()

@@ -1,0 +1,347 @@
+"""IMAP intake: one worker thread per `[[imap]]` mailbox drains it into the same intake as SMTP.
+
+A pass takes everything in the folder: SEARCH ALL (flagged or not), move messages larger than
+smtp.max_message_bytes to the quarantine folder, FETCH the rest in batches (BODY.PEEK[]), commit each
+batch through `Ingest.accept`, and only then STORE \\Deleted and UID EXPUNGE (EXPUNGE without
+UIDPLUS). Between passes the worker IDLEs when the server offers it, else it polls every
+poll_seconds. Nothing depends on UIDs across sessions, so a UIDVALIDITY change needs no recovery: a
+message committed before a crash is taken again, recognised by its keyed digest, and only expunged.
+
+The envelope sender of a message read over IMAP is its Return-Path header (written by the delivering
+server; `<>` marks a bounce), or else its From address, so mail appended without a Return-Path is
+still a customer's mail and not mistaken for a bounce.
+
+imapclient blocks, so each worker runs in its own thread; commits and health records are handed to
+the event loop with `run_coroutine_threadsafe`. Logs name the mailbox, never the mail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Coroutine
+from email.utils import getaddresses, parseaddr
+from pathlib import Path
+from typing import Any
+
+from imapclient import DELETED, IMAPClient, SocketTimeout
+from imapclient.exceptions import IMAPClientError, LoginError
+
+from careservice.config import Config, ImapMailbox, Site
+from careservice.crypto import Keyring
+from careservice.intake.ingest import Ingest
+from careservice.logs import error_fields
+from careservice.model import Envelope, Source
+from careservice.store import NewMessage
+
+log = logging.getLogger("careservice.imap")
+
+BATCH = 100  # UIDs per FETCH and per commit
+BIG_MESSAGE = 1_000_000  # larger messages are fetched and committed one at a time
+IDLE_RENEW = 25 * 60.0  # servers may drop an IDLE after 30 minutes (RFC 2177)
+IDLE_CHECK = 1.0  # how often an IDLEing worker looks at its stop flag
+BACKOFF_FIRST, BACKOFF_MAX = 1.0, 300.0
+TIMEOUT = SocketTimeout(connect=15, read=120)
+STOP_GRACE = 3.0
+CRASH_ENV = "CARESERVICE_TEST_CRASH_AFTER_IMAP_COMMIT"
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+
+
+def _field(name: bytes) -> re.Pattern[bytes]:
+    return re.compile(rb"^" + name + rb"[ \t]*:(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
+
+
+_RETURN_PATH, _FROM, _MESSAGE_ID = _field(b"Return-Path"), _field(b"From"), _field(b"Message-ID")
+
+
+class MailboxProblem(Exception):
+    """A session failed; `code` is the short reason shown in `status --json`."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _header(head: bytes, pattern: re.Pattern[bytes]) -> str | None:
+    match = pattern.search(head)
+    if match is None:
+        return None
+    return " ".join(match.group(1).decode("utf-8", "replace").split())
+
+
+def envelope_sender(head: bytes) -> str:
+    """Return-Path's address ("" for `<>`), else the first From address, else ""."""
+    return_path = _header(head, _RETURN_PATH)
+    if return_path is not None:
+        return parseaddr(return_path)[1]
+    sender = _header(head, _FROM)
+    addresses = [a for _, a in getaddresses([sender])] if sender else []
+    return addresses[0] if addresses and "@" in addresses[0] else ""
+
+
+def dedupe_key(keyring: Keyring, site: str, raw: bytes) -> tuple[bytes, str]:
+    """The keyed digest that recognises a message taken before, and the envelope sender.
+
+    Site + Message-ID + SHA-256 of the body, so a re-delivery with new trace headers is the
+    same message; without a Message-ID the whole raw message is hashed instead.
+    """
+    end = _HEADER_END.search(raw)
+    head = raw[: end.start()] if end else raw
+    message_id = _header(head, _MESSAGE_ID) or ""
+    content = raw[end.end():] if end and message_id else raw
+    digest = keyring.digest(f"imap|{site}|{message_id}|{hashlib.sha256(content).hexdigest()}")
+    return digest, envelope_sender(head)
+
+
+def _tls_context(verify: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    if not verify:  # tests only: imap.verify_tls = false
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _crash_point(point: str) -> None:
+    """Test hook: CARESERVICE_TEST_CRASH_AFTER_IMAP_COMMIT=commit|flag dies like kill -9 there."""
+    if os.environ.get(CRASH_ENV) == point:
+        os._exit(137)
+
+
+class MailboxWorker:
+    """Drains one mailbox in its own thread until `stop()`; reconnects with exponential backoff."""
+
+    def __init__(self, box: ImapMailbox, site: Site, ingest: Ingest, keyring: Keyring, max_bytes: int,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.box = box
+        self.site = site
+        self.ingest = ingest
+        self.keyring = keyring
+        self.max_bytes = max_bytes
+        self.loop = loop
+        self.thread = threading.Thread(target=self._run, name=f"imap-{box.name}", daemon=True)
+        self._stop = threading.Event()
+        self._client: IMAPClient | None = None
+        self._problem: str | None = None  # None until the first health record
+        self._failures = 0
+        self._delay = BACKOFF_FIRST
+        self._uidvalidity: int | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def interrupt(self) -> None:
+        """Break a blocking socket call (used when the worker did not stop within the grace time)."""
+        client = self._client
+        if client is not None:
+            with contextlib.suppress(OSError):
+                client.socket().shutdown(socket.SHUT_RDWR)
+
+    def _call(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def _health(self, problem: str) -> None:
+        if problem or self._problem != "":
+            self._call(self.ingest.store.mailbox_health(self.box.name, problem, self.ingest.clock()))
+        self._problem = problem
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._session()
+            except MailboxProblem as problem:
+                self._failed(problem.code, problem.__cause__)
+            except Exception as exc:  # the worker must outlive any bug or odd server reply
+                self._failed("internal_error", exc)
+
+    def _failed(self, code: str, cause: BaseException | None) -> None:
+        if self._stop.is_set():
+            return
+        self._failures += 1
+        log.warning("imap_failed mailbox=%s problem=%s failures=%d retry_in=%.0fs %s", self.box.name, code,
+                    self._failures, self._delay, error_fields(cause) if cause else "")
+        with contextlib.suppress(Exception):  # the store may be closing; the log line above stands
+            self._health(code)
+        self._stop.wait(self._delay)
+        self._delay = min(self._delay * 2, BACKOFF_MAX)
+
+    def _connect(self) -> IMAPClient:
+        box = self.box
+        context = None if box.security == "none" else _tls_context(box.verify_tls)
+        try:
+            client = IMAPClient(box.host, box.port, ssl=box.security == "tls", ssl_context=context, timeout=TIMEOUT)
+        except ssl.SSLError as exc:
+            raise MailboxProblem("tls_error") from exc
+        except (OSError, IMAPClientError) as exc:
+            raise MailboxProblem("connect_failed") from exc
+        if box.security == "starttls":
+            try:
+                client.starttls(context)
+            except (OSError, IMAPClientError) as exc:
+                client.shutdown()
+                raise MailboxProblem("tls_error") from exc
+        return client
+
+    def _session(self) -> None:
+        try:
+            password = Path(self.box.password_file).read_text().strip()
+        except OSError as exc:
+            raise MailboxProblem("password_unreadable") from exc
+        client = self._connect()
+        self._client = client
+        try:
+            try:
+                client.login(self.box.username, password)
+            except LoginError as exc:
+                raise MailboxProblem("auth_failed") from exc
+            try:
+                selected = client.select_folder(self.box.folder)
+            except IMAPClientError as exc:
+                raise MailboxProblem("folder_missing") from exc
+            self._note_uidvalidity(selected.get(b"UIDVALIDITY"))
+            idle, uidplus = client.has_capability("IDLE"), client.has_capability("UIDPLUS")
+            log.info("imap_connected mailbox=%s idle=%s uidplus=%s", self.box.name, idle, uidplus)
+            while not self._stop.is_set():
+                while not self._stop.is_set() and self._drain_pass(client, uidplus):
+                    pass
+                if self._problem != "":
+                    self._health("")
+                    log.info("imap_working mailbox=%s", self.box.name)
+                self._failures, self._delay = 0, BACKOFF_FIRST
+                if idle:
+                    self._idle(client)
+                else:
+                    self._stop.wait(self.box.poll_seconds)
+                    client.noop()
+            client.logout()
+        except ssl.SSLError as exc:
+            raise MailboxProblem("tls_error") from exc
+        except (OSError, IMAPClientError) as exc:
+            raise MailboxProblem("session_failed") from exc
+        finally:
+            self._client = None
+            with contextlib.suppress(Exception):
+                client.shutdown()
+
+    def _note_uidvalidity(self, uidvalidity: int | None) -> None:
+        if self._uidvalidity is not None and uidvalidity != self._uidvalidity:
+            log.info("imap_uidvalidity_changed mailbox=%s (all mail in the folder is taken again; "
+                     "digests recognise what was committed)", self.box.name)
+        self._uidvalidity = uidvalidity
+
+    def _idle(self, client: IMAPClient) -> None:
+        """Wait in IDLE until the server reports new mail, the stop flag, or IDLE_RENEW."""
+        client.idle()
+        deadline = time.monotonic() + IDLE_RENEW
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            started = time.monotonic()
+            responses = client.idle_check(IDLE_CHECK)
+            if any(len(r) > 1 and r[1] == b"EXISTS" for r in responses):
+                break
+            if not responses and time.monotonic() - started < IDLE_CHECK / 10:
+                # imapclient returns nothing at once when the socket is readable but closed
+                raise ConnectionError("connection closed during IDLE")
+        client.idle_done()
+
+    def _drain_pass(self, client: IMAPClient, uidplus: bool) -> int:
+        """Take what is in the folder now; returns how many messages left it."""
+        uids = client.search("ALL")
+        if not uids:
+            return 0
+        big = set(client.search(["LARGER", min(BIG_MESSAGE, self.max_bytes)])) & set(uids)
+        sizes = client.fetch(sorted(big), ["RFC822.SIZE"]) if big else {}
+        too_large = sorted(u for u, d in sizes.items() if d.get(b"RFC822.SIZE", 0) > self.max_bytes)
+        removed = self._quarantine(client, too_large) if too_large else 0
+        small = [u for u in uids if u not in big]
+        batches = [small[i:i + BATCH] for i in range(0, len(small), BATCH)]
+        batches += [[u] for u in sorted(big.difference(too_large))]
+        for batch in batches:
+            if self._stop.is_set():
+                break
+            removed += self._take(client, batch, uidplus)
+        return removed
+
+    def _take(self, client: IMAPClient, uids: list[int], uidplus: bool) -> int:
+        """Fetch, commit, and only then delete one batch."""
+        if self.ingest.disk_low():
+            raise MailboxProblem("disk_low")
+        fetched = client.fetch(uids, ["BODY.PEEK[]"])
+        taken, messages = [], []
+        for uid in uids:
+            raw = fetched.get(uid, {}).get(b"BODY[]")
+            if raw is None:  # expunged meanwhile by another client
+                continue
+            digest, mail_from = dedupe_key(self.keyring, self.site.id, raw)
+            messages.append(NewMessage(self.site.id, Source.IMAP, Envelope(mail_from, self.site.care_address), raw,
+                                       dedupe=digest))
+            taken.append(uid)
+        if not taken:
+            return 0
+        try:
+            ids = self._call(self.ingest.accept(messages, "imap"))
+        except Exception as exc:
+            raise MailboxProblem("intake_failed") from exc
+        _crash_point("commit")
+        self._delete(client, taken, uidplus)
+        log.info("imap_taken mailbox=%s messages=%d duplicates=%d", self.box.name, len(taken), ids.count(""))
+        return len(taken)
+
+    def _delete(self, client: IMAPClient, uids: list[int], uidplus: bool) -> None:
+        client.add_flags(uids, [DELETED], silent=True)
+        _crash_point("flag")
+        if uidplus:
+            client.uid_expunge(uids)
+        else:
+            client.expunge()
+
+    def _quarantine(self, client: IMAPClient, uids: list[int]) -> int:
+        folder = self.box.quarantine_folder
+        if not client.folder_exists(folder):
+            client.create_folder(folder)
+        if client.has_capability("MOVE"):
+            client.move(uids, folder)
+        else:
+            client.copy(uids, folder)
+            self._delete(client, uids, client.has_capability("UIDPLUS"))
+        log.warning("imap_quarantined mailbox=%s messages=%d reason=too_large folder=%s", self.box.name, len(uids),
+                    folder)
+        return len(uids)
+
+
+class ImapIntake:
+    """All mailbox workers of one daemon: `start()` inside the running loop, `await stop()`."""
+
+    def __init__(self, config: Config, ingest: Ingest, keyring: Keyring) -> None:
+        self.config = config
+        self.ingest = ingest
+        self.keyring = keyring
+        self.workers: list[MailboxWorker] = []
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for box in self.config.imap:
+            site = self.config.site(box.site)
+            assert site is not None  # config.load_config checked imap.site
+            worker = MailboxWorker(box, site, self.ingest, self.keyring, self.config.smtp.max_message_bytes, loop)
+            worker.thread.start()
+            self.workers.append(worker)
+
+    async def stop(self) -> None:
+        """Stop every worker; one still blocked on its socket after STOP_GRACE has the socket shut down."""
+        for worker in self.workers:
+            worker.stop()
+        for worker in self.workers:
+            await asyncio.to_thread(worker.thread.join, STOP_GRACE)
+            if worker.thread.is_alive():
+                worker.interrupt()
+                await asyncio.to_thread(worker.thread.join, STOP_GRACE)
+            if worker.thread.is_alive():
+                log.warning("imap_stop_timeout mailbox=%s", worker.box.name)
+        self.workers.clear()

@@ -1,0 +1,208 @@
+"""IMAP intake against a real Dovecot on loopback, with the daemon as a real process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from imapclient import DELETED
+
+from careservice.intake.imap import CRASH_ENV
+from tests.dovecot import DovecotServer
+from tests.support import STAFF, CaptureRelay, Daemon, customer_mail, staff_reply, wait_for, write_config
+
+pytestmark = pytest.mark.imap
+
+CUSTOMER = "alice@customer.example"
+
+
+def mailbox_name(dovecot: DovecotServer, folder: str = "INBOX") -> str:
+    return f"{dovecot.username}@{dovecot.host}:{dovecot.port}/{folder}"
+
+
+def imap_config(tmp: Path, relay: CaptureRelay, dovecot: DovecotServer, *, password: str = "", poll_seconds: int = 60,
+                security: str = "none") -> Path:
+    """A daemon config with one [[imap]] table for the test Dovecot; the password goes to a file."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    secret = tmp / "imap.password"
+    secret.write_text((password or dovecot.password) + "\n")
+    return write_config(tmp, relay.port, extra=f"""
+[[imap]]
+site = "ticketnest"
+host = "{dovecot.host}"
+port = {dovecot.port}
+security = "{security}"
+username = "{dovecot.username}"
+password_file = "{secret}"
+poll_seconds = {poll_seconds}
+""")
+
+
+@pytest.fixture
+def svc(tmp_path: Path, relay: CaptureRelay, dovecot: DovecotServer) -> Iterator[Daemon]:
+    """A daemon configured for the test Dovecot, not yet started; stopped after the test."""
+    daemon = Daemon(imap_config(tmp_path / "svc", relay, dovecot))
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def imap_health(daemon: Daemon, name: str) -> dict[str, object]:
+    return daemon.status().get("imap", {}).get(name, {})
+
+
+def wait_idle(daemon: Daemon, dovecot: DovecotServer) -> None:
+    """Wait until the worker has drained the folder once (it then IDLEs)."""
+    wait_for(lambda: imap_health(daemon, mailbox_name(dovecot)).get("ok") is True, what="imap mailbox working")
+
+
+def maildir_files(dovecot: DovecotServer, folder: str = "") -> list[Path]:
+    base = dovecot.maildir / folder if folder else dovecot.maildir
+    return [p for sub in ("new", "cur") for p in (base / sub).iterdir()] if base.exists() else []
+
+
+def forwards(relay: CaptureRelay, subject: str) -> list[str]:
+    return [str(c.message["Subject"]) for c in relay.to(STAFF) if subject in str(c.message["Subject"])]
+
+
+def test_mail_present_before_start_is_taken_and_removed(svc: Daemon, relay: CaptureRelay,
+                                                        dovecot: DovecotServer) -> None:
+    for i in range(3):
+        dovecot.append(customer_mail(f"Waiting {i}", f"text {i}"))
+    assert dovecot.count() == 3 and len(maildir_files(dovecot)) == 3
+    svc.start()
+    wait_for(lambda: len(relay.to(STAFF)) == 3, what="three forwards")
+    assert all(len(forwards(relay, f"Waiting {i}")) == 1 for i in range(3))
+    wait_for(lambda: dovecot.count() == 0, what="mailbox empty")
+    assert maildir_files(dovecot) == []
+    wait_for(lambda: relay.to(CUSTOMER), what="ack to the customer")
+    health = imap_health(svc, mailbox_name(dovecot))
+    assert health["ok"] is True and health["problem"] == "" and health["consecutive_failures"] == 0
+
+
+def test_new_mail_arrives_through_idle_and_sigterm_stops(svc: Daemon, relay: CaptureRelay,
+                                                         dovecot: DovecotServer) -> None:
+    svc.start()  # poll_seconds = 60: only IDLE can deliver within the 10 s below
+    wait_idle(svc, dovecot)
+    dovecot.append(customer_mail("Via idle", "pushed"))
+    wait_for(lambda: forwards(relay, "Via idle"), timeout=10, what="forward of mail appended while idling")
+    wait_for(lambda: dovecot.count() == 0, what="mailbox empty")
+    assert "idle=True" in svc.log.read_text()
+    assert svc.stop() == 0  # SIGTERM interrupts the IDLE; a hang would end in SIGKILL (-9)
+
+
+def test_staff_answer_over_imap_is_relayed(svc: Daemon, relay: CaptureRelay, dovecot: DovecotServer) -> None:
+    svc.start()
+    wait_idle(svc, dovecot)
+    dovecot.append(customer_mail("Refund please", "Order 4711"))
+    wait_for(lambda: forwards(relay, "Refund please"), what="forward")
+    forward = relay.to(STAFF)[-1].message
+    dovecot.append(staff_reply(forward, "Your refund is on its way."))
+    wait_for(lambda: any("refund is on its way" in c.message.get_body(("plain",)).get_content()
+                         for c in relay.to(CUSTOMER)), what="answer relayed to the customer")
+    wait_for(lambda: svc.status()["open_cases"] == 0, what="case purged after the answer")
+    assert dovecot.count() == 0
+
+
+@pytest.mark.parametrize("point", ["commit", "flag"])
+def test_crash_between_commit_and_expunge_makes_no_second_case(tmp_path: Path, relay: CaptureRelay,
+                                                               dovecot: DovecotServer, point: str) -> None:
+    config = imap_config(tmp_path / "svc", relay, dovecot)
+    crashing = Daemon(config, env={CRASH_ENV: point}).start()
+    try:
+        wait_idle(crashing, dovecot)
+        dovecot.append(customer_mail("Only once", "crash test"))
+        assert crashing.proc is not None
+        assert crashing.proc.wait(20) == 137
+    finally:
+        crashing.stop()
+    with dovecot.client() as imap:  # committed, but still on the server
+        imap.select_folder("INBOX", readonly=True)
+        flags = list(imap.get_flags(imap.search("ALL")).values())
+    assert len(flags) == 1 and (DELETED in flags[0]) == (point == "flag")
+    daemon = Daemon(config).start()
+    try:
+        wait_for(lambda: dovecot.count() == 0, what="mailbox empty after restart")
+        wait_for(lambda: forwards(relay, "Only once"), what="forward of the committed case")
+        wait_for(lambda: daemon.status()["outbound_queued"] == 0 and daemon.status()["inbound_pending"] == 0,
+                 what="queues drained")
+        assert len(forwards(relay, "Only once")) == 1
+        assert daemon.status()["open_cases"] == 1
+        assert "imap_taken mailbox=" in daemon.log.read_text() and "duplicates=1" in daemon.log.read_text()
+    finally:
+        daemon.stop()
+
+
+def test_wrong_password_is_reported_then_recovers(tmp_path: Path, relay: CaptureRelay,
+                                                  dovecot: DovecotServer) -> None:
+    config = imap_config(tmp_path / "svc", relay, dovecot, password="not-the-password")
+    dovecot.append(customer_mail("Secret subject xyzzy", "secret body plugh"))
+    name = mailbox_name(dovecot)
+    daemon = Daemon(config).start()
+    try:
+        wait_for(lambda: imap_health(daemon, name).get("problem") == "auth_failed", what="auth_failed in status")
+        health = imap_health(daemon, name)
+        assert health["ok"] is False and int(health["consecutive_failures"]) >= 1  # type: ignore[call-overload]
+        log = daemon.log.read_text()
+        assert f"imap_failed mailbox={name} problem=auth_failed" in log
+        assert "xyzzy" not in log and "plugh" not in log and "not-the-password" not in log
+        assert dovecot.count() == 1
+        (config.parent / "imap.password").write_text(dovecot.password)  # read again on the next attempt
+        wait_for(lambda: forwards(relay, "xyzzy"), what="mail taken once the password is right")
+        wait_for(lambda: imap_health(daemon, name).get("ok") is True, what="mailbox healthy again")
+        assert dovecot.count() == 0
+    finally:
+        daemon.stop()
+
+
+def test_tls_failure_is_reported(tmp_path: Path, relay: CaptureRelay, dovecot: DovecotServer) -> None:
+    config = imap_config(tmp_path / "svc", relay, dovecot, security="tls")  # the test Dovecot speaks plain text
+    daemon = Daemon(config).start()
+    try:
+        wait_for(lambda: imap_health(daemon, mailbox_name(dovecot)).get("problem") == "tls_error",
+                 what="tls_error in status")
+        assert f"imap_failed mailbox={mailbox_name(dovecot)} problem=tls_error" in daemon.log.read_text()
+    finally:
+        daemon.stop()
+
+
+def test_too_large_message_goes_to_quarantine(svc: Daemon, relay: CaptureRelay, dovecot: DovecotServer) -> None:
+    dovecot.append(customer_mail("Huge", "x" * 300_000))  # smtp.max_message_bytes is 200000 in tests
+    dovecot.append(customer_mail("Small", "fits"))
+    svc.start()
+    wait_for(lambda: forwards(relay, "Small"), what="forward of the small message")
+    wait_for(lambda: dovecot.count() == 0, what="inbox empty")
+    assert dovecot.count("careservice-quarantine") == 1
+    assert forwards(relay, "Huge") == []
+    assert "imap_quarantined mailbox=" in svc.log.read_text()
+
+
+def test_server_restart_reconnects(svc: Daemon, relay: CaptureRelay, dovecot: DovecotServer) -> None:
+    svc.start()
+    wait_idle(svc, dovecot)
+    dovecot.stop()
+    wait_for(lambda: imap_health(svc, mailbox_name(dovecot)).get("ok") is False, what="failure recorded")
+    dovecot.start()
+    dovecot.append(customer_mail("After restart", "back"))
+    wait_for(lambda: forwards(relay, "After restart"), what="forward after the server came back")
+    wait_for(lambda: imap_health(svc, mailbox_name(dovecot)).get("ok") is True, what="healthy again")
+
+
+def test_polling_and_plain_expunge_without_idle_or_uidplus(tmp_path: Path, relay: CaptureRelay,
+                                                          dovecot: DovecotServer) -> None:
+    dovecot.stop()
+    with dovecot.config.open("a") as conf:  # a server that offers neither IDLE nor UIDPLUS
+        conf.write("protocol imap {\n  imap_capability = IMAP4rev1 LITERAL+\n}\n")
+    dovecot.start()
+    dovecot.append(customer_mail("Polled first", "one"))
+    daemon = Daemon(imap_config(tmp_path / "svc", relay, dovecot, poll_seconds=1)).start()
+    try:
+        wait_for(lambda: forwards(relay, "Polled first"), what="first forward")
+        dovecot.append(customer_mail("Polled second", "two"))
+        wait_for(lambda: forwards(relay, "Polled second"), what="second forward")
+        wait_for(lambda: dovecot.count() == 0, what="mailbox empty")
+        assert "idle=False uidplus=False" in daemon.log.read_text()
+    finally:
+        daemon.stop()
