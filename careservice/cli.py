@@ -24,6 +24,14 @@ def _run(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(config: Config, args: argparse.Namespace) -> int:
+    from careservice.daemon import run_worker
+
+    setup_logging(config.log_level)
+    asyncio.run(run_worker(config))
+    return 0
+
+
 def _check(config: Config, args: argparse.Namespace) -> int:
     print(f"config {config.path}: ok")
     print(f"  data_dir   {config.data_dir}")
@@ -66,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, func, text in (("run", _run, "run the daemon in the foreground"),
                              ("check", _check, "validate the config and print a summary"),
                              ("keygen", _keygen, "write a new master key file"),
-                             ("status", _status, "print queue and case counts from the store")):
+                             ("status", _status, "print queue and case counts from the store"),
+                             ("worker", _worker, "(internal) the case worker that `run` starts")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--config", default="config.toml", help="config file (default ./config.toml)")
         sub.set_defaults(func=func)

@@ -16,6 +16,7 @@ from careservice.config import RelayConfig
 from careservice.logs import error_fields
 from careservice.model import MailKind, OutgoingMail
 from careservice.store import QueuedMail, Store
+from careservice.wakeup import Wakeup
 
 log = logging.getLogger("careservice.outbox")
 
@@ -106,7 +107,7 @@ class Outbox:
         self.relay = relay
         self.clock = clock
         self.notice_for = notice_for  # staff notice when an answer cannot be delivered
-        self._wake = asyncio.Event()
+        self._wake = Wakeup()
         self._down_until = 0.0
         self._down_count = 0
 
@@ -125,11 +126,7 @@ class Outbox:
             except Exception as exc:  # the store failed: nothing is marked, so it is all sent again later
                 log.error("outbox_round_failed %s", error_fields(exc))
             wait = IDLE_WAIT if self._down_until <= self.clock() else min(IDLE_WAIT, self._down_until - self.clock())
-            try:
-                await asyncio.wait_for(self._wake.wait(), max(wait, 0.05))
-            except TimeoutError:
-                pass
-            self._wake.clear()
+            await self._wake.wait(max(wait, 0.05))
 
     async def deliver_due(self) -> int:
         """Send everything due now; returns how many were handed over (250)."""

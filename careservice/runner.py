@@ -10,6 +10,7 @@ from dataclasses import replace
 from careservice.context import Context
 from careservice.logs import error_fields
 from careservice.model import Case, CaseState, Outcome
+from careservice.wakeup import Wakeup
 
 log = logging.getLogger("careservice.runner")
 
@@ -38,7 +39,7 @@ class Runner:
         self.on_mail = on_mail  # wakes the outbox once mail is committed
         self.stages = stages
         self.waits = waits  # seconds after creation before a state's stage is due (OPEN: retention)
-        self._wake = asyncio.Event()
+        self._wake = Wakeup()
         self._busy: set[str] = set()
         self._held: dict[str, float] = {}
 
@@ -51,11 +52,7 @@ class Runner:
     async def run(self) -> None:
         while True:
             await self.run_due()
-            try:
-                await asyncio.wait_for(self._wake.wait(), IDLE_WAIT)
-            except TimeoutError:
-                pass
-            self._wake.clear()
+            await self._wake.wait(IDLE_WAIT)
 
     async def run_due(self) -> int:
         """Advance every due case once; returns how many were advanced."""

@@ -154,13 +154,15 @@ class Store:
 
     # ----- lifecycle and the writer thread -----
 
-    async def start(self) -> None:
+    async def start(self, sweep: bool) -> None:
+        """Open the store; `sweep` (the intake process, before it listens) drops crash orphans."""
         self._thread = threading.Thread(target=self._run, name="careservice-store", daemon=True)
         self._thread.start()
         await asyncio.to_thread(self._ready.wait)
         if self._open_error is not None:
             raise StoreError(f"cannot open store in {self.data_dir}: {self._open_error}")
-        await self._call(_sweep_orphans, checkpoint=True)
+        if sweep:
+            await self._call(_sweep_orphans, checkpoint=True)
 
     async def close(self) -> None:
         if self._thread is not None:

@@ -35,7 +35,7 @@ async def ctx(tmp_path: Path) -> AsyncIterator[Context]:
     config = load_config(write_config(tmp_path, relay_port=1))
     keyring = Keyring(b"k" * 32)
     store = Store(config.data_dir, keyring)
-    await store.start()
+    await store.start(sweep=True)
     yield Context(config, store, Addressing(config.sites, keyring), keyring, Texts(config.templates_dir), time.time)
     await store.close()
 
