@@ -58,10 +58,15 @@ class Keyring:
         self._wrap = AESGCM(self._derive(master, b"careservice wrap v1"))
         self._token_key = self._derive(master, b"careservice reply token v1")
         self._digest_key = self._derive(master, b"careservice digest v1")
+        self._form_code_key = self._derive(master, b"careservice form code v1")
 
     @staticmethod
     def _derive(master: bytes, info: bytes) -> bytes:
         return HKDF(algorithm=SHA256(), length=32, salt=None, info=info).derive(master)
+
+    def form_code_key(self) -> bytes:
+        """The AES-256-GCM key that seals the contact form's verification codes into their tokens."""
+        return self._form_code_key
 
     def new_case_key(self) -> tuple[bytes, bytes]:
         """A fresh data key and its wrapped form for the key store."""

@@ -1,0 +1,412 @@
+"""The contact form per site: a Starlette app served by uvicorn inside the daemon's event loop.
+
+A valid submission becomes an RFC 5322 message from the customer to the site's care address and
+goes through Ingest exactly like a mail, so the stages forward it to staff and acknowledge it.
+The verification code is sealed (AES-256-GCM) in an expiring token the page carries; redeemed
+tokens are remembered in memory only. The client IP is used, as a keyed digest held in memory,
+for the per-IP limits and nothing else; it and the User-Agent never reach a case, a mail or a log
+line. Behind a reverse proxy on the same host, X-Forwarded-For from 127.0.0.1/::1 names the client.
+
+Field rules: name, email, query and (with verification on) the code are mandatory. One-line fields
+refuse every control character (CR, LF, NUL, U+2028, ...). The query may span lines; so may the
+postal address (at most 6 lines), which the case keeps as one line joined with ", ".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import math
+import re
+import secrets
+import socket
+import struct
+import time
+import unicodedata
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from captcha.audio import AudioCaptcha
+from captcha.image import ImageCaptcha
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from email_validator import EmailNotValidError, validate_email
+from starlette.applications import Starlette
+from starlette.datastructures import MutableHeaders
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from careservice.config import Config, Site
+from careservice.context import Context
+from careservice.intake.ingest import Ingest
+from careservice.logs import error_fields
+from careservice.mail import SYSTEM_LOCALPARTS, Draft, new_message_id, render
+from careservice.model import ContactDetails, Envelope, Source
+from careservice.store import NewMessage
+
+log = logging.getLogger("careservice.web")
+
+SUBJECT = "Contact form"
+CODE_DIGITS = 6
+TOKEN_FIELD = "code_token"
+HONEYPOT_FIELD = "website"  # hidden from people; robots fill it in
+PREFERRED = ("email", "telephone")
+MAX_BODY = 256 * 1024
+BODY_SECONDS = 30.0
+MAX_USED_TOKENS = 100_000
+MAX_CLIENTS = 10_000
+RENDERS_PER_POST = 5  # image and audio fetches allowed per permitted POST
+TRUSTED_PROXIES = ["127.0.0.1", "::1"]
+_PHONE = re.compile(r"(?=.*[0-9])[0-9+()./ -]+")
+_TOKEN_BYTES = 8 + 12 + CODE_DIGITS + 16  # expiry, nonce, sealed code with its tag
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    limit: int
+    required: bool = False
+    lines: int = 1  # more than 1: a multi-line field of at most this many lines
+
+
+FIELDS: dict[str, FieldRule] = {
+    "name": FieldRule(200, required=True),
+    "email": FieldRule(254, required=True),
+    "company": FieldRule(200),
+    "address": FieldRule(300, lines=6),
+    "telephone": FieldRule(50),
+    "fax": FieldRule(50),
+    "query": FieldRule(10_000, required=True, lines=1_000),
+}
+
+
+def field_problem(rule: FieldRule, value: str) -> str:
+    """The error code for one field value ("" = fine): missing, too_long, control, too_many_lines."""
+    if not value.strip():
+        return "missing" if rule.required else ""
+    if len(value) > rule.limit:
+        return "too_long"
+    multiline = rule.lines > 1
+    lines = value.splitlines() if multiline else [value]
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") and not (multiline and c == "\t")
+           for line in lines for c in line):
+        return "control"  # line breaks only split a multi-line field; tabs only inside one
+    return "too_many_lines" if len(lines) > rule.lines else ""
+
+
+class CodeTokens:
+    """Verification codes sealed in expiring, single-use tokens; no server-side session.
+
+    A token is base64url(expiry ‖ nonce ‖ AES-GCM(code)), its site and expiry authenticated, so
+    the client can neither read the code nor move the token to another site or extend it. The
+    nonce is the token's id: redeemed ids stay in memory until they expire.
+    """
+
+    def __init__(self, key: bytes, ttl: int, clock: Callable[[], float]) -> None:
+        self._aead = AESGCM(key)
+        self._ttl = ttl
+        self._clock = clock
+        self._used: OrderedDict[bytes, float] = OrderedDict()
+
+    def issue(self, site_id: str) -> tuple[str, str]:
+        """A fresh (token, code) for a form of `site_id`."""
+        code = f"{secrets.randbelow(10 ** CODE_DIGITS):0{CODE_DIGITS}d}"
+        expiry = struct.pack(">Q", int(self._clock()) + self._ttl)
+        nonce = secrets.token_bytes(12)
+        sealed = self._aead.encrypt(nonce, code.encode(), b"form-code|" + site_id.encode() + b"|" + expiry)
+        return base64.urlsafe_b64encode(expiry + nonce + sealed).decode().rstrip("="), code
+
+    def _open(self, site_id: str, token: str) -> tuple[str, bytes, float] | None:
+        """(code, token id, expiry) of a token this key sealed for `site_id`, else None."""
+        try:
+            blob = base64.urlsafe_b64decode(token[:100] + "=" * (-len(token[:100]) % 4))
+        except (binascii.Error, ValueError):
+            return None
+        if len(blob) != _TOKEN_BYTES:
+            return None
+        expiry, nonce, sealed = blob[:8], blob[8:20], blob[20:]
+        try:
+            code = self._aead.decrypt(nonce, sealed, b"form-code|" + site_id.encode() + b"|" + expiry)
+        except InvalidTag:
+            return None
+        return code.decode(), nonce, float(struct.unpack(">Q", expiry)[0])
+
+    def reveal(self, site_id: str, token: str) -> str | None:
+        """The code to draw for a token that is genuine, unexpired and unused."""
+        opened = self._open(site_id, token)
+        if opened is None or opened[2] < self._clock() or opened[1] in self._used:
+            return None
+        return opened[0]
+
+    def redeem(self, site_id: str, token: str, answer: str) -> tuple[str, bytes]:
+        """Check `answer` once, right or wrong: ("", token id) when right, else (error code, b"")."""
+        opened = self._open(site_id, token)
+        if opened is None:
+            return "code_invalid", b""
+        code, token_id, expiry = opened
+        now = self._clock()
+        if expiry < now:
+            return "code_expired", b""
+        if token_id in self._used:
+            return "code_used", b""
+        self._used[token_id] = expiry
+        while self._used and (next(iter(self._used.values())) < now or len(self._used) > MAX_USED_TOKENS):
+            self._used.popitem(last=False)
+        typed = unicodedata.normalize("NFKC", answer).replace(" ", "")
+        if not typed:
+            return "code_missing", b""
+        return ("", token_id) if hmac.compare_digest(typed.encode(), code.encode()) else ("code_wrong", b"")
+
+
+class HourlyLimit:
+    """At most `limit` events per client in any hour, held in memory under a keyed digest of the client."""
+
+    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self._clock = clock
+        self._key = secrets.token_bytes(32)
+        self._events: OrderedDict[bytes, deque[float]] = OrderedDict()
+
+    def take(self, client: str) -> float:
+        """Count one event: 0.0 when allowed, else the seconds until the next one is."""
+        now = self._clock()
+        key = hashlib.blake2b(client.encode(), key=self._key, digest_size=16).digest()
+        events = self._events.pop(key, deque())
+        while events and events[0] <= now - 3600:
+            events.popleft()
+        self._events[key] = events
+        if len(events) >= self.limit:
+            return events[0] + 3600 - now
+        events.append(now)
+        while len(self._events) > MAX_CLIENTS:
+            self._events.popitem(last=False)
+        return 0.0
+
+
+class ContactForm:
+    """The endpoints: form, submission, thank-you page, and the code as image and audio."""
+
+    def __init__(self, config: Config, ctx: Context, ingest: Ingest) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.ingest = ingest
+        web = config.web
+        self.tokens = (CodeTokens(ctx.keyring.form_code_key(), web.code_ttl_seconds, ctx.clock)
+                       if web.verification == "image" else None)
+        self.posts = HourlyLimit(web.max_posts_per_ip_per_hour)
+        self.renders = HourlyLimit(web.max_posts_per_ip_per_hour * RENDERS_PER_POST)
+        self.renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="careservice-code")
+        self.image = ImageCaptcha(width=240, height=90)
+        self.audio = AudioCaptcha()
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/{site}/contact", self.show, methods=["GET"]),
+            Route("/{site}/contact", self.submit, methods=["POST"]),
+            Route("/{site}/contact/thanks", self.thanks, methods=["GET"]),
+            Route("/{site}/contact/code.png", self.code_image, methods=["GET"]),
+            Route("/{site}/contact/code.wav", self.code_audio, methods=["GET"]),
+        ]
+
+    def _page(self, request: Request, site: Site, name: str, status: int = 200,
+              headers: dict[str, str] | None = None, **values: Any) -> HTMLResponse:
+        html = self.ctx.texts.page(site.id, name, site=site, nonce=request.state.csp_nonce, **values)
+        return HTMLResponse(html, status_code=status, headers=headers)
+
+    def _form(self, request: Request, site: Site, values: dict[str, str], errors: dict[str, str],
+              notice: str = "", status: int = 200, headers: dict[str, str] | None = None) -> HTMLResponse:
+        token = self.tokens.issue(site.id)[0] if self.tokens else ""
+        return self._page(request, site, "form", status, headers, values=values, errors=errors, notice=notice,
+                          token=token, limits={k: r.limit for k, r in FIELDS.items()},
+                          token_field=TOKEN_FIELD, honeypot_field=HONEYPOT_FIELD)
+
+    async def show(self, request: Request) -> Response:
+        site = self.config.site(request.path_params["site"])
+        if site is None:
+            return not_found()
+        return self._form(request, site, {"preferred_contact": "email"}, {})
+
+    async def thanks(self, request: Request) -> Response:
+        site = self.config.site(request.path_params["site"])
+        return not_found() if site is None else self._page(request, site, "thanks")
+
+    async def submit(self, request: Request) -> Response:
+        site = self.config.site(request.path_params["site"])
+        if site is None:
+            return not_found()
+        length = request.headers.get("content-length", "")
+        if not length.isdigit() or "transfer-encoding" in request.headers:
+            return PlainTextResponse("Length required", 411)
+        if int(length) > MAX_BODY:
+            return PlainTextResponse("Request too large", 413)
+        try:
+            async with asyncio.timeout(BODY_SECONDS):
+                form = await request.form(max_files=0, max_fields=50, max_part_size=MAX_BODY)
+        except TimeoutError:
+            return PlainTextResponse("Request timeout", 408)
+        values = {k: v for k, v in form.items() if isinstance(v, str)}
+        wait = self.posts.take(client_of(request))
+        if wait:
+            log.info("form_refused site=%s reason=rate_limited", site.id)
+            return self._form(request, site, values, {}, "rate_limited", 429, {"Retry-After": str(math.ceil(wait))})
+        if values.get(HONEYPOT_FIELD):
+            log.info("form_refused site=%s reason=honeypot", site.id)
+            return RedirectResponse(f"/{site.id}/contact/thanks", 303)
+        contact, errors = self.validate(values)
+        token_id = b""
+        if self.tokens is not None:
+            problem, token_id = self.tokens.redeem(site.id, values.get(TOKEN_FIELD, ""),
+                                                   values.get("verification_code", "")[:50])
+            if problem:
+                errors["verification_code"] = problem
+        if errors:
+            log.info("form_refused site=%s reason=invalid fields=%s", site.id, ",".join(sorted(errors)))
+            return self._form(request, site, values, errors, status=400)
+        assert contact is not None  # no errors: validate returned the details
+        if await asyncio.to_thread(self.ingest.disk_low):
+            log.warning("form_refused site=%s reason=disk_low", site.id)
+            return self._form(request, site, values, {}, "unavailable", 503)
+        try:
+            ids = await self.ingest.accept([self.message(site, contact, values["query"], token_id)], "web")
+        except Exception as exc:  # not committed: the customer keeps the page and can send it again
+            log.error("form_failed site=%s %s", site.id, error_fields(exc))
+            return self._form(request, site, values, {}, "unavailable", 503)
+        if not ids[0]:
+            log.info("form_refused site=%s reason=code_reused", site.id)
+            return self._form(request, site, values, {"verification_code": "code_used"}, status=400)
+        return RedirectResponse(f"/{site.id}/contact/thanks", 303)
+
+    def validate(self, values: dict[str, str]) -> tuple[ContactDetails | None, dict[str, str]]:
+        """The customer's details from the form, or the error code of each wrong field."""
+        clean = {name: values.get(name, "").strip() for name in FIELDS}
+        errors = {name: problem for name, rule in FIELDS.items()
+                  if (problem := field_problem(rule, values.get(name, "")))}
+        email = ""
+        if "email" not in errors:
+            try:
+                email = validate_email(clean["email"], check_deliverability=False, allow_smtputf8=False).ascii_email
+            except EmailNotValidError:
+                errors["email"] = "invalid"
+            else:
+                if email.rsplit("@", 1)[0].lower() in SYSTEM_LOCALPARTS:
+                    errors["email"] = "system"  # classify would discard it as automatic mail
+                elif self.ctx.addressing.is_ours(email):
+                    errors["email"] = "ours"
+        for name in ("telephone", "fax"):
+            if name not in errors and clean[name] and not _PHONE.fullmatch(clean[name]):
+                errors[name] = "phone_chars"
+        preferred = values.get("preferred_contact") or "email"
+        if preferred not in PREFERRED:
+            errors["preferred_contact"] = "invalid"
+        elif preferred == "telephone" and not clean["telephone"] and "telephone" not in errors:
+            errors["telephone"] = "phone_needed"
+        if errors:
+            return None, errors
+        address = ", ".join(line.strip() for line in clean["address"].splitlines() if line.strip())
+        return ContactDetails(clean["name"], email, address, clean["telephone"], clean["fax"], clean["company"],
+                              preferred), {}
+
+    def message(self, site: Site, contact: ContactDetails, query: str, token_id: bytes) -> NewMessage:
+        """The submission as a mail to the care address; header values cannot break lines (mail.render)."""
+        draft = Draft(from_name=contact.name, from_address=contact.email, to=(site.care_address,), subject=SUBJECT,
+                      text="\n".join(query.splitlines()).rstrip(), message_id=new_message_id(site.domain))
+        dedupe = self.ctx.keyring.digest(f"form code {token_id.hex()}") if token_id else b""
+        return NewMessage(site.id, Source.WEB, Envelope(contact.email, site.care_address), render(draft),
+                          contact=contact, dedupe=dedupe)
+
+    async def _code(self, request: Request, draw: Callable[[str], bytes], media_type: str) -> Response:
+        site = self.config.site(request.path_params["site"])
+        code = self.tokens.reveal(site.id, request.query_params.get("t", "")) if site and self.tokens else None
+        if code is None:
+            return not_found()
+        if self.renders.take(client_of(request)):
+            return PlainTextResponse("Too many requests", 429)
+        data = await asyncio.get_running_loop().run_in_executor(self.renderer, draw, code)
+        return Response(data, media_type=media_type)
+
+    async def code_image(self, request: Request) -> Response:
+        return await self._code(request, lambda code: self.image.generate(code).getvalue(), "image/png")
+
+    async def code_audio(self, request: Request) -> Response:
+        return await self._code(request, lambda code: bytes(self.audio.generate(code)), "audio/wav")
+
+
+def not_found() -> Response:
+    return PlainTextResponse("Not found", 404)
+
+
+def client_of(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+class SecurityHeaders:
+    """Adds the security headers to every response and a per-response CSP nonce for the inline style."""
+
+    def __init__(self, app: ASGIApp, frame_ancestors: str) -> None:
+        self.app = app
+        self.frame_ancestors = frame_ancestors
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        nonce = secrets.token_urlsafe(16)
+        scope.setdefault("state", {})["csp_nonce"] = nonce
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers["Content-Security-Policy"] = (
+                    f"default-src 'self'; style-src 'nonce-{nonce}'; script-src 'none'; form-action 'self'; "
+                    f"base-uri 'none'; frame-ancestors {self.frame_ancestors}")
+                headers["X-Content-Type-Options"] = "nosniff"
+                headers["Referrer-Policy"] = "no-referrer"
+                headers["Cache-Control"] = "no-store"
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class _Server(uvicorn.Server):
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """The daemon owns SIGTERM and SIGINT; uvicorn stops when WebServer.stop() asks."""
+        yield
+
+
+class WebServer:
+    """The contact form's uvicorn server, running as a task in the daemon's loop."""
+
+    def __init__(self, server: _Server, task: asyncio.Task[None], form: ContactForm) -> None:
+        self._server = server
+        self._task = task
+        self._form = form
+
+    async def stop(self) -> None:
+        self._server.should_exit = True
+        await self._task
+        self._form.renderer.shutdown(wait=False, cancel_futures=True)
+
+
+async def start_web(config: Config, ctx: Context, ingest: Ingest) -> WebServer:
+    """Listen on web.listen (bound before this returns) and serve the contact form."""
+    form = ContactForm(config, ctx, ingest)
+    app = SecurityHeaders(Starlette(routes=form.routes()), config.web.frame_ancestors)
+    host, port = config.web.listen.host, config.web.listen.port
+    sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    server = _Server(uvicorn.Config(
+        app, lifespan="off", log_config=None, access_log=False, server_header=False, http="h11", ws="none",
+        proxy_headers=True, forwarded_allow_ips=TRUSTED_PROXIES, limit_concurrency=500,
+        timeout_graceful_shutdown=10,
+    ))
+    return WebServer(server, asyncio.create_task(server.serve(sockets=[sock])), form)
