@@ -28,6 +28,7 @@ import ssl
 import threading
 import time
 from collections.abc import Coroutine
+from concurrent.futures import Future
 from email.utils import getaddresses, parseaddr
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from careservice.model import Envelope, Source
 from careservice.store import NewMessage
 
 log = logging.getLogger("careservice.imap")
+Pending = tuple[list[int], Future[list[str]]]  # UIDs and their commit in flight
 
 BATCH = 100  # UIDs per FETCH and per commit
 BIG_MESSAGE = 1_000_000  # larger messages are fetched and committed one at a time
@@ -262,44 +264,60 @@ class MailboxWorker:
         small = [u for u in uids if u not in big]
         batches = [small[i:i + BATCH] for i in range(0, len(small), BATCH)]
         batches += [[u] for u in sorted(big.difference(too_large))]
-        for batch in batches:
+        pending: Pending | None = None
+        for batch in batches:  # batch k is fetched while batch k-1 commits and deleted while batch k commits
             if self._stop.is_set():
                 break
-            removed += self._take(client, batch, uidplus)
-        return removed
+            fetched = self._fetch(client, batch)
+            committed = self._committed(pending)
+            pending = self._submit(fetched)
+            removed += self._delete(client, committed, uidplus)
+        return removed + self._delete(client, self._committed(pending), uidplus)
 
-    def _take(self, client: IMAPClient, uids: list[int], uidplus: bool) -> int:
-        """Fetch, commit, and only then delete one batch."""
-        if self.ingest.disk_low():
-            raise MailboxProblem("disk_low")
+    def _fetch(self, client: IMAPClient, uids: list[int]) -> list[tuple[int, NewMessage]]:
         fetched = client.fetch(uids, ["BODY.PEEK[]"])
-        taken, messages = [], []
+        out = []
         for uid in uids:
             raw = fetched.get(uid, {}).get(b"BODY[]")
             if raw is None:  # expunged meanwhile by another client
                 continue
             digest, mail_from = dedupe_key(self.keyring, self.site.id, raw)
-            messages.append(NewMessage(self.site.id, Source.IMAP, Envelope(mail_from, self.site.care_address), raw,
-                                       dedupe=digest))
-            taken.append(uid)
-        if not taken:
-            return 0
+            out.append((uid, NewMessage(self.site.id, Source.IMAP, Envelope(mail_from, self.site.care_address), raw,
+                                        dedupe=digest)))
+        return out
+
+    def _submit(self, fetched: list[tuple[int, NewMessage]]) -> Pending | None:
+        """Start committing `fetched` on the event loop; the caller waits in `_committed`."""
+        if not fetched:
+            return None
+        if self.ingest.disk_low():
+            raise MailboxProblem("disk_low")
+        coro = self.ingest.accept([m for _, m in fetched], "imap")
+        return [uid for uid, _ in fetched], asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def _committed(self, pending: Pending | None) -> list[int]:
+        """Wait for a commit; returns its UIDs, which may now be deleted."""
+        if pending is None:
+            return []
+        uids, future = pending
         try:
-            ids = self._call(self.ingest.accept(messages, "imap"))
+            ids = future.result()
         except Exception as exc:
             raise MailboxProblem("intake_failed") from exc
         _crash_point("commit")
-        self._delete(client, taken, uidplus)
-        log.info("imap_taken mailbox=%s messages=%d duplicates=%d", self.box.name, len(taken), ids.count(""))
-        return len(taken)
+        log.info("imap_taken mailbox=%s messages=%d duplicates=%d", self.box.name, len(uids), ids.count(""))
+        return uids
 
-    def _delete(self, client: IMAPClient, uids: list[int], uidplus: bool) -> None:
+    def _delete(self, client: IMAPClient, uids: list[int], uidplus: bool) -> int:
+        if not uids:
+            return 0
         client.add_flags(uids, [DELETED], silent=True)
         _crash_point("flag")
         if uidplus:
             client.uid_expunge(uids)
         else:
             client.expunge()
+        return len(uids)
 
     def _quarantine(self, client: IMAPClient, uids: list[int]) -> int:
         folder = self.box.quarantine_folder
