@@ -10,8 +10,10 @@ its own savepoint, and resolves the callers' futures only after COMMIT.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
+import os
 import queue
 import secrets
 import sqlite3
@@ -151,6 +153,7 @@ class Store:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._open_error: BaseException | None = None
+        self._write_lock = -1  # flock()ed around each transaction: the intake and worker processes share the files
 
     # ----- lifecycle and the writer thread -----
 
@@ -179,6 +182,7 @@ class Store:
     def _run(self) -> None:
         try:
             conn = _connect(self.data_dir)
+            self._write_lock = os.open(self.data_dir / "write.lock", os.O_RDWR | os.O_CREAT, 0o600)
         except (sqlite3.Error, OSError) as exc:
             self._open_error = exc
             self._ready.set()
@@ -202,9 +206,11 @@ class Store:
             self._commit_batch(conn, batch)
         _checkpoint(conn)
         conn.close()
+        os.close(self._write_lock)
 
     def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         results: list[Any] = []
+        fcntl.flock(self._write_lock, fcntl.LOCK_EX)  # the kernel queues writers; SQLite's busy wait sleeps
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
@@ -224,6 +230,8 @@ class Store:
         else:
             if any(op.checkpoint for op in batch):
                 _checkpoint(conn)
+        finally:
+            fcntl.flock(self._write_lock, fcntl.LOCK_UN)
         for op, result in zip(batch, results, strict=True):
             op.loop.call_soon_threadsafe(_resolve, op.future, result)
 

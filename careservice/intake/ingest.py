@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from careservice.store import NewMessage, Store
 
 log = logging.getLogger("careservice.intake")
+DISK_CHECK_INTERVAL = 0.25
 
 
 class Ingest:
@@ -20,10 +22,16 @@ class Ingest:
         self.min_free_bytes = min_free_bytes
         self.on_commit = on_commit
         self.clock = clock
+        self._disk_checked = -DISK_CHECK_INTERVAL
+        self._disk_low = False
 
     def disk_low(self) -> bool:
-        """True when free space under data_dir is below the configured floor."""
-        return shutil.disk_usage(self.data_dir).free < self.min_free_bytes
+        """True when free space under data_dir is below the configured floor (re-read at most 4x a second)."""
+        now = time.monotonic()
+        if now - self._disk_checked > DISK_CHECK_INTERVAL:
+            self._disk_low = shutil.disk_usage(self.data_dir).free < self.min_free_bytes
+            self._disk_checked = now
+        return self._disk_low
 
     async def accept(self, messages: list[NewMessage], source: str) -> list[str]:
         """Commit `messages` in one transaction; returns ids ('' = duplicate). Raises if not committed."""

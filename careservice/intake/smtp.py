@@ -36,7 +36,7 @@ class SmtpHandler:
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
-        if await asyncio.to_thread(self.ingest.disk_low):
+        if self.ingest.disk_low():
             log.warning("intake_refused reason=disk_low")
             return REPLY_NO_SPACE
         envelope.mail_from = address
