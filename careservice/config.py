@@ -53,6 +53,7 @@ class RelayConfig:
     password_file: str
     timeout: float
     connections: int
+    ca_file: str  # extra CA bundle to trust for the relay's certificate ("" = system CAs only)
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ def _relay(t: _Table, base: Path) -> RelayConfig:
         url=url, scheme=scheme, host=host, port=port, maildir=maildir, retry_delays=tuple(delays),
         give_up_after=t.positive("give_up_after", 432000), username=t.get("username", str, ""),
         password_file=t.get("password_file", str, ""), timeout=float(t.positive("timeout", 60)),
-        connections=t.positive("connections", 4),
+        connections=t.positive("connections", 4), ca_file=t.get("ca_file", str, ""),
     )
 
 

@@ -64,7 +64,7 @@ class Relay:
         client = aiosmtplib.SMTP(
             hostname=self.config.host, port=self.config.port, timeout=self.config.timeout,
             use_tls=self.config.scheme == "smtps", start_tls=self.config.scheme == "smtp+starttls",
-            tls_context=ssl.create_default_context(),
+            tls_context=ssl.create_default_context(cafile=self.config.ca_file or None),
         )
         results: list[Refusal | None] = []
         try:
