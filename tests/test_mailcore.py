@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import smtplib
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.support import CARE, STAFF, CaptureRelay, Daemon, customer_mail, files_containing, send, wait_for
+from tests.support import (
+    CARE,
+    STAFF,
+    CaptureRelay,
+    Daemon,
+    customer_mail,
+    files_containing,
+    send,
+    wait_for,
+    write_config,
+)
 
 
 def test_mail_is_forwarded_and_acknowledged(daemon: Daemon, relay: CaptureRelay) -> None:
@@ -118,3 +130,32 @@ def test_check_keygen_and_missing_config(tmp_path: Path, config: Path) -> None:
     assert again.returncode == 1 and "not overwriting" in again.stderr
     missing = run_cli("check", "--config", str(tmp_path / "nope.toml"))
     assert missing.returncode == 2 and "config: file not found" in missing.stderr
+
+
+def test_dead_relay_gets_one_probe_per_interval(tmp_path: Path) -> None:
+    """A relay that drops every connection: the queue probes it once per retry interval, not per mail."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(50)
+    listener.settimeout(0.2)
+    connections: list[float] = []
+    config = write_config(tmp_path, listener.getsockname()[1], retry_delays="[2]")
+    proc = Daemon(config).start()
+    try:
+        for i in range(4):
+            send(proc.smtp_port, "alice@customer.example", [CARE], customer_mail(f"Case {i}", "text"))
+        deadline = time.monotonic() + 7
+        while time.monotonic() < deadline:
+            try:
+                listener.accept()[0].close()
+                connections.append(time.monotonic())
+            except TimeoutError:
+                pass
+        assert proc.status()["outbound_queued"] == 8
+    finally:
+        proc.stop()
+        listener.close()
+    # the first round may open one connection per parallel sender; after that, one probe per 2 s interval
+    # (8 mails queued: per-mail retries would make 8 connections per interval)
+    later = [t - connections[0] for t in connections if t - connections[0] > 1.0]
+    assert connections and len(later) <= 4, later
