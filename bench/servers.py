@@ -1,0 +1,489 @@
+"""Everything a benchmark measures or sends to, each on 127.0.0.1 and stopped by its owner.
+
+PySink: aiosmtpd answering 250 to everything in its own process (the bare-handler baseline, or a
+relay that notes when each forward, ack and answer arrived). CSink: Postfix's smtp-sink (C), the
+cheapest relay. Postfix: a private Postfix instance, queue on disk, discard transport.
+BenchDaemon: `careservice run` as a subprocess with a generated config, its log read as it is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from multiprocessing.queues import Queue
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.smtp import SMTP
+
+from bench.load import WORKER_CONTEXT
+from bench.procstat import cpu_seconds, rss_bytes
+from tests.support import CARE, STAFF, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+START_TIMEOUT = 30.0
+MAX_MESSAGE = 1_000_000
+_TOKEN = re.compile(rb"ref (\d{8})")
+_REPLY_CASE = re.compile(rb"care\+([0-9a-f]{12})\.")
+_CUSTOMER = re.compile(r"customer(\d{8})@")
+
+
+def wait_port(port: int, alive: Any = None, timeout: float = START_TIMEOUT) -> None:
+    """Wait until something listens on 127.0.0.1:`port`; `alive()` False means it died trying."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            raise RuntimeError(f"server for port {port} exited while starting")
+        try:
+            socket.create_connection((HOST, port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listening on {HOST}:{port} after {timeout} s")
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Server:
+    """start() / stop() and a `with` block that stops whatever started."""
+
+    port: int
+
+    def start(self) -> Server:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+# ----- the Python sink -----
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One message at the PySink: when (monotonic), what, for which customer message and case."""
+
+    t: float
+    kind: str  # forward | ack | answer | notice
+    index: int  # the customer message's index ("ref <i>" / customer<i>@), -1 if none
+    case_id: str
+    raw: bytes  # forwards only, when the sink keeps them
+
+
+def _arrival(t: float, rcpts: list[str], raw: bytes, keep_forwards: bool) -> Arrival:
+    head = raw[: raw.find(b"\r\n\r\n")]
+    customer = next((m for m in map(_CUSTOMER.search, rcpts) if m), None)
+    if customer:
+        kind = "ack" if b"\nauto-submitted:" in head.lower() else "answer"
+        return Arrival(t, kind, int(customer.group(1)), "", b"")
+    case, token = _REPLY_CASE.search(head), _TOKEN.search(head)
+    if case is None:
+        return Arrival(t, "notice", -1, "", b"")
+    return Arrival(t, "forward", int(token.group(1)) if token else -1, case.group(1).decode(),
+                   raw if keep_forwards else b"")
+
+
+class _SinkHandler:
+    def __init__(self, arrivals: Queue[Arrival | None] | None, keep_forwards: bool) -> None:
+        self.arrivals = arrivals
+        self.keep_forwards = keep_forwards
+
+    async def handle_DATA(self, server: SMTP, session: object, envelope: Any) -> str:
+        if self.arrivals is not None:
+            self.arrivals.put(_arrival(time.monotonic(), envelope.rcpt_tos, envelope.original_content,
+                                       self.keep_forwards))
+        return "250 2.0.0 OK"
+
+
+def _serve_sink(port: int, arrivals: Queue[Arrival | None] | None, keep_forwards: bool, ready: Any) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        handler = _SinkHandler(arrivals, keep_forwards)
+        server = await loop.create_server(
+            lambda: SMTP(handler, hostname="sink.bench.localhost", data_size_limit=MAX_MESSAGE * 2,
+                         enable_SMTPUTF8=True), HOST, port)
+        ready.set()
+        await stop.wait()
+        server.close()
+        await server.wait_closed()
+        if arrivals is not None:
+            arrivals.put(None)
+
+    asyncio.run(main())
+
+
+class PySink(Server):
+    """aiosmtpd in its own process answering 250 without storing; with `record`, arrivals are collected."""
+
+    def __init__(self, record: bool = False, keep_forwards: bool = False) -> None:
+        self.port = free_port()
+        self.record = record
+        self.keep_forwards = keep_forwards
+        self.arrivals: list[Arrival] = []
+        self._lock = threading.Lock()
+        self._queue: Queue[Arrival | None] | None = WORKER_CONTEXT.Queue() if record else None
+        self._proc: Any = None
+        self._collector: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def start(self) -> PySink:
+        ready = WORKER_CONTEXT.Event()
+        self._proc = WORKER_CONTEXT.Process(target=_serve_sink, args=(self.port, self._queue, self.keep_forwards,
+                                                                      ready), daemon=True)
+        self._proc.start()
+        if self._queue is not None:
+            self._collector = threading.Thread(target=self._collect, daemon=True)
+            self._collector.start()
+        if not ready.wait(START_TIMEOUT):
+            self.stop()
+            raise RuntimeError("sink did not start")
+        return self
+
+    def _collect(self) -> None:
+        assert self._queue is not None
+        while (item := self._queue.get()) is not None:
+            with self._lock:
+                self.arrivals.append(item)
+
+    def taken(self, kind: str) -> list[Arrival]:
+        with self._lock:
+            return [a for a in self.arrivals if a.kind == kind]
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        self._proc.join(30)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(10)
+            if self._queue is not None:
+                self._queue.put(None)
+        if self._collector is not None:
+            self._collector.join(10)
+        self._proc = None
+
+
+# ----- Postfix's C programs -----
+
+
+def postfix_binary(name: str) -> str | None:
+    return shutil.which(name) or next((p for p in (f"/usr/sbin/{name}",) if os.access(p, os.X_OK)), None)
+
+
+def ensure_postfix() -> str:
+    """Install Debian's postfix when missing and root (without starting a system instance); "" or why not."""
+    if postfix_binary("postfix"):
+        return ""
+    if os.geteuid() != 0:
+        return "postfix not installed (and not root to install it)"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["debconf-set-selections"], input=b"postfix postfix/main_mailer_type select No configuration\n",
+                   check=False, capture_output=True)
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "postfix"]
+    print("bench: installing postfix (apt-get) ...", flush=True)
+    if subprocess.run(install, env=env, capture_output=True, check=False).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=False)
+        if subprocess.run(install, env=env, capture_output=True, check=False).returncode != 0:
+            return "apt-get install postfix failed"
+    if subprocess.run(["postfix", "status"], capture_output=True, check=False).returncode == 0:
+        subprocess.run(["postfix", "stop"], capture_output=True, check=False)  # the package's system instance
+    return "" if postfix_binary("postfix") else "postfix not found after install"
+
+
+class CSink(Server):
+    """Postfix's smtp-sink: accepts and forgets every message, in C, one process."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return postfix_binary("smtp-sink") is not None
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    def start(self) -> CSink:
+        binary = postfix_binary("smtp-sink")
+        assert binary is not None
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        self._proc = subprocess.Popen([binary, *user, "-h", "sink.bench.localhost", f"{HOST}:{self.port}", "256"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port, lambda: self._proc is not None and self._proc.poll() is None)
+        return self
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            _stop_process(self._proc)
+            self._proc = None
+
+
+def relay_sink() -> Server:
+    """The cheapest relay available: smtp-sink, else a PySink."""
+    return CSink() if CSink.available() else PySink()
+
+
+MASTER_CF = """\
+{listen} inet n - n - - smtpd
+cleanup   unix  n - n - 0 cleanup
+qmgr      unix  n - n 300 1 qmgr
+rewrite   unix  - - n - - trivial-rewrite
+bounce    unix  - - n - 0 bounce
+defer     unix  - - n - 0 bounce
+trace     unix  - - n - 0 bounce
+verify    unix  - - n - 1 verify
+flush     unix  n - n 1000? 0 flush
+proxymap  unix  - - n - - proxymap
+showq     unix  n - n - - showq
+error     unix  - - n - - error
+retry     unix  - - n - - error
+discard   unix  - - n - - discard
+anvil     unix  - - n - 1 anvil
+scache    unix  - - n - 1 scache
+postlog   unix-dgram n - n - 1 postlogd
+"""
+
+MAIN_CF = """\
+compatibility_level = 3.6
+queue_directory = {root}/queue
+data_directory = {root}/data
+maillog_file = {root}/postfix.log
+maillog_file_prefixes = {root}
+myhostname = postfix.bench.localhost
+mydestination = {domain}
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+local_recipient_maps =
+local_transport = discard
+default_transport = discard
+relay_transport = discard
+alias_maps =
+alias_database =
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+biff = no
+message_size_limit = {size}
+"""
+
+
+class Postfix(Server):
+    """A private Postfix (own config and queue directories, own port): queue to disk with fsync, then discard."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.conf = root / "conf"
+
+    @staticmethod
+    def unavailable() -> str:
+        """Why a Postfix instance cannot run here ("" = it can)."""
+        if os.geteuid() != 0:
+            return "needs root"
+        return "" if postfix_binary("postfix") else "postfix not installed"
+
+    @property
+    def pid(self) -> int:
+        return int((self.root / "queue" / "pid" / "master.pid").read_text().split()[0])
+
+    def start(self) -> Postfix:
+        self.conf.mkdir(parents=True, exist_ok=True)
+        (self.root / "queue").mkdir(exist_ok=True)
+        (self.root / "data").mkdir(exist_ok=True)
+        self.root.chmod(0o755)
+        shutil.chown(self.root / "data", "postfix")
+        (self.conf / "main.cf").write_text(MAIN_CF.format(root=self.root, domain=CARE.split("@")[1],
+                                                          size=MAX_MESSAGE * 2))
+        (self.conf / "master.cf").write_text(MASTER_CF.format(listen=f"{HOST}:{self.port}"))
+        done = subprocess.run(["postfix", "-c", str(self.conf), "start"], capture_output=True, check=False,
+                              timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"postfix start failed: {done.stderr.decode(errors='replace')[-300:]}")
+        wait_port(self.port)
+        return self
+
+    def delivered(self) -> int:
+        """Messages the discard agent has disposed of so far."""
+        log = self.root / "postfix.log"
+        return log.read_bytes().count(b"status=sent") if log.exists() else 0
+
+    def stop(self) -> None:
+        if not (self.root / "queue" / "pid" / "master.pid").exists():
+            return
+        master = self.pid
+        subprocess.run(["postfix", "-c", str(self.conf), "stop"], capture_output=True, check=False, timeout=60)
+        deadline = time.monotonic() + 30
+        while alive(master) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+# ----- careservice -----
+
+
+def write_config(root: Path, relay_port: int) -> tuple[Path, int]:
+    """A production-like config (INFO logs, one site, one staff address) on free loopback ports."""
+    smtp_port, web_port = free_port(), free_port()
+    path = root / "config.toml"
+    path.write_text(f"""
+[service]
+data_dir = "data"
+templates_dir = "{REPO / 'templates'}"
+log_level = "INFO"
+[security]
+master_key_file = "data/master.key"
+[smtp]
+listen = "{HOST}:{smtp_port}"
+hostname = "care.bench.localhost"
+max_message_bytes = {MAX_MESSAGE}
+[relay]
+url = "smtp://{HOST}:{relay_port}"
+retry_delays = [1]
+timeout = 30
+[web]
+listen = "{HOST}:{web_port}"
+verification = "off"
+[[sites]]
+id = "ticketnest"
+name = "TicketNest"
+domain = "{CARE.split('@')[1]}"
+care_address = "{CARE}"
+staff = ["{STAFF}"]
+""")
+    return path, smtp_port
+
+
+class LogWatch:
+    """Reads the daemon's log lines as they come; counts deliveries and notes when answers' purges committed."""
+
+    _DELIVERED = re.compile(rb"mail_delivered case=(\w+) kind=(\w+)")
+    _COMMITTED = re.compile(rb"inbound_committed \S+ cases=(\S+)")
+    _EVENT = re.compile(rb" (ERROR|WARNING) (\S+) (\S+)")
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.delivered: Counter[str] = Counter()
+        self.last: dict[str, float] = {}  # kind -> when the latest delivery line was read
+        self.answer_purged: dict[str, float] = {}  # case id -> when its answer's purge was logged
+        self.committed = 0  # inbound messages the daemon logged as committed
+        self.problems: Counter[str] = Counter()
+        self.tail: deque[str] = deque(maxlen=30)
+
+    def feed(self, line: bytes, t: float) -> None:
+        self.tail.append(line.decode(errors="replace").rstrip())
+        if m := self._DELIVERED.search(line):
+            kind = m.group(2).decode()
+            with self.cond:
+                self.delivered[kind] += 1
+                self.last[kind] = t
+                if kind == "answer":
+                    self.answer_purged[m.group(1).decode()] = t
+                self.cond.notify_all()
+        elif m := self._COMMITTED.search(line):
+            self.committed += m.group(1).count(b",") + 1
+        elif m := self._EVENT.search(line):
+            self.problems[f"{m.group(1).decode()} {m.group(3).decode()}"] += 1
+
+    def wait(self, want: dict[str, int], timeout: float) -> bool:
+        """Until at least `want[kind]` deliveries of each kind were logged; False after `timeout`."""
+        with self.cond:
+            return self.cond.wait_for(lambda: all(self.delivered[k] >= n for k, n in want.items()), timeout)
+
+
+class BenchDaemon(Server):
+    """`python -m careservice run` on a generated config in `root`, relaying to `relay_port`."""
+
+    def __init__(self, root: Path, relay_port: int, env: dict[str, str] | None = None) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.config, self.port = write_config(root, relay_port)
+        self.env = env or {}
+        self.log = LogWatch()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    def start(self) -> BenchDaemon:
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "careservice", "run", "--config", str(self.config)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=self.root,
+            env={**os.environ, "PYTHONPATH": path, **self.env},
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        try:
+            wait_port(self.port, lambda: self._proc is not None and self._proc.poll() is None)
+        except RuntimeError:
+            self.stop()
+            raise RuntimeError("careservice did not start: " + " | ".join(list(self.log.tail)[-5:])) from None
+        return self
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stderr is not None
+        for line in self._proc.stderr:
+            self.log.feed(line, time.monotonic())
+
+    def cpu(self) -> float:
+        """CPU seconds of the daemon and its worker processes."""
+        return cpu_seconds(self.pid, tree=True)
+
+    def rss(self) -> int:
+        """Resident memory of the daemon and its worker processes together."""
+        return rss_bytes(self.pid, tree=True)
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            _stop_process(self._proc)
+            self._proc = None
+        if self._reader is not None:
+            self._reader.join(10)
+            self._reader = None
