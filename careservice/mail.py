@@ -6,7 +6,6 @@ import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from email import policy
 from email.charset import QP, Charset
 from email.header import Header
 from email.message import EmailMessage, Message
@@ -14,7 +13,7 @@ from email.mime.application import MIMEApplication
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.parser import BytesParser
-from email.policy import EmailPolicy
+from email.policy import Compat32, EmailPolicy
 from email.utils import format_datetime, formataddr, getaddresses, localtime
 from typing import Any
 
@@ -32,7 +31,18 @@ _MSGID = re.compile(r"<([^<>\s]{1,250})>")
 _HEADER_END = re.compile(rb"(?>\r\n|\r|\n)(?>\r\n|\r|\n)")
 _LINE = re.compile(rb"(?>\r\n|\r|\n)(?![ \t])")
 _TAG = re.compile(r"<[^<>]{0,2000}>")  # [^<>], not [^>]: linear on "<<<<..."
-_OUTGOING = policy.compat32.clone(linesep="\r\n")
+
+
+class _OutgoingPolicy(Compat32):
+    """compat32 with CRLF; short ASCII header lines skip the (costly) folding machinery unchanged."""
+
+    def fold_binary(self, name: str, value: Any) -> bytes:
+        if isinstance(value, str) and value.isascii() and len(name) + 2 + len(value) <= self.max_line_length:
+            return f"{name}: {value}{self.linesep}".encode("ascii")
+        return super().fold_binary(name, value)
+
+
+_OUTGOING = _OutgoingPolicy(linesep="\r\n")
 _UTF8_QP = Charset("utf-8")
 _UTF8_QP.body_encoding = QP  # readable in any client, and no line over 76 characters
 

@@ -53,6 +53,7 @@ class Relay:
     def __init__(self, config: RelayConfig, password: str) -> None:
         self.config = config
         self.password = password
+        self.tls = ssl.create_default_context(cafile=config.ca_file or None)  # built once: loading CAs is slow
 
     async def send_all(self, items: list[QueuedMail]) -> list[Refusal | None]:
         if self.config.maildir is not None:
@@ -64,7 +65,7 @@ class Relay:
         client = aiosmtplib.SMTP(
             hostname=self.config.host, port=self.config.port, timeout=self.config.timeout,
             use_tls=self.config.scheme == "smtps", start_tls=self.config.scheme == "smtp+starttls",
-            tls_context=ssl.create_default_context(cafile=self.config.ca_file or None),
+            tls_context=self.tls,
         )
         results: list[Refusal | None] = []
         try:
