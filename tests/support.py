@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import random
 import signal
 import smtplib
 import socket
@@ -23,9 +24,16 @@ WAIT = 20.0
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A bindable port below the kernel's ephemeral range, so no outgoing connection takes it meanwhile."""
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = WAIT, what: str = "condition") -> None:
