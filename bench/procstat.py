@@ -15,26 +15,20 @@ def _stat_fields(pid: int) -> list[str]:
     return text[text.rindex(")") + 2:].split()  # the command name may hold spaces and ")"
 
 
-def children(pid: int) -> list[int]:
-    """Direct children of `pid`."""
-    found = []
+def family(pid: int) -> list[int]:
+    """`pid` and all its live descendants (one pass over /proc)."""
+    kids: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if int(_stat_fields(int(entry))[1]) == pid:
-                    found.append(int(entry))
+                kids.setdefault(int(_stat_fields(int(entry))[1]), []).append(int(entry))
             except (OSError, IndexError, ValueError):
                 continue
-    return found
-
-
-def family(pid: int) -> list[int]:
-    """`pid` and all its live descendants."""
     pids, found = [pid], []
     while pids:
         current = pids.pop()
         found.append(current)
-        pids.extend(children(current))
+        pids.extend(kids.get(current, []))
     return found
 
 

@@ -80,7 +80,7 @@ def write_json(path: Path, rows: list[Row], settings: dict[str, Any]) -> None:
 
 
 BAR_W, LABEL_W, ROW_H = 300, 330, 18
-COLORS = {"careservice": "#1f6feb"}
+COLORS = {"careservice": "#1f6feb", "postfix": "#d97706"}
 
 
 def write_svg(path: Path, rows: list[Row], title: str) -> None:
@@ -91,7 +91,7 @@ def write_svg(path: Path, rows: list[Row], title: str) -> None:
         top = max((r.value or 0 for r in group), default=0) or 1
         slowest = max((r.p99_ms or r.p50_ms or 0 for r in group), default=0) or 1
         parts.append(f'<text x="10" y="{y}" font-weight="bold">{escape(scenario)}</text>')
-        parts.append(f'<text x="{LABEL_W}" y="{y}" fill="#555">throughput (bar scale: {_num(top)})</text>'
+        parts.append(f'<text x="{LABEL_W}" y="{y}" fill="#555">throughput</text>'
                      f'<text x="{LABEL_W + BAR_W + 120}" y="{y}" fill="#555">latency p50 / p99 ms</text>')
         y += 8
         for r in group:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import itertools
 import sqlite3
 import statistics
 import tempfile
@@ -108,9 +109,11 @@ def _intake_server(target: str) -> Iterator[_Target]:
             yield _Target(postfix.port, lambda: Meter(postfix.pid, tree=True))
 
 
-def _intake_run(server: _Target, size: int, conc: int, per_conn: int, s: Settings) -> tuple[LoadResult, str]:
+def _intake_run(server: _Target, size: int, conc: int, per_conn: int, s: Settings, first: int) -> tuple[LoadResult,
+                                                                                                          str]:
+    """One measured run (after its warm-up); careservice then drains its outbox so runs do not overlap."""
     job = Job(server.port, CustomerMails(size), s.intake_count[size], conc, per_conn, s.intake_seconds,
-              first=s.warmup, warmup=s.warmup)
+              first=first + s.warmup, warmup=s.warmup)
     before = server.daemon.log.committed if server.daemon else 0
     result = send_until_fast(job, server.meter())
     if server.daemon is None:
@@ -119,8 +122,9 @@ def _intake_run(server: _Target, size: int, conc: int, per_conn: int, s: Setting
     deadline = time.monotonic() + 5
     while log.committed < accepted and time.monotonic() < deadline:  # the log pipe may lag a little
         time.sleep(0.05)
-    return result, f"committed {log.committed - before} < accepted {accepted - before}" if log.committed < accepted \
-        else ""
+    _drain(server.daemon, log.committed, "intake run")
+    return result, f"committed {log.committed - before} < accepted {accepted - before}" \
+        if log.committed < accepted else ""
 
 
 def _median_row(scenario: str, case: str, target: str, results: list[LoadResult], unit: str) -> Row:
@@ -147,8 +151,10 @@ def intake(s: Settings, log: Log) -> list[Row]:
     notes: dict[tuple[int, int, int, str], str] = {}
     configs = [(size, conc, per_conn) for size in SIZES for conc, per_conn in SHAPES]
 
+    offsets = itertools.count(0, 100_000)  # every run its own customers (acks are limited per address)
+
     def measure(server: _Target, target: str, size: int, conc: int, per_conn: int, rep: int) -> None:
-        result, note = _intake_run(server, size, conc, per_conn, s)
+        result, note = _intake_run(server, size, conc, per_conn, s, next(offsets))
         runs[(size, conc, per_conn, target)].append(result)
         if note:
             notes[(size, conc, per_conn, target)] = note
