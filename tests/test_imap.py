@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from imapclient import DELETED
 
-from careservice.intake.imap import CRASH_ENV
+from careservice.intake.imap import BATCH, CRASH_ENV
 from tests.dovecot import DovecotServer
 from tests.support import STAFF, CaptureRelay, Daemon, customer_mail, staff_reply, wait_for, write_config
 
@@ -61,6 +63,30 @@ def wait_idle(daemon: Daemon, dovecot: DovecotServer) -> None:
 def maildir_files(dovecot: DovecotServer, folder: str = "") -> list[Path]:
     base = dovecot.maildir / folder if folder else dovecot.maildir
     return [p for sub in ("new", "cur") for p in (base / sub).iterdir()] if base.exists() else []
+
+
+def deliver_files(dovecot: DovecotServer, raws: list[bytes]) -> None:
+    """Deliver straight into the Maildir (tmp/, then rename into new/), as a local delivery agent does."""
+    dovecot.count()  # the first SELECT creates the Maildir
+    owner = dovecot.maildir.parent.stat()
+    for sub in ("tmp", "new", "cur"):
+        (dovecot.maildir / sub).mkdir(exist_ok=True)
+    for i, raw in enumerate(raws):
+        name = f"1700000000.M{i}P{os.getpid()}.test"
+        tmp = dovecot.maildir / "tmp" / name
+        tmp.write_bytes(raw)
+        os.chown(tmp, owner.st_uid, owner.st_gid)
+        tmp.rename(dovecot.maildir / "new" / name)
+
+
+def taken(daemon: Daemon) -> tuple[int, int]:
+    """Messages committed from IMAP according to the log, and how many of them were duplicates."""
+    found = re.findall(r"imap_taken mailbox=\S+ messages=(\d+) duplicates=(\d+)", daemon.log.read_text())
+    return sum(int(m) for m, _ in found), sum(int(d) for _, d in found)
+
+
+def many(n: int, tag: str) -> list[bytes]:
+    return [customer_mail(f"{tag} {i}", f"text {i}", sender=f"c{i}@customer.example") for i in range(n)]
 
 
 def forwards(relay: CaptureRelay, subject: str) -> list[str]:
@@ -204,5 +230,30 @@ def test_polling_and_plain_expunge_without_idle_or_uidplus(tmp_path: Path, relay
         wait_for(lambda: forwards(relay, "Polled second"), what="second forward")
         wait_for(lambda: dovecot.count() == 0, what="mailbox empty")
         assert "idle=False uidplus=False" in daemon.log.read_text()
+    finally:
+        daemon.stop()
+
+
+def test_several_batches_are_taken_exactly_once(svc: Daemon, dovecot: DovecotServer) -> None:
+    deliver_files(dovecot, many(2 * BATCH + 50, "Batch"))
+    svc.start()
+    wait_for(lambda: maildir_files(dovecot) == [], what="mailbox drained")
+    assert taken(svc) == (2 * BATCH + 50, 0)
+    assert "sessions=2" in svc.log.read_text()  # deletes ran on the second session
+
+
+def test_server_allowing_one_session_deletes_in_turn(tmp_path: Path, relay: CaptureRelay,
+                                                     dovecot: DovecotServer) -> None:
+    dovecot.stop()
+    with dovecot.config.open("a") as conf:
+        conf.write("protocol imap {\n  mail_max_userip_connections = 1\n}\n")
+    dovecot.start()
+    deliver_files(dovecot, many(BATCH + 20, "One session"))
+    daemon = Daemon(imap_config(tmp_path / "svc", relay, dovecot)).start()
+    try:
+        wait_for(lambda: maildir_files(dovecot) == [], what="mailbox drained")
+        assert taken(daemon) == (BATCH + 20, 0)
+        log = daemon.log.read_text()
+        assert "imap_single_session mailbox=" in log and "sessions=1" in log
     finally:
         daemon.stop()

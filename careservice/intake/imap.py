@@ -3,9 +3,11 @@
 A pass takes everything in the folder: SEARCH ALL (flagged or not), move messages larger than
 smtp.max_message_bytes to the quarantine folder, FETCH the rest in batches (BODY.PEEK[]), commit each
 batch through `Ingest.accept`, and only then STORE \\Deleted and UID EXPUNGE (EXPUNGE without
-UIDPLUS). Between passes the worker IDLEs when the server offers it, else it polls every
-poll_seconds. Nothing depends on UIDs across sessions, so a UIDVALIDITY change needs no recovery: a
-message committed before a crash is taken again, recognised by its keyed digest, and only expunged.
+UIDPLUS). The three overlap: while batch k is fetched, batch k-1 commits and batch k-2 is deleted
+on a second session (or, if the server refuses one, in turn on the first). Between passes the
+worker IDLEs when the server offers it, else it polls every poll_seconds. Nothing depends on UIDs
+across sessions, so a UIDVALIDITY change needs no recovery: a message committed before a crash is
+taken again, recognised by its keyed digest, and only expunged.
 
 The envelope sender of a message read over IMAP is its Return-Path header (written by the delivering
 server; `<>` marks a bounce), or else its From address, so mail appended without a Return-Path is
@@ -27,8 +29,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Coroutine
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from email.utils import getaddresses, parseaddr
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,54 @@ def _crash_point(point: str) -> None:
         os._exit(137)
 
 
+def expunge(client: IMAPClient, uids: list[int], uidplus: bool) -> int:
+    """Flag `uids` \\Deleted and expunge them (only ever called for committed or quarantined mail)."""
+    client.add_flags(uids, [DELETED], silent=True)
+    _crash_point("flag")
+    if uidplus:
+        client.uid_expunge(uids)
+    else:
+        client.expunge()
+    return len(uids)
+
+
+class Deleter:
+    """Deletes committed batches; on a second session of its own, in a pool thread beside the next FETCH."""
+
+    def __init__(self, client: IMAPClient, uidplus: bool, pool: ThreadPoolExecutor | None) -> None:
+        self.client = client
+        self.uidplus = uidplus
+        self.pool = pool  # None: the worker's own session deletes, in turn with fetching
+        self._running: Future[int] | None = None
+        self._deleted = 0
+
+    def delete(self, uids: list[int]) -> None:
+        """Delete `uids` once the previous batch is deleted (an error from that one is raised here)."""
+        self._wait()
+        if not uids:
+            return
+        if self.pool is None:
+            self._deleted += expunge(self.client, uids, self.uidplus)
+        else:
+            self._running = self.pool.submit(expunge, self.client, uids, self.uidplus)
+
+    def finish(self) -> int:
+        """Wait for the batch in flight; returns how many messages were deleted since the last call."""
+        self._wait()
+        deleted, self._deleted = self._deleted, 0
+        return deleted
+
+    def reselect(self, folder: str) -> None:
+        """Keep the second session alive and its view current (SELECT also drops kept responses)."""
+        if self.pool is not None:
+            self.client.select_folder(folder)
+
+    def _wait(self) -> None:
+        if self._running is not None:
+            running, self._running = self._running, None
+            self._deleted += running.result()
+
+
 class MailboxWorker:
     """Drains one mailbox in its own thread until `stop()`; reconnects with exponential backoff."""
 
@@ -130,7 +179,7 @@ class MailboxWorker:
         self.loop = loop
         self.thread = threading.Thread(target=self._run, name=f"imap-{box.name}", daemon=True)
         self._stop = threading.Event()
-        self._client: IMAPClient | None = None
+        self._clients: list[IMAPClient] = []  # this session's connections
         self._problem: str | None = None  # None until the first health record
         self._failures = 0
         self._delay = BACKOFF_FIRST
@@ -140,18 +189,15 @@ class MailboxWorker:
         self._stop.set()
 
     def interrupt(self) -> None:
-        """Break a blocking socket call (used when the worker did not stop within the grace time)."""
-        client = self._client
-        if client is not None:
+        """Break blocking socket calls (used when the worker did not stop within the grace time)."""
+        for client in list(self._clients):
             with contextlib.suppress(OSError):
                 client.socket().shutdown(socket.SHUT_RDWR)
 
-    def _call(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
     def _health(self, problem: str) -> None:
         if problem or self._problem != "":
-            self._call(self.ingest.store.mailbox_health(self.box.name, problem, self.ingest.clock()))
+            record = self.ingest.store.mailbox_health(self.box.name, problem, self.ingest.clock())
+            asyncio.run_coroutine_threadsafe(record, self.loop).result()
         self._problem = problem
 
     def _run(self) -> None:
@@ -183,35 +229,54 @@ class MailboxWorker:
             raise MailboxProblem("tls_error") from exc
         except (OSError, IMAPClientError) as exc:
             raise MailboxProblem("connect_failed") from exc
+        self._clients.append(client)
         if box.security == "starttls":
             try:
                 client.starttls(context)
             except (OSError, IMAPClientError) as exc:
-                client.shutdown()
                 raise MailboxProblem("tls_error") from exc
         return client
+
+    def _open(self, password: str) -> IMAPClient:
+        """A new session, logged in, with the folder selected."""
+        client = self._connect()
+        try:
+            client.login(self.box.username, password)
+        except LoginError as exc:
+            raise MailboxProblem("auth_failed") from exc
+        try:
+            self._note_uidvalidity(client.select_folder(self.box.folder))
+        except IMAPClientError as exc:
+            raise MailboxProblem("folder_missing") from exc
+        return client
+
+    def _deleter(self, client: IMAPClient, password: str, pool: ThreadPoolExecutor) -> Deleter:
+        """Delete on a second session when the server allows one, else on `client` itself."""
+        uidplus = client.has_capability("UIDPLUS")
+        try:
+            return Deleter(self._open(password), uidplus, pool)
+        except (MailboxProblem, OSError, IMAPClientError) as exc:
+            log.info("imap_single_session mailbox=%s %s", self.box.name, error_fields(exc.__cause__ or exc))
+            for refused in self._clients[1:]:
+                with contextlib.suppress(Exception):
+                    refused.shutdown()
+            del self._clients[1:]
+            return Deleter(client, uidplus, None)
 
     def _session(self) -> None:
         try:
             password = Path(self.box.password_file).read_text().strip()
         except OSError as exc:
             raise MailboxProblem("password_unreadable") from exc
-        client = self._connect()
-        self._client = client
+        pool = ThreadPoolExecutor(1, thread_name_prefix="imap-delete")
         try:
-            try:
-                client.login(self.box.username, password)
-            except LoginError as exc:
-                raise MailboxProblem("auth_failed") from exc
-            try:
-                selected = client.select_folder(self.box.folder)
-            except IMAPClientError as exc:
-                raise MailboxProblem("folder_missing") from exc
-            self._note_uidvalidity(selected.get(b"UIDVALIDITY"))
-            idle, uidplus = client.has_capability("IDLE"), client.has_capability("UIDPLUS")
-            log.info("imap_connected mailbox=%s idle=%s uidplus=%s", self.box.name, idle, uidplus)
+            client = self._open(password)
+            deleter = self._deleter(client, password, pool)
+            idle = client.has_capability("IDLE")
+            log.info("imap_connected mailbox=%s idle=%s uidplus=%s sessions=%d", self.box.name, idle,
+                     deleter.uidplus, 1 if deleter.pool is None else 2)
             while not self._stop.is_set():
-                while not self._stop.is_set() and self._drain_pass(client, uidplus):
+                while not self._stop.is_set() and self._drain_pass(client, deleter):
                     pass
                 if self._problem != "":
                     self._health("")
@@ -221,18 +286,23 @@ class MailboxWorker:
                     self._idle(client)
                 else:
                     self._stop.wait(self.box.poll_seconds)
-                    client.noop()
+                if not self._stop.is_set():  # a fresh view; imaplib also drops the responses it kept
+                    self._note_uidvalidity(client.select_folder(self.box.folder))
+                    deleter.reselect(self.box.folder)
             client.logout()
         except ssl.SSLError as exc:
             raise MailboxProblem("tls_error") from exc
         except (OSError, IMAPClientError) as exc:
             raise MailboxProblem("session_failed") from exc
         finally:
-            self._client = None
-            with contextlib.suppress(Exception):
-                client.shutdown()
+            for client in self._clients:
+                with contextlib.suppress(Exception):
+                    client.shutdown()
+            self._clients.clear()
+            pool.shutdown(wait=True, cancel_futures=True)
 
-    def _note_uidvalidity(self, uidvalidity: int | None) -> None:
+    def _note_uidvalidity(self, selected: dict[bytes, Any]) -> None:
+        uidvalidity = selected.get(b"UIDVALIDITY")
         if self._uidvalidity is not None and uidvalidity != self._uidvalidity:
             log.info("imap_uidvalidity_changed mailbox=%s (all mail in the folder is taken again; "
                      "digests recognise what was committed)", self.box.name)
@@ -252,7 +322,7 @@ class MailboxWorker:
                 raise ConnectionError("connection closed during IDLE")
         client.idle_done()
 
-    def _drain_pass(self, client: IMAPClient, uidplus: bool) -> int:
+    def _drain_pass(self, client: IMAPClient, deleter: Deleter) -> int:
         """Take what is in the folder now; returns how many messages left it."""
         uids = client.search("ALL")
         if not uids:
@@ -260,19 +330,20 @@ class MailboxWorker:
         big = set(client.search(["LARGER", min(BIG_MESSAGE, self.max_bytes)])) & set(uids)
         sizes = client.fetch(sorted(big), ["RFC822.SIZE"]) if big else {}
         too_large = sorted(u for u, d in sizes.items() if d.get(b"RFC822.SIZE", 0) > self.max_bytes)
-        removed = self._quarantine(client, too_large) if too_large else 0
+        removed = self._quarantine(client, too_large, deleter.uidplus) if too_large else 0
         small = [u for u in uids if u not in big]
         batches = [small[i:i + BATCH] for i in range(0, len(small), BATCH)]
         batches += [[u] for u in sorted(big.difference(too_large))]
         pending: Pending | None = None
-        for batch in batches:  # batch k is fetched while batch k-1 commits and deleted while batch k commits
+        for batch in batches:  # batch k is fetched while batch k-1 commits and batch k-2 is deleted
             if self._stop.is_set():
                 break
             fetched = self._fetch(client, batch)
             committed = self._committed(pending)
             pending = self._submit(fetched)
-            removed += self._delete(client, committed, uidplus)
-        return removed + self._delete(client, self._committed(pending), uidplus)
+            deleter.delete(committed)
+        deleter.delete(self._committed(pending))
+        return removed + deleter.finish()
 
     def _fetch(self, client: IMAPClient, uids: list[int]) -> list[tuple[int, NewMessage]]:
         fetched = client.fetch(uids, ["BODY.PEEK[]"])
@@ -308,18 +379,7 @@ class MailboxWorker:
         log.info("imap_taken mailbox=%s messages=%d duplicates=%d", self.box.name, len(uids), ids.count(""))
         return uids
 
-    def _delete(self, client: IMAPClient, uids: list[int], uidplus: bool) -> int:
-        if not uids:
-            return 0
-        client.add_flags(uids, [DELETED], silent=True)
-        _crash_point("flag")
-        if uidplus:
-            client.uid_expunge(uids)
-        else:
-            client.expunge()
-        return len(uids)
-
-    def _quarantine(self, client: IMAPClient, uids: list[int]) -> int:
+    def _quarantine(self, client: IMAPClient, uids: list[int], uidplus: bool) -> int:
         folder = self.box.quarantine_folder
         if not client.folder_exists(folder):
             client.create_folder(folder)
@@ -327,7 +387,7 @@ class MailboxWorker:
             client.move(uids, folder)
         else:
             client.copy(uids, folder)
-            self._delete(client, uids, client.has_capability("UIDPLUS"))
+            expunge(client, uids, uidplus)
         log.warning("imap_quarantined mailbox=%s messages=%d reason=too_large folder=%s", self.box.name, len(uids),
                     folder)
         return len(uids)
