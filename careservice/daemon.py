@@ -170,8 +170,8 @@ class Service:
                                                                            self.ctx.addressing, self.ingest)))
         self.web = await start_web(self.config, self.ctx, self.ingest)
         self.imap.start()
-        log.info("started smtp=%s:%d sites=%d", self.config.smtp.listen.host, self.config.smtp.listen.port,
-                 len(self.config.sites))
+        log.info("started smtp=%s:%d web=%s:%d sites=%d", self.config.smtp.listen.host, self.config.smtp.listen.port,
+                 self.config.web.listen.host, self.config.web.listen.port, len(self.config.sites))
 
     async def stop(self) -> None:
         for server in self.servers:
