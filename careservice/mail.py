@@ -288,8 +288,13 @@ class Draft:
 
 
 def _address_header(name: str, address: str) -> str:
-    """`Name <address>`, the name RFC 2047-encoded when it is not ASCII."""
-    return formataddr((one_line(name, 200), address), "utf-8")
+    """`Name <address>`, the name RFC 2047-encoded when it is not ASCII. An address that is not
+    ASCII (SMTPUTF8, RFC 6531) is written as raw UTF-8 (RFC 6532): formataddr refuses it."""
+    name, address = one_line(name, 200), one_line(address, 254)
+    if address.isascii():
+        return formataddr((name, address), "utf-8")
+    raw = address.encode("utf-8").decode("ascii", "surrogateescape")  # compat32 writes it byte for byte
+    return f"{Header(name, 'utf-8').encode()} <{raw}>" if name else raw
 
 
 def _text_header(value: str) -> Header | str:

@@ -83,8 +83,12 @@ class Relay:
 
     @staticmethod
     async def _send_one(client: aiosmtplib.SMTP, mail: OutgoingMail) -> Refusal | None:
+        utf8 = not all(a.isascii() for a in (mail.sender, *mail.recipients))
         try:
-            errors, _ = await client.sendmail(mail.sender, list(mail.recipients), mail.message)
+            errors, _ = await client.sendmail(mail.sender, list(mail.recipients), mail.message,
+                                              mail_options=["SMTPUTF8"] if utf8 else [])
+        except aiosmtplib.SMTPNotSupported:  # a UTF-8 address, and the relay has no SMTPUTF8: never sendable
+            return Refusal(553, True)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             codes = [r.code for r in exc.recipients]
             return Refusal(min(codes), all(c >= 500 for c in codes))

@@ -1,0 +1,110 @@
+"""Property-based tests (hypothesis) for parse -> case -> forward: parse never raises on any bytes,
+and render never emits a header the draft did not intend, whatever the customer wrote."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from email import message_from_bytes, policy
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from careservice.mail import Attachment, Draft, Parsed, parse, render
+from tests.reliability.helpers import SCALE
+
+pytestmark = pytest.mark.reliability
+
+PROFILE = settings(max_examples=150 * SCALE, deadline=timedelta(seconds=5), database=None,
+                   suppress_health_check=[HealthCheck.too_slow])
+HEADER_NAMES = ["From", "To", "Cc", "Subject", "Message-ID", "References", "In-Reply-To", "Content-Type",
+                "Content-Transfer-Encoding", "Content-Disposition", "Auto-Submitted", "Precedence",
+                "List-Id", "Received", "X-Careservice-Loop", "Delivered-To", "MIME-Version", "Date"]
+EOLS = [b"\r\n", b"\n", b"\r"]
+
+
+def check(parsed: Parsed) -> None:
+    for value in (parsed.from_name, parsed.from_address, parsed.subject, parsed.message_id, *parsed.references,
+                  *parsed.recipients):
+        assert "\r" not in value and "\n" not in value and "\x00" not in value
+    assert len(parsed.subject) <= 500 and len(parsed.from_address) <= 254
+    assert all(isinstance(a.data, bytes) for a in parsed.attachments)
+
+
+@PROFILE
+@given(raw=st.binary(max_size=4000), mail_from=st.text(max_size=80))
+def test_parse_never_raises_on_arbitrary_bytes(raw: bytes, mail_from: str) -> None:
+    check(parse(raw, mail_from))
+
+
+@st.composite
+def messages(draw: st.DrawFn) -> bytes:
+    """Header-shaped input: known and random names, arbitrary byte values, random line ends,
+    folding, and sometimes a MIME body built from the same material."""
+    eol = draw(st.sampled_from(EOLS))
+    lines = []
+    for _ in range(draw(st.integers(0, 12))):
+        name = draw(st.sampled_from(HEADER_NAMES) | st.text(st.characters(min_codepoint=33, max_codepoint=126,
+                                                                         exclude_characters=":"), min_size=1,
+                                                            max_size=20).map(str))
+        value = draw(st.binary(max_size=300) | st.sampled_from([
+            b"multipart/mixed; boundary=b", b"multipart/report; report-type=delivery-status; boundary=b",
+            b"=?utf-8?q?a=0D=0AX-Injected:_1?=", b"=?x-unknown?b?////?=", b"(((((((((((a", b"<a@b>",
+            b"text/plain; charset=utf-16", b"base64", b"quoted-printable", b"auto-replied"]))
+        if draw(st.booleans()):
+            value = value.replace(b" ", eol + b" ", 3)
+        lines.append(name.encode("ascii") + b": " + value)
+    body = draw(st.binary(max_size=1500))
+    if draw(st.booleans()):
+        part = draw(st.sampled_from([b"Content-Type: text/plain", b"Content-Type: text/html",
+                                     b"Content-Type: application/ms-tnef; name=winmail.dat",
+                                     b"Content-Transfer-Encoding: base64", b""]))
+        body = eol.join([b"--b", part, b"", body, b"--b" + draw(st.sampled_from([b"--", b""]))])
+    return eol.join(lines) + eol + eol + body
+
+
+@PROFILE
+@given(raw=messages(), mail_from=st.sampled_from(["", "a@customer.example", "MAILER-DAEMON@x.example"]))
+def test_parse_never_raises_on_header_shaped_input(raw: bytes, mail_from: str) -> None:
+    check(parse(raw, mail_from))
+
+
+def rendered_headers(draft: Draft) -> list[str]:
+    """The header names of the rendered draft, read structurally (compat32 does not interpret values)."""
+    return [key.lower() for key in message_from_bytes(render(draft), policy=policy.compat32).keys()]
+
+
+def intended(draft: Draft) -> list[str]:
+    names = ["from", "to", "subject", "date", "message-id"]
+    names += ["reply-to"] * bool(draft.reply_to) + ["in-reply-to"] * bool(draft.in_reply_to)
+    names += ["references"] * bool(draft.references or draft.in_reply_to)
+    names += ["auto-submitted", "x-auto-response-suppress"] * draft.automatic
+    names += ["x-careservice-loop"] * bool(draft.loop_marker)
+    names += ["content-type", "mime-version"] + ["content-transfer-encoding"] * (not draft.attachments)
+    return sorted(names)
+
+
+@PROFILE
+@given(name=st.text(max_size=300), subject=st.text(max_size=1200), text=st.text(max_size=2000),
+       customer=st.text(max_size=80), filename=st.text(max_size=300), ctype=st.text(max_size=60),
+       automatic=st.booleans())
+def test_render_emits_exactly_the_intended_headers(name: str, subject: str, text: str, customer: str,
+                                                   filename: str, ctype: str, automatic: bool) -> None:
+    draft = Draft(from_name=name, from_address="care@ticketnest.test", to=(customer or "x@y.example",),
+                  subject=subject, text=text, message_id="abc@ticketnest.test", reply_to="care+x@ticketnest.test",
+                  in_reply_to="orig@customer.example", automatic=automatic,
+                  attachments=(Attachment(filename, ctype, b"\x00data"),) if filename else (),
+                  loop_marker="care.test")
+    assert sorted(rendered_headers(draft)) == intended(draft)
+
+
+@PROFILE
+@given(raw=messages())
+def test_parse_then_forward_adds_no_header(raw: bytes) -> None:
+    """The forward path: whatever the customer's headers say, the forward has only our headers."""
+    parsed = parse(raw, "a@customer.example")
+    draft = Draft(from_name=f"{parsed.from_name or parsed.from_address} via TicketNest",
+                  from_address="care@ticketnest.test", to=("agent@staff.example",),
+                  subject=f"[Case abc] {parsed.subject}", text=parsed.text, message_id="fw@ticketnest.test",
+                  reply_to="care+x@ticketnest.test", attachments=parsed.attachments, loop_marker="care.test")
+    assert sorted(rendered_headers(draft)) == intended(draft)
