@@ -3,8 +3,10 @@
 `run(n, concurrency)` starts a relay sink and the daemon, sends `n` valid submissions from
 `concurrency` keep-alive HTTP clients (threads, http.client) on loopback, and reports two rates: POSTs
 answered 303 (committed) per second, and submissions whose forward and ack reached the relay per
-second (the headline `rate`). The baseline of the same run is GET of the form page by the same
-clients: what the HTTP stack and template rendering alone allow. Bounded by `n` and DRAIN_TIMEOUT.
+second (the headline `rate`). Baselines of the same run, same daemon: GET of the form page by the same
+clients (the HTTP stack and template rendering alone), and `n` mails of the same size sent over SMTP
+(bench.load, `concurrency` sessions, one message per connection): the mail path the form joins.
+Bounded by `n` and DRAIN_TIMEOUT.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+from bench.load import CustomerMails, Job, LoadResult, send
 from bench.procstat import Meter
 from bench.report import percentile
 from bench.servers import BenchDaemon, PySink
@@ -98,6 +101,17 @@ def _get(i: int) -> tuple[str, bytes | None]:
     return "GET", None
 
 
+def _smtp_baseline(daemon: BenchDaemon, n: int, concurrency: int, size: int) -> tuple[LoadResult, float]:
+    """`n` customer mails of about `size` bytes over SMTP into the same daemon: the result and the seconds
+    until all their forwards and acks were delivered (0.0 if not within DRAIN_TIMEOUT)."""
+    before = {kind: daemon.log.delivered[kind] for kind in ("forward", "ack")}
+    t0 = time.monotonic()
+    result = send(Job(daemon.port, CustomerMails(size), n, concurrency, first=10_000_000 + n, seconds=DRAIN_TIMEOUT),
+                  meter=Meter(daemon.pid, tree=True))
+    drained = daemon.log.wait({kind: count + result.ok for kind, count in before.items()}, DRAIN_TIMEOUT)
+    return result, time.monotonic() - t0 if drained else 0.0
+
+
 def run(n: int, concurrency: int) -> dict[str, Any]:
     """Measure `n` valid form POSTs from `concurrency` clients against a fresh daemon (verification off)."""
     with tempfile.TemporaryDirectory(prefix="careservice-bench-form-") as tmp, PySink() as relay:
@@ -118,6 +132,7 @@ def run(n: int, concurrency: int) -> dict[str, Any]:
             done = time.monotonic() - t0
             usage = meter.stop()
             committed = daemon.log.committed - WARMUP
+            smtp, smtp_done = _smtp_baseline(daemon, n, concurrency, len(form_body(0)))
     ok = n - failed
     return {
         "rate": ok / done if drained else None, "unit": "posts/s",
@@ -125,6 +140,8 @@ def run(n: int, concurrency: int) -> dict[str, Any]:
         "server_cores": usage.server_cores, "machine_cores": usage.machine_cores, "gen_cores": cpu / wall,
         "baseline_rate": (n - get_failed) / get_wall, "baseline": "GET of the form page, same clients",
         "baseline_p50_ms": percentile(get_lat, 50) * 1000, "baseline_gen_cores": get_cpu / get_wall,
+        "smtp_accepted_rate": smtp.rate, "smtp_rate": smtp.ok / smtp_done if smtp_done else None,
+        "smtp_p50_ms": smtp.p50_ms, "smtp_server_cores": smtp.usage.server_cores if smtp.usage else None,
         "posts": n, "concurrency": concurrency, "failed": failed, "committed": committed,
         "note": "" if drained and not failed else f"{failed} failed, drained={drained}",
     }
