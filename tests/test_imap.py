@@ -60,9 +60,9 @@ def wait_idle(daemon: Daemon, dovecot: DovecotServer) -> None:
     wait_for(lambda: imap_health(daemon, mailbox_name(dovecot)).get("ok") is True, what="imap mailbox working")
 
 
-def maildir_files(dovecot: DovecotServer, folder: str = "") -> list[Path]:
-    base = dovecot.maildir / folder if folder else dovecot.maildir
-    return [p for sub in ("new", "cur") for p in (base / sub).iterdir()] if base.exists() else []
+def maildir_files(dovecot: DovecotServer) -> list[Path]:
+    """The INBOX's message files on disk: what the server still keeps."""
+    return [p for sub in ("new", "cur") for p in (dovecot.maildir / sub).iterdir()]
 
 
 def deliver_files(dovecot: DovecotServer, raws: list[bytes]) -> None:
