@@ -1,0 +1,1 @@
+"""Benchmarks of careservice against its own ceilings and Postfix: `python -m bench [--quick]`."""

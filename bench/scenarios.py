@@ -7,6 +7,7 @@ import inspect
 import itertools
 import sqlite3
 import statistics
+import subprocess
 import tempfile
 import time
 from collections import defaultdict
@@ -109,6 +110,15 @@ def _intake_server(target: str) -> Iterator[_Target]:
             yield _Target(postfix.port, lambda: Meter(postfix.pid, tree=True))
 
 
+def _postfix_starts() -> str:
+    """"" if a private Postfix starts here, else why not."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="careservice-bench-postfix-") as tmp, Postfix(Path(tmp)):
+            return ""
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        return f"postfix would not start: {exc}"[:200]
+
+
 def _intake_run(server: _Target, size: int, conc: int, per_conn: int, s: Settings, first: int) -> tuple[LoadResult,
                                                                                                           str]:
     """One measured run (after its warm-up); careservice then drains its outbox so runs do not overlap."""
@@ -145,7 +155,7 @@ def _median_row(scenario: str, case: str, target: str, results: list[LoadResult]
 
 def intake(s: Settings, log: Log) -> list[Row]:
     """careservice vs a bare aiosmtpd handler vs Postfix: msg/s and MAIL FROM -> 250 latency."""
-    why_no_postfix = ensure_postfix() or Postfix.unavailable()
+    why_no_postfix = ensure_postfix() or Postfix.unavailable() or _postfix_starts()
     targets = [t for t in TARGETS if t != "postfix" or not why_no_postfix]
     runs: dict[tuple[int, int, int, str], list[LoadResult]] = defaultdict(list)
     notes: dict[tuple[int, int, int, str], str] = {}

@@ -22,7 +22,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from multiprocessing.queues import Queue
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from aiosmtpd.smtp import SMTP
 
@@ -66,13 +66,13 @@ class Server:
 
     port: int
 
-    def start(self) -> Server:
+    def start(self) -> Self:
         raise NotImplementedError
 
     def stop(self) -> None:
         raise NotImplementedError
 
-    def __enter__(self) -> Server:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -219,7 +219,7 @@ def ensure_postfix() -> str:
     subprocess.run(["debconf-set-selections"], input=b"postfix postfix/main_mailer_type select No configuration\n",
                    check=False, capture_output=True)
     install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "postfix"]
-    print("bench: installing postfix (apt-get) ...", flush=True)
+    print("bench: installing postfix (apt-get) ...", file=sys.stderr, flush=True)
     if subprocess.run(install, env=env, capture_output=True, check=False).returncode != 0:
         subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=False)
         if subprocess.run(install, env=env, capture_output=True, check=False).returncode != 0:
