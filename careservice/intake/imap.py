@@ -48,7 +48,7 @@ log = logging.getLogger("careservice.imap")
 Pending = tuple[list[int], Future[list[str]]]  # UIDs and their commit in flight
 
 BATCH = 100  # UIDs per FETCH and per commit
-BIG_MESSAGE = 1_000_000  # larger messages are fetched and committed one at a time
+BIG_MESSAGE = 256 * 1024  # larger ones are fetched and committed alone: a batch holds at most 25 MB
 IDLE_RENEW = 25 * 60.0  # servers may drop an IDLE after 30 minutes (RFC 2177)
 IDLE_CHECK = 1.0  # how often an IDLEing worker looks at its stop flag
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 300.0
