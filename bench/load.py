@@ -116,6 +116,7 @@ class LoadResult:
     procs: int
     records: list[tuple[int, float, float]]
     usage: Usage | None  # the server's and the machine's CPU while the generator ran
+    warmed: int  # warm-up messages accepted before the measured ones
 
     @property
     def failed(self) -> int:
@@ -261,10 +262,11 @@ def send(job: Job, procs: int = 1, meter: Meter | None = None) -> LoadResult:
     """Run `job` in `procs` generator processes started together (after its warm-up); wait for all.
     `meter` (the server's) runs from the moment the measured messages start until the last is answered."""
     procs = max(1, min(procs, job.concurrency))
+    warmed = 0
     with ProcessPoolExecutor(procs, mp_context=WORKER_CONTEXT) as pool:
         if job.warmup:
-            _together(pool, replace(job, first=job.first - job.warmup, count=job.warmup, warmup=0, rate=0.0), procs,
-                      None)
+            warm = replace(job, first=job.first - job.warmup, count=job.warmup, warmup=0, rate=0.0, seconds=GRACE)
+            warmed = sum(len(r.records) for r in _together(pool, warm, procs, None)[0])
         results, usage = _together(pool, job, procs, meter)
     records = sorted(r for result in results for r in result.records)
     failures: Counter[str] = Counter()
@@ -277,7 +279,7 @@ def send(job: Job, procs: int = 1, meter: Meter | None = None) -> LoadResult:
         ok=len(records), failures=dict(failures), seconds=seconds, rate=len(records) / wall,
         p50_ms=percentile(latencies, 50), p99_ms=percentile(latencies, 99),
         gen_cores=sum(r.cpu for r in results) / wall, gen_max_proc_cores=max(r.cpu for r in results) / wall,
-        procs=procs, records=records, usage=usage,
+        procs=procs, records=records, usage=usage, warmed=warmed,
     )
 
 

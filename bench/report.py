@@ -79,7 +79,7 @@ def write_json(path: Path, rows: list[Row], settings: dict[str, Any]) -> None:
     }, indent=1))
 
 
-BAR_W, LABEL_W, ROW_H = 300, 330, 18
+BAR_W, LABEL_W, ROW_H = 300, 400, 18
 COLORS = {"careservice": "#1f6feb", "postfix": "#d97706"}
 
 
@@ -97,7 +97,7 @@ def write_svg(path: Path, rows: list[Row], title: str) -> None:
         for r in group:
             color = COLORS.get(r.target, "#8b949e")
             label = f"{r.case} · {r.target}"
-            parts.append(f'<text x="10" y="{y + 13}">{escape(label[:52])}</text>')
+            parts.append(f'<text x="10" y="{y + 13}">{escape(label[:64])}</text>')
             width = BAR_W * (r.value or 0) / top
             parts.append(f'<rect x="{LABEL_W}" y="{y + 3}" width="{width:.1f}" height="{ROW_H - 6}" fill="{color}"/>'
                          f'<text x="{LABEL_W + width + 4:.1f}" y="{y + 13}">{_num(r.value, 1)} {escape(r.unit)}'

@@ -128,7 +128,7 @@ def _intake_run(server: _Target, size: int, conc: int, per_conn: int, s: Setting
     result = send_until_fast(job, server.meter())
     if server.daemon is None:
         return result, ""
-    log, accepted = server.daemon.log, before + result.ok + s.warmup
+    log, accepted = server.daemon.log, before + result.ok + result.warmed
     deadline = time.monotonic() + 5
     while log.committed < accepted and time.monotonic() < deadline:  # the log pipe may lag a little
         time.sleep(0.05)
@@ -235,7 +235,7 @@ def full_cycle(s: Settings, log: Log, bare_rate: float | None) -> list[Row]:
         count = int(s.offered_rate * s.latency_seconds)
         result = send(Job(daemon.port, CustomerMails(3_000), count, 10, 1, s.latency_seconds + 5,
                           rate=s.offered_rate, first=s.warmup, warmup=s.warmup), meter=Meter(daemon.pid, tree=True))
-        _drain(daemon, s.warmup + result.ok, "latency run")
+        _drain(daemon, result.warmed + result.ok, "latency run")
         accepted = {index: done for index, _, done in result.records}
         arrived = {a.index: a.t for a in relay.taken("forward") if a.index in accepted}
         latencies = [(arrived[i] - accepted[i]) * 1000 for i in arrived]
