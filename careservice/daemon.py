@@ -32,6 +32,7 @@ log = logging.getLogger("careservice.daemon")
 SWEEP_SECONDS = 60
 WORKER_RESTART_DELAY = 1.0
 WORKER_STOP_TIMEOUT = 15.0
+WORKER_NICENESS = 10
 
 
 def read_secret(path: str, env: str) -> str:
@@ -123,9 +124,10 @@ class WorkerProcess:
             if self._stopping:
                 return
             log.error("worker_exited code=%s restarting_in=%s", code, WORKER_RESTART_DELAY)
-            os.close(self._pipe)
             await asyncio.sleep(WORKER_RESTART_DELAY)
+            old = self._pipe
             await self._spawn()
+            os.close(old)  # only now: a closed fd's number goes to the next socket, and wake() would write there
 
     def wake(self) -> None:
         """Tell the worker that new cases are committed (a lost byte only delays it to its next poll)."""
@@ -204,7 +206,12 @@ async def run_forever(config: Config) -> None:
 
 
 async def run_worker(config: Config) -> None:
-    """The child process: hold the worker lock, run until stdin closes or a signal arrives."""
+    """The child process: hold the worker lock, run until stdin closes or a signal arrives.
+
+    It runs at a lower CPU priority: under a burst the listeners' 250s come first and the worker
+    catches up afterwards (the committed backlog is safe in the store).
+    """
+    os.nice(WORKER_NICENESS)
     lock = await asyncio.to_thread(_worker_lock, config.data_dir)
     worker = Worker(config)
     await worker.start()

@@ -7,7 +7,7 @@ import logging
 import os
 import secrets
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -34,6 +34,9 @@ class Refusal:
     permanent: bool
 
 
+Record = Callable[[QueuedMail, Refusal | None], Awaitable[None]]
+
+
 def _maildir_deliver(path: os.PathLike[str], message: bytes) -> None:
     """Write one message into a Maildir the way MTAs do: tmp/, fsync, rename into new/."""
     name = f"{secrets.token_hex(12)}.careservice"
@@ -48,38 +51,43 @@ def _maildir_deliver(path: os.PathLike[str], message: bytes) -> None:
 
 
 class Relay:
-    """One connection's worth of sending; `send` returns None on 250 or the refusal."""
+    """One connection's worth of sending; each mail's result (None on 250, else the refusal) goes to
+    `record` as soon as the relay answers, so a crash re-sends at most the mail in flight."""
 
     def __init__(self, config: RelayConfig, password: str) -> None:
         self.config = config
         self.password = password
         self.tls = ssl.create_default_context(cafile=config.ca_file or None)  # built once: loading CAs is slow
 
-    async def send_all(self, items: list[QueuedMail]) -> list[Refusal | None]:
+    async def send_all(self, items: list[QueuedMail], record: Record) -> None:
         if self.config.maildir is not None:
             for sub in ("tmp", "new", "cur"):
                 os.makedirs(self.config.maildir / sub, mode=0o700, exist_ok=True)
             for item in items:
                 await asyncio.to_thread(_maildir_deliver, self.config.maildir, item.mail.message)
-            return [None] * len(items)
+                await record(item, None)
+            return
         client = aiosmtplib.SMTP(
             hostname=self.config.host, port=self.config.port, timeout=self.config.timeout,
             use_tls=self.config.scheme == "smtps", start_tls=self.config.scheme == "smtp+starttls",
             tls_context=self.tls,
         )
-        results: list[Refusal | None] = []
+        done = 0
         try:
             await client.connect()
             if self.config.username:
                 await client.login(self.config.username, self.password)
             for item in items:
-                results.append(await self._send_one(client, item.mail))
+                await record(item, await self._send_one(client, item.mail))  # committed before the next one
+                done += 1
             await client.quit()
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            if not results:
+            if not done:
                 raise RelayDown(type(exc).__name__) from None
-            # mail after the break is retried like any temporary failure
-        return results + [Refusal(0, False)] * (len(items) - len(results))
+            for item in items[done:]:  # mail after the break is retried like any temporary failure
+                await record(item, Refusal(0, False))
+        finally:
+            client.close()  # a no-op after QUIT; otherwise (e.g. the store failed) the connection is not left open
 
     @staticmethod
     async def _send_one(client: aiosmtplib.SMTP, mail: OutgoingMail) -> Refusal | None:
@@ -148,8 +156,21 @@ class Outbox:
         return sent
 
     async def _deliver(self, items: list[QueuedMail]) -> int:
+        sent = 0
+
+        async def record(item: QueuedMail, refusal: Refusal | None) -> None:
+            nonlocal sent
+            if refusal is None:
+                await self.store.mail_delivered(item, self.clock())
+                log.info("mail_delivered case=%s kind=%s", item.mail.case_id, item.mail.kind)
+                sent += 1
+            elif refusal.permanent:
+                await self._fail(item, f"the relay refused it permanently (code {refusal.code})")
+            else:
+                await self._defer_or_fail(item, f"temporary refusal (code {refusal.code})")
+
         try:
-            results = await self.relay.send_all(items)
+            await self.relay.send_all(items, record)
         except RelayDown as exc:
             self._down_count += 1
             self._down_until = self.clock() + self.delay(self._down_count - 1)
@@ -159,16 +180,6 @@ class Outbox:
                 await self._defer_or_fail(item, "relay unreachable")
             return 0
         self._down_count = 0
-        sent = 0
-        for item, refusal in zip(items, results, strict=True):
-            if refusal is None:
-                await self.store.mail_delivered(item, self.clock())
-                log.info("mail_delivered case=%s kind=%s", item.mail.case_id, item.mail.kind)
-                sent += 1
-            elif refusal.permanent:
-                await self._fail(item, f"the relay refused it permanently (code {refusal.code})")
-            else:
-                await self._defer_or_fail(item, f"temporary refusal (code {refusal.code})")
         return sent
 
     async def _defer_or_fail(self, item: QueuedMail, why: str) -> None:

@@ -11,6 +11,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from careservice.addresses import Addressing
 from careservice.config import SmtpConfig
+from careservice.intake.imap import dedupe_key
 from careservice.intake.ingest import Ingest
 from careservice.logs import error_fields
 from careservice.model import Envelope as CaseEnvelope
@@ -60,8 +61,10 @@ class SmtpHandler:
         for rcpt in envelope.rcpt_tos:
             recipient = self.addressing.recipient(rcpt)
             assert recipient is not None  # handle_RCPT let only ours through
+            # a client that lost our 250 (we crashed after the commit) sends again: one case, not two
+            digest, _ = dedupe_key(self.ingest.store.keyring, recipient.site.id, raw)
             messages.append(NewMessage(recipient.site.id, Source.SMTP,
-                                       CaseEnvelope(sender, rcpt), raw))
+                                       CaseEnvelope(sender, rcpt), raw, dedupe=digest))
         try:
             await self.ingest.accept(messages, "smtp")
         except Exception as exc:  # not committed: the client keeps the message and retries

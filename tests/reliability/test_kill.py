@@ -1,0 +1,209 @@
+"""kill -9 under load: customer mails and staff answers flow while the daemon's processes are
+SIGKILLed and restarted at random moments. Every 250 ends in a forward (customer mail) or an
+answer (staff reply); duplicates are counted and stay within one per kill; at the end every case
+is answered and purged, both SQLite files pass integrity_check, and the log holds no marker.
+
+CARESERVICE_RELIABILITY_SCALE=20 makes the full run (>= 200 kills); the default is 10 kills.
+CARESERVICE_RELIABILITY_SEED replays one run."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import smtplib
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.reliability.helpers import IDLE, SCALE, RawSmtp, integrity, log_leaks, status, stored_rows
+from tests.support import CARE, STAFF, CaptureRelay, Daemon, customer_mail, send, staff_reply, wait_for, write_config
+
+pytestmark = pytest.mark.reliability
+
+KILLS = 10 * SCALE
+SEED = int(os.environ.get("CARESERVICE_RELIABILITY_SEED", str(random.randrange(1 << 30))))
+SENDERS = 2
+PAUSE = 0.1  # seconds between two mails of one sender
+GIVE_UP = 120.0  # a single message that cannot get a 250 for this long fails the test
+
+
+def children(pid: int) -> list[int]:
+    """Direct child processes of `pid` (the daemon's worker)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+@dataclass
+class Load:
+    """Customer senders and a staff answerer running against one daemon, retrying every refusal."""
+
+    daemon: Daemon
+    relay: CaptureRelay
+    stop_new: threading.Event = field(default_factory=threading.Event)
+    accepted: set[int] = field(default_factory=set)  # customer mail numbers that got a 250
+    answered: dict[str, int] = field(default_factory=dict)  # reply address -> mail number, reply got a 250
+    sent: int = 0
+    refusals: Counter[str] = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def deliver(self, sender: str, rcpt: str, raw: bytes) -> bool:
+        """Send until a 250; False only if that takes longer than GIVE_UP seconds."""
+        deadline = time.monotonic() + GIVE_UP
+        while time.monotonic() < deadline:
+            try:
+                with smtplib.SMTP("127.0.0.1", self.daemon.smtp_port, timeout=30) as client:
+                    client.sendmail(sender, [rcpt], raw)
+                return True
+            except (OSError, smtplib.SMTPException) as exc:
+                with self.lock:
+                    self.refusals[type(exc).__name__] += 1
+                    if getattr(exc, "smtp_code", 0) == -1:  # smtplib: a reply line without a numeric code
+                        self.errors.append(f"garbled reply {exc}")
+                time.sleep(0.05)
+        return False
+
+    def customers(self, first: int) -> None:
+        number = first
+        while not self.stop_new.is_set():
+            marker = f"kill-c{number}-mark"
+            raw = customer_mail(f"Subject {marker}", f"Body {marker}", sender=f"c{number}@customer.example",
+                                name=f"Name {marker}", message_id=f"<kill-c{number}@customer.example>")
+            with self.lock:
+                self.sent += 1
+            if self.deliver(f"c{number}@customer.example", CARE, raw):
+                with self.lock:
+                    self.accepted.add(number)
+            else:
+                self.errors.append(f"customer mail {number} never accepted")
+            number += SENDERS
+            time.sleep(PAUSE)
+
+    def answer_new_forwards(self) -> int:
+        """Answer every forwarded case not answered yet; returns how many were answered now."""
+        done = 0
+        for captured in self.relay.to(STAFF):
+            forward = captured.message
+            if "Auto-Submitted" in forward or "kill-c" not in str(forward["Subject"]):
+                continue
+            address = forward["Reply-To"].addresses[0].addr_spec
+            if address in self.answered:
+                continue
+            number = int(re.search(r"kill-c(\d+)-mark", str(forward["Subject"])).group(1))
+            reply = staff_reply(forward, f"Answer kill-a{number}-mark")
+            if self.deliver(STAFF, address, reply):
+                self.answered[address] = number
+                done += 1
+            else:
+                self.errors.append(f"answer for mail {number} never accepted")
+        return done
+
+    def staff(self) -> None:
+        while not self.stop_new.is_set():
+            if not self.answer_new_forwards():
+                time.sleep(0.1)
+
+
+def kill(daemon: Daemon, rng: random.Random) -> str:
+    """SIGKILL the intake process, the worker, or both; restart what the daemon does not restart itself."""
+    assert daemon.proc is not None
+    workers = children(daemon.proc.pid)
+    what = rng.choice(["intake", "worker", "both"]) if workers else "intake"
+    if what in ("worker", "both"):
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+    if what in ("intake", "both"):
+        daemon.kill()
+        daemon.start()
+    return what
+
+
+def test_worker_restart_writes_nothing_into_client_connections(tmp_path: Path, relay: CaptureRelay) -> None:
+    """While the worker is down, the intake must not write its wake-up byte into a reused descriptor."""
+    daemon = Daemon(write_config(tmp_path, relay.port)).start()
+    sessions: list[RawSmtp] = []
+    try:
+        assert daemon.proc is not None
+        for pid in children(daemon.proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: "worker_exited" in daemon.log.read_text(), what="worker restart pending")
+        sessions = [RawSmtp(daemon.smtp_port) for _ in range(8)]  # take the lowest free descriptors
+        send(daemon.smtp_port, "w@customer.example", [CARE], customer_mail("wake", "wake the worker"))
+        replies = [s.command(b"NOOP") for s in sessions]
+        assert all(r.startswith(b"250 ") for r in replies), replies
+        wait_for(lambda: relay.to(STAFF), what="forward by the restarted worker")
+    finally:
+        for session in sessions:
+            session.close()
+        daemon.stop()
+
+
+def test_kill9_under_load_loses_nothing(tmp_path: Path, relay: CaptureRelay) -> None:
+    rng = random.Random(SEED)
+    print(f"seed={SEED} kills={KILLS}")
+    daemon = Daemon(write_config(tmp_path, relay.port, retry_delays="[1]")).start()
+    load = Load(daemon, relay)
+    threads = [threading.Thread(target=load.customers, args=(i,)) for i in range(SENDERS)]
+    threads.append(threading.Thread(target=load.staff))
+    kinds: Counter[str] = Counter()
+    try:
+        for thread in threads:
+            thread.start()
+        for _ in range(KILLS):
+            time.sleep(rng.uniform(0.2, 1.5))
+            kinds[kill(daemon, rng)] += 1
+        load.stop_new.set()
+        for thread in threads:
+            thread.join(GIVE_UP + 30)
+        assert not load.errors, load.errors[:5]
+        # answer what is still open, then everything must drain and purge
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and status(daemon) != IDLE:
+            load.answer_new_forwards()
+            time.sleep(0.2)
+        counts = status(daemon)
+    finally:
+        load.stop_new.set()
+        daemon.stop()
+
+    forwards: dict[int, Counter[str]] = {}  # mail number -> reply address -> copies
+    for captured in relay.to(STAFF):
+        match = re.search(r"kill-c(\d+)-mark", str(captured.message["Subject"]))
+        if match and "Auto-Submitted" not in captured.message:
+            forwards.setdefault(int(match.group(1)), Counter())[captured.message["Reply-To"]
+                                                              .addresses[0].addr_spec] += 1
+    answers: Counter[int] = Counter()
+    for captured in relay.received:
+        match = re.search(rb"kill-a(\d+)-mark", captured.raw)
+        if match and captured.rcpt_tos[0].startswith("c"):
+            answers[int(match.group(1))] += 1
+    lost = sorted(load.accepted - set(forwards))
+    intake_dups = sum(len(cases) - 1 for cases in forwards.values())
+    outbox_dups = sum(n - 1 for cases in forwards.values() for n in cases.values())
+    cases = sum(len(c) for c in forwards.values())
+    answered_numbers = Counter(load.answered.values())
+    lost_answers = sorted(n for n in answered_numbers if answers[n] == 0)
+    answer_dups = sum(max(0, answers[n] - answered_numbers[n]) for n in answers)
+    print(f"kill -9: kills={sum(kinds.values())} {dict(kinds)} sent={load.sent} accepted={len(load.accepted)} "
+          f"forwarded={len(forwards)} lost={len(lost)} cases={cases} duplicate_cases={intake_dups} "
+          f"duplicate_forwards={outbox_dups} answers_accepted={len(load.answered)} "
+          f"answers_delivered={sum(answers.values())} answers_lost={len(lost_answers)} "
+          f"duplicate_answers={answer_dups} client_retries={dict(load.refusals)} final={counts}")
+    assert lost == [], f"accepted but never forwarded: {lost[:10]}"
+    assert lost_answers == [], f"answer accepted but never delivered: {lost_answers[:10]}"
+    assert intake_dups + outbox_dups + answer_dups <= KILLS
+    assert counts == IDLE
+    assert integrity(daemon.data_dir) == ["ok", "ok"]
+    assert stored_rows(daemon.data_dir) == {"cases": 0, "outbox": 0, "k.keys": 0}
+    assert log_leaks(daemon, ["kill-c", "kill-a", "@customer.example", "Name kill"]) == []
