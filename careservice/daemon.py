@@ -42,15 +42,20 @@ def read_secret(path: str, env: str) -> str:
     return Path(path).read_text().strip() if path else ""
 
 
+def build_context(config: Config, create_key: bool) -> Context:
+    """The store and everything keyed by the master key, as both processes need them."""
+    keyring = Keyring(load_master_key(config.master_key_file, create=create_key))
+    return Context(config, Store(config.data_dir, keyring), Addressing(config.sites, keyring), keyring,
+                   Texts(config.templates_dir), time.time)
+
+
 class Worker:
     """The case-processing process: runs the stages and the outbox over the shared store."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        keyring = Keyring(load_master_key(config.master_key_file, create=False))
-        self.store = Store(config.data_dir, keyring)
-        self.ctx = Context(config, self.store, Addressing(config.sites, keyring), keyring,
-                           Texts(config.templates_dir), time.time)
+        self.ctx = build_context(config, create_key=False)
+        self.store = self.ctx.store
         relay = Relay(config.relay, read_secret(config.relay.password_file, "CARESERVICE_RELAY_PASSWORD"))
         self.outbox = Outbox(config.relay, self.store, relay, time.time, self.answer_failed_notice)
         self.runner = Runner(self.ctx, STAGES, {CaseState.OPEN: config.unanswered_days * 86400.0},
@@ -154,13 +159,11 @@ class Service:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        keyring = Keyring(load_master_key(config.master_key_file, create=True))
-        self.store = Store(config.data_dir, keyring)
-        self.ctx = Context(config, self.store, Addressing(config.sites, keyring), keyring,
-                           Texts(config.templates_dir), time.time)
+        self.ctx = build_context(config, create_key=True)
+        self.store = self.ctx.store
         self.worker = WorkerProcess(config)
         self.ingest = Ingest(self.store, config.data_dir, config.smtp.min_free_bytes, self.worker.wake, time.time)
-        self.imap = ImapIntake(config, self.ingest, keyring)
+        self.imap = ImapIntake(config, self.ingest, self.ctx.keyring)
         self.servers: list[asyncio.Server] = []
         self.web: WebServer | None = None
 
