@@ -3,8 +3,8 @@
 A pass takes everything in the folder: SEARCH ALL (flagged or not), move messages larger than
 smtp.max_message_bytes to the quarantine folder, FETCH the rest in batches (BODY.PEEK[]), commit each
 batch through `Ingest.accept`, and only then STORE \\Deleted and UID EXPUNGE (EXPUNGE without
-UIDPLUS). The three overlap: while batch k is fetched, batch k-1 commits and batch k-2 is deleted
-on a second session (or, if the server refuses one, in turn on the first). Between passes the
+UIDPLUS). The three overlap: while batch k is fetched, batches k-1 and k-2 commit and batch k-3 is
+deleted on a second session (or, if the server refuses one, in turn on the first). Between passes the
 worker IDLEs when the server offers it, else it polls every poll_seconds. Nothing depends on UIDs
 across sessions, so a UIDVALIDITY change needs no recovery: a message committed before a crash is
 taken again, recognised by its keyed digest, and only expunged.
@@ -29,6 +29,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from email.utils import getaddresses, parseaddr
 from pathlib import Path
@@ -48,6 +49,7 @@ log = logging.getLogger("careservice.imap")
 Pending = tuple[list[int], Future[list[str]]]  # UIDs and their commit in flight
 
 BATCH = 100  # UIDs per FETCH and per commit
+COMMITS_IN_FLIGHT = 2  # the store's group commit joins them; the fetch is then the slowest step
 BIG_MESSAGE = 256 * 1024  # larger ones are fetched and committed alone: a batch holds at most 25 MB
 IDLE_RENEW = 25 * 60.0  # servers may drop an IDLE after 30 minutes (RFC 2177)
 IDLE_CHECK = 1.0  # how often an IDLEing worker looks at its stop flag
@@ -334,15 +336,17 @@ class MailboxWorker:
         small = [u for u in uids if u not in big]
         batches = [small[i:i + BATCH] for i in range(0, len(small), BATCH)]
         batches += [[u] for u in sorted(big.difference(too_large))]
-        pending: Pending | None = None
-        for batch in batches:  # batch k is fetched while batch k-1 commits and batch k-2 is deleted
+        pending: deque[Pending] = deque()  # batch k is fetched while k-1 and k-2 commit and k-3 is deleted
+        for batch in batches:
             if self._stop.is_set():
                 break
             fetched = self._fetch(client, batch)
-            committed = self._committed(pending)
-            pending = self._submit(fetched)
+            committed = self._committed(pending.popleft()) if len(pending) == COMMITS_IN_FLIGHT else []
+            if fetched:
+                pending.append(self._submit(fetched))
             deleter.delete(committed)
-        deleter.delete(self._committed(pending))
+        while pending:
+            deleter.delete(self._committed(pending.popleft()))
         return removed + deleter.finish()
 
     def _fetch(self, client: IMAPClient, uids: list[int]) -> list[tuple[int, NewMessage]]:
@@ -357,19 +361,15 @@ class MailboxWorker:
                                         dedupe=digest)))
         return out
 
-    def _submit(self, fetched: list[tuple[int, NewMessage]]) -> Pending | None:
+    def _submit(self, fetched: list[tuple[int, NewMessage]]) -> Pending:
         """Start committing `fetched` on the event loop; the caller waits in `_committed`."""
-        if not fetched:
-            return None
         if self.ingest.disk_low():
             raise MailboxProblem("disk_low")
         coro = self.ingest.accept([m for _, m in fetched], "imap")
         return [uid for uid, _ in fetched], asyncio.run_coroutine_threadsafe(coro, self.loop)
 
-    def _committed(self, pending: Pending | None) -> list[int]:
+    def _committed(self, pending: Pending) -> list[int]:
         """Wait for a commit; returns its UIDs, which may now be deleted."""
-        if pending is None:
-            return []
         uids, future = pending
         try:
             ids = future.result()
