@@ -67,6 +67,7 @@ class SmtpConfig:
     min_free_bytes: int
     max_recipients: int
     timeout: int
+    max_connections: int = 100
 
 
 @dataclass(frozen=True)
@@ -282,6 +283,7 @@ def load_config(path: Path) -> Config:
             min_free_bytes=smtp.positive("min_free_bytes", max_bytes * 3 // 2),
             max_recipients=smtp.positive("max_recipients", 20),
             timeout=smtp.positive("timeout", 300),
+            max_connections=smtp.positive("max_connections", 100),
         ),
         relay=_relay(root.sub("relay"), base),
         web=WebConfig(

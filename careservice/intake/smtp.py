@@ -25,6 +25,7 @@ REPLY_RELAY_DENIED = "550 5.7.1 Relaying denied: not a care address here"
 REPLY_TOO_MANY_RCPT = "452 4.5.3 Too many recipients"
 REPLY_NO_SPACE = "452 4.3.1 Insufficient system storage"
 REPLY_TRY_AGAIN = "451 4.3.0 Temporary failure, please try again later"
+REPLY_TOO_MANY_CONNECTIONS = b"421 4.7.0 Too many connections, try again later\r\n"
 
 
 class SmtpHandler:
@@ -81,6 +82,38 @@ def tls_context(config: SmtpConfig) -> ssl.SSLContext | None:
     return context
 
 
+class _Sessions:
+    """How many SMTP sessions are open, against smtp.max_connections."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+
+
+class _Session(SMTP):
+    """aiosmtpd's session, counted from its creation until its connection is lost."""
+
+    def __init__(self, sessions: _Sessions, handler: SmtpHandler, **options: Any) -> None:
+        super().__init__(handler, **options)
+        self._sessions: _Sessions | None = sessions
+        sessions.open += 1
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._sessions is not None:
+            self._sessions.open -= 1
+            self._sessions = None
+        super().connection_lost(error)
+
+
+class _TooMany(asyncio.Protocol):
+    """Over smtp.max_connections: greet with 421 and hang up (RFC 5321 §3.1); the client retries later."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(REPLY_TOO_MANY_CONNECTIONS)
+        transport.close()
+
+
 async def start_smtp(config: SmtpConfig, handler: SmtpHandler) -> asyncio.Server:
     """Listen on smtp.listen in the running loop."""
     context = tls_context(config)
@@ -88,5 +121,13 @@ async def start_smtp(config: SmtpConfig, handler: SmtpHandler) -> asyncio.Server
         "hostname": config.hostname, "data_size_limit": config.max_message_bytes, "enable_SMTPUTF8": True,
         "timeout": config.timeout, "tls_context": context, "require_starttls": config.require_tls,
     }
+    sessions = _Sessions(config.max_connections)
+
+    def session() -> asyncio.Protocol:
+        if sessions.open >= sessions.limit:
+            log.warning("connection_refused reason=too_many_connections open=%d", sessions.open)
+            return _TooMany()
+        return _Session(sessions, handler, **options)
+
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: SMTP(handler, **options), config.listen.host, config.listen.port)
+    return await loop.create_server(session, config.listen.host, config.listen.port)
