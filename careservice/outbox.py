@@ -123,6 +123,7 @@ class Outbox:
         self._wake = Wakeup()
         self._down_until = 0.0
         self._down_count = 0
+        self._unrecorded: dict[int, QueuedMail] = {}  # the relay took these, the store could not say so yet
 
     def wake(self) -> None:
         self._wake.set()
@@ -136,13 +137,15 @@ class Outbox:
         while True:
             try:
                 await self.deliver_due()
-            except Exception as exc:  # the store failed: nothing is marked, so it is all sent again later
+            except Exception as exc:  # the store failed: unmarked mail is sent again later (delivered mail is not)
                 log.error("outbox_round_failed %s", error_fields(exc))
             wait = IDLE_WAIT if self._down_until <= self.clock() else min(IDLE_WAIT, self._down_until - self.clock())
             await self._wake.wait(max(wait, 0.05))
 
     async def deliver_due(self) -> int:
         """Send everything due now; returns how many were handed over (250)."""
+        for item in list(self._unrecorded.values()):  # e.g. after a full disk: record them, never resend
+            await self._delivered(item)
         sent = 0
         while self.clock() >= self._down_until:
             items = await self.store.due_mail(self.clock(), BATCH, set())
@@ -161,8 +164,7 @@ class Outbox:
         async def record(item: QueuedMail, refusal: Refusal | None) -> None:
             nonlocal sent
             if refusal is None:
-                await self.store.mail_delivered(item, self.clock())
-                log.info("mail_delivered case=%s kind=%s", item.mail.case_id, item.mail.kind)
+                await self._delivered(item)
                 sent += 1
             elif refusal.permanent:
                 await self._fail(item, f"the relay refused it permanently (code {refusal.code})")
@@ -174,13 +176,18 @@ class Outbox:
         except RelayDown as exc:
             self._down_count += 1
             self._down_until = self.clock() + self.delay(self._down_count - 1)
-            log.warning("relay_down error=%s queued=%d retry_in=%d", exc, len(items),
-                        self._down_until - self.clock())
+            log.warning("relay_down error=%s queued=%d retry_in=%d", exc, len(items), self.delay(self._down_count - 1))
             for item in items:
                 await self._defer_or_fail(item, "relay unreachable")
             return 0
         self._down_count = 0
         return sent
+
+    async def _delivered(self, item: QueuedMail) -> None:
+        self._unrecorded[item.id] = item
+        await self.store.mail_delivered(item, self.clock())
+        del self._unrecorded[item.id]
+        log.info("mail_delivered case=%s kind=%s", item.mail.case_id, item.mail.kind)
 
     async def _defer_or_fail(self, item: QueuedMail, why: str) -> None:
         now = self.clock()

@@ -1,0 +1,132 @@
+"""Disk full: data_dir on a 4 MB tmpfs. Below smtp.min_free_bytes MAIL gets 452; a commit that
+fails for lack of space gets 451 and stores nothing; the store stays sound and the running daemon
+takes mail again as soon as space returns (no restart)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import smtplib
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.reliability.helpers import integrity, log_leaks, set_keys, status
+from tests.support import CARE, STAFF, CaptureRelay, Daemon, customer_mail, send, wait_for, write_config
+
+pytestmark = pytest.mark.reliability
+
+SIZE = 4 * 1024 * 1024
+MIN_FREE = 1024 * 1024
+CUSTOMER = "disk.tester@customer.example"
+
+
+@pytest.fixture
+def small_data_dir(tmp_path: Path) -> Iterator[Path]:
+    """tmp_path/data as a 4 MB tmpfs (root only); unmounted afterwards whatever happens."""
+    if os.geteuid() != 0:
+        pytest.skip("disk-full test needs root to mount a tmpfs for data_dir")
+    data = tmp_path / "data"
+    data.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SIZE},mode=0700", "tmpfs", str(data)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield data
+    finally:
+        if subprocess.run(["umount", str(data)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(data)], check=True)
+
+
+def fill(path: Path, leave: int) -> None:
+    """Write `path` until only `leave` bytes are free on its file system (0: until ENOSPC)."""
+    with path.open("ab") as f:
+        while shutil.disk_usage(path.parent).free > leave:
+            try:
+                f.write(b"\0" * min(65536, max(4096, shutil.disk_usage(path.parent).free - leave)))
+                f.flush()
+            except OSError:
+                break
+
+
+def mail(marker: str) -> bytes:
+    return customer_mail(f"Subject {marker}", f"Body {marker} " + "x" * 60_000, sender=CUSTOMER)
+
+
+def mail_reply(daemon: Daemon) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=30) as client:
+        client.ehlo()
+        return client.mail(CUSTOMER)
+
+
+def forwarded(relay: CaptureRelay, marker: str) -> int:
+    return sum(f"Subject {marker}" in str(c.message["Subject"]) for c in relay.to(STAFF))
+
+
+def test_disk_full_refuses_cleanly_and_recovers(tmp_path: Path, small_data_dir: Path, relay: CaptureRelay) -> None:
+    config = set_keys(write_config(tmp_path, relay.port, retry_delays="[1]"), "smtp", min_free_bytes=MIN_FREE)
+    daemon = Daemon(config).start()
+    filler = small_data_dir / "filler"
+    try:
+        send(daemon.smtp_port, CUSTOMER, [CARE], mail("disk-before-mark"))
+        wait_for(lambda: forwarded(relay, "disk-before-mark") == 1, what="forward before the disk fills")
+
+        fill(filler, leave=MIN_FREE // 2)  # below the floor: refused at MAIL, before any data is sent
+        wait_for(lambda: mail_reply(daemon)[0] == 452, timeout=5, what="452 below the floor")  # checked 4x/s
+        assert mail_reply(daemon) == (452, b"4.3.1 Insufficient system storage")
+
+        filler.unlink()  # room at MAIL time; then the disk fills up before the data arrives
+        wait_for(lambda: mail_reply(daemon)[0] == 250, timeout=5, what="MAIL taken again")
+        with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=30) as client:
+            client.ehlo()
+            assert client.mail(CUSTOMER)[0] == 250 and client.rcpt(CARE)[0] == 250
+            fill(filler, leave=0)
+            code, text = client.data(mail("disk-full-mark"))
+            assert client.noop()[0] == 250
+        assert (code, text[:5]) == (451, b"4.3.0"), (code, text)
+        assert status(daemon)["inbound_pending"] == 0  # nothing half-stored
+
+        filler.unlink()  # space returns: the same daemon takes and delivers mail again
+        wait_for(lambda: mail_reply(daemon)[0] == 250, timeout=5, what="MAIL taken again")
+        send(daemon.smtp_port, CUSTOMER, [CARE], mail("disk-full-mark"))  # the client's retry
+        send(daemon.smtp_port, CUSTOMER, [CARE], mail("disk-after-mark"))
+        wait_for(lambda: forwarded(relay, "disk-after-mark") == 1 and forwarded(relay, "disk-full-mark") == 1,
+                 timeout=30, what="forwards after recovery")
+        wait_for(lambda: status(daemon)["outbound_queued"] == 0, what="queue drained")
+        counts = {m: forwarded(relay, m) for m in ("disk-before-mark", "disk-full-mark", "disk-after-mark")}
+        print(f"disk full: sent=5 accepted=3 refused_452=1 refused_451=1 forwarded={counts}")
+        assert counts == {"disk-before-mark": 1, "disk-full-mark": 1, "disk-after-mark": 1}
+        assert status(daemon)["open_cases"] == 3
+    finally:
+        daemon.stop()
+    assert integrity(daemon.data_dir) == ["ok", "ok"]
+    assert log_leaks(daemon, ["disk-", CUSTOMER, "Subject "]) == []
+
+
+def test_deliveries_while_the_disk_is_full_are_not_repeated(tmp_path: Path, small_data_dir: Path,
+                                                            relay: CaptureRelay) -> None:
+    """The relay takes a mail but the store cannot record it: the mail must not go out again and again."""
+    config = set_keys(write_config(tmp_path, relay.port, retry_delays="[1]"), "smtp", min_free_bytes=MIN_FREE)
+    relay.stop()
+    daemon = Daemon(config).start()
+    filler = small_data_dir / "filler"
+    try:
+        send(daemon.smtp_port, CUSTOMER, [CARE], mail("disk-queued-mark"))
+        wait_for(lambda: status(daemon)["outbound_queued"] == 2, what="forward and ack queued")
+        fill(filler, leave=0)
+        relay.start()
+        wait_for(lambda: relay.received, timeout=30, what="first delivery")
+        time.sleep(8)  # several outbox rounds with the disk still full
+        while_full = len(relay.received)
+        filler.unlink()
+        wait_for(lambda: status(daemon)["outbound_queued"] == 0, timeout=60, what="queue drained")
+        forwards, acks = forwarded(relay, "disk-queued-mark"), len(relay.to(CUSTOMER))
+        print(f"disk full during delivery: queued=2 sent_while_full={while_full} forwards={forwards} acks={acks}")
+        assert (forwards, acks) == (1, 1)  # what the store could not record as delivered is not sent again
+    finally:
+        daemon.stop()
+    assert integrity(daemon.data_dir) == ["ok", "ok"]
