@@ -1,5 +1,6 @@
 """Property-based tests (hypothesis) for parse -> case -> forward: parse never raises on any bytes,
-and render never emits a header the draft did not intend, whatever the customer wrote."""
+render never emits a header the draft did not intend, whatever the customer wrote, and the contact
+form's field rules keep line breaks out of one-line fields."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from datetime import timedelta
 from email import message_from_bytes, policy
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from careservice.intake.web import FIELDS, field_problem
 from careservice.mail import Attachment, Draft, Parsed, parse, render
 from tests.reliability.helpers import SCALE
 
@@ -108,3 +110,38 @@ def test_parse_then_forward_adds_no_header(raw: bytes) -> None:
                   subject=f"[Case abc] {parsed.subject}", text=parsed.text, message_id="fw@ticketnest.test",
                   reply_to="care+x@ticketnest.test", attachments=parsed.attachments, loop_marker="care.test")
     assert sorted(rendered_headers(draft)) == intended(draft)
+
+
+# ----- the contact form's field rules, and a form submission on its way to a case -----
+
+FORM_CONTROL = {chr(c) for c in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]}
+
+
+@PROFILE
+@given(field=st.sampled_from(sorted(FIELDS)), value=st.text(max_size=400) | st.text(max_size=12_000))
+def test_form_field_rules_never_pass_a_line_break_into_a_one_line_field(field: str, value: str) -> None:
+    rule = FIELDS[field]
+    problem = field_problem(rule, value)
+    assert problem in ("", "missing", "too_long", "control", "too_many_lines")
+    if problem == "" and value.strip():
+        assert len(value) <= rule.limit
+        if rule.lines == 1:
+            assert not FORM_CONTROL & set(value), value
+        else:
+            assert len(value.splitlines()) <= rule.lines
+            assert not (FORM_CONTROL - {"\t", "\n", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85",
+                                        "\u2028", "\u2029"}) & set(value)
+
+
+@PROFILE
+@given(name=st.text(min_size=1, max_size=200), query=st.text(min_size=1, max_size=3000))
+def test_form_submission_becomes_a_mail_with_only_our_headers(name: str, query: str) -> None:
+    """What web.py's message() builds from accepted fields parses back to the same sender, one header each."""
+    assume(not field_problem(FIELDS["name"], name) and not field_problem(FIELDS["query"], query))
+    draft = Draft(from_name=name.strip(), from_address="zoe@customer.example", to=("care@ticketnest.test",),
+                  subject="Contact form", text="\n".join(query.splitlines()).rstrip(),
+                  message_id="form@ticketnest.test")
+    assert sorted(rendered_headers(draft)) == intended(draft)
+    parsed = parse(render(draft), "zoe@customer.example")
+    assert parsed.from_address == "zoe@customer.example" and parsed.from_count == 1
+    assert parsed.subject == "Contact form" and not parsed.automatic
