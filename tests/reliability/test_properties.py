@@ -115,6 +115,7 @@ def test_parse_then_forward_adds_no_header(raw: bytes) -> None:
 # ----- the contact form's field rules, and a form submission on its way to a case -----
 
 FORM_CONTROL = {chr(c) for c in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]}
+LINE_CHARS = st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp"))  # what a one-line field can hold
 
 
 @PROFILE
@@ -134,7 +135,8 @@ def test_form_field_rules_never_pass_a_line_break_into_a_one_line_field(field: s
 
 
 @PROFILE
-@given(name=st.text(min_size=1, max_size=200), query=st.text(min_size=1, max_size=3000))
+@given(name=st.text(LINE_CHARS, min_size=1, max_size=200),
+       query=st.lists(st.text(LINE_CHARS, max_size=200), min_size=1, max_size=30).map("\n".join))
 def test_form_submission_becomes_a_mail_with_only_our_headers(name: str, query: str) -> None:
     """What web.py's message() builds from accepted fields parses back to the same sender, one header each."""
     assume(not field_problem(FIELDS["name"], name) and not field_problem(FIELDS["query"], query))
