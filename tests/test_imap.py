@@ -239,21 +239,4 @@ def test_several_batches_are_taken_exactly_once(svc: Daemon, dovecot: DovecotSer
     svc.start()
     wait_for(lambda: maildir_files(dovecot) == [], what="mailbox drained")
     assert taken(svc) == (2 * BATCH + 50, 0)
-    assert "sessions=2" in svc.log.read_text()  # deletes ran on the second session
 
-
-def test_server_allowing_one_session_deletes_in_turn(tmp_path: Path, relay: CaptureRelay,
-                                                     dovecot: DovecotServer) -> None:
-    dovecot.stop()
-    with dovecot.config.open("a") as conf:
-        conf.write("protocol imap {\n  mail_max_userip_connections = 1\n}\n")
-    dovecot.start()
-    deliver_files(dovecot, many(BATCH + 20, "One session"))
-    daemon = Daemon(imap_config(tmp_path / "svc", relay, dovecot)).start()
-    try:
-        wait_for(lambda: maildir_files(dovecot) == [], what="mailbox drained")
-        assert taken(daemon) == (BATCH + 20, 0)
-        log = daemon.log.read_text()
-        assert "imap_single_session mailbox=" in log and "sessions=1" in log
-    finally:
-        daemon.stop()

@@ -3,11 +3,10 @@
 A pass takes everything in the folder: SEARCH ALL (flagged or not), move messages larger than
 smtp.max_message_bytes to the quarantine folder, FETCH the rest in batches (BODY.PEEK[]), commit each
 batch through `Ingest.accept`, and only then STORE \\Deleted and UID EXPUNGE (EXPUNGE without
-UIDPLUS). The three overlap: while batch k is fetched, batches k-1 and k-2 commit and batch k-3 is
-deleted on a second session (or, if the server refuses one, in turn on the first). Between passes the
-worker IDLEs when the server offers it, else it polls every poll_seconds. Nothing depends on UIDs
-across sessions, so a UIDVALIDITY change needs no recovery: a message committed before a crash is
-taken again, recognised by its keyed digest, and only expunged.
+UIDPLUS). Fetching and committing overlap: while batch k is fetched, batches k-1 and k-2 commit.
+Between passes the worker IDLEs when the server offers it, else it polls every poll_seconds.
+Nothing depends on UIDs across sessions, so a UIDVALIDITY change needs no recovery: a message
+committed before a crash is taken again, recognised by its keyed digest, and only expunged.
 
 The envelope sender of a message read over IMAP is its Return-Path header (written by the delivering
 server; `<>` marks a bounce), or else its From address, so mail appended without a Return-Path is
@@ -30,7 +29,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from email.utils import getaddresses, parseaddr
 from pathlib import Path
 from typing import Any
@@ -120,7 +119,7 @@ def _crash_point(point: str) -> None:
         os._exit(137)
 
 
-def expunge(client: IMAPClient, uids: list[int], uidplus: bool) -> int:
+def _expunge(client: IMAPClient, uids: list[int], uidplus: bool) -> int:
     """Flag `uids` \\Deleted and expunge them (only ever called for committed or quarantined mail)."""
     client.add_flags(uids, [DELETED], silent=True)
     _crash_point("flag")
@@ -129,43 +128,6 @@ def expunge(client: IMAPClient, uids: list[int], uidplus: bool) -> int:
     else:
         client.expunge()
     return len(uids)
-
-
-class Deleter:
-    """Deletes committed batches; on a second session of its own, in a pool thread beside the next FETCH."""
-
-    def __init__(self, client: IMAPClient, uidplus: bool, pool: ThreadPoolExecutor | None) -> None:
-        self.client = client
-        self.uidplus = uidplus
-        self.pool = pool  # None: the worker's own session deletes, in turn with fetching
-        self._running: Future[int] | None = None
-        self._deleted = 0
-
-    def delete(self, uids: list[int]) -> None:
-        """Delete `uids` once the previous batch is deleted (an error from that one is raised here)."""
-        self._wait()
-        if not uids:
-            return
-        if self.pool is None:
-            self._deleted += expunge(self.client, uids, self.uidplus)
-        else:
-            self._running = self.pool.submit(expunge, self.client, uids, self.uidplus)
-
-    def finish(self) -> int:
-        """Wait for the batch in flight; returns how many messages were deleted since the last call."""
-        self._wait()
-        deleted, self._deleted = self._deleted, 0
-        return deleted
-
-    def reselect(self, folder: str) -> None:
-        """Keep the second session alive and its view current (SELECT also drops kept responses)."""
-        if self.pool is not None:
-            self.client.select_folder(folder)
-
-    def _wait(self) -> None:
-        if self._running is not None:
-            running, self._running = self._running, None
-            self._deleted += running.result()
 
 
 class MailboxWorker:
@@ -181,7 +143,7 @@ class MailboxWorker:
         self.loop = loop
         self.thread = threading.Thread(target=self._run, name=f"imap-{box.name}", daemon=True)
         self._stop = threading.Event()
-        self._clients: list[IMAPClient] = []  # this session's connections
+        self._client: IMAPClient | None = None
         self._problem: str | None = None  # None until the first health record
         self._failures = 0
         self._delay = BACKOFF_FIRST
@@ -191,8 +153,9 @@ class MailboxWorker:
         self._stop.set()
 
     def interrupt(self) -> None:
-        """Break blocking socket calls (used when the worker did not stop within the grace time)."""
-        for client in list(self._clients):
+        """Break a blocking socket call (used when the worker did not stop within the grace time)."""
+        client = self._client
+        if client is not None:
             with contextlib.suppress(OSError):
                 client.socket().shutdown(socket.SHUT_RDWR)
 
@@ -231,7 +194,7 @@ class MailboxWorker:
             raise MailboxProblem("tls_error") from exc
         except (OSError, IMAPClientError) as exc:
             raise MailboxProblem("connect_failed") from exc
-        self._clients.append(client)
+        self._client = client
         if box.security == "starttls":
             try:
                 client.starttls(context)
@@ -239,46 +202,25 @@ class MailboxWorker:
                 raise MailboxProblem("tls_error") from exc
         return client
 
-    def _open(self, password: str) -> IMAPClient:
-        """A new session, logged in, with the folder selected."""
-        client = self._connect()
-        try:
-            client.login(self.box.username, password)
-        except LoginError as exc:
-            raise MailboxProblem("auth_failed") from exc
-        try:
-            self._note_uidvalidity(client.select_folder(self.box.folder))
-        except IMAPClientError as exc:
-            raise MailboxProblem("folder_missing") from exc
-        return client
-
-    def _deleter(self, client: IMAPClient, password: str, pool: ThreadPoolExecutor) -> Deleter:
-        """Delete on a second session when the server allows one, else on `client` itself."""
-        uidplus = client.has_capability("UIDPLUS")
-        try:
-            return Deleter(self._open(password), uidplus, pool)
-        except (MailboxProblem, OSError, IMAPClientError) as exc:
-            log.info("imap_single_session mailbox=%s %s", self.box.name, error_fields(exc.__cause__ or exc))
-            for refused in self._clients[1:]:
-                with contextlib.suppress(Exception):
-                    refused.shutdown()
-            del self._clients[1:]
-            return Deleter(client, uidplus, None)
-
     def _session(self) -> None:
         try:
             password = Path(self.box.password_file).read_text().strip()
         except OSError as exc:
             raise MailboxProblem("password_unreadable") from exc
-        pool = ThreadPoolExecutor(1, thread_name_prefix="imap-delete")
         try:
-            client = self._open(password)
-            deleter = self._deleter(client, password, pool)
-            idle = client.has_capability("IDLE")
-            log.info("imap_connected mailbox=%s idle=%s uidplus=%s sessions=%d", self.box.name, idle,
-                     deleter.uidplus, 1 if deleter.pool is None else 2)
+            client = self._connect()
+            try:
+                client.login(self.box.username, password)
+            except LoginError as exc:
+                raise MailboxProblem("auth_failed") from exc
+            try:
+                self._note_uidvalidity(client.select_folder(self.box.folder))
+            except IMAPClientError as exc:
+                raise MailboxProblem("folder_missing") from exc
+            idle, uidplus = client.has_capability("IDLE"), client.has_capability("UIDPLUS")
+            log.info("imap_connected mailbox=%s idle=%s uidplus=%s", self.box.name, idle, uidplus)
             while not self._stop.is_set():
-                while not self._stop.is_set() and self._drain_pass(client, deleter):
+                while not self._stop.is_set() and self._drain_pass(client, uidplus):
                     pass
                 if self._problem != "":
                     self._health("")
@@ -290,18 +232,16 @@ class MailboxWorker:
                     self._stop.wait(self.box.poll_seconds)
                 if not self._stop.is_set():  # a fresh view; imaplib also drops the responses it kept
                     self._note_uidvalidity(client.select_folder(self.box.folder))
-                    deleter.reselect(self.box.folder)
             client.logout()
         except ssl.SSLError as exc:
             raise MailboxProblem("tls_error") from exc
         except (OSError, IMAPClientError) as exc:
             raise MailboxProblem("session_failed") from exc
         finally:
-            for client in self._clients:
+            client, self._client = self._client, None
+            if client is not None:
                 with contextlib.suppress(Exception):
                     client.shutdown()
-            self._clients.clear()
-            pool.shutdown(wait=True, cancel_futures=True)
 
     def _note_uidvalidity(self, selected: dict[bytes, Any]) -> None:
         uidvalidity = selected.get(b"UIDVALIDITY")
@@ -324,7 +264,7 @@ class MailboxWorker:
                 raise ConnectionError("connection closed during IDLE")
         client.idle_done()
 
-    def _drain_pass(self, client: IMAPClient, deleter: Deleter) -> int:
+    def _drain_pass(self, client: IMAPClient, uidplus: bool) -> int:
         """Take what is in the folder now; returns how many messages left it."""
         uids = client.search("ALL")
         if not uids:
@@ -332,22 +272,22 @@ class MailboxWorker:
         big = set(client.search(["LARGER", min(BIG_MESSAGE, self.max_bytes)])) & set(uids)
         sizes = client.fetch(sorted(big), ["RFC822.SIZE"]) if big else {}
         too_large = sorted(u for u, d in sizes.items() if d.get(b"RFC822.SIZE", 0) > self.max_bytes)
-        removed = self._quarantine(client, too_large, deleter.uidplus) if too_large else 0
+        removed = self._quarantine(client, too_large, uidplus) if too_large else 0
         small = [u for u in uids if u not in big]
         batches = [small[i:i + BATCH] for i in range(0, len(small), BATCH)]
         batches += [[u] for u in sorted(big.difference(too_large))]
-        pending: deque[Pending] = deque()  # batch k is fetched while k-1 and k-2 commit and k-3 is deleted
+        pending: deque[Pending] = deque()
         for batch in batches:
             if self._stop.is_set():
                 break
             fetched = self._fetch(client, batch)
-            committed = self._committed(pending.popleft()) if len(pending) == COMMITS_IN_FLIGHT else []
             if fetched:
                 pending.append(self._submit(fetched))
-            deleter.delete(committed)
+            if len(pending) > COMMITS_IN_FLIGHT:
+                removed += _expunge(client, self._committed(pending.popleft()), uidplus)
         while pending:
-            deleter.delete(self._committed(pending.popleft()))
-        return removed + deleter.finish()
+            removed += _expunge(client, self._committed(pending.popleft()), uidplus)
+        return removed
 
     def _fetch(self, client: IMAPClient, uids: list[int]) -> list[tuple[int, NewMessage]]:
         fetched = client.fetch(uids, ["BODY.PEEK[]"])
@@ -387,7 +327,7 @@ class MailboxWorker:
             client.move(uids, folder)
         else:
             client.copy(uids, folder)
-            expunge(client, uids, uidplus)
+            _expunge(client, uids, uidplus)
         log.warning("imap_quarantined mailbox=%s messages=%d reason=too_large folder=%s", self.box.name, len(uids),
                     folder)
         return len(uids)
