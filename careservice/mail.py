@@ -250,8 +250,8 @@ def parse(raw: bytes, mail_from: str) -> Parsed:
     except Exception:
         addresses, defects = [], [*defects, "bad_from"]
     name, address = addresses[0] if addresses else ("", "")
-    if "@" not in address:
-        address = ""
+    if "@" not in address or not address.isprintable() or any(c.isspace() for c in address):
+        address = ""  # e.g. U+2028 in a raw UTF-8 name made the stdlib return "victim@x.example x-injected"
     text, attachments = "", [Attachment("original.eml", "message/rfc822", raw)]
     try:
         if whole:

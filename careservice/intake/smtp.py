@@ -63,7 +63,10 @@ class SmtpHandler:
             recipient = self.addressing.recipient(rcpt)
             assert recipient is not None  # handle_RCPT let only ours through
             # a client that lost our 250 (we crashed after the commit) sends again: one case, not two
-            digest, _ = dedupe_key(self.ingest.store.keyring, recipient.site.id, raw)
+            try:
+                digest, _ = dedupe_key(self.ingest.store.keyring, recipient.site.id, raw)
+            except Exception:  # e.g. RecursionError on a hostile From: take it, just without de-duplication
+                digest = b""
             messages.append(NewMessage(recipient.site.id, Source.SMTP,
                                        CaseEnvelope(sender, rcpt), raw, dedupe=digest))
         try:
@@ -72,6 +75,11 @@ class SmtpHandler:
             log.error("intake_failed %s", error_fields(exc))
             return REPLY_TRY_AGAIN
         return REPLY_OK
+
+    async def handle_exception(self, error: Exception) -> str:
+        """Any other failure in a session: 451, not aiosmtpd's "500 Error: (type) message" to the client."""
+        log.error("session_failed %s", error_fields(error))
+        return REPLY_TRY_AGAIN
 
 
 def tls_context(config: SmtpConfig) -> ssl.SSLContext | None:

@@ -279,3 +279,27 @@ def test_ten_megabyte_attachment(tmp_path: Path, relay: CaptureRelay) -> None:
         wait_for(lambda: status(daemon)["outbound_queued"] == 0, timeout=60, what="queue drained")
     finally:
         daemon.stop()
+
+
+def mail_reply(daemon: Daemon) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=30) as client:
+        client.ehlo()
+        return client.mail(CUSTOMER)
+
+
+def test_an_internal_error_is_a_plain_451_without_details(tmp_path: Path, relay: CaptureRelay) -> None:
+    """aiosmtpd would answer "500 Error: (FileNotFoundError) [Errno 2] ... /path"; the client gets 451."""
+    daemon = Daemon(write_config(tmp_path, relay.port)).start()
+    moved = tmp_path / "moved"
+    try:
+        daemon.data_dir.rename(moved)  # the free-space check at MAIL now fails
+        wait_for(lambda: mail_reply(daemon)[0] != 250, timeout=5, what="MAIL fails")  # the check is cached 0.25 s
+        assert mail_reply(daemon) == (451, b"4.3.0 Temporary failure, please try again later")
+        moved.rename(daemon.data_dir)
+        wait_for(lambda: mail_reply(daemon)[0] == 250, timeout=5, what="MAIL taken again")
+        assert "session_failed error=FileNotFoundError" in daemon.log.read_text()
+        assert str(tmp_path) not in daemon.log.read_text().split("session_failed")[1].splitlines()[0]
+    finally:
+        if moved.exists():
+            moved.rename(daemon.data_dir)
+        daemon.stop()

@@ -30,6 +30,8 @@ def check(parsed: Parsed) -> None:
                   *parsed.recipients):
         assert "\r" not in value and "\n" not in value and "\x00" not in value
     assert len(parsed.subject) <= 500 and len(parsed.from_address) <= 254
+    assert parsed.from_address == "" or ("@" in parsed.from_address and parsed.from_address.isprintable()
+                                         and not any(c.isspace() for c in parsed.from_address))
     assert all(isinstance(a.data, bytes) for a in parsed.attachments)
 
 
