@@ -51,7 +51,10 @@ class Runner:
 
     async def run(self) -> None:
         while True:
-            await self.run_due()
+            try:
+                await self.run_due()
+            except Exception as exc:  # the store failed: nothing was applied, the next round retries
+                log.error("runner_round_failed %s", error_fields(exc))
             await self._wake.wait(IDLE_WAIT)
 
     async def run_due(self) -> int:

@@ -51,7 +51,7 @@ CREATE TABLE IF NOT EXISTS stats(
     PRIMARY KEY(site, day, name)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ack_rate(
     digest BLOB NOT NULL, hour INTEGER NOT NULL, n INTEGER NOT NULL, PRIMARY KEY(digest, hour)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS seen(digest BLOB PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS k.seen(digest BLOB PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS mailbox_health(
     name TEXT PRIMARY KEY, ok INTEGER NOT NULL, problem TEXT NOT NULL, since REAL NOT NULL,
     failures INTEGER NOT NULL) WITHOUT ROWID;
@@ -91,6 +91,7 @@ class _Op:
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
     checkpoint: bool
+    write: bool
 
 
 def _day(ts: float) -> str:
@@ -173,11 +174,15 @@ class Store:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
 
-    async def _call(self, fn: Callable[..., Any], *args: Any, checkpoint: bool = False) -> Any:
+    async def _call(self, fn: Callable[..., Any], *args: Any, checkpoint: bool = False, write: bool = True) -> Any:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put(_Op(fn, args, future, loop, checkpoint))
+        self._queue.put(_Op(fn, args, future, loop, checkpoint, write))
         return await future
+
+    async def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """A call that only reads: it runs in a snapshot under the shared lock, beside other readers."""
+        return await self._call(fn, *args, write=False)
 
     def _run(self) -> None:
         try:
@@ -209,11 +214,22 @@ class Store:
         os.close(self._write_lock)
 
     def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        """Reads in one snapshot without the write lock, then all writes in one locked transaction."""
+        for ops, write in (([op for op in batch if not op.write], False), ([op for op in batch if op.write], True)):
+            if ops:
+                results = self._transaction(conn, ops, write)
+                for op, result in zip(ops, results, strict=True):
+                    op.loop.call_soon_threadsafe(_resolve, op.future, result)
+
+    def _transaction(self, conn: sqlite3.Connection, ops: list[_Op], write: bool) -> list[Any]:
         results: list[Any] = []
-        fcntl.flock(self._write_lock, fcntl.LOCK_EX)  # the kernel queues writers; SQLite's busy wait sleeps
+        # Writers take the lock exclusively (the kernel queues the two processes; SQLite's own busy wait
+        # sleeps). Readers share it: a commit spans cases.db and keys.db, which are not atomic together
+        # in WAL mode, so a reader must not look between the two files' commits.
+        fcntl.flock(self._write_lock, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for op in batch:
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            for op in ops:
                 conn.execute("SAVEPOINT op")
                 try:
                     results.append(op.fn(conn, self.keyring, *op.args))
@@ -226,14 +242,13 @@ class Store:
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            results = [StoreError(f"commit failed: {exc.sqlite_errorname}")] * len(batch)
+            results = [StoreError(f"commit failed: {exc.sqlite_errorname}")] * len(ops)
         else:
-            if any(op.checkpoint for op in batch):
+            if any(op.checkpoint for op in ops):
                 _checkpoint(conn)
         finally:
             fcntl.flock(self._write_lock, fcntl.LOCK_UN)
-        for op, result in zip(batch, results, strict=True):
-            op.loop.call_soon_threadsafe(_resolve, op.future, result)
+        return results
 
     # ----- the operations the rest of the code calls -----
 
@@ -242,10 +257,10 @@ class Store:
         return await self._call(_add_inbound, messages, now)
 
     async def due_cases(self, states: Iterable[CaseState], now: float, limit: int, exclude: set[str]) -> list[Case]:
-        return await self._call(_due_cases, tuple(states), now, limit, tuple(exclude))
+        return await self._read(_due_cases, tuple(states), now, limit, tuple(exclude))
 
     async def get_case(self, case_id: str) -> Case | None:
-        return await self._call(_get_case, case_id)
+        return await self._read(_get_case, case_id)
 
     async def apply(self, case: Case, outcome: Outcome, now: float, next_run: float) -> None:
         """Write a stage's outcome and the mail it causes in one transaction."""
@@ -253,7 +268,7 @@ class Store:
         await self._call(_apply, case, outcome, now, next_run, checkpoint=purging)
 
     async def due_mail(self, now: float, limit: int, exclude: set[int]) -> list[QueuedMail]:
-        return await self._call(_due_mail, now, limit, tuple(exclude))
+        return await self._read(_due_mail, now, limit, tuple(exclude))
 
     async def mail_delivered(self, item: QueuedMail, now: float) -> None:
         """Drop a delivered mail; a delivered answer purges its case in the same transaction."""
@@ -276,14 +291,14 @@ class Store:
         return await self._call(_take_ack_slot, digest, int(now // 3600), limit)
 
     async def counts(self) -> dict[str, Any]:
-        return await self._call(_counts_op)
+        return await self._read(_counts_op)
 
     async def mailbox_health(self, name: str, problem: str, now: float) -> None:
         """Record an IMAP mailbox's health for `status --json` ("" = working; else a short code)."""
         await self._call(_mailbox_health, name, problem, now)
 
     async def stats(self) -> list[tuple[str, str, str, int]]:
-        return await self._call(_stats)
+        return await self._read(_stats)
 
 
 def _checkpoint(conn: sqlite3.Connection) -> None:
@@ -331,17 +346,18 @@ def _sweep_orphans(conn: sqlite3.Connection, keyring: Keyring) -> None:
     conn.execute(
         "DELETE FROM k.keys WHERE id NOT IN (SELECT id FROM cases) AND id NOT IN (SELECT case_id FROM outbox)"
     )
-    conn.execute("DELETE FROM seen WHERE expires < ?", (time.time(),))
+    conn.execute("DELETE FROM k.seen WHERE expires < ?", (time.time(),))
 
 
 def _add_inbound(conn: sqlite3.Connection, keyring: Keyring, messages: list[NewMessage], now: float) -> list[str]:
     ids = []
     for m in messages:
         if m.dedupe:
-            if conn.execute("SELECT 1 FROM seen WHERE digest=?", (m.dedupe,)).fetchone():
+            # k.seen, beside the keys: SQLite commits cases.db first, so a digest is durable only with its case
+            if conn.execute("SELECT 1 FROM k.seen WHERE digest=?", (m.dedupe,)).fetchone():
                 ids.append("")
                 continue
-            conn.execute("INSERT INTO seen VALUES (?, ?)", (m.dedupe, now + 14 * 86400))
+            conn.execute("INSERT INTO k.seen VALUES (?, ?)", (m.dedupe, now + 14 * 86400))
         case_id = secrets.token_hex(6)
         key, wrapped = keyring.new_case_key()
         case = Case(case_id, m.site, CaseState.RECEIVED, m.source, now, secrets.token_hex(4), m.envelope, m.raw,
