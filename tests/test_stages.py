@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import pkgutil
 import sqlite3
 import time
@@ -77,3 +78,28 @@ async def test_store_seals_everything_and_purge_shreds_the_key(ctx: Context) -> 
     assert keys.execute("SELECT count(*) FROM keys").fetchone()[0] == 0
     keys.close()
     assert (await ctx.store.counts())["inbound_pending"] == 0
+
+
+async def test_reader_never_sees_a_case_without_its_key(tmp_path: Path) -> None:
+    """cases.db and keys.db commit one after the other; a second process's reads must not fall between."""
+    keyring = Keyring(b"k" * 32)
+    writer, reader = Store(tmp_path, keyring), Store(tmp_path, keyring)
+    await writer.start(sweep=True)
+    await reader.start(sweep=False)
+    message = NewMessage("ticketnest", Source.SMTP, Envelope("a@customer.example", CARE), b"Subject: x\r\n\r\nx")
+
+    async def write() -> None:
+        for _ in range(200):
+            await writer.add_inbound([message], time.time())
+
+    async def read() -> int:
+        seen = 0
+        while seen < 200:
+            seen = len(await reader.due_cases([CaseState.RECEIVED], time.time() + 1, 500, set()))
+        return seen
+
+    try:
+        assert await asyncio.wait_for(asyncio.gather(write(), read()), 60) == [None, 200]
+    finally:
+        await writer.close()
+        await reader.close()
