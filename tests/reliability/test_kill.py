@@ -13,6 +13,7 @@ import random
 import re
 import signal
 import smtplib
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -21,6 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from careservice.crypto import Keyring
+from careservice.model import Envelope, Source
+from careservice.store import NewMessage, Store
 from tests.reliability.helpers import IDLE, SCALE, RawSmtp, integrity, log_leaks, status, stored_rows
 from tests.support import CARE, STAFF, CaptureRelay, Daemon, customer_mail, send, staff_reply, wait_for, write_config
 
@@ -207,3 +211,28 @@ def test_kill9_under_load_loses_nothing(tmp_path: Path, relay: CaptureRelay) -> 
     assert integrity(daemon.data_dir) == ["ok", "ok"]
     assert stored_rows(daemon.data_dir) == {"cases": 0, "outbox": 0, "k.keys": 0}
     assert log_leaks(daemon, ["kill-c", "kill-a", "@customer.example", "Name kill"]) == []
+
+
+async def test_a_commit_cut_between_the_two_files_does_not_swallow_the_retry(tmp_path: Path) -> None:
+    """SQLite commits an ATTACHed WAL transaction file by file, main (cases.db) first. A kill between
+    the two leaves the case without its key (swept at start, and no 250 was sent); the client's retry
+    must then make a new case, not be taken for a message already stored."""
+    keyring = Keyring(b"k" * 32)
+    message = NewMessage("ticketnest", Source.SMTP, Envelope("a@customer.example", CARE), b"Subject: x\r\n\r\nx",
+                         dedupe=b"d" * 32)
+    store = Store(tmp_path, keyring)
+    await store.start(sweep=True)
+    await store.add_inbound([message], time.time())
+    await store.close()
+    keys = sqlite3.connect(tmp_path / "keys.db")  # undo what the second file's commit would have written
+    for (table,) in keys.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
+        keys.execute(f"DELETE FROM {table}")
+    keys.commit()
+    keys.close()
+    store = Store(tmp_path, keyring)
+    await store.start(sweep=True)
+    try:
+        assert (await store.counts())["inbound_pending"] == 0  # the half-written case is gone
+        assert (await store.add_inbound([message], time.time()))[0] != ""  # the retry is a new case
+    finally:
+        await store.close()
