@@ -42,11 +42,15 @@ def read_secret(path: str, env: str) -> str:
     return Path(path).read_text().strip() if path else ""
 
 
-def build_context(config: Config, create_key: bool) -> Context:
-    """The store and everything keyed by the master key, as both processes need them."""
-    keyring = Keyring(load_master_key(config.master_key_file, create=create_key))
-    return Context(config, Store(config.data_dir, keyring), Addressing(config.sites, keyring), keyring,
-                   Texts(config.templates_dir), time.time)
+def build_context(config: Config, intake: bool) -> Context:
+    """The store and everything keyed by the master key, as both processes need them.
+
+    Only the intake process creates a missing master key, and only its commits must be on disk
+    before they are answered (see careservice.store).
+    """
+    keyring = Keyring(load_master_key(config.master_key_file, create=intake))
+    return Context(config, Store(config.data_dir, keyring, durable=intake), Addressing(config.sites, keyring),
+                   keyring, Texts(config.templates_dir), time.time)
 
 
 class Worker:
@@ -54,7 +58,7 @@ class Worker:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.ctx = build_context(config, create_key=False)
+        self.ctx = build_context(config, intake=False)
         self.store = self.ctx.store
         relay = Relay(config.relay, read_secret(config.relay.password_file, "CARESERVICE_RELAY_PASSWORD"))
         self.outbox = Outbox(config.relay, self.store, relay, time.time, self.answer_failed_notice)
@@ -159,7 +163,7 @@ class Service:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.ctx = build_context(config, create_key=True)
+        self.ctx = build_context(config, intake=True)
         self.store = self.ctx.store
         self.worker = WorkerProcess(config)
         self.ingest = Ingest(self.store, config.data_dir, config.smtp.min_free_bytes, self.worker.wake, time.time)

@@ -1,6 +1,9 @@
 """The durable case store: the only module that speaks SQL.
 
-SQLite in WAL mode with synchronous=FULL and secure_delete=ON. Every personal byte is sealed
+SQLite in WAL mode with secure_delete=ON. The intake's store is `durable` (synchronous=FULL: a
+commit is on disk before the 250). The worker's is not (NORMAL: its transitions may roll back on
+power loss, which only repeats a send - delivery is at-least-once); a purge is still on disk at
+once, since the WAL checkpoint that follows it syncs the database. Every personal byte is sealed
 with AES-256-GCM under a per-case data key; the wrapped keys live in a separate database file
 (keys.db), so deleting a key makes every copy of its case unreadable. One writer thread owns the
 connection and commits whatever is waiting as one transaction (group commit), each call inside
@@ -98,7 +101,7 @@ def _day(ts: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(ts))
 
 
-def _connect(data_dir: Path, read_only: bool = False) -> sqlite3.Connection:
+def _connect(data_dir: Path, read_only: bool = False, durable: bool = True) -> sqlite3.Connection:
     if read_only:
         conn = sqlite3.connect(f"file:{data_dir / 'cases.db'}?mode=ro", uri=True, isolation_level=None)
         conn.execute("PRAGMA busy_timeout=5000")
@@ -108,7 +111,7 @@ def _connect(data_dir: Path, read_only: bool = False) -> sqlite3.Connection:
     conn.execute("ATTACH DATABASE ? AS k", (str(data_dir / "keys.db"),))
     for schema in ("main", "k"):
         conn.execute(f"PRAGMA {schema}.journal_mode=WAL")
-        conn.execute(f"PRAGMA {schema}.synchronous=FULL")
+        conn.execute(f"PRAGMA {schema}.synchronous={'FULL' if durable else 'NORMAL'}")
         conn.execute(f"PRAGMA {schema}.secure_delete=ON")
         conn.execute(f"PRAGMA {schema}.journal_size_limit=0")
     conn.execute("PRAGMA temp_store=MEMORY")
@@ -147,8 +150,9 @@ def _counts(conn: sqlite3.Connection) -> dict[str, Any]:
 class Store:
     """Async facade over the writer thread. Construct, `await start()`, and `await close()`."""
 
-    def __init__(self, data_dir: Path, keyring: Keyring) -> None:
+    def __init__(self, data_dir: Path, keyring: Keyring, durable: bool = True) -> None:
         self.data_dir = data_dir
+        self.durable = durable
         self.keyring = keyring
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -186,7 +190,7 @@ class Store:
 
     def _run(self) -> None:
         try:
-            conn = _connect(self.data_dir)
+            conn = _connect(self.data_dir, durable=self.durable)
             self._write_lock = os.open(self.data_dir / "write.lock", os.O_RDWR | os.O_CREAT, 0o600)
         except (sqlite3.Error, OSError) as exc:
             self._open_error = exc
