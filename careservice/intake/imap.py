@@ -84,10 +84,13 @@ def _header(head: bytes, pattern: re.Pattern[bytes]) -> str | None:
 def envelope_sender(head: bytes) -> str:
     """Return-Path's address ("" for `<>`), else the first From address, else ""."""
     return_path = _header(head, _RETURN_PATH)
-    if return_path is not None:
-        return parseaddr(return_path)[1]
-    sender = _header(head, _FROM)
-    addresses = [a for _, a in getaddresses([sender])] if sender else []
+    try:
+        if return_path is not None:
+            return parseaddr(return_path)[1]
+        sender = _header(head, _FROM)
+        addresses = [a for _, a in getaddresses([sender])] if sender else []
+    except Exception:  # e.g. RecursionError on nested comments: such a message must not block the mailbox
+        return ""
     return addresses[0] if addresses and "@" in addresses[0] else ""
 
 
