@@ -36,7 +36,7 @@ import imapclient
 from imapclient import DELETED
 
 from tests.dovecot import DovecotServer, dovecot_binary, start_dovecot
-from tests.support import STAFF, CaptureRelay, Daemon, customer_mail, wait_for, write_config
+from tests.support import STAFF, CaptureRelay, Daemon, customer_mail, imap_config, wait_for
 
 BATCH = 100
 DRAIN_TIMEOUT = 600.0
@@ -125,19 +125,7 @@ def baseline_run(dovecot: DovecotServer, n: int, size: int, tag: str) -> Drain:
 
 def start_daemon(root: Path, relay: CaptureRelay, dovecot: DovecotServer) -> Daemon:
     """careservice with one [[imap]] table for `dovecot`, logging at INFO, IDLEing once this returns."""
-    root.mkdir(parents=True)
-    secret = root / "imap.password"
-    secret.write_text(dovecot.password)
-    config = write_config(root, relay.port, extra=f"""
-[[imap]]
-site = "ticketnest"
-host = "{dovecot.host}"
-port = {dovecot.port}
-security = "none"
-username = "{dovecot.username}"
-password_file = "{secret}"
-poll_seconds = 60
-""")
+    config = imap_config(root, relay, dovecot)
     config.write_text(config.read_text().replace('log_level = "DEBUG"', 'log_level = "INFO"'))
     daemon = Daemon(config).start()
     wait_for(lambda: "imap_working" in daemon.log.read_text(), what="imap worker idling")

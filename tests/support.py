@@ -20,6 +20,8 @@ from pathlib import Path
 
 from aiosmtpd.controller import Controller
 
+from tests.dovecot import DovecotServer
+
 WAIT = 20.0
 
 
@@ -140,6 +142,24 @@ staff = ["{STAFF}"]
 {extra}
 """)
     return path
+
+
+def imap_config(tmp: Path, relay: CaptureRelay, dovecot: DovecotServer, *, password: str = "", poll_seconds: int = 60,
+                security: str = "none") -> Path:
+    """A daemon config with one [[imap]] table for the test Dovecot; the password goes to a file."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    secret = tmp / "imap.password"
+    secret.write_text((password or dovecot.password) + "\n")
+    return write_config(tmp, relay.port, extra=f"""
+[[imap]]
+site = "ticketnest"
+host = "{dovecot.host}"
+port = {dovecot.port}
+security = "{security}"
+username = "{dovecot.username}"
+password_file = "{secret}"
+poll_seconds = {poll_seconds}
+""")
 
 
 @dataclass

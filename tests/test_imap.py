@@ -12,7 +12,7 @@ from imapclient import DELETED
 
 from careservice.intake.imap import BATCH, CRASH_ENV
 from tests.dovecot import DovecotServer
-from tests.support import STAFF, CaptureRelay, Daemon, customer_mail, staff_reply, wait_for, write_config
+from tests.support import STAFF, CaptureRelay, Daemon, customer_mail, imap_config, staff_reply, wait_for
 
 pytestmark = pytest.mark.imap
 
@@ -21,24 +21,6 @@ CUSTOMER = "alice@customer.example"
 
 def mailbox_name(dovecot: DovecotServer, folder: str = "INBOX") -> str:
     return f"{dovecot.username}@{dovecot.host}:{dovecot.port}/{folder}"
-
-
-def imap_config(tmp: Path, relay: CaptureRelay, dovecot: DovecotServer, *, password: str = "", poll_seconds: int = 60,
-                security: str = "none") -> Path:
-    """A daemon config with one [[imap]] table for the test Dovecot; the password goes to a file."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    secret = tmp / "imap.password"
-    secret.write_text((password or dovecot.password) + "\n")
-    return write_config(tmp, relay.port, extra=f"""
-[[imap]]
-site = "ticketnest"
-host = "{dovecot.host}"
-port = {dovecot.port}
-security = "{security}"
-username = "{dovecot.username}"
-password_file = "{secret}"
-poll_seconds = {poll_seconds}
-""")
 
 
 @pytest.fixture

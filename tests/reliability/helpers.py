@@ -6,10 +6,13 @@ import json
 import os
 import socket
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from careservice.store import read_status
-from tests.support import Daemon
+from tests.support import CaptureRelay, Daemon, write_config
 
 SCALE = max(1, int(os.environ.get("CARESERVICE_RELIABILITY_SCALE", "1")))  # 20 = the full run (>= 200 kills)
 IDLE = {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0}
@@ -107,3 +110,14 @@ class RawSmtp:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def shared_daemon(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[tuple[Daemon, CaptureRelay]]:
+    """One daemon and capture relay for a whole test module (use as a module-scoped fixture's body)."""
+    relay = CaptureRelay().start()
+    daemon = Daemon(write_config(tmp_path_factory.mktemp(name), relay.port)).start()
+    try:
+        yield daemon, relay
+    finally:
+        daemon.stop()
+        relay.stop()

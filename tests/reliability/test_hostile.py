@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from careservice.mail import Parsed, parse
-from tests.reliability.helpers import log_leaks, set_keys, status
+from tests.reliability.helpers import log_leaks, set_keys, shared_daemon, status
 from tests.support import CARE, STAFF, CaptureRelay, Daemon, wait_for, write_config
 
 pytestmark = pytest.mark.reliability
@@ -202,13 +202,7 @@ def test_big_inputs_parse_without_stalling(name: str) -> None:
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, CaptureRelay]]:
-    relay = CaptureRelay().start()
-    daemon = Daemon(write_config(tmp_path_factory.mktemp("hostile"), relay.port)).start()
-    try:
-        yield daemon, relay
-    finally:
-        daemon.stop()
-        relay.stop()
+    yield from shared_daemon(tmp_path_factory, "hostile")
 
 
 def smtp_send(port: int, mail_from: str, raw: bytes) -> tuple[int, bytes]:

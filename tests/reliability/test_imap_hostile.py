@@ -10,8 +10,7 @@ import pytest
 from tests.dovecot import DovecotServer
 from tests.reliability.helpers import status
 from tests.reliability.test_hostile import CATALOGUE
-from tests.support import STAFF, CaptureRelay, Daemon, customer_mail, wait_for
-from tests.test_imap import imap_config
+from tests.support import STAFF, CaptureRelay, Daemon, customer_mail, imap_config, wait_for
 
 pytestmark = [pytest.mark.reliability, pytest.mark.imap]
 

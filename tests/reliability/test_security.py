@@ -12,7 +12,7 @@ from email.message import EmailMessage
 import pytest
 
 from careservice.mail import parse
-from tests.reliability.helpers import RawSmtp, log_leaks, status
+from tests.reliability.helpers import RawSmtp, log_leaks, shared_daemon, status
 from tests.support import (
     CARE,
     STAFF,
@@ -23,7 +23,6 @@ from tests.support import (
     send,
     staff_reply,
     wait_for,
-    write_config,
 )
 
 pytestmark = pytest.mark.reliability
@@ -42,13 +41,7 @@ FOREIGN_RECIPIENTS = [
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, CaptureRelay]]:
-    relay = CaptureRelay().start()
-    daemon = Daemon(write_config(tmp_path_factory.mktemp("security"), relay.port)).start()
-    try:
-        yield daemon, relay
-    finally:
-        daemon.stop()
-        relay.stop()
+    yield from shared_daemon(tmp_path_factory, "security")
 
 
 @pytest.mark.parametrize("rcpt", FOREIGN_RECIPIENTS)
