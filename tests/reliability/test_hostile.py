@@ -235,7 +235,13 @@ def test_daemon_answers_cleanly_and_keeps_serving(shared: tuple[Daemon, CaptureR
     print(f"daemon {item.name}: 250 -> {item.expect} in {time.monotonic() - start:.3f} s")
     assert len(relay.to(STAFF)) == forwards + (item.expect == "case")
     assert len(relay.to(CUSTOMER)) - acks <= (item.expect == "case")  # acks to one address are rate-limited
-    log = daemon.log.read_bytes()[log_start:].decode(errors="replace")
+
+    def new_log() -> str:
+        return daemon.log.read_bytes()[log_start:].decode(errors="replace")
+
+    # the worker writes its log line just after the commit that status already shows
+    wait_for(lambda: "case_advanced" in new_log(), timeout=HANG, what="the worker's log line")
+    log = new_log()
     assert "Traceback" not in log and "case_stage_failed" not in log, log[-3000:]
     if item.expect == "case":
         forward = relay.to(STAFF)[-1]
