@@ -115,7 +115,15 @@ class WorkerProcess:
         self._supervisor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        """Spawn the worker and wait (bounded) until it holds its lock, so the first cases are not kept
+        waiting for its imports."""
         await self._spawn()
+        deadline = time.monotonic() + WORKER_STOP_TIMEOUT
+        while not _worker_lock_held(self.config.data_dir) and time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.returncode is not None:
+                break  # the supervisor restarts it
+            await asyncio.sleep(0.02)
         self._supervisor = asyncio.create_task(self._supervise())
 
     async def _spawn(self) -> None:
@@ -238,6 +246,18 @@ async def run_worker(config: Config) -> None:
     signals.cancel()
     await worker.stop()
     os.close(lock)
+
+
+def _worker_lock_held(data_dir: Path) -> bool:
+    """True while some worker holds data_dir's worker lock."""
+    fd = os.open(data_dir / "worker.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock we took
+    return False
 
 
 def _worker_lock(data_dir: Path) -> int:
