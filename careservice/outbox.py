@@ -148,7 +148,7 @@ class Outbox:
             await self._delivered(item)
         sent = 0
         while self.clock() >= self._down_until:
-            items = await self.store.due_mail(self.clock(), BATCH, set())
+            items = await self.store.due_mail(self.clock(), BATCH)
             if not items:
                 break
             if self._down_count:

@@ -272,8 +272,8 @@ class Store:
         purging = CaseState.PURGED in (outcome.state, outcome.target_state)
         await self._call(_apply, case, outcome, now, next_run, checkpoint=purging)
 
-    async def due_mail(self, now: float, limit: int, exclude: set[int]) -> list[QueuedMail]:
-        return await self._read(_due_mail, now, limit, tuple(exclude))
+    async def due_mail(self, now: float, limit: int) -> list[QueuedMail]:
+        return await self._read(_due_mail, now, limit)
 
     async def mail_delivered(self, item: QueuedMail, now: float) -> None:
         """Drop a delivered mail; a delivered answer purges its case in the same transaction."""
@@ -301,9 +301,6 @@ class Store:
     async def mailbox_health(self, name: str, problem: str, now: float) -> None:
         """Record an IMAP mailbox's health for `status --json` ("" = working; else a short code)."""
         await self._call(_mailbox_health, name, problem, now)
-
-    async def stats(self) -> list[tuple[str, str, str, int]]:
-        return await self._read(_stats)
 
 
 def _checkpoint(conn: sqlite3.Connection) -> None:
@@ -477,23 +474,20 @@ def _apply(conn: sqlite3.Connection, keyring: Keyring, case: Case, outcome: Outc
     )
 
 
-def _due_mail(conn: sqlite3.Connection, keyring: Keyring, now: float, limit: int,
-              exclude: tuple[int, ...]) -> list[QueuedMail]:
+def _due_mail(conn: sqlite3.Connection, keyring: Keyring, now: float, limit: int) -> list[QueuedMail]:
     rows = conn.execute(
         "SELECT id, case_id, site, kind, created, attempts, meta, message FROM outbox WHERE next_attempt <= ? "
-        "ORDER BY next_attempt LIMIT ?", (now, limit + len(exclude)),
+        "ORDER BY next_attempt LIMIT ?", (now, limit),
     ).fetchall()
-    skip, out = set(exclude), []
+    out = []
     for row_id, case_id, site, kind, created, attempts, meta_blob, msg_blob in rows:
-        if row_id in skip:
-            continue
         key = _case_key(conn, keyring, case_id)
         aad = f"{case_id}:{row_id}".encode()
         meta = json.loads(open_sealed(key, meta_blob, aad + b"meta"))
         mail = OutgoingMail(MailKind(kind), case_id, meta["sender"], tuple(meta["recipients"]),
                             open_sealed(key, msg_blob, aad + b"msg"), meta["message_id"])
         out.append(QueuedMail(row_id, site, attempts, created, mail))
-    return out[:limit]
+    return out
 
 
 def _mail_delivered(conn: sqlite3.Connection, keyring: Keyring, item: QueuedMail, now: float) -> None:
@@ -548,6 +542,3 @@ def _mailbox_health(conn: sqlite3.Connection, keyring: Keyring, name: str, probl
     conn.execute("INSERT OR REPLACE INTO mailbox_health VALUES (?,?,?,?,?)", (name, int(not problem), problem,
                                                                               since, failures))
 
-
-def _stats(conn: sqlite3.Connection, keyring: Keyring) -> list[tuple[str, str, str, int]]:
-    return conn.execute("SELECT site, day, name, value FROM stats ORDER BY site, day, name").fetchall()
