@@ -107,7 +107,10 @@ def _connect(data_dir: Path, read_only: bool = False, durable: bool = True) -> s
         conn = sqlite3.connect(f"file:{data_dir / 'cases.db'}?mode=ro", uri=True, isolation_level=None)
         conn.execute("PRAGMA busy_timeout=5000")
         return conn
-    data_dir.mkdir(parents=True, exist_ok=True)
+    if durable:  # the intake owns data_dir; the worker must never create a new, empty store elsewhere
+        data_dir.mkdir(parents=True, exist_ok=True)
+    elif not (data_dir / "cases.db").exists():
+        raise sqlite3.OperationalError(f"no store in {data_dir}")
     conn = sqlite3.connect(data_dir / "cases.db", isolation_level=None)
     conn.execute("ATTACH DATABASE ? AS k", (str(data_dir / "keys.db"),))
     for schema in ("main", "k"):
