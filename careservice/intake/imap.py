@@ -81,8 +81,15 @@ def _header(head: bytes, pattern: re.Pattern[bytes]) -> str | None:
     return " ".join(match.group(1).decode("utf-8", "replace").split())
 
 
-def envelope_sender(head: bytes) -> str:
+def _head(raw: bytes) -> tuple[bytes, bytes]:
+    """The header block and the content after it ("" when there is no blank line)."""
+    end = _HEADER_END.search(raw)
+    return (raw[: end.start()], raw[end.end():]) if end else (raw, b"")
+
+
+def envelope_sender(raw: bytes) -> str:
     """Return-Path's address ("" for `<>`), else the first From address, else ""."""
+    head, _ = _head(raw)
     return_path = _header(head, _RETURN_PATH)
     try:
         if return_path is not None:
@@ -94,18 +101,15 @@ def envelope_sender(head: bytes) -> str:
     return addresses[0] if addresses and "@" in addresses[0] else ""
 
 
-def dedupe_key(keyring: Keyring, site: str, raw: bytes) -> tuple[bytes, str]:
-    """The keyed digest that recognises a message taken before, and the envelope sender.
+def dedupe_key(keyring: Keyring, site: str, raw: bytes) -> bytes:
+    """The keyed digest that recognises a message taken before.
 
     Site + Message-ID + SHA-256 of the body, so a re-delivery with new trace headers is the
     same message; without a Message-ID the whole raw message is hashed instead.
     """
-    end = _HEADER_END.search(raw)
-    head = raw[: end.start()] if end else raw
+    head, content = _head(raw)
     message_id = _header(head, _MESSAGE_ID) or ""
-    content = raw[end.end():] if end and message_id else raw
-    digest = keyring.digest(f"imap|{site}|{message_id}|{hashlib.sha256(content).hexdigest()}")
-    return digest, envelope_sender(head)
+    return keyring.digest(f"imap|{site}|{message_id}|{hashlib.sha256(content if message_id else raw).hexdigest()}")
 
 
 def _tls_context(verify: bool) -> ssl.SSLContext:
@@ -299,9 +303,9 @@ class MailboxWorker:
             raw = fetched.get(uid, {}).get(b"BODY[]")
             if raw is None:  # expunged meanwhile by another client
                 continue
-            digest, mail_from = dedupe_key(self.keyring, self.site.id, raw)
-            out.append((uid, NewMessage(self.site.id, Source.IMAP, Envelope(mail_from, self.site.care_address), raw,
-                                        dedupe=digest)))
+            envelope = Envelope(envelope_sender(raw), self.site.care_address)
+            out.append((uid, NewMessage(self.site.id, Source.IMAP, envelope, raw,
+                                        dedupe=dedupe_key(self.keyring, self.site.id, raw))))
         return out
 
     def _submit(self, fetched: list[tuple[int, NewMessage]]) -> Pending:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
+from types import MethodType
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -26,6 +28,9 @@ REPLY_TOO_MANY_RCPT = "452 4.5.3 Too many recipients"
 REPLY_NO_SPACE = "452 4.3.1 Insufficient system storage"
 REPLY_TRY_AGAIN = "451 4.3.0 Temporary failure, please try again later"
 REPLY_TOO_MANY_CONNECTIONS = b"421 4.7.0 Too many connections, try again later\r\n"
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+# "<dot-atom@domain>", then the end or blanks before parameters (a comment after it takes the full parser)
+_SIMPLE_PATH = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:[ \t]+(?=[^ \t(])|$)")
 
 
 class SmtpHandler:
@@ -63,10 +68,7 @@ class SmtpHandler:
             recipient = self.addressing.recipient(rcpt)
             assert recipient is not None  # handle_RCPT let only ours through
             # a client that lost our 250 (we crashed after the commit) sends again: one case, not two
-            try:
-                digest, _ = dedupe_key(self.ingest.store.keyring, recipient.site.id, raw)
-            except Exception:  # e.g. RecursionError on a hostile From: take it, just without de-duplication
-                digest = b""
+            digest = dedupe_key(self.ingest.store.keyring, recipient.site.id, raw)
             messages.append(NewMessage(recipient.site.id, Source.SMTP,
                                        CaseEnvelope(sender, rcpt), raw, dedupe=digest))
         try:
@@ -99,12 +101,32 @@ class _Sessions:
 
 
 class _Session(SMTP):
-    """aiosmtpd's session, counted from its creation until its connection is lost."""
+    """aiosmtpd's session, counted from its creation until its connection is lost.
 
-    def __init__(self, sessions: _Sessions, handler: SmtpHandler, **options: Any) -> None:
-        super().__init__(handler, **options)
+    aiosmtpd's own __init__ inspects the handler and the session class on every connection (a fifth of
+    the intake's CPU per message, profiled). A session here starts as a copy of one `template` built
+    with the same options at start-up, then gets fresh stream state and method tables bound to itself.
+    """
+
+    def __init__(self, sessions: _Sessions, template: SMTP) -> None:
+        self.__dict__.update(template.__dict__)
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected, loop=self.loop)
+        self._smtp_methods = {name: getattr(self, f"smtp_{name}") for name in template._smtp_methods}
+        self._auth_methods = {name: impl._replace(method=MethodType(impl.method.__func__, self))
+                              if impl.is_builtin else impl for name, impl in template._auth_methods.items()}
         self._sessions: _Sessions | None = sessions
         sessions.open += 1
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's address parse, with a fast path for the plain `<local@domain>` that nearly every
+        client sends (aiosmtpd's builds a typing.Protocol class and runs the RFC 5322 parser on each:
+        110 us, twice per message). The fast path gives the same result wherever it matches."""
+        simple = _SIMPLE_PATH.match(arg)
+        if simple:
+            return simple.group(1), arg[simple.end():]
+        return super()._getaddr(arg)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._sessions is not None:
@@ -130,12 +152,13 @@ async def start_smtp(config: SmtpConfig, handler: SmtpHandler) -> asyncio.Server
         "timeout": config.timeout, "tls_context": context, "require_starttls": config.require_tls,
     }
     sessions = _Sessions(config.max_connections)
+    template = SMTP(handler, **options)
 
     def session() -> asyncio.Protocol:
         if sessions.open >= sessions.limit:
             log.warning("connection_refused reason=too_many_connections open=%d", sessions.open)
             return _TooMany()
-        return _Session(sessions, handler, **options)
+        return _Session(sessions, template)
 
     loop = asyncio.get_running_loop()
     return await loop.create_server(session, config.listen.host, config.listen.port)

@@ -4,13 +4,18 @@ form's field rules keep line breaks out of one-line fields."""
 
 from __future__ import annotations
 
+import asyncio
+import string
+from collections.abc import Iterator
 from datetime import timedelta
 from email import message_from_bytes, policy
 
 import pytest
+from aiosmtpd.smtp import SMTP
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from careservice.intake.smtp import _Session, _Sessions
 from careservice.intake.web import FIELDS, field_problem
 from careservice.mail import Attachment, Draft, Parsed, parse, render
 from tests.reliability.helpers import SCALE
@@ -149,3 +154,43 @@ def test_form_submission_becomes_a_mail_with_only_our_headers(name: str, query: 
     parsed = parse(render(draft), "zoe@customer.example")
     assert parsed.from_address == "zoe@customer.example" and parsed.from_count == 1
     assert parsed.subject == "Contact form" and not parsed.automatic
+
+
+ADDRESS_CHARS = string.ascii_letters + string.digits + "!#$%&'*+/=?^_`{|}~-.@<>[]()\":;,\\ \t=ü"
+
+
+@pytest.fixture(scope="module")
+def smtp_session() -> Iterator[_Session]:
+    loop = asyncio.new_event_loop()
+    yield _Session(_Sessions(1), SMTP(object(), hostname="test.localhost", loop=loop))
+    loop.close()
+
+
+@PROFILE
+@given(local=st.text(string.ascii_letters + string.digits + "!#$%&'*+/=?^_`{|}~-.", min_size=1, max_size=20),
+       domain=st.text(string.ascii_letters + string.digits + "-.", min_size=1, max_size=20),
+       rest=st.sampled_from(["", " ", "  SIZE=100", "\tBODY=8BITMIME", " (comment) SIZE=1", "(c)", "x", ">"]),
+       noise=st.text(ADDRESS_CHARS, max_size=30))
+def test_fast_address_path_reads_like_aiosmtpd(smtp_session: _Session, local: str, domain: str, rest: str,
+                                               noise: str) -> None:
+    """Where the `<local@domain>` fast path matches, it must give exactly aiosmtpd's own answer."""
+    for arg in (f"<{local}@{domain}>{rest}", noise, f"<{noise}>{rest}"):
+        try:
+            expected = SMTP._getaddr(smtp_session, arg)
+        except Exception:  # aiosmtpd itself fails on some hostile input (the session answers 451)
+            continue
+        assert smtp_session._getaddr(arg) == expected, arg
+
+
+@PROFILE
+@given(text=st.text(max_size=3000) | st.text(string.printable, max_size=3000))
+def test_rendered_body_reads_back_as_written(text: str) -> None:
+    """7bit when the text allows it, quoted-printable otherwise: the customer reads what staff wrote."""
+    draft = Draft("Staff", "care@ticketnest.example", ("c@customer.example",), "Re: tickets", text, "id@x.example")
+    body = message_from_bytes(render(draft), policy=policy.default).get_content()
+    assert same_lines(body) == same_lines(text)
+
+
+def same_lines(text: str) -> str:
+    """`text` with every line end as LF (the mail format carries CR, LF and CRLF alike as CRLF)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
