@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,10 +33,13 @@ class Context:
             raise LookupError(f"case {case.id}: site no longer configured")
         return site
 
-    async def parsed(self, case: Case) -> Parsed:
-        """The case's message, parsed once off the event loop (kept in memory for the next stages)."""
+    def parsed(self, case: Case) -> Parsed:
+        """The case's message, parsed once (kept in memory for the next stages).
+
+        Parsed in the worker's one thread: the parse is bounded (careservice.mail), and a parse
+        thread would hold the GIL while the store's inline transactions hold the write lock."""
         if case.id not in self._parsed:
-            self._parsed[case.id] = await asyncio.to_thread(parse, case.raw, case.envelope.mail_from)
+            self._parsed[case.id] = parse(case.raw, case.envelope.mail_from)
             while len(self._parsed) > PARSE_CACHE:
                 self._parsed.popitem(last=False)
         return self._parsed[case.id]

@@ -341,7 +341,8 @@ def render(draft: Draft) -> bytes:
     Uses the compat32 MIME classes: about 4x cheaper than EmailMessage with policy.default, and every
     value is passed through one_line() first, so no input can start a header line.
     """
-    body = MIMEText(draft.text, "plain", "us-ascii" if _plain_7bit(draft.text) else _UTF8_QP)
+    text = draft.text.replace("\r\n", "\n")  # the generator writes every line end as CRLF
+    body = MIMEText(text, "plain", "us-ascii" if _plain_7bit(text) else _UTF8_QP)
     msg: Message = body
     if draft.attachments:
         msg = MIMEMultipart()

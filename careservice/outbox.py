@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -52,12 +54,55 @@ def _maildir_deliver(path: os.PathLike[str], message: bytes) -> None:
 
 class Relay:
     """One connection's worth of sending; each mail's result (None on 250, else the refusal) goes to
-    `record` as soon as the relay answers, so a crash re-sends at most the mail in flight."""
+    `record` as soon as the relay answers, so a crash re-sends at most the mail in flight.
+
+    Connections are kept open between batches (as Postfix's connection cache does) and closed once
+    unused for KEEP_SECONDS: a connect, EHLO and QUIT per batch cost more than the mail itself."""
+
+    KEEP_SECONDS = 5.0
 
     def __init__(self, config: RelayConfig, password: str) -> None:
         self.config = config
         self.password = password
         self.tls = ssl.create_default_context(cafile=config.ca_file or None)  # built once: loading CAs is slow
+        self._kept: list[tuple[float, aiosmtplib.SMTP]] = []  # (last used, monotonic), connected clients
+
+    async def _connection(self) -> aiosmtplib.SMTP:
+        """A kept connection that still answers NOOP, else a new one."""
+        while self._kept:
+            _, client = self._kept.pop()
+            try:
+                await client.noop()
+                return client
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                client.close()
+        client = aiosmtplib.SMTP(
+            hostname=self.config.host, port=self.config.port, timeout=self.config.timeout,
+            use_tls=self.config.scheme == "smtps", start_tls=self.config.scheme == "smtp+starttls",
+            tls_context=self.tls,
+        )
+        try:
+            await client.connect()
+            if self.config.username:
+                await client.login(self.config.username, self.password)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    async def close_idle(self, older_than: float = KEEP_SECONDS) -> None:
+        """QUIT the kept connections unused for `older_than` seconds (0: all of them)."""
+        now = time.monotonic()
+        idle = [client for used, client in self._kept if now - used >= older_than]
+        self._kept = [(used, client) for used, client in self._kept if now - used < older_than]
+        for client in idle:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+                await client.quit()
+            client.close()
+
+    @property
+    def keeps_connections(self) -> bool:
+        return bool(self._kept)
 
     async def send_all(self, items: list[QueuedMail], record: Record) -> None:
         if self.config.maildir is not None:
@@ -67,27 +112,23 @@ class Relay:
                 await asyncio.to_thread(_maildir_deliver, self.config.maildir, item.mail.message)
                 await record(item, None)
             return
-        client = aiosmtplib.SMTP(
-            hostname=self.config.host, port=self.config.port, timeout=self.config.timeout,
-            use_tls=self.config.scheme == "smtps", start_tls=self.config.scheme == "smtp+starttls",
-            tls_context=self.tls,
-        )
+        client: aiosmtplib.SMTP | None = None
         done = 0
         try:
-            await client.connect()
-            if self.config.username:
-                await client.login(self.config.username, self.password)
+            client = await self._connection()
             for item in items:
                 await record(item, await self._send_one(client, item.mail))  # committed before the next one
                 done += 1
-            await client.quit()
+            self._kept.append((time.monotonic(), client))
+            client = None
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             if not done:
                 raise RelayDown(type(exc).__name__) from None
             for item in items[done:]:  # mail after the break is retried like any temporary failure
                 await record(item, Refusal(0, False))
         finally:
-            client.close()  # a no-op after QUIT; otherwise (e.g. the store failed) the connection is not left open
+            if client is not None:  # broken, or the store failed: not kept, not left open
+                client.close()
 
     @staticmethod
     async def _send_one(client: aiosmtplib.SMTP, mail: OutgoingMail) -> Refusal | None:
@@ -134,13 +175,19 @@ class Outbox:
         return delays[min(attempt, len(delays) - 1)]
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.deliver_due()
-            except Exception as exc:  # the store failed: unmarked mail is sent again later (delivered mail is not)
-                log.error("outbox_round_failed %s", error_fields(exc))
-            wait = IDLE_WAIT if self._down_until <= self.clock() else min(IDLE_WAIT, self._down_until - self.clock())
-            await self._wake.wait(max(wait, 0.05))
+        try:
+            while True:
+                try:
+                    await self.deliver_due()
+                except Exception as exc:  # the store failed: unmarked mail is sent again later (not delivered mail)
+                    log.error("outbox_round_failed %s", error_fields(exc))
+                await self.relay.close_idle()
+                wait = min(IDLE_WAIT, Relay.KEEP_SECONDS) if self.relay.keeps_connections else IDLE_WAIT
+                if self._down_until > self.clock():
+                    wait = min(wait, self._down_until - self.clock())
+                await self._wake.wait(max(wait, 0.05))
+        finally:
+            await self.relay.close_idle(0)
 
     async def deliver_due(self) -> int:
         """Send everything due now; returns how many were handed over (250)."""

@@ -10,7 +10,7 @@ from careservice.model import Case, CaseState, ContactDetails, Outcome
 
 async def handle(case: Case, ctx: Context) -> Outcome:
     site = ctx.site(case)
-    parsed = await ctx.parsed(case)
+    parsed = ctx.parsed(case)
     if parsed.automatic:
         return Outcome(CaseState.PURGED, f"discard_{parsed.automatic}", counters=("discarded",))
     if ctx.addressing.is_ours(parsed.from_address) or ctx.addressing.is_ours(case.envelope.mail_from):

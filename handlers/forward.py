@@ -10,7 +10,7 @@ from careservice.model import Case, CaseState, ContactDetails, MailKind, Outcome
 async def _to_staff(case: Case, ctx: Context, owner: Case, follow_up: bool) -> OutgoingMail:
     """The forward of `case`'s message, filed under (and answerable for) the case `owner`."""
     site = ctx.site(case)
-    parsed = await ctx.parsed(case)
+    parsed = ctx.parsed(case)
     contact = case.contact or ContactDetails("", "")
     subject, text = ctx.texts.mail(site.id, "forward", site=site, case_id=owner.id, subject=owner.subject,
                                    contact=contact, text=parsed.text, follow_up=follow_up)

@@ -24,7 +24,7 @@ async def handle(case: Case, ctx: Context) -> Outcome:
     target = await ctx.store.get_case(case.target)
     if target is None or target.state is not CaseState.OPEN:
         return Outcome(CaseState.STAFF_REPLY, "target_changed")  # verify again: it sends the late notice
-    parsed = await ctx.parsed(case)
+    parsed = ctx.parsed(case)
     text = new_text(parsed.text).strip()
     if text.splitlines()[:1] == [CLOSED_MARKER] or text == CLOSED_MARKER:
         return Outcome(CaseState.PURGED, "closed_by_phone", target_state=CaseState.PURGED,

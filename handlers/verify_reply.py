@@ -8,7 +8,7 @@ from careservice.model import Case, CaseState, Outcome
 
 async def handle(case: Case, ctx: Context) -> Outcome:
     site = ctx.site(case)
-    parsed = await ctx.parsed(case)
+    parsed = ctx.parsed(case)
     sender = parsed.from_address
     if parsed.from_count != 1 or sender not in site.staff:
         return Outcome(CaseState.PURGED, "reply_not_from_staff", counters=("reply_refused",))
