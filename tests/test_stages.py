@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import pkgutil
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -80,10 +83,11 @@ async def test_store_seals_everything_and_purge_shreds_the_key(ctx: Context) -> 
     assert (await ctx.store.counts())["inbound_pending"] == 0
 
 
-async def test_reader_never_sees_a_case_without_its_key(tmp_path: Path) -> None:
+@pytest.mark.parametrize("inline", [False, True], ids=["threaded", "inline"])
+async def test_reader_never_sees_a_case_without_its_key(tmp_path: Path, inline: bool) -> None:
     """cases.db and keys.db commit one after the other; a second process's reads must not fall between."""
     keyring = Keyring(b"k" * 32)
-    writer, reader = Store(tmp_path, keyring), Store(tmp_path, keyring)
+    writer, reader = Store(tmp_path, keyring), Store(tmp_path, keyring, durable=False, inline=inline)
     await writer.start(sweep=True)
     await reader.start(sweep=False)
     message = NewMessage("ticketnest", Source.SMTP, Envelope("a@customer.example", CARE), b"Subject: x\r\n\r\nx")
@@ -103,3 +107,28 @@ async def test_reader_never_sees_a_case_without_its_key(tmp_path: Path) -> None:
     finally:
         await writer.close()
         await reader.close()
+
+
+async def test_inline_store_waits_for_the_other_process_without_stopping_its_loop(tmp_path: Path) -> None:
+    """The worker's store runs in its loop; a write lock held elsewhere must not freeze that loop."""
+    keyring = Keyring(b"k" * 32)
+    intake, worker = Store(tmp_path, keyring), Store(tmp_path, keyring, durable=False, inline=True)
+    await intake.start(sweep=True)
+    await worker.start(sweep=False)
+    other = os.open(tmp_path / "write.lock", os.O_RDWR)  # its own open file: conflicts as another process's
+    fcntl.flock(other, fcntl.LOCK_EX)
+    safety = threading.Timer(3.0, fcntl.flock, (other, fcntl.LOCK_UN))  # a frozen loop would wait for this
+    safety.start()
+    try:
+        call = asyncio.create_task(worker.counts())
+        started = time.monotonic()
+        await asyncio.sleep(0.3)
+        assert time.monotonic() - started < 1.5, "the loop stopped while the lock was held elsewhere"
+        assert not call.done()
+        fcntl.flock(other, fcntl.LOCK_UN)
+        assert (await asyncio.wait_for(call, 5))["inbound_pending"] == 0
+    finally:
+        safety.cancel()
+        os.close(other)
+        await worker.close()
+        await intake.close()
