@@ -191,17 +191,21 @@ class Store:
             await self._call(_sweep_orphans, checkpoint=True)
 
     async def close(self) -> None:
+        """Close the store; a call from then on raises StoreError (a task left over at shutdown must
+        not wait for a writer thread that is gone: that kept stopped workers alive)."""
         if self._conn is not None:
-            self._shut(self._conn)
-            self._conn = None
+            conn, self._conn = self._conn, None
+            self._shut(conn)
         if self._thread is not None:
+            thread, self._thread = self._thread, None
             self._queue.put(None)
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
+            await asyncio.to_thread(thread.join)
 
     async def _call(self, fn: Callable[..., Any], *args: Any, checkpoint: bool = False, write: bool = True) -> Any:
         if self._conn is not None:
             return await self._inline(self._conn, _Op(fn, args, checkpoint, write))
+        if self._thread is None:
+            raise StoreError("the store is closed")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._queue.put(_Op(fn, args, checkpoint, write, future, loop))

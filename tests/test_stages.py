@@ -20,7 +20,7 @@ from careservice.config import load_config
 from careservice.context import Context
 from careservice.crypto import Keyring
 from careservice.model import CaseState, Envelope, MailKind, Outcome, Source
-from careservice.store import NewMessage, Store
+from careservice.store import NewMessage, Store, StoreError
 from careservice.texts import Texts
 from handlers import STAGES, acknowledge, classify, forward
 from tests.support import CARE, STAFF, customer_mail, files_containing, write_config
@@ -132,3 +132,16 @@ async def test_inline_store_waits_for_the_other_process_without_stopping_its_loo
         os.close(other)
         await worker.close()
         await intake.close()
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["threaded", "inline"])
+async def test_a_call_after_close_fails_at_once(tmp_path: Path, inline: bool) -> None:
+    """A task left over at shutdown must get an error, not wait forever (that kept stopped workers alive)."""
+    first = Store(tmp_path, Keyring(b"k" * 32))
+    await first.start(sweep=True)
+    await first.close()
+    store = Store(tmp_path, Keyring(b"k" * 32), durable=not inline, inline=inline)
+    await store.start(sweep=False)
+    await store.close()
+    with pytest.raises(StoreError):
+        await asyncio.wait_for(store.counts(), 5)
