@@ -2,11 +2,11 @@
 
 `run(n, concurrency)` starts a relay sink and the daemon, sends `n` valid submissions from
 `concurrency` keep-alive HTTP clients (threads, http.client) on loopback, and reports two rates: POSTs
-answered 303 (committed) per second, and submissions whose forward and ack reached the relay per
-second (the headline `rate`). Baselines of the same run, same daemon: GET of the form page by the same
-clients (the HTTP stack and template rendering alone), and `n` mails of the same size sent over SMTP
-(bench.load, `concurrency` sessions, one message per connection): the mail path the form joins.
-Bounded by `n` and DRAIN_TIMEOUT.
+answered 303 (committed) per second (`accepted_rate`, the issue's measure, judged by scenario 4), and
+submissions whose forward and ack reached the relay per second (`rate`). Baselines of the same run,
+same daemon: GET of the form page by the same clients (the HTTP stack and template rendering alone),
+and `n` mails of the same size sent over SMTP (bench.load, `concurrency` sessions, one message per
+connection): the mail path the form joins. Bounded by `n` and DRAIN_TIMEOUT.
 """
 
 from __future__ import annotations

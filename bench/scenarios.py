@@ -52,7 +52,7 @@ class Settings:
 
 QUICK = Settings(quick=True, reps=1, fresh_servers=False, intake_count={3_000: 300, 100_000: 100},
                  intake_seconds=0.6, warmup=20, cycle_cases=600, latency_seconds=3.0, offered_rate=100.0,
-                 answers=200, form_posts=300, imap_messages=500, scale_levels=(1_000, 10_000), scale_batch=200)
+                 answers=200, form_posts=300, imap_messages=500, scale_levels=(1_000, 4_000), scale_batch=200)
 FULL = Settings(quick=False, reps=3, fresh_servers=True, intake_count={3_000: 5_000, 100_000: 2_000},
                 intake_seconds=20.0, warmup=200, cycle_cases=10_000, latency_seconds=20.0, offered_rate=100.0,
                 answers=2_000, form_posts=5_000, imap_messages=5_000, scale_levels=(1_000, 10_000, 100_000),
@@ -326,8 +326,11 @@ def form(s: Settings, log: Log) -> list[Row]:
     if module is None:
         return [Row("4 form", case, "careservice", None, "posts/s", note="n/a: bench/form.py not there")]
     r = module.run(s.form_posts, 10)
-    row = Row("4 form", case, "careservice", r.get("rate"), "posts/s", r.get("p50_ms"), r.get("p99_ms"),
-              r.get("server_cores"), r.get("gen_cores"), r.get("machine_cores"), note=str(r.get("note", "")), extra=r)
+    # the measure: POSTs accepted and committed (303) per second; forward + ack follow at the worker's pace
+    end_to_end = f"{r['rate']:.0f}/s forwarded and acked" if r.get("rate") else "not drained"
+    row = Row("4 form", case, "careservice", r.get("accepted_rate"), "posts/s", r.get("p50_ms"), r.get("p99_ms"),
+              r.get("server_cores"), r.get("gen_cores"), r.get("machine_cores"),
+              note="; ".join(n for n in (f"committed (303); {end_to_end}", str(r.get("note", ""))) if n), extra=r)
     base = Row("4 form", case, "GET form page", r.get("baseline_rate"), "req/s", r.get("baseline_p50_ms"),
                gen_cores=r.get("baseline_gen_cores"))
     if row.value and base.value:
