@@ -1,21 +1,19 @@
-"""Parse untrusted mail with limits, and build the mail we send (stdlib `email`, policy.default)."""
+"""Parse untrusted mail with limits, and build the mail we send (stdlib `email`, compat32 classes)."""
 
 from __future__ import annotations
 
-import functools
 import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.charset import QP, Charset
-from email.header import Header
-from email.headerregistry import BaseHeader, HeaderRegistry
-from email.message import EmailMessage, Message
+from email.header import Header, decode_header, make_header
+from email.message import Message
 from email.mime.application import MIMEApplication
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.parser import BytesParser
-from email.policy import Compat32, EmailPolicy
+from email.policy import Compat32
 from email.utils import format_datetime, formataddr, getaddresses, localtime
 from typing import Any
 
@@ -33,6 +31,8 @@ _MSGID = re.compile(r"<([^<>\s]{1,250})>")
 _HEADER_END = re.compile(rb"(?>\r\n|\r|\n)(?>\r\n|\r|\n)")
 _LINE = re.compile(rb"(?>\r\n|\r|\n)(?![ \t])")
 _TAG = re.compile(r"<[^<>]{0,2000}>")  # [^<>], not [^>]: linear on "<<<<..."
+_FOLD = re.compile(r"\r?\n[ \t]*")
+_CONTENT_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+")
 
 
 class _OutgoingPolicy(Compat32):
@@ -95,149 +95,142 @@ def _trim_headers(raw: bytes) -> tuple[bytes, list[str]]:
     return b"\r\n".join(kept) + body, defects
 
 
-class _BoundedPolicy(EmailPolicy):
-    """policy.default, except that a header value longer than MAX_HEADER_LINE, or one the stdlib
-    cannot parse, reads as empty.
-
-    This reaches the headers of every MIME part (which _trim_headers cannot), before anything
-    parses their values: CPython's parameter parser is quadratic on a long Content-Type, and its
-    comment parser recurses once per "(" (RecursionError after a few hundred).
-    """
+class _BoundedCompat32(Compat32):
+    """compat32 (headers stay strings until we read them: policy.default parsed each one again on
+    every access, 80% of parse time), except that a header value longer than MAX_HEADER_LINE reads
+    as empty. This reaches the headers of every MIME part, which _trim_headers cannot."""
 
     def header_source_parse(self, sourcelines: list[str]) -> tuple[str, str]:
         name, value = super().header_source_parse(sourcelines)
         return name, value if len(value) <= MAX_HEADER_LINE else ""
 
-    def header_fetch_parse(self, name: str, value: str) -> Any:
-        try:
-            return super().header_fetch_parse(name, value)
-        except Exception:
-            return super().header_fetch_parse(name, "")
 
-
-class _CachedRegistry(HeaderRegistry):
-    """The stdlib registry builds a new header class on every lookup (a quarter of parse time): once each."""
-
-    @functools.lru_cache(maxsize=512)  # noqa: B019 - one registry for the process, bounded
-    def __getitem__(self, name: str) -> type[BaseHeader]:
-        return super().__getitem__(name)
-
-
-_REGISTRY = _CachedRegistry()
-_PARSING = _BoundedPolicy(header_factory=_REGISTRY)
-
-
-class _ParsedOnce:
-    """A header factory for one message: the stdlib parses a header again on every get() (Content-Type
-    nine times per message, three quarters of parse time); here each (name, value) is parsed once.
-    It lives as long as its message, so no header outlives the case it came with."""
-
-    def __init__(self) -> None:
-        self._seen: dict[tuple[str, str], BaseHeader] = {}
-
-    def __call__(self, name: str, value: str) -> BaseHeader:
-        key = (name, value)
-        header = self._seen.get(key)
-        if header is None:
-            header = self._seen[key] = _REGISTRY(name, value)
-        return header
+_PARSING = _BoundedCompat32()
 
 
 class _TooComplex(Exception):
     """The message has more than MAX_PARTS MIME parts or more than MAX_DEPTH levels."""
 
 
-def _part_counter() -> Callable[..., EmailMessage]:
+def _part_counter() -> Callable[..., Message]:
     """A message factory for one parse that stops the parser at part MAX_PARTS + 1."""
     made = -1  # FeedParser calls the factory once to probe its signature
 
-    def make(policy: EmailPolicy) -> EmailMessage:
+    def make(policy: Compat32) -> Message:
         nonlocal made
         made += 1
         if made > MAX_PARTS:
             raise _TooComplex
-        return EmailMessage(policy=policy)
+        return Message(policy=policy)
 
     return make
 
 
-def _parse_bytes(data: bytes, headers_only: bool) -> EmailMessage:
-    policy = _PARSING.clone(header_factory=_ParsedOnce())
-    return BytesParser(_part_counter(), policy=policy).parsebytes(data, headersonly=headers_only)
+def _parse_bytes(data: bytes, headers_only: bool) -> Message:
+    return BytesParser(_part_counter(), policy=_PARSING).parsebytes(data, headersonly=headers_only)
 
 
-def _header(msg: EmailMessage, name: str) -> str:
+class _Headers:
+    """One message's header values as sent: 8-bit bytes read as UTF-8 (RFC 6532), folding undone."""
+
+    def __init__(self, msg: Message) -> None:
+        self.values: dict[str, list[str]] = {}
+        for name, value in msg.raw_items():
+            text = value.encode("ascii", "surrogateescape").decode("utf-8", "replace") if isinstance(value, str) else ""
+            self.values.setdefault(name.lower(), []).append(_FOLD.sub(" ", text).strip())
+
+    def all(self, name: str) -> list[str]:
+        return self.values.get(name.lower(), [])
+
+    def first(self, name: str) -> str:
+        """The first value as one clean line, RFC 2047 words decoded ("" if absent)."""
+        values = self.all(name)
+        return one_line(decoded(values[0])) if values else ""
+
+    def names(self) -> list[str]:
+        return list(self.values)
+
+
+def decoded(value: str) -> str:
+    """`value` with its RFC 2047 encoded words decoded; as it is where they cannot be."""
+    if "=?" not in value:
+        return value
     try:
-        value = msg.get(name)
-    except Exception:  # the stdlib raises many kinds on hostile headers
-        return ""
-    return one_line(str(value)) if value is not None else ""
+        return str(make_header(decode_header(value)))
+    except Exception:  # unknown charset, broken encoding: the stdlib raises several kinds
+        return value
 
 
-def _automatic(msg: EmailMessage, mail_from: str, from_address: str) -> str:
-    """Why `msg` must not be answered automatically (RFC 3834, RFC 5321 §4.5.5), or ""."""
-    auto = _header(msg, "Auto-Submitted").lower()
+def _automatic(headers: _Headers, mail_from: str, from_address: str) -> str:
+    """Why the message must not be answered automatically (RFC 3834, RFC 5321 §4.5.5), or ""."""
+    auto = headers.first("Auto-Submitted").lower()
     if auto and auto != "no":
         return "auto_submitted"
-    if _header(msg, "Precedence").lower() in AUTO_PRECEDENCE:
+    if headers.first("Precedence").lower() in AUTO_PRECEDENCE:
         return "precedence"
-    if any(_header(msg, name) for name in AUTOREPLY_HEADERS):
+    if any(headers.first(name) for name in AUTOREPLY_HEADERS):
         return "autoreply_header"
-    if any(k.lower().startswith("list-") for k in msg.keys()):
+    if any(name.startswith("list-") for name in headers.names()):
         return "list"
-    if _header(msg, LOOP_HEADER):
+    if headers.first(LOOP_HEADER):
         return "loop"
-    if _header(msg, "X-Auto-Response-Suppress").lower() in {"all", "autoreply", "oof"}:
+    if headers.first("X-Auto-Response-Suppress").lower() in {"all", "autoreply", "oof"}:
         return "auto_response_suppress"
-    if _header(msg, "Content-Type").lower().startswith("multipart/report"):
+    if headers.first("Content-Type").lower().startswith("multipart/report"):
         return "report"
     if not mail_from:
         return "null_sender"
     for address in (mail_from, from_address):
         if address.rsplit("@", 1)[0].lower() in SYSTEM_LOCALPARTS:
             return "system_sender"
-    received = sum(1 for k in msg.keys() if k.lower() == "received")
-    return "too_many_hops" if received > 50 else ""
+    return "too_many_hops" if len(headers.all("Received")) > 50 else ""
 
 
-def _walk(part: EmailMessage, depth: int, out: list[EmailMessage]) -> None:
+def _walk(part: Message, depth: int, out: list[Message]) -> None:
     if depth > MAX_DEPTH or len(out) >= MAX_PARTS:
         raise _TooComplex
     out.append(part)
     if part.is_multipart():
-        for sub in part.iter_parts():
+        for sub in part.get_payload():
             _walk(sub, depth + 1, out)
 
 
-def _content(part: EmailMessage) -> str | bytes:
-    try:
-        return part.get_content()
-    except (LookupError, ValueError, AssertionError, KeyError):
-        payload = part.get_payload(decode=True)
-        if isinstance(payload, bytes):
-            return payload.decode("utf-8", "replace") if part.get_content_maintype() == "text" else payload
+def _content_type(part: Message) -> str:
+    """The part's type/subtype; compat32 keeps a trailing comment ("text/plain (x)"), so only the
+    leading token counts, and anything unreadable is text/plain as RFC 2045 says."""
+    kind = _CONTENT_TYPE.match(part.get_content_type())
+    return kind.group(0) if kind else "text/plain"
+
+
+def _text(part: Message) -> str:
+    """A text part's content: transfer encoding undone, decoded by its charset (UTF-8 when unknown)."""
+    data = part.get_payload(decode=True)
+    if not isinstance(data, bytes):
         return ""
+    charset = part.get_content_charset("us-ascii")
+    try:
+        return data.decode(charset, "replace")
+    except LookupError:
+        return data.decode("utf-8", "replace")
 
 
-def _body(msg: EmailMessage) -> tuple[str, list[Attachment]]:
-    parts: list[EmailMessage] = []
+def _body(msg: Message) -> tuple[str, list[Attachment]]:
+    parts: list[Message] = []
     _walk(msg, 0, parts)
     text, html, attachments = "", "", []
     for part in parts:
         if part.is_multipart():
             continue
         disposition = part.get_content_disposition()
-        ctype = part.get_content_type()
+        ctype = _content_type(part)
         if disposition != "attachment" and ctype == "text/plain" and not text:
-            content = _content(part)
-            text = content if isinstance(content, str) else content.decode("utf-8", "replace")
+            text = _text(part)
         elif disposition != "attachment" and ctype == "text/html" and not html:
-            content = _content(part)
-            html = content if isinstance(content, str) else content.decode("utf-8", "replace")
+            html = _text(part)
         else:
             data = part.get_payload(decode=True)
             if isinstance(data, bytes):
-                name = one_line(part.get_filename() or "attachment", 200) or "attachment"
+                name = one_line(decoded(part.get_filename() or "attachment"), 200) or "attachment"
                 attachments.append(Attachment(name, ctype, data))
     if not text and html:
         text = _TAG.sub(" ", html)
@@ -252,6 +245,10 @@ def message_ids(value: str) -> tuple[str, ...]:
     return tuple(_MSGID.findall(value))[:50]
 
 
+def _addresses(values: list[str]) -> list[tuple[str, str]]:
+    return [(one_line(decoded(name), 200), address) for name, address in getaddresses(values)]
+
+
 def parse(raw: bytes, mail_from: str) -> Parsed:
     """Parse `raw` within fixed limits; never raises: problems become `defects`."""
     trimmed, defects = _trim_headers(raw)
@@ -262,13 +259,13 @@ def parse(raw: bytes, mail_from: str) -> Parsed:
         msg = _parse_bytes(trimmed, headers_only=True)
         whole = False
         defects.append(_defect("unparsable", exc))
+    headers = _Headers(msg)
     try:
-        froms = msg.get_all("From") or []
-        addresses = getaddresses([str(f) for f in froms])
+        addresses = _addresses(headers.all("From"))
     except Exception:
         addresses, defects = [], [*defects, "bad_from"]
     name, address = addresses[0] if addresses else ("", "")
-    if "@" not in address or not address.isprintable() or any(c.isspace() for c in address):
+    if "@" not in address or not address.isprintable() or any(c.isspace() for c in address) or "=?" in address:
         address = ""  # e.g. U+2028 in a raw UTF-8 name made the stdlib return "victim@x.example x-injected"
     text, attachments = "", [Attachment("original.eml", "message/rfc822", raw)]
     try:
@@ -279,16 +276,16 @@ def parse(raw: bytes, mail_from: str) -> Parsed:
     recipients: list[str] = []
     for header in ("To", "Cc", "Delivered-To", "X-Original-To"):
         try:
-            recipients += [a for _, a in getaddresses([str(v) for v in msg.get_all(header) or []])]
+            recipients += [a for _, a in getaddresses(headers.all(header))]
         except Exception:
             defects.append(f"bad_{header.lower()}")
     return Parsed(
-        from_name=one_line(name, 200), from_address=one_line(address, 254).lower(), from_count=len(addresses),
-        subject=one_line(_header(msg, "Subject"), 500),
-        message_id=(message_ids(_header(msg, "Message-ID")) or ("",))[0],
-        references=message_ids(_header(msg, "References") + " " + _header(msg, "In-Reply-To")),
+        from_name=name, from_address=one_line(address, 254).lower(), from_count=len(addresses),
+        subject=one_line(headers.first("Subject"), 500),
+        message_id=(message_ids(headers.first("Message-ID")) or ("",))[0],
+        references=message_ids(headers.first("References") + " " + headers.first("In-Reply-To")),
         recipients=tuple(one_line(r, 254).lower() for r in recipients[:100]),
-        automatic=_automatic(msg, mail_from, address), text=text, attachments=tuple(attachments),
+        automatic=_automatic(headers, mail_from, address), text=text, attachments=tuple(attachments),
         defects=tuple(defects),
     )
 
