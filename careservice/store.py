@@ -157,7 +157,7 @@ def _counts(conn: sqlite3.Connection) -> dict[str, Any]:
 
 
 class Store:
-    """Async facade over the writer thread. Construct, `await start()`, and `await close()`."""
+    """Async facade over the writer thread (inline: the caller's thread). `await start()`, then `await close()`."""
 
     def __init__(self, data_dir: Path, keyring: Keyring, durable: bool = True, inline: bool = False) -> None:
         self.data_dir = data_dir
