@@ -145,3 +145,21 @@ async def test_a_call_after_close_fails_at_once(tmp_path: Path, inline: bool) ->
     await store.close()
     with pytest.raises(StoreError):
         await asyncio.wait_for(store.counts(), 5)
+
+
+async def test_concurrent_purges_return_only_once_the_wal_is_truncated(tmp_path: Path) -> None:
+    """The inline store shares one WAL truncation among purges of one loop turn; none returns before it."""
+    keyring = Keyring(b"k" * 32)
+    intake, worker = Store(tmp_path, keyring), Store(tmp_path, keyring, durable=False, inline=True)
+    await intake.start(sweep=True)
+    await worker.start(sweep=False)
+    message = NewMessage("ticketnest", Source.SMTP, Envelope("a@customer.example", CARE), b"Subject: x\r\n\r\nx")
+    try:
+        for _ in range(3):
+            await intake.add_inbound([message] * 5, time.time())
+            assert (tmp_path / "cases.db-wal").stat().st_size > 0
+            await asyncio.gather(*(worker.checkpoint() for _ in range(4)))
+            assert [(tmp_path / f"{db}.db-wal").stat().st_size for db in ("cases", "keys")] == [0, 0]
+    finally:
+        await worker.close()
+        await intake.close()
