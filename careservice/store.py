@@ -197,6 +197,8 @@ class Store:
         not wait for a writer thread that is gone: that kept stopped workers alive)."""
         if self._conn is not None:
             conn, self._conn = self._conn, None
+            if self._truncation is not None:
+                self._truncation.cancel()  # closing truncates the WAL anyway
             self._shut(conn)
         if self._thread is not None:
             thread, self._thread = self._thread, None

@@ -160,6 +160,9 @@ async def test_concurrent_purges_return_only_once_the_wal_is_truncated(tmp_path:
             assert (tmp_path / "cases.db-wal").stat().st_size > 0
             await asyncio.gather(*(worker.checkpoint() for _ in range(4)))
             assert [(tmp_path / f"{db}.db-wal").stat().st_size for db in ("cases", "keys")] == [0, 0]
+            await intake.add_inbound([message], time.time())
+            await worker.checkpoint()  # alone, awaited directly: it must not return before its truncation
+            assert [(tmp_path / f"{db}.db-wal").stat().st_size for db in ("cases", "keys")] == [0, 0]
     finally:
         await worker.close()
         await intake.close()
