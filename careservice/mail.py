@@ -145,13 +145,13 @@ class _Headers:
     def first(self, name: str) -> str:
         """The first value as one clean line, RFC 2047 words decoded ("" if absent)."""
         values = self.all(name)
-        return one_line(decoded(values[0])) if values else ""
+        return one_line(_decoded(values[0])) if values else ""
 
     def names(self) -> list[str]:
         return list(self.values)
 
 
-def decoded(value: str) -> str:
+def _decoded(value: str) -> str:
     """`value` with its RFC 2047 encoded words decoded; as it is where they cannot be."""
     if "=?" not in value:
         return value
@@ -230,7 +230,7 @@ def _body(msg: Message) -> tuple[str, list[Attachment]]:
         else:
             data = part.get_payload(decode=True)
             if isinstance(data, bytes):
-                name = one_line(decoded(part.get_filename() or "attachment"), 200) or "attachment"
+                name = one_line(_decoded(part.get_filename() or "attachment"), 200) or "attachment"
                 attachments.append(Attachment(name, ctype, data))
     if not text and html:
         text = _TAG.sub(" ", html)
@@ -246,7 +246,7 @@ def message_ids(value: str) -> tuple[str, ...]:
 
 
 def _addresses(values: list[str]) -> list[tuple[str, str]]:
-    return [(one_line(decoded(name), 200), address) for name, address in getaddresses(values)]
+    return [(one_line(_decoded(name), 200), address) for name, address in getaddresses(values)]
 
 
 def parse(raw: bytes, mail_from: str) -> Parsed:

@@ -26,6 +26,7 @@ from handlers import STAGES, acknowledge, classify, forward
 from tests.support import CARE, STAFF, customer_mail, files_containing, write_config
 
 WAITING = {CaseState.ANSWERING, CaseState.PURGED}  # moved on by the outbox, or gone
+MESSAGE = NewMessage("ticketnest", Source.SMTP, Envelope("a@customer.example", CARE), b"Subject: x\r\n\r\nx")
 
 
 def test_every_state_has_a_stage_and_every_stage_module_is_wired() -> None:
@@ -90,11 +91,10 @@ async def test_reader_never_sees_a_case_without_its_key(tmp_path: Path, inline: 
     writer, reader = Store(tmp_path, keyring), Store(tmp_path, keyring, durable=False, inline=inline)
     await writer.start(sweep=True)
     await reader.start(sweep=False)
-    message = NewMessage("ticketnest", Source.SMTP, Envelope("a@customer.example", CARE), b"Subject: x\r\n\r\nx")
 
     async def write() -> None:
         for _ in range(200):
-            await writer.add_inbound([message], time.time())
+            await writer.add_inbound([MESSAGE], time.time())
 
     async def read() -> int:
         seen = 0
@@ -109,12 +109,26 @@ async def test_reader_never_sees_a_case_without_its_key(tmp_path: Path, inline: 
         await reader.close()
 
 
-async def test_inline_store_waits_for_the_other_process_without_stopping_its_loop(tmp_path: Path) -> None:
-    """The worker's store runs in its loop; a write lock held elsewhere must not freeze that loop."""
+@pytest.fixture
+async def stores(tmp_path: Path) -> AsyncIterator[tuple[Store, Store]]:
+    """The intake's store and the worker's inline one over the same files, as the two processes have them."""
     keyring = Keyring(b"k" * 32)
     intake, worker = Store(tmp_path, keyring), Store(tmp_path, keyring, durable=False, inline=True)
     await intake.start(sweep=True)
     await worker.start(sweep=False)
+    yield intake, worker
+    await worker.close()
+    await intake.close()
+
+
+def wal_sizes(data_dir: Path) -> list[int]:
+    return [(data_dir / f"{db}.db-wal").stat().st_size for db in ("cases", "keys")]
+
+
+async def test_inline_store_waits_for_the_other_process_without_stopping_its_loop(
+        tmp_path: Path, stores: tuple[Store, Store]) -> None:
+    """The worker's store runs in its loop; a write lock held elsewhere must not freeze that loop."""
+    _, worker = stores
     other = os.open(tmp_path / "write.lock", os.O_RDWR)  # its own open file: conflicts as another process's
     fcntl.flock(other, fcntl.LOCK_EX)
     safety = threading.Timer(3.0, fcntl.flock, (other, fcntl.LOCK_UN))  # a frozen loop would wait for this
@@ -130,8 +144,6 @@ async def test_inline_store_waits_for_the_other_process_without_stopping_its_loo
     finally:
         safety.cancel()
         os.close(other)
-        await worker.close()
-        await intake.close()
 
 
 @pytest.mark.parametrize("inline", [False, True], ids=["threaded", "inline"])
@@ -147,22 +159,15 @@ async def test_a_call_after_close_fails_at_once(tmp_path: Path, inline: bool) ->
         await asyncio.wait_for(store.counts(), 5)
 
 
-async def test_concurrent_purges_return_only_once_the_wal_is_truncated(tmp_path: Path) -> None:
+async def test_concurrent_purges_return_only_once_the_wal_is_truncated(tmp_path: Path,
+                                                                        stores: tuple[Store, Store]) -> None:
     """The inline store shares one WAL truncation among purges of one loop turn; none returns before it."""
-    keyring = Keyring(b"k" * 32)
-    intake, worker = Store(tmp_path, keyring), Store(tmp_path, keyring, durable=False, inline=True)
-    await intake.start(sweep=True)
-    await worker.start(sweep=False)
-    message = NewMessage("ticketnest", Source.SMTP, Envelope("a@customer.example", CARE), b"Subject: x\r\n\r\nx")
-    try:
-        for _ in range(3):
-            await intake.add_inbound([message] * 5, time.time())
-            assert (tmp_path / "cases.db-wal").stat().st_size > 0
-            await asyncio.gather(*(worker.checkpoint() for _ in range(4)))
-            assert [(tmp_path / f"{db}.db-wal").stat().st_size for db in ("cases", "keys")] == [0, 0]
-            await intake.add_inbound([message], time.time())
-            await worker.checkpoint()  # alone, awaited directly: it must not return before its truncation
-            assert [(tmp_path / f"{db}.db-wal").stat().st_size for db in ("cases", "keys")] == [0, 0]
-    finally:
-        await worker.close()
-        await intake.close()
+    intake, worker = stores
+    for _ in range(3):
+        await intake.add_inbound([MESSAGE] * 5, time.time())
+        assert (tmp_path / "cases.db-wal").stat().st_size > 0
+        await asyncio.gather(*(worker.checkpoint() for _ in range(4)))
+        assert wal_sizes(tmp_path) == [0, 0]
+        await intake.add_inbound([MESSAGE], time.time())
+        await worker.checkpoint()  # alone, awaited directly: it must not return before its truncation
+        assert wal_sizes(tmp_path) == [0, 0]
