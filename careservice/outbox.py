@@ -60,6 +60,8 @@ class Relay:
     unused for KEEP_SECONDS: a connect, EHLO and QUIT per batch cost more than the mail itself."""
 
     KEEP_SECONDS = 5.0
+    CHECK_SECONDS = 5.0  # a kept connection's NOOP; slower than this, a new connection is cheaper
+    QUIT_SECONDS = 2.0
 
     def __init__(self, config: RelayConfig, password: str) -> None:
         self.config = config
@@ -68,11 +70,11 @@ class Relay:
         self._kept: list[tuple[float, aiosmtplib.SMTP]] = []  # (last used, monotonic), connected clients
 
     async def _connection(self) -> aiosmtplib.SMTP:
-        """A kept connection that still answers NOOP, else a new one."""
+        """A kept connection that still answers NOOP within CHECK_SECONDS, else a new one."""
         while self._kept:
             _, client = self._kept.pop()
             try:
-                await client.noop()
+                await client.noop(timeout=min(self.CHECK_SECONDS, self.config.timeout))
                 return client
             except (aiosmtplib.SMTPException, OSError, TimeoutError):
                 client.close()
@@ -95,10 +97,13 @@ class Relay:
         now = time.monotonic()
         idle = [client for used, client in self._kept if now - used >= older_than]
         self._kept = [(used, client) for used, client in self._kept if now - used < older_than]
-        for client in idle:
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
-                await client.quit()
-            client.close()
+        await asyncio.gather(*(self._quit(client) for client in idle))
+
+    async def _quit(self, client: aiosmtplib.SMTP) -> None:
+        """QUIT, waiting at most QUIT_SECONDS: a goodbye must not hold up the outbox or a stop."""
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+            await client.quit(timeout=min(self.QUIT_SECONDS, self.config.timeout))
+        client.close()
 
     @property
     def keeps_connections(self) -> bool:

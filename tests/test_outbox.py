@@ -1,8 +1,10 @@
-"""The relay client against a real SMTP server on 127.0.0.1: kept connections, and a dropped one."""
+"""The relay client against a real SMTP server on 127.0.0.1: kept connections, a dropped one, a hung one."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import time
+from dataclasses import dataclass, field
 
 from aiosmtpd.smtp import Session
 
@@ -26,9 +28,32 @@ class CountingRelay(CaptureRelay):
         return responses
 
 
-def relay_config(port: int) -> RelayConfig:
+@dataclass
+class HangingRelay(CountingRelay):
+    """A relay that stops answering the commands named in `hang` (stuck mid-session)."""
+
+    hang: set[str] = field(default_factory=set)
+
+    async def _maybe_hang(self, command: str) -> None:
+        if command in self.hang:
+            await asyncio.sleep(HANG_SECONDS)  # cancelled when the server stops
+
+    async def handle_NOOP(self, server: object, session: Session, envelope: object, arg: str) -> str:
+        await self._maybe_hang("NOOP")
+        return "250 OK"
+
+    async def handle_QUIT(self, server: object, session: Session, envelope: object) -> str:
+        await self._maybe_hang("QUIT")
+        return "221 Bye"
+
+
+HANG_SECONDS = 120
+RELAY_TIMEOUT = 60  # the relay's command timeout: a wait this long means the bound did not work
+
+
+def relay_config(port: int, timeout: int = 10) -> RelayConfig:
     return RelayConfig(url=f"smtp://127.0.0.1:{port}", scheme="smtp", host="127.0.0.1", port=port, maildir=None,
-                       retry_delays=(1,), give_up_after=60, username="", password_file="", timeout=10,
+                       retry_delays=(1,), give_up_after=60, username="", password_file="", timeout=timeout,
                        connections=1, ca_file="")
 
 
@@ -76,5 +101,35 @@ async def test_a_kept_connection_the_relay_dropped_is_replaced_without_losing_ma
         assert [c.raw for c in server.received] == [queued(2).mail.message]
         assert server.sessions == 1
     finally:
+        await relay.close_idle(0)
+        server.stop()
+
+
+async def test_a_relay_that_never_answers_quit_does_not_hold_up_closing() -> None:
+    server = HangingRelay(hang={"QUIT"}).start()
+    relay = Relay(relay_config(server.port, RELAY_TIMEOUT), "")
+    try:
+        assert await send(relay, [queued(1)]) == [None]
+        started = time.monotonic()
+        await relay.close_idle(0)
+        assert time.monotonic() - started < RELAY_TIMEOUT / 2
+        assert not relay.keeps_connections
+    finally:
+        server.stop()
+
+
+async def test_a_kept_connection_that_stopped_answering_is_replaced() -> None:
+    server = HangingRelay().start()
+    relay = Relay(relay_config(server.port, RELAY_TIMEOUT), "")
+    try:
+        assert await send(relay, [queued(1)]) == [None]
+        server.hang.add("NOOP")  # the kept session is stuck; a new one still works
+        started = time.monotonic()
+        assert await send(relay, [queued(2)]) == [None]
+        assert time.monotonic() - started < RELAY_TIMEOUT / 2
+        assert [c.raw for c in server.received] == [queued(1).mail.message, queued(2).mail.message]
+        assert server.sessions == 2
+    finally:
+        server.hang.clear()
         await relay.close_idle(0)
         server.stop()
