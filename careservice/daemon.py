@@ -85,7 +85,7 @@ class Worker:
                                "The case is open again; reply to the forwarded case to try again.")
 
     async def start(self) -> None:
-        await self.store.start(sweep=False)
+        await self.store.start(sweep=True)  # a worker killed inside a purge's commit left its key behind
         self.tasks = [asyncio.create_task(self.runner.run()), asyncio.create_task(self.outbox.run())]
         self.scheduler.add_job(self.sweep, "interval", seconds=SWEEP_SECONDS, id="retention_and_retry_sweep")
         self.scheduler.start()

@@ -9,10 +9,11 @@ with AES-256-GCM under a per-case data key; the wrapped keys live in a separate 
 connection and commits whatever is waiting as one transaction (group commit), each call inside
 its own savepoint, and resolves the callers' futures only after COMMIT.
 
-The worker's store is `inline` instead: each call is its own transaction, run in the caller's
-thread. The worker has no listener to keep responsive, and with a writer thread its transactions
-waited for the GIL between statements (the worker's loop busy rendering) while holding the write
-lock, so the intake's commits waited too: 10-25 ms per worker transaction, measured.
+The worker's store is `inline` instead: the calls made in one turn of the caller's loop run
+in its thread, reads in one snapshot and writes in one transaction, each in its own savepoint.
+The worker has no listener to keep responsive, and with a writer thread its transactions waited
+for the GIL between statements (the worker's loop busy rendering) while holding the write lock,
+so the intake's commits waited too: 10-25 ms per worker transaction, measured.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ class _Op:
     args: tuple[Any, ...]
     checkpoint: bool
     write: bool
-    future: asyncio.Future[Any] | None = None  # the writer thread's caller (None: inline)
+    future: asyncio.Future[Any] | None = None  # the caller's, resolved after COMMIT
     loop: asyncio.AbstractEventLoop | None = None
 
 
@@ -167,6 +168,8 @@ class Store:
         self.keyring = keyring
         self._conn: sqlite3.Connection | None = None  # inline only; else the writer thread's own
         self._turn = asyncio.Lock()  # inline: one transaction at a time (the flock is per process)
+        self._pending: list[_Op] = []  # inline: the calls of this loop turn, committed together
+        self._committing: set[asyncio.Future[None]] = set()
         self._truncation: asyncio.Future[None] | None = None  # inline: the WAL truncation purges wait for
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -177,7 +180,9 @@ class Store:
     # ----- lifecycle and the writer thread -----
 
     async def start(self, sweep: bool) -> None:
-        """Open the store; `sweep` (the intake process, before it listens) drops crash orphans."""
+        """Open the store; `sweep` drops what a process killed between the two files' commits left
+        (rows without a key, a key without rows). Both processes sweep as they start: under the write
+        lock, so the other process's commits are never seen half done."""
         if self.inline:
             try:
                 self._conn, self._write_lock = self._open()
@@ -206,14 +211,17 @@ class Store:
             await asyncio.to_thread(thread.join)
 
     async def _call(self, fn: Callable[..., Any], *args: Any, checkpoint: bool = False, write: bool = True) -> Any:
-        if self._conn is not None:
-            return await self._inline(self._conn, _Op(fn, args, checkpoint, write))
-        if self._thread is None:
+        if self._conn is None and self._thread is None:
             raise StoreError("the store is closed")
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._queue.put(_Op(fn, args, checkpoint, write, future, loop))
-        return await future
+        op = _Op(fn, args, checkpoint, write, loop.create_future(), loop)
+        if self._conn is None:
+            self._queue.put(op)
+        else:
+            if not self._pending:
+                loop.call_soon(self._commit_pending)
+            self._pending.append(op)
+        return await op.future
 
     async def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
         """A call that only reads: it runs in a snapshot under the shared lock, beside other readers."""
@@ -255,13 +263,11 @@ class Store:
         self._shut(conn)
 
     def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
-        """Reads in one snapshot without the write lock, then all writes in one locked transaction."""
-        for ops, write in (([op for op in batch if not op.write], False), ([op for op in batch if op.write], True)):
-            if ops:
-                results = self._transaction(conn, ops, write)
-                for op, result in zip(ops, results, strict=True):
-                    assert op.loop is not None and op.future is not None
-                    op.loop.call_soon_threadsafe(_resolve, op.future, result)
+        for ops, write in _reads_then_writes(batch):
+            results = self._transaction(conn, ops, write)
+            for op, result in zip(ops, results, strict=True):
+                assert op.loop is not None and op.future is not None
+                op.loop.call_soon_threadsafe(_resolve, op.future, result)
 
     def _transaction(self, conn: sqlite3.Connection, ops: list[_Op], write: bool) -> list[Any]:
         fcntl.flock(self._write_lock, _lock_mode(write))
@@ -270,15 +276,34 @@ class Store:
         finally:
             fcntl.flock(self._write_lock, fcntl.LOCK_UN)
 
-    async def _inline(self, conn: sqlite3.Connection, op: _Op) -> Any:
-        """Run `op` as its own transaction in this thread; a purge then awaits a WAL truncation."""
-        async with self._holding(op.write):
-            result = self._locked_transaction(conn, [op], op.write, checkpoint=False)[0]
-        if isinstance(result, BaseException):
-            raise result
-        if op.checkpoint:
-            await self._truncate_wal(conn)
-        return result
+    def _commit_pending(self) -> None:
+        """Commit the calls of the loop turn that just ended (inline store; see the module text)."""
+        batch, self._pending = self._pending, []
+        for ops, write in _reads_then_writes(batch):
+            task = asyncio.ensure_future(self._inline(ops, write))
+            self._committing.add(task)  # the loop keeps only weak references to tasks
+            task.add_done_callback(self._committing.discard)
+
+    async def _inline(self, ops: list[_Op], write: bool) -> None:
+        """Run `ops` as one transaction in this thread; purges then wait for a WAL truncation."""
+        try:
+            async with self._holding(write):
+                if self._conn is None:
+                    raise StoreError("the store is closed")
+                conn = self._conn
+                results = self._locked_transaction(conn, ops, write, checkpoint=False)
+            if any(op.checkpoint for op in ops):
+                await self._truncate_wal(conn)
+        except asyncio.CancelledError:  # the loop is shutting down: so are the callers
+            for op in ops:
+                assert op.future is not None
+                op.future.cancel()
+            raise
+        except Exception as exc:  # the lock or the truncation failed: every caller hears of it
+            results = [exc if isinstance(exc, StoreError) else StoreError(type(exc).__name__)] * len(ops)
+        for op, result in zip(ops, results, strict=True):
+            assert op.future is not None
+            _resolve(op.future, result)
 
     async def _truncate_wal(self, conn: sqlite3.Connection) -> None:
         """Truncate the WAL once for all purges committed before it starts: answers are delivered over
@@ -383,6 +408,14 @@ class Store:
     async def mailbox_health(self, name: str, problem: str, now: float) -> None:
         """Record an IMAP mailbox's health for `status --json` ("" = working; else a short code)."""
         await self._call(_mailbox_health, name, problem, now)
+
+
+def _reads_then_writes(batch: list[_Op]) -> Iterator[tuple[list[_Op], bool]]:
+    """A batch as its reads (one snapshot under the shared lock), then its writes (one transaction)."""
+    for write in (False, True):
+        ops = [op for op in batch if op.write is write]
+        if ops:
+            yield ops, write
 
 
 def _lock_mode(write: bool) -> int:

@@ -171,3 +171,27 @@ async def test_concurrent_purges_return_only_once_the_wal_is_truncated(tmp_path:
         await intake.add_inbound([MESSAGE], time.time())
         await worker.checkpoint()  # alone, awaited directly: it must not return before its truncation
         assert wal_sizes(tmp_path) == [0, 0]
+
+
+async def test_inline_calls_of_one_loop_turn_commit_together_each_in_its_own_savepoint(
+        stores: tuple[Store, Store]) -> None:
+    """The worker's calls made in one loop turn share a transaction; one failing call undoes only itself."""
+    intake, worker = stores
+    await intake.add_inbound([MESSAGE] * 3, time.time())
+    cases = await worker.due_cases([CaseState.RECEIVED], time.time() + 1, 10, set())
+    assert len(cases) == 3
+    commits: list[str] = []
+    assert worker._conn is not None
+    worker._conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    now = time.time()
+    opened = Outcome(CaseState.OPEN, "test")
+    results = await asyncio.gather(
+        *(worker.apply(case, opened, now, now + 3600) for case in cases),
+        worker.apply(cases[0], opened, now, now + 3600),  # cases[0] is no longer RECEIVED: refused
+        return_exceptions=True,
+    )
+    worker._conn.set_trace_callback(None)
+    assert results[:3] == [None, None, None]
+    assert isinstance(results[3], StoreError)
+    assert commits == ["COMMIT"]
+    assert (await worker.counts())["open_cases"] == 3

@@ -22,11 +22,24 @@ from pathlib import Path
 
 import pytest
 
+from careservice.config import load_config
 from careservice.crypto import Keyring
+from careservice.daemon import Worker, build_context
 from careservice.model import Envelope, Source
 from careservice.store import NewMessage, Store
 from tests.reliability.helpers import IDLE, SCALE, RawSmtp, integrity, log_leaks, status, stored_rows
-from tests.support import CARE, STAFF, CaptureRelay, Daemon, customer_mail, send, staff_reply, wait_for, write_config
+from tests.support import (
+    CARE,
+    STAFF,
+    CaptureRelay,
+    Daemon,
+    customer_mail,
+    free_port,
+    send,
+    staff_reply,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.reliability
 
@@ -236,3 +249,25 @@ async def test_a_commit_cut_between_the_two_files_does_not_swallow_the_retry(tmp
         assert (await store.add_inbound([message], time.time()))[0] != ""  # the retry is a new case
     finally:
         await store.close()
+
+
+async def test_a_purge_cut_between_the_two_files_leaves_no_key_once_the_worker_restarts(tmp_path: Path) -> None:
+    """A worker killed after a purge's cases.db commit and before its keys.db commit leaves the key
+    behind; the restarted worker drops it when it starts (the intake may not restart for months)."""
+    config = load_config(write_config(tmp_path, free_port()))
+    intake = build_context(config, intake=True).store
+    await intake.start(sweep=True)
+    await intake.add_inbound([NewMessage("ticketnest", Source.SMTP, Envelope("a@customer.example", CARE),
+                                         b"Subject: x\r\n\r\nx")], time.time())
+    try:
+        cases = sqlite3.connect(config.data_dir / "cases.db")  # what the purge's first file commit did
+        cases.execute("DELETE FROM cases")
+        cases.commit()
+        cases.close()
+        assert stored_rows(config.data_dir) == {"cases": 0, "outbox": 0, "k.keys": 1}
+        worker = Worker(config)
+        await worker.start()
+        await worker.stop()
+        assert stored_rows(config.data_dir) == {"cases": 0, "outbox": 0, "k.keys": 0}
+    finally:
+        await intake.close()
