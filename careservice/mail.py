@@ -11,7 +11,6 @@ from email.header import Header, decode_header, make_header
 from email.message import Message
 from email.mime.application import MIMEApplication
 from email.mime.multipart import MIMEMultipart
-from email.mime.text import MIMEText
 from email.parser import BytesParser
 from email.policy import Compat32
 from email.utils import format_datetime, formataddr, getaddresses, localtime
@@ -332,14 +331,36 @@ def _plain_7bit(text: str) -> bool:
     return text.isascii() and "\r" not in text and all(len(line) <= 998 for line in text.split("\n"))
 
 
+def _text_part(text: str) -> Message:
+    """The text/plain part exactly as MIMEText builds it (7bit ASCII, else quoted-printable UTF-8),
+    without MIMEText's parsing of the parameters it has just written: that was half of render."""
+    plain = _plain_7bit(text)
+    part = Message()
+    part["Content-Type"] = f'text/plain; charset="{"us-ascii" if plain else "utf-8"}"'
+    part["MIME-Version"] = "1.0"
+    part["Content-Transfer-Encoding"] = "7bit" if plain else "quoted-printable"
+    part.set_payload(text if plain else _UTF8_QP.body_encode(text))
+    return part
+
+
+def _as_bytes(msg: Message) -> bytes:
+    """`msg.as_bytes()` with the outgoing policy; a single part (ASCII by now: 7bit or quoted-printable)
+    is joined directly, since the generator writes its body one line at a time."""
+    if msg.is_multipart():
+        return msg.as_bytes(policy=_OUTGOING)
+    head = b"".join(_OUTGOING.fold_binary(name, value) for name, value in msg.raw_items())
+    body = msg.get_payload().replace("\n", "\r\n").encode("ascii")
+    return head + b"\r\n" + body
+
+
 def render(draft: Draft) -> bytes:
     """Build the RFC 5322 bytes (CRLF) of `draft`; header values are single-line by construction.
 
     Uses the compat32 MIME classes: about 4x cheaper than EmailMessage with policy.default, and every
     value is passed through one_line() first, so no input can start a header line.
     """
-    text = draft.text.replace("\r\n", "\n")  # the generator writes every line end as CRLF
-    body = MIMEText(text, "plain", "us-ascii" if _plain_7bit(text) else _UTF8_QP)
+    text = draft.text.replace("\r\n", "\n")  # every line end is written as CRLF
+    body = _text_part(text)
     msg: Message = body
     if draft.attachments:
         msg = MIMEMultipart()
@@ -368,4 +389,4 @@ def render(draft: Draft) -> bytes:
         msg["X-Auto-Response-Suppress"] = "All"
     if draft.loop_marker:
         msg[LOOP_HEADER] = one_line(draft.loop_marker)
-    return msg.as_bytes(policy=_OUTGOING)
+    return _as_bytes(msg)

@@ -9,6 +9,7 @@ import string
 from collections.abc import Iterator
 from datetime import timedelta
 from email import message_from_bytes, policy
+from email.mime.text import MIMEText
 
 import pytest
 from aiosmtpd.smtp import SMTP
@@ -17,7 +18,20 @@ from hypothesis import strategies as st
 
 from careservice.intake.smtp import _Session, _Sessions
 from careservice.intake.web import FIELDS, field_problem
-from careservice.mail import Attachment, Draft, Parsed, parse, render
+from careservice.mail import (
+    _OUTGOING,
+    _UTF8_QP,
+    Attachment,
+    Draft,
+    Parsed,
+    _address_header,
+    _as_bytes,
+    _plain_7bit,
+    _text_header,
+    _text_part,
+    parse,
+    render,
+)
 from tests.reliability.helpers import SCALE
 
 pytestmark = pytest.mark.reliability
@@ -194,3 +208,20 @@ def test_rendered_body_reads_back_as_written(text: str) -> None:
 def same_lines(text: str) -> str:
     """`text` with every line end as LF (the mail format carries CR, LF and CRLF alike as CRLF)."""
     return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+@PROFILE
+@given(text=st.text(max_size=3000) | st.text("ab \n\r\t.From>=", max_size=3000)
+       | st.lists(st.text("xy ", min_size=990, max_size=1010), max_size=3).map("\n".join),
+       recipient=st.sampled_from(["c@customer.example", "jürgen@exämple.de"]))
+def test_the_text_part_and_its_flattening_are_byte_for_byte_what_mimetext_and_the_generator_write(
+        text: str, recipient: str) -> None:
+    """render builds its single text part without MIMEText and joins it without the generator (measured:
+    two thirds of its time); the bytes must not change, raw UTF-8 (SMTPUTF8) address headers included."""
+    text = text.replace("\r\n", "\n")
+    reference = MIMEText(text, "plain", "us-ascii" if _plain_7bit(text) else _UTF8_QP)
+    part = _text_part(text)
+    for msg in (reference, part):
+        msg["To"] = _address_header("", recipient)
+        msg["Subject"] = _text_header("Grüße " * 20)
+    assert _as_bytes(part) == reference.as_bytes(policy=_OUTGOING)
