@@ -74,7 +74,6 @@ class Runner:
             done += len(cases)
 
     async def advance(self, case: Case) -> None:
-        await asyncio.sleep(0)  # stages and the store run inline: give the outbox's relay I/O a turn per case
         now = self.ctx.clock()
         outcome: Outcome | None = None
         current = case

@@ -101,8 +101,8 @@ class _Op:
     args: tuple[Any, ...]
     checkpoint: bool
     write: bool
-    future: asyncio.Future[Any] | None = None  # the caller's, resolved after COMMIT
-    loop: asyncio.AbstractEventLoop | None = None
+    future: asyncio.Future[Any]  # the caller's, resolved after COMMIT
+    loop: asyncio.AbstractEventLoop
 
 
 def _day(ts: float) -> str:
@@ -266,7 +266,6 @@ class Store:
         for ops, write in _reads_then_writes(batch):
             results = self._transaction(conn, ops, write)
             for op, result in zip(ops, results, strict=True):
-                assert op.loop is not None and op.future is not None
                 op.loop.call_soon_threadsafe(_resolve, op.future, result)
 
     def _transaction(self, conn: sqlite3.Connection, ops: list[_Op], write: bool) -> list[Any]:
@@ -296,13 +295,11 @@ class Store:
                 await self._truncate_wal(conn)
         except asyncio.CancelledError:  # the loop is shutting down: so are the callers
             for op in ops:
-                assert op.future is not None
                 op.future.cancel()
             raise
         except Exception as exc:  # the lock or the truncation failed: every caller hears of it
             results = [exc if isinstance(exc, StoreError) else StoreError(type(exc).__name__)] * len(ops)
         for op, result in zip(ops, results, strict=True):
-            assert op.future is not None
             _resolve(op.future, result)
 
     async def _truncate_wal(self, conn: sqlite3.Connection) -> None:
