@@ -368,7 +368,6 @@ def write_config(root: Path, relay_port: int) -> tuple[Path, int]:
     path.write_text(f"""
 [service]
 data_dir = "data"
-templates_dir = "{REPO / 'templates'}"
 log_level = "INFO"
 [security]
 master_key_file = "data/master.key"

@@ -1,16 +1,19 @@
-"""`careservice run | check | keygen | status`; every command takes --config PATH."""
+"""`careservice run | check | keygen | status | --version`; every command takes --config PATH."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 from careservice.config import Config, ConfigError, load_config
 from careservice.crypto import MasterKeyError, write_master_key
 from careservice.logs import setup_logging
+from careservice.preflight import problems
 from careservice.store import StoreError, read_status
 
 EXIT_CONFIG = 2
@@ -19,6 +22,12 @@ EXIT_CONFIG = 2
 def _run(config: Config, args: argparse.Namespace) -> int:
     from careservice.daemon import run_forever  # imports aiosmtpd & co only when serving
 
+    found = problems(config)
+    if found:
+        for problem in found:
+            print(f"careservice: config error: {problem}", file=sys.stderr)
+        print("careservice: not started; `careservice check` lists the same problems", file=sys.stderr)
+        return EXIT_CONFIG
     setup_logging(config.log_level)
     asyncio.run(run_forever(config))
     return 0
@@ -33,8 +42,14 @@ def _worker(config: Config, args: argparse.Namespace) -> int:
 
 
 def _check(config: Config, args: argparse.Namespace) -> int:
+    found = problems(config)
+    for problem in found:
+        print(f"careservice: config error: {problem}", file=sys.stderr)
+    if found:
+        return EXIT_CONFIG
     print(f"config {config.path}: ok")
     print(f"  data_dir   {config.data_dir}")
+    print(f"  templates  {config.templates_dir or '(packaged)'}, every template renders for every site")
     print(f"  smtp       {config.smtp.listen.host}:{config.smtp.listen.port}"
           f"{' (STARTTLS)' if config.smtp.tls_cert else ''}")
     print(f"  web        {config.web.listen.host}:{config.web.listen.port} verification={config.web.verification}")
@@ -59,7 +74,11 @@ def _keygen(config: Config, args: argparse.Namespace) -> int:
 
 
 def _status(config: Config, args: argparse.Namespace) -> int:
-    status = read_status(config.data_dir)
+    try:
+        status = read_status(config.data_dir)
+    except StoreError as exc:
+        print(f"careservice: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(status))
     else:
@@ -70,6 +89,7 @@ def _status(config: Config, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="careservice", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"careservice {version('careservice')}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, func, text in (("run", _run, "run the daemon in the foreground"),
                              ("check", _check, "validate the config and print a summary"),
@@ -84,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "keygen":
             sub.add_argument("--output", help="write here instead of security.master_key_file")
     args = parser.parse_args(argv)
+    os.umask(0o077)  # whatever we create (stores, WAL, keys, locks, dev mail) is ours alone
     try:
         config = load_config(Path(args.config))
         return args.func(config, args)

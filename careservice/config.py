@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from email_validator import EmailNotValidError, validate_email
 
 RELAY_SCHEMES = ("smtp", "smtps", "smtp+starttls", "maildir")
 IMAP_SECURITY = ("tls", "starttls", "none")
+RELAY_PASSWORD_ENV = "CARESERVICE_RELAY_PASSWORD"
 
 
 class ConfigError(Exception):
@@ -101,8 +103,9 @@ class ImapMailbox:
 class Config:
     path: Path
     data_dir: Path
-    templates_dir: Path
+    templates_dir: Path | None  # an override searched before the packaged templates
     log_level: str
+    stop_timeout: int
     master_key_file: Path
     smtp: SmtpConfig
     relay: RelayConfig
@@ -117,16 +120,20 @@ class Config:
 
 
 class _Table:
-    """Typed reads from one TOML table, naming the full key in every error."""
+    """Typed reads from one TOML table, naming the full key in every error. It remembers which keys
+    were read, so that a key nothing reads (a typo such as `require_tsl`) is an error too."""
 
     def __init__(self, data: dict[str, Any], prefix: str) -> None:
         self.data = data
         self.prefix = prefix
+        self.read: set[str] = set()
+        self.children: list[_Table] = []
 
     def key(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name
 
     def get(self, name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+        self.read.add(name)
         if name not in self.data:
             if default is None:
                 raise ConfigError(self.key(name), "missing")
@@ -145,7 +152,32 @@ class _Table:
         return value
 
     def sub(self, name: str) -> _Table:
-        return _Table(self.get(name, dict, {}), self.key(name))
+        table = _Table(self.get(name, dict, {}), self.key(name))
+        self.children.append(table)
+        return table
+
+    def array(self, name: str, required: bool = False) -> list[_Table]:
+        """An array of tables (`[[name]]`), each read as its own table."""
+        items = self.get(name, list, None if required else [])
+        tables = []
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise ConfigError(f"{self.key(name)}[{i}]", "expected a table")
+            tables.append(_Table(item, f"{self.key(name)}[{i}]"))
+        self.children.extend(tables)
+        return tables
+
+    def refuse_unknown(self) -> None:
+        """Raise for the first key or table that nothing read, suggesting the nearest known name."""
+        for name, value in self.data.items():
+            if name not in self.read:
+                what = "table" if isinstance(value, dict) or (
+                    isinstance(value, list) and value and all(isinstance(v, dict) for v in value)) else "key"
+                close = difflib.get_close_matches(name, sorted(self.read), n=1, cutoff=0.6)
+                hint = f' (did you mean "{close[0]}"?)' if close else ""
+                raise ConfigError(self.key(name), f"unknown {what}{hint}")
+        for child in self.children:
+            child.refuse_unknown()
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
@@ -190,14 +222,14 @@ def _relay(t: _Table, base: Path) -> RelayConfig:
         default_port = {"smtps": 465, "smtp+starttls": 587}.get(scheme, 25)
         endpoint = parse_endpoint(t.key("url"), hostport if ":" in hostport else f"{hostport}:{default_port}")
         host, port = endpoint.host, endpoint.port
-    delays = t.get("retry_delays", list, [300, 300, 600, 1200, 2400, 4020])
+    delays = t.get("retry_delays", list, [60, 300, 600, 1200, 2400, 4020])
     if not delays or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in delays):
         raise ConfigError(t.key("retry_delays"), "expected a non-empty list of positive seconds")
     return RelayConfig(
         url=url, scheme=scheme, host=host, port=port, maildir=maildir, retry_delays=tuple(delays),
         give_up_after=t.positive("give_up_after", 432000), username=t.get("username", str, ""),
-        password_file=t.get("password_file", str, ""), timeout=float(t.positive("timeout", 60)),
-        connections=t.positive("connections", 4), ca_file=t.get("ca_file", str, ""),
+        password_file=_path(base, t.get("password_file", str, "")), timeout=float(t.positive("timeout", 60)),
+        connections=t.positive("connections", 4), ca_file=_path(base, t.get("ca_file", str, "")),
     )
 
 
@@ -218,7 +250,7 @@ def _site(t: _Table) -> Site:
     return Site(site_id, t.get("name", str), domain, care, addresses)
 
 
-def _imap(t: _Table, site_ids: set[str]) -> ImapMailbox:
+def _imap(t: _Table, site_ids: set[str], base: Path) -> ImapMailbox:
     site = t.get("site", str)
     if site not in site_ids:
         raise ConfigError(t.key("site"), f'unknown site "{site}"')
@@ -227,7 +259,7 @@ def _imap(t: _Table, site_ids: set[str]) -> ImapMailbox:
         raise ConfigError(t.key("security"), f'expected one of {", ".join(IMAP_SECURITY)}, got "{security}"')
     return ImapMailbox(
         site=site, host=t.get("host", str), port=t.positive("port", 993), security=security,
-        username=t.get("username", str), password_file=t.get("password_file", str),
+        username=t.get("username", str), password_file=_path(base, t.get("password_file", str)),
         folder=t.get("folder", str, "INBOX"), poll_seconds=t.positive("poll_seconds", 60),
         quarantine_folder=t.get("quarantine_folder", str, "careservice-quarantine"),
         verify_tls=t.get("verify_tls", bool, True),
@@ -249,10 +281,10 @@ def load_config(path: Path) -> Config:
     service, security, smtp = root.sub("service"), root.sub("security"), root.sub("smtp")
     web, retention = root.sub("web"), root.sub("retention")
     data_dir = _resolve(base, service.get("data_dir", str, "var"))
-    sites_raw = root.get("sites", list)
-    if not sites_raw:
+    site_tables = root.array("sites", required=True)
+    if not site_tables:
         raise ConfigError("sites", "at least one [[sites]] table is needed")
-    sites = tuple(_site(_Table(s, f"sites[{i}]")) for i, s in enumerate(sites_raw))
+    sites = tuple(_site(t) for t in site_tables)
     ids = [s.id for s in sites]
     for i, site_id in enumerate(ids):
         if ids.index(site_id) != i:
@@ -269,17 +301,20 @@ def load_config(path: Path) -> Config:
     log_level = service.get("log_level", str, "INFO").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("service.log_level", f'unknown level "{log_level}"')
+    templates_dir = service.get("templates_dir", str, "")
     max_bytes = smtp.positive("max_message_bytes", 10_000_000)
-    return Config(
+    config = Config(
         path=path,
         data_dir=data_dir,
-        templates_dir=_resolve(base, service.get("templates_dir", str, "templates")),
+        templates_dir=_resolve(base, templates_dir) if templates_dir else None,
         log_level=log_level,
+        stop_timeout=service.positive("stop_timeout", 30),
         master_key_file=_resolve(base, security.get("master_key_file", str, "var/master.key")),
         smtp=SmtpConfig(
             listen=parse_endpoint("smtp.listen", smtp.get("listen", str, "127.0.0.1:2525")),
             hostname=smtp.get("hostname", str, "careservice.localhost"),
-            max_message_bytes=max_bytes, tls_cert=cert, tls_key=key, require_tls=require_tls,
+            max_message_bytes=max_bytes, tls_cert=_path(base, cert), tls_key=_path(base, key),
+            require_tls=require_tls,
             min_free_bytes=smtp.positive("min_free_bytes", max_bytes * 3 // 2),
             max_recipients=smtp.positive("max_recipients", 20),
             timeout=smtp.positive("timeout", 300),
@@ -296,5 +331,12 @@ def load_config(path: Path) -> Config:
         unanswered_days=retention.positive("unanswered_days", 30),
         acks_per_hour=root.sub("acknowledge").positive("max_per_address_per_hour", 5),
         sites=sites,
-        imap=tuple(_imap(_Table(m, f"imap[{i}]"), set(ids)) for i, m in enumerate(root.get("imap", list, []))),
+        imap=tuple(_imap(t, set(ids), base) for t in root.array("imap")),
     )
+    root.refuse_unknown()
+    return config
+
+
+def _path(base: Path, value: str) -> str:
+    """A file setting resolved against the config's folder ("" stays unset)."""
+    return str(_resolve(base, value)) if value else ""

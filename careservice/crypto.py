@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import stat
 from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -33,22 +34,34 @@ def write_master_key(path: Path) -> None:
 
 
 def load_master_key(path: Path, create: bool) -> bytes:
-    """The 32-byte master key from $CARESERVICE_MASTER_KEY or `path` (created when `create`)."""
+    """The 32-byte master key from $CARESERVICE_MASTER_KEY or `path` (created when `create`).
+
+    A key file that group or others may read is refused: whoever can read it can read every case."""
     text = os.environ.get(MASTER_KEY_ENV)
-    if text is None:
-        if create and not path.exists():
-            write_master_key(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise MasterKeyError(f"security.master_key_file: cannot read {path}: {exc.strerror}") from None
+    if text is not None:
+        return parse_master_key(text, MASTER_KEY_ENV)
+    if create and not path.exists():
+        write_master_key(path)
     try:
-        key = base64.b64decode(text.strip(), validate=True)
+        mode = stat.S_IMODE(path.stat().st_mode)
+        text = path.read_text()
+    except OSError as exc:
+        raise MasterKeyError(f"security.master_key_file: cannot read {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise MasterKeyError(f"security.master_key_file: {path} is readable by others (mode {mode:04o}); "
+                             f"chmod 600 {path}")
+    return parse_master_key(text, "security.master_key_file")
+
+
+def parse_master_key(text: str, key: str) -> bytes:
+    """32 bytes from base64 `text`; errors name `key` (the setting or variable it came from)."""
+    try:
+        master = base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError):
-        key = b""
-    if len(key) != 32:
-        raise MasterKeyError("security.master_key_file: expected 32 bytes of base64")
-    return key
+        master = b""
+    if len(master) != 32:
+        raise MasterKeyError(f"{key}: expected 32 bytes of base64")
+    return master
 
 
 class Keyring:

@@ -14,9 +14,10 @@ from pathlib import Path
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from careservice.addresses import Addressing
-from careservice.config import Config
+from careservice.config import RELAY_PASSWORD_ENV, Config
 from careservice.context import Context
 from careservice.crypto import Keyring, load_master_key
+from careservice.handlers import STAGES
 from careservice.intake.imap import ImapIntake
 from careservice.intake.ingest import Ingest
 from careservice.intake.smtp import SmtpHandler, start_smtp
@@ -26,7 +27,6 @@ from careservice.outbox import Outbox, Relay
 from careservice.runner import Runner
 from careservice.store import QueuedMail, Store
 from careservice.texts import Texts
-from handlers import STAGES
 
 log = logging.getLogger("careservice.daemon")
 SWEEP_SECONDS = 60
@@ -50,7 +50,8 @@ def build_context(config: Config, intake: bool) -> Context:
     """
     keyring = Keyring(load_master_key(config.master_key_file, create=intake))
     store = Store(config.data_dir, keyring, durable=intake, inline=not intake)
-    return Context(config, store, Addressing(config.sites, keyring), keyring, Texts(config.templates_dir), time.time)
+    return Context(config, store, Addressing(config.sites, keyring), keyring, Texts(config.templates_dir),
+                   time.time)
 
 
 class Worker:
@@ -60,7 +61,7 @@ class Worker:
         self.config = config
         self.ctx = build_context(config, intake=False)
         self.store = self.ctx.store
-        relay = Relay(config.relay, read_secret(config.relay.password_file, "CARESERVICE_RELAY_PASSWORD"))
+        relay = Relay(config.relay, read_secret(config.relay.password_file, RELAY_PASSWORD_ENV))
         self.outbox = Outbox(config.relay, self.store, relay, time.time, self.answer_failed_notice)
         self.runner = Runner(self.ctx, STAGES, {CaseState.OPEN: config.unanswered_days * 86400.0},
                              self.outbox.wake)

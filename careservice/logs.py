@@ -18,10 +18,14 @@ OWN_PREFIX = "careservice"
 
 
 def error_fields(exc: BaseException) -> str:
-    """`error=Type at=file:line` for an exception, without its message (which may quote mail)."""
+    """`error=Type at=file:line` for an exception, without its message (which may quote mail).
+
+    An exception that knows its own non-personal detail (a template path, a relay's reply code)
+    offers it as `log_detail`, which is appended."""
     frames = traceback.extract_tb(exc.__traceback__)
     where = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else "-"
-    return f"error={type(exc).__name__} at={where}"
+    detail = getattr(exc, "log_detail", "")
+    return f"error={type(exc).__name__} at={where}" + (f" {detail}" if detail else "")
 
 
 class PrivacyFormatter(logging.Formatter):

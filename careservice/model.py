@@ -67,6 +67,7 @@ class Case:
     message_id: str = ""
     references: tuple[str, ...] = ()
     target: str = ""  # for FOLLOW_UP / STAFF_REPLY: the case it refers to
+    failures: int = 0  # stage failures in a row; above 0 the case is held back and counted as stuck
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ log = logging.getLogger("careservice.runner")
 Stage = Callable[[Case, Context], Awaitable[Outcome]]
 BATCH = 64
 IDLE_WAIT = 5.0
-RETRY_AFTER_ERROR = 60.0
+FIRST_RETRY = 60.0  # a held case is retried after 1 min, doubling up to 1 h
+LAST_RETRY = 3600.0
 MAX_CHAIN = 10
 
 
@@ -88,10 +89,22 @@ class Runner:
             await self.ctx.store.apply(case, outcome, now, self.next_run(case, outcome.state, now))
             if outcome.mails:
                 self.on_mail()
-            log.info("case_advanced case=%s from=%s to=%s reason=%s mails=%d", case.id, case.state,
-                     outcome.state, outcome.reason, len(outcome.mails))
+            target = (outcome.updates or case).target
+            log.info("case_advanced case=%s from=%s to=%s reason=%s mails=%d%s", case.id, case.state,
+                     outcome.state, outcome.reason, len(outcome.mails), f" target={target}" if target else "")
         except Exception as exc:  # a stage or the store failed: hold the case, try again later
-            self._held[case.id] = now + RETRY_AFTER_ERROR
-            log.error("case_stage_failed case=%s state=%s %s", case.id, current.state, error_fields(exc))
+            await self.hold(case, current.state, now, exc)
         finally:
             self.ctx.forget(case.id)
+
+    async def hold(self, case: Case, state: CaseState, now: float, exc: Exception) -> None:
+        """Retry the case later, backing off; the hold is stored, so `status` counts it as stuck."""
+        failures = case.failures + 1
+        delay = min(FIRST_RETRY * 2 ** (failures - 1), LAST_RETRY)
+        self._held[case.id] = now + delay  # also when the store cannot record the hold
+        log.error("case_stage_failed case=%s state=%s failures=%d retry_in=%d %s", case.id, state, failures,
+                  delay, error_fields(exc))
+        try:
+            await self.ctx.store.hold(case, failures, now + delay)
+        except Exception as store_exc:
+            log.error("case_hold_failed case=%s %s", case.id, error_fields(store_exc))

@@ -48,7 +48,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS cases(
     id TEXT PRIMARY KEY, site TEXT NOT NULL, state TEXT NOT NULL, source TEXT NOT NULL,
     created REAL NOT NULL, next_run REAL NOT NULL, nonce TEXT NOT NULL, target TEXT NOT NULL,
-    meta BLOB NOT NULL, raw BLOB NOT NULL);
+    meta BLOB NOT NULL, raw BLOB NOT NULL, failures INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS cases_due ON cases(state, next_run);
 CREATE TABLE IF NOT EXISTS outbox(
     id INTEGER PRIMARY KEY, case_id TEXT NOT NULL, site TEXT NOT NULL, kind TEXT NOT NULL,
@@ -128,13 +128,25 @@ def _connect(data_dir: Path, read_only: bool = False, durable: bool = True) -> s
     conn.execute("PRAGMA temp_store=MEMORY")
     conn.execute("PRAGMA busy_timeout=5000")
     conn.executescript(SCHEMA)
+    if "failures" not in {row[1] for row in conn.execute("PRAGMA table_info(cases)")}:  # a store from 0.1
+        conn.execute("ALTER TABLE cases ADD COLUMN failures INTEGER NOT NULL DEFAULT 0")
+    make_private(data_dir)
     return conn
+
+
+def make_private(data_dir: Path) -> None:
+    """data_dir 0700 and the files in it 0600, whatever the umask or an earlier version left."""
+    os.chmod(data_dir, 0o700)
+    for entry in os.scandir(data_dir):
+        if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mode & 0o077:
+            os.chmod(entry.path, 0o600)
 
 
 def read_status(data_dir: Path) -> dict[str, Any]:
     """Counts for `careservice status`, read through a separate read-only connection."""
     if not (data_dir / "cases.db").exists():
-        return {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0}
+        raise StoreError(f"no store in {data_dir} (service.data_dir): has `careservice run` started with "
+                         "this config?")
     conn = _connect(data_dir, read_only=True)
     try:
         return _counts(conn)
@@ -151,6 +163,7 @@ def _counts(conn: sqlite3.Connection) -> dict[str, Any]:
         "open_cases": count(OPEN_STATES),
         "inbound_pending": count(INBOUND_STATES),
         "outbound_queued": conn.execute("SELECT count(*) FROM outbox").fetchone()[0],
+        "stuck_cases": conn.execute("SELECT count(*) FROM cases WHERE failures > 0").fetchone()[0],
         **({"imap": {
             name: {"ok": bool(ok), "problem": problem, "since": since, "consecutive_failures": failures}
             for name, ok, problem, since, failures in conn.execute("SELECT * FROM mailbox_health ORDER BY name")
@@ -376,6 +389,10 @@ class Store:
         purging = CaseState.PURGED in (outcome.state, outcome.target_state)
         await self._call(_apply, case, outcome, now, next_run, checkpoint=purging)
 
+    async def hold(self, case: Case, failures: int, retry_at: float) -> None:
+        """Keep a case whose stage failed out of the due list until `retry_at` (counted as stuck)."""
+        await self._call(_hold, case.id, case.state, failures, retry_at)
+
     async def due_mail(self, now: float, limit: int) -> list[QueuedMail]:
         return await self._read(_due_mail, now, limit)
 
@@ -485,7 +502,8 @@ def _add_inbound(conn: sqlite3.Connection, keyring: Keyring, messages: list[NewM
                     m.contact)
         conn.execute("INSERT INTO k.keys VALUES (?, ?)", (case_id, wrapped))
         conn.execute(
-            "INSERT INTO cases VALUES (?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO cases(id, site, state, source, created, next_run, nonce, target, meta, raw) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?)",
             (case_id, m.site, case.state, m.source, now, now, case.nonce, "",
              seal(key, _meta(case), case_id.encode() + b"meta"), seal(key, m.raw, case_id.encode() + b"raw")),
         )
@@ -494,7 +512,7 @@ def _add_inbound(conn: sqlite3.Connection, keyring: Keyring, messages: list[NewM
 
 
 def _load_case(conn: sqlite3.Connection, keyring: Keyring, row: tuple[Any, ...]) -> Case:
-    case_id, site, state, source, created, nonce, target, meta_blob, raw_blob = row
+    case_id, site, state, source, created, nonce, target, meta_blob, raw_blob, failures = row
     key = _case_key(conn, keyring, case_id)
     meta = json.loads(open_sealed(key, meta_blob, case_id.encode() + b"meta"))
     return Case(
@@ -503,11 +521,11 @@ def _load_case(conn: sqlite3.Connection, keyring: Keyring, row: tuple[Any, ...])
         raw=open_sealed(key, raw_blob, case_id.encode() + b"raw"),
         contact=ContactDetails(**meta["contact"]) if meta["contact"] else None,
         subject=meta["subject"], message_id=meta["message_id"], references=tuple(meta["references"]),
-        target=target,
+        target=target, failures=failures,
     )
 
 
-_CASE_COLUMNS = "id, site, state, source, created, nonce, target, meta, raw"
+_CASE_COLUMNS = "id, site, state, source, created, nonce, target, meta, raw, failures"
 
 
 def _due_cases(conn: sqlite3.Connection, keyring: Keyring, states: tuple[CaseState, ...], now: float,
@@ -588,9 +606,14 @@ def _apply(conn: sqlite3.Connection, keyring: Keyring, case: Case, outcome: Outc
         return
     key = _case_key(conn, keyring, case.id)
     conn.execute(
-        "UPDATE cases SET state=?, next_run=?, target=?, meta=? WHERE id=?",
+        "UPDATE cases SET state=?, next_run=?, target=?, meta=?, failures=0 WHERE id=?",
         (outcome.state, next_run, updated.target, seal(key, _meta(updated), case.id.encode() + b"meta"), case.id),
     )
+
+
+def _hold(conn: sqlite3.Connection, keyring: Keyring, case_id: str, state: CaseState, failures: int,
+          retry_at: float) -> None:
+    conn.execute("UPDATE cases SET failures=?, next_run=? WHERE id=? AND state=?", (failures, retry_at, case_id, state))
 
 
 def _due_mail(conn: sqlite3.Connection, keyring: Keyring, now: float, limit: int) -> list[QueuedMail]:

@@ -16,7 +16,8 @@ from collections.abc import Awaitable, Callable
 
 from careservice.context import Context
 from careservice.model import Case, CaseState, Outcome
-from handlers import acknowledge, classify, expire, forward, relay_answer, verify_reply
+
+from . import acknowledge, classify, expire, forward, relay_answer, verify_reply
 
 Stage = Callable[[Case, Context], Awaitable[Outcome]]
 

@@ -106,11 +106,9 @@ def write_config(tmp: Path, relay_port: int, *, extra: str = "", relay_url: str 
     tmp.mkdir(parents=True, exist_ok=True)
     smtp_port, web_port = free_port(), free_port()
     path = tmp / "config.toml"
-    templates = Path(__file__).resolve().parent.parent / "templates"
     path.write_text(f"""
 [service]
 data_dir = "data"
-templates_dir = "{templates}"
 log_level = "DEBUG"
 [security]
 master_key_file = "data/master.key"

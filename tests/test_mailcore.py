@@ -54,7 +54,7 @@ def test_oversized_message_is_refused(daemon: Daemon) -> None:
         assert client.mail("alice@customer.example")[0] == 250  # no SIZE given: refused after DATA
         assert client.rcpt(CARE)[0] == 250
         assert client.data(big)[0] == 552
-    assert daemon.status() == {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0}
+    assert daemon.status() == {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0, "stuck_cases": 0}
 
 
 def test_kill_after_250_with_relay_down_delivers_exactly_once(tmp_path: Path, config: Path,
@@ -97,7 +97,7 @@ def test_nothing_personal_in_clear_on_disk_or_in_log(daemon: Daemon, relay: Capt
 
 
 def test_status_json_while_running(daemon: Daemon) -> None:
-    assert daemon.status() == {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0}
+    assert daemon.status() == {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0, "stuck_cases": 0}
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-import handlers
+import careservice.handlers as handlers
 from careservice.addresses import Addressing
 from careservice.config import load_config
 from careservice.context import Context
 from careservice.crypto import Keyring
+from careservice.handlers import STAGES, acknowledge, classify, forward
 from careservice.model import CaseState, Envelope, MailKind, Outcome, Source
 from careservice.store import NewMessage, Store, StoreError
 from careservice.texts import Texts
-from handlers import STAGES, acknowledge, classify, forward
 from tests.support import CARE, STAFF, customer_mail, files_containing, write_config
 
 WAITING = {CaseState.ANSWERING, CaseState.PURGED}  # moved on by the outbox, or gone

@@ -143,7 +143,7 @@ def test_genuine_answer_is_relayed_and_case_purged(daemon: Daemon, relay: Captur
     assert "platypus" in text and "quokka" not in text
     assert not [line for line in text.splitlines() if line.startswith(">")]
     assert b"staff.example" not in captured.raw, captured.raw.decode()
-    wait_for(lambda: daemon.status() == {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0},
+    wait_for(lambda: daemon.status() == {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0, "stuck_cases": 0},
              what="purge")
     needles = [b"marker.person", b"Wilhelmina", b"Markername", b"zebra", b"quokka", b"platypus"]
     assert files_containing(daemon.data_dir, needles) == []
@@ -215,5 +215,5 @@ def test_unanswered_case_expires_with_notice(daemon: Daemon, relay: CaptureRelay
     conn.commit()
     conn.close()
     wait_for(lambda: [c for c in relay.to(STAFF) if "Expired" in str(c.message["Subject"])], what="expiry notice")
-    wait_for(lambda: daemon.status() == {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0},
+    wait_for(lambda: daemon.status() == {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0, "stuck_cases": 0},
              what="purge")

@@ -1,0 +1,99 @@
+"""What `check` verifies and `run` insists on: everything the config points at, before it costs a mail.
+
+Loading the config (careservice.config) proves its syntax and values; these checks touch the
+files and sockets it names: templates that render for every site, a master key that is readable
+and private, TLS files that load, secrets that can be read, listeners that do not collide.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from careservice.config import RELAY_PASSWORD_ENV, Config, ConfigError
+from careservice.crypto import MASTER_KEY_ENV, MasterKeyError, load_master_key
+from careservice.texts import TemplateProblem, Texts
+
+WILDCARDS = {"", "0.0.0.0", "::"}
+
+
+def problems(config: Config) -> list[str]:
+    """Every problem found, each as `key: problem`; empty when `run` can start."""
+    found = []
+    for check in (_templates, _master_key, _listeners, _tls, _secrets, _data_dir):
+        try:
+            found.extend(check(config))
+        except ConfigError as exc:
+            found.append(str(exc))
+    return found
+
+
+def _templates(config: Config) -> Iterator[str]:
+    if config.templates_dir is not None and not config.templates_dir.is_dir():
+        yield f"service.templates_dir: not a directory: {config.templates_dir}"
+        return
+    try:
+        texts = Texts(config.templates_dir)
+    except TemplateProblem as exc:
+        yield f"templates: {exc}"
+        return
+    for site in config.sites:
+        for problem in texts.check(site):
+            yield f"templates: site {site.id}: {problem.path}: {str(problem).split(': ', 1)[1]}"
+
+
+def _master_key(config: Config) -> Iterator[str]:
+    path = config.master_key_file
+    if MASTER_KEY_ENV not in os.environ and not path.exists():
+        if not os.access(_existing_parent(path), os.W_OK):
+            yield f"security.master_key_file: {path} is missing and its folder is not writable"
+        return  # `run` creates it
+    try:
+        load_master_key(path, create=False)
+    except MasterKeyError as exc:
+        yield str(exc)
+
+
+def _listeners(config: Config) -> Iterator[str]:
+    listeners = [("smtp.listen", config.smtp.listen), ("web.listen", config.web.listen)]
+    for i, (key, endpoint) in enumerate(listeners):
+        for other_key, other in listeners[:i]:
+            if endpoint.port == other.port and (endpoint.host == other.host or {endpoint.host, other.host} & WILDCARDS):
+                yield f"{key}: same address as {other_key} ({endpoint.host}:{endpoint.port})"
+
+
+def _tls(config: Config) -> Iterator[str]:
+    if config.smtp.tls_cert:
+        yield from _loads("smtp.tls_cert", lambda: ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                          .load_cert_chain(config.smtp.tls_cert, config.smtp.tls_key))
+    if config.relay.ca_file:
+        yield from _loads("relay.ca_file", lambda: ssl.create_default_context(cafile=config.relay.ca_file))
+
+
+def _loads(key: str, load: Callable[[], object]) -> Iterator[str]:
+    try:
+        load()
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        yield f"{key}: does not load: {getattr(exc, 'strerror', None) or exc}"
+
+
+def _secrets(config: Config) -> Iterator[str]:
+    files = {} if RELAY_PASSWORD_ENV in os.environ else {"relay.password_file": config.relay.password_file}
+    files.update({f"imap[{i}].password_file": box.password_file for i, box in enumerate(config.imap)})
+    for key, name in files.items():
+        if name and not os.access(name, os.R_OK):
+            yield f"{key}: cannot read {name}"
+
+
+def _data_dir(config: Config) -> Iterator[str]:
+    if not os.access(_existing_parent(config.data_dir), os.W_OK):
+        yield f"service.data_dir: {config.data_dir} is not writable"
+
+
+def _existing_parent(path: Path) -> Path:
+    """`path` itself when it exists, else its nearest existing parent (what a mkdir would need)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
