@@ -29,9 +29,12 @@ class Addressing:
     """Recognises and issues the addresses and ids the service owns."""
 
     def __init__(self, sites: tuple[Site, ...], keyring: Keyring) -> None:
-        self._by_care = {s.care_address: s for s in sites}
-        self._by_domain = {s.domain: s for s in sites}
         self._keyring = keyring
+        self.use(sites)
+
+    def use(self, sites: tuple[Site, ...]) -> None:
+        """Recognise these sites from now on (a reload)."""
+        self._by_domain = {s.domain: s for s in sites}
 
     def recipient(self, address: str) -> Recipient | None:
         """The site and token for one of our addresses; None for anything else (relay refused)."""

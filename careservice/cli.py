@@ -34,7 +34,7 @@ def _run(config: Config, args: argparse.Namespace) -> int:
 
 
 def _worker(config: Config, args: argparse.Namespace) -> int:
-    from careservice.daemon import run_worker
+    from careservice.worker import run_worker
 
     setup_logging(config.log_level)
     asyncio.run(run_worker(config))

@@ -2,19 +2,41 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from careservice.addresses import Addressing
 from careservice.config import Config, Site
-from careservice.crypto import Keyring
+from careservice.crypto import Keyring, load_master_key
 from careservice.mail import Draft, Parsed, new_message_id, parse, render
 from careservice.model import Case, MailKind, OutgoingMail
 from careservice.store import Store
 from careservice.texts import Texts
 
 PARSE_CACHE = 256
+
+
+def read_secret(path: str, env: str) -> str:
+    """A secret from the environment variable `env`, else from the file `path` ("" if neither)."""
+    if env in os.environ:
+        return os.environ[env]
+    return Path(path).read_text().strip() if path else ""
+
+
+def build_context(config: Config, intake: bool) -> Context:
+    """The store and everything keyed by the master key, as both processes need them.
+
+    Only the intake process creates a missing master key, and only its commits must be on disk
+    before they are answered; the worker's store runs inline (see careservice.store).
+    """
+    keyring = Keyring(load_master_key(config.master_key_file, create=intake))
+    store = Store(config.data_dir, keyring, durable=intake, inline=not intake)
+    return Context(config, store, Addressing(config.sites, keyring), keyring, Texts(config.templates_dir),
+                   time.time)
 
 
 @dataclass

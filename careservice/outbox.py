@@ -67,6 +67,7 @@ class Relay:
         self.config = config
         self.password = password
         self.tls = ssl.create_default_context(cafile=config.ca_file or None)  # built once: loading CAs is slow
+        self.stopping = False  # set: hand over no further mail (the one in flight is finished and recorded)
         self._kept: list[tuple[float, aiosmtplib.SMTP]] = []  # (last used, monotonic), connected clients
 
     async def _connection(self) -> aiosmtplib.SMTP:
@@ -114,6 +115,8 @@ class Relay:
             for sub in ("tmp", "new", "cur"):
                 os.makedirs(self.config.maildir / sub, mode=0o700, exist_ok=True)
             for item in items:
+                if self.stopping:
+                    return
                 await asyncio.to_thread(_maildir_deliver, self.config.maildir, item.mail.message)
                 await record(item, None)
             return
@@ -122,6 +125,8 @@ class Relay:
         try:
             client = await self._connection()
             for item in items:
+                if self.stopping:
+                    break  # the rest stay queued as they are
                 await record(item, await self._send_one(client, item.mail))  # committed before the next one
                 done += 1
             self._kept.append((time.monotonic(), client))
@@ -174,6 +179,11 @@ class Outbox:
     def wake(self) -> None:
         self._wake.set()
 
+    def stop(self) -> None:
+        """Return from run() once the mail in flight is handed over and recorded."""
+        self.relay.stopping = True
+        self._wake.set()
+
     def delay(self, attempt: int) -> int:
         """Seconds before retry number `attempt` (0-based); the last configured delay repeats."""
         delays = self.config.retry_delays
@@ -181,7 +191,7 @@ class Outbox:
 
     async def run(self) -> None:
         try:
-            while True:
+            while not self.relay.stopping:
                 try:
                     await self.deliver_due()
                 except Exception as exc:  # the store failed: unmarked mail is sent again later (not delivered mail)
@@ -199,7 +209,7 @@ class Outbox:
         for item in list(self._unrecorded.values()):  # e.g. after a full disk: record them, never resend
             await self._delivered(item)
         sent = 0
-        while self.clock() >= self._down_until:
+        while self.clock() >= self._down_until and not self.relay.stopping:
             items = await self.store.due_mail(self.clock(), BATCH)
             if not items:
                 break

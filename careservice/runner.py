@@ -43,15 +43,21 @@ class Runner:
         self._wake = Wakeup()
         self._busy: set[str] = set()
         self._held: dict[str, float] = {}
+        self._stopping = False
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Return from run() once the batch in progress is committed."""
+        self._stopping = True
         self._wake.set()
 
     def next_run(self, case: Case, state: CaseState, now: float) -> float:
         return case.created + self.waits[state] if state in self.waits else now
 
     async def run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.run_due()
             except Exception as exc:  # the store failed: nothing was applied, the next round retries
@@ -61,7 +67,7 @@ class Runner:
     async def run_due(self) -> int:
         """Advance every due case once; returns how many were advanced."""
         done = 0
-        while True:
+        while not self._stopping:
             now = self.ctx.clock()
             self._held = {k: t for k, t in self._held.items() if t > now}
             cases = await self.ctx.store.due_cases(self.stages, now, BATCH, self._busy | set(self._held))
@@ -73,6 +79,7 @@ class Runner:
             finally:
                 self._busy.difference_update(c.id for c in cases)
             done += len(cases)
+        return done
 
     async def advance(self, case: Case) -> None:
         now = self.ctx.clock()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import ssl
+import time
+from collections.abc import Awaitable, Callable
 from types import MethodType
 from typing import Any
 
@@ -28,6 +31,8 @@ REPLY_TOO_MANY_RCPT = "452 4.5.3 Too many recipients"
 REPLY_NO_SPACE = "452 4.3.1 Insufficient system storage"
 REPLY_TRY_AGAIN = "451 4.3.0 Temporary failure, please try again later"
 REPLY_TOO_MANY_CONNECTIONS = b"421 4.7.0 Too many connections, try again later\r\n"
+REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down"
+LINGER_SECONDS = 2.0
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 # "<dot-atom@domain>", then the end or blanks before parameters (a comment after it takes the full parser)
 _SIMPLE_PATH = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:[ \t]+(?=[^ \t(])|$)")
@@ -93,11 +98,28 @@ def tls_context(config: SmtpConfig) -> ssl.SSLContext | None:
 
 
 class _Sessions:
-    """How many SMTP sessions are open, against smtp.max_connections."""
+    """The open SMTP sessions, against smtp.max_connections; `drain()` ends them for a stop."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.open = 0
+        self.live: set[_Session] = set()
+        self.draining = False
+
+    async def drain(self, timeout: float) -> int:
+        """Say 421 to every session at its next command (at once when idle), let a DATA in progress
+        commit and get its answer, and wait for them all to close; abort what is left after `timeout`.
+        Returns how many were aborted."""
+        self.draining = True
+        for session in list(self.live):
+            session.end_when_idle()
+        deadline = time.monotonic() + timeout
+        while self.live and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = list(self.live)
+        for session in left:
+            if session.transport is not None:
+                session.transport.abort()
+        return len(left)
 
 
 class _Session(SMTP):
@@ -106,6 +128,7 @@ class _Session(SMTP):
     aiosmtpd's own __init__ inspects the handler and the session class on every connection (a fifth of
     the intake's CPU per message, profiled). A session here starts as a copy of one `template` built
     with the same options at start-up, then gets fresh stream state and method tables bound to itself.
+    Each command runs through `_command`, which is where a draining daemon answers 421 instead.
     """
 
     def __init__(self, sessions: _Sessions, template: SMTP) -> None:
@@ -113,11 +136,49 @@ class _Session(SMTP):
         asyncio.StreamReaderProtocol.__init__(
             self, asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
             client_connected_cb=self._cb_client_connected, loop=self.loop)
-        self._smtp_methods = {name: getattr(self, f"smtp_{name}") for name in template._smtp_methods}
+        self._smtp_methods = {name: self._command(getattr(self, f"smtp_{name}")) for name in template._smtp_methods}
         self._auth_methods = {name: impl._replace(method=MethodType(impl.method.__func__, self))
                               if impl.is_builtin else impl for name, impl in template._auth_methods.items()}
         self._sessions: _Sessions | None = sessions
-        sessions.open += 1
+        self._in_command = False
+        self._closing = False
+        sessions.live.add(self)
+
+    def _command(self, method: Callable[[str], Awaitable[None]]) -> Callable[[str], Awaitable[None]]:
+        async def run(arg: str) -> None:
+            if self._sessions is not None and self._sessions.draining:
+                await self._shutting_down()
+                return
+            self._in_command = True
+            try:
+                await method(arg)
+            finally:
+                self._in_command = False
+            if self._sessions is not None and self._sessions.draining:  # e.g. DATA committed meanwhile
+                await self._shutting_down()
+        return run
+
+    def end_when_idle(self) -> None:
+        """Between commands with nothing half-read, end now: a QUIT of our own takes the next turn of the
+        command loop, which `_command` answers with 421. Otherwise the next command gets the 421."""
+        if not self._in_command and not self._reader._buffer and self.transport is not None:  # type: ignore[attr-defined]
+            self._reader.feed_data(b"QUIT\r\n")
+
+    async def _shutting_down(self) -> None:
+        """421, then a lingering close: our FIN first, then read what the client still sends until it
+        closes too, so that no unread byte turns the close into a reset that could hide the 421."""
+        if self._closing or self.transport is None:
+            return
+        self._closing = True
+        await self.push(REPLY_SHUTTING_DOWN)
+        transport = self.transport
+        if transport.can_write_eof():
+            transport.write_eof()
+            with contextlib.suppress(TimeoutError, OSError):
+                async with asyncio.timeout(LINGER_SECONDS):
+                    while await self._reader.read(65536):
+                        pass
+        transport.close()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's address parse, with a fast path for the plain `<local@domain>` that nearly every
@@ -130,7 +191,7 @@ class _Session(SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._sessions is not None:
-            self._sessions.open -= 1
+            self._sessions.live.discard(self)
             self._sessions = None
         super().connection_lost(error)
 
@@ -144,21 +205,37 @@ class _TooMany(asyncio.Protocol):
         transport.close()
 
 
-async def start_smtp(config: SmtpConfig, handler: SmtpHandler) -> asyncio.Server:
+class SmtpListener:
+    """The listening socket and its sessions."""
+
+    def __init__(self, server: asyncio.Server, sessions: _Sessions) -> None:
+        self.server = server
+        self.sessions = sessions
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting (new connections are refused), then end the open sessions (see _Sessions.drain)."""
+        self.server.close()
+        open_sessions = len(self.sessions.live)
+        aborted = await self.sessions.drain(timeout)
+        log.info("smtp_drained sessions=%d aborted=%d", open_sessions, aborted)
+
+
+async def start_smtp(config: SmtpConfig, handler: SmtpHandler) -> SmtpListener:
     """Listen on smtp.listen in the running loop."""
     context = tls_context(config)
     options: dict[str, Any] = {
         "hostname": config.hostname, "data_size_limit": config.max_message_bytes, "enable_SMTPUTF8": True,
         "timeout": config.timeout, "tls_context": context, "require_starttls": config.require_tls,
+        "ident": "ESMTP",  # not aiosmtpd's name and version
     }
     sessions = _Sessions(config.max_connections)
     template = SMTP(handler, **options)
 
     def session() -> asyncio.Protocol:
-        if sessions.open >= sessions.limit:
-            log.warning("connection_refused reason=too_many_connections open=%d", sessions.open)
+        if len(sessions.live) >= sessions.limit:
+            log.warning("connection_refused reason=too_many_connections open=%d", len(sessions.live))
             return _TooMany()
         return _Session(sessions, template)
 
     loop = asyncio.get_running_loop()
-    return await loop.create_server(session, config.listen.host, config.listen.port)
+    return SmtpListener(await loop.create_server(session, config.listen.host, config.listen.port), sessions)

@@ -414,6 +414,6 @@ async def start_web(config: Config, ctx: Context, ingest: Ingest) -> WebServer:
     server = _Server(uvicorn.Config(
         app, lifespan="off", log_config=None, access_log=False, server_header=False, http="h11", ws="none",
         proxy_headers=True, forwarded_allow_ips=TRUSTED_PROXIES, limit_concurrency=500,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=max(config.stop_timeout - 2, 1),
     ))
     return WebServer(server, asyncio.create_task(server.serve(sockets=[sock])), form)

@@ -23,10 +23,11 @@ from pathlib import Path
 import pytest
 
 from careservice.config import load_config
+from careservice.context import build_context
 from careservice.crypto import Keyring
-from careservice.daemon import Worker, build_context
 from careservice.model import Envelope, Source
 from careservice.store import NewMessage, Store
+from careservice.worker import CaseWorker
 from tests.reliability.helpers import IDLE, SCALE, RawSmtp, integrity, log_leaks, status, stored_rows
 from tests.support import (
     CARE,
@@ -265,9 +266,9 @@ async def test_a_purge_cut_between_the_two_files_leaves_no_key_once_the_worker_r
         cases.commit()
         cases.close()
         assert stored_rows(config.data_dir) == {"cases": 0, "outbox": 0, "k.keys": 1}
-        worker = Worker(config)
+        worker = CaseWorker(config)
         await worker.start()
-        await worker.stop()
+        await worker.stop(5)
         assert stored_rows(config.data_dir) == {"cases": 0, "outbox": 0, "k.keys": 0}
     finally:
         await intake.close()

@@ -1,0 +1,107 @@
+"""The daemon's side of the worker process: start it, wake it, hear its heartbeat, restart it, stop it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+
+from careservice.config import Config
+
+log = logging.getLogger("careservice.supervisor")
+RESTART_DELAY = 1.0
+START_WAIT = 15.0
+HEALTHY_WITHIN = 3.0  # seconds since the last heartbeat for the worker to count as healthy
+
+
+class WorkerSupervisor:
+    """Starts `careservice worker` as a child, wakes it through its stdin, restarts it if it dies.
+
+    The pipe is also its lifeline: when this process ends (even by kill -9) the child reads EOF
+    and stops, so a restarted daemon never runs beside an orphaned worker for long. The child's
+    stdout carries its heartbeat.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.proc: asyncio.subprocess.Process | None = None
+        self.stopping = False  # set as soon as a stop begins: a worker exiting then is not restarted
+        self._pipe = -1
+        self._last_beat = 0.0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def healthy(self) -> bool:
+        return (self.proc is not None and self.proc.returncode is None
+                and time.monotonic() - self._last_beat < HEALTHY_WITHIN)
+
+    async def start(self) -> None:
+        """Spawn the worker and wait (bounded) for its first heartbeat, so that READY means ready."""
+        await self._spawn()
+        deadline = time.monotonic() + START_WAIT
+        while not self.healthy and time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.returncode is not None:
+                break  # the supervisor restarts it
+            await asyncio.sleep(0.02)
+        self._tasks.append(asyncio.create_task(self._supervise()))
+
+    async def _spawn(self) -> None:
+        read_end, self._pipe = os.pipe()
+        os.set_blocking(self._pipe, False)
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "careservice", "worker", "--config", str(self.config.path), stdin=read_end,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        os.close(read_end)
+        self._tasks.append(asyncio.create_task(self._listen(self.proc)))
+
+    async def _listen(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while await proc.stdout.read(64):
+            self._last_beat = time.monotonic()
+
+    async def _supervise(self) -> None:
+        while True:
+            assert self.proc is not None
+            code = await self.proc.wait()
+            await asyncio.sleep(0)  # a stop signal delivered with the worker's own exit is handled first
+            if self.stopping:
+                return
+            log.error("worker_exited code=%s restarting_in=%s", code, RESTART_DELAY)
+            await asyncio.sleep(RESTART_DELAY)
+            if self.stopping:
+                return
+            old = self._pipe
+            await self._spawn()
+            os.close(old)  # only now: a closed fd's number goes to the next socket, and wake() would write there
+
+    def wake(self) -> None:
+        """Tell the worker that new cases are committed (a lost byte only delays it to its next poll)."""
+        try:
+            os.write(self._pipe, b"w")
+        except (BlockingIOError, BrokenPipeError, OSError):
+            pass
+
+    def reload(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGHUP)
+
+    async def stop(self, timeout: float) -> None:
+        """Close the worker's pipe (it finishes its batch and delivery) and wait; kill it after `timeout`."""
+        self.stopping = True
+        os.close(self._pipe)
+        if self.proc is not None and self.proc.returncode is None:
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout)
+            except TimeoutError:
+                log.error("worker_stop_timeout seconds=%.0f killed=1", timeout)
+                self.proc.kill()
+                await self.proc.wait()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+

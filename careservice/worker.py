@@ -1,0 +1,155 @@
+"""The case worker process (`careservice worker`, started by the daemon): stages and outbox over the store.
+
+It stops when its stdin (the daemon's pipe) closes or on SIGTERM/SIGINT, after the batch of cases
+and the relay delivery in flight, so a mail the relay took is always recorded as sent. SIGHUP
+reloads the sites, staff lists and templates. While its loops run it writes a heartbeat byte to
+stdout, which the daemon's systemd watchdog relies on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import stat
+import time
+from pathlib import Path
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from careservice.config import RELAY_PASSWORD_ENV, Config
+from careservice.context import Context, build_context, read_secret
+from careservice.handlers import STAGES
+from careservice.model import CaseState, OutgoingMail
+from careservice.outbox import Outbox, Relay
+from careservice.reload import reload_config
+from careservice.runner import Runner
+from careservice.store import QueuedMail
+
+log = logging.getLogger("careservice.worker")
+SWEEP_SECONDS = 60
+HEARTBEAT_SECONDS = 1.0
+LOCK_WAIT = 30.0
+NICENESS = 10
+
+
+class CaseWorker:
+    """The stages and the outbox over the shared store, in this process's one thread."""
+
+    def __init__(self, config: Config, ctx: Context | None = None) -> None:
+        self.config = config
+        self.ctx = ctx or build_context(config, intake=False)
+        self.store = self.ctx.store
+        relay = Relay(config.relay, read_secret(config.relay.password_file, RELAY_PASSWORD_ENV))
+        self.outbox = Outbox(config.relay, self.store, relay, time.time, self.answer_failed_notice)
+        self.runner = Runner(self.ctx, STAGES, {CaseState.OPEN: config.unanswered_days * 86400.0},
+                             self.outbox.wake)
+        self.tasks: list[asyncio.Task[None]] = []
+        self.scheduler = AsyncIOScheduler(job_defaults={"coalesce": True, "misfire_grace_time": SWEEP_SECONDS})
+
+    def wake(self) -> None:
+        self.runner.wake()
+        self.outbox.wake()
+
+    @property
+    def healthy(self) -> bool:
+        return bool(self.tasks) and not any(task.done() for task in self.tasks)
+
+    async def sweep(self) -> None:
+        """Periodic: run due expiries and retries, and truncate the WAL."""
+        self.wake()
+        await self.store.checkpoint()
+
+    def answer_failed_notice(self, item: QueuedMail, why: str) -> OutgoingMail | None:
+        site = self.ctx.config.site(item.site)
+        if site is None:
+            return None
+        return self.ctx.notice(site, item.mail.case_id, item.mail.case_id, site.staff,
+                               "Answer could not be delivered", f"The answer was not delivered: {why}. "
+                               "The case is open again; reply to the forwarded case to try again.")
+
+    async def start(self) -> None:
+        await self.store.start(sweep=True)  # a worker killed inside a purge's commit left its key behind
+        self.tasks = [asyncio.create_task(self.runner.run()), asyncio.create_task(self.outbox.run())]
+        self.scheduler.add_job(self.sweep, "interval", seconds=SWEEP_SECONDS, id="retention_and_retry_sweep")
+        self.scheduler.start()
+        log.info("worker_started")
+
+    async def stop(self, timeout: float) -> None:
+        """Finish the cases and the delivery in flight (at most `timeout` seconds), then close the store."""
+        self.scheduler.shutdown(wait=False)
+        self.runner.stop()
+        self.outbox.stop()
+        done, pending = await asyncio.wait(self.tasks, timeout=timeout) if self.tasks else (set(), set())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.store.close()
+        log.info("worker_stopped unfinished=%d", len(pending))
+
+
+async def run_worker(config: Config) -> None:
+    """The child process: hold the worker lock, run until stdin closes or a stop signal arrives.
+
+    It runs at a lower CPU priority: under a burst the listeners' 250s come first and the worker
+    catches up afterwards (the committed backlog is safe in the store).
+    """
+    os.nice(NICENESS)
+    lock = await asyncio.to_thread(_worker_lock, config.data_dir)
+    worker = CaseWorker(config)
+    await worker.start()
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+
+    def on_wake() -> None:
+        if os.read(0, 4096):
+            worker.wake()
+        else:
+            loop.remove_reader(0)
+            done.set()
+
+    def on_reload() -> None:
+        config = reload_config(worker.ctx)
+        if config is not None:
+            worker.config = config
+
+    loop.add_reader(0, on_wake)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, done.set)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    if stat.S_ISFIFO(os.fstat(1).st_mode):
+        os.set_blocking(1, False)  # a beat must never block the loop
+    beating = asyncio.create_task(_heartbeat(worker, done))
+    await done.wait()
+    beating.cancel()
+    await worker.stop(config.stop_timeout * 0.8)  # the daemon kills a worker still busy at stop_timeout
+    os.close(lock)
+
+
+async def _heartbeat(worker: CaseWorker, done: asyncio.Event) -> None:
+    """A byte on stdout each second while the loops run: the daemon's watchdog pings only then."""
+    while not done.is_set():
+        if worker.healthy:
+            try:
+                os.write(1, b".")
+            except BlockingIOError:
+                pass  # the daemon is behind reading; the next beat will do
+            except OSError:
+                return  # the daemon is gone; stdin's EOF stops us
+        await asyncio.sleep(HEARTBEAT_SECONDS)
+
+
+def _worker_lock(data_dir: Path) -> int:
+    """Wait (bounded) for the exclusive worker lock: a previous worker may still be finishing."""
+    fd = os.open(data_dir / "worker.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
