@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 import pytest
 
 from careservice.crypto import Keyring, load_master_key
-from careservice.intake.web import CodeTokens
+from careservice.intake.formguard import CodeTokens
 from tests.support import CARE, STAFF, STAFF2, CaptureRelay, Daemon, files_containing, wait_for, write_config
 
 CUSTOMER = "zoe@customer.example"
