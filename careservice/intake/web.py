@@ -94,6 +94,14 @@ def field_problem(rule: FieldRule, value: str) -> str:
     return "too_many_lines" if len(lines) > rule.lines else ""
 
 
+@dataclass(frozen=True)
+class Entry:
+    """How a request came in: its site and the contact path it used, which links and redirects keep."""
+
+    site: Site
+    url: str
+
+
 class ContactForm:
     """The endpoints: form, submission, thank-you page, and the code as image and audio."""
 
@@ -104,6 +112,7 @@ class ContactForm:
         web = config.web
         self.tokens = (CodeTokens(ctx.keyring.form_code_key(), web.code_ttl_seconds, ctx.clock)
                        if web.verification == "image" else None)
+        self.hosts = {host: site for site in config.sites for host in site.web_hosts}
         self.posts = HourlyLimit(web.max_posts_per_ip_per_hour)
         self.renders = HourlyLimit(web.max_posts_per_ip_per_hour * RENDERS_PER_POST)
         self.renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="careservice-code")
@@ -111,40 +120,56 @@ class ContactForm:
         self.audio = AudioCaptcha()
 
     def routes(self) -> list[Route]:
-        return [
-            Route("/{site}/contact", self.show, methods=["GET"]),
-            Route("/{site}/contact", self.submit, methods=["POST"]),
-            Route("/{site}/contact/thanks", self.thanks, methods=["GET"]),
-            Route("/{site}/contact/code.png", self.code_image, methods=["GET"]),
-            Route("/{site}/contact/code.wav", self.code_audio, methods=["GET"]),
-        ]
+        """Each page under `/<site id>/contact` for any host, then under each contact_path of a site with web_hosts."""
+        bases = ["/{site}/contact", *sorted({s.contact_path for s in self.config.sites if s.web_hosts})]
+        return [route for base in bases for route in (
+            Route(base, self.show, methods=["GET"]),
+            Route(base, self.submit, methods=["POST"]),
+            Route(base + "/thanks", self.thanks, methods=["GET"]),
+            Route(base + "/code.png", self.code_image, methods=["GET"]),
+            Route(base + "/code.wav", self.code_audio, methods=["GET"]),
+        )]
 
-    def _page(self, request: Request, site: Site, name: str, status: int = 200,
+    def _resolve(self, request: Request, page: str) -> Entry | None:
+        """The site and contact path of a request for `page` ("" or "/thanks", ...), or None for a 404.
+
+        A known site id in the path wins; otherwise the Host must be one of a site's web_hosts and the
+        path that site's contact_path plus `page` (so a contact_path shaped like `/<word>/contact` works too).
+        """
+        site = self.config.site(request.path_params.get("site", ""))
+        if site is not None:
+            return Entry(site, f"/{site.id}/contact")
+        site = self.hosts.get(request.headers.get("host", "").split(":", 1)[0].lower())
+        if site is None or request.url.path != site.contact_path + page:
+            return None
+        return Entry(site, site.contact_path)
+
+    def _page(self, request: Request, entry: Entry, name: str, status: int = 200,
               headers: dict[str, str] | None = None, **values: Any) -> HTMLResponse:
-        html = self.ctx.texts.page(site.id, name, site=site, nonce=request.state.csp_nonce, **values)
+        html = self.ctx.texts.page(entry.site.id, name, site=entry.site, contact_url=entry.url,
+                                   nonce=request.state.csp_nonce, **values)
         return HTMLResponse(html, status_code=status, headers=headers)
 
-    def _form(self, request: Request, site: Site, values: dict[str, str], errors: dict[str, str],
+    def _form(self, request: Request, entry: Entry, values: dict[str, str], errors: dict[str, str],
               notice: str = "", status: int = 200, headers: dict[str, str] | None = None) -> HTMLResponse:
-        token = self.tokens.issue(site.id)[0] if self.tokens else ""
-        return self._page(request, site, "form", status, headers, values=values, errors=errors, notice=notice,
+        token = self.tokens.issue(entry.site.id)[0] if self.tokens else ""
+        return self._page(request, entry, "form", status, headers, values=values, errors=errors, notice=notice,
                           token=token, limits={k: r.limit for k, r in FIELDS.items()},
                           token_field=TOKEN_FIELD, honeypot_field=HONEYPOT_FIELD)
 
     async def show(self, request: Request) -> Response:
-        site = self.config.site(request.path_params["site"])
-        if site is None:
-            return not_found()
-        return self._form(request, site, {"preferred_contact": "email"}, {})
+        entry = self._resolve(request, "")
+        return not_found() if entry is None else self._form(request, entry, {"preferred_contact": "email"}, {})
 
     async def thanks(self, request: Request) -> Response:
-        site = self.config.site(request.path_params["site"])
-        return not_found() if site is None else self._page(request, site, "thanks")
+        entry = self._resolve(request, "/thanks")
+        return not_found() if entry is None else self._page(request, entry, "thanks")
 
     async def submit(self, request: Request) -> Response:
-        site = self.config.site(request.path_params["site"])
-        if site is None:
+        entry = self._resolve(request, "")
+        if entry is None:
             return not_found()
+        site = entry.site
         length = request.headers.get("content-length", "")
         if not length.isdigit() or "transfer-encoding" in request.headers:
             return PlainTextResponse("Length required", 411)
@@ -159,10 +184,10 @@ class ContactForm:
         wait = self.posts.take(client_of(request))
         if wait:
             log.info("form_refused site=%s reason=rate_limited", site.id)
-            return self._form(request, site, values, {}, "rate_limited", 429, {"Retry-After": str(math.ceil(wait))})
+            return self._form(request, entry, values, {}, "rate_limited", 429, {"Retry-After": str(math.ceil(wait))})
         if values.get(HONEYPOT_FIELD):
             log.info("form_refused site=%s reason=honeypot", site.id)
-            return RedirectResponse(f"/{site.id}/contact/thanks", 303)
+            return RedirectResponse(f"{entry.url}/thanks", 303)
         contact, errors = self.validate(values)
         token_id = b""
         if self.tokens is not None:
@@ -172,20 +197,20 @@ class ContactForm:
                 errors["verification_code"] = problem
         if errors:
             log.info("form_refused site=%s reason=invalid fields=%s", site.id, ",".join(sorted(errors)))
-            return self._form(request, site, values, errors, status=400)
+            return self._form(request, entry, values, errors, status=400)
         assert contact is not None  # no errors: validate returned the details
         if await asyncio.to_thread(self.ingest.disk_low):
             log.warning("form_refused site=%s reason=disk_low", site.id)
-            return self._form(request, site, values, {}, "unavailable", 503)
+            return self._form(request, entry, values, {}, "unavailable", 503)
         try:
             ids = await self.ingest.accept([self.message(site, contact, values["query"], token_id)], "web")
         except Exception as exc:  # not committed: the customer keeps the page and can send it again
             log.error("form_failed site=%s %s", site.id, error_fields(exc))
-            return self._form(request, site, values, {}, "unavailable", 503)
+            return self._form(request, entry, values, {}, "unavailable", 503)
         if not ids[0]:
             log.info("form_refused site=%s reason=code_reused", site.id)
-            return self._form(request, site, values, {"verification_code": "code_used"}, status=400)
-        return RedirectResponse(f"/{site.id}/contact/thanks", 303)
+            return self._form(request, entry, values, {"verification_code": "code_used"}, status=400)
+        return RedirectResponse(f"{entry.url}/thanks", 303)
 
     def validate(self, values: dict[str, str]) -> tuple[ContactDetails | None, dict[str, str]]:
         """The customer's details from the form, or the error code of each wrong field."""
@@ -225,9 +250,9 @@ class ContactForm:
         return NewMessage(site.id, Source.WEB, Envelope(contact.email, site.care_address), render(draft),
                           contact=contact, dedupe=dedupe)
 
-    async def _code(self, request: Request, draw: Callable[[str], bytes], media_type: str) -> Response:
-        site = self.config.site(request.path_params["site"])
-        code = self.tokens.reveal(site.id, request.query_params.get("t", "")) if site and self.tokens else None
+    async def _code(self, request: Request, page: str, draw: Callable[[str], bytes], media_type: str) -> Response:
+        entry = self._resolve(request, page)
+        code = self.tokens.reveal(entry.site.id, request.query_params.get("t", "")) if entry and self.tokens else None
         if code is None:
             return not_found()
         if self.renders.take(client_of(request)):
@@ -236,13 +261,13 @@ class ContactForm:
         return Response(data, media_type=media_type)
 
     async def code_image(self, request: Request) -> Response:
-        return await self._code(request, self._png, "image/png")
+        return await self._code(request, "/code.png", self._png, "image/png")
 
     def _png(self, code: str) -> bytes:
         return self.image.generate(code, bg_color=IMAGE_BACKGROUND, fg_color=IMAGE_DIGITS).getvalue()
 
     async def code_audio(self, request: Request) -> Response:
-        return await self._code(request, lambda code: bytes(self.audio.generate(code)), "audio/wav")
+        return await self._code(request, "/code.wav", lambda code: bytes(self.audio.generate(code)), "audio/wav")
 
 
 def not_found() -> Response:
