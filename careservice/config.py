@@ -82,6 +82,8 @@ class WebConfig:
     frame_ancestors: str
     code_ttl_seconds: int
     max_posts_per_ip_per_hour: int
+    tls_cert: Path | None  # HTTPS on web.listen when set (with tls_key)
+    tls_key: Path | None
 
 
 @dataclass(frozen=True)
@@ -287,6 +289,9 @@ def load_config(path: Path) -> Config:
     require_tls = smtp.get("require_tls", bool, False)
     if require_tls and not cert:
         raise ConfigError("smtp.require_tls", "needs smtp.tls_cert and smtp.tls_key")
+    web_cert, web_key = web.get("tls_cert", str, ""), web.get("tls_key", str, "")
+    if bool(web_cert) != bool(web_key):
+        raise ConfigError("web.tls_key" if web_cert else "web.tls_cert", "tls_cert and tls_key go together")
     verification = web.get("verification", str, "image")
     if verification not in ("image", "off"):
         raise ConfigError("web.verification", f'expected "image" or "off", got "{verification}"')
@@ -316,6 +321,8 @@ def load_config(path: Path) -> Config:
             frame_ancestors=web.get("frame_ancestors", str, "'none'"),
             code_ttl_seconds=web.positive("code_ttl_seconds", 900),
             max_posts_per_ip_per_hour=web.positive("max_posts_per_ip_per_hour", 20),
+            tls_cert=_resolve(base, web_cert) if web_cert else None,
+            tls_key=_resolve(base, web_key) if web_key else None,
         ),
         unanswered_days=retention.positive("unanswered_days", 30),
         acks_per_hour=root.sub("acknowledge").positive("max_per_address_per_hour", 5),

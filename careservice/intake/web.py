@@ -20,6 +20,7 @@ import math
 import re
 import secrets
 import socket
+import ssl
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -37,7 +38,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from careservice.config import Config, Site
+from careservice.config import Config, ConfigError, Site
 from careservice.context import Context
 from careservice.intake.formguard import CodeTokens, HourlyLimit
 from careservice.intake.ingest import Ingest
@@ -279,11 +280,15 @@ def client_of(request: Request) -> str:
 
 
 class SecurityHeaders:
-    """Adds the security headers to every response and a per-response CSP nonce for the inline style."""
+    """Adds the security headers to every response and a per-response CSP nonce for the inline style.
 
-    def __init__(self, app: ASGIApp, frame_ancestors: str) -> None:
+    With `hsts` (the daemon serves HTTPS itself) browsers are told to use only HTTPS for a year.
+    """
+
+    def __init__(self, app: ASGIApp, frame_ancestors: str, hsts: bool) -> None:
         self.app = app
         self.frame_ancestors = frame_ancestors
+        self.hsts = hsts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -301,6 +306,8 @@ class SecurityHeaders:
                 headers["X-Content-Type-Options"] = "nosniff"
                 headers["Referrer-Policy"] = "no-referrer"
                 headers["Cache-Control"] = "no-store"
+                if self.hsts:
+                    headers["Strict-Transport-Security"] = "max-age=31536000"
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
@@ -327,16 +334,29 @@ class WebServer:
         self._form.renderer.shutdown(wait=False, cancel_futures=True)
 
 
+def check_web_tls(config: Config) -> None:
+    """Load web.tls_cert with web.tls_key as the server will; ConfigError naming web.tls_cert if they do not."""
+    web = config.web
+    if web.tls_cert is None:
+        return
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(web.tls_cert, web.tls_key)
+    except OSError as exc:  # a missing or unreadable file, or an ssl.SSLError: not PEM, key not the cert's
+        raise ConfigError("web.tls_cert", f"cannot load {web.tls_cert} with key {web.tls_key}: {exc}") from None
+
+
 async def start_web(config: Config, ctx: Context, ingest: Ingest) -> WebServer:
-    """Listen on web.listen (bound before this returns) and serve the contact form."""
+    """Listen on web.listen (bound before this returns) and serve the contact form, over HTTPS with web.tls_cert."""
+    check_web_tls(config)
     form = ContactForm(config, ctx, ingest)
-    app = SecurityHeaders(Starlette(routes=form.routes()), config.web.frame_ancestors)
+    app = SecurityHeaders(Starlette(routes=form.routes()), config.web.frame_ancestors,
+                          hsts=config.web.tls_cert is not None)
     host, port = config.web.listen.host, config.web.listen.port
     bound = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock = socket.socket(fileno=bound.detach())  # proto read back as TCP, so asyncio sets TCP_NODELAY per client
     server = _Server(uvicorn.Config(
         app, lifespan="off", log_config=None, access_log=False, server_header=False, http="h11", ws="none",
         proxy_headers=True, forwarded_allow_ips=TRUSTED_PROXIES, limit_concurrency=500,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=10, ssl_certfile=config.web.tls_cert, ssl_keyfile=config.web.tls_key,
     ))
     return WebServer(server, asyncio.create_task(server.serve(sockets=[sock])), form)
