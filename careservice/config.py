@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,8 @@ from email_validator import EmailNotValidError, validate_email
 RELAY_SCHEMES = ("smtp", "smtps", "smtp+starttls", "maildir")
 IMAP_SECURITY = ("tls", "starttls", "none")
 RELAY_PASSWORD_ENV = "CARESERVICE_RELAY_PASSWORD"
+_HOST_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*")
+_CONTACT_PATH = re.compile(r"(/[A-Za-z0-9._~-]+)+")  # literal segments: no route parameters, query or fragment
 
 
 class ConfigError(Exception):
@@ -36,6 +39,8 @@ class Site:
     domain: str
     care_address: str
     staff: tuple[str, ...]
+    web_hosts: tuple[str, ...]  # host names whose requests for contact_path get this site's form
+    contact_path: str
 
     @property
     def care_local(self) -> str:
@@ -79,6 +84,8 @@ class WebConfig:
     frame_ancestors: str
     code_ttl_seconds: int
     max_posts_per_ip_per_hour: int
+    tls_cert: Path | None  # HTTPS on web.listen when set (with tls_key)
+    tls_key: Path | None
 
 
 @dataclass(frozen=True)
@@ -247,7 +254,19 @@ def _site(t: _Table) -> Site:
     if not staff:
         raise ConfigError(t.key("staff"), "needs at least one address")
     addresses = tuple(_address(f"{t.key('staff')}[{i}]", str(a)) for i, a in enumerate(staff))
-    return Site(site_id, t.get("name", str), domain, care, addresses)
+    hosts = tuple(_web_host(f"{t.key('web_hosts')}[{i}]", h) for i, h in enumerate(t.get("web_hosts", list, [])))
+    path = t.get("contact_path", str, "/contact")
+    if not _CONTACT_PATH.fullmatch(path):
+        raise ConfigError(t.key("contact_path"), f'expected a path such as "/contact.php" (starts with "/"; '
+                                                 f'letters, digits, ".", "-", "_", "~" between slashes), got "{path}"')
+    return Site(site_id, t.get("name", str), domain, care, addresses, hosts, path)
+
+
+def _web_host(key: str, value: object) -> str:
+    host = value.lower() if isinstance(value, str) else ""
+    if not _HOST_NAME.fullmatch(host):
+        raise ConfigError(key, f'expected a host name such as "www.example.com" (no scheme, no port), got "{value}"')
+    return host
 
 
 def _imap(t: _Table, site_ids: set[str], base: Path) -> ImapMailbox:
@@ -289,12 +308,22 @@ def load_config(path: Path) -> Config:
     for i, site_id in enumerate(ids):
         if ids.index(site_id) != i:
             raise ConfigError(f"sites[{i}].id", f'duplicate site id "{site_id}"')
+    host_keys: dict[str, str] = {}
+    for i, site in enumerate(sites):
+        for j, host in enumerate(site.web_hosts):
+            where = f"sites[{i}].web_hosts[{j}]"
+            if host in host_keys:
+                raise ConfigError(where, f'"{host}" is also {host_keys[host]}; a host name belongs to one site only')
+            host_keys[host] = where
     cert, key = smtp.get("tls_cert", str, ""), smtp.get("tls_key", str, "")
     if bool(cert) != bool(key):
         raise ConfigError("smtp.tls_key" if cert else "smtp.tls_cert", "tls_cert and tls_key go together")
     require_tls = smtp.get("require_tls", bool, False)
     if require_tls and not cert:
         raise ConfigError("smtp.require_tls", "needs smtp.tls_cert and smtp.tls_key")
+    web_cert, web_key = web.get("tls_cert", str, ""), web.get("tls_key", str, "")
+    if bool(web_cert) != bool(web_key):
+        raise ConfigError("web.tls_key" if web_cert else "web.tls_cert", "tls_cert and tls_key go together")
     verification = web.get("verification", str, "image")
     if verification not in ("image", "off"):
         raise ConfigError("web.verification", f'expected "image" or "off", got "{verification}"')
@@ -327,6 +356,8 @@ def load_config(path: Path) -> Config:
             frame_ancestors=web.get("frame_ancestors", str, "'none'"),
             code_ttl_seconds=web.positive("code_ttl_seconds", 900),
             max_posts_per_ip_per_hour=web.positive("max_posts_per_ip_per_hour", 20),
+            tls_cert=_resolve(base, web_cert) if web_cert else None,
+            tls_key=_resolve(base, web_key) if web_key else None,
         ),
         unanswered_days=retention.positive("unanswered_days", 30),
         acks_per_hour=root.sub("acknowledge").positive("max_per_address_per_hour", 5),

@@ -68,6 +68,10 @@ def _tls(config: Config) -> Iterator[str]:
     if config.smtp.tls_cert:
         yield from _loads("smtp.tls_cert", lambda: ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
                           .load_cert_chain(config.smtp.tls_cert, config.smtp.tls_key))
+    try:
+        check_web_tls(config)
+    except ConfigError as exc:
+        yield str(exc)
     if config.relay.ca_file:
         yield from _loads("relay.ca_file", lambda: ssl.create_default_context(cafile=config.relay.ca_file))
 
@@ -97,3 +101,14 @@ def _existing_parent(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+def check_web_tls(config: Config) -> None:
+    """Load web.tls_cert with web.tls_key as the server will; ConfigError naming web.tls_cert if they do not."""
+    web = config.web
+    if web.tls_cert is None:
+        return
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(web.tls_cert, web.tls_key)
+    except OSError as exc:  # a missing or unreadable file, or an ssl.SSLError: not PEM, key not the cert's
+        raise ConfigError("web.tls_cert", f"cannot load {web.tls_cert} with key {web.tls_key}: {exc}") from None

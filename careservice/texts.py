@@ -123,7 +123,7 @@ def sample_values(kind: str, name: str, site: Site) -> dict[str, Any]:
             "notice": {"site": site, "case_id": "0123456789ab", "headline": "Sample headline",
                        "explanation": "Sample explanation."},
         }[name]
-    page = {"site": site, "nonce": "sample-nonce"}
+    page = {"site": site, "nonce": "sample-nonce", "contact_url": site.contact_path}
     if name == "form":
         page.update(values={"preferred_contact": "email"}, errors={"email": "invalid"}, notice="", token="sample",
                     limits=defaultdict(lambda: 100), token_field="code_token", honeypot_field="website")

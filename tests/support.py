@@ -100,9 +100,25 @@ STAFF2 = "second@staff.example"
 CARE = "care@ticketnest.test"
 
 
+SITES = f"""
+[[sites]]
+id = "ticketnest"
+name = "TicketNest"
+domain = "ticketnest.test"
+care_address = "{CARE}"
+staff = ["{STAFF}", "{STAFF2}"]
+[[sites]]
+id = "ixs"
+name = "ixs"
+domain = "ixs.test"
+care_address = "care@ixs.test"
+staff = ["{STAFF}"]
+"""
+
+
 def write_config(tmp: Path, relay_port: int, *, extra: str = "", relay_url: str = "",
-                 retry_delays: str = "[1, 1, 2]", give_up_after: int = 432000) -> Path:
-    """A config for one test: its own data dir, free ports, a relay on loopback."""
+                 retry_delays: str = "[1, 1, 2]", give_up_after: int = 432000, sites: str = SITES) -> Path:
+    """A config for one test: its own data dir, free ports, a relay on loopback; `sites` replaces the two test sites."""
     tmp.mkdir(parents=True, exist_ok=True)
     smtp_port, web_port = free_port(), free_port()
     path = tmp / "config.toml"
@@ -125,18 +141,7 @@ timeout = 10
 [web]
 listen = "127.0.0.1:{web_port}"
 verification = "off"
-[[sites]]
-id = "ticketnest"
-name = "TicketNest"
-domain = "ticketnest.test"
-care_address = "{CARE}"
-staff = ["{STAFF}", "{STAFF2}"]
-[[sites]]
-id = "ixs"
-name = "ixs"
-domain = "ixs.test"
-care_address = "care@ixs.test"
-staff = ["{STAFF}"]
+{sites}
 {extra}
 """)
     return path

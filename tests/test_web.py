@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 import pytest
 
 from careservice.crypto import Keyring, load_master_key
-from careservice.intake.web import CodeTokens
+from careservice.intake.formguard import CodeTokens
 from tests.support import CARE, STAFF, STAFF2, CaptureRelay, Daemon, files_containing, wait_for, write_config
 
 CUSTOMER = "zoe@customer.example"
@@ -149,6 +149,7 @@ def test_form_page_fields_labels_and_headers(shared: Daemon) -> None:
     assert page.headers["x-content-type-options"] == "nosniff"
     assert page.headers["referrer-policy"] == "no-referrer"
     assert "set-cookie" not in page.headers and "server" not in page.headers
+    assert "strict-transport-security" not in page.headers  # plain HTTP: HSTS only when we serve TLS
     for name in ("name", "email", "company", "address", "telephone", "fax", "query"):
         assert f'<label for="{name}">' in page.text and f'id="{name}" name="{name}"' in page.text
     for required in ("name", "email", "query"):

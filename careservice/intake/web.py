@@ -15,20 +15,12 @@ postal address (at most 6 lines), which the case keeps as one line joined with "
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import hashlib
-import hmac
 import logging
 import math
 import re
 import secrets
 import socket
-import struct
-import time
-import unicodedata
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,8 +29,6 @@ from typing import Any
 import uvicorn
 from captcha.audio import AudioCaptcha
 from captcha.image import ImageCaptcha
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from email_validator import EmailNotValidError, validate_email
 from starlette.applications import Starlette
 from starlette.datastructures import MutableHeaders
@@ -49,28 +39,26 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from careservice.config import Config, Site
 from careservice.context import Context
+from careservice.intake.formguard import CodeTokens, HourlyLimit
 from careservice.intake.ingest import Ingest
 from careservice.logs import error_fields
 from careservice.mail import SYSTEM_LOCALPARTS, Draft, new_message_id, render
 from careservice.model import ContactDetails, Envelope, Source
+from careservice.preflight import check_web_tls
 from careservice.store import NewMessage
 
 log = logging.getLogger("careservice.web")
 
 SUBJECT = "Contact form"
-CODE_DIGITS = 6
 TOKEN_FIELD = "code_token"
 HONEYPOT_FIELD = "website"  # hidden from people; robots fill it in
 PREFERRED = ("email", "telephone")
 MAX_BODY = 256 * 1024
 BODY_SECONDS = 30.0
-MAX_USED_TOKENS = 100_000
-MAX_CLIENTS = 10_000
 RENDERS_PER_POST = 5  # image and audio fetches allowed per permitted POST
 TRUSTED_PROXIES = ["127.0.0.1", "::1"]
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # Unicode categories Cc, Zl and Zp
 _PHONE = re.compile(r"(?=.*[0-9])[0-9+()./ -]+")
-_TOKEN_BYTES = 8 + 12 + CODE_DIGITS + 16  # expiry, nonce, sealed code with its tag
 IMAGE_BACKGROUND = (22, 52, 84)  # white digits on dark blue: captcha fades glyphs by their brightness
 IMAGE_DIGITS = (255, 255, 255, 255)
 
@@ -107,101 +95,19 @@ def field_problem(rule: FieldRule, value: str) -> str:
     return "too_many_lines" if len(lines) > rule.lines else ""
 
 
-class CodeTokens:
-    """Verification codes sealed in expiring, single-use tokens; no server-side session.
+@dataclass(frozen=True)
+class Entry:
+    """How a request came in: its site and the contact path it used, which links and redirects keep."""
 
-    A token is base64url(expiry ‖ nonce ‖ AES-GCM(code)), its site and expiry authenticated, so
-    the client can neither read the code nor move the token to another site or extend it. The
-    nonce is the token's id: redeemed ids stay in memory until they expire.
-    """
-
-    def __init__(self, key: bytes, ttl: int, clock: Callable[[], float]) -> None:
-        self._aead = AESGCM(key)
-        self._ttl = ttl
-        self._clock = clock
-        self._used: OrderedDict[bytes, float] = OrderedDict()
-
-    def issue(self, site_id: str) -> tuple[str, str]:
-        """A fresh (token, code) for a form of `site_id`."""
-        code = f"{secrets.randbelow(10 ** CODE_DIGITS):0{CODE_DIGITS}d}"
-        expiry = struct.pack(">Q", int(self._clock()) + self._ttl)
-        nonce = secrets.token_bytes(12)
-        sealed = self._aead.encrypt(nonce, code.encode(), b"form-code|" + site_id.encode() + b"|" + expiry)
-        return base64.urlsafe_b64encode(expiry + nonce + sealed).decode().rstrip("="), code
-
-    def _open(self, site_id: str, token: str) -> tuple[str, bytes, float] | None:
-        """(code, token id, expiry) of a token this key sealed for `site_id`, else None."""
-        try:
-            blob = base64.urlsafe_b64decode(token[:100] + "=" * (-len(token[:100]) % 4))
-        except (binascii.Error, ValueError):
-            return None
-        if len(blob) != _TOKEN_BYTES:
-            return None
-        expiry, nonce, sealed = blob[:8], blob[8:20], blob[20:]
-        try:
-            code = self._aead.decrypt(nonce, sealed, b"form-code|" + site_id.encode() + b"|" + expiry)
-        except InvalidTag:
-            return None
-        return code.decode(), nonce, float(struct.unpack(">Q", expiry)[0])
-
-    def reveal(self, site_id: str, token: str) -> str | None:
-        """The code to draw for a token that is genuine, unexpired and unused."""
-        opened = self._open(site_id, token)
-        if opened is None or opened[2] < self._clock() or opened[1] in self._used:
-            return None
-        return opened[0]
-
-    def redeem(self, site_id: str, token: str, answer: str) -> tuple[str, bytes]:
-        """Check `answer` once, right or wrong: ("", token id) when right, else (error code, b"")."""
-        opened = self._open(site_id, token)
-        if opened is None:
-            return "code_invalid", b""
-        code, token_id, expiry = opened
-        now = self._clock()
-        if expiry < now:
-            return "code_expired", b""
-        if token_id in self._used:
-            return "code_used", b""
-        self._used[token_id] = expiry
-        while self._used and (next(iter(self._used.values())) < now or len(self._used) > MAX_USED_TOKENS):
-            self._used.popitem(last=False)
-        typed = unicodedata.normalize("NFKC", answer).replace(" ", "")
-        if not typed:
-            return "code_missing", b""
-        return ("", token_id) if hmac.compare_digest(typed.encode(), code.encode()) else ("code_wrong", b"")
-
-
-class HourlyLimit:
-    """At most `limit` events per client in any hour, held in memory under a keyed digest of the client."""
-
-    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.limit = limit
-        self._clock = clock
-        self._key = secrets.token_bytes(32)
-        self._events: OrderedDict[bytes, deque[float]] = OrderedDict()
-
-    def take(self, client: str) -> float:
-        """Count one event: 0.0 when allowed, else the seconds until the next one is."""
-        now = self._clock()
-        key = hashlib.blake2b(client.encode(), key=self._key, digest_size=16).digest()
-        events = self._events.pop(key, deque())
-        while events and events[0] <= now - 3600:
-            events.popleft()
-        self._events[key] = events
-        if len(events) >= self.limit:
-            return events[0] + 3600 - now
-        events.append(now)
-        while len(self._events) > MAX_CLIENTS:
-            self._events.popitem(last=False)
-        return 0.0
+    site: Site
+    url: str
 
 
 class ContactForm:
     """The endpoints: form, submission, thank-you page, and the code as image and audio."""
 
     def __init__(self, config: Config, ctx: Context, ingest: Ingest) -> None:
-        self.config = config
-        self.ctx = ctx
+        self.ctx = ctx  # ctx.config, not `config`: a reload changes the sites, their hosts and paths
         self.ingest = ingest
         web = config.web
         self.tokens = (CodeTokens(ctx.keyring.form_code_key(), web.code_ttl_seconds, ctx.clock)
@@ -213,40 +119,68 @@ class ContactForm:
         self.audio = AudioCaptcha()
 
     def routes(self) -> list[Route]:
-        return [
-            Route("/{site}/contact", self.show, methods=["GET"]),
-            Route("/{site}/contact", self.submit, methods=["POST"]),
-            Route("/{site}/contact/thanks", self.thanks, methods=["GET"]),
-            Route("/{site}/contact/code.png", self.code_image, methods=["GET"]),
-            Route("/{site}/contact/code.wav", self.code_audio, methods=["GET"]),
-        ]
+        """Each page under `/<site id>/contact` for any host; any other path goes to `by_host`."""
+        return [*(Route("/{site}/contact" + page, endpoint, methods=[method])
+                  for page, endpoints in self.pages().items() for method, endpoint in endpoints.items()),
+                Route("/{path:path}", self.by_host, methods=["GET", "POST"])]
 
-    def _page(self, request: Request, site: Site, name: str, status: int = 200,
+    def pages(self) -> dict[str, dict[str, Callable[[Request], Awaitable[Response]]]]:
+        return {"": {"GET": self.show, "POST": self.submit}, "/thanks": {"GET": self.thanks},
+                "/code.png": {"GET": self.code_image}, "/code.wav": {"GET": self.code_audio}}
+
+    async def by_host(self, request: Request) -> Response:
+        """A page under the contact_path of the site whose web_hosts hold the request's Host."""
+        site = self._host_site(request)
+        path = request.url.path
+        if site is None or not path.startswith(site.contact_path):
+            return not_found()
+        endpoint = self.pages().get(path.removeprefix(site.contact_path), {}).get(request.method)
+        return not_found() if endpoint is None else await endpoint(request)
+
+    def _host_site(self, request: Request) -> Site | None:
+        host = request.headers.get("host", "").split(":", 1)[0].lower()
+        return next((site for site in self.ctx.config.sites if host in site.web_hosts), None)
+
+    def _resolve(self, request: Request, page: str) -> Entry | None:
+        """The site and contact path of a request for `page` ("" or "/thanks", ...), or None for a 404.
+
+        A known site id in the path wins; otherwise the Host must be one of a site's web_hosts and the
+        path that site's contact_path plus `page` (so a contact_path shaped like `/<word>/contact` works too).
+        """
+        site = self.ctx.config.site(request.path_params.get("site", ""))
+        if site is not None:
+            return Entry(site, f"/{site.id}/contact")
+        site = self._host_site(request)
+        if site is None or request.url.path != site.contact_path + page:
+            return None
+        return Entry(site, site.contact_path)
+
+    def _page(self, request: Request, entry: Entry, name: str, status: int = 200,
               headers: dict[str, str] | None = None, **values: Any) -> HTMLResponse:
-        html = self.ctx.texts.page(site.id, name, site=site, nonce=request.state.csp_nonce, **values)
+        html = self.ctx.texts.page(entry.site.id, name, site=entry.site, contact_url=entry.url,
+                                   nonce=request.state.csp_nonce, **values)
         return HTMLResponse(html, status_code=status, headers=headers)
 
-    def _form(self, request: Request, site: Site, values: dict[str, str], errors: dict[str, str],
+    def _form(self, request: Request, entry: Entry, values: dict[str, str], errors: dict[str, str],
               notice: str = "", status: int = 200, headers: dict[str, str] | None = None) -> HTMLResponse:
-        token = self.tokens.issue(site.id)[0] if self.tokens else ""
-        return self._page(request, site, "form", status, headers, values=values, errors=errors, notice=notice,
+        token = self.tokens.issue(entry.site.id)[0] if self.tokens else ""
+        return self._page(request, entry, "form", status, headers, values=values, errors=errors, notice=notice,
                           token=token, limits={k: r.limit for k, r in FIELDS.items()},
                           token_field=TOKEN_FIELD, honeypot_field=HONEYPOT_FIELD)
 
     async def show(self, request: Request) -> Response:
-        site = self.config.site(request.path_params["site"])
-        if site is None:
-            return not_found()
-        return self._form(request, site, {"preferred_contact": "email"}, {})
+        entry = self._resolve(request, "")
+        return not_found() if entry is None else self._form(request, entry, {"preferred_contact": "email"}, {})
 
     async def thanks(self, request: Request) -> Response:
-        site = self.config.site(request.path_params["site"])
-        return not_found() if site is None else self._page(request, site, "thanks")
+        entry = self._resolve(request, "/thanks")
+        return not_found() if entry is None else self._page(request, entry, "thanks")
 
     async def submit(self, request: Request) -> Response:
-        site = self.config.site(request.path_params["site"])
-        if site is None:
+        entry = self._resolve(request, "")
+        if entry is None:
             return not_found()
+        site = entry.site
         length = request.headers.get("content-length", "")
         if not length.isdigit() or "transfer-encoding" in request.headers:
             return PlainTextResponse("Length required", 411)
@@ -261,10 +195,10 @@ class ContactForm:
         wait = self.posts.take(client_of(request))
         if wait:
             log.info("form_refused site=%s reason=rate_limited", site.id)
-            return self._form(request, site, values, {}, "rate_limited", 429, {"Retry-After": str(math.ceil(wait))})
+            return self._form(request, entry, values, {}, "rate_limited", 429, {"Retry-After": str(math.ceil(wait))})
         if values.get(HONEYPOT_FIELD):
             log.info("form_refused site=%s reason=honeypot", site.id)
-            return RedirectResponse(f"/{site.id}/contact/thanks", 303)
+            return RedirectResponse(f"{entry.url}/thanks", 303)
         contact, errors = self.validate(values)
         token_id = b""
         if self.tokens is not None:
@@ -274,20 +208,20 @@ class ContactForm:
                 errors["verification_code"] = problem
         if errors:
             log.info("form_refused site=%s reason=invalid fields=%s", site.id, ",".join(sorted(errors)))
-            return self._form(request, site, values, errors, status=400)
+            return self._form(request, entry, values, errors, status=400)
         assert contact is not None  # no errors: validate returned the details
         if await asyncio.to_thread(self.ingest.disk_low):
             log.warning("form_refused site=%s reason=disk_low", site.id)
-            return self._form(request, site, values, {}, "unavailable", 503)
+            return self._form(request, entry, values, {}, "unavailable", 503)
         try:
             ids = await self.ingest.accept([self.message(site, contact, values["query"], token_id)], "web")
         except Exception as exc:  # not committed: the customer keeps the page and can send it again
             log.error("form_failed site=%s %s", site.id, error_fields(exc))
-            return self._form(request, site, values, {}, "unavailable", 503)
+            return self._form(request, entry, values, {}, "unavailable", 503)
         if not ids[0]:
             log.info("form_refused site=%s reason=code_reused", site.id)
-            return self._form(request, site, values, {"verification_code": "code_used"}, status=400)
-        return RedirectResponse(f"/{site.id}/contact/thanks", 303)
+            return self._form(request, entry, values, {"verification_code": "code_used"}, status=400)
+        return RedirectResponse(f"{entry.url}/thanks", 303)
 
     def validate(self, values: dict[str, str]) -> tuple[ContactDetails | None, dict[str, str]]:
         """The customer's details from the form, or the error code of each wrong field."""
@@ -327,9 +261,9 @@ class ContactForm:
         return NewMessage(site.id, Source.WEB, Envelope(contact.email, site.care_address), render(draft),
                           contact=contact, dedupe=dedupe)
 
-    async def _code(self, request: Request, draw: Callable[[str], bytes], media_type: str) -> Response:
-        site = self.config.site(request.path_params["site"])
-        code = self.tokens.reveal(site.id, request.query_params.get("t", "")) if site and self.tokens else None
+    async def _code(self, request: Request, page: str, draw: Callable[[str], bytes], media_type: str) -> Response:
+        entry = self._resolve(request, page)
+        code = self.tokens.reveal(entry.site.id, request.query_params.get("t", "")) if entry and self.tokens else None
         if code is None:
             return not_found()
         if self.renders.take(client_of(request)):
@@ -338,13 +272,13 @@ class ContactForm:
         return Response(data, media_type=media_type)
 
     async def code_image(self, request: Request) -> Response:
-        return await self._code(request, self._png, "image/png")
+        return await self._code(request, "/code.png", self._png, "image/png")
 
     def _png(self, code: str) -> bytes:
         return self.image.generate(code, bg_color=IMAGE_BACKGROUND, fg_color=IMAGE_DIGITS).getvalue()
 
     async def code_audio(self, request: Request) -> Response:
-        return await self._code(request, lambda code: bytes(self.audio.generate(code)), "audio/wav")
+        return await self._code(request, "/code.wav", lambda code: bytes(self.audio.generate(code)), "audio/wav")
 
 
 def not_found() -> Response:
@@ -356,11 +290,15 @@ def client_of(request: Request) -> str:
 
 
 class SecurityHeaders:
-    """Adds the security headers to every response and a per-response CSP nonce for the inline style."""
+    """Adds the security headers to every response and a per-response CSP nonce for the inline style.
 
-    def __init__(self, app: ASGIApp, frame_ancestors: str) -> None:
+    With `hsts` (the daemon serves HTTPS itself) browsers are told to use only HTTPS for a year.
+    """
+
+    def __init__(self, app: ASGIApp, frame_ancestors: str, hsts: bool) -> None:
         self.app = app
         self.frame_ancestors = frame_ancestors
+        self.hsts = hsts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -378,6 +316,8 @@ class SecurityHeaders:
                 headers["X-Content-Type-Options"] = "nosniff"
                 headers["Referrer-Policy"] = "no-referrer"
                 headers["Cache-Control"] = "no-store"
+                if self.hsts:
+                    headers["Strict-Transport-Security"] = "max-age=31536000"
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
@@ -405,15 +345,18 @@ class WebServer:
 
 
 async def start_web(config: Config, ctx: Context, ingest: Ingest) -> WebServer:
-    """Listen on web.listen (bound before this returns) and serve the contact form."""
+    """Listen on web.listen (bound before this returns) and serve the contact form, over HTTPS with web.tls_cert."""
+    check_web_tls(config)
     form = ContactForm(config, ctx, ingest)
-    app = SecurityHeaders(Starlette(routes=form.routes()), config.web.frame_ancestors)
+    app = SecurityHeaders(Starlette(routes=form.routes()), config.web.frame_ancestors,
+                          hsts=config.web.tls_cert is not None)
     host, port = config.web.listen.host, config.web.listen.port
     bound = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock = socket.socket(fileno=bound.detach())  # proto read back as TCP, so asyncio sets TCP_NODELAY per client
     server = _Server(uvicorn.Config(
         app, lifespan="off", log_config=None, access_log=False, server_header=False, http="h11", ws="none",
         proxy_headers=True, forwarded_allow_ips=TRUSTED_PROXIES, limit_concurrency=500,
-        timeout_graceful_shutdown=max(config.stop_timeout - 2, 1),
+        timeout_graceful_shutdown=max(config.stop_timeout - 2, 1), ssl_certfile=config.web.tls_cert,
+        ssl_keyfile=config.web.tls_key,
     ))
     return WebServer(server, asyncio.create_task(server.serve(sockets=[sock])), form)
