@@ -33,6 +33,7 @@ REPLY_TRY_AGAIN = "451 4.3.0 Temporary failure, please try again later"
 REPLY_TOO_MANY_CONNECTIONS = b"421 4.7.0 Too many connections, try again later\r\n"
 REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down"
 LINGER_SECONDS = 2.0
+BACKLOG_SECONDS = 0.05
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 # "<dot-atom@domain>", then the end or blanks before parameters (a comment after it takes the full parser)
 _SIMPLE_PATH = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:[ \t]+(?=[^ \t(])|$)")
@@ -196,12 +197,15 @@ class _Session(SMTP):
         super().connection_lost(error)
 
 
-class _TooMany(asyncio.Protocol):
-    """Over smtp.max_connections: greet with 421 and hang up (RFC 5321 §3.1); the client retries later."""
+class _Refuse(asyncio.Protocol):
+    """Greet with a 421 and hang up (RFC 5321 §3.1): too many connections, or shutting down."""
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(REPLY_TOO_MANY_CONNECTIONS)
+        transport.write(self.reply)
         transport.close()
 
 
@@ -214,6 +218,8 @@ class SmtpListener:
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting (new connections are refused), then end the open sessions (see _Sessions.drain)."""
+        self.sessions.draining = True
+        await asyncio.sleep(BACKLOG_SECONDS)  # connections already queued in the kernel get a 421, not a reset
         self.server.close()
         open_sessions = len(self.sessions.live)
         aborted = await self.sessions.drain(timeout)
@@ -232,9 +238,11 @@ async def start_smtp(config: SmtpConfig, handler: SmtpHandler) -> SmtpListener:
     template = SMTP(handler, **options)
 
     def session() -> asyncio.Protocol:
+        if sessions.draining:  # accepted in the same turn as the stop began
+            return _Refuse(f"{REPLY_SHUTTING_DOWN}\r\n".encode())
         if len(sessions.live) >= sessions.limit:
             log.warning("connection_refused reason=too_many_connections open=%d", len(sessions.live))
-            return _TooMany()
+            return _Refuse(REPLY_TOO_MANY_CONNECTIONS)
         return _Session(sessions, template)
 
     loop = asyncio.get_running_loop()
