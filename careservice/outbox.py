@@ -11,6 +11,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiosmtplib
 
@@ -27,7 +28,18 @@ IDLE_WAIT = 5.0
 
 
 class RelayDown(Exception):
-    """The relay could not be reached or dropped the connection: nothing was delivered."""
+    """The relay failed after answering for the first `done` mails handed to it (0: it could not be
+    reached); the rest were not delivered."""
+
+    def __init__(self, exc: BaseException, done: int) -> None:
+        cause = exc
+        while cause.__cause__ is not None:  # the OS's error under aiosmtplib's wrapper: what an operator can act on
+            cause = cause.__cause__
+        code = exc.code if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code > 0 else None
+        # the type and the reply code only: the messages may quote addresses
+        self.fields = f"error={type(cause).__name__}" + (f" code={code}" if code is not None else "")
+        self.done = done
+        super().__init__(self.fields)
 
 
 @dataclass(frozen=True)
@@ -110,15 +122,18 @@ class Relay:
     def keeps_connections(self) -> bool:
         return bool(self._kept)
 
-    async def send_all(self, items: list[QueuedMail], record: Record) -> None:
+    @property
+    def name(self) -> str:
+        """The relay as log lines name it: host:port, or "maildir"."""
         if self.config.maildir is not None:
-            for sub in ("tmp", "new", "cur"):
-                os.makedirs(self.config.maildir / sub, mode=0o700, exist_ok=True)
-            for item in items:
-                if self.stopping:
-                    return
-                await asyncio.to_thread(_maildir_deliver, self.config.maildir, item.mail.message)
-                await record(item, None)
+            return "maildir"
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        return f"{host}:{self.config.port}"
+
+    async def send_all(self, items: list[QueuedMail], record: Record) -> None:
+        """Hand `items` to the relay in order; raises RelayDown when it fails before answering for all."""
+        if self.config.maildir is not None:
+            await self._write_all(self.config.maildir, items, record)
             return
         client: aiosmtplib.SMTP | None = None
         done = 0
@@ -132,16 +147,26 @@ class Relay:
             self._kept.append((time.monotonic(), client))
             client = None
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            if not done:
-                raise RelayDown(type(exc).__name__) from None
-            for item in items[done:]:  # mail after the break is retried like any temporary failure
-                await record(item, Refusal(0, False))
+            raise RelayDown(exc, done) from None
         finally:
             if client is not None:  # broken, or the store failed: not kept, not left open
                 client.close()
 
-    @staticmethod
-    async def _send_one(client: aiosmtplib.SMTP, mail: OutgoingMail) -> Refusal | None:
+    async def _write_all(self, maildir: Path, items: list[QueuedMail], record: Record) -> None:
+        """The maildir relay: a folder it cannot write is a relay that is down."""
+        for done, item in enumerate(items):
+            if self.stopping:
+                return
+            try:
+                if not done:
+                    for sub in ("tmp", "new", "cur"):
+                        os.makedirs(maildir / sub, mode=0o700, exist_ok=True)
+                await asyncio.to_thread(_maildir_deliver, maildir, item.mail.message)
+            except OSError as exc:
+                raise RelayDown(exc, done) from None
+            await record(item, None)
+
+    async def _send_one(self, client: aiosmtplib.SMTP, mail: OutgoingMail) -> Refusal | None:
         utf8 = not all(a.isascii() for a in (mail.sender, *mail.recipients))
         try:
             errors, _ = await client.sendmail(mail.sender, list(mail.recipients), mail.message,
@@ -156,8 +181,10 @@ class Relay:
                 raise
             await client.rset()
             return Refusal(exc.code, exc.code >= 500)
-        if errors:
-            log.warning("relay_partial_refusal recipients_refused=%d", len(errors))
+        if errors:  # delivered to the others; a refused one is not tried again
+            log.warning("relay_refused_recipients relay=%s code=%d case=%s kind=%s refused=%d recipients=%d",
+                        self.name, min(r.code for r in errors.values()), mail.case_id, mail.kind, len(errors),
+                        len(mail.recipients))
         return None
 
 
@@ -216,11 +243,32 @@ class Outbox:
             if self._down_count:
                 items = items[:1]  # the relay was down: one probe, not the whole queue
             chunks = [items[i:: self.config.connections] for i in range(min(self.config.connections, len(items)))]
-            outcomes = await asyncio.gather(*(self._deliver(chunk) for chunk in chunks))
-            sent += sum(outcomes)
+            failures: list[RelayDown] = []
+            try:
+                sent += sum(await asyncio.gather(*(self._deliver(chunk, failures) for chunk in chunks)))
+            finally:  # the back-off holds even when the store could not defer the mail
+                await self._end_round(failures)
         return sent
 
-    async def _deliver(self, items: list[QueuedMail]) -> int:
+    async def _end_round(self, failures: list[RelayDown]) -> None:
+        """Log a round's relay failures as one line, and back off when the relay was down: one step of
+        retry_delays per round, however many of its connections found it down."""
+        down = [failure for failure in failures if not failure.done]
+        if not down:
+            self._down_count = 0
+            if failures:  # connections dropped mid-batch: their remaining mail waits its own retry delay
+                log.warning("relay_dropped relay=%s %s connections=%d", self.relay.name, failures[0].fields,
+                            len(failures))
+            return
+        retry_in = self.delay(self._down_count)
+        self._down_count += 1
+        self._down_until = self.clock() + retry_in
+        queued = (await self.store.counts())["outbound_queued"]
+        log.warning("relay_down relay=%s %s retry_in=%d queued=%d", self.relay.name, down[0].fields, retry_in, queued)
+
+    async def _deliver(self, items: list[QueuedMail], failures: list[RelayDown]) -> int:
+        """Send one connection's share; returns how many were delivered. A relay failure goes to
+        `failures`, for the round's one log line."""
         sent = 0
 
         async def record(item: QueuedMail, refusal: Refusal | None) -> None:
@@ -228,21 +276,22 @@ class Outbox:
             if refusal is None:
                 await self._delivered(item)
                 sent += 1
-            elif refusal.permanent:
-                await self._fail(item, f"the relay refused it permanently (code {refusal.code})")
-            else:
-                await self._defer_or_fail(item, f"temporary refusal (code {refusal.code})")
+                return
+            why = (f"the relay refused it permanently (code {refusal.code})" if refusal.permanent
+                   else f"temporary refusal (code {refusal.code})")
+            _, fields = await self._retry_or_fail(item, why, refusal.permanent)
+            if fields:
+                log.warning("relay_refused relay=%s code=%d case=%s kind=%s permanent=%s %s", self.relay.name,
+                            refusal.code, item.mail.case_id, item.mail.kind, str(refusal.permanent).lower(), fields)
 
         try:
             await self.relay.send_all(items, record)
-        except RelayDown as exc:
-            self._down_count += 1
-            self._down_until = self.clock() + self.delay(self._down_count - 1)
-            log.warning("relay_down error=%s queued=%d retry_in=%d", exc, len(items), self.delay(self._down_count - 1))
-            for item in items:
-                await self._defer_or_fail(item, "relay unreachable")
-            return 0
-        self._down_count = 0
+        except RelayDown as failure:
+            failures.append(failure)
+            for item in items[failure.done:]:  # the round's one relay line covers those that only wait
+                dropped, fields = await self._retry_or_fail(item, "relay unreachable")
+                if dropped and fields:
+                    log.warning("mail_failed case=%s kind=%s %s", item.mail.case_id, item.mail.kind, fields)
         return sent
 
     async def _delivered(self, item: QueuedMail) -> None:
@@ -251,19 +300,22 @@ class Outbox:
         del self._unrecorded[item.id]
         log.info("mail_delivered case=%s kind=%s", item.mail.case_id, item.mail.kind)
 
-    async def _defer_or_fail(self, item: QueuedMail, why: str) -> None:
+    async def _retry_or_fail(self, item: QueuedMail, why: str, permanent: bool = False) -> tuple[bool, str]:
+        """Defer `item` to its next attempt, or drop it (refused for good, or past give_up_after) and give
+        staff a notice for an answer. Returns whether it was dropped and the log fields saying so; the
+        fields are "" when the drop could not be recorded (logged here; the mail stays queued)."""
+        retry_in = self.delay(item.attempts)
         now = self.clock()
-        next_attempt = now + self.delay(item.attempts)
-        if next_attempt - item.created > self.config.give_up_after:
-            await self._fail(item, f"{why}; gave up after {self.config.give_up_after} s")
-        else:
-            await self.store.mail_deferred(item, next_attempt)
-
-    async def _fail(self, item: QueuedMail, why: str) -> None:
+        if not permanent and now + retry_in - item.created <= self.config.give_up_after:
+            await self.store.mail_deferred(item, now + retry_in)
+            return False, f"retry_in={retry_in}"
+        if not permanent:
+            why = f"{why}; gave up after {self.config.give_up_after} s"
         try:
             notice = self.notice_for(item, why) if item.mail.kind is MailKind.ANSWER else None
-            await self.store.mail_failed(item, notice, self.clock())
+            await self.store.mail_failed(item, notice, now)
         except Exception as exc:
             log.error("mail_fail_record_failed case=%s %s", item.mail.case_id, error_fields(exc))
-            return
-        log.warning("mail_failed case=%s kind=%s notice=%s", item.mail.case_id, item.mail.kind, notice is not None)
+            return True, ""
+        gave_up = "" if permanent else f"gave_up_after={self.config.give_up_after} "
+        return True, f"{gave_up}notice={str(notice is not None).lower()}"

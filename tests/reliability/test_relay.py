@@ -76,7 +76,8 @@ def test_relay_down_then_back_delivers_everything_once(tmp_path: Path, relay: Ca
               f"duplicated={sum(n - 1 for n in per_marker if n > 1)} acks={len(relay.to(CUSTOMER))}")
         assert per_marker == [1] * mails
         assert len(relay.to(CUSTOMER)) == min(mails, 5)  # acks: at most 5 per address and hour
-        delays = [int(d) for d in re.findall(r"relay_down .* retry_in=(\d+)", daemon.log.read_text())]
+        delays = [int(d) for d in re.findall(rf"relay_down relay=127\.0\.0\.1:{relay.port} .* retry_in=(\d+)",
+                                             daemon.log.read_text())]
         assert delays and all(d <= 2 for d in delays), delays  # the configured schedule, last delay repeating
         assert log_leaks(daemon, ["outage-", CUSTOMER]) == []
     finally:
@@ -149,12 +150,13 @@ def test_utf8_customer_with_an_ascii_only_relay_fails_once_not_forever(tmp_path:
     try:
         customer = "jos\u00e9@customer.example"
         forward = open_case(daemon, relay, "ascii-relay-mark", customer=customer)
-        wait_for(lambda: "mail_failed" in daemon.log.read_text(), what="ack refused for good")
+        refused = f"relay_refused relay=127.0.0.1:{relay.port} code=553 "
+        wait_for(lambda: refused in daemon.log.read_text(), what="ack refused for good")
         reply(daemon, forward, "answer-mark")
         wait_for(lambda: notices(relay), what="staff notice for the answer")
         time.sleep(2)  # two more retry intervals: nothing is tried again
         log = daemon.log.read_text()
-        assert log.count("mail_failed") == 2 and "outbox_round_failed" not in log
+        assert log.count(refused) == 2 and log.count("permanent=true") == 2 and "outbox_round_failed" not in log
         assert status(daemon) == {**IDLE, "open_cases": 1} and relay.to(customer) == []
     finally:
         daemon.stop()
