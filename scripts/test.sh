@@ -19,8 +19,16 @@ if [ ${#need[@]} -gt 0 ]; then
     fi
 fi
 
-python3 -m venv .venv
-.venv/bin/pip install -q --upgrade pip >/dev/null
-.venv/bin/pip install -q -e '.[test]'
+# Reinstall only when pyproject.toml changed since the last '.[test]' install or the venv cannot import what
+# the tests need (a fresh clone, as in CI, always installs); the install is editable, code needs none.
+stamp=.venv/.careservice-install
+hash=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$hash .[test]" ] \
+        || ! .venv/bin/python -I -c "import careservice, pytest" 2>/dev/null; then
+    python3 -m venv .venv
+    .venv/bin/pip install -q --upgrade pip >/dev/null
+    .venv/bin/pip install -q -e '.[test]'
+    echo "$hash .[test]" >"$stamp"
+fi
 .venv/bin/ruff check careservice handlers tests bench
 .venv/bin/python -m pytest -q "$@"
