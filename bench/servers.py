@@ -370,7 +370,7 @@ def write_config(root: Path, relay_port: int) -> tuple[Path, int]:
 data_dir = "data"
 log_level = "INFO"
 [security]
-master_key_file = "data/master.key"
+master_key_file = "master.key"
 [smtp]
 listen = "{HOST}:{smtp_port}"
 hostname = "care.bench.localhost"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -229,15 +230,27 @@ def _relay(t: _Table, base: Path) -> RelayConfig:
         default_port = {"smtps": 465, "smtp+starttls": 587}.get(scheme, 25)
         endpoint = parse_endpoint(t.key("url"), hostport if ":" in hostport else f"{hostport}:{default_port}")
         host, port = endpoint.host, endpoint.port
+    username, plaintext_ok = t.get("username", str, ""), t.get("allow_plaintext", bool, False)
+    if scheme == "smtp" and (username or not _loopback(host)) and not plaintext_ok:
+        raise ConfigError(t.key("url"), "smtp:// never uses TLS, so mail (and the relay password) would cross the "
+                                        "network in clear: use smtp+starttls:// or smtps://, or set "
+                                        "relay.allow_plaintext = true for a relay on a network you trust")
     delays = t.get("retry_delays", list, [60, 300, 600, 1200, 2400, 4020])
     if not delays or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in delays):
         raise ConfigError(t.key("retry_delays"), "expected a non-empty list of positive seconds")
     return RelayConfig(
         url=url, scheme=scheme, host=host, port=port, maildir=maildir, retry_delays=tuple(delays),
-        give_up_after=t.positive("give_up_after", 432000), username=t.get("username", str, ""),
+        give_up_after=t.positive("give_up_after", 432000), username=username,
         password_file=_path(base, t.get("password_file", str, "")), timeout=float(t.positive("timeout", 60)),
         connections=t.positive("connections", 4), ca_file=_path(base, t.get("ca_file", str, "")),
     )
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _site(t: _Table) -> Site:
@@ -338,7 +351,7 @@ def load_config(path: Path) -> Config:
         templates_dir=_resolve(base, templates_dir) if templates_dir else None,
         log_level=log_level,
         stop_timeout=service.positive("stop_timeout", 30),
-        master_key_file=_resolve(base, security.get("master_key_file", str, "var/master.key")),
+        master_key_file=_resolve(base, security.get("master_key_file", str, "master.key")),
         smtp=SmtpConfig(
             listen=parse_endpoint("smtp.listen", smtp.get("listen", str, "127.0.0.1:2525")),
             hostname=smtp.get("hostname", str, "careservice.localhost"),

@@ -11,12 +11,15 @@ import secrets
 import stat
 from pathlib import Path
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 MASTER_KEY_ENV = "CARESERVICE_MASTER_KEY"
 NONCE_BYTES = 12
+WRAP_VERSION = b"\x02"
+WRAPPED_BYTES = 1 + NONCE_BYTES + 32 + 16
 
 
 class MasterKeyError(Exception):
@@ -37,7 +40,7 @@ def load_master_key(path: Path, create: bool) -> bytes:
     """The 32-byte master key from $CARESERVICE_MASTER_KEY or `path` (created when `create`).
 
     A key file that group or others may read is refused: whoever can read it can read every case."""
-    text = os.environ.get(MASTER_KEY_ENV)
+    text = master_key_from_env()
     if text is not None:
         return parse_master_key(text, MASTER_KEY_ENV)
     if create and not path.exists():
@@ -51,6 +54,24 @@ def load_master_key(path: Path, create: bool) -> bytes:
         raise MasterKeyError(f"security.master_key_file: {path} is readable by others (mode {mode:04o}); "
                              f"chmod 600 {path}")
     return parse_master_key(text, "security.master_key_file")
+
+
+_env_key: str | None = None
+
+
+def master_key_from_env() -> str | None:
+    """$CARESERVICE_MASTER_KEY, taken out of the environment at the first call so that nothing this
+    process starts inherits it (the worker child gets it explicitly: `worker_environment`)."""
+    global _env_key
+    if MASTER_KEY_ENV in os.environ:
+        _env_key = os.environ.pop(MASTER_KEY_ENV)
+    return _env_key
+
+
+def worker_environment() -> dict[str, str]:
+    """The environment for the worker child: ours, plus the master key if it came from the environment."""
+    key = master_key_from_env()
+    return {**os.environ, **({MASTER_KEY_ENV: key} if key is not None else {})}
 
 
 def parse_master_key(text: str, key: str) -> bytes:
@@ -70,8 +91,8 @@ class Keyring:
     def __init__(self, master: bytes) -> None:
         self._wrap = AESGCM(self._derive(master, b"careservice wrap v1"))
         self._token_key = self._derive(master, b"careservice reply token v1")
-        self._digest_key = self._derive(master, b"careservice digest v1")
         self._form_code_key = self._derive(master, b"careservice form code v1")
+        self._daily = secrets.token_bytes(32)  # until the store hands over today's (use_daily_secret)
 
     @staticmethod
     def _derive(master: bytes, info: bytes) -> bytes:
@@ -81,16 +102,24 @@ class Keyring:
         """The AES-256-GCM key that seals the contact form's verification codes into their tokens."""
         return self._form_code_key
 
-    def new_case_key(self) -> tuple[bytes, bytes]:
-        """A fresh data key and its wrapped form for the key store."""
+    def new_case_key(self, case_id: str) -> tuple[bytes, bytes]:
+        """A fresh data key and its wrapped form for the key store, bound to its case."""
         key = AESGCM.generate_key(bit_length=256)
-        return key, self.wrap(key)
+        return key, self.wrap(key, f"case:{case_id}")
 
-    def wrap(self, key: bytes) -> bytes:
+    def wrap(self, key: bytes, label: str) -> bytes:
+        """`key` sealed under the master key and bound to `label`: a wrapped key moved to another row
+        (another case, another day) does not open."""
         nonce = secrets.token_bytes(NONCE_BYTES)
-        return nonce + self._wrap.encrypt(nonce, key, b"case-key")
+        return WRAP_VERSION + nonce + self._wrap.encrypt(nonce, key, label.encode())
 
-    def unwrap(self, wrapped: bytes) -> bytes:
+    def unwrap(self, wrapped: bytes, label: str) -> bytes:
+        if wrapped[:1] != WRAP_VERSION or len(wrapped) != WRAPPED_BYTES:
+            raise InvalidTag()
+        return self._wrap.decrypt(wrapped[1:1 + NONCE_BYTES], wrapped[1 + NONCE_BYTES:], label.encode())
+
+    def unwrap_unbound(self, wrapped: bytes) -> bytes:
+        """A case key wrapped by version 0.1, under one fixed label (see Store: migrated at start)."""
         return self._wrap.decrypt(wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], b"case-key")
 
     def sign(self, message: bytes, length: int = 16) -> str:
@@ -101,9 +130,14 @@ class Keyring:
     def verify(self, message: bytes, mac: str, length: int = 16) -> bool:
         return hmac.compare_digest(self.sign(message, length), mac)
 
+    def use_daily_secret(self, secret: bytes) -> None:
+        """Key digests with today's random secret (kept wrapped in keys.db until the day ends, then
+        deleted, so that no copy of the store can test yesterday's digests)."""
+        self._daily = secret
+
     def digest(self, value: str) -> bytes:
-        """A keyed digest: counts or de-duplicates a value without storing it."""
-        return hmac.new(self._digest_key, value.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
+        """A keyed digest: counts or de-duplicates a value without storing it (valid for one day)."""
+        return hmac.new(self._daily, value.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
 
 
 def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:

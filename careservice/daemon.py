@@ -20,11 +20,13 @@ from careservice.intake.imap import ImapIntake
 from careservice.intake.ingest import Ingest
 from careservice.intake.smtp import SmtpHandler, SmtpListener, start_smtp
 from careservice.intake.web import WebServer, start_web
+from careservice.logs import error_fields
 from careservice.notify import Notifier
 from careservice.reload import reload_config
 from careservice.supervisor import WorkerSupervisor
 
 log = logging.getLogger("careservice.daemon")
+ROTATE_SECONDS = 60
 STOP_MARGIN = 2.0  # of stop_timeout, kept for closing the store and the worker's last word
 
 
@@ -40,6 +42,7 @@ class Service:
         self.imap = ImapIntake(config, self.ingest, self.ctx.keyring)
         self.smtp: SmtpListener | None = None
         self.web: WebServer | None = None
+        self.rotation: asyncio.Task[None] | None = None
 
     @property
     def healthy(self) -> bool:
@@ -53,8 +56,18 @@ class Service:
                                                                    self.ingest))
         self.web = await start_web(self.config, self.ctx, self.ingest)
         self.imap.start()
+        self.rotation = asyncio.create_task(self._rotate_digests())
         log.info("started smtp=%s:%d web=%s:%d sites=%d", self.config.smtp.listen.host, self.config.smtp.listen.port,
                  self.config.web.listen.host, self.config.web.listen.port, len(self.config.sites))
+
+    async def _rotate_digests(self) -> None:
+        """The intake's digests (de-duplication) follow the day too (see Store.rotate_digests)."""
+        while True:
+            await asyncio.sleep(ROTATE_SECONDS)
+            try:
+                await self.store.rotate_digests(time.time())
+            except Exception as exc:  # the store is failing: the intake answers 451 meanwhile, retry later
+                log.error("digest_rotation_failed %s", error_fields(exc))
 
     def reload(self) -> bool:
         if reload_config(self.ctx) is None:
@@ -65,6 +78,8 @@ class Service:
     async def stop(self) -> None:
         """Drain (see the module text) and close; at most stop_timeout seconds."""
         self.worker.stopping = True
+        if self.rotation is not None:
+            self.rotation.cancel()
         started = time.monotonic()
         budget = max(self.config.stop_timeout - STOP_MARGIN, 1.0)
         intake = [self.imap.stop()]

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from careservice.config import RELAY_PASSWORD_ENV, Config, ConfigError
-from careservice.crypto import MASTER_KEY_ENV, MasterKeyError, load_master_key
+from careservice.crypto import MasterKeyError, load_master_key, master_key_from_env
 from careservice.texts import TemplateProblem, Texts
 
 WILDCARDS = {"", "0.0.0.0", "::"}
@@ -46,7 +46,11 @@ def _templates(config: Config) -> Iterator[str]:
 
 def _master_key(config: Config) -> Iterator[str]:
     path = config.master_key_file
-    if MASTER_KEY_ENV not in os.environ and not path.exists():
+    if master_key_from_env() is None and path.resolve().is_relative_to(config.data_dir.resolve()):
+        yield (f"security.master_key_file: {path} is inside service.data_dir: a copy of data_dir would hold "
+               "the key that opens it; keep it beside the config")
+        return
+    if master_key_from_env() is None and not path.exists():
         if not os.access(_existing_parent(path), os.W_OK):
             yield f"security.master_key_file: {path} is missing and its folder is not writable"
         return  # `run` creates it

@@ -42,6 +42,7 @@ log = logging.getLogger("careservice.store")
 OPEN_STATES = (CaseState.NEW, CaseState.ACKNOWLEDGE, CaseState.OPEN, CaseState.ANSWERING)
 INBOUND_STATES = (CaseState.RECEIVED, CaseState.FOLLOW_UP, CaseState.STAFF_REPLY, CaseState.VERIFIED)
 MAX_BATCH = 256
+UNBOUND_KEY_BYTES = 12 + 32 + 16  # nonce, key, tag: a case key as version 0.1 wrapped it
 TTA_BUCKETS = ((3600, "tta_lt_1h"), (86400, "tta_lt_1d"), (7 * 86400, "tta_lt_7d"))
 
 SCHEMA = """
@@ -67,6 +68,7 @@ CREATE TABLE IF NOT EXISTS mailbox_health(
     name TEXT PRIMARY KEY, ok INTEGER NOT NULL, problem TEXT NOT NULL, since REAL NOT NULL,
     failures INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS k.keys(id TEXT PRIMARY KEY, wrapped BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS k.daily(day INTEGER PRIMARY KEY, wrapped BLOB NOT NULL) WITHOUT ROWID;
 """
 
 
@@ -209,6 +211,7 @@ class Store:
                 raise StoreError(f"cannot open store in {self.data_dir}: {self._open_error}")
         if sweep:
             await self._call(_sweep_orphans, checkpoint=True)
+        await self.rotate_digests(time.time())
 
     async def close(self) -> None:
         """Close the store; a call from then on raises StoreError (a task left over at shutdown must
@@ -408,6 +411,11 @@ class Store:
         """Drop a mail the relay refused for good; queue `notice` to staff in the same transaction."""
         await self._call(_mail_failed, item, notice, now)
 
+    async def rotate_digests(self, now: float) -> None:
+        """Switch the keyring to today's digest secret and drop every digest of an earlier day (both
+        processes call it at start and then every minute; the first call of a day makes the secret)."""
+        await self._call(_rotate_digests, now, checkpoint=True)
+
     async def checkpoint(self) -> None:
         """Truncate the WAL now (a purge's own checkpoint may have met a reader)."""
         await self._call(_nothing, checkpoint=True)
@@ -466,7 +474,7 @@ def _case_key(conn: sqlite3.Connection, keyring: Keyring, case_id: str) -> bytes
     row = conn.execute("SELECT wrapped FROM k.keys WHERE id=?", (case_id,)).fetchone()
     if row is None:
         raise StoreError(f"no key for case {case_id}")
-    return keyring.unwrap(row[0])
+    return keyring.unwrap(row[0], f"case:{case_id}")
 
 
 def _meta(case: Case) -> bytes:
@@ -484,7 +492,30 @@ def _sweep_orphans(conn: sqlite3.Connection, keyring: Keyring) -> None:
     conn.execute(
         "DELETE FROM k.keys WHERE id NOT IN (SELECT id FROM cases) AND id NOT IN (SELECT case_id FROM outbox)"
     )
-    conn.execute("DELETE FROM k.seen WHERE expires < ?", (time.time(),))
+    for case_id, wrapped in conn.execute("SELECT id, wrapped FROM k.keys WHERE length(wrapped) = ?",
+                                         (UNBOUND_KEY_BYTES,)).fetchall():
+        conn.execute("UPDATE k.keys SET wrapped=? WHERE id=?",
+                     (keyring.wrap(keyring.unwrap_unbound(wrapped), f"case:{case_id}"), case_id))
+
+
+def _rotate_digests(conn: sqlite3.Connection, keyring: Keyring, now: float) -> None:
+    """Today's digest secret (made on the first call of the day), and everything keyed by an older
+    one deleted with it: its secret, the de-duplication digests, past hours' acknowledgement counts."""
+    day = int(now // 86400)
+    row = conn.execute("SELECT wrapped FROM k.daily WHERE day=?", (day,)).fetchone()
+    if row is None:
+        secret = secrets.token_bytes(32)
+        conn.execute("INSERT INTO k.daily VALUES (?, ?)", (day, keyring.wrap(secret, f"daily:{day}")))
+    else:
+        secret = keyring.unwrap(row[0], f"daily:{day}")
+    conn.execute("DELETE FROM k.daily WHERE day < ?", (day,))
+    conn.execute("DELETE FROM k.seen WHERE expires <= ?", (now,))
+    conn.execute("DELETE FROM ack_rate WHERE hour < ?", (int(now // 3600),))
+    keyring.use_daily_secret(secret)
+
+
+def _day_end(now: float) -> float:
+    return (now // 86400 + 1) * 86400
 
 
 def _add_inbound(conn: sqlite3.Connection, keyring: Keyring, messages: list[NewMessage], now: float) -> list[str]:
@@ -495,9 +526,9 @@ def _add_inbound(conn: sqlite3.Connection, keyring: Keyring, messages: list[NewM
             if conn.execute("SELECT 1 FROM k.seen WHERE digest=?", (m.dedupe,)).fetchone():
                 ids.append("")
                 continue
-            conn.execute("INSERT INTO k.seen VALUES (?, ?)", (m.dedupe, now + 14 * 86400))
+            conn.execute("INSERT INTO k.seen VALUES (?, ?)", (m.dedupe, _day_end(now)))  # its secret's life
         case_id = secrets.token_hex(6)
-        key, wrapped = keyring.new_case_key()
+        key, wrapped = keyring.new_case_key(case_id)
         case = Case(case_id, m.site, CaseState.RECEIVED, m.source, now, secrets.token_hex(4), m.envelope, m.raw,
                     m.contact)
         conn.execute("INSERT INTO k.keys VALUES (?, ?)", (case_id, wrapped))

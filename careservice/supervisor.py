@@ -10,6 +10,7 @@ import sys
 import time
 
 from careservice.config import Config
+from careservice.crypto import worker_environment
 
 log = logging.getLogger("careservice.supervisor")
 RESTART_DELAY = 1.0
@@ -54,7 +55,7 @@ class WorkerSupervisor:
         os.set_blocking(self._pipe, False)
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "careservice", "worker", "--config", str(self.config.path), stdin=read_end,
-            stdout=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, env=worker_environment(),
         )
         os.close(read_end)
         self._tasks.append(asyncio.create_task(self._listen(self.proc)))

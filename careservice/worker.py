@@ -58,9 +58,9 @@ class CaseWorker:
         return bool(self.tasks) and not any(task.done() for task in self.tasks)
 
     async def sweep(self) -> None:
-        """Periodic: run due expiries and retries, and truncate the WAL."""
+        """Periodic: run due expiries and retries, drop past days' digests, and truncate the WAL."""
         self.wake()
-        await self.store.checkpoint()
+        await self.store.rotate_digests(time.time())
 
     def answer_failed_notice(self, item: QueuedMail, why: str) -> OutgoingMail | None:
         site = self.ctx.config.site(item.site)

@@ -127,7 +127,7 @@ def write_config(tmp: Path, relay_port: int, *, extra: str = "", relay_url: str 
 data_dir = "data"
 log_level = "DEBUG"
 [security]
-master_key_file = "data/master.key"
+master_key_file = "master.key"
 [smtp]
 listen = "127.0.0.1:{smtp_port}"
 hostname = "care.test"

@@ -114,7 +114,7 @@ def test_check_refuses_a_missing_templates_dir(tmp_path: Path) -> None:
 def test_check_refuses_a_master_key_others_can_read(tmp_path: Path) -> None:
     config = write_config(tmp_path, 1)
     assert cli("keygen", "--config", str(config)).returncode == 0
-    key = tmp_path / "data" / "master.key"
+    key = tmp_path / "master.key"
     assert cli("check", "--config", str(config)).returncode == 0
     key.chmod(0o644)
     result = cli("check", "--config", str(config))

@@ -131,8 +131,8 @@ def coded(tmp_path: Path, relay: CaptureRelay) -> Iterator[Daemon]:
 
 
 def tokens(daemon: Daemon, clock: float = 0.0) -> CodeTokens:
-    """The daemon's code sealing, from the master key in its data dir (a test can read codes; a client cannot)."""
-    keyring = Keyring(load_master_key(daemon.data_dir / "master.key", create=False))
+    """The daemon's code sealing, from the master key beside its config (a test can read codes; a client cannot)."""
+    keyring = Keyring(load_master_key(daemon.config.parent / "master.key", create=False))
     return CodeTokens(keyring.form_code_key(), 900, lambda: clock or time.time())
 
 
