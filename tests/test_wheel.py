@@ -28,9 +28,9 @@ NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "var", "dev-outbox", "build
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel, built (like an operator would, with pip) from a copy of the source tree."""
     work = tmp_path_factory.mktemp("wheel")
-    shutil.copytree(REPO, work / "src", ignore=NOT_SOURCE)
+    shutil.copytree(REPO, work / "careservice", ignore=NOT_SOURCE)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(work / "dist"),
-                    str(work / "src")], check=True, timeout=300, capture_output=True)
+                    str(work / "careservice")], check=True, timeout=300, capture_output=True)
     [built] = (work / "dist").glob("careservice-*.whl")
     return built
 
