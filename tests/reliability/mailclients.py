@@ -46,9 +46,9 @@ def reply_headers(forward: EmailMessage, sender: str) -> EmailMessage:
     return msg
 
 
-def _html_paragraphs(answer: str, tag: str = "div", attrs: str = "") -> str:
-    """The answer as an editor writes it: one element per line, an empty one between paragraphs."""
-    return "".join(f"<{tag}{attrs}>{escape(line) if line else '<br>'}</{tag}>\n" for line in answer.splitlines())
+def _html_paragraphs(answer: str, attrs: str = "") -> str:
+    """The answer as Outlook, Gmail and iOS write it: one div per line, an empty one between paragraphs."""
+    return "".join(f"<div{attrs}>{escape(line) if line else '<br>'}</div>\n" for line in answer.splitlines())
 
 
 def _quoted(forward: EmailMessage) -> str:
@@ -118,7 +118,7 @@ def thunderbird_html(forward: EmailMessage, answer: str, sender: str = STAFF, bo
     quoted = escape("\n".join(forward_lines(forward)))
     quote = (f'<div class="moz-cite-prefix">On 03.03.25 10:12, {escape(name)} wrote:<br></div>\n'
              f'<blockquote type="cite"><pre class="moz-quote-pre" wrap="">{quoted}</pre></blockquote>\n')
-    own = _html_paragraphs(answer, tag="p")
+    own = "".join(f"<p>{'<br>'.join(map(escape, para.splitlines()))}</p>\n" for para in answer.split("\n\n") if para)
     page = f"<html><head></head><body>\n{quote + own if bottom else own + quote}</body></html>\n"
     return _send(reply_headers(forward, sender), None, page)
 
