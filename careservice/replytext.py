@@ -1,4 +1,4 @@
-"""A staff reply's own words: what may go to the customer, whatever the mail client did with the quote.
+"""What of a staff reply may go to the customer, whatever the mail client did with the quote.
 
 Clients quote the forward in different ways: Outlook puts a header block ("From: ... Sent: ...")
 above an unmarked copy, Gmail and Thunderbird quote with `>` under "On ... wrote:" (and staff may
@@ -6,7 +6,8 @@ answer below the quote), HTML mail marks the quote with its own elements. So the
 any client: an HTML reply loses its quoting elements before it is flattened; no `>`-quoted line and
 no line of the forward's own blocks (instructions, contact details) is kept; a reply whose
 remaining lines are all the forward's, a signature or nothing has no new text; and a first line
-that starts with `#` is a command for the service, never text for the customer.
+that starts with `#` is a command for the service, never text for the customer. A reply the parser
+could not read whole, or that carries a mail or one of our reply addresses, is not relayed at all.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from lxml.etree import ParserError
 from lxml.html import HtmlElement, HTMLParser, document_fromstring
 from mailparser_reply.parser import EmailMessage
 
+from careservice.mail import Parsed
+
 REPLY_LANGUAGES = ["en", "de", "fr", "es", "it", "nl"]
 LINK_SCHEMES = {"http", "https", "mailto", "tel"}
 QUOTE_CLASSES = {"gmail_quote", "gmail_quote_container", "moz-cite-prefix", "yahoo_quoted"}
@@ -33,6 +36,7 @@ _HEADERS = EmailMessage(text="", languages=list(REPLY_LANGUAGES)).HEADER_REGEX  
 _HEADER_LABEL = re.compile(r"\s*[^\W\d_]{2,20} ?:")  # "From:", "Von:", "De :" at the top of Outlook's block
 _SEPARATOR = re.compile(r"[\s_\-=~*]*")  # lines of underscores or dashes that clients put above a quote
 _COMMAND = re.compile(r"#\s*([^\W_]*)")
+_REPLY_TOKEN = re.compile(r"[0-9a-f]{12}\.[0-9a-f]{8}\.[a-z2-7]{16}", re.IGNORECASE)  # careservice.addresses
 _INVISIBLE = " \t\u00a0\u200b\u200c\u200d\u2060\ufeff"
 _PARSER = HTMLParser(encoding="utf-8", no_network=True)
 _RENDER = ParserConfig(css=CSS_PROFILES["strict"])
@@ -76,6 +80,30 @@ def read_reply(text: str, html: str, forwarded: Forwarded) -> StaffReply:
     if _says_nothing(lines, forwarded):
         return StaffReply("")
     return StaffReply(_tidy(lines))
+
+
+def relay_problem(parsed: Parsed, case_token: str) -> str:
+    """Why the reply must not go to the customer at all, as a reason code; "" when it may.
+
+    A reply the parser could not read whole carries its raw self as an attachment (addresses,
+    reply token, Received lines); an attached mail (Outlook's "attach item", a forward as
+    attachment) is most likely the forward itself; either would show the customer what stays
+    with staff. `case_token` is the "<case>.<nonce>" part of the case's reply address."""
+    if parsed.defects:
+        return "reply_unreadable"
+    types = (*parsed.part_types, *(a.content_type for a in parsed.attachments))
+    if any(t.startswith("message/") or t == "text/rfc822-headers" for t in types):
+        return "reply_attached_mail"
+    if any(_names_reply_address(a.data, case_token) for a in parsed.attachments):
+        return "reply_address_attached"
+    return ""
+
+
+def _names_reply_address(data: bytes, case_token: str) -> bool:
+    """True when `data` holds a reply token of any site or this case's, as text in UTF-8 or in
+    UTF-16 (Outlook's .msg files) at either byte alignment."""
+    texts = (data.decode("latin-1"), data.decode("utf-16-le", "ignore"), data[1:].decode("utf-16-le", "ignore"))
+    return any(_REPLY_TOKEN.search(text) or case_token.lower() in text.lower() for text in texts)
 
 
 def html_text(html: str) -> str:

@@ -1,7 +1,8 @@
 """Stage VERIFIED: queue the staff answer to the customer (or close on #closed), then drop the reply.
 
-Only the staff member's new words go (careservice.replytext); a reply without any, or whose first
-line is an unknown "#" command, sends the customer nothing and tells the staff member why.
+Only the staff member's new words go (careservice.replytext); a reply without any, one whose first
+line is an unknown "#" command, one the parser could not read whole, or one with an attached mail
+or reply address sends the customer nothing and tells the staff member why.
 """
 
 from __future__ import annotations
@@ -11,9 +12,17 @@ import re
 from careservice.context import Context
 from careservice.mail import Draft, new_message_id
 from careservice.model import Case, CaseState, ContactDetails, MailKind, Outcome
-from careservice.replytext import Forwarded, read_reply
+from careservice.replytext import Forwarded, read_reply, relay_problem
 
 CLOSE_COMMANDS = ("closed", "phone")  # the case was answered by telephone
+WITHHELD = {
+    "reply_unreadable": "Your reply could not be read whole (its structure is too deep or too large, or a "
+                        "header is broken), and relaying it might show the customer what it quotes.",
+    "reply_attached_mail": "Your reply has a mail attached (perhaps the forwarded case), which must not reach "
+                           "the customer. Please answer again without it.",
+    "reply_address_attached": "An attachment of your reply shows one of our reply addresses, which must not "
+                              "reach the customer. Please answer again without it.",
+}
 
 
 async def handle(case: Case, ctx: Context) -> Outcome:
@@ -22,6 +31,9 @@ async def handle(case: Case, ctx: Context) -> Outcome:
     if target is None or target.state is not CaseState.OPEN:
         return Outcome(CaseState.STAFF_REPLY, "target_changed")  # verify again: it sends the late notice
     parsed = ctx.parsed(case)
+    problem = relay_problem(parsed, f"{target.id}.{target.nonce}")
+    if problem:
+        return _not_sent(ctx, case, target, problem, "Your reply was not sent", WITHHELD[problem])
     reply = read_reply(parsed.text, parsed.html, _forwarded(ctx, target))
     if reply.command in CLOSE_COMMANDS:
         return Outcome(CaseState.PURGED, "closed_by_phone", target_state=CaseState.PURGED,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from careservice.replytext import Forwarded, StaffReply, html_text, read_reply
+from careservice.mail import Attachment, Parsed
+from careservice.replytext import Forwarded, StaffReply, html_text, read_reply, relay_problem
 
 OWN = """New message for TicketNest customer care, case 0123456789ab.
 
@@ -53,3 +54,21 @@ def test_an_outlook_header_after_a_plain_hr_ends_the_answer_and_links_keep_their
 def test_html_that_is_empty_or_declares_its_encoding() -> None:
     assert html_text("<!-- nothing -->") == ""
     assert html_text('<?xml version="1.0" encoding="iso-8859-1"?><html><body><p>Hi</p></body></html>').strip() == "Hi"
+
+
+TOKEN = "0123456789ab.01234567"
+ADDRESS = f"care+{TOKEN}.abcdefghijklmnop@ticketnest.test"
+
+
+@pytest.mark.parametrize(("parsed", "problem"), [
+    (Parsed(attachments=(Attachment("a.pdf", "application/pdf", bytes(range(256)) * 64),)), ""),
+    (Parsed(defects=("long_header_dropped",)), "reply_unreadable"),
+    (Parsed(part_types=("multipart/mixed", "text/plain", "message/rfc822", "text/plain")), "reply_attached_mail"),
+    (Parsed(attachments=(Attachment("h.txt", "text/rfc822-headers", b"From: x"),)), "reply_attached_mail"),
+    (Parsed(attachments=(Attachment("a.txt", "text/plain", ADDRESS.upper().encode()),)), "reply_address_attached"),
+    (Parsed(attachments=(Attachment("a.msg", "application/vnd.ms-outlook", b"\x00" + ADDRESS.encode("utf-16-le")),)),
+     "reply_address_attached"),
+    (Parsed(attachments=(Attachment("a.txt", "text/plain", f"case {TOKEN}".encode()),)), "reply_address_attached"),
+], ids=["clean", "defect", "attached_mail", "headers", "address", "address_utf16_odd", "case_token"])
+def test_relay_problem(parsed: Parsed, problem: str) -> None:
+    assert relay_problem(parsed, TOKEN) == problem

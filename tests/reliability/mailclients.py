@@ -21,6 +21,7 @@ from html import escape
 from tests.support import STAFF
 
 DATE = "Mon, 3 Mar 2025 at 10:12"
+STAFF_IP = "192.0.2.55"  # in the Received line of every reply: it must never reach a customer
 
 
 def forward_lines(forward: EmailMessage) -> list[str]:
@@ -42,7 +43,7 @@ def reply_headers(forward: EmailMessage, sender: str) -> EmailMessage:
     msg["In-Reply-To"] = str(forward["Message-ID"])
     msg["References"] = str(forward["Message-ID"])
     msg["Message-ID"] = f"<{base64.b32encode(os.urandom(10)).decode().lower()}@staff.example>"
-    msg["Received"] = "from [192.0.2.55] (helo=laptop) by mail.staff.example with ESMTPSA; " + formatdate()
+    msg["Received"] = f"from [{STAFF_IP}] (helo=laptop) by mail.staff.example with ESMTPSA; " + formatdate()
     return msg
 
 
