@@ -1,7 +1,7 @@
 """Staff replies that must not reach the customer at all, with the case left open and staff told why
 by a notice that names the case only: a reply the parser cannot read whole (it used to go out as a
 raw original.eml with the staff member's address, the reply token and their Received line), one
-with a mail or one of our reply addresses attached."""
+with a mail or one of our reply addresses attached, and one from an address not on the staff list."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from email.message import EmailMessage
 import pytest
 
 from tests.reliability.helpers import log_leaks, shared_daemon
-from tests.reliability.mailclients import STAFF_IP, reply_headers
+from tests.reliability.mailclients import STAFF_IP, reply_headers, thunderbird
 from tests.reliability.replycase import answers, case_id, case_state, notices, open_case, reply_address, reply_to
-from tests.support import STAFF, CaptureRelay, Daemon
+from tests.support import STAFF, STAFF2, CaptureRelay, Daemon
 
 pytestmark = pytest.mark.reliability
 
@@ -87,5 +87,20 @@ def test_the_reply_is_not_relayed_the_staff_member_is_told_and_the_case_stays_op
     assert case_state(daemon, case_id(forward)) == "open"
 
 
+def test_a_reply_from_an_address_not_on_the_staff_list_is_reported_to_the_staff(
+        shared: tuple[Daemon, CaptureRelay]) -> None:
+    daemon, relay = shared
+    customer = "from-an-alias@customer.example"
+    alias = "agent.smith.alias@staff.example"
+    forward = open_case(daemon, relay, customer)
+    reply_to(forward, thunderbird(forward, "Alias answer zebracorn", sender=alias), daemon, sender=alias)
+    assert answers(relay, customer) == [] and relay.to(alias) == []
+    for staff in (STAFF, STAFF2):
+        [notice] = notices(relay, staff, case_id(forward))
+        assert "sender" in str(notice["Subject"])
+        assert b"alias" not in bytes(notice) and b"zebracorn" not in bytes(notice)
+    assert case_state(daemon, case_id(forward)) == "open"
+
+
 def test_nothing_personal_in_the_log(shared: tuple[Daemon, CaptureRelay]) -> None:
-    assert log_leaks(shared[0], ["@customer.example", "staff.example", STAFF_IP, "Deep answer"]) == []
+    assert log_leaks(shared[0], ["@customer.example", "staff.example", STAFF_IP, "Deep answer", "zebracorn"]) == []
