@@ -10,14 +10,15 @@ from __future__ import annotations
 import re
 
 from careservice.context import Context
-from careservice.mail import Draft, new_message_id
+from careservice.mail import Draft, new_message_id, parse
 from careservice.model import Case, CaseState, ContactDetails, MailKind, Outcome
 from careservice.replytext import Forwarded, read_reply, relay_problem
 
 CLOSE_COMMANDS = ("closed", "phone")  # the case was answered by telephone
 WITHHELD = {
     "reply_unreadable": "Your reply could not be read whole (its structure is too deep or too large, or a "
-                        "header is broken), and relaying it might show the customer what it quotes.",
+                        "header is broken), and relaying it might show the customer what it quotes. Please "
+                        "answer again.",
     "reply_attached_mail": "Your reply has a mail attached (perhaps the forwarded case), which must not reach "
                            "the customer. Please answer again without it.",
     "reply_address_attached": "An attachment of your reply shows one of our reply addresses, which must not "
@@ -77,4 +78,4 @@ def _forwarded(ctx: Context, target: Case) -> Forwarded:
     contact = target.contact or ContactDetails("", "")
     blocks = [ctx.texts.mail(site.id, "forward", site=site, case_id=target.id, subject=target.subject,
                              contact=contact, text="", follow_up=follow_up)[1] for follow_up in (False, True)]
-    return Forwarded.of(blocks, ctx.parsed(target).text)
+    return Forwarded.of(blocks, parse(target.raw, target.envelope.mail_from).text)  # not kept: the case waits
