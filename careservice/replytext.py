@@ -35,7 +35,7 @@ OUTLOOK_HEADER_ID = "divRplyFwdMsg"
 _HEADERS = EmailMessage(text="", languages=list(REPLY_LANGUAGES)).HEADER_REGEX  # "On ... wrote:", "From: ... Sent:"
 _HEADER_LABEL = re.compile(r"\s*[^\W\d_]{2,20} ?:")  # "From:", "Von:", "De :" at the top of Outlook's block
 _SEPARATOR = re.compile(r"[\s_\-=~*]*")  # lines of underscores or dashes that clients put above a quote
-_COMMAND = re.compile(r"#\s*([^\W_]*)")
+_COMMAND = re.compile(r"#\s*([^\W_]*)")  # matched at the start of the first line only
 _REPLY_TOKEN = re.compile(r"[0-9a-f]{12}\.[0-9a-f]{8}\.[a-z2-7]{16}", re.IGNORECASE)  # careservice.addresses
 _INVISIBLE = " \t\u00a0\u200b\u200c\u200d\u2060\ufeff"
 _PARSER = HTMLParser(encoding="utf-8", no_network=True)
@@ -73,10 +73,9 @@ def read_reply(text: str, html: str, forwarded: Forwarded) -> StaffReply:
     source = html_text(html) if html.strip() else text  # without a text part, `text` is the HTML untagged
     lines = [line for line in _unquoted(source) if normalised(line) not in forwarded.own]
     first = next((line.strip(_INVISIBLE) for line in lines if line.strip(_INVISIBLE)), "")
-    first = unicodedata.normalize("NFKC", first)
-    if first.startswith("#"):
-        command = _COMMAND.match(first)
-        return StaffReply("", command.group(1).casefold() if command else "")
+    command = _COMMAND.match(unicodedata.normalize("NFKC", first))
+    if command:
+        return StaffReply("", command.group(1).casefold())
     if _says_nothing(lines, forwarded):
         return StaffReply("")
     return StaffReply(_tidy(lines))
