@@ -68,7 +68,9 @@ class Parsed:
     recipients: tuple[str, ...] = ()  # To, Cc, Delivered-To, X-Original-To
     automatic: str = ""  # why this is an auto-reply, bounce or list mail ("" = a person wrote it)
     text: str = ""
+    html: str = ""  # the first text/html part, as sent
     attachments: tuple[Attachment, ...] = field(default=())
+    part_types: tuple[str, ...] = ()  # type/subtype of every MIME part, containers and attached messages too
     defects: tuple[str, ...] = ()
 
 
@@ -213,7 +215,7 @@ def _text(part: Message) -> str:
         return data.decode("utf-8", "replace")
 
 
-def _body(msg: Message) -> tuple[str, list[Attachment]]:
+def _body(msg: Message) -> tuple[str, str, list[Attachment], list[str]]:
     parts: list[Message] = []
     _walk(msg, 0, parts)
     text, html, attachments = "", "", []
@@ -233,7 +235,7 @@ def _body(msg: Message) -> tuple[str, list[Attachment]]:
                 attachments.append(Attachment(name, ctype, data))
     if not text and html:
         text = _TAG.sub(" ", html)
-    return text.replace("\x00", ""), attachments
+    return text.replace("\x00", ""), html.replace("\x00", ""), attachments, [_content_type(p) for p in parts]
 
 
 def _defect(where: str, exc: Exception) -> str:
@@ -266,10 +268,10 @@ def parse(raw: bytes, mail_from: str) -> Parsed:
     name, address = addresses[0] if addresses else ("", "")
     if "@" not in address or not address.isprintable() or any(c.isspace() for c in address) or "=?" in address:
         address = ""  # e.g. U+2028 in a raw UTF-8 name made the stdlib return "victim@x.example x-injected"
-    text, attachments = "", [Attachment("original.eml", "message/rfc822", raw)]
+    text, html, attachments, types = "", "", [Attachment("original.eml", "message/rfc822", raw)], []
     try:
         if whole:
-            text, attachments = _body(msg)
+            text, html, attachments, types = _body(msg)
     except Exception as exc:  # the stdlib raises many kinds on hostile MIME structure
         defects.append(_defect("body", exc))
     recipients: list[str] = []
@@ -284,8 +286,8 @@ def parse(raw: bytes, mail_from: str) -> Parsed:
         message_id=(message_ids(headers.first("Message-ID")) or ("",))[0],
         references=message_ids(headers.first("References") + " " + headers.first("In-Reply-To")),
         recipients=tuple(one_line(r, 254).lower() for r in recipients[:100]),
-        automatic=_automatic(headers, mail_from, address), text=text, attachments=tuple(attachments),
-        defects=tuple(defects),
+        automatic=_automatic(headers, mail_from, address), text=text, html=html, attachments=tuple(attachments),
+        part_types=tuple(types), defects=tuple(defects),
     )
 
 

@@ -623,11 +623,18 @@ def _apply(conn: sqlite3.Connection, keyring: Keyring, case: Case, outcome: Outc
            next_run: float) -> None:
     if not conn.execute("SELECT 1 FROM cases WHERE id=? AND state=?", (case.id, case.state)).fetchone():
         raise StoreError(f"case {case.id} changed under a stage")
+    updated = outcome.updates or case
+    if outcome.target_state is not None and not conn.execute(
+            "SELECT 1 FROM cases WHERE id=? AND state=?", (updated.target, CaseState.OPEN)).fetchone():
+        # A staff reply moves its target only from OPEN. Replies that reach the worker together are
+        # applied together, so another one may have moved it since the stage looked: this reply is
+        # verified again, which sends its late notice, instead of answering twice.
+        log.info("reply_target_changed case=%s target=%s", case.id, updated.target)
+        outcome = Outcome(CaseState.STAFF_REPLY, "target_changed")
     for name in outcome.counters:
         _count(conn, case.site, now, name)
     for mail in outcome.mails:
         _queue_mail(conn, keyring, case.site, mail, now)
-    updated = outcome.updates or case
     if outcome.target_state is CaseState.PURGED:
         _purge(conn, updated.target)
     elif outcome.target_state is not None:

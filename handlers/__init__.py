@@ -5,7 +5,8 @@
     ACKNOWLEDGE --acknowledge-->   OPEN                            (ack to the customer, unless suppressed)
     FOLLOW_UP   --forward-->       PURGED                          (forwarded under the open case)
     STAFF_REPLY --verify_reply-->  VERIFIED | PURGED               (token + staff From; else refuse/notice)
-    VERIFIED    --relay_answer-->  PURGED, case -> ANSWERING       (answer queued; "#closed": case purged)
+    VERIFIED    --relay_answer-->  PURGED, case -> ANSWERING       (answer queued; "#closed"/"#phone": case purged;
+                                                                    no new text or an unknown "#": notice, case OPEN)
     OPEN        --expire-->        PURGED                          (when retention.unanswered_days pass)
     ANSWERING   the relay's 250 for the answer purges the case (Store.mail_delivered)
 """

@@ -1,22 +1,29 @@
-"""Stage VERIFIED: queue the staff answer to the customer (or close on #closed), then drop the reply."""
+"""Stage VERIFIED: queue the staff answer to the customer (or close on #closed), then drop the reply.
+
+Only the staff member's new words go (careservice.replytext); a reply without any, one whose first
+line is an unknown "#" command, one the parser could not read whole, or one with an attached mail
+or reply address sends the customer nothing and tells the staff member why.
+"""
 
 from __future__ import annotations
 
 import re
 
-from mailparser_reply import EmailReplyParser
-
 from careservice.context import Context
-from careservice.mail import Draft, new_message_id
-from careservice.model import Case, CaseState, MailKind, Outcome
+from careservice.mail import Draft, new_message_id, parse
+from careservice.model import Case, CaseState, ContactDetails, MailKind, Outcome
+from careservice.replytext import Forwarded, read_reply, relay_problem
 
-CLOSED_MARKER = "#closed"
-REPLY_LANGUAGES = ["en", "de", "fr", "es", "it", "nl"]
-
-
-def new_text(text: str) -> str:
-    """The staff member's own words: the reply without the quoted case below it."""
-    return EmailReplyParser(languages=REPLY_LANGUAGES).read(text=text).latest_reply or ""
+CLOSE_COMMANDS = ("closed", "phone")  # the case was answered by telephone
+WITHHELD = {
+    "reply_unreadable": "Your reply could not be read whole (its structure is too deep or too large, or a "
+                        "header is broken), and relaying it might show the customer what it quotes. Please "
+                        "answer again.",
+    "reply_attached_mail": "Your reply has a mail attached (perhaps the forwarded case), which must not reach "
+                           "the customer. Please answer again without it.",
+    "reply_address_attached": "An attachment of your reply shows one of our reply addresses, which must not "
+                              "reach the customer. Please answer again without it.",
+}
 
 
 async def handle(case: Case, ctx: Context) -> Outcome:
@@ -25,15 +32,26 @@ async def handle(case: Case, ctx: Context) -> Outcome:
     if target is None or target.state is not CaseState.OPEN:
         return Outcome(CaseState.STAFF_REPLY, "target_changed")  # verify again: it sends the late notice
     parsed = ctx.parsed(case)
-    text = new_text(parsed.text).strip()
-    if text.splitlines()[:1] == [CLOSED_MARKER] or text == CLOSED_MARKER:
+    problem = relay_problem(parsed, f"{target.id}.{target.nonce}")
+    if problem:
+        return _not_sent(ctx, case, target, problem, "Your reply was not sent", WITHHELD[problem])
+    reply = read_reply(parsed.text, parsed.html, _forwarded(ctx, target))
+    if reply.command in CLOSE_COMMANDS:
         return Outcome(CaseState.PURGED, "closed_by_phone", target_state=CaseState.PURGED,
                        counters=("closed_by_phone",))
+    if reply.command is not None:
+        commands = " or ".join(f'"#{name}"' for name in CLOSE_COMMANDS)
+        return _not_sent(ctx, case, target, "reply_unknown_command", "Unknown command, nothing was sent",
+                         'The first line of your reply starts with "#", which is for commands, and is not one '
+                         f"we know. To close the case after a telephone call, start with {commands}.")
+    if not reply.text:
+        return _not_sent(ctx, case, target, "reply_empty", "Your reply was empty, nothing was sent",
+                         "Your reply held no text of your own above or below the quote.")
     customer = target.contact.email if target.contact else ""
     if not customer:
-        notice = ctx.notice(site, target.id, case.id, (parsed.from_address,), "Answer not sent",
-                            "The customer left no e-mail address; please use the telephone.")
-        return Outcome(CaseState.PURGED, "no_customer_address", mails=(notice,))
+        return _not_sent(ctx, case, target, "no_customer_address", "Answer not sent",
+                         "The customer left no e-mail address; please use the telephone.")
+    text = reply.text
     for staff in site.staff:  # signatures must not reveal a staff address
         text = re.sub(re.escape(staff), site.care_address, text, flags=re.IGNORECASE)
     subject, body = ctx.texts.mail(site.id, "answer", site=site, subject=target.subject, text=text)
@@ -44,3 +62,20 @@ async def handle(case: Case, ctx: Context) -> Outcome:
     )
     answer = ctx.outgoing(MailKind.ANSWER, target.id, site.care_address, draft)
     return Outcome(CaseState.PURGED, "answer_queued", mails=(answer,), target_state=CaseState.ANSWERING)
+
+
+def _not_sent(ctx: Context, case: Case, target: Case, reason: str, headline: str, why: str) -> Outcome:
+    """Drop the reply and tell its sender why the customer got nothing; the case stays open."""
+    notice = ctx.notice(ctx.site(case), target.id, case.id, (ctx.parsed(case).from_address,), headline,
+                        f"{why} Nothing was sent to the customer and the case stays open.")
+    return Outcome(CaseState.PURGED, reason, mails=(notice,))
+
+
+def _forwarded(ctx: Context, target: Case) -> Forwarded:
+    """The forward staff got for `target`: its own blocks (rendered again without the customer's
+    text, as a first message and as a follow-up) and the customer's text."""
+    site = ctx.site(target)
+    contact = target.contact or ContactDetails("", "")
+    blocks = [ctx.texts.mail(site.id, "forward", site=site, case_id=target.id, subject=target.subject,
+                             contact=contact, text="", follow_up=follow_up)[1] for follow_up in (False, True)]
+    return Forwarded.of(blocks, parse(target.raw, target.envelope.mail_from).text)  # not kept: the case waits

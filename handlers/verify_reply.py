@@ -11,7 +11,15 @@ async def handle(case: Case, ctx: Context) -> Outcome:
     parsed = ctx.parsed(case)
     sender = parsed.from_address
     if parsed.from_count != 1 or sender not in site.staff:
-        return Outcome(CaseState.PURGED, "reply_not_from_staff", counters=("reply_refused",))
+        if not case.target:  # no reply address of ours either: nobody to tell
+            return Outcome(CaseState.PURGED, "reply_not_from_staff", counters=("reply_refused",))
+        # A valid reply address from elsewhere is most likely staff writing from an alias, who would
+        # believe the customer answered: all staff hear of it (the sender and its text stay unnamed).
+        notice = ctx.notice(site, case.target, case.id, site.staff, "Reply refused because of its sender",
+                            "A reply to this case came from an address that is not on the staff list, so "
+                            "nothing was sent to the customer. If one of you wrote it, please answer again "
+                            "from your staff address.")
+        return Outcome(CaseState.PURGED, "reply_not_from_staff", mails=(notice,), counters=("reply_refused",))
     if not case.target:
         notice = ctx.notice(site, "?", case.id, (sender,), "Your reply was not sent",
                             "The reply address was not valid (changed or not issued by us), so nothing "
