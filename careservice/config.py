@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -86,6 +87,7 @@ class WebConfig:
     max_posts_per_ip_per_hour: int
     tls_cert: Path | None  # HTTPS on web.listen when set (with tls_key)
     tls_key: Path | None
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]  # whose X-Forwarded-For counts
 
 
 @dataclass(frozen=True)
@@ -269,6 +271,17 @@ def _web_host(key: str, value: object) -> str:
     return host
 
 
+def _networks(t: _Table, name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for i, value in enumerate(t.get(name, list, [])):
+        try:
+            networks.append(ipaddress.ip_network(value if isinstance(value, str) else ""))
+        except ValueError:
+            raise ConfigError(f"{t.key(name)}[{i}]", 'expected an address or network such as "127.0.0.1" or '
+                              f'"10.0.0.0/8" (no host bits after the /), got "{value}"') from None
+    return tuple(networks)
+
+
 def _imap(t: _Table, site_ids: set[str], base: Path) -> ImapMailbox:
     site = t.get("site", str)
     if site not in site_ids:
@@ -358,6 +371,7 @@ def load_config(path: Path) -> Config:
             max_posts_per_ip_per_hour=web.positive("max_posts_per_ip_per_hour", 20),
             tls_cert=_resolve(base, web_cert) if web_cert else None,
             tls_key=_resolve(base, web_key) if web_key else None,
+            trusted_proxies=_networks(web, "trusted_proxies"),
         ),
         unanswered_days=retention.positive("unanswered_days", 30),
         acks_per_hour=root.sub("acknowledge").positive("max_per_address_per_hour", 5),

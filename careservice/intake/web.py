@@ -5,7 +5,7 @@ goes through Ingest exactly like a mail, so the stages forward it to staff and a
 The verification code is sealed (AES-256-GCM) in an expiring token the page carries; redeemed
 tokens are remembered in memory only. The client IP is used, as a keyed digest held in memory,
 for the per-IP limits and nothing else; it and the User-Agent never reach a case, a mail or a log
-line. Behind a reverse proxy on the same host, X-Forwarded-For from 127.0.0.1/::1 names the client.
+line. X-Forwarded-For names the client only on connections from web.trusted_proxies (webguard).
 
 Field rules: name, email, query and (with verification on) the code are mandatory. One-line fields
 refuse every control character (CR, LF, NUL, U+2028, ...). The query may span lines; so may the
@@ -41,6 +41,7 @@ from careservice.config import Config, Site
 from careservice.context import Context
 from careservice.intake.formguard import CodeTokens, HourlyLimit
 from careservice.intake.ingest import Ingest
+from careservice.intake.webguard import bucket, client_address, trusted
 from careservice.logs import error_fields
 from careservice.mail import SYSTEM_LOCALPARTS, Draft, new_message_id, render
 from careservice.model import ContactDetails, Envelope, Source
@@ -56,7 +57,6 @@ PREFERRED = ("email", "telephone")
 MAX_BODY = 256 * 1024
 BODY_SECONDS = 30.0
 RENDERS_PER_POST = 5  # image and audio fetches allowed per permitted POST
-TRUSTED_PROXIES = ["127.0.0.1", "::1"]
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # Unicode categories Cc, Zl and Zp
 _PHONE = re.compile(r"(?=.*[0-9])[0-9+()./ -]+")
 IMAGE_BACKGROUND = (22, 52, 84)  # white digits on dark blue: captcha fades glyphs by their brightness
@@ -114,9 +114,21 @@ class ContactForm:
                        if web.verification == "image" else None)
         self.posts = HourlyLimit(web.max_posts_per_ip_per_hour)
         self.renders = HourlyLimit(web.max_posts_per_ip_per_hour * RENDERS_PER_POST)
+        self.proxy_warned = False
         self.renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="careservice-code")
         self.image = ImageCaptcha(width=240, height=90)
         self.audio = AudioCaptcha()
+
+    def client(self, request: Request) -> str:
+        """The key of the per-client limits for the client behind `request`."""
+        proxies = self.ctx.config.web.trusted_proxies
+        address = client_address(request.client.host if request.client else "", request.headers.getlist(
+            "x-forwarded-for"), proxies)
+        if trusted(address, proxies) and not self.proxy_warned:  # the README's proxy setup always names one
+            self.proxy_warned = True
+            log.warning("web_proxy_unnamed (X-Forwarded-For from a trusted proxy names no client: "
+                        "its customers share one limit)")
+        return bucket(address)
 
     def routes(self) -> list[Route]:
         """Each page under `/<site id>/contact` for any host; any other path goes to `by_host`."""
@@ -192,7 +204,7 @@ class ContactForm:
         except TimeoutError:
             return PlainTextResponse("Request timeout", 408)
         values = {k: v for k, v in form.items() if isinstance(v, str)}
-        wait = self.posts.take(client_of(request))
+        wait = self.posts.take(self.client(request))
         if wait:
             log.info("form_refused site=%s reason=rate_limited", site.id)
             return self._form(request, entry, values, {}, "rate_limited", 429, {"Retry-After": str(math.ceil(wait))})
@@ -266,7 +278,7 @@ class ContactForm:
         code = self.tokens.reveal(entry.site.id, request.query_params.get("t", "")) if entry and self.tokens else None
         if code is None:
             return not_found()
-        if self.renders.take(client_of(request)):
+        if self.renders.take(self.client(request)):
             return PlainTextResponse("Too many requests", 429)
         data = await asyncio.get_running_loop().run_in_executor(self.renderer, draw, code)
         return Response(data, media_type=media_type)
@@ -283,10 +295,6 @@ class ContactForm:
 
 def not_found() -> Response:
     return PlainTextResponse("Not found", 404)
-
-
-def client_of(request: Request) -> str:
-    return request.client.host if request.client else ""
 
 
 class SecurityHeaders:
@@ -355,7 +363,7 @@ async def start_web(config: Config, ctx: Context, ingest: Ingest) -> WebServer:
     sock = socket.socket(fileno=bound.detach())  # proto read back as TCP, so asyncio sets TCP_NODELAY per client
     server = _Server(uvicorn.Config(
         app, lifespan="off", log_config=None, access_log=False, server_header=False, http="h11", ws="none",
-        proxy_headers=True, forwarded_allow_ips=TRUSTED_PROXIES, limit_concurrency=500,
+        proxy_headers=False, limit_concurrency=500,
         timeout_graceful_shutdown=max(config.stop_timeout - 2, 1), ssl_certfile=config.web.tls_cert,
         ssl_keyfile=config.web.tls_key,
     ))
