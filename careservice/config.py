@@ -88,6 +88,8 @@ class WebConfig:
     tls_cert: Path | None  # HTTPS on web.listen when set (with tls_key)
     tls_key: Path | None
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]  # whose X-Forwarded-For counts
+    header_timeout: int  # seconds a connection has for each request's headers
+    max_connections_per_client: int
 
 
 @dataclass(frozen=True)
@@ -372,6 +374,8 @@ def load_config(path: Path) -> Config:
             tls_cert=_resolve(base, web_cert) if web_cert else None,
             tls_key=_resolve(base, web_key) if web_key else None,
             trusted_proxies=_networks(web, "trusted_proxies"),
+            header_timeout=web.positive("header_timeout", 20),
+            max_connections_per_client=web.positive("max_connections_per_client", 20),
         ),
         unanswered_days=retention.positive("unanswered_days", 30),
         acks_per_hour=root.sub("acknowledge").positive("max_per_address_per_hour", 5),

@@ -41,7 +41,7 @@ from careservice.config import Config, Site
 from careservice.context import Context
 from careservice.intake.formguard import CodeTokens, HourlyLimit
 from careservice.intake.ingest import Ingest
-from careservice.intake.webguard import bucket, client_address, trusted
+from careservice.intake.webguard import ConnectionGuard, bucket, client_address, guarded_protocol, trusted
 from careservice.logs import error_fields
 from careservice.mail import SYSTEM_LOCALPARTS, Draft, new_message_id, render
 from careservice.model import ContactDetails, Envelope, Source
@@ -361,9 +361,11 @@ async def start_web(config: Config, ctx: Context, ingest: Ingest) -> WebServer:
     host, port = config.web.listen.host, config.web.listen.port
     bound = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock = socket.socket(fileno=bound.detach())  # proto read back as TCP, so asyncio sets TCP_NODELAY per client
+    web = config.web
+    guard = ConnectionGuard(web.header_timeout, web.max_connections_per_client, web.trusted_proxies)
     server = _Server(uvicorn.Config(
-        app, lifespan="off", log_config=None, access_log=False, server_header=False, http="h11", ws="none",
-        proxy_headers=False, limit_concurrency=500,
+        app, lifespan="off", log_config=None, access_log=False, server_header=False, http=guarded_protocol(guard),
+        ws="none", proxy_headers=False, limit_concurrency=500,
         timeout_graceful_shutdown=max(config.stop_timeout - 2, 1), ssl_certfile=config.web.tls_cert,
         ssl_keyfile=config.web.tls_key,
     ))

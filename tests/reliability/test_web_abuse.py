@@ -1,16 +1,22 @@
-"""Abuse of the contact form by one client must not take it away from everyone: a client cannot
-choose its rate-limit bucket through X-Forwarded-For. Real daemon, real sockets on loopback."""
+"""Abuse of the contact form by one client must not take it away from everyone: half-sent requests
+are closed after web.header_timeout and one address holds at most web.max_connections_per_client;
+a client cannot choose its rate-limit bucket through X-Forwarded-For. Real daemon, real sockets on
+loopback (127.0.0.2 and up as the source address of other clients)."""
 
 from __future__ import annotations
 
+import http.client
 import random
+import selectors
+import socket
+import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from careservice.config import ConfigError, load_config
-from tests.reliability.helpers import set_keys
+from tests.reliability.helpers import SCALE, set_keys
 from tests.support import CaptureRelay, Daemon, write_config
 from tests.test_web import VALID, call, serving
 
@@ -33,6 +39,121 @@ def random_address() -> str:
     return f"198.51.{random.randrange(256)}.{random.randrange(1, 255)}"
 
 
+HALF_OPEN = 520  # above uvicorn's limit_concurrency (500): this many took the page away from everyone
+HEADER_TIMEOUT = 5
+SLACK = 15.0  # a loaded test machine's delay on top of a deadline: a hang detector, not a timing bound
+HALF_REQUEST = b"GET /ticketnest/contact HTTP/1.1\r\nHost: care.test\r\nX-Slow: "
+
+
+def connect(daemon: Daemon, source: str) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", daemon.web_port), timeout=30, source_address=(source, 0))
+
+
+def get_page(daemon: Daemon, source: str) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.web_port, timeout=30, source_address=(source, 0))
+    try:
+        conn.request("GET", "/ticketnest/contact")
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One whole response (with a Content-Length) from a raw socket: its status line."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.split(b"\r\n")
+    length = next(int(line.split(b":")[1]) for line in lines if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return lines[0]
+
+
+def endings(socks: list[socket.socket], seconds: float) -> list[tuple[bytes, float | None]]:
+    """For each socket: the status line the server sent (b"" if none) and when (time.monotonic()) it
+    closed the connection, None if still open after `seconds`; all sockets are closed afterwards."""
+    received = {s: b"" for s in socks}
+    closed: dict[socket.socket, float] = {}
+    deadline = time.monotonic() + seconds
+    with selectors.DefaultSelector() as selector:
+        for s in socks:
+            s.setblocking(False)
+            selector.register(s, selectors.EVENT_READ)
+        while len(closed) < len(socks) and time.monotonic() < deadline:
+            for key, _ in selector.select(timeout=max(0.0, deadline - time.monotonic())):
+                s = key.fileobj
+                assert isinstance(s, socket.socket)
+                try:
+                    chunk = s.recv(65536)
+                except ConnectionError:
+                    chunk = b""
+                received[s] += chunk
+                if not chunk:
+                    closed[s] = time.monotonic()
+                    selector.unregister(s)
+    for s in socks:
+        s.close()
+    return [(received[s].split(b"\r\n", 1)[0], closed.get(s)) for s in socks]
+
+
+def test_half_sent_requests_from_one_client_leave_the_page_to_others(tmp_path: Path, relay: CaptureRelay) -> None:
+    daemon = web_daemon(tmp_path, relay, header_timeout=HEADER_TIMEOUT)
+    try:
+        started = time.monotonic()
+        attack = []
+        for _ in range(HALF_OPEN):
+            sock = connect(daemon, "127.0.0.3")
+            sock.sendall(HALF_REQUEST)
+            attack.append(sock)
+        others = Counter(get_page(daemon, "127.0.0.2") for _ in range(5 * SCALE))
+        probed = time.monotonic() - started
+        ends = endings(attack, HEADER_TIMEOUT + SLACK)
+        lines = Counter(line for line, _ in ends)
+        held = [at - started for line, at in ends if line.startswith(b"HTTP/1.1 408") and at is not None]
+        print(f"{HALF_OPEN} half-sent requests from one address: other client's GETs {dict(others)} within "
+              f"{probed:.2f} s; attacker got {dict(lines)}; still open {sum(at is None for _, at in ends)}; "
+              f"held {min(held, default=0):.2f}-{max(held, default=0):.2f} s (header_timeout {HEADER_TIMEOUT})")
+        assert others == {200: 5 * SCALE}
+        assert lines == {b"HTTP/1.1 408 Request Timeout": 20, b"HTTP/1.1 429 Too Many Requests": HALF_OPEN - 20}
+        assert all(at is not None for _, at in ends)
+        assert min(held) >= HEADER_TIMEOUT - 0.5  # the deadline, not the cap, ended the admitted ones
+        assert get_page(daemon, "127.0.0.3") == 200  # their slots are free again
+    finally:
+        daemon.stop()
+
+
+def test_a_kept_alive_connection_gets_the_same_deadline(tmp_path: Path, relay: CaptureRelay) -> None:
+    """After one answer, half of the next request; or the body of an answered request, trickled."""
+    daemon = web_daemon(tmp_path, relay, header_timeout=HEADER_TIMEOUT)
+    try:
+        half_next = connect(daemon, "127.0.0.4")
+        half_next.sendall(b"GET /ticketnest/contact HTTP/1.1\r\nHost: care.test\r\n\r\n")
+        assert read_response(half_next) == b"HTTP/1.1 200 OK"
+        half_next.sendall(HALF_REQUEST)
+        trickle = connect(daemon, "127.0.0.5")
+        trickle.sendall(b"POST /ticketnest/contact HTTP/1.1\r\nHost: care.test\r\nContent-Length: 1000000000\r\n"
+                        b"Content-Type: application/x-www-form-urlencoded\r\n\r\nname=")
+        assert read_response(trickle) == b"HTTP/1.1 413 Request Entity Too Large"
+        started = time.monotonic()
+        while time.monotonic() - started < HEADER_TIMEOUT + SLACK:
+            try:
+                trickle.sendall(b"x")  # faster than uvicorn's keep-alive timeout (5 s), which each byte restarts
+            except OSError:
+                break
+            time.sleep(0.5)
+        ends = endings([half_next], SLACK) + endings([trickle], SLACK)
+        print("kept alive, closed after (s):", [(line, at and round(at - started, 2)) for line, at in ends])
+        assert ends[0][0] == b"HTTP/1.1 408 Request Timeout"
+        assert ends[1][0] in (b"HTTP/1.1 408 Request Timeout", b"")  # or reset: the server left bytes unread
+        assert all(at is not None and at - started < HEADER_TIMEOUT + SLACK for _, at in ends)
+    finally:
+        daemon.stop()
+
+
 def test_forwarded_for_is_ignored_without_trusted_proxies(tmp_path: Path, relay: CaptureRelay) -> None:
     """The attack: a new made-up X-Forwarded-For on every post, straight to the daemon."""
     daemon = web_daemon(tmp_path, relay)  # web.trusted_proxies at its default: none
@@ -45,8 +166,13 @@ def test_forwarded_for_is_ignored_without_trusted_proxies(tmp_path: Path, relay:
 
 
 def test_only_the_address_the_trusted_proxy_added_counts(tmp_path: Path, relay: CaptureRelay) -> None:
-    daemon = web_daemon(tmp_path, relay, trusted_proxies=["127.0.0.1"], max_posts_per_ip_per_hour=3)
+    daemon = web_daemon(tmp_path, relay, trusted_proxies=["127.0.0.1"], max_posts_per_ip_per_hour=3,
+                        max_connections_per_client=2)
+    held = []
     try:
+        for _ in range(4):  # the proxy carries every customer's connections: the per-address cap spares it
+            held.append(connect(daemon, "127.0.0.1"))
+            held[-1].sendall(HALF_REQUEST)
         # a proxy that appends ($proxy_add_x_forwarded_for) keeps what the client sent on the left
         answers = Counter(post_via(daemon, f"{random_address()}, 203.0.113.5") for _ in range(5))
         print(f"5 posts, client-chosen left entries, proxy-added 203.0.113.5, limit 3: {dict(answers)}")
@@ -57,11 +183,18 @@ def test_only_the_address_the_trusted_proxy_added_counts(tmp_path: Path, relay: 
         assert v6 == {400: 3, 429: 1}, v6  # one /64 is one client
         assert post_via(daemon, "2001:db8:77:2::1") == 400
         assert b"203.0.113" not in daemon.log.read_bytes() and b"2001:db8" not in daemon.log.read_bytes()
+        for _ in range(3):
+            held.append(connect(daemon, "127.0.0.6"))
+        assert [line for line, _ in endings(held[-3:], 2)] == [b"", b"", b"HTTP/1.1 429 Too Many Requests"]
     finally:
+        for sock in held:
+            sock.close()
         daemon.stop()
 
 
 @pytest.mark.parametrize(("key", "value", "named"), [
+    ("header_timeout", 0, "web.header_timeout"),
+    ("max_connections_per_client", "20", "web.max_connections_per_client"),
     ("trusted_proxies", "127.0.0.1", "web.trusted_proxies"),
     ("trusted_proxies", ["127.0.0.1", "proxy.example"], "web.trusted_proxies[1]"),
     ("trusted_proxies", ["10.0.0.1/8"], "web.trusted_proxies[0]"),
