@@ -90,6 +90,7 @@ class WebConfig:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]  # whose X-Forwarded-For counts
     header_timeout: int  # seconds a connection has for each request's headers
     max_connections_per_client: int
+    max_posts_per_minute: int  # all clients together
 
 
 @dataclass(frozen=True)
@@ -376,6 +377,7 @@ def load_config(path: Path) -> Config:
             trusted_proxies=_networks(web, "trusted_proxies"),
             header_timeout=web.positive("header_timeout", 20),
             max_connections_per_client=web.positive("max_connections_per_client", 20),
+            max_posts_per_minute=web.positive("max_posts_per_minute", 60),
         ),
         unanswered_days=retention.positive("unanswered_days", 30),
         acks_per_hour=root.sub("acknowledge").positive("max_per_address_per_hour", 5),

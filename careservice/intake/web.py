@@ -39,7 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from careservice.config import Config, Site
 from careservice.context import Context
-from careservice.intake.formguard import CodeTokens, HourlyLimit
+from careservice.intake.formguard import CodeTokens, RateLimit, take_all
 from careservice.intake.ingest import Ingest
 from careservice.intake.webguard import ConnectionGuard, bucket, client_address, guarded_protocol, trusted
 from careservice.logs import error_fields
@@ -57,6 +57,7 @@ PREFERRED = ("email", "telephone")
 MAX_BODY = 256 * 1024
 BODY_SECONDS = 30.0
 RENDERS_PER_POST = 5  # image and audio fetches allowed per permitted POST
+ALL = ""  # the client key of the limits that count every client together
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # Unicode categories Cc, Zl and Zp
 _PHONE = re.compile(r"(?=.*[0-9])[0-9+()./ -]+")
 IMAGE_BACKGROUND = (22, 52, 84)  # white digits on dark blue: captcha fades glyphs by their brightness
@@ -112,8 +113,9 @@ class ContactForm:
         web = config.web
         self.tokens = (CodeTokens(ctx.keyring.form_code_key(), web.code_ttl_seconds, ctx.clock)
                        if web.verification == "image" else None)
-        self.posts = HourlyLimit(web.max_posts_per_ip_per_hour)
-        self.renders = HourlyLimit(web.max_posts_per_ip_per_hour * RENDERS_PER_POST)
+        self.posts = RateLimit(web.max_posts_per_ip_per_hour)
+        self.all_posts = RateLimit(web.max_posts_per_minute, 60.0)
+        self.renders = RateLimit(web.max_posts_per_ip_per_hour * RENDERS_PER_POST)
         self.proxy_warned = False
         self.renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="careservice-code")
         self.image = ImageCaptcha(width=240, height=90)
@@ -204,9 +206,10 @@ class ContactForm:
         except TimeoutError:
             return PlainTextResponse("Request timeout", 408)
         values = {k: v for k, v in form.items() if isinstance(v, str)}
-        wait = self.posts.take(self.client(request))
+        client = self.client(request)
+        wait = take_all((self.posts, client), (self.all_posts, ALL))
         if wait:
-            log.info("form_refused site=%s reason=rate_limited", site.id)
+            log.info("form_refused site=%s reason=%s", site.id, "rate_limited" if self.posts.wait(client) else "busy")
             return self._form(request, entry, values, {}, "rate_limited", 429, {"Retry-After": str(math.ceil(wait))})
         if values.get(HONEYPOT_FIELD):
             log.info("form_refused site=%s reason=honeypot", site.id)

@@ -192,9 +192,29 @@ def test_only_the_address_the_trusted_proxy_added_counts(tmp_path: Path, relay: 
         daemon.stop()
 
 
+def test_posts_of_all_clients_together_are_capped(tmp_path: Path, relay: CaptureRelay) -> None:
+    daemon = web_daemon(tmp_path, relay, trusted_proxies=["127.0.0.1"], max_posts_per_ip_per_hour=3,
+                        max_posts_per_minute=10)
+    try:
+        one = Counter(post_via(daemon, "203.0.113.1") for _ in range(15))
+        assert one == {400: 3, 429: 12}  # one client's refused posts use up nothing of the common budget
+        many = [call(daemon.web_port, "POST", "/ticketnest/contact", INVALID, {"X-Forwarded-For": f"203.0.113.{i}"})
+                for i in range(2, 2 + 10 * SCALE)]
+        answers = Counter(reply.status for reply in many)
+        print(f"{len(many)} more clients, one post each, 10 posts a minute in all: {dict(answers)}")
+        assert answers == {400: 7, 429: len(many) - 7}
+        refused = next(reply for reply in many if reply.status == 429)
+        assert "Please try again later" in refused.text and 0 < int(refused.headers["retry-after"]) <= 60
+        log = daemon.log.read_text()
+        assert log.count("reason=rate_limited") == 12 and log.count("reason=busy") == len(many) - 7
+    finally:
+        daemon.stop()
+
+
 @pytest.mark.parametrize(("key", "value", "named"), [
     ("header_timeout", 0, "web.header_timeout"),
     ("max_connections_per_client", "20", "web.max_connections_per_client"),
+    ("max_posts_per_minute", -1, "web.max_posts_per_minute"),
     ("trusted_proxies", "127.0.0.1", "web.trusted_proxies"),
     ("trusted_proxies", ["127.0.0.1", "proxy.example"], "web.trusted_proxies[1]"),
     ("trusted_proxies", ["10.0.0.1/8"], "web.trusted_proxies[0]"),
