@@ -91,6 +91,7 @@ class WebConfig:
     header_timeout: int  # seconds a connection has for each request's headers
     max_connections_per_client: int
     max_posts_per_minute: int  # all clients together
+    max_audio_codes_per_minute: int  # all clients together
 
 
 @dataclass(frozen=True)
@@ -378,6 +379,7 @@ def load_config(path: Path) -> Config:
             header_timeout=web.positive("header_timeout", 20),
             max_connections_per_client=web.positive("max_connections_per_client", 20),
             max_posts_per_minute=web.positive("max_posts_per_minute", 60),
+            max_audio_codes_per_minute=web.positive("max_audio_codes_per_minute", 30),
         ),
         unanswered_days=retention.positive("unanswered_days", 30),
         acks_per_hour=root.sub("acknowledge").positive("max_per_address_per_hour", 5),

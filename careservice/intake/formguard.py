@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 CODE_DIGITS = 6
 MAX_USED_TOKENS = 100_000
 MAX_CLIENTS = 10_000
+ALL = ""  # the client key of a limit that counts every client together
 _TOKEN_BYTES = 8 + 12 + CODE_DIGITS + 16  # expiry, nonce, sealed code with its tag
 
 

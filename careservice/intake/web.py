@@ -21,14 +21,11 @@ import re
 import secrets
 import socket
 from collections.abc import Awaitable, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
-from captcha.audio import AudioCaptcha
-from captcha.image import ImageCaptcha
 from email_validator import EmailNotValidError, validate_email
 from starlette.applications import Starlette
 from starlette.datastructures import MutableHeaders
@@ -39,7 +36,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from careservice.config import Config, Site
 from careservice.context import Context
-from careservice.intake.formguard import CodeTokens, RateLimit, take_all
+from careservice.intake.codeart import MEDIA_TYPES, CodeArt
+from careservice.intake.formguard import ALL, CodeTokens, RateLimit, take_all
 from careservice.intake.ingest import Ingest
 from careservice.intake.webguard import ConnectionGuard, bucket, client_address, guarded_protocol, trusted
 from careservice.logs import error_fields
@@ -56,12 +54,8 @@ HONEYPOT_FIELD = "website"  # hidden from people; robots fill it in
 PREFERRED = ("email", "telephone")
 MAX_BODY = 256 * 1024
 BODY_SECONDS = 30.0
-RENDERS_PER_POST = 5  # image and audio fetches allowed per permitted POST
-ALL = ""  # the client key of the limits that count every client together
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # Unicode categories Cc, Zl and Zp
 _PHONE = re.compile(r"(?=.*[0-9])[0-9+()./ -]+")
-IMAGE_BACKGROUND = (22, 52, 84)  # white digits on dark blue: captcha fades glyphs by their brightness
-IMAGE_DIGITS = (255, 255, 255, 255)
 
 
 @dataclass(frozen=True)
@@ -115,11 +109,8 @@ class ContactForm:
                        if web.verification == "image" else None)
         self.posts = RateLimit(web.max_posts_per_ip_per_hour)
         self.all_posts = RateLimit(web.max_posts_per_minute, 60.0)
-        self.renders = RateLimit(web.max_posts_per_ip_per_hour * RENDERS_PER_POST)
         self.proxy_warned = False
-        self.renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="careservice-code")
-        self.image = ImageCaptcha(width=240, height=90)
-        self.audio = AudioCaptcha()
+        self.codes = CodeArt(web)
 
     def client(self, request: Request) -> str:
         """The key of the per-client limits for the client behind `request`."""
@@ -276,24 +267,21 @@ class ContactForm:
         return NewMessage(site.id, Source.WEB, Envelope(contact.email, site.care_address), render(draft),
                           contact=contact, dedupe=dedupe)
 
-    async def _code(self, request: Request, page: str, draw: Callable[[str], bytes], media_type: str) -> Response:
-        entry = self._resolve(request, page)
+    async def _code(self, request: Request, kind: str) -> Response:
+        entry = self._resolve(request, f"/code.{kind}")
         code = self.tokens.reveal(entry.site.id, request.query_params.get("t", "")) if entry and self.tokens else None
         if code is None:
             return not_found()
-        if self.renders.take(self.client(request)):
-            return PlainTextResponse("Too many requests", 429)
-        data = await asyncio.get_running_loop().run_in_executor(self.renderer, draw, code)
-        return Response(data, media_type=media_type)
+        wait = self.codes.admit(kind, self.client(request))
+        if wait:
+            return PlainTextResponse("Too many requests", 429, {"Retry-After": str(math.ceil(wait))})
+        return Response(await self.codes.draw(kind, code), media_type=MEDIA_TYPES[kind])
 
     async def code_image(self, request: Request) -> Response:
-        return await self._code(request, "/code.png", self._png, "image/png")
-
-    def _png(self, code: str) -> bytes:
-        return self.image.generate(code, bg_color=IMAGE_BACKGROUND, fg_color=IMAGE_DIGITS).getvalue()
+        return await self._code(request, "png")
 
     async def code_audio(self, request: Request) -> Response:
-        return await self._code(request, "/code.wav", lambda code: bytes(self.audio.generate(code)), "audio/wav")
+        return await self._code(request, "wav")
 
 
 def not_found() -> Response:
@@ -352,7 +340,7 @@ class WebServer:
     async def stop(self) -> None:
         self._server.should_exit = True
         await self._task
-        self._form.renderer.shutdown(wait=False, cancel_futures=True)
+        self._form.codes.close()
 
 
 async def start_web(config: Config, ctx: Context, ingest: Ingest) -> WebServer:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import http.client
 import random
 import selectors
+import smtplib
 import socket
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,7 +20,7 @@ import pytest
 from careservice.config import ConfigError, load_config
 from tests.reliability.helpers import SCALE, set_keys
 from tests.support import CaptureRelay, Daemon, write_config
-from tests.test_web import VALID, call, serving
+from tests.test_web import VALID, Reply, call, serving
 
 pytestmark = pytest.mark.reliability
 
@@ -215,6 +217,7 @@ def test_posts_of_all_clients_together_are_capped(tmp_path: Path, relay: Capture
     ("header_timeout", 0, "web.header_timeout"),
     ("max_connections_per_client", "20", "web.max_connections_per_client"),
     ("max_posts_per_minute", -1, "web.max_posts_per_minute"),
+    ("max_audio_codes_per_minute", 1.5, "web.max_audio_codes_per_minute"),
     ("trusted_proxies", "127.0.0.1", "web.trusted_proxies"),
     ("trusted_proxies", ["127.0.0.1", "proxy.example"], "web.trusted_proxies[1]"),
     ("trusted_proxies", ["10.0.0.1/8"], "web.trusted_proxies[0]"),
@@ -224,3 +227,95 @@ def test_config_errors_name_the_key(tmp_path: Path, key: str, value: object, nam
     with pytest.raises(ConfigError) as error:
         load_config(set_keys(write_config(tmp_path, 1), "web", **{key: value}))
     assert error.value.key == named
+
+
+def code_token(daemon: Daemon) -> str:
+    return call(daemon.web_port, "GET", "/ticketnest/contact").token()
+
+
+def fetch_code(daemon: Daemon, token: str, kind: str, forwarded: str) -> Reply:
+    return call(daemon.web_port, "GET", f"/ticketnest/contact/code.{kind}?t={token}",
+                headers={"X-Forwarded-For": forwarded})
+
+
+def test_code_renders_are_capped_per_client_and_for_all(tmp_path: Path, relay: CaptureRelay) -> None:
+    daemon = web_daemon(tmp_path, relay, verification="image", trusted_proxies=["127.0.0.1"],
+                        max_posts_per_ip_per_hour=1, max_audio_codes_per_minute=4)
+    try:
+        token = code_token(daemon)
+        one = [fetch_code(daemon, token, "png", "203.0.113.1") for _ in range(7)]
+        assert [r.status for r in one] == [200] * 5 + [429] * 2  # 5 an hour per permitted post
+        assert 0 < int(one[-1].headers["retry-after"]) <= 3600
+        spoken = Counter(fetch_code(daemon, token, "wav", f"203.0.113.{i}").status for i in range(2, 12))
+        assert spoken == {200: 4, 429: 6}
+        assert fetch_code(daemon, token, "png", "203.0.113.20").status == 200  # the image is not the costly one
+    finally:
+        daemon.stop()
+
+
+def smtp_latencies(daemon: Daemon, seconds: float) -> list[float]:
+    """Seconds each NOOP took on one SMTP session of the same daemon, one every 5 ms for `seconds`."""
+    took = []
+    with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=30) as client:
+        client.ehlo()
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            started = time.perf_counter()
+            assert client.noop()[0] == 250
+            took.append(time.perf_counter() - started)
+            time.sleep(0.005)
+    return took
+
+
+def percentiles(took: list[float]) -> str:
+    ordered = sorted(took)
+    return " ".join(f"p{q}={ordered[min(len(ordered) - 1, len(ordered) * q // 100)] * 1000:.1f}ms" for q in (50, 99))
+
+
+def audio_flood(daemon: Daemon, seconds: float) -> tuple[Counter[int], str]:
+    """code.wav (about 0.3 s of CPU each) asked for by three threads, each every 0.1 s or when its last
+    answer came, with a new made-up X-Forwarded-For each time, while a mail client sends NOOPs to the
+    same process: the answers, and the NOOP latencies before and during the flood."""
+    token = code_token(daemon)
+    quiet = smtp_latencies(daemon, 2)
+    answers: list[int] = []
+    stop = threading.Event()
+
+    def attack() -> None:
+        while not stop.is_set():
+            answers.append(fetch_code(daemon, token, "wav", random_address()).status)
+            stop.wait(0.1)
+
+    attackers = [threading.Thread(target=attack) for _ in range(3)]
+    for thread in attackers:
+        thread.start()
+    try:
+        flooded = smtp_latencies(daemon, seconds)
+    finally:
+        stop.set()
+        for thread in attackers:
+            thread.join()
+    return Counter(answers), f"SMTP NOOP quiet {percentiles(quiet)}, during the flood {percentiles(flooded)}"
+
+
+def test_spoken_codes_for_one_client_stop_early(tmp_path: Path, relay: CaptureRelay) -> None:
+    daemon = web_daemon(tmp_path, relay, verification="image")  # no trusted proxies: one client
+    try:
+        answers, latencies = audio_flood(daemon, 5 * SCALE)
+        print(f"code.wav flood from one client for {5 * SCALE} s: {dict(answers)}; {latencies}")
+        assert answers[200] <= 5 and answers[429] == answers.total() - answers[200]
+    finally:
+        daemon.stop()
+
+
+def test_spoken_codes_for_all_clients_stop_at_the_cap(tmp_path: Path, relay: CaptureRelay) -> None:
+    """The flood again, each request from another client through the trusted proxy: the drawing thread
+    runs without a pause until the audio cap is reached."""
+    daemon = web_daemon(tmp_path, relay, verification="image", trusted_proxies=["127.0.0.1"],
+                        max_audio_codes_per_minute=10)
+    try:
+        answers, latencies = audio_flood(daemon, 8 * SCALE)
+        print(f"code.wav flood from many clients for {8 * SCALE} s, 10 a minute: {dict(answers)}; {latencies}")
+        assert answers[200] <= 10 * SCALE and answers[429] == answers.total() - answers[200]
+    finally:
+        daemon.stop()
