@@ -118,7 +118,8 @@ def run(n: int, concurrency: int) -> dict[str, Any]:
         daemon = BenchDaemon(Path(tmp), relay.port)
         text = daemon.config.read_text()
         daemon.config.write_text(text.replace('verification = "off"', 'verification = "off"\n'
-                                              f"max_posts_per_ip_per_hour = {2 * (n + WARMUP)}"))
+                                              f"max_posts_per_ip_per_hour = {2 * (n + WARMUP)}\n"
+                                              f"max_posts_per_minute = {2 * (n + WARMUP)}"))
         port = Daemon(daemon.config).web_port  # the [web] listen port of that config
         with daemon:
             get_lat, get_failed, get_wall, get_cpu = _clients(port, n, concurrency, _get, 200)

@@ -87,6 +87,11 @@ class WebConfig:
     max_posts_per_ip_per_hour: int
     tls_cert: Path | None  # HTTPS on web.listen when set (with tls_key)
     tls_key: Path | None
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]  # whose X-Forwarded-For counts
+    header_timeout: int  # seconds a connection has for each request's headers
+    max_connections_per_client: int
+    max_posts_per_minute: int  # all clients together
+    max_audio_codes_per_minute: int  # all clients together
 
 
 @dataclass(frozen=True)
@@ -282,6 +287,17 @@ def _web_host(key: str, value: object) -> str:
     return host
 
 
+def _networks(t: _Table, name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for i, value in enumerate(t.get(name, list, [])):
+        try:
+            networks.append(ipaddress.ip_network(value if isinstance(value, str) else ""))
+        except ValueError:
+            raise ConfigError(f"{t.key(name)}[{i}]", 'expected an address or network such as "127.0.0.1" or '
+                              f'"10.0.0.0/8" (no host bits after the /), got "{value}"') from None
+    return tuple(networks)
+
+
 def _imap(t: _Table, site_ids: set[str], base: Path) -> ImapMailbox:
     site = t.get("site", str)
     if site not in site_ids:
@@ -371,6 +387,11 @@ def load_config(path: Path) -> Config:
             max_posts_per_ip_per_hour=web.positive("max_posts_per_ip_per_hour", 20),
             tls_cert=_resolve(base, web_cert) if web_cert else None,
             tls_key=_resolve(base, web_key) if web_key else None,
+            trusted_proxies=_networks(web, "trusted_proxies"),
+            header_timeout=web.positive("header_timeout", 20),
+            max_connections_per_client=web.positive("max_connections_per_client", 20),
+            max_posts_per_minute=web.positive("max_posts_per_minute", 60),
+            max_audio_codes_per_minute=web.positive("max_audio_codes_per_minute", 30),
         ),
         unanswered_days=retention.positive("unanswered_days", 30),
         acks_per_hour=root.sub("acknowledge").positive("max_per_address_per_hour", 5),

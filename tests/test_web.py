@@ -68,10 +68,17 @@ def call(port: int, method: str, path: str, fields: dict[str, str] | None = None
         conn.close()
 
 
+def behind_proxy(config: Path) -> Path:
+    """`config` with the test's own 127.0.0.1 as the trusted reverse proxy, so X-Forwarded-For names the client."""
+    text = config.read_text()
+    config.write_text(text.replace("[web]\n", '[web]\ntrusted_proxies = ["127.0.0.1"]\n', 1))
+    return config
+
+
 def post(daemon: Daemon, fields: dict[str, str], site: str = "ticketnest", client: str | None = None) -> Reply:
-    """POST the form as `client` (named through the proxy header the daemon trusts from loopback; by
-    default a new client each time, so tests stay under the per-IP limit; "" = the test's own 127.0.0.1)."""
-    client = f"2001:db8::{next(CLIENTS):x}" if client is None else client
+    """POST the form as `client` (named through the proxy header of a behind_proxy config; by default a new
+    client, a /64 of its own, each time, so tests stay under the per-IP limit; "" = the test's own 127.0.0.1)."""
+    client = f"2001:db8:{next(CLIENTS):x}::1" if client is None else client
     return call(daemon.web_port, "POST", f"/{site}/contact", fields, {"X-Forwarded-For": client} if client else {})
 
 
@@ -94,6 +101,11 @@ def serving(daemon: Daemon) -> Daemon:
 
 
 @pytest.fixture
+def config(tmp_path: Path, relay: CaptureRelay) -> Path:
+    return behind_proxy(write_config(tmp_path, relay.port))
+
+
+@pytest.fixture
 def daemon(daemon: Daemon) -> Daemon:
     return serving(daemon)
 
@@ -102,7 +114,7 @@ def daemon(daemon: Daemon) -> Daemon:
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """One daemon for the tests that send only refused submissions: it must never store or send anything."""
     relay = CaptureRelay().start()
-    daemon = serving(Daemon(write_config(tmp_path_factory.mktemp("shared"), relay.port)).start())
+    daemon = serving(Daemon(behind_proxy(write_config(tmp_path_factory.mktemp("shared"), relay.port))).start())
     try:
         yield daemon
     finally:
@@ -113,7 +125,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 def start(tmp: Path, relay: CaptureRelay, old: str, new: str) -> Daemon:
     """The daemon with the test config, `old` replaced by `new` in it."""
-    config = write_config(tmp, relay.port)
+    config = behind_proxy(write_config(tmp, relay.port))
     text = config.read_text()
     assert old in text
     config.write_text(text.replace(old, new))

@@ -13,7 +13,7 @@ import pytest
 
 from careservice.config import ConfigError, load_config
 from tests.support import CaptureRelay, Daemon, wait_for, write_config
-from tests.test_web import VALID, Reply, call, serving, tokens
+from tests.test_web import VALID, Reply, behind_proxy, call, serving, tokens
 
 BRANDS: list[dict[str, Any]] = tomllib.loads(
     (Path(__file__).resolve().parent.parent / "config.toml").read_text())["sites"]
@@ -32,7 +32,7 @@ def brand_sites() -> str:
 
 def request(daemon: Daemon, method: str, path: str, host: str, fields: dict[str, str] | None = None) -> Reply:
     """One request with this Host header, from a new client each time (so the per-IP limit stays out of the way)."""
-    client = f"2001:db8::{next(CLIENTS):x}"
+    client = f"2001:db8:{next(CLIENTS):x}::1"
     return call(daemon.web_port, method, path, fields, {"Host": host, "X-Forwarded-For": client})
 
 
@@ -47,7 +47,8 @@ def relay() -> Iterator[CaptureRelay]:
 
 @pytest.fixture(scope="module")
 def brands(tmp_path_factory: pytest.TempPathFactory, relay: CaptureRelay) -> Iterator[Daemon]:
-    daemon = serving(Daemon(write_config(tmp_path_factory.mktemp("brands"), relay.port, sites=brand_sites())).start())
+    config = behind_proxy(write_config(tmp_path_factory.mktemp("brands"), relay.port, sites=brand_sites()))
+    daemon = serving(Daemon(config).start())
     try:
         yield daemon
     finally:
@@ -118,7 +119,7 @@ def test_site_id_path_keeps_working_on_any_host_beside_the_host_paths(brands: Da
 
 
 def test_code_image_and_audio_follow_the_host_path(tmp_path: Path, relay: CaptureRelay) -> None:
-    config = write_config(tmp_path, relay.port, sites=brand_sites())
+    config = behind_proxy(write_config(tmp_path, relay.port, sites=brand_sites()))
     config.write_text(config.read_text().replace('verification = "off"', 'verification = "image"'))
     daemon = serving(Daemon(config).start())
     try:

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 CODE_DIGITS = 6
 MAX_USED_TOKENS = 100_000
 MAX_CLIENTS = 10_000
+ALL = ""  # the client key of a limit that counts every client together
 _TOKEN_BYTES = 8 + 12 + CODE_DIGITS + 16  # expiry, nonce, sealed code with its tag
 
 
@@ -86,26 +87,50 @@ class CodeTokens:
         return ("", token_id) if hmac.compare_digest(typed.encode(), code.encode()) else ("code_wrong", b"")
 
 
-class HourlyLimit:
-    """At most `limit` events per client in any hour, held in memory under a keyed digest of the client."""
+class RateLimit:
+    """At most `limit` events per client in any `window` seconds, held in memory under a keyed digest of the client."""
 
-    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, limit: int, window: float = 3600.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
+        self.window = window
         self._clock = clock
         self._key = secrets.token_bytes(32)
         self._events: OrderedDict[bytes, deque[float]] = OrderedDict()
 
-    def take(self, client: str) -> float:
-        """Count one event: 0.0 when allowed, else the seconds until the next one is."""
-        now = self._clock()
+    def _recent(self, client: str, now: float) -> deque[float]:
+        """The client's events within the window, its entry moved to the most recently used end."""
         key = hashlib.blake2b(client.encode(), key=self._key, digest_size=16).digest()
         events = self._events.pop(key, deque())
-        while events and events[0] <= now - 3600:
+        while events and events[0] <= now - self.window:
             events.popleft()
         self._events[key] = events
-        if len(events) >= self.limit:
-            return events[0] + 3600 - now
-        events.append(now)
         while len(self._events) > MAX_CLIENTS:
             self._events.popitem(last=False)
+        return events
+
+    def wait(self, client: str) -> float:
+        """0.0 when one more event is allowed now, else the seconds until it is; counts nothing."""
+        return self._check(client, count=False)
+
+    def take(self, client: str) -> float:
+        """Count one event: 0.0 when allowed, else the seconds until the next one is."""
+        return self._check(client, count=True)
+
+    def _check(self, client: str, count: bool) -> float:
+        now = self._clock()
+        events = self._recent(client, now)
+        if len(events) >= self.limit:
+            return events[0] + self.window - now
+        if count:
+            events.append(now)
         return 0.0
+
+
+def take_all(*limits: tuple[RateLimit, str]) -> float:
+    """One event for each (limit, client) if every one allows it: 0.0; else the longest wait, counting
+    nothing, so a refusal by one limit does not use up the others."""
+    wait = max(limit.wait(client) for limit, client in limits)
+    if not wait:
+        for limit, client in limits:
+            limit.take(client)
+    return wait

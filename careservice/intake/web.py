@@ -5,7 +5,7 @@ goes through Ingest exactly like a mail, so the stages forward it to staff and a
 The verification code is sealed (AES-256-GCM) in an expiring token the page carries; redeemed
 tokens are remembered in memory only. The client IP is used, as a keyed digest held in memory,
 for the per-IP limits and nothing else; it and the User-Agent never reach a case, a mail or a log
-line. Behind a reverse proxy on the same host, X-Forwarded-For from 127.0.0.1/::1 names the client.
+line. X-Forwarded-For names the client only on connections from web.trusted_proxies (webguard).
 
 Field rules: name, email, query and (with verification on) the code are mandatory. One-line fields
 refuse every control character (CR, LF, NUL, U+2028, ...). The query may span lines; so may the
@@ -21,14 +21,11 @@ import re
 import secrets
 import socket
 from collections.abc import Awaitable, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
-from captcha.audio import AudioCaptcha
-from captcha.image import ImageCaptcha
 from email_validator import EmailNotValidError, validate_email
 from starlette.applications import Starlette
 from starlette.datastructures import MutableHeaders
@@ -39,8 +36,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from careservice.config import Config, Site
 from careservice.context import Context
-from careservice.intake.formguard import CodeTokens, HourlyLimit
+from careservice.intake.codeart import MEDIA_TYPES, CodeArt
+from careservice.intake.formguard import ALL, CodeTokens, RateLimit, take_all
 from careservice.intake.ingest import Ingest
+from careservice.intake.webguard import ConnectionGuard, bucket, client_address, guarded_protocol, trusted
 from careservice.logs import error_fields
 from careservice.mail import SYSTEM_LOCALPARTS, Draft, new_message_id, render
 from careservice.model import ContactDetails, Envelope, Source
@@ -55,12 +54,8 @@ HONEYPOT_FIELD = "website"  # hidden from people; robots fill it in
 PREFERRED = ("email", "telephone")
 MAX_BODY = 256 * 1024
 BODY_SECONDS = 30.0
-RENDERS_PER_POST = 5  # image and audio fetches allowed per permitted POST
-TRUSTED_PROXIES = ["127.0.0.1", "::1"]
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # Unicode categories Cc, Zl and Zp
 _PHONE = re.compile(r"(?=.*[0-9])[0-9+()./ -]+")
-IMAGE_BACKGROUND = (22, 52, 84)  # white digits on dark blue: captcha fades glyphs by their brightness
-IMAGE_DIGITS = (255, 255, 255, 255)
 
 
 @dataclass(frozen=True)
@@ -112,11 +107,21 @@ class ContactForm:
         web = config.web
         self.tokens = (CodeTokens(ctx.keyring.form_code_key(), web.code_ttl_seconds, ctx.clock)
                        if web.verification == "image" else None)
-        self.posts = HourlyLimit(web.max_posts_per_ip_per_hour)
-        self.renders = HourlyLimit(web.max_posts_per_ip_per_hour * RENDERS_PER_POST)
-        self.renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="careservice-code")
-        self.image = ImageCaptcha(width=240, height=90)
-        self.audio = AudioCaptcha()
+        self.posts = RateLimit(web.max_posts_per_ip_per_hour)
+        self.all_posts = RateLimit(web.max_posts_per_minute, 60.0)
+        self.proxy_warned = False
+        self.codes = CodeArt(web)
+
+    def client(self, request: Request) -> str:
+        """The key of the per-client limits for the client behind `request`."""
+        proxies = self.ctx.config.web.trusted_proxies
+        address = client_address(request.client.host if request.client else "", request.headers.getlist(
+            "x-forwarded-for"), proxies)
+        if trusted(address, proxies) and not self.proxy_warned:  # the README's proxy setup always names one
+            self.proxy_warned = True
+            log.warning("web_proxy_unnamed (X-Forwarded-For from a trusted proxy names no client: "
+                        "its customers share one limit)")
+        return bucket(address)
 
     def routes(self) -> list[Route]:
         """Each page under `/<site id>/contact` for any host; any other path goes to `by_host`."""
@@ -192,9 +197,10 @@ class ContactForm:
         except TimeoutError:
             return PlainTextResponse("Request timeout", 408)
         values = {k: v for k, v in form.items() if isinstance(v, str)}
-        wait = self.posts.take(client_of(request))
+        client = self.client(request)
+        wait = take_all((self.posts, client), (self.all_posts, ALL))
         if wait:
-            log.info("form_refused site=%s reason=rate_limited", site.id)
+            log.info("form_refused site=%s reason=%s", site.id, "rate_limited" if self.posts.wait(client) else "busy")
             return self._form(request, entry, values, {}, "rate_limited", 429, {"Retry-After": str(math.ceil(wait))})
         if values.get(HONEYPOT_FIELD):
             log.info("form_refused site=%s reason=honeypot", site.id)
@@ -261,32 +267,25 @@ class ContactForm:
         return NewMessage(site.id, Source.WEB, Envelope(contact.email, site.care_address), render(draft),
                           contact=contact, dedupe=dedupe)
 
-    async def _code(self, request: Request, page: str, draw: Callable[[str], bytes], media_type: str) -> Response:
-        entry = self._resolve(request, page)
+    async def _code(self, request: Request, kind: str) -> Response:
+        entry = self._resolve(request, f"/code.{kind}")
         code = self.tokens.reveal(entry.site.id, request.query_params.get("t", "")) if entry and self.tokens else None
         if code is None:
             return not_found()
-        if self.renders.take(client_of(request)):
-            return PlainTextResponse("Too many requests", 429)
-        data = await asyncio.get_running_loop().run_in_executor(self.renderer, draw, code)
-        return Response(data, media_type=media_type)
+        wait = self.codes.admit(kind, self.client(request))
+        if wait:
+            return PlainTextResponse("Too many requests", 429, {"Retry-After": str(math.ceil(wait))})
+        return Response(await self.codes.draw(kind, code), media_type=MEDIA_TYPES[kind])
 
     async def code_image(self, request: Request) -> Response:
-        return await self._code(request, "/code.png", self._png, "image/png")
-
-    def _png(self, code: str) -> bytes:
-        return self.image.generate(code, bg_color=IMAGE_BACKGROUND, fg_color=IMAGE_DIGITS).getvalue()
+        return await self._code(request, "png")
 
     async def code_audio(self, request: Request) -> Response:
-        return await self._code(request, "/code.wav", lambda code: bytes(self.audio.generate(code)), "audio/wav")
+        return await self._code(request, "wav")
 
 
 def not_found() -> Response:
     return PlainTextResponse("Not found", 404)
-
-
-def client_of(request: Request) -> str:
-    return request.client.host if request.client else ""
 
 
 class SecurityHeaders:
@@ -341,7 +340,7 @@ class WebServer:
     async def stop(self) -> None:
         self._server.should_exit = True
         await self._task
-        self._form.renderer.shutdown(wait=False, cancel_futures=True)
+        self._form.codes.close()
 
 
 async def start_web(config: Config, ctx: Context, ingest: Ingest) -> WebServer:
@@ -353,9 +352,11 @@ async def start_web(config: Config, ctx: Context, ingest: Ingest) -> WebServer:
     host, port = config.web.listen.host, config.web.listen.port
     bound = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock = socket.socket(fileno=bound.detach())  # proto read back as TCP, so asyncio sets TCP_NODELAY per client
+    web = config.web
+    guard = ConnectionGuard(web.header_timeout, web.max_connections_per_client, web.trusted_proxies)
     server = _Server(uvicorn.Config(
-        app, lifespan="off", log_config=None, access_log=False, server_header=False, http="h11", ws="none",
-        proxy_headers=True, forwarded_allow_ips=TRUSTED_PROXIES, limit_concurrency=500,
+        app, lifespan="off", log_config=None, access_log=False, server_header=False, http=guarded_protocol(guard),
+        ws="none", proxy_headers=False, limit_concurrency=500,
         timeout_graceful_shutdown=max(config.stop_timeout - 2, 1), ssl_certfile=config.web.tls_cert,
         ssl_keyfile=config.web.tls_key,
     ))
