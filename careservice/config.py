@@ -75,6 +75,8 @@ class SmtpConfig:
     max_recipients: int
     timeout: int
     max_connections: int = 100
+    max_connections_per_client: int = 20  # per IPv4 address or IPv6 /64
+    idle_before_mail: int = 30  # seconds a session may go without MAIL (from its start or its last transaction)
 
 
 @dataclass(frozen=True)
@@ -348,6 +350,8 @@ def load_config(path: Path) -> Config:
             max_recipients=smtp.positive("max_recipients", 20),
             timeout=smtp.positive("timeout", 300),
             max_connections=smtp.positive("max_connections", 100),
+            max_connections_per_client=smtp.positive("max_connections_per_client", 20),
+            idle_before_mail=smtp.positive("idle_before_mail", 30),
         ),
         relay=_relay(root.sub("relay"), base),
         web=WebConfig(

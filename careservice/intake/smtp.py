@@ -8,6 +8,7 @@ import logging
 import re
 import ssl
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from types import MethodType
 from typing import Any
@@ -18,6 +19,7 @@ from careservice.addresses import Addressing
 from careservice.config import SmtpConfig
 from careservice.intake.imap import dedupe_key
 from careservice.intake.ingest import Ingest
+from careservice.intake.limits import client_key
 from careservice.logs import error_fields
 from careservice.model import Envelope as CaseEnvelope
 from careservice.model import Source
@@ -31,6 +33,8 @@ REPLY_TOO_MANY_RCPT = "452 4.5.3 Too many recipients"
 REPLY_NO_SPACE = "452 4.3.1 Insufficient system storage"
 REPLY_TRY_AGAIN = "451 4.3.0 Temporary failure, please try again later"
 REPLY_TOO_MANY_CONNECTIONS = b"421 4.7.0 Too many connections, try again later\r\n"
+REPLY_TOO_MANY_FROM_CLIENT = b"421 4.7.0 Too many connections from your address, try again later\r\n"
+REPLY_IDLE = b"421 4.4.2 Idle too long\r\n"
 REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down"
 LINGER_SECONDS = 2.0
 BACKLOG_SECONDS = 0.05
@@ -99,12 +103,28 @@ def tls_context(config: SmtpConfig) -> ssl.SSLContext | None:
 
 
 class _Sessions:
-    """The open SMTP sessions, against smtp.max_connections; `drain()` ends them for a stop."""
+    """The open SMTP sessions, against smtp.max_connections and, per client address bucket,
+    smtp.max_connections_per_client; `drain()` ends them for a stop."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    def __init__(self, config: SmtpConfig) -> None:
+        self.limit = config.max_connections
+        self.per_client_limit = config.max_connections_per_client
+        self.idle_before_mail = config.idle_before_mail
         self.live: set[_Session] = set()
+        self.per_client: Counter[str] = Counter()
         self.draining = False
+
+    def admit(self, client: str) -> bool:
+        """Count one more session for `client`, unless it already holds its share."""
+        if self.per_client[client] >= self.per_client_limit:
+            return False
+        self.per_client[client] += 1
+        return True
+
+    def leave(self, client: str) -> None:
+        self.per_client[client] -= 1
+        if self.per_client[client] <= 0:
+            del self.per_client[client]
 
     async def drain(self, timeout: float) -> int:
         """Say 421 to every session at its next command (at once when idle), let a DATA in progress
@@ -129,7 +149,9 @@ class _Session(SMTP):
     aiosmtpd's own __init__ inspects the handler and the session class on every connection (a fifth of
     the intake's CPU per message, profiled). A session here starts as a copy of one `template` built
     with the same options at start-up, then gets fresh stream state and method tables bound to itself.
-    Each command runs through `_command`, which is where a draining daemon answers 421 instead.
+    Each command runs through `_command`, which is where a draining daemon answers 421 instead, and
+    where the idle limit before MAIL is watched: a slot held without a transaction is a slot taken
+    from everyone else, so smtp.idle_before_mail (not smtp.timeout) bounds it.
     """
 
     def __init__(self, sessions: _Sessions, template: SMTP) -> None:
@@ -143,7 +165,48 @@ class _Session(SMTP):
         self._sessions: _Sessions | None = sessions
         self._in_command = False
         self._closing = False
+        self._client_key = ""  # counted in sessions.per_client while set
+        self._idle: asyncio.TimerHandle | None = None
         sessions.live.add(self)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sessions = self._sessions
+        if self.transport is None and sessions is not None:  # a new connection, not the switch to TLS
+            key = client_key(transport.get_extra_info("peername"))
+            if not sessions.admit(key):
+                log.warning("connection_refused reason=too_many_from_client limit=%d", sessions.per_client_limit)
+                sessions.live.discard(self)
+                self._sessions = None
+                refuse = _Refuse(REPLY_TOO_MANY_FROM_CLIENT)
+                transport.set_protocol(refuse)
+                refuse.connection_made(transport)
+                return
+            self._client_key = key
+            self._idle = self.loop.call_later(sessions.idle_before_mail, self._idle_too_long)
+        super().connection_made(transport)
+
+    def _watch_idle(self) -> None:
+        """After a command: no limit while a transaction is open; a fresh one once it ended (DATA
+        answered, RSET); otherwise the running one stays, so NOOPs cannot extend it."""
+        if self.envelope is not None and self.envelope.mail_from is not None:
+            if self._idle is not None:
+                self._idle.cancel()
+                self._idle = None
+        elif self._idle is None and self._sessions is not None and self.transport is not None:
+            self._idle = self.loop.call_later(self._sessions.idle_before_mail, self._idle_too_long)
+
+    def _idle_too_long(self) -> None:
+        """421 and close, whatever the client has half-sent: a partial command line must not hold the
+        slot until smtp.timeout. A client that does not read its 421 is cut off after LINGER_SECONDS."""
+        self._idle = None
+        transport = self.transport
+        if self._closing or transport is None:
+            return
+        self._closing = True
+        log.info("session_closed reason=idle_before_mail")
+        transport.write(REPLY_IDLE)
+        transport.close()
+        self.loop.call_later(LINGER_SECONDS, transport.abort)
 
     def _command(self, method: Callable[[str], Awaitable[None]]) -> Callable[[str], Awaitable[None]]:
         async def run(arg: str) -> None:
@@ -157,6 +220,8 @@ class _Session(SMTP):
                 self._in_command = False
             if self._sessions is not None and self._sessions.draining:  # e.g. DATA committed meanwhile
                 await self._shutting_down()
+            else:
+                self._watch_idle()
         return run
 
     def end_when_idle(self) -> None:
@@ -191,8 +256,13 @@ class _Session(SMTP):
         return super()._getaddr(arg)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
         if self._sessions is not None:
             self._sessions.live.discard(self)
+            if self._client_key:
+                self._sessions.leave(self._client_key)
             self._sessions = None
         super().connection_lost(error)
 
@@ -234,7 +304,7 @@ async def start_smtp(config: SmtpConfig, handler: SmtpHandler) -> SmtpListener:
         "timeout": config.timeout, "tls_context": context, "require_starttls": config.require_tls,
         "ident": "ESMTP",  # not aiosmtpd's name and version
     }
-    sessions = _Sessions(config.max_connections)
+    sessions = _Sessions(config)
     template = SMTP(handler, **options)
 
     def session() -> asyncio.Protocol:
