@@ -15,11 +15,11 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from careservice.addresses import Addressing
+from careservice.addresses import Addressing, Recipient
 from careservice.config import SmtpConfig
 from careservice.intake.imap import dedupe_key
 from careservice.intake.ingest import Ingest
-from careservice.intake.limits import client_key
+from careservice.intake.limits import SenderQuota, client_key, sender_bucket
 from careservice.logs import error_fields
 from careservice.model import Envelope as CaseEnvelope
 from careservice.model import Source
@@ -31,6 +31,7 @@ REPLY_OK = "250 2.0.0 OK: queued"
 REPLY_RELAY_DENIED = "550 5.7.1 Relaying denied: not a care address here"
 REPLY_TOO_MANY_RCPT = "452 4.5.3 Too many recipients"
 REPLY_NO_SPACE = "452 4.3.1 Insufficient system storage"
+REPLY_SENDER_QUOTA = "452 4.2.2 Hourly quota for this sender used up, try again later"
 REPLY_TRY_AGAIN = "451 4.3.0 Temporary failure, please try again later"
 REPLY_TOO_MANY_CONNECTIONS = b"421 4.7.0 Too many connections, try again later\r\n"
 REPLY_TOO_MANY_FROM_CLIENT = b"421 4.7.0 Too many connections from your address, try again later\r\n"
@@ -44,16 +45,24 @@ _SIMPLE_PATH = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z
 
 
 class SmtpHandler:
-    """aiosmtpd hooks; everything else (SIZE, syntax, smuggling) is aiosmtpd's own."""
+    """aiosmtpd hooks; everything else (SIZE, syntax, smuggling) is aiosmtpd's own.
+
+    Staff answers, to signed reply addresses, are what lets a case be answered and purged, so they get
+    room the rest cannot take: below smtp.min_free_bytes only they are still taken (down to
+    smtp.reply_min_free_bytes), and they do not count against the sender's hourly quota, which would
+    otherwise let anyone who forges a staff member's envelope sender lock that member out. Both
+    decisions need the recipient, so they are made at RCPT; MAIL is refused only when nothing could
+    be taken."""
 
     def __init__(self, config: SmtpConfig, addressing: Addressing, ingest: Ingest) -> None:
         self.config = config
         self.addressing = addressing
         self.ingest = ingest
+        self.quota = SenderQuota(config.max_bytes_per_sender_per_hour)
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
-        if self.ingest.disk_low():
+        if self.ingest.free_bytes() < self.config.reply_min_free_bytes:
             log.warning("intake_refused reason=disk_low")
             return REPLY_NO_SPACE
         envelope.mail_from = address
@@ -64,15 +73,32 @@ class SmtpHandler:
                           rcpt_options: list[str]) -> str:
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
             return REPLY_TOO_MANY_RCPT
-        if not self.addressing.is_ours(address):
+        recipient = self.addressing.recipient(address)
+        if recipient is None:
             log.info("rcpt_refused reason=not_ours")
             return REPLY_RELAY_DENIED
+        signed = self._signed_reply(recipient)
+        if self.ingest.free_bytes() < (self.config.reply_min_free_bytes if signed else self.ingest.min_free_bytes):
+            log.warning("rcpt_refused reason=disk_low")
+            return REPLY_NO_SPACE
+        if not signed:
+            # SIZE= (RFC 1870), stored once per counted recipient: refused before the client sends it
+            size = _declared_size(envelope.mail_options) * (1 + len(self._counted(envelope.rcpt_tos)))
+            left = self.quota.remaining(sender_bucket(envelope.mail_from or "", session.peer))
+            if left <= 0 or size > left:
+                log.warning("rcpt_refused reason=sender_quota")
+                return REPLY_SENDER_QUOTA
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
         sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from  # aiosmtpd: null sender is "<>"
+        bucket = sender_bucket(sender, session.peer)
+        cost = len(raw) * len(self._counted(envelope.rcpt_tos))
+        if not self.quota.charge(bucket, cost):  # no SIZE= given, or it understated the message
+            log.warning("intake_refused reason=sender_quota")
+            return REPLY_SENDER_QUOTA
         messages = []
         for rcpt in envelope.rcpt_tos:
             recipient = self.addressing.recipient(rcpt)
@@ -84,14 +110,39 @@ class SmtpHandler:
         try:
             await self.ingest.accept(messages, "smtp")
         except Exception as exc:  # not committed: the client keeps the message and retries
+            self.quota.refund(bucket, cost)
             log.error("intake_failed %s", error_fields(exc))
             return REPLY_TRY_AGAIN
         return REPLY_OK
+
+    def _signed_reply(self, recipient: Recipient) -> bool:
+        """A reply address whose MAC is ours: only staff hold one (the format alone is easy to forge)."""
+        if not recipient.token:
+            return False
+        return self.addressing.check_reply_token(recipient.site, recipient.token) is not None
+
+    def _counted(self, rcpt_tos: list[str]) -> list[str]:
+        """The recipients whose copies count against the sender's quota: all but signed reply addresses."""
+        counted = []
+        for rcpt in rcpt_tos:
+            recipient = self.addressing.recipient(rcpt)
+            if recipient is None or not self._signed_reply(recipient):
+                counted.append(rcpt)
+        return counted
 
     async def handle_exception(self, error: Exception) -> str:
         """Any other failure in a session: 451, not aiosmtpd's "500 Error: (type) message" to the client."""
         log.error("session_failed %s", error_fields(error))
         return REPLY_TRY_AGAIN
+
+
+def _declared_size(mail_options: list[str]) -> int:
+    """The SIZE= a client declared at MAIL (aiosmtpd checked it is digits), else 0."""
+    for option in mail_options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return 0
 
 
 def tls_context(config: SmtpConfig) -> ssl.SSLContext | None:
