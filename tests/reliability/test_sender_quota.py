@@ -26,7 +26,7 @@ OTHER = "someone.else@customer.example"
 
 @pytest.fixture
 def daemon(tmp_path: Path, relay: CaptureRelay) -> Iterator[Daemon]:
-    config = set_keys(write_config(tmp_path, relay.port), "smtp", max_message_bytes=MESSAGE + 100_000,
+    config = set_keys(write_config(tmp_path, relay.port), "smtp", max_message_bytes=MESSAGE * 11 // 10,
                       max_bytes_per_sender_per_hour=QUOTA)
     proc = Daemon(config).start()
     try:
