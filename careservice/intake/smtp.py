@@ -157,10 +157,10 @@ class _Sessions:
     """The open SMTP sessions, against smtp.max_connections and, per client address bucket,
     smtp.max_connections_per_client; `drain()` ends them for a stop."""
 
-    def __init__(self, config: SmtpConfig) -> None:
-        self.limit = config.max_connections
-        self.per_client_limit = config.max_connections_per_client
-        self.idle_before_mail = config.idle_before_mail
+    def __init__(self, limit: int, per_client_limit: int, idle_before_mail: float) -> None:
+        self.limit = limit
+        self.per_client_limit = per_client_limit
+        self.idle_before_mail = idle_before_mail
         self.live: set[_Session] = set()
         self.per_client: Counter[str] = Counter()
         self.draining = False
@@ -355,7 +355,7 @@ async def start_smtp(config: SmtpConfig, handler: SmtpHandler) -> SmtpListener:
         "timeout": config.timeout, "tls_context": context, "require_starttls": config.require_tls,
         "ident": "ESMTP",  # not aiosmtpd's name and version
     }
-    sessions = _Sessions(config)
+    sessions = _Sessions(config.max_connections, config.max_connections_per_client, config.idle_before_mail)
     template = SMTP(handler, **options)
 
     def session() -> asyncio.Protocol:
