@@ -76,6 +76,10 @@ class SmtpConfig:
     max_recipients: int
     timeout: int
     max_connections: int = 100
+    max_connections_per_client: int = 20  # per IPv4 address or IPv6 /64
+    idle_before_mail: int = 30  # seconds a session may go without MAIL (from its start or its last transaction)
+    max_bytes_per_sender_per_hour: int = 50_000_000  # per envelope sender, all but signed reply addresses
+    reply_min_free_bytes: int = 1  # below min_free_bytes, signed reply addresses are still taken down to this
 
 
 @dataclass(frozen=True)
@@ -361,6 +365,14 @@ def load_config(path: Path) -> Config:
         raise ConfigError("service.log_level", f'unknown level "{log_level}"')
     templates_dir = service.get("templates_dir", str, "")
     max_bytes = smtp.positive("max_message_bytes", 10_000_000)
+    min_free = smtp.positive("min_free_bytes", max_bytes * 3 // 2)
+    reply_min_free = smtp.positive("reply_min_free_bytes", max(1, min_free // 3))
+    if reply_min_free > min_free:
+        raise ConfigError("smtp.reply_min_free_bytes", f"must not exceed smtp.min_free_bytes ({min_free})")
+    sender_quota = smtp.positive("max_bytes_per_sender_per_hour", max(50_000_000, max_bytes))
+    if sender_quota < max_bytes:
+        raise ConfigError("smtp.max_bytes_per_sender_per_hour",
+                          f"must be at least smtp.max_message_bytes ({max_bytes})")
     config = Config(
         path=path,
         data_dir=data_dir,
@@ -373,10 +385,14 @@ def load_config(path: Path) -> Config:
             hostname=smtp.get("hostname", str, "careservice.localhost"),
             max_message_bytes=max_bytes, tls_cert=_path(base, cert), tls_key=_path(base, key),
             require_tls=require_tls,
-            min_free_bytes=smtp.positive("min_free_bytes", max_bytes * 3 // 2),
+            min_free_bytes=min_free,
             max_recipients=smtp.positive("max_recipients", 20),
             timeout=smtp.positive("timeout", 300),
             max_connections=smtp.positive("max_connections", 100),
+            max_connections_per_client=smtp.positive("max_connections_per_client", 20),
+            idle_before_mail=smtp.positive("idle_before_mail", 30),
+            max_bytes_per_sender_per_hour=sender_quota,
+            reply_min_free_bytes=reply_min_free,
         ),
         relay=_relay(root.sub("relay"), base),
         web=WebConfig(

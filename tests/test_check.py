@@ -11,6 +11,7 @@ import trustme
 
 from careservice.config import ConfigError, load_config
 from careservice.texts import Texts
+from tests.reliability.helpers import set_keys
 from tests.support import write_config
 
 
@@ -43,6 +44,19 @@ def test_an_unknown_key_or_table_is_an_error_naming_it(tmp_path: Path, table: st
     result = cli("check", "--config", str(config))
     assert result.returncode == 2
     assert key in result.stderr and "unknown" in result.stderr
+
+
+@pytest.mark.parametrize(("values", "key"), [
+    ({"reply_min_free_bytes": 2}, "smtp.reply_min_free_bytes"),  # above min_free_bytes (1 in tests)
+    ({"max_bytes_per_sender_per_hour": 1000}, "smtp.max_bytes_per_sender_per_hour"),  # below max_message_bytes
+    ({"max_connections_per_client": 0}, "smtp.max_connections_per_client"),
+    ({"idle_before_mail": -1}, "smtp.idle_before_mail"),
+])
+def test_intake_limits_that_cannot_work_are_errors_naming_the_key(tmp_path: Path, values: dict[str, int],
+                                                                  key: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config(set_keys(write_config(tmp_path, 1), "smtp", **values))
+    assert raised.value.key == key
 
 
 def test_a_typo_gets_a_suggestion(tmp_path: Path) -> None:

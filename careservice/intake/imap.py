@@ -10,7 +10,8 @@ committed before a crash is taken again, recognised by its keyed digest, and onl
 
 The envelope sender of a message read over IMAP is its Return-Path header (written by the delivering
 server; `<>` marks a bounce), or else its From address, so mail appended without a Return-Path is
-still a customer's mail and not mistaken for a bounce.
+still a customer's mail and not mistaken for a bounce. Both, like the Message-ID, are read within
+careservice.mail's header limits, which the intake would otherwise pass unbounded.
 
 imapclient blocks, so each worker runs in its own thread; commits and health records are handed to
 the event loop with `run_coroutine_threadsafe`. Logs name the mailbox, never the mail.
@@ -41,6 +42,7 @@ from careservice.config import Config, ImapMailbox, Site
 from careservice.crypto import Keyring
 from careservice.intake.ingest import Ingest
 from careservice.logs import error_fields
+from careservice.mail import MAX_HEADER_BLOCK, MAX_HEADER_LINE
 from careservice.model import Envelope, Source
 from careservice.store import NewMessage
 
@@ -75,10 +77,17 @@ class MailboxProblem(Exception):
 
 
 def _header(head: bytes, pattern: re.Pattern[bytes]) -> str | None:
-    match = pattern.search(head)
-    if match is None:
-        return None
-    return " ".join(match.group(1).decode("utf-8", "replace").split())
+    """The first `pattern` header, folding undone, looked for as careservice.mail's parser sees the
+    message: in the first MAX_HEADER_BLOCK bytes only, skipping a header longer than MAX_HEADER_LINE
+    (and one cut off by the block's end). The stdlib address parser takes about a second per megabyte,
+    and this runs in the intake process, before any limit of the parser's applies."""
+    cut = MAX_HEADER_BLOCK < len(head)
+    for match in pattern.finditer(head, 0, MAX_HEADER_BLOCK):
+        if cut and match.end() == MAX_HEADER_BLOCK:
+            break
+        if len(match.group(0)) <= MAX_HEADER_LINE:
+            return " ".join(match.group(1).decode("utf-8", "replace").split())
+    return None
 
 
 def _head(raw: bytes) -> tuple[bytes, bytes]:

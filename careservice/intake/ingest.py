@@ -23,15 +23,19 @@ class Ingest:
         self.on_commit = on_commit
         self.clock = clock
         self._disk_checked = -DISK_CHECK_INTERVAL
-        self._disk_low = False
+        self._free = 0
 
-    def disk_low(self) -> bool:
-        """True when free space under data_dir is below the configured floor (re-read at most 4x a second)."""
+    def free_bytes(self) -> int:
+        """Free space under data_dir (re-read at most 4x a second)."""
         now = time.monotonic()
         if now - self._disk_checked > DISK_CHECK_INTERVAL:
-            self._disk_low = shutil.disk_usage(self.data_dir).free < self.min_free_bytes
+            self._free = shutil.disk_usage(self.data_dir).free
             self._disk_checked = now
-        return self._disk_low
+        return self._free
+
+    def disk_low(self) -> bool:
+        """True when free space under data_dir is below the configured floor."""
+        return self.free_bytes() < self.min_free_bytes
 
     async def accept(self, messages: list[NewMessage], source: str) -> list[str]:
         """Commit `messages` in one transaction; returns ids ('' = duplicate). Raises if not committed."""

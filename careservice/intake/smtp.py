@@ -8,16 +8,18 @@ import logging
 import re
 import ssl
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from types import MethodType
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from careservice.addresses import Addressing
+from careservice.addresses import Addressing, Recipient
 from careservice.config import SmtpConfig
 from careservice.intake.imap import dedupe_key
 from careservice.intake.ingest import Ingest
+from careservice.intake.limits import SenderQuota, client_key, sender_bucket
 from careservice.logs import error_fields
 from careservice.model import Envelope as CaseEnvelope
 from careservice.model import Source
@@ -29,8 +31,11 @@ REPLY_OK = "250 2.0.0 OK: queued"
 REPLY_RELAY_DENIED = "550 5.7.1 Relaying denied: not a care address here"
 REPLY_TOO_MANY_RCPT = "452 4.5.3 Too many recipients"
 REPLY_NO_SPACE = "452 4.3.1 Insufficient system storage"
+REPLY_SENDER_QUOTA = "452 4.2.2 Hourly quota for this sender used up, try again later"
 REPLY_TRY_AGAIN = "451 4.3.0 Temporary failure, please try again later"
 REPLY_TOO_MANY_CONNECTIONS = b"421 4.7.0 Too many connections, try again later\r\n"
+REPLY_TOO_MANY_FROM_CLIENT = b"421 4.7.0 Too many connections from your address, try again later\r\n"
+REPLY_IDLE = b"421 4.4.2 Idle too long\r\n"
 REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down"
 LINGER_SECONDS = 2.0
 BACKLOG_SECONDS = 0.05
@@ -40,16 +45,24 @@ _SIMPLE_PATH = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z
 
 
 class SmtpHandler:
-    """aiosmtpd hooks; everything else (SIZE, syntax, smuggling) is aiosmtpd's own."""
+    """aiosmtpd hooks; everything else (SIZE, syntax, smuggling) is aiosmtpd's own.
+
+    Staff answers, to signed reply addresses, are what lets a case be answered and purged, so they get
+    room the rest cannot take: below smtp.min_free_bytes only they are still taken (down to
+    smtp.reply_min_free_bytes), and they do not count against the sender's hourly quota, which would
+    otherwise let anyone who forges a staff member's envelope sender lock that member out. Both
+    decisions need the recipient, so they are made at RCPT; MAIL is refused only when nothing could
+    be taken."""
 
     def __init__(self, config: SmtpConfig, addressing: Addressing, ingest: Ingest) -> None:
         self.config = config
         self.addressing = addressing
         self.ingest = ingest
+        self.quota = SenderQuota(config.max_bytes_per_sender_per_hour)
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
-        if self.ingest.disk_low():
+        if self.ingest.free_bytes() < self.config.reply_min_free_bytes:
             log.warning("intake_refused reason=disk_low")
             return REPLY_NO_SPACE
         envelope.mail_from = address
@@ -60,15 +73,32 @@ class SmtpHandler:
                           rcpt_options: list[str]) -> str:
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
             return REPLY_TOO_MANY_RCPT
-        if not self.addressing.is_ours(address):
+        recipient = self.addressing.recipient(address)
+        if recipient is None:
             log.info("rcpt_refused reason=not_ours")
             return REPLY_RELAY_DENIED
+        signed = self._signed_reply(recipient)
+        if self.ingest.free_bytes() < (self.config.reply_min_free_bytes if signed else self.ingest.min_free_bytes):
+            log.warning("rcpt_refused reason=disk_low")
+            return REPLY_NO_SPACE
+        if not signed:
+            # SIZE= (RFC 1870), stored once per counted recipient: refused before the client sends it
+            size = _declared_size(envelope.mail_options) * (1 + len(self._counted(envelope.rcpt_tos)))
+            left = self.quota.remaining(sender_bucket(envelope.mail_from or "", session.peer))
+            if left <= 0 or size > left:
+                log.warning("rcpt_refused reason=sender_quota")
+                return REPLY_SENDER_QUOTA
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
         sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from  # aiosmtpd: null sender is "<>"
+        bucket = sender_bucket(sender, session.peer)
+        cost = len(raw) * len(self._counted(envelope.rcpt_tos))
+        if not self.quota.charge(bucket, cost):  # no SIZE= given, or it understated the message
+            log.warning("intake_refused reason=sender_quota")
+            return REPLY_SENDER_QUOTA
         messages = []
         for rcpt in envelope.rcpt_tos:
             recipient = self.addressing.recipient(rcpt)
@@ -80,14 +110,39 @@ class SmtpHandler:
         try:
             await self.ingest.accept(messages, "smtp")
         except Exception as exc:  # not committed: the client keeps the message and retries
+            self.quota.refund(bucket, cost)
             log.error("intake_failed %s", error_fields(exc))
             return REPLY_TRY_AGAIN
         return REPLY_OK
+
+    def _signed_reply(self, recipient: Recipient) -> bool:
+        """A reply address whose MAC is ours: only staff hold one (the format alone is easy to forge)."""
+        if not recipient.token:
+            return False
+        return self.addressing.check_reply_token(recipient.site, recipient.token) is not None
+
+    def _counted(self, rcpt_tos: list[str]) -> list[str]:
+        """The recipients whose copies count against the sender's quota: all but signed reply addresses."""
+        counted = []
+        for rcpt in rcpt_tos:
+            recipient = self.addressing.recipient(rcpt)
+            if recipient is None or not self._signed_reply(recipient):
+                counted.append(rcpt)
+        return counted
 
     async def handle_exception(self, error: Exception) -> str:
         """Any other failure in a session: 451, not aiosmtpd's "500 Error: (type) message" to the client."""
         log.error("session_failed %s", error_fields(error))
         return REPLY_TRY_AGAIN
+
+
+def _declared_size(mail_options: list[str]) -> int:
+    """The SIZE= a client declared at MAIL (aiosmtpd checked it is digits), else 0."""
+    for option in mail_options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return 0
 
 
 def tls_context(config: SmtpConfig) -> ssl.SSLContext | None:
@@ -99,12 +154,28 @@ def tls_context(config: SmtpConfig) -> ssl.SSLContext | None:
 
 
 class _Sessions:
-    """The open SMTP sessions, against smtp.max_connections; `drain()` ends them for a stop."""
+    """The open SMTP sessions, against smtp.max_connections and, per client address bucket,
+    smtp.max_connections_per_client; `drain()` ends them for a stop."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, per_client_limit: int, idle_before_mail: float) -> None:
         self.limit = limit
+        self.per_client_limit = per_client_limit
+        self.idle_before_mail = idle_before_mail
         self.live: set[_Session] = set()
+        self.per_client: Counter[str] = Counter()
         self.draining = False
+
+    def admit(self, client: str) -> bool:
+        """Count one more session for `client`, unless it already holds its share."""
+        if self.per_client[client] >= self.per_client_limit:
+            return False
+        self.per_client[client] += 1
+        return True
+
+    def leave(self, client: str) -> None:
+        self.per_client[client] -= 1
+        if self.per_client[client] <= 0:
+            del self.per_client[client]
 
     async def drain(self, timeout: float) -> int:
         """Say 421 to every session at its next command (at once when idle), let a DATA in progress
@@ -129,7 +200,9 @@ class _Session(SMTP):
     aiosmtpd's own __init__ inspects the handler and the session class on every connection (a fifth of
     the intake's CPU per message, profiled). A session here starts as a copy of one `template` built
     with the same options at start-up, then gets fresh stream state and method tables bound to itself.
-    Each command runs through `_command`, which is where a draining daemon answers 421 instead.
+    Each command runs through `_command`, which is where a draining daemon answers 421 instead, and
+    where the idle limit before MAIL is watched: a slot held without a transaction is a slot taken
+    from everyone else, so smtp.idle_before_mail (not smtp.timeout) bounds it.
     """
 
     def __init__(self, sessions: _Sessions, template: SMTP) -> None:
@@ -143,7 +216,48 @@ class _Session(SMTP):
         self._sessions: _Sessions | None = sessions
         self._in_command = False
         self._closing = False
+        self._client_key = ""  # counted in sessions.per_client while set
+        self._idle: asyncio.TimerHandle | None = None
         sessions.live.add(self)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sessions = self._sessions
+        if self.transport is None and sessions is not None:  # a new connection, not the switch to TLS
+            key = client_key(transport.get_extra_info("peername"))
+            if not sessions.admit(key):
+                log.warning("connection_refused reason=too_many_from_client limit=%d", sessions.per_client_limit)
+                sessions.live.discard(self)
+                self._sessions = None
+                refuse = _Refuse(REPLY_TOO_MANY_FROM_CLIENT)
+                transport.set_protocol(refuse)
+                refuse.connection_made(transport)
+                return
+            self._client_key = key
+            self._idle = self.loop.call_later(sessions.idle_before_mail, self._idle_too_long)
+        super().connection_made(transport)
+
+    def _watch_idle(self) -> None:
+        """After a command: no limit while a transaction is open; a fresh one once it ended (DATA
+        answered, RSET); otherwise the running one stays, so NOOPs cannot extend it."""
+        if self.envelope is not None and self.envelope.mail_from is not None:
+            if self._idle is not None:
+                self._idle.cancel()
+                self._idle = None
+        elif self._idle is None and self._sessions is not None and self.transport is not None:
+            self._idle = self.loop.call_later(self._sessions.idle_before_mail, self._idle_too_long)
+
+    def _idle_too_long(self) -> None:
+        """421 and close, whatever the client has half-sent: a partial command line must not hold the
+        slot until smtp.timeout. A client that does not read its 421 is cut off after LINGER_SECONDS."""
+        self._idle = None
+        transport = self.transport
+        if self._closing or transport is None:
+            return
+        self._closing = True
+        log.info("session_closed reason=idle_before_mail")
+        transport.write(REPLY_IDLE)
+        transport.close()
+        self.loop.call_later(LINGER_SECONDS, transport.abort)
 
     def _command(self, method: Callable[[str], Awaitable[None]]) -> Callable[[str], Awaitable[None]]:
         async def run(arg: str) -> None:
@@ -157,6 +271,8 @@ class _Session(SMTP):
                 self._in_command = False
             if self._sessions is not None and self._sessions.draining:  # e.g. DATA committed meanwhile
                 await self._shutting_down()
+            else:
+                self._watch_idle()
         return run
 
     def end_when_idle(self) -> None:
@@ -191,8 +307,13 @@ class _Session(SMTP):
         return super()._getaddr(arg)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
         if self._sessions is not None:
             self._sessions.live.discard(self)
+            if self._client_key:
+                self._sessions.leave(self._client_key)
             self._sessions = None
         super().connection_lost(error)
 
@@ -234,7 +355,7 @@ async def start_smtp(config: SmtpConfig, handler: SmtpHandler) -> SmtpListener:
         "timeout": config.timeout, "tls_context": context, "require_starttls": config.require_tls,
         "ident": "ESMTP",  # not aiosmtpd's name and version
     }
-    sessions = _Sessions(config.max_connections)
+    sessions = _Sessions(config.max_connections, config.max_connections_per_client, config.idle_before_mail)
     template = SMTP(handler, **options)
 
     def session() -> asyncio.Protocol:

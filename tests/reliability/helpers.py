@@ -66,10 +66,12 @@ def log_leaks(daemon: Daemon, markers: list[str]) -> list[str]:
 
 
 class RawSmtp:
-    """A bare SMTP client on 127.0.0.1 that sends exactly the bytes it is given."""
+    """A bare SMTP client on 127.0.0.1 that sends exactly the bytes it is given; `source` is another
+    loopback address to connect from (127.0.0.2 is a second client to the daemon)."""
 
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = 10.0, source: str = "") -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.buffer = b""
         self.greeting = self.reply()
 

@@ -1,6 +1,8 @@
-"""Disk full: data_dir on a 4 MB tmpfs. Below smtp.min_free_bytes MAIL gets 452; a commit that
-fails for lack of space gets 451 and stores nothing; the store stays sound and the running daemon
-takes mail again as soon as space returns (no restart)."""
+"""Disk full: data_dir on a 4 MB tmpfs. Below smtp.min_free_bytes customer mail gets 452 at RCPT,
+while staff answers to signed reply addresses are still taken down to smtp.reply_min_free_bytes (so
+cases can be answered and purged), and below that MAIL gets 452; a commit that fails for lack of
+space gets 451 and stores nothing; the store stays sound and the running daemon takes mail again as
+soon as space returns (no restart)."""
 
 from __future__ import annotations
 
@@ -15,12 +17,13 @@ from pathlib import Path
 import pytest
 
 from tests.reliability.helpers import integrity, log_leaks, set_keys, status
-from tests.support import CARE, STAFF, CaptureRelay, Daemon, customer_mail, send, wait_for, write_config
+from tests.support import CARE, STAFF, CaptureRelay, Daemon, customer_mail, send, staff_reply, wait_for, write_config
 
 pytestmark = pytest.mark.reliability
 
 SIZE = 4 * 1024 * 1024
 MIN_FREE = 1024 * 1024
+REPLY_MIN_FREE = 256 * 1024  # smtp.reply_min_free_bytes in the headroom test
 CUSTOMER = "disk.tester@customer.example"
 
 
@@ -57,10 +60,12 @@ def mail(marker: str) -> bytes:
     return customer_mail(f"Subject {marker}", f"Body {marker} " + "x" * 60_000, sender=CUSTOMER)
 
 
-def mail_reply(daemon: Daemon) -> tuple[int, bytes]:
+def intake_reply(daemon: Daemon, rcpt: str = CARE, sender: str = CUSTOMER) -> tuple[int, bytes]:
+    """MAIL's answer if it refused, else RCPT's (where the daemon decides on low disk)."""
     with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=30) as client:
         client.ehlo()
-        return client.mail(CUSTOMER)
+        reply = client.mail(sender)
+        return reply if reply[0] != 250 else client.rcpt(rcpt)
 
 
 def forwarded(relay: CaptureRelay, marker: str) -> int:
@@ -75,12 +80,12 @@ def test_disk_full_refuses_cleanly_and_recovers(tmp_path: Path, small_data_dir: 
         send(daemon.smtp_port, CUSTOMER, [CARE], mail("disk-before-mark"))
         wait_for(lambda: forwarded(relay, "disk-before-mark") == 1, what="forward before the disk fills")
 
-        fill(filler, leave=MIN_FREE // 2)  # below the floor: refused at MAIL, before any data is sent
-        wait_for(lambda: mail_reply(daemon)[0] == 452, timeout=5, what="452 below the floor")  # checked 4x/s
-        assert mail_reply(daemon) == (452, b"4.3.1 Insufficient system storage")
+        fill(filler, leave=MIN_FREE // 2)  # below the floor: refused before any data is sent
+        wait_for(lambda: intake_reply(daemon)[0] == 452, timeout=5, what="452 below the floor")  # checked 4x/s
+        assert intake_reply(daemon) == (452, b"4.3.1 Insufficient system storage")
 
         filler.unlink()  # room at MAIL time; then the disk fills up before the data arrives
-        wait_for(lambda: mail_reply(daemon)[0] == 250, timeout=5, what="MAIL taken again")
+        wait_for(lambda: intake_reply(daemon)[0] == 250, timeout=5, what="MAIL taken again")
         with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=30) as client:
             client.ehlo()
             assert client.mail(CUSTOMER)[0] == 250 and client.rcpt(CARE)[0] == 250
@@ -91,7 +96,7 @@ def test_disk_full_refuses_cleanly_and_recovers(tmp_path: Path, small_data_dir: 
         assert status(daemon)["inbound_pending"] == 0  # nothing half-stored
 
         filler.unlink()  # space returns: the same daemon takes and delivers mail again
-        wait_for(lambda: mail_reply(daemon)[0] == 250, timeout=5, what="MAIL taken again")
+        wait_for(lambda: intake_reply(daemon)[0] == 250, timeout=5, what="MAIL taken again")
         send(daemon.smtp_port, CUSTOMER, [CARE], mail("disk-full-mark"))  # the client's retry
         send(daemon.smtp_port, CUSTOMER, [CARE], mail("disk-after-mark"))
         wait_for(lambda: forwarded(relay, "disk-after-mark") == 1 and forwarded(relay, "disk-full-mark") == 1,
@@ -130,3 +135,41 @@ def test_deliveries_while_the_disk_is_full_are_not_repeated(tmp_path: Path, smal
     finally:
         daemon.stop()
     assert integrity(daemon.data_dir) == ["ok", "ok"]
+
+
+def test_staff_can_still_answer_below_the_floor(tmp_path: Path, small_data_dir: Path, relay: CaptureRelay) -> None:
+    """Below min_free_bytes nothing new comes in, but a staff answer still does, is relayed, and its
+    case purged: refusing it too would leave the disk full of cases nobody can close."""
+    config = set_keys(write_config(tmp_path, relay.port, retry_delays="[1]"), "smtp", min_free_bytes=MIN_FREE,
+                      reply_min_free_bytes=REPLY_MIN_FREE)
+    daemon = Daemon(config).start()
+    filler = small_data_dir / "filler"
+    try:
+        send(daemon.smtp_port, CUSTOMER, [CARE], mail("disk-answer-mark"))
+        wait_for(lambda: forwarded(relay, "disk-answer-mark") == 1, what="the case forwarded before the disk fills")
+        forward = next(c for c in relay.to(STAFF) if "disk-answer-mark" in str(c.message["Subject"])).message
+        reply_to = str(forward["Reply-To"])
+        local, domain = reply_to.split("@")
+        forged = f"{local[:-16]}{'a' * 16}@{domain}"  # the same case and nonce, a wrong MAC
+        assert forged != reply_to
+
+        fill(filler, leave=(MIN_FREE + REPLY_MIN_FREE) // 2)
+        wait_for(lambda: intake_reply(daemon)[0] == 452, timeout=5, what="452 below the floor")  # checked 4x/s
+        seen = {"customer": intake_reply(daemon), "forged_reply": intake_reply(daemon, forged, STAFF),
+                "staff_reply": intake_reply(daemon, reply_to, STAFF)}
+        assert seen["customer"] == seen["forged_reply"] == (452, b"4.3.1 Insufficient system storage"), seen
+        assert seen["staff_reply"][0] == 250, seen  # a reply address counts only with our MAC
+        send(daemon.smtp_port, STAFF, [reply_to], staff_reply(forward, "Answered on a full disk."))
+        wait_for(lambda: any("Answered on a full disk." in c.raw.decode(errors="replace") for c in relay.to(CUSTOMER)),
+                 timeout=30, what="the answer relayed to the customer")
+        wait_for(lambda: status(daemon)["open_cases"] == 0 and status(daemon)["outbound_queued"] == 0,
+                 what="the case purged")
+
+        fill(filler, leave=REPLY_MIN_FREE // 2)  # below the second floor nothing is taken, from MAIL on
+        wait_for(lambda: intake_reply(daemon, reply_to, STAFF)[0] == 452, timeout=5, what="452 below the reply floor")
+        print(f"disk below floor: { {k: v[0] for k, v in seen.items()} } answer relayed, case purged; "
+              f"below reply_min_free_bytes: {intake_reply(daemon, reply_to, STAFF)}")
+    finally:
+        daemon.stop()
+    assert integrity(daemon.data_dir) == ["ok", "ok"]
+    assert log_leaks(daemon, ["disk-", CUSTOMER, STAFF, "Subject ", "Answered"]) == []

@@ -176,7 +176,7 @@ ADDRESS_CHARS = string.ascii_letters + string.digits + "!#$%&'*+/=?^_`{|}~-.@<>[
 @pytest.fixture(scope="module")
 def smtp_session() -> Iterator[_Session]:
     loop = asyncio.new_event_loop()
-    yield _Session(_Sessions(1), SMTP(object(), hostname="test.localhost", loop=loop))
+    yield _Session(_Sessions(1, 1, 1), SMTP(object(), hostname="test.localhost", loop=loop))
     loop.close()
 
 

@@ -204,6 +204,17 @@ def test_a_from_that_parses_to_garbage_is_not_used_as_an_address() -> None:
     assert parse(raw, "a@customer.example").from_address == ""  # the case falls back to the envelope sender
 
 
+def test_greeting_names_no_software(shared: tuple[Daemon, CaptureRelay]) -> None:
+    """The banner is the host name and "ESMTP" alone: a software name or version tells an attacker which
+    published weaknesses to try."""
+    session = RawSmtp(shared[0].smtp_port)
+    try:
+        assert session.greeting == b"220 care.test ESMTP\r\n"  # smtp.hostname from tests.support.write_config
+        assert session.command(b"QUIT").startswith(b"221")
+    finally:
+        session.close()
+
+
 def test_no_personal_data_in_the_log(shared: tuple[Daemon, CaptureRelay]) -> None:
     daemon, _ = shared
     markers = ["@customer.example", "attacker", "FORGED", "evil.example", "party.example", "Answer for you",
