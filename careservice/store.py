@@ -1,4 +1,4 @@
-"""The durable case store: the only module that speaks SQL.
+"""The durable case store: the only module that speaks SQL, with careservice.purge for deleting.
 
 SQLite in WAL mode with secure_delete=ON. The intake's store is `durable` (synchronous=FULL: a
 commit is on disk before the 250). The worker's is not (NORMAL: its transitions may roll back on
@@ -28,7 +28,6 @@ import queue
 import secrets
 import sqlite3
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,13 +35,13 @@ from typing import Any
 
 from careservice.crypto import Keyring, open_sealed, seal
 from careservice.model import Case, CaseState, ContactDetails, Envelope, MailKind, Outcome, OutgoingMail, Source
+from careservice.purge import add_stat, answered, drop_item, purge_case, sweep_orphans
 
 log = logging.getLogger("careservice.store")
 
 OPEN_STATES = (CaseState.NEW, CaseState.ACKNOWLEDGE, CaseState.OPEN, CaseState.ANSWERING)
 INBOUND_STATES = (CaseState.RECEIVED, CaseState.FOLLOW_UP, CaseState.STAFF_REPLY, CaseState.VERIFIED)
 MAX_BATCH = 256
-TTA_BUCKETS = ((3600, "tta_lt_1h"), (86400, "tta_lt_1d"), (7 * 86400, "tta_lt_7d"))
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cases(
@@ -103,10 +102,6 @@ class _Op:
     write: bool
     future: asyncio.Future[Any]  # the caller's, resolved after COMMIT
     loop: asyncio.AbstractEventLoop
-
-
-def _day(ts: float) -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime(ts))
 
 
 def _connect(data_dir: Path, read_only: bool = False, durable: bool = True) -> sqlite3.Connection:
@@ -208,7 +203,7 @@ class Store:
             if self._open_error is not None:
                 raise StoreError(f"cannot open store in {self.data_dir}: {self._open_error}")
         if sweep:
-            await self._call(_sweep_orphans, checkpoint=True)
+            await self._call(sweep_orphans, checkpoint=True)
 
     async def close(self) -> None:
         """Close the store; a call from then on raises StoreError (a task left over at shutdown must
@@ -477,16 +472,6 @@ def _meta(case: Case) -> bytes:
     }).encode()
 
 
-def _sweep_orphans(conn: sqlite3.Connection, keyring: Keyring) -> None:
-    """After a crash between the two files' commits: drop rows without a key and keys without rows."""
-    conn.execute("DELETE FROM cases WHERE id NOT IN (SELECT id FROM k.keys)")
-    conn.execute("DELETE FROM outbox WHERE case_id NOT IN (SELECT id FROM k.keys)")
-    conn.execute(
-        "DELETE FROM k.keys WHERE id NOT IN (SELECT id FROM cases) AND id NOT IN (SELECT case_id FROM outbox)"
-    )
-    conn.execute("DELETE FROM k.seen WHERE expires < ?", (time.time(),))
-
-
 def _add_inbound(conn: sqlite3.Connection, keyring: Keyring, messages: list[NewMessage], now: float) -> list[str]:
     ids = []
     for m in messages:
@@ -544,13 +529,6 @@ def _get_case(conn: sqlite3.Connection, keyring: Keyring, case_id: str) -> Case 
     return _load_case(conn, keyring, row) if row else None
 
 
-def _count(conn: sqlite3.Connection, site: str, now: float, name: str) -> None:
-    conn.execute(
-        "INSERT INTO stats VALUES (?,?,?,1) ON CONFLICT(site, day, name) DO UPDATE SET value = value + 1",
-        (site, _day(now), name),
-    )
-
-
 def _queue_mail(conn: sqlite3.Connection, keyring: Keyring, site: str, mail: OutgoingMail, now: float) -> None:
     key = _case_key(conn, keyring, mail.case_id)
     meta = json.dumps({"sender": mail.sender, "recipients": list(mail.recipients), "message_id": mail.message_id})
@@ -565,44 +543,21 @@ def _queue_mail(conn: sqlite3.Connection, keyring: Keyring, site: str, mail: Out
     )
 
 
-def _purge(conn: sqlite3.Connection, case_id: str) -> None:
-    """Delete a case, everything queued for it, and its key."""
-    conn.execute("DELETE FROM outbox WHERE case_id=?", (case_id,))
-    conn.execute("DELETE FROM cases WHERE id=?", (case_id,))
-    conn.execute("DELETE FROM k.keys WHERE id=?", (case_id,))
-
-
-def _drop_item(conn: sqlite3.Connection, case_id: str) -> None:
-    """Delete a case row; its key goes too unless queued mail still needs it."""
-    conn.execute("DELETE FROM cases WHERE id=?", (case_id,))
-    if not conn.execute("SELECT 1 FROM outbox WHERE case_id=? LIMIT 1", (case_id,)).fetchone():
-        conn.execute("DELETE FROM k.keys WHERE id=?", (case_id,))
-
-
-def _answered(conn: sqlite3.Connection, site: str, case_id: str, now: float) -> None:
-    row = conn.execute("SELECT created FROM cases WHERE id=?", (case_id,)).fetchone()
-    if row is None:
-        return
-    waited = now - row[0]
-    _count(conn, site, now, next((name for limit, name in TTA_BUCKETS if waited < limit), "tta_ge_7d"))
-    _purge(conn, case_id)
-
-
 def _apply(conn: sqlite3.Connection, keyring: Keyring, case: Case, outcome: Outcome, now: float,
            next_run: float) -> None:
     if not conn.execute("SELECT 1 FROM cases WHERE id=? AND state=?", (case.id, case.state)).fetchone():
         raise StoreError(f"case {case.id} changed under a stage")
     for name in outcome.counters:
-        _count(conn, case.site, now, name)
+        add_stat(conn, case.site, now, name)
     for mail in outcome.mails:
         _queue_mail(conn, keyring, case.site, mail, now)
     updated = outcome.updates or case
     if outcome.target_state is CaseState.PURGED:
-        _purge(conn, updated.target)
+        purge_case(conn, updated.target)
     elif outcome.target_state is not None:
         conn.execute("UPDATE cases SET state=? WHERE id=?", (outcome.target_state, updated.target))
     if outcome.state is CaseState.PURGED:
-        _drop_item(conn, case.id)
+        drop_item(conn, case.id)
         return
     key = _case_key(conn, keyring, case.id)
     conn.execute(
@@ -634,11 +589,11 @@ def _due_mail(conn: sqlite3.Connection, keyring: Keyring, now: float, limit: int
 
 def _mail_delivered(conn: sqlite3.Connection, keyring: Keyring, item: QueuedMail, now: float) -> None:
     if item.mail.kind is MailKind.ANSWER:
-        _answered(conn, item.site, item.mail.case_id, now)
-        _count(conn, item.site, now, "answered")
+        answered(conn, item.site, item.mail.case_id, now)
+        add_stat(conn, item.site, now, "answered")
     conn.execute("DELETE FROM outbox WHERE id=?", (item.id,))
     if not conn.execute("SELECT 1 FROM cases WHERE id=?", (item.mail.case_id,)).fetchone():
-        _drop_item(conn, item.mail.case_id)
+        drop_item(conn, item.mail.case_id)
 
 
 def _mail_deferred(conn: sqlite3.Connection, keyring: Keyring, row_id: int, next_attempt: float) -> None:
@@ -647,7 +602,7 @@ def _mail_deferred(conn: sqlite3.Connection, keyring: Keyring, row_id: int, next
 
 def _mail_failed(conn: sqlite3.Connection, keyring: Keyring, item: QueuedMail, notice: OutgoingMail | None,
                  now: float) -> None:
-    _count(conn, item.site, now, f"{item.mail.kind}_failed")
+    add_stat(conn, item.site, now, f"{item.mail.kind}_failed")
     conn.execute("DELETE FROM outbox WHERE id=?", (item.id,))
     if item.mail.kind is MailKind.ANSWER:
         conn.execute("UPDATE cases SET state=? WHERE id=? AND state=?",
@@ -655,7 +610,7 @@ def _mail_failed(conn: sqlite3.Connection, keyring: Keyring, item: QueuedMail, n
     if notice is not None:
         _queue_mail(conn, keyring, item.site, notice, now)
     if not conn.execute("SELECT 1 FROM cases WHERE id=?", (item.mail.case_id,)).fetchone():
-        _drop_item(conn, item.mail.case_id)
+        drop_item(conn, item.mail.case_id)
 
 
 def _take_ack_slot(conn: sqlite3.Connection, keyring: Keyring, digest: bytes, hour: int, limit: int) -> bool:
