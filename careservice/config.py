@@ -11,6 +11,8 @@ from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
 
+from careservice.budget import min_memory_mb
+
 RELAY_SCHEMES = ("smtp", "smtps", "smtp+starttls", "maildir")
 IMAP_SECURITY = ("tls", "starttls", "none")
 RELAY_PASSWORD_ENV = "CARESERVICE_RELAY_PASSWORD"
@@ -113,6 +115,7 @@ class Config:
     templates_dir: Path | None  # an override searched before the packaged templates
     log_level: str
     stop_timeout: int
+    worker_memory_mb: int  # the worker's batches are sized to stay under this (careservice.budget)
     master_key_file: Path
     smtp: SmtpConfig
     relay: RelayConfig
@@ -332,12 +335,17 @@ def load_config(path: Path) -> Config:
         raise ConfigError("service.log_level", f'unknown level "{log_level}"')
     templates_dir = service.get("templates_dir", str, "")
     max_bytes = smtp.positive("max_message_bytes", 10_000_000)
+    worker_mb = service.positive("worker_memory_mb", 512)
+    if worker_mb < min_memory_mb(max_bytes):  # the worker must hold one message of the largest size
+        raise ConfigError("service.worker_memory_mb", f"must be at least {min_memory_mb(max_bytes)} with "
+                                                      f"smtp.max_message_bytes = {max_bytes}, got {worker_mb}")
     config = Config(
         path=path,
         data_dir=data_dir,
         templates_dir=_resolve(base, templates_dir) if templates_dir else None,
         log_level=log_level,
         stop_timeout=service.positive("stop_timeout", 30),
+        worker_memory_mb=worker_mb,
         master_key_file=_resolve(base, security.get("master_key_file", str, "var/master.key")),
         smtp=SmtpConfig(
             listen=parse_endpoint("smtp.listen", smtp.get("listen", str, "127.0.0.1:2525")),

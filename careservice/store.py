@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from careservice.budget import first_fit
 from careservice.crypto import Keyring, open_sealed, seal
 from careservice.model import Case, CaseState, ContactDetails, Envelope, MailKind, Outcome, OutgoingMail, Source
 from careservice.purge import add_stat, answered, drop_item, purge_case, sweep_orphans
@@ -42,6 +43,7 @@ log = logging.getLogger("careservice.store")
 OPEN_STATES = (CaseState.NEW, CaseState.ACKNOWLEDGE, CaseState.OPEN, CaseState.ANSWERING)
 INBOUND_STATES = (CaseState.RECEIVED, CaseState.FOLLOW_UP, CaseState.STAFF_REPLY, CaseState.VERIFIED)
 MAX_BATCH = 256
+SCAN = 4  # rows looked at per row wanted: a batch closed by bytes fills up with the small ones behind
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cases(
@@ -373,8 +375,10 @@ class Store:
         """Commit inbound messages durably; returns their ids ('' for a de-duplicated one)."""
         return await self._call(_add_inbound, messages, now)
 
-    async def due_cases(self, states: Iterable[CaseState], now: float, limit: int, exclude: set[str]) -> list[Case]:
-        return await self._read(_due_cases, tuple(states), now, limit, tuple(exclude))
+    async def due_cases(self, states: Iterable[CaseState], now: float, limit: int, max_bytes: int,
+                        exclude: set[str]) -> list[Case]:
+        """Due cases in next_run order: at most `limit`, and `max_bytes` stored (see budget.first_fit)."""
+        return await self._read(_due_cases, tuple(states), now, limit, max_bytes, tuple(exclude))
 
     async def get_case(self, case_id: str) -> Case | None:
         return await self._read(_get_case, case_id)
@@ -388,8 +392,9 @@ class Store:
         """Keep a case whose stage failed out of the due list until `retry_at` (counted as stuck)."""
         await self._call(_hold, case.id, case.state, failures, retry_at)
 
-    async def due_mail(self, now: float, limit: int) -> list[QueuedMail]:
-        return await self._read(_due_mail, now, limit)
+    async def due_mail(self, now: float, limit: int, max_bytes: int) -> list[QueuedMail]:
+        """Due mail in next_attempt order: at most `limit`, and `max_bytes` stored (see budget.first_fit)."""
+        return await self._read(_due_mail, now, limit, max_bytes)
 
     async def mail_delivered(self, item: QueuedMail, now: float) -> None:
         """Drop a delivered mail; a delivered answer purges its case in the same transaction."""
@@ -514,14 +519,16 @@ _CASE_COLUMNS = "id, site, state, source, created, nonce, target, meta, raw, fai
 
 
 def _due_cases(conn: sqlite3.Connection, keyring: Keyring, states: tuple[CaseState, ...], now: float,
-               limit: int, exclude: tuple[str, ...]) -> list[Case]:
+               limit: int, max_bytes: int, exclude: tuple[str, ...]) -> list[Case]:
     marks = ",".join("?" * len(states))
-    rows = conn.execute(
-        f"SELECT {_CASE_COLUMNS} FROM cases WHERE state IN ({marks}) AND next_run <= ? ORDER BY next_run LIMIT ?",
-        (*states, now, limit + len(exclude)),
+    sized = conn.execute(  # length() reads a blob's size, not the blob
+        f"SELECT id, length(meta) + length(raw) FROM cases WHERE state IN ({marks}) AND next_run <= ? "
+        "ORDER BY next_run LIMIT ?", (*states, now, SCAN * limit + len(exclude)),
     ).fetchall()
     skip = set(exclude)
-    return [_load_case(conn, keyring, r) for r in rows if r[0] not in skip][:limit]
+    chosen = first_fit(((case_id, size) for case_id, size in sized if case_id not in skip), limit, max_bytes)
+    select = f"SELECT {_CASE_COLUMNS} FROM cases WHERE id=?"  # one at a time: a sealed copy is dropped once opened
+    return [_load_case(conn, keyring, conn.execute(select, (case_id,)).fetchone()) for case_id in chosen]
 
 
 def _get_case(conn: sqlite3.Connection, keyring: Keyring, case_id: str) -> Case | None:
@@ -571,13 +578,16 @@ def _hold(conn: sqlite3.Connection, keyring: Keyring, case_id: str, state: CaseS
     conn.execute("UPDATE cases SET failures=?, next_run=? WHERE id=? AND state=?", (failures, retry_at, case_id, state))
 
 
-def _due_mail(conn: sqlite3.Connection, keyring: Keyring, now: float, limit: int) -> list[QueuedMail]:
-    rows = conn.execute(
-        "SELECT id, case_id, site, kind, created, attempts, meta, message FROM outbox WHERE next_attempt <= ? "
-        "ORDER BY next_attempt LIMIT ?", (now, limit),
+def _due_mail(conn: sqlite3.Connection, keyring: Keyring, now: float, limit: int, max_bytes: int) -> list[QueuedMail]:
+    sized = conn.execute(
+        "SELECT id, length(meta) + length(message) FROM outbox WHERE next_attempt <= ? ORDER BY next_attempt "
+        "LIMIT ?", (now, SCAN * limit),
     ).fetchall()
     out = []
-    for row_id, case_id, site, kind, created, attempts, meta_blob, msg_blob in rows:
+    for row_id in first_fit(sized, limit, max_bytes):
+        case_id, site, kind, created, attempts, meta_blob, msg_blob = conn.execute(
+            "SELECT case_id, site, kind, created, attempts, meta, message FROM outbox WHERE id=?", (row_id,)
+        ).fetchone()
         key = _case_key(conn, keyring, case_id)
         aad = f"{case_id}:{row_id}".encode()
         meta = json.loads(open_sealed(key, meta_blob, aad + b"meta"))

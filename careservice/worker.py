@@ -19,6 +19,7 @@ from pathlib import Path
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from careservice.budget import Budget
 from careservice.config import RELAY_PASSWORD_ENV, Config
 from careservice.context import Context, build_context, read_secret
 from careservice.handlers import STAGES
@@ -43,9 +44,10 @@ class CaseWorker:
         self.ctx = ctx or build_context(config, intake=False)
         self.store = self.ctx.store
         relay = Relay(config.relay, read_secret(config.relay.password_file, RELAY_PASSWORD_ENV))
-        self.outbox = Outbox(config.relay, self.store, relay, time.time, self.answer_failed_notice)
+        budget = Budget.of(config.worker_memory_mb)
+        self.outbox = Outbox(config.relay, self.store, relay, time.time, self.answer_failed_notice, budget.mail)
         self.runner = Runner(self.ctx, STAGES, {CaseState.OPEN: config.unanswered_days * 86400.0},
-                             self.outbox.wake)
+                             self.outbox.wake, budget.cases)
         self.tasks: list[asyncio.Task[None]] = []
         self.scheduler = AsyncIOScheduler(job_defaults={"coalesce": True, "misfire_grace_time": SWEEP_SECONDS})
 
