@@ -121,6 +121,7 @@ class Config:
     relay: RelayConfig
     web: WebConfig
     unanswered_days: int
+    hard_limit_days: int  # every case is purged at this age, whatever its state or site
     acks_per_hour: int
     sites: tuple[Site, ...]
     imap: tuple[ImapMailbox, ...] = field(default=())
@@ -335,6 +336,11 @@ def load_config(path: Path) -> Config:
         raise ConfigError("service.log_level", f'unknown level "{log_level}"')
     templates_dir = service.get("templates_dir", str, "")
     max_bytes = smtp.positive("max_message_bytes", 10_000_000)
+    unanswered_days = retention.positive("unanswered_days", 30)
+    hard_limit_days = retention.positive("hard_limit_days", unanswered_days + 2)
+    if hard_limit_days <= unanswered_days:  # the limit catches what expiry missed; it must not come first
+        raise ConfigError("retention.hard_limit_days", f"must be more than retention.unanswered_days "
+                                                       f"({unanswered_days}), got {hard_limit_days}")
     worker_mb = service.positive("worker_memory_mb", 512)
     if worker_mb < min_memory_mb(max_bytes):  # the worker must hold one message of the largest size
         raise ConfigError("service.worker_memory_mb", f"must be at least {min_memory_mb(max_bytes)} with "
@@ -367,7 +373,8 @@ def load_config(path: Path) -> Config:
             tls_cert=_resolve(base, web_cert) if web_cert else None,
             tls_key=_resolve(base, web_key) if web_key else None,
         ),
-        unanswered_days=retention.positive("unanswered_days", 30),
+        unanswered_days=unanswered_days,
+        hard_limit_days=hard_limit_days,
         acks_per_hour=root.sub("acknowledge").positive("max_per_address_per_hour", 5),
         sites=sites,
         imap=tuple(_imap(t, set(ids), base) for t in root.array("imap")),

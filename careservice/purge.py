@@ -50,6 +50,23 @@ def answered(conn: sqlite3.Connection, site: str, case_id: str, now: float) -> N
     purge_case(conn, case_id)
 
 
+def purge_aged(conn: sqlite3.Connection, keyring: Keyring, cutoff: float, sites: frozenset[str],
+               now: float) -> list[tuple[str, str, float]]:
+    """Purge every case created before `cutoff`, whatever its state or site, with its mail and key, and
+    mail queued before it for a case already gone (state "purged"); returns (case id, state, created)
+    of each. Each counts as `purged_hard_limit` for its site while the site is in `sites`."""
+    aged = conn.execute(
+        "SELECT id, site, state, created FROM cases WHERE created < ? UNION ALL SELECT case_id, site, 'purged', "
+        "min(created) FROM outbox WHERE created < ? AND case_id NOT IN (SELECT id FROM cases) GROUP BY case_id",
+        (cutoff, cutoff),
+    ).fetchall()
+    for case_id, site, _, _ in aged:
+        purge_case(conn, case_id)
+        if site in sites:
+            add_stat(conn, site, now, "purged_hard_limit")
+    return [(case_id, state, created) for case_id, _, state, created in aged]
+
+
 def sweep_orphans(conn: sqlite3.Connection, keyring: Keyring) -> None:
     """After a crash between the two files' commits: drop rows without a key and keys without rows."""
     conn.execute("DELETE FROM cases WHERE id NOT IN (SELECT id FROM k.keys)")

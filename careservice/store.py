@@ -36,7 +36,7 @@ from typing import Any
 from careservice.budget import first_fit
 from careservice.crypto import Keyring, open_sealed, seal
 from careservice.model import Case, CaseState, ContactDetails, Envelope, MailKind, Outcome, OutgoingMail, Source
-from careservice.purge import add_stat, answered, drop_item, purge_case, sweep_orphans
+from careservice.purge import add_stat, answered, drop_item, purge_aged, purge_case, sweep_orphans
 
 log = logging.getLogger("careservice.store")
 
@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS cases(
     created REAL NOT NULL, next_run REAL NOT NULL, nonce TEXT NOT NULL, target TEXT NOT NULL,
     meta BLOB NOT NULL, raw BLOB NOT NULL, failures INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS cases_due ON cases(state, next_run);
+CREATE INDEX IF NOT EXISTS cases_created ON cases(created);
 CREATE TABLE IF NOT EXISTS outbox(
     id INTEGER PRIMARY KEY, case_id TEXT NOT NULL, site TEXT NOT NULL, kind TEXT NOT NULL,
     created REAL NOT NULL, next_attempt REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
@@ -407,6 +408,10 @@ class Store:
     async def mail_failed(self, item: QueuedMail, notice: OutgoingMail | None, now: float) -> None:
         """Drop a mail the relay refused for good; queue `notice` to staff in the same transaction."""
         await self._call(_mail_failed, item, notice, now)
+
+    async def purge_older_than(self, cutoff: float, sites: frozenset[str], now: float) -> list[tuple[str, str, float]]:
+        """Purge every case created before `cutoff`, whatever its state (see purge.purge_aged)."""
+        return await self._call(purge_aged, cutoff, sites, now)
 
     async def checkpoint(self) -> None:
         """Truncate the WAL now (a purge's own checkpoint may have met a reader)."""

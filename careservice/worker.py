@@ -15,6 +15,7 @@ import os
 import signal
 import stat
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -60,7 +61,14 @@ class CaseWorker:
         return bool(self.tasks) and not any(task.done() for task in self.tasks)
 
     async def sweep(self) -> None:
-        """Periodic: run due expiries and retries, and truncate the WAL."""
+        """Periodic, and once at start: purge every case past retention.hard_limit_days (one that expiry
+        cannot reach, e.g. of a site removed from the config), run due expiries and retries, and
+        truncate the WAL."""
+        now = self.ctx.clock()
+        sites = frozenset(site.id for site in self.ctx.config.sites)
+        for case_id, state, created in await self.store.purge_older_than(now - self.config.hard_limit_days * 86400.0,
+                                                                         sites, now):
+            log.warning("case_purged_hard_limit case=%s state=%s age_days=%d", case_id, state, (now - created) // 86400)
         self.wake()
         await self.store.checkpoint()
 
@@ -75,7 +83,8 @@ class CaseWorker:
     async def start(self) -> None:
         await self.store.start(sweep=True)  # a worker killed inside a purge's commit left its key behind
         self.tasks = [asyncio.create_task(self.runner.run()), asyncio.create_task(self.outbox.run())]
-        self.scheduler.add_job(self.sweep, "interval", seconds=SWEEP_SECONDS, id="retention_and_retry_sweep")
+        self.scheduler.add_job(self.sweep, "interval", seconds=SWEEP_SECONDS, id="retention_and_retry_sweep",
+                               next_run_time=datetime.now(UTC))
         self.scheduler.start()
         log.info("worker_started")
 
