@@ -54,7 +54,8 @@ def _check(config: Config, args: argparse.Namespace) -> int:
           f"{' (STARTTLS)' if config.smtp.tls_cert else ''}")
     print(f"  web        {config.web.listen.host}:{config.web.listen.port} verification={config.web.verification}")
     print(f"  relay      {config.relay.url}")
-    print(f"  retention  unanswered cases purged after {config.unanswered_days} days")
+    print(f"  retention  unanswered cases purged after {config.unanswered_days} days, every case after "
+          f"{config.hard_limit_days}")
     for site in config.sites:
         print(f"  site {site.id}: {site.name} <{site.care_address}> staff={len(site.staff)}")
     for box in config.imap:

@@ -12,6 +12,8 @@ from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
 
+from careservice.budget import min_memory_mb
+
 RELAY_SCHEMES = ("smtp", "smtps", "smtp+starttls", "maildir")
 IMAP_SECURITY = ("tls", "starttls", "none")
 RELAY_PASSWORD_ENV = "CARESERVICE_RELAY_PASSWORD"
@@ -123,11 +125,13 @@ class Config:
     templates_dir: Path | None  # an override searched before the packaged templates
     log_level: str
     stop_timeout: int
+    worker_memory_mb: int  # the worker's batches are sized to stay under this (careservice.budget)
     master_key_file: Path
     smtp: SmtpConfig
     relay: RelayConfig
     web: WebConfig
     unanswered_days: int
+    hard_limit_days: int  # every case is purged at this age, whatever its state or site
     acks_per_hour: int
     sites: tuple[Site, ...]
     imap: tuple[ImapMailbox, ...] = field(default=())
@@ -373,12 +377,22 @@ def load_config(path: Path) -> Config:
     if sender_quota < max_bytes:
         raise ConfigError("smtp.max_bytes_per_sender_per_hour",
                           f"must be at least smtp.max_message_bytes ({max_bytes})")
+    unanswered_days = retention.positive("unanswered_days", 30)
+    hard_limit_days = retention.positive("hard_limit_days", unanswered_days + 2)
+    if hard_limit_days <= unanswered_days:  # the limit catches what expiry missed; it must not come first
+        raise ConfigError("retention.hard_limit_days", f"must be more than retention.unanswered_days "
+                                                       f"({unanswered_days}), got {hard_limit_days}")
+    worker_mb = service.positive("worker_memory_mb", 512)
+    if worker_mb < min_memory_mb(max_bytes):  # the worker must hold one message of the largest size
+        raise ConfigError("service.worker_memory_mb", f"must be at least {min_memory_mb(max_bytes)} with "
+                                                      f"smtp.max_message_bytes = {max_bytes}, got {worker_mb}")
     config = Config(
         path=path,
         data_dir=data_dir,
         templates_dir=_resolve(base, templates_dir) if templates_dir else None,
         log_level=log_level,
         stop_timeout=service.positive("stop_timeout", 30),
+        worker_memory_mb=worker_mb,
         master_key_file=_resolve(base, security.get("master_key_file", str, "master.key")),
         smtp=SmtpConfig(
             listen=parse_endpoint("smtp.listen", smtp.get("listen", str, "127.0.0.1:2525")),
@@ -409,7 +423,8 @@ def load_config(path: Path) -> Config:
             max_posts_per_minute=web.positive("max_posts_per_minute", 60),
             max_audio_codes_per_minute=web.positive("max_audio_codes_per_minute", 30),
         ),
-        unanswered_days=retention.positive("unanswered_days", 30),
+        unanswered_days=unanswered_days,
+        hard_limit_days=hard_limit_days,
         acks_per_hour=root.sub("acknowledge").positive("max_per_address_per_hour", 5),
         sites=sites,
         imap=tuple(_imap(t, set(ids), base) for t in root.array("imap")),

@@ -2,33 +2,25 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.charset import QP, Charset
 from email.header import Header, decode_header, make_header
 from email.message import Message
-from email.mime.application import MIMEApplication
-from email.mime.multipart import MIMEMultipart
-from email.parser import BytesParser
 from email.policy import Compat32
 from email.utils import format_datetime, formataddr, getaddresses, localtime
 from typing import Any
 
-MAX_HEADER_BLOCK = 64 * 1024
-MAX_HEADER_LINE = 4 * 1024  # longer (unfolded) headers are dropped before parsing: CPython is quadratic on them
-MAX_PARTS = 200  # the parser stops at the next part: it spends ~0.2 ms on each, and 10 MB hold 100,000s
-MAX_DEPTH = 20
+from careservice.mimeparse import TooComplex, content, parse_headers, parse_message, trim_headers, walk
+
 LOOP_HEADER = "X-Careservice-Loop"
 AUTO_PRECEDENCE = {"bulk", "junk", "list", "auto_reply"}
 AUTOREPLY_HEADERS = ("X-Autoreply", "X-Autorespond")  # older vacation responders set one of these
 SYSTEM_LOCALPARTS = {"mailer-daemon", "postmaster", "noreply", "no-reply", "double-bounce"}
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\u0085\u2028\u2029]")
 _MSGID = re.compile(r"<([^<>\s]{1,250})>")
-# Line ends as the stdlib parser sees them (CRLF, CR or LF), atomic so CRLF never counts as two.
-_HEADER_END = re.compile(rb"(?>\r\n|\r|\n)(?>\r\n|\r|\n)")
-_LINE = re.compile(rb"(?>\r\n|\r|\n)(?![ \t])")
 _TAG = re.compile(r"<[^<>]{0,2000}>")  # [^<>], not [^>]: linear on "<<<<..."
 _FOLD = re.compile(r"\r?\n[ \t]*")
 _CONTENT_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+")
@@ -77,58 +69,6 @@ class Parsed:
 def one_line(value: str, limit: int = 998) -> str:
     """Control characters (CR, LF, NUL, ...) become spaces: nothing can add a header line."""
     return _CONTROL.sub(" ", value).strip()[:limit]
-
-
-def _trim_headers(raw: bytes) -> tuple[bytes, list[str]]:
-    """Drop oversized header lines, then cap the header block, before the stdlib parser sees them."""
-    end = _HEADER_END.search(raw)
-    head, body = (raw[: end.start()], raw[end.start():]) if end else (raw, b"")
-    lines = _LINE.split(head)
-    kept = [line for line in lines if len(line) <= MAX_HEADER_LINE]
-    defects = ["long_header_dropped"] if len(kept) != len(lines) else []
-    size = 0
-    for i, line in enumerate(kept):
-        size += len(line) + 2
-        if size > MAX_HEADER_BLOCK:
-            kept = kept[:i]
-            defects.append("header_block_truncated")
-            break
-    return b"\r\n".join(kept) + body, defects
-
-
-class _BoundedCompat32(Compat32):
-    """compat32 (headers stay strings until we read them: policy.default parsed each one again on
-    every access, 80% of parse time), except that a header value longer than MAX_HEADER_LINE reads
-    as empty. This reaches the headers of every MIME part, which _trim_headers cannot."""
-
-    def header_source_parse(self, sourcelines: list[str]) -> tuple[str, str]:
-        name, value = super().header_source_parse(sourcelines)
-        return name, value if len(value) <= MAX_HEADER_LINE else ""
-
-
-_PARSING = _BoundedCompat32()
-
-
-class _TooComplex(Exception):
-    """The message has more than MAX_PARTS MIME parts or more than MAX_DEPTH levels."""
-
-
-def _part_counter() -> Callable[..., Message]:
-    """A message factory for one parse that stops the parser at part MAX_PARTS + 1."""
-    made = -1  # FeedParser calls the factory once to probe its signature
-
-    def make(policy: Compat32) -> Message:
-        nonlocal made
-        made += 1
-        if made > MAX_PARTS:
-            raise _TooComplex
-        return Message(policy=policy)
-
-    return make
-
-
-def _parse_bytes(data: bytes, headers_only: bool) -> Message:
-    return BytesParser(_part_counter(), policy=_PARSING).parsebytes(data, headersonly=headers_only)
 
 
 class _Headers:
@@ -187,15 +127,6 @@ def _automatic(headers: _Headers, mail_from: str, from_address: str) -> str:
     return "too_many_hops" if len(headers.all("Received")) > 50 else ""
 
 
-def _walk(part: Message, depth: int, out: list[Message]) -> None:
-    if depth > MAX_DEPTH or len(out) >= MAX_PARTS:
-        raise _TooComplex
-    out.append(part)
-    if part.is_multipart():
-        for sub in part.get_payload():
-            _walk(sub, depth + 1, out)
-
-
 def _content_type(part: Message) -> str:
     """The part's type/subtype; compat32 keeps a trailing comment ("text/plain (x)"), so only the
     leading token counts, and anything unreadable is text/plain as RFC 2045 says."""
@@ -205,8 +136,8 @@ def _content_type(part: Message) -> str:
 
 def _text(part: Message) -> str:
     """A text part's content: transfer encoding undone, decoded by its charset (UTF-8 when unknown)."""
-    data = part.get_payload(decode=True)
-    if not isinstance(data, bytes):
+    data = content(part)
+    if data is None:
         return ""
     charset = part.get_content_charset("us-ascii")
     try:
@@ -216,8 +147,7 @@ def _text(part: Message) -> str:
 
 
 def _body(msg: Message) -> tuple[str, str, list[Attachment], list[str]]:
-    parts: list[Message] = []
-    _walk(msg, 0, parts)
+    parts = walk(msg)
     text, html, attachments = "", "", []
     for part in parts:
         if part.is_multipart():
@@ -229,8 +159,8 @@ def _body(msg: Message) -> tuple[str, str, list[Attachment], list[str]]:
         elif disposition != "attachment" and ctype == "text/html" and not html:
             html = _text(part)
         else:
-            data = part.get_payload(decode=True)
-            if isinstance(data, bytes):
+            data = content(part)
+            if data is not None:
                 name = one_line(_decoded(part.get_filename() or "attachment"), 200) or "attachment"
                 attachments.append(Attachment(name, ctype, data))
     if not text and html:
@@ -239,7 +169,7 @@ def _body(msg: Message) -> tuple[str, str, list[Attachment], list[str]]:
 
 
 def _defect(where: str, exc: Exception) -> str:
-    return "mime_too_deep_or_large" if isinstance(exc, _TooComplex) else f"{where}_{type(exc).__name__}"
+    return "mime_too_deep_or_large" if isinstance(exc, TooComplex) else f"{where}_{type(exc).__name__}"
 
 
 def message_ids(value: str) -> tuple[str, ...]:
@@ -252,12 +182,12 @@ def _addresses(values: list[str]) -> list[tuple[str, str]]:
 
 def parse(raw: bytes, mail_from: str) -> Parsed:
     """Parse `raw` within fixed limits; never raises: problems become `defects`."""
-    trimmed, defects = _trim_headers(raw)
+    head, body, defects = trim_headers(raw)
     try:
-        msg = _parse_bytes(trimmed, headers_only=False)
+        msg = parse_message(head, body)
         whole = True
     except Exception as exc:  # deep MIME (RecursionError), too many parts, a stdlib bug on hostile input
-        msg = _parse_bytes(trimmed, headers_only=True)
+        msg = parse_headers(head)
         whole = False
         defects.append(_defect("unparsable", exc))
     headers = _Headers(msg)
@@ -346,13 +276,37 @@ def _text_part(text: str) -> Message:
 
 
 def _as_bytes(msg: Message) -> bytes:
-    """`msg.as_bytes()` with the outgoing policy; a single part (ASCII by now: 7bit or quoted-printable)
-    is joined directly, since the generator writes its body one line at a time."""
-    if msg.is_multipart():
-        return msg.as_bytes(policy=_OUTGOING)
+    """`msg.as_bytes()` with the outgoing policy for a single part (ASCII by now: 7bit, quoted-printable
+    or base64), joined directly, since the generator writes its body one line at a time."""
     head = b"".join(_OUTGOING.fold_binary(name, value) for name, value in msg.raw_items())
     body = msg.get_payload().replace("\n", "\r\n").encode("ascii")
     return head + b"\r\n" + body
+
+
+def _attachment_head(a: Attachment) -> Message:
+    """An attachment part's headers as MIMEApplication writes them; its base64 body is added as bytes."""
+    maintype, _, subtype = a.content_type.partition("/")
+    part = Message()
+    part["Content-Type"] = (one_line(a.content_type, 100) if maintype not in ("", "text", "application") else
+                            f"application/{subtype if maintype == 'application' and subtype else 'octet-stream'}")
+    part["MIME-Version"] = "1.0"
+    part["Content-Transfer-Encoding"] = "base64"
+    part.add_header("Content-Disposition", "attachment", filename=("utf-8", "", one_line(a.filename, 200)))
+    part.set_payload("")
+    return part
+
+
+def _multipart(msg: Message, body: Message, attachments: tuple[Attachment, ...]) -> bytes:
+    """`msg`'s headers over the text part and the attachments, as the generator writes multipart/mixed
+    but joined once: the generator holds several copies of each attachment, and a forward carries the
+    customer's whole mail."""
+    boundary = msg.get_boundary()
+    pieces = [_as_bytes(msg), f"--{boundary}\r\n".encode(), _as_bytes(body)]
+    for a in attachments:
+        pieces += [f"\r\n--{boundary}\r\n".encode(), _as_bytes(_attachment_head(a)),
+                   base64.encodebytes(a.data).replace(b"\n", b"\r\n")]
+    pieces.append(f"\r\n--{boundary}--\r\n".encode())
+    return b"".join(pieces)
 
 
 def render(draft: Draft) -> bytes:
@@ -364,16 +318,11 @@ def render(draft: Draft) -> bytes:
     text = draft.text.replace("\r\n", "\n")  # every line end is written as CRLF
     body = _text_part(text)
     msg: Message = body
-    if draft.attachments:
-        msg = MIMEMultipart()
-        msg.attach(body)
-        for a in draft.attachments:
-            maintype, _, subtype = a.content_type.partition("/")
-            part = MIMEApplication(a.data, subtype if maintype == "application" and subtype else "octet-stream")
-            if maintype not in ("", "text", "application"):
-                part.replace_header("Content-Type", f"{one_line(a.content_type, 100)}")
-            part.add_header("Content-Disposition", "attachment", filename=("utf-8", "", one_line(a.filename, 200)))
-            msg.attach(part)
+    if draft.attachments:  # "=_" occurs in neither base64 nor quoted-printable, and a 7bit text cannot guess it
+        msg = Message()
+        msg["Content-Type"] = f'multipart/mixed; boundary="=_{secrets.token_hex(16)}"'
+        msg["MIME-Version"] = "1.0"
+        msg.set_payload("")
     msg["From"] = _address_header(draft.from_name, draft.from_address)
     msg["To"] = ", ".join(_address_header("", a) for a in draft.to)
     if draft.reply_to:
@@ -391,4 +340,4 @@ def render(draft: Draft) -> bytes:
         msg["X-Auto-Response-Suppress"] = "All"
     if draft.loop_marker:
         msg[LOOP_HEADER] = one_line(draft.loop_marker)
-    return _as_bytes(msg)
+    return _multipart(msg, body, draft.attachments) if draft.attachments else _as_bytes(msg)

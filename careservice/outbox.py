@@ -192,8 +192,9 @@ class Outbox:
     """The sender loop: due mail in batches over `connections` parallel connections."""
 
     def __init__(self, config: RelayConfig, store: Store, relay: Relay, clock: Callable[[], float],
-                 notice_for: Callable[[QueuedMail, str], OutgoingMail | None]) -> None:
+                 notice_for: Callable[[QueuedMail, str], OutgoingMail | None], batch_bytes: int) -> None:
         self.config = config
+        self.batch_bytes = batch_bytes  # stored bytes per round (careservice.budget)
         self.store = store
         self.relay = relay
         self.clock = clock
@@ -237,7 +238,7 @@ class Outbox:
             await self._delivered(item)
         sent = 0
         while self.clock() >= self._down_until and not self.relay.stopping:
-            items = await self.store.due_mail(self.clock(), BATCH)
+            items = await self.store.due_mail(self.clock(), BATCH, self.batch_bytes)
             if not items:
                 break
             if self._down_count:

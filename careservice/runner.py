@@ -35,8 +35,9 @@ class Runner:
     """Runs stages in memory until a case must wait, then commits the merged outcome once."""
 
     def __init__(self, ctx: Context, stages: Mapping[CaseState, Stage], waits: Mapping[CaseState, float],
-                 on_mail: Callable[[], None]) -> None:
+                 on_mail: Callable[[], None], batch_bytes: int) -> None:
         self.ctx = ctx
+        self.batch_bytes = batch_bytes  # stored bytes per batch (careservice.budget)
         self.on_mail = on_mail  # wakes the outbox once mail is committed
         self.stages = stages
         self.waits = waits  # seconds after creation before a state's stage is due (OPEN: retention)
@@ -70,7 +71,8 @@ class Runner:
         while not self._stopping:
             now = self.ctx.clock()
             self._held = {k: t for k, t in self._held.items() if t > now}
-            cases = await self.ctx.store.due_cases(self.stages, now, BATCH, self._busy | set(self._held))
+            cases = await self.ctx.store.due_cases(self.stages, now, BATCH, self.batch_bytes,
+                                                   self._busy | set(self._held))
             if not cases:
                 return done
             self._busy.update(c.id for c in cases)
@@ -86,12 +88,15 @@ class Runner:
         outcome: Outcome | None = None
         current = case
         try:
-            for _ in range(MAX_CHAIN):
-                step = await self.stages[current.state](current, self.ctx)
-                outcome = step if outcome is None else merge(outcome, step)
-                current = replace(step.updates or current, state=step.state)
-                if step.state not in self.stages or self.next_run(case, step.state, now) > now:
-                    break
+            try:
+                for _ in range(MAX_CHAIN):
+                    step = await self.stages[current.state](current, self.ctx)
+                    outcome = step if outcome is None else merge(outcome, step)
+                    current = replace(step.updates or current, state=step.state)
+                    if step.state not in self.stages or self.next_run(case, step.state, now) > now:
+                        break
+            finally:
+                self.ctx.forget(case.id)  # the parsed message (attachments decoded) is not kept for the commit
             assert outcome is not None
             await self.ctx.store.apply(case, outcome, now, self.next_run(case, outcome.state, now))
             if outcome.mails:
@@ -101,8 +106,6 @@ class Runner:
                      outcome.state, outcome.reason, len(outcome.mails), f" target={target}" if target else "")
         except Exception as exc:  # a stage or the store failed: hold the case, try again later
             await self.hold(case, current.state, now, exc)
-        finally:
-            self.ctx.forget(case.id)
 
     async def hold(self, case: Case, state: CaseState, now: float, exc: Exception) -> None:
         """Retry the case later, backing off; the hold is stored, so `status` counts it as stuck."""

@@ -1,4 +1,4 @@
-"""The durable case store: the only module that speaks SQL.
+"""The durable case store: the only module that speaks SQL, with careservice.purge for deleting.
 
 SQLite in WAL mode with secure_delete=ON. The intake's store is `durable` (synchronous=FULL: a
 commit is on disk before the 250). The worker's is not (NORMAL: its transitions may roll back on
@@ -34,8 +34,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from careservice.budget import first_fit
 from careservice.crypto import Keyring, open_sealed, seal
 from careservice.model import Case, CaseState, ContactDetails, Envelope, MailKind, Outcome, OutgoingMail, Source
+from careservice.purge import add_stat, answered, drop_item, purge_aged, purge_case, sweep_orphans
 
 log = logging.getLogger("careservice.store")
 
@@ -43,7 +45,7 @@ OPEN_STATES = (CaseState.NEW, CaseState.ACKNOWLEDGE, CaseState.OPEN, CaseState.A
 INBOUND_STATES = (CaseState.RECEIVED, CaseState.FOLLOW_UP, CaseState.STAFF_REPLY, CaseState.VERIFIED)
 MAX_BATCH = 256
 UNBOUND_KEY_BYTES = 12 + 32 + 16  # nonce, key, tag: a case key as version 0.1 wrapped it
-TTA_BUCKETS = ((3600, "tta_lt_1h"), (86400, "tta_lt_1d"), (7 * 86400, "tta_lt_7d"))
+SCAN = 4  # rows looked at per row wanted: a batch closed by bytes fills up with the small ones behind
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cases(
@@ -51,6 +53,7 @@ CREATE TABLE IF NOT EXISTS cases(
     created REAL NOT NULL, next_run REAL NOT NULL, nonce TEXT NOT NULL, target TEXT NOT NULL,
     meta BLOB NOT NULL, raw BLOB NOT NULL, failures INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS cases_due ON cases(state, next_run);
+CREATE INDEX IF NOT EXISTS cases_created ON cases(created);
 CREATE TABLE IF NOT EXISTS outbox(
     id INTEGER PRIMARY KEY, case_id TEXT NOT NULL, site TEXT NOT NULL, kind TEXT NOT NULL,
     created REAL NOT NULL, next_attempt REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
@@ -105,10 +108,6 @@ class _Op:
     write: bool
     future: asyncio.Future[Any]  # the caller's, resolved after COMMIT
     loop: asyncio.AbstractEventLoop
-
-
-def _day(ts: float) -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime(ts))
 
 
 def _connect(data_dir: Path, read_only: bool = False, durable: bool = True) -> sqlite3.Connection:
@@ -210,7 +209,8 @@ class Store:
             if self._open_error is not None:
                 raise StoreError(f"cannot open store in {self.data_dir}: {self._open_error}")
         if sweep:
-            await self._call(_sweep_orphans, checkpoint=True)
+            await self._call(sweep_orphans, checkpoint=True)
+            await self._call(_bind_unbound_keys)
         await self.rotate_digests(time.time())
 
     async def close(self) -> None:
@@ -381,8 +381,10 @@ class Store:
         """Commit inbound messages durably; returns their ids ('' for a de-duplicated one)."""
         return await self._call(_add_inbound, messages, now)
 
-    async def due_cases(self, states: Iterable[CaseState], now: float, limit: int, exclude: set[str]) -> list[Case]:
-        return await self._read(_due_cases, tuple(states), now, limit, tuple(exclude))
+    async def due_cases(self, states: Iterable[CaseState], now: float, limit: int, max_bytes: int,
+                        exclude: set[str]) -> list[Case]:
+        """Due cases in next_run order: at most `limit`, and `max_bytes` stored (see budget.first_fit)."""
+        return await self._read(_due_cases, tuple(states), now, limit, max_bytes, tuple(exclude))
 
     async def get_case(self, case_id: str) -> Case | None:
         return await self._read(_get_case, case_id)
@@ -396,8 +398,9 @@ class Store:
         """Keep a case whose stage failed out of the due list until `retry_at` (counted as stuck)."""
         await self._call(_hold, case.id, case.state, failures, retry_at)
 
-    async def due_mail(self, now: float, limit: int) -> list[QueuedMail]:
-        return await self._read(_due_mail, now, limit)
+    async def due_mail(self, now: float, limit: int, max_bytes: int) -> list[QueuedMail]:
+        """Due mail in next_attempt order: at most `limit`, and `max_bytes` stored (see budget.first_fit)."""
+        return await self._read(_due_mail, now, limit, max_bytes)
 
     async def mail_delivered(self, item: QueuedMail, now: float) -> None:
         """Drop a delivered mail; a delivered answer purges its case in the same transaction."""
@@ -415,6 +418,10 @@ class Store:
         """Switch the keyring to today's digest secret and drop every digest of an earlier day (both
         processes call it at start and then every minute; the first call of a day makes the secret)."""
         await self._call(_rotate_digests, now, checkpoint=True)
+
+    async def purge_older_than(self, cutoff: float, sites: frozenset[str], now: float) -> list[tuple[str, str, float]]:
+        """Purge every case created before `cutoff`, whatever its state (see purge.purge_aged)."""
+        return await self._call(purge_aged, cutoff, sites, now)
 
     async def checkpoint(self) -> None:
         """Truncate the WAL now (a purge's own checkpoint may have met a reader)."""
@@ -485,13 +492,8 @@ def _meta(case: Case) -> bytes:
     }).encode()
 
 
-def _sweep_orphans(conn: sqlite3.Connection, keyring: Keyring) -> None:
-    """After a crash between the two files' commits: drop rows without a key and keys without rows."""
-    conn.execute("DELETE FROM cases WHERE id NOT IN (SELECT id FROM k.keys)")
-    conn.execute("DELETE FROM outbox WHERE case_id NOT IN (SELECT id FROM k.keys)")
-    conn.execute(
-        "DELETE FROM k.keys WHERE id NOT IN (SELECT id FROM cases) AND id NOT IN (SELECT case_id FROM outbox)"
-    )
+def _bind_unbound_keys(conn: sqlite3.Connection, keyring: Keyring) -> None:
+    """Rewrap the case keys of version 0.1 (one fixed label for all) bound to their case ids."""
     for case_id, wrapped in conn.execute("SELECT id, wrapped FROM k.keys WHERE length(wrapped) = ?",
                                          (UNBOUND_KEY_BYTES,)).fetchall():
         conn.execute("UPDATE k.keys SET wrapped=? WHERE id=?",
@@ -560,26 +562,21 @@ _CASE_COLUMNS = "id, site, state, source, created, nonce, target, meta, raw, fai
 
 
 def _due_cases(conn: sqlite3.Connection, keyring: Keyring, states: tuple[CaseState, ...], now: float,
-               limit: int, exclude: tuple[str, ...]) -> list[Case]:
+               limit: int, max_bytes: int, exclude: tuple[str, ...]) -> list[Case]:
     marks = ",".join("?" * len(states))
-    rows = conn.execute(
-        f"SELECT {_CASE_COLUMNS} FROM cases WHERE state IN ({marks}) AND next_run <= ? ORDER BY next_run LIMIT ?",
-        (*states, now, limit + len(exclude)),
+    sized = conn.execute(  # length() reads a blob's size, not the blob
+        f"SELECT id, length(meta) + length(raw) FROM cases WHERE state IN ({marks}) AND next_run <= ? "
+        "ORDER BY next_run LIMIT ?", (*states, now, SCAN * limit + len(exclude)),
     ).fetchall()
     skip = set(exclude)
-    return [_load_case(conn, keyring, r) for r in rows if r[0] not in skip][:limit]
+    chosen = first_fit(((case_id, size) for case_id, size in sized if case_id not in skip), limit, max_bytes)
+    select = f"SELECT {_CASE_COLUMNS} FROM cases WHERE id=?"  # one at a time: a sealed copy is dropped once opened
+    return [_load_case(conn, keyring, conn.execute(select, (case_id,)).fetchone()) for case_id in chosen]
 
 
 def _get_case(conn: sqlite3.Connection, keyring: Keyring, case_id: str) -> Case | None:
     row = conn.execute(f"SELECT {_CASE_COLUMNS} FROM cases WHERE id=?", (case_id,)).fetchone()
     return _load_case(conn, keyring, row) if row else None
-
-
-def _count(conn: sqlite3.Connection, site: str, now: float, name: str) -> None:
-    conn.execute(
-        "INSERT INTO stats VALUES (?,?,?,1) ON CONFLICT(site, day, name) DO UPDATE SET value = value + 1",
-        (site, _day(now), name),
-    )
 
 
 def _queue_mail(conn: sqlite3.Connection, keyring: Keyring, site: str, mail: OutgoingMail, now: float) -> None:
@@ -596,29 +593,6 @@ def _queue_mail(conn: sqlite3.Connection, keyring: Keyring, site: str, mail: Out
     )
 
 
-def _purge(conn: sqlite3.Connection, case_id: str) -> None:
-    """Delete a case, everything queued for it, and its key."""
-    conn.execute("DELETE FROM outbox WHERE case_id=?", (case_id,))
-    conn.execute("DELETE FROM cases WHERE id=?", (case_id,))
-    conn.execute("DELETE FROM k.keys WHERE id=?", (case_id,))
-
-
-def _drop_item(conn: sqlite3.Connection, case_id: str) -> None:
-    """Delete a case row; its key goes too unless queued mail still needs it."""
-    conn.execute("DELETE FROM cases WHERE id=?", (case_id,))
-    if not conn.execute("SELECT 1 FROM outbox WHERE case_id=? LIMIT 1", (case_id,)).fetchone():
-        conn.execute("DELETE FROM k.keys WHERE id=?", (case_id,))
-
-
-def _answered(conn: sqlite3.Connection, site: str, case_id: str, now: float) -> None:
-    row = conn.execute("SELECT created FROM cases WHERE id=?", (case_id,)).fetchone()
-    if row is None:
-        return
-    waited = now - row[0]
-    _count(conn, site, now, next((name for limit, name in TTA_BUCKETS if waited < limit), "tta_ge_7d"))
-    _purge(conn, case_id)
-
-
 def _apply(conn: sqlite3.Connection, keyring: Keyring, case: Case, outcome: Outcome, now: float,
            next_run: float) -> None:
     if not conn.execute("SELECT 1 FROM cases WHERE id=? AND state=?", (case.id, case.state)).fetchone():
@@ -632,15 +606,15 @@ def _apply(conn: sqlite3.Connection, keyring: Keyring, case: Case, outcome: Outc
         log.info("reply_target_changed case=%s target=%s", case.id, updated.target)
         outcome = Outcome(CaseState.STAFF_REPLY, "target_changed")
     for name in outcome.counters:
-        _count(conn, case.site, now, name)
+        add_stat(conn, case.site, now, name)
     for mail in outcome.mails:
         _queue_mail(conn, keyring, case.site, mail, now)
     if outcome.target_state is CaseState.PURGED:
-        _purge(conn, updated.target)
+        purge_case(conn, updated.target)
     elif outcome.target_state is not None:
         conn.execute("UPDATE cases SET state=? WHERE id=?", (outcome.target_state, updated.target))
     if outcome.state is CaseState.PURGED:
-        _drop_item(conn, case.id)
+        drop_item(conn, case.id)
         return
     key = _case_key(conn, keyring, case.id)
     conn.execute(
@@ -654,13 +628,16 @@ def _hold(conn: sqlite3.Connection, keyring: Keyring, case_id: str, state: CaseS
     conn.execute("UPDATE cases SET failures=?, next_run=? WHERE id=? AND state=?", (failures, retry_at, case_id, state))
 
 
-def _due_mail(conn: sqlite3.Connection, keyring: Keyring, now: float, limit: int) -> list[QueuedMail]:
-    rows = conn.execute(
-        "SELECT id, case_id, site, kind, created, attempts, meta, message FROM outbox WHERE next_attempt <= ? "
-        "ORDER BY next_attempt LIMIT ?", (now, limit),
+def _due_mail(conn: sqlite3.Connection, keyring: Keyring, now: float, limit: int, max_bytes: int) -> list[QueuedMail]:
+    sized = conn.execute(
+        "SELECT id, length(meta) + length(message) FROM outbox WHERE next_attempt <= ? ORDER BY next_attempt "
+        "LIMIT ?", (now, SCAN * limit),
     ).fetchall()
     out = []
-    for row_id, case_id, site, kind, created, attempts, meta_blob, msg_blob in rows:
+    for row_id in first_fit(sized, limit, max_bytes):
+        case_id, site, kind, created, attempts, meta_blob, msg_blob = conn.execute(
+            "SELECT case_id, site, kind, created, attempts, meta, message FROM outbox WHERE id=?", (row_id,)
+        ).fetchone()
         key = _case_key(conn, keyring, case_id)
         aad = f"{case_id}:{row_id}".encode()
         meta = json.loads(open_sealed(key, meta_blob, aad + b"meta"))
@@ -672,11 +649,11 @@ def _due_mail(conn: sqlite3.Connection, keyring: Keyring, now: float, limit: int
 
 def _mail_delivered(conn: sqlite3.Connection, keyring: Keyring, item: QueuedMail, now: float) -> None:
     if item.mail.kind is MailKind.ANSWER:
-        _answered(conn, item.site, item.mail.case_id, now)
-        _count(conn, item.site, now, "answered")
+        answered(conn, item.site, item.mail.case_id, now)
+        add_stat(conn, item.site, now, "answered")
     conn.execute("DELETE FROM outbox WHERE id=?", (item.id,))
     if not conn.execute("SELECT 1 FROM cases WHERE id=?", (item.mail.case_id,)).fetchone():
-        _drop_item(conn, item.mail.case_id)
+        drop_item(conn, item.mail.case_id)
 
 
 def _mail_deferred(conn: sqlite3.Connection, keyring: Keyring, row_id: int, next_attempt: float) -> None:
@@ -685,7 +662,7 @@ def _mail_deferred(conn: sqlite3.Connection, keyring: Keyring, row_id: int, next
 
 def _mail_failed(conn: sqlite3.Connection, keyring: Keyring, item: QueuedMail, notice: OutgoingMail | None,
                  now: float) -> None:
-    _count(conn, item.site, now, f"{item.mail.kind}_failed")
+    add_stat(conn, item.site, now, f"{item.mail.kind}_failed")
     conn.execute("DELETE FROM outbox WHERE id=?", (item.id,))
     if item.mail.kind is MailKind.ANSWER:
         conn.execute("UPDATE cases SET state=? WHERE id=? AND state=?",
@@ -693,7 +670,7 @@ def _mail_failed(conn: sqlite3.Connection, keyring: Keyring, item: QueuedMail, n
     if notice is not None:
         _queue_mail(conn, keyring, item.site, notice, now)
     if not conn.execute("SELECT 1 FROM cases WHERE id=?", (item.mail.case_id,)).fetchone():
-        _drop_item(conn, item.mail.case_id)
+        drop_item(conn, item.mail.case_id)
 
 
 def _take_ack_slot(conn: sqlite3.Connection, keyring: Keyring, digest: bytes, hour: int, limit: int) -> bool:

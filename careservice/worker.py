@@ -15,10 +15,12 @@ import os
 import signal
 import stat
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from careservice.budget import Budget
 from careservice.config import RELAY_PASSWORD_ENV, Config
 from careservice.context import Context, build_context, read_secret
 from careservice.handlers import STAGES
@@ -43,9 +45,10 @@ class CaseWorker:
         self.ctx = ctx or build_context(config, intake=False)
         self.store = self.ctx.store
         relay = Relay(config.relay, read_secret(config.relay.password_file, RELAY_PASSWORD_ENV))
-        self.outbox = Outbox(config.relay, self.store, relay, time.time, self.answer_failed_notice)
+        budget = Budget.of(config.worker_memory_mb)
+        self.outbox = Outbox(config.relay, self.store, relay, time.time, self.answer_failed_notice, budget.mail)
         self.runner = Runner(self.ctx, STAGES, {CaseState.OPEN: config.unanswered_days * 86400.0},
-                             self.outbox.wake)
+                             self.outbox.wake, budget.cases)
         self.tasks: list[asyncio.Task[None]] = []
         self.scheduler = AsyncIOScheduler(job_defaults={"coalesce": True, "misfire_grace_time": SWEEP_SECONDS})
 
@@ -58,9 +61,16 @@ class CaseWorker:
         return bool(self.tasks) and not any(task.done() for task in self.tasks)
 
     async def sweep(self) -> None:
-        """Periodic: run due expiries and retries, drop past days' digests, and truncate the WAL."""
+        """Periodic, and once at start: purge every case past retention.hard_limit_days (one that expiry
+        cannot reach, e.g. of a site removed from the config), run due expiries and retries, drop past
+        days' digests, and truncate the WAL."""
+        now = self.ctx.clock()
+        sites = frozenset(site.id for site in self.ctx.config.sites)
+        for case_id, state, created in await self.store.purge_older_than(now - self.config.hard_limit_days * 86400.0,
+                                                                         sites, now):
+            log.warning("case_purged_hard_limit case=%s state=%s age_days=%d", case_id, state, (now - created) // 86400)
         self.wake()
-        await self.store.rotate_digests(time.time())
+        await self.store.rotate_digests(now)
 
     def answer_failed_notice(self, item: QueuedMail, why: str) -> OutgoingMail | None:
         site = self.ctx.config.site(item.site)
@@ -73,7 +83,8 @@ class CaseWorker:
     async def start(self) -> None:
         await self.store.start(sweep=True)  # a worker killed inside a purge's commit left its key behind
         self.tasks = [asyncio.create_task(self.runner.run()), asyncio.create_task(self.outbox.run())]
-        self.scheduler.add_job(self.sweep, "interval", seconds=SWEEP_SECONDS, id="retention_and_retry_sweep")
+        self.scheduler.add_job(self.sweep, "interval", seconds=SWEEP_SECONDS, id="retention_and_retry_sweep",
+                               next_run_time=datetime.now(UTC))
         self.scheduler.start()
         log.info("worker_started")
 

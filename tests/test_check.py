@@ -59,6 +59,14 @@ def test_intake_limits_that_cannot_work_are_errors_naming_the_key(tmp_path: Path
     assert raised.value.key == key
 
 
+def test_the_hard_limit_defaults_past_the_unanswered_days_and_must_stay_past_them(tmp_path: Path) -> None:
+    config = with_lines(write_config(tmp_path, 1), "retention", "unanswered_days = 10")
+    assert load_config(config).hard_limit_days == 12
+    with pytest.raises(ConfigError, match="must be more than retention.unanswered_days") as raised:
+        load_config(with_lines(config, "retention", "hard_limit_days = 10"))
+    assert raised.value.key == "retention.hard_limit_days"
+
+
 def test_a_typo_gets_a_suggestion(tmp_path: Path) -> None:
     config = with_lines(write_config(tmp_path, 1), "smtp", "require_tsl = true")
     with pytest.raises(ConfigError, match='did you mean "require_tls"'):

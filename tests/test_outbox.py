@@ -14,12 +14,15 @@ import pytest
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session
 
+from careservice.budget import Budget
 from careservice.config import RelayConfig
 from careservice.crypto import Keyring
 from careservice.model import CaseState, Envelope, MailKind, Outcome, OutgoingMail, Source
 from careservice.outbox import Outbox, Refusal, Relay
 from careservice.store import NewMessage, QueuedMail, Store
 from tests.support import CARE, STAFF, STAFF2, CaptureRelay, free_port
+
+BUDGET = Budget.of(512)
 
 
 @dataclass
@@ -191,7 +194,7 @@ async def queue_mail(store: Store, kind: MailKind, n: int, now: float,
     """Open one case and queue `n` mails of `kind` for it; returns the case id."""
     raw = f"From: {CUSTOMER}\r\nSubject: private subject\r\n\r\nprivate text\r\n".encode()
     await store.add_inbound([NewMessage("ticketnest", Source.SMTP, Envelope(CUSTOMER, CARE), raw)], now)
-    [case] = await store.due_cases([CaseState.RECEIVED], now, 10, set())
+    [case] = await store.due_cases([CaseState.RECEIVED], now, 10, BUDGET.cases, set())
     mails = tuple(OutgoingMail(kind, case.id, CARE, recipients, raw, f"<{i}@ticketnest.test>") for i in range(n))
     await store.apply(case, Outcome(CaseState.OPEN, "test", mails=mails), now, now + 86400)
     return case.id
@@ -199,7 +202,7 @@ async def queue_mail(store: Store, kind: MailKind, n: int, now: float,
 
 async def attempts(store: Store) -> list[int]:
     """The attempt count of every queued mail, lowest first."""
-    return sorted(item.attempts for item in await store.due_mail(float("inf"), 1000))
+    return sorted(item.attempts for item in await store.due_mail(float("inf"), 1000, BUDGET.mail))
 
 
 def notice_for(item: QueuedMail, why: str) -> OutgoingMail:
@@ -214,7 +217,7 @@ async def test_an_outage_is_one_back_off_step_whatever_the_number_of_connections
     clock = Clock()
     start = clock.now
     await queue_mail(store, MailKind.FORWARD, 8, start)
-    outbox = Outbox(config, store, Relay(config, ""), clock, notice_for)
+    outbox = Outbox(config, store, Relay(config, ""), clock, notice_for, BUDGET.mail)
 
     async def round_at(now: float) -> list[str]:
         """Run the outbox at `now`; every log line (any logger) that round wrote."""
@@ -254,7 +257,7 @@ async def test_a_refusal_is_one_line_naming_the_relay_and_its_code(store: Store,
     config = replace(relay_config(relay.port), retry_delays=(60,), give_up_after=432000)
     clock = Clock()
     answered = await queue_mail(store, MailKind.ANSWER, 1, clock.now)
-    outbox = Outbox(config, store, Relay(config, ""), clock, notice_for)
+    outbox = Outbox(config, store, Relay(config, ""), clock, notice_for, BUDGET.mail)
     try:
         with caplog.at_level(logging.DEBUG):
             await outbox.deliver_due()  # the answer is refused; the notice to staff goes through
@@ -278,7 +281,7 @@ async def test_partly_refused_recipients_are_one_line(store: Store, caplog: pyte
     config = relay_config(relay.port)
     clock = Clock()
     case = await queue_mail(store, MailKind.FORWARD, 1, clock.now, recipients=(STAFF, STAFF2))
-    outbox = Outbox(config, store, Relay(config, ""), clock, notice_for)
+    outbox = Outbox(config, store, Relay(config, ""), clock, notice_for, BUDGET.mail)
     try:
         with caplog.at_level(logging.DEBUG):
             assert await outbox.deliver_due() == 1
@@ -299,7 +302,7 @@ async def test_an_unwritable_maildir_is_a_relay_down_named_maildir(tmp_path: Pat
                      retry_delays=(60, 300))
     clock = Clock()
     await queue_mail(store, MailKind.ACK, 2, clock.now)
-    outbox = Outbox(config, store, Relay(config, ""), clock, notice_for)
+    outbox = Outbox(config, store, Relay(config, ""), clock, notice_for, BUDGET.mail)
     with caplog.at_level(logging.DEBUG):
         assert await outbox.deliver_due() == 0
     assert lines(caplog) == [
@@ -313,7 +316,7 @@ async def test_a_connection_dropped_mid_batch_is_one_line_and_no_back_off(store:
     config = replace(relay_config(relay.port), retry_delays=(60, 300))
     clock = Clock()
     await queue_mail(store, MailKind.ACK, 3, clock.now)
-    outbox = Outbox(config, store, Relay(config, ""), clock, notice_for)
+    outbox = Outbox(config, store, Relay(config, ""), clock, notice_for, BUDGET.mail)
     try:
         with caplog.at_level(logging.DEBUG):
             assert await outbox.deliver_due() == 1

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from careservice.addresses import Addressing
+from careservice.budget import Budget
 from careservice.config import load_config
 from careservice.context import Context
 from careservice.crypto import Keyring
@@ -51,7 +52,8 @@ async def test_a_failing_case_is_held_with_backoff_and_counted_as_stuck(
             raise TemplateProblem("mail/forward.txt", "not found")
         return Outcome(CaseState.OPEN, "fine")
 
-    runner = Runner(ctx, {CaseState.RECEIVED: stage}, {CaseState.OPEN: 86400.0}, lambda: None)
+    runner = Runner(ctx, {CaseState.RECEIVED: stage}, {CaseState.OPEN: 86400.0}, lambda: None,
+                    Budget.of(512).cases)
     [case_id] = await ctx.store.add_inbound([NewMessage("ticketnest", Source.SMTP, Envelope("a@customer.example",
                                                                                             CARE), b"x")], clock.now)
     caplog.set_level(logging.INFO, logger="careservice")

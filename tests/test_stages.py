@@ -16,6 +16,7 @@ import pytest
 
 import careservice.handlers as handlers
 from careservice.addresses import Addressing
+from careservice.budget import Budget
 from careservice.config import load_config
 from careservice.context import Context
 from careservice.crypto import Keyring
@@ -25,6 +26,7 @@ from careservice.store import NewMessage, Store, StoreError
 from careservice.texts import Texts
 from tests.support import CARE, STAFF, customer_mail, files_containing, write_config
 
+BUDGET = Budget.of(512)
 WAITING = {CaseState.ANSWERING, CaseState.PURGED}  # moved on by the outbox, or gone
 MESSAGE = NewMessage("ticketnest", Source.SMTP, Envelope("a@customer.example", CARE), b"Subject: x\r\n\r\nx")
 
@@ -51,7 +53,7 @@ async def received(ctx: Context, raw: bytes, sender: str = "alice@customer.examp
 
 async def test_classify_new_then_forward_then_acknowledge(ctx: Context) -> None:
     await received(ctx, customer_mail("Hello", "text"))
-    [case] = await ctx.store.due_cases(STAGES, time.time(), 10, set())
+    [case] = await ctx.store.due_cases(STAGES, time.time(), 10, BUDGET.cases, set())
     outcome = await classify.handle(case, ctx)
     assert outcome.state is CaseState.NEW and outcome.updates is not None
     assert outcome.updates.contact is not None and outcome.updates.contact.email == "alice@customer.example"
@@ -67,7 +69,7 @@ async def test_classify_new_then_forward_then_acknowledge(ctx: Context) -> None:
 
 async def test_classify_discards_bounces(ctx: Context) -> None:
     await received(ctx, customer_mail("Undeliverable", "bounce"), sender="")
-    [case] = await ctx.store.due_cases(STAGES, time.time(), 10, set())
+    [case] = await ctx.store.due_cases(STAGES, time.time(), 10, BUDGET.cases, set())
     outcome = await classify.handle(case, ctx)
     assert (outcome.state, outcome.reason) == (CaseState.PURGED, "discard_null_sender")
 
@@ -75,7 +77,7 @@ async def test_classify_discards_bounces(ctx: Context) -> None:
 async def test_store_seals_everything_and_purge_shreds_the_key(ctx: Context) -> None:
     await received(ctx, customer_mail("Zebra subject", "quokka body", sender="marker@customer.example"),
                    sender="marker@customer.example")
-    [case] = await ctx.store.due_cases(STAGES, time.time(), 10, set())
+    [case] = await ctx.store.due_cases(STAGES, time.time(), 10, BUDGET.cases, set())
     assert files_containing(ctx.config.data_dir, [b"marker@customer", b"Zebra", b"quokka"]) == []
     await ctx.store.apply(case, Outcome(CaseState.PURGED, "test"), time.time(), time.time())
     keys = sqlite3.connect(ctx.config.data_dir / "keys.db")
@@ -99,7 +101,7 @@ async def test_reader_never_sees_a_case_without_its_key(tmp_path: Path, inline: 
     async def read() -> int:
         seen = 0
         while seen < 200:
-            seen = len(await reader.due_cases([CaseState.RECEIVED], time.time() + 1, 500, set()))
+            seen = len(await reader.due_cases([CaseState.RECEIVED], time.time() + 1, 500, BUDGET.cases, set()))
         return seen
 
     try:
@@ -178,7 +180,7 @@ async def test_inline_calls_of_one_loop_turn_commit_together_each_in_its_own_sav
     """The worker's calls made in one loop turn share a transaction; one failing call undoes only itself."""
     intake, worker = stores
     await intake.add_inbound([MESSAGE] * 3, time.time())
-    cases = await worker.due_cases([CaseState.RECEIVED], time.time() + 1, 10, set())
+    cases = await worker.due_cases([CaseState.RECEIVED], time.time() + 1, 10, BUDGET.cases, set())
     assert len(cases) == 3
     commits: list[str] = []
     assert worker._conn is not None

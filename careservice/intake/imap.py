@@ -42,7 +42,7 @@ from careservice.config import Config, ImapMailbox, Site
 from careservice.crypto import Keyring
 from careservice.intake.ingest import Ingest
 from careservice.logs import error_fields
-from careservice.mail import MAX_HEADER_BLOCK, MAX_HEADER_LINE
+from careservice.mimeparse import MAX_HEADER_BLOCK, MAX_HEADER_LINE
 from careservice.model import Envelope, Source
 from careservice.store import NewMessage
 

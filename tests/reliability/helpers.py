@@ -59,6 +59,17 @@ def stored_rows(data_dir: Path) -> dict[str, int]:
         conn.close()
 
 
+def children(pid: int) -> list[int]:
+    """Direct child processes of `pid` (the daemon's worker)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
 def log_leaks(daemon: Daemon, markers: list[str]) -> list[str]:
     """Log lines of the daemon that contain any of `markers` (must be empty)."""
     lines = daemon.log.read_text(errors="replace").splitlines()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from careservice.intake.imap import envelope_sender
-from careservice.mail import MAX_HEADER_BLOCK
+from careservice.mimeparse import MAX_HEADER_BLOCK
 from tests.dovecot import DovecotServer
 from tests.reliability.helpers import SCALE, log_leaks, set_keys, status
 from tests.support import CARE, STAFF, CaptureRelay, Daemon, customer_mail, imap_config, wait_for

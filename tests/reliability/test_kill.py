@@ -28,7 +28,7 @@ from careservice.crypto import Keyring
 from careservice.model import Envelope, Source
 from careservice.store import NewMessage, Store
 from careservice.worker import CaseWorker
-from tests.reliability.helpers import IDLE, SCALE, RawSmtp, integrity, log_leaks, status, stored_rows
+from tests.reliability.helpers import IDLE, SCALE, RawSmtp, children, integrity, log_leaks, status, stored_rows
 from tests.support import (
     CARE,
     STAFF,
@@ -49,17 +49,6 @@ SEED = int(os.environ.get("CARESERVICE_RELIABILITY_SEED", str(random.randrange(1
 SENDERS = 2
 PAUSE = 0.1  # seconds between two mails of one sender
 GIVE_UP = 120.0  # a single message that cannot get a 250 for this long fails the test
-
-
-def children(pid: int) -> list[int]:
-    """Direct child processes of `pid` (the daemon's worker)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return found
 
 
 @dataclass

@@ -1,0 +1,77 @@
+"""Deleting case data for good, and the per-site counters that outlive it.
+
+Each function runs inside a store transaction (careservice.store); deleting a case's key is what
+makes every copy of its data unreadable, so each of them takes the key with the rows.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+from careservice.crypto import Keyring
+
+TTA_BUCKETS = ((3600, "tta_lt_1h"), (86400, "tta_lt_1d"), (7 * 86400, "tta_lt_7d"))
+
+
+def _day(ts: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(ts))
+
+
+def add_stat(conn: sqlite3.Connection, site: str, now: float, name: str) -> None:
+    """Count one event for `site` today (statistics hold per-site daily counts, nothing of a case)."""
+    conn.execute(
+        "INSERT INTO stats VALUES (?,?,?,1) ON CONFLICT(site, day, name) DO UPDATE SET value = value + 1",
+        (site, _day(now), name),
+    )
+
+
+def purge_case(conn: sqlite3.Connection, case_id: str) -> None:
+    """Delete a case, everything queued for it, and its key."""
+    conn.execute("DELETE FROM outbox WHERE case_id=?", (case_id,))
+    conn.execute("DELETE FROM cases WHERE id=?", (case_id,))
+    conn.execute("DELETE FROM k.keys WHERE id=?", (case_id,))
+
+
+def drop_item(conn: sqlite3.Connection, case_id: str) -> None:
+    """Delete a case row; its key goes too unless queued mail still needs it."""
+    conn.execute("DELETE FROM cases WHERE id=?", (case_id,))
+    if not conn.execute("SELECT 1 FROM outbox WHERE case_id=? LIMIT 1", (case_id,)).fetchone():
+        conn.execute("DELETE FROM k.keys WHERE id=?", (case_id,))
+
+
+def answered(conn: sqlite3.Connection, site: str, case_id: str, now: float) -> None:
+    """Purge a case whose answer the relay took, counting how long it waited."""
+    row = conn.execute("SELECT created FROM cases WHERE id=?", (case_id,)).fetchone()
+    if row is None:
+        return
+    waited = now - row[0]
+    add_stat(conn, site, now, next((name for limit, name in TTA_BUCKETS if waited < limit), "tta_ge_7d"))
+    purge_case(conn, case_id)
+
+
+def purge_aged(conn: sqlite3.Connection, keyring: Keyring, cutoff: float, sites: frozenset[str],
+               now: float) -> list[tuple[str, str, float]]:
+    """Purge every case created before `cutoff`, whatever its state or site, with its mail and key, and
+    mail queued before it for a case already gone (state "purged"); returns (case id, state, created)
+    of each. Each counts as `purged_hard_limit` for its site while the site is in `sites`."""
+    aged = conn.execute(
+        "SELECT id, site, state, created FROM cases WHERE created < ? UNION ALL SELECT case_id, site, 'purged', "
+        "min(created) FROM outbox WHERE created < ? AND case_id NOT IN (SELECT id FROM cases) GROUP BY case_id",
+        (cutoff, cutoff),
+    ).fetchall()
+    for case_id, site, _, _ in aged:
+        purge_case(conn, case_id)
+        if site in sites:
+            add_stat(conn, site, now, "purged_hard_limit")
+    return [(case_id, state, created) for case_id, _, state, created in aged]
+
+
+def sweep_orphans(conn: sqlite3.Connection, keyring: Keyring) -> None:
+    """After a crash between the two files' commits: drop rows without a key and keys without rows."""
+    conn.execute("DELETE FROM cases WHERE id NOT IN (SELECT id FROM k.keys)")
+    conn.execute("DELETE FROM outbox WHERE case_id NOT IN (SELECT id FROM k.keys)")
+    conn.execute(
+        "DELETE FROM k.keys WHERE id NOT IN (SELECT id FROM cases) AND id NOT IN (SELECT case_id FROM outbox)"
+    )
+    conn.execute("DELETE FROM k.seen WHERE expires < ?", (time.time(),))
