@@ -90,6 +90,12 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+@dataclass(frozen=True)
+class AdminConfig:
+    listen: Endpoint | None  # None: no admin listener
+    token_file: str  # "" = no token asked for
+
+
 class ImapMailbox:
     site: str
     host: str
@@ -123,6 +129,7 @@ class Config:
     sites: tuple[Site, ...]
     imap: tuple[ImapMailbox, ...] = field(default=())
 
+    admin: AdminConfig = field(default=AdminConfig(None, ""))
     def site(self, site_id: str) -> Site | None:
         return next((s for s in self.sites if s.id == site_id), None)
 
@@ -311,7 +318,8 @@ def load_config(path: Path) -> Config:
     base = path.resolve().parent
     root = _Table(data, "")
     service, security, smtp = root.sub("service"), root.sub("security"), root.sub("smtp")
-    web, retention = root.sub("web"), root.sub("retention")
+    web, retention, admin = root.sub("web"), root.sub("retention"), root.sub("admin")
+    admin_listen = admin.get("listen", str, "127.0.0.1:9025")  # "" = no admin listener
     data_dir = _resolve(base, service.get("data_dir", str, "var"))
     site_tables = root.array("sites", required=True)
     if not site_tables:
@@ -377,6 +385,8 @@ def load_config(path: Path) -> Config:
         sites=sites,
         imap=tuple(_imap(t, set(ids), base) for t in root.array("imap")),
     )
+        admin=AdminConfig(parse_endpoint("admin.listen", admin_listen) if admin_listen else None,
+                          _path(base, admin.get("token_file", str, ""))),
     root.refuse_unknown()
     return config
 

@@ -83,6 +83,8 @@ min_free_bytes = 1
 url = "smtp://127.0.0.1:{relay.port}"
 [web]
 listen = "127.0.0.1:{free_port()}"
+[admin]
+listen = "127.0.0.1:{free_port()}"
 [[sites]]
 id = "ticketnest"
 name = "TicketNest"
