@@ -36,6 +36,7 @@ from typing import Any
 
 from careservice.crypto import Keyring, open_sealed, seal
 from careservice.model import Case, CaseState, ContactDetails, Envelope, MailKind, Outcome, OutgoingMail, Source
+from careservice.tta import bucket_name
 
 log = logging.getLogger("careservice.store")
 
@@ -43,7 +44,6 @@ OPEN_STATES = (CaseState.NEW, CaseState.ACKNOWLEDGE, CaseState.OPEN, CaseState.A
 INBOUND_STATES = (CaseState.RECEIVED, CaseState.FOLLOW_UP, CaseState.STAFF_REPLY, CaseState.VERIFIED)
 MAX_BATCH = 256
 UNBOUND_KEY_BYTES = 12 + 32 + 16  # nonce, key, tag: a case key as version 0.1 wrapped it
-TTA_BUCKETS = ((3600, "tta_lt_1h"), (86400, "tta_lt_1d"), (7 * 86400, "tta_lt_7d"))
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cases(
@@ -399,10 +399,11 @@ class Store:
     async def due_mail(self, now: float, limit: int) -> list[QueuedMail]:
         return await self._read(_due_mail, now, limit)
 
-    async def mail_delivered(self, item: QueuedMail, now: float) -> None:
-        """Drop a delivered mail; a delivered answer purges its case in the same transaction."""
+    async def mail_delivered(self, item: QueuedMail, now: float) -> float | None:
+        """Drop a delivered mail; a delivered answer purges its case in the same transaction. Returns the
+        seconds an answered case waited for its answer (None for other mail, or a case already gone)."""
         answer = item.mail.kind is MailKind.ANSWER
-        await self._call(_mail_delivered, item, now, checkpoint=answer)
+        return await self._call(_mail_delivered, item, now, checkpoint=answer)
 
     async def mail_deferred(self, item: QueuedMail, next_attempt: float) -> None:
         await self._call(_mail_deferred, item.id, next_attempt)
@@ -426,6 +427,10 @@ class Store:
 
     async def counts(self) -> dict[str, Any]:
         return await self._read(_counts_op)
+
+    async def add_stats(self, counts: dict[tuple[str, str, str], int]) -> None:
+        """Add to the per-site daily counters: (site, day, name) -> n."""
+        await self._call(_add_stats, counts)
 
     async def mailbox_health(self, name: str, problem: str, now: float) -> None:
         """Record an IMAP mailbox's health for `status --json` ("" = working; else a short code)."""
@@ -610,13 +615,15 @@ def _drop_item(conn: sqlite3.Connection, case_id: str) -> None:
         conn.execute("DELETE FROM k.keys WHERE id=?", (case_id,))
 
 
-def _answered(conn: sqlite3.Connection, site: str, case_id: str, now: float) -> None:
+def _answered(conn: sqlite3.Connection, site: str, case_id: str, now: float) -> float | None:
+    """Count the answer's time-to-answer bucket and purge its case; the seconds it waited (None: gone)."""
     row = conn.execute("SELECT created FROM cases WHERE id=?", (case_id,)).fetchone()
     if row is None:
-        return
+        return None
     waited = now - row[0]
-    _count(conn, site, now, next((name for limit, name in TTA_BUCKETS if waited < limit), "tta_ge_7d"))
+    _count(conn, site, now, bucket_name(waited))
     _purge(conn, case_id)
+    return waited
 
 
 def _apply(conn: sqlite3.Connection, keyring: Keyring, case: Case, outcome: Outcome, now: float,
@@ -663,13 +670,15 @@ def _due_mail(conn: sqlite3.Connection, keyring: Keyring, now: float, limit: int
     return out
 
 
-def _mail_delivered(conn: sqlite3.Connection, keyring: Keyring, item: QueuedMail, now: float) -> None:
+def _mail_delivered(conn: sqlite3.Connection, keyring: Keyring, item: QueuedMail, now: float) -> float | None:
+    waited = None
     if item.mail.kind is MailKind.ANSWER:
-        _answered(conn, item.site, item.mail.case_id, now)
+        waited = _answered(conn, item.site, item.mail.case_id, now)
         _count(conn, item.site, now, "answered")
     conn.execute("DELETE FROM outbox WHERE id=?", (item.id,))
     if not conn.execute("SELECT 1 FROM cases WHERE id=?", (item.mail.case_id,)).fetchone():
         _drop_item(conn, item.mail.case_id)
+    return waited
 
 
 def _mail_deferred(conn: sqlite3.Connection, keyring: Keyring, row_id: int, next_attempt: float) -> None:
@@ -687,6 +696,11 @@ def _mail_failed(conn: sqlite3.Connection, keyring: Keyring, item: QueuedMail, n
         _queue_mail(conn, keyring, item.site, notice, now)
     if not conn.execute("SELECT 1 FROM cases WHERE id=?", (item.mail.case_id,)).fetchone():
         _drop_item(conn, item.mail.case_id)
+
+
+def _add_stats(conn: sqlite3.Connection, keyring: Keyring, counts: dict[tuple[str, str, str], int]) -> None:
+    conn.executemany("INSERT INTO stats VALUES (?,?,?,?) ON CONFLICT(site, day, name) DO UPDATE SET value = value + "
+                     "excluded.value", [(*key, n) for key, n in counts.items()])
 
 
 def _take_ack_slot(conn: sqlite3.Connection, keyring: Keyring, digest: bytes, hour: int, limit: int) -> bool:
