@@ -6,11 +6,12 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from careservice.config import Config, ConfigError, load_config
+from careservice.config import METRICS_DIR_ENV, Config, ConfigError, load_config
 from careservice.crypto import MasterKeyError, write_master_key
 from careservice.logs import setup_logging
 from careservice.preflight import problems
@@ -20,17 +21,30 @@ EXIT_CONFIG = 2
 
 
 def _run(config: Config, args: argparse.Namespace) -> int:
-    from careservice.daemon import run_forever  # imports aiosmtpd & co only when serving
-
     found = problems(config)
     if found:
         for problem in found:
             print(f"careservice: config error: {problem}", file=sys.stderr)
         print("careservice: not started; `careservice check` lists the same problems", file=sys.stderr)
         return EXIT_CONFIG
+    _share_metrics(config.data_dir)
+    from careservice.daemon import run_forever  # imports aiosmtpd & co only when serving
+
     setup_logging(config.log_level)
     asyncio.run(run_forever(config))
     return 0
+
+
+def _share_metrics(data_dir: Path) -> None:
+    """An empty data_dir/metrics for the metrics of this run's processes (the worker inherits the variable);
+    before anything imports prometheus_client, which picks its mode at its first import."""
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("prometheus_client was imported before its multiprocess folder was set")
+    folder = data_dir / "metrics"
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(mode=0o700)
+    os.environ[METRICS_DIR_ENV] = str(folder)
 
 
 def _worker(config: Config, args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from email_validator import EmailNotValidError, validate_email
 RELAY_SCHEMES = ("smtp", "smtps", "smtp+starttls", "maildir")
 IMAP_SECURITY = ("tls", "starttls", "none")
 RELAY_PASSWORD_ENV = "CARESERVICE_RELAY_PASSWORD"
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multiprocess folder, read at its first import
 _HOST_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*")
 _CONTACT_PATH = re.compile(r"(/[A-Za-z0-9._~-]+)+")  # literal segments: no route parameters, query or fragment
 
@@ -90,12 +91,12 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
-@dataclass(frozen=True)
 class AdminConfig:
     listen: Endpoint | None  # None: no admin listener
     token_file: str  # "" = no token asked for
 
 
+@dataclass(frozen=True)
 class ImapMailbox:
     site: str
     host: str
@@ -128,8 +129,8 @@ class Config:
     acks_per_hour: int
     sites: tuple[Site, ...]
     imap: tuple[ImapMailbox, ...] = field(default=())
-
     admin: AdminConfig = field(default=AdminConfig(None, ""))
+
     def site(self, site_id: str) -> Site | None:
         return next((s for s in self.sites if s.id == site_id), None)
 
@@ -384,9 +385,9 @@ def load_config(path: Path) -> Config:
         acks_per_hour=root.sub("acknowledge").positive("max_per_address_per_hour", 5),
         sites=sites,
         imap=tuple(_imap(t, set(ids), base) for t in root.array("imap")),
-    )
         admin=AdminConfig(parse_endpoint("admin.listen", admin_listen) if admin_listen else None,
                           _path(base, admin.get("token_file", str, ""))),
+    )
     root.refuse_unknown()
     return config
 
