@@ -1,4 +1,4 @@
-"""`careservice run | check | keygen | status | --version`; every command takes --config PATH."""
+"""`careservice run | check | keygen | status | stats | --version`; every command takes --config PATH."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from careservice.config import METRICS_DIR_ENV, Config, ConfigError, load_config
 from careservice.crypto import MasterKeyError, write_master_key
 from careservice.logs import setup_logging
 from careservice.preflight import problems
+from careservice.stats import report, to_csv, to_json
 from careservice.store import StoreError, read_status
 
 EXIT_CONFIG = 2
@@ -101,6 +102,22 @@ def _status(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _stats(config: Config, args: argparse.Namespace) -> int:
+    try:
+        stats = report(config.data_dir, [site.id for site in config.sites], args.days)
+    except StoreError as exc:
+        print(f"careservice: {exc}", file=sys.stderr)
+        return 1
+    print(to_json(stats) if args.json else to_csv(stats), end="\n" if args.json else "")
+    return 0
+
+
+def _days(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 3660:
+        raise argparse.ArgumentTypeError(f"expected a number of days from 1 to 3660, got {value!r}")
+    return int(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="careservice", description=__doc__)
     parser.add_argument("--version", action="version", version=f"careservice {version('careservice')}")
@@ -109,12 +126,18 @@ def main(argv: list[str] | None = None) -> int:
                              ("check", _check, "validate the config and print a summary"),
                              ("keygen", _keygen, "write a new master key file"),
                              ("status", _status, "print queue and case counts from the store"),
+                             ("stats", _stats, "print the per-site daily statistics"),
                              ("worker", _worker, "(internal) the case worker that `run` starts")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--config", default="config.toml", help="config file (default ./config.toml)")
         sub.set_defaults(func=func)
         if name == "status":
             sub.add_argument("--json", action="store_true", help="print JSON")
+        if name == "stats":
+            output = sub.add_mutually_exclusive_group(required=True)
+            output.add_argument("--json", action="store_true", help="print JSON")
+            output.add_argument("--csv", action="store_true", help="print CSV, one row per site and day")
+            sub.add_argument("--days", type=_days, default=30, help="days up to today (UTC), default 30")
         if name == "keygen":
             sub.add_argument("--output", help="write here instead of security.master_key_file")
     args = parser.parse_args(argv)
