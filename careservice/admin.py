@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from importlib.metadata import version
 
 import uvicorn
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.applications import Starlette
@@ -144,11 +145,13 @@ class Admin:
         return [Route("/metrics", self.metrics), Route("/healthz", self.healthz), Route("/stats", self.stats)]
 
     async def metrics(self, request: Request) -> Response:
+        """The text format Prometheus asks for in Accept (OpenMetrics, or the classic text format by default)."""
+        encode, content_type = choose_encoder(request.headers.get("accept", ""))
         try:
-            body = await asyncio.to_thread(generate_latest, self.registry)
+            body = await asyncio.to_thread(encode, self.registry)
         except (StoreError, sqlite3.Error):
             return PlainTextResponse("The store is not readable", 503)
-        return Response(body, media_type=CONTENT_TYPE_LATEST)
+        return Response(body, headers={"Content-Type": content_type})
 
     async def healthz(self, request: Request) -> Response:
         """200 while mail is taken in safely ("degraded" while the relay is down), else 503 naming what fails."""

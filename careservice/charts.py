@@ -30,7 +30,7 @@ STYLE = Style(  # the colours of templates/web/base.html
     legend_font_size=14, label_font_size=12, major_label_font_size=12, opacity="0.9", opacity_hover="0.9",
 )
 OPTIONS: dict[str, Any] = {
-    "style": STYLE, "js": [], "disable_xml_declaration": True, "width": 900, "height": 420,
+    "style": STYLE, "js": [], "disable_xml_declaration": True, "width": 900, "height": 420, "explicit_size": True,
     "legend_at_bottom": True, "legend_at_bottom_columns": 4, "no_data_text": "No data yet", "print_zeroes": False,
 }
 
@@ -55,9 +55,9 @@ def daily_chart(rep: Report, site: str) -> str:
     top = max(sum(t.counts[column] for column, _ in ENDINGS) for t in days)
     step = max(1, math.ceil(top / 8))
     chart = pygal.StackedBar(title=f"{site}: cases ended per day (UTC)", x_label_rotation=-45, y_title="cases",
-                             show_minor_x_labels=False, x_labels_major_every=5,
+                             show_minor_x_labels=False, x_labels_major=[day[5:] for day in rep.days[::-5]],
                              y_labels=list(range(0, top + step, step)), **OPTIONS)  # whole cases only
-    chart.x_labels = [day[5:] for day in rep.days]
+    chart.x_labels = [day[5:] for day in rep.days]  # every fifth day named, counting back from today
     for column, label in ENDINGS:
         chart.add(label, [t.counts[column] for t in days])
     return _image(chart)

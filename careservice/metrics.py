@@ -46,8 +46,6 @@ REPLIES_REFUSED = Counter("careservice_replies_refused", "Replies to a reply add
                           "reason (not_from_staff, token_invalid, late).", ["site", "reason"], registry=None)
 DELIVERIES = Counter("careservice_deliveries", "Outgoing mail handed to the relay: sent (250), deferred (to retry), "
                      "failed (given up).", ["result"], registry=None)
-RELAY_UP = Gauge("careservice_relay_up", "1 when the relay took mail or answered at the last attempt, 0 when it "
-                 "could not be reached.", registry=None, multiprocess_mode="livemax")
 COMMIT_SECONDS = Histogram("careservice_intake_commit_seconds", "Seconds from handing inbound mail to the store "
                            "until it is on disk.", registry=None)
 TIME_TO_ANSWER = Histogram("careservice_time_to_answer_seconds", "Seconds from a case's arrival until the relay "
@@ -135,7 +133,16 @@ def not_delivered(gave_up: bool) -> None:
 
 
 def relay_up(up: bool) -> None:
-    RELAY_UP.set(1 if up else 0)
+    relay_gauge().set(1 if up else 0)
+
+
+@functools.cache
+def relay_gauge() -> Gauge:
+    """Made at the worker's first contact with the relay: until then its state is unknown, and a gauge made
+    at import would read 0 (down) from every process's file."""
+    return Gauge("careservice_relay_up", "1 when the relay took mail or answered at the last attempt, 0 when it "
+                 "could not be reached (absent until the worker first tried it).", registry=None,
+                 multiprocess_mode="livemax")
 
 
 def process_gone(pid: int) -> None:

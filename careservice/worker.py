@@ -15,7 +15,6 @@ import os
 import signal
 import stat
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -75,8 +74,7 @@ class CaseWorker:
         await self.store.start(sweep=True)  # a worker killed inside a purge's commit left its key behind
         self.tasks = [asyncio.create_task(self.runner.run()), asyncio.create_task(self.outbox.run())]
         self.scheduler.add_job(self.sweep, "interval", seconds=SWEEP_SECONDS, id="retention_and_retry_sweep")
-        self.scheduler.add_job(self.outbox.check_relay, "interval", seconds=SWEEP_SECONDS, id="relay_check",
-                               next_run_time=datetime.now(UTC))
+        self.scheduler.add_job(self.outbox.check_relay, "interval", seconds=SWEEP_SECONDS, id="relay_check")
         self.scheduler.start()
         log.info("worker_started")
 
