@@ -69,6 +69,9 @@ def _check(config: Config, args: argparse.Namespace) -> int:
           f"{' (STARTTLS)' if config.smtp.tls_cert else ''}")
     print(f"  web        {config.web.listen.host}:{config.web.listen.port} verification={config.web.verification}")
     print(f"  relay      {config.relay.url}")
+    admin = config.admin.listen
+    print(f"  admin      {f'{admin.host}:{admin.port}' if admin else 'off'}"
+          f"{' (bearer token)' if admin and config.admin.token_file else ''}")
     print(f"  retention  unanswered cases purged after {config.unanswered_days} days")
     for site in config.sites:
         print(f"  site {site.id}: {site.name} <{site.care_address}> staff={len(site.staff)}")

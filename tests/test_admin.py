@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.dovecot import DovecotServer
 from tests.support import (
     CARE,
     STAFF,
@@ -27,6 +28,7 @@ from tests.support import (
     CaptureRelay,
     Daemon,
     customer_mail,
+    imap_config,
     send,
     staff_reply,
     wait_for,
@@ -257,6 +259,25 @@ def _worker_pid(daemon: Daemon) -> int:
     pids = [int(line.split()[0]) for line in out.stdout.splitlines() if " worker " in line]
     assert len(pids) == 1, out.stdout
     return pids[0]
+
+
+@pytest.mark.imap
+def test_an_imap_mailbox_shows_as_its_site_and_folder_only(tmp_path: Path, relay: CaptureRelay,
+                                                           dovecot: DovecotServer) -> None:
+    daemon = admin_serving(Daemon(imap_config(tmp_path / "svc", relay, dovecot)).start())
+    try:
+        up = ("careservice_imap_mailbox_up", (("mailbox", "ticketnest/INBOX"),))
+        wait_for(lambda: scrape(daemon).get(up) == 1, what="mailbox up")
+        dovecot.append(customer_mail("Via IMAP", "imap body", ALICE))
+        wait_for(lambda: relay.to(STAFF), what="forward")
+        samples = scrape(daemon)
+        assert value(samples, "careservice_messages_received_total", channel="imap") == 1
+        assert [key for key in samples if key[0] == "careservice_imap_mailbox_up"] == [up]
+        assert f"{dovecot.host}:{dovecot.port}" not in get(daemon, "/metrics").text  # the user@host:port name
+        dovecot.stop()
+        wait_for(lambda: scrape(daemon).get(up) == 0, what="mailbox down")
+    finally:
+        daemon.stop()
 
 
 def test_a_token_protected_admin_listener_answers_401_without_it(tmp_path: Path, relay: CaptureRelay) -> None:
