@@ -363,7 +363,7 @@ class Postfix(Server):
 
 def write_config(root: Path, relay_port: int) -> tuple[Path, int]:
     """A production-like config (INFO logs, one site, one staff address) on free loopback ports."""
-    smtp_port, web_port = free_port(), free_port()
+    smtp_port, web_port, admin_port = free_port(), free_port(), free_port()
     path = root / "config.toml"
     path.write_text(f"""
 [service]
@@ -382,6 +382,8 @@ timeout = 30
 [web]
 listen = "{HOST}:{web_port}"
 verification = "off"
+[admin]
+listen = "{HOST}:{admin_port}"
 [[sites]]
 id = "ticketnest"
 name = "TicketNest"

@@ -1,4 +1,4 @@
-"""`careservice run | check | keygen | status | --version`; every command takes --config PATH."""
+"""`careservice run | check | keygen | status | stats | --version`; every command takes --config PATH."""
 
 from __future__ import annotations
 
@@ -6,31 +6,46 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from careservice.config import Config, ConfigError, load_config
+from careservice.config import METRICS_DIR_ENV, Config, ConfigError, load_config
 from careservice.crypto import MasterKeyError, write_master_key
 from careservice.logs import setup_logging
 from careservice.preflight import problems
+from careservice.stats import report, to_csv, to_json
 from careservice.store import StoreError, read_status
 
 EXIT_CONFIG = 2
 
 
 def _run(config: Config, args: argparse.Namespace) -> int:
-    from careservice.daemon import run_forever  # imports aiosmtpd & co only when serving
-
     found = problems(config)
     if found:
         for problem in found:
             print(f"careservice: config error: {problem}", file=sys.stderr)
         print("careservice: not started; `careservice check` lists the same problems", file=sys.stderr)
         return EXIT_CONFIG
+    _share_metrics(config.data_dir)
+    from careservice.daemon import run_forever  # imports aiosmtpd & co only when serving
+
     setup_logging(config.log_level)
     asyncio.run(run_forever(config))
     return 0
+
+
+def _share_metrics(data_dir: Path) -> None:
+    """An empty data_dir/metrics for the metrics of this run's processes (the worker inherits the variable);
+    before anything imports prometheus_client, which picks its mode at its first import."""
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("prometheus_client was imported before its multiprocess folder was set")
+    folder = data_dir / "metrics"
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(mode=0o700)
+    os.environ[METRICS_DIR_ENV] = str(folder)
 
 
 def _worker(config: Config, args: argparse.Namespace) -> int:
@@ -54,6 +69,9 @@ def _check(config: Config, args: argparse.Namespace) -> int:
           f"{' (STARTTLS)' if config.smtp.tls_cert else ''}")
     print(f"  web        {config.web.listen.host}:{config.web.listen.port} verification={config.web.verification}")
     print(f"  relay      {config.relay.url}")
+    admin = config.admin.listen
+    print(f"  admin      {f'{admin.host}:{admin.port}' if admin else 'off'}"
+          f"{' (bearer token)' if admin and config.admin.token_file else ''}")
     print(f"  retention  unanswered cases purged after {config.unanswered_days} days, every case after "
           f"{config.hard_limit_days}")
     for site in config.sites:
@@ -88,6 +106,22 @@ def _status(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _stats(config: Config, args: argparse.Namespace) -> int:
+    try:
+        stats = report(config.data_dir, [site.id for site in config.sites], args.days)
+    except StoreError as exc:
+        print(f"careservice: {exc}", file=sys.stderr)
+        return 1
+    print(to_json(stats) if args.json else to_csv(stats), end="\n" if args.json else "")
+    return 0
+
+
+def _days(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 3660:
+        raise argparse.ArgumentTypeError(f"expected a number of days from 1 to 3660, got {value!r}")
+    return int(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="careservice", description=__doc__)
     parser.add_argument("--version", action="version", version=f"careservice {version('careservice')}")
@@ -96,12 +130,18 @@ def main(argv: list[str] | None = None) -> int:
                              ("check", _check, "validate the config and print a summary"),
                              ("keygen", _keygen, "write a new master key file"),
                              ("status", _status, "print queue and case counts from the store"),
+                             ("stats", _stats, "print the per-site daily statistics"),
                              ("worker", _worker, "(internal) the case worker that `run` starts")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--config", default="config.toml", help="config file (default ./config.toml)")
         sub.set_defaults(func=func)
         if name == "status":
             sub.add_argument("--json", action="store_true", help="print JSON")
+        if name == "stats":
+            output = sub.add_mutually_exclusive_group(required=True)
+            output.add_argument("--json", action="store_true", help="print JSON")
+            output.add_argument("--csv", action="store_true", help="print CSV, one row per site and day")
+            sub.add_argument("--days", type=_days, default=30, help="days up to today (UTC), default 30")
         if name == "keygen":
             sub.add_argument("--output", help="write here instead of security.master_key_file")
     args = parser.parse_args(argv)

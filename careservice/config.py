@@ -17,6 +17,7 @@ from careservice.budget import min_memory_mb
 RELAY_SCHEMES = ("smtp", "smtps", "smtp+starttls", "maildir")
 IMAP_SECURITY = ("tls", "starttls", "none")
 RELAY_PASSWORD_ENV = "CARESERVICE_RELAY_PASSWORD"
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multiprocess folder, read at its first import
 _HOST_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*")
 _CONTACT_PATH = re.compile(r"(/[A-Za-z0-9._~-]+)+")  # literal segments: no route parameters, query or fragment
 
@@ -101,6 +102,12 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    listen: Endpoint | None  # None: no admin listener
+    token_file: str  # "" = no token asked for
+
+
+@dataclass(frozen=True)
 class ImapMailbox:
     site: str
     host: str
@@ -135,6 +142,7 @@ class Config:
     acks_per_hour: int
     sites: tuple[Site, ...]
     imap: tuple[ImapMailbox, ...] = field(default=())
+    admin: AdminConfig = field(default=AdminConfig(None, ""))
 
     def site(self, site_id: str) -> Site | None:
         return next((s for s in self.sites if s.id == site_id), None)
@@ -335,7 +343,8 @@ def load_config(path: Path) -> Config:
     base = path.resolve().parent
     root = _Table(data, "")
     service, security, smtp = root.sub("service"), root.sub("security"), root.sub("smtp")
-    web, retention = root.sub("web"), root.sub("retention")
+    web, retention, admin = root.sub("web"), root.sub("retention"), root.sub("admin")
+    admin_listen = admin.get("listen", str, "127.0.0.1:9025")  # "" = no admin listener
     data_dir = _resolve(base, service.get("data_dir", str, "var"))
     site_tables = root.array("sites", required=True)
     if not site_tables:
@@ -428,6 +437,8 @@ def load_config(path: Path) -> Config:
         acks_per_hour=root.sub("acknowledge").positive("max_per_address_per_hour", 5),
         sites=sites,
         imap=tuple(_imap(t, set(ids), base) for t in root.array("imap")),
+        admin=AdminConfig(parse_endpoint("admin.listen", admin_listen) if admin_listen else None,
+                          _path(base, admin.get("token_file", str, ""))),
     )
     root.refuse_unknown()
     return config

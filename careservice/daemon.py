@@ -14,6 +14,8 @@ import logging
 import signal
 import time
 
+from careservice import metrics
+from careservice.admin import AdminServer, Parts, start_admin
 from careservice.config import Config
 from careservice.context import build_context
 from careservice.intake.imap import ImapIntake
@@ -27,6 +29,7 @@ from careservice.supervisor import WorkerSupervisor
 
 log = logging.getLogger("careservice.daemon")
 ROTATE_SECONDS = 60
+FORM_STATS_SECONDS = 5  # the form's results go to the daily statistics in one write per interval, not per post
 STOP_MARGIN = 2.0  # of stop_timeout, kept for closing the store and the worker's last word
 
 
@@ -42,7 +45,9 @@ class Service:
         self.imap = ImapIntake(config, self.ingest, self.ctx.keyring)
         self.smtp: SmtpListener | None = None
         self.web: WebServer | None = None
+        self.admin: AdminServer | None = None
         self.rotation: asyncio.Task[None] | None = None
+        self.form_stats: asyncio.Task[None] | None = None
 
     @property
     def healthy(self) -> bool:
@@ -55,8 +60,11 @@ class Service:
         self.smtp = await start_smtp(self.config.smtp, SmtpHandler(self.config.smtp, self.ctx.addressing,
                                                                    self.ingest))
         self.web = await start_web(self.config, self.ctx, self.ingest)
+        metrics.initialise(site.id for site in self.config.sites)
+        self.admin = await start_admin(Parts(self.ctx, self.worker, self.ingest, self._smtp_accepting))
         self.imap.start()
         self.rotation = asyncio.create_task(self._rotate_digests())
+        self.form_stats = asyncio.create_task(self._form_stats())
         log.info("started smtp=%s:%d web=%s:%d sites=%d", self.config.smtp.listen.host, self.config.smtp.listen.port,
                  self.config.web.listen.host, self.config.web.listen.port, len(self.config.sites))
 
@@ -69,6 +77,25 @@ class Service:
             except Exception as exc:  # the store is failing: the intake answers 451 meanwhile, retry later
                 log.error("digest_rotation_failed %s", error_fields(exc))
 
+    def _smtp_accepting(self) -> bool:
+        return self.smtp is not None and self.smtp.server.is_serving() and not self.smtp.sessions.draining
+
+    async def _form_stats(self) -> None:
+        while True:
+            await asyncio.sleep(FORM_STATS_SECONDS)
+            await self._store_form_tally()
+
+    async def _store_form_tally(self) -> None:
+        """Add the form's results counted since the last time to the daily statistics."""
+        tally = metrics.take_form_tally()
+        if not tally:
+            return
+        try:
+            await self.store.add_stats(tally)
+        except Exception as exc:  # the store is failing: keep the counts for the next attempt
+            metrics.restore_form_tally(tally)
+            log.error("form_stats_failed %s", error_fields(exc))
+
     def reload(self) -> bool:
         if reload_config(self.ctx) is None:
             return False
@@ -78,8 +105,9 @@ class Service:
     async def stop(self) -> None:
         """Drain (see the module text) and close; at most stop_timeout seconds."""
         self.worker.stopping = True
-        if self.rotation is not None:
-            self.rotation.cancel()
+        for task in (self.rotation, self.form_stats):
+            if task is not None:
+                task.cancel()
         started = time.monotonic()
         budget = max(self.config.stop_timeout - STOP_MARGIN, 1.0)
         intake = [self.imap.stop()]
@@ -87,7 +115,10 @@ class Service:
             intake.append(self.smtp.drain(budget))
         if self.web is not None:
             intake.append(self.web.stop())
+        if self.admin is not None:
+            intake.append(self.admin.stop())
         await asyncio.gather(self.worker.stop(budget), *intake)
+        await self._store_form_tally()
         await self.store.close()
         log.info("stopped seconds=%.1f", time.monotonic() - started)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import secrets
 import ssl
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import aiosmtplib
 
+from careservice import metrics
 from careservice.config import RelayConfig
 from careservice.logs import error_fields
 from careservice.model import MailKind, OutgoingMail
@@ -25,6 +27,7 @@ log = logging.getLogger("careservice.outbox")
 
 BATCH = 100
 IDLE_WAIT = 5.0
+PROBE_AFTER = 60.0  # seconds without a delivery round before check_relay asks the relay itself
 
 
 class RelayDown(Exception):
@@ -118,6 +121,19 @@ class Relay:
             await client.quit(timeout=min(self.QUIT_SECONDS, self.config.timeout))
         client.close()
 
+    async def reachable(self) -> bool:
+        """Whether the relay takes a connection (and the login) now; a maildir, whether it can be written."""
+        try:
+            if self.config.maildir is not None:
+                for sub in ("tmp", "new", "cur"):
+                    os.makedirs(self.config.maildir / sub, mode=0o700, exist_ok=True)
+                return os.access(self.config.maildir / "tmp", os.W_OK)
+            client = await self._connection()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            return False
+        await self._quit(client)
+        return True
+
     @property
     def keeps_connections(self) -> bool:
         return bool(self._kept)
@@ -203,6 +219,7 @@ class Outbox:
         self._down_until = 0.0
         self._down_count = 0
         self._unrecorded: dict[int, QueuedMail] = {}  # the relay took these, the store could not say so yet
+        self._last_round = -math.inf
 
     def wake(self) -> None:
         self._wake.set()
@@ -255,6 +272,8 @@ class Outbox:
         """Log a round's relay failures as one line, and back off when the relay was down: one step of
         retry_delays per round, however many of its connections found it down."""
         down = [failure for failure in failures if not failure.done]
+        self._last_round = self.clock()
+        metrics.relay_up(not down)
         if not down:
             self._down_count = 0
             if failures:  # connections dropped mid-batch: their remaining mail waits its own retry delay
@@ -266,6 +285,12 @@ class Outbox:
         self._down_until = self.clock() + retry_in
         queued = (await self.store.counts())["outbound_queued"]
         log.warning("relay_down relay=%s %s retry_in=%d queued=%d", self.relay.name, down[0].fields, retry_in, queued)
+
+    async def check_relay(self) -> None:
+        """Ask the relay whether it answers, for careservice_relay_up, when no delivery round has lately:
+        an idle service would otherwise only learn of a dead relay with the next mail."""
+        if self.clock() - self._last_round >= PROBE_AFTER:
+            metrics.relay_up(await self.relay.reachable())
 
     async def _deliver(self, items: list[QueuedMail], failures: list[RelayDown]) -> int:
         """Send one connection's share; returns how many were delivered. A relay failure goes to
@@ -297,7 +322,9 @@ class Outbox:
 
     async def _delivered(self, item: QueuedMail) -> None:
         self._unrecorded[item.id] = item
-        await self.store.mail_delivered(item, self.clock())
+        started = time.monotonic()
+        waited = await self.store.mail_delivered(item, self.clock())
+        metrics.delivered(item.site, item.mail.kind is MailKind.ANSWER, waited, time.monotonic() - started)
         del self._unrecorded[item.id]
         log.info("mail_delivered case=%s kind=%s", item.mail.case_id, item.mail.kind)
 
@@ -309,6 +336,7 @@ class Outbox:
         now = self.clock()
         if not permanent and now + retry_in - item.created <= self.config.give_up_after:
             await self.store.mail_deferred(item, now + retry_in)
+            metrics.not_delivered(gave_up=False)
             return False, f"retry_in={retry_in}"
         if not permanent:
             why = f"{why}; gave up after {self.config.give_up_after} s"
@@ -318,5 +346,6 @@ class Outbox:
         except Exception as exc:
             log.error("mail_fail_record_failed case=%s %s", item.mail.case_id, error_fields(exc))
             return True, ""
+        metrics.not_delivered(gave_up=True)
         gave_up = "" if permanent else f"gave_up_after={self.config.give_up_after} "
         return True, f"{gave_up}notice={str(notice is not None).lower()}"

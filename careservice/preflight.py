@@ -22,7 +22,7 @@ WILDCARDS = {"", "0.0.0.0", "::"}
 def problems(config: Config) -> list[str]:
     """Every problem found, each as `key: problem`; empty when `run` can start."""
     found = []
-    for check in (_templates, _master_key, _listeners, _tls, _secrets, _data_dir):
+    for check in (_templates, _master_key, _listeners, _tls, _secrets, _admin_token, _data_dir):
         try:
             found.extend(check(config))
         except ConfigError as exc:
@@ -62,6 +62,8 @@ def _master_key(config: Config) -> Iterator[str]:
 
 def _listeners(config: Config) -> Iterator[str]:
     listeners = [("smtp.listen", config.smtp.listen), ("web.listen", config.web.listen)]
+    if config.admin.listen is not None:
+        listeners.append(("admin.listen", config.admin.listen))
     for i, (key, endpoint) in enumerate(listeners):
         for other_key, other in listeners[:i]:
             if endpoint.port == other.port and (endpoint.host == other.host or {endpoint.host, other.host} & WILDCARDS):
@@ -93,6 +95,28 @@ def _secrets(config: Config) -> Iterator[str]:
     for key, name in files.items():
         if name and not os.access(name, os.R_OK):
             yield f"{key}: cannot read {name}"
+
+
+def _admin_token(config: Config) -> Iterator[str]:
+    if config.admin.listen is not None:
+        try:
+            admin_token(config)
+        except ConfigError as exc:
+            yield str(exc)
+
+
+def admin_token(config: Config) -> str:
+    """The admin listener's bearer token ("" = none asked for); ConfigError naming admin.token_file if unusable."""
+    path = config.admin.token_file
+    if not path:
+        return ""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("admin.token_file", f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not token:
+        raise ConfigError("admin.token_file", f"{path} is empty")
+    return token
 
 
 def _data_dir(config: Config) -> Iterator[str]:

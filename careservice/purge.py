@@ -10,8 +10,7 @@ import sqlite3
 import time
 
 from careservice.crypto import Keyring
-
-TTA_BUCKETS = ((3600, "tta_lt_1h"), (86400, "tta_lt_1d"), (7 * 86400, "tta_lt_7d"))
+from careservice.tta import bucket_name
 
 
 def _day(ts: float) -> str:
@@ -40,14 +39,16 @@ def drop_item(conn: sqlite3.Connection, case_id: str) -> None:
         conn.execute("DELETE FROM k.keys WHERE id=?", (case_id,))
 
 
-def answered(conn: sqlite3.Connection, site: str, case_id: str, now: float) -> None:
-    """Purge a case whose answer the relay took, counting how long it waited."""
+def answered(conn: sqlite3.Connection, site: str, case_id: str, now: float) -> float | None:
+    """Purge a case whose answer the relay took, counting how long it waited; the seconds it waited
+    (None: the case was gone already)."""
     row = conn.execute("SELECT created FROM cases WHERE id=?", (case_id,)).fetchone()
     if row is None:
-        return
+        return None
     waited = now - row[0]
-    add_stat(conn, site, now, next((name for limit, name in TTA_BUCKETS if waited < limit), "tta_ge_7d"))
+    add_stat(conn, site, now, bucket_name(waited))
     purge_case(conn, case_id)
+    return waited
 
 
 def purge_aged(conn: sqlite3.Connection, keyring: Keyring, cutoff: float, sites: frozenset[str],

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 
+from careservice import metrics
 from careservice.context import Context
 from careservice.logs import error_fields
 from careservice.model import Case, CaseState, Outcome
@@ -99,6 +100,7 @@ class Runner:
                 self.ctx.forget(case.id)  # the parsed message (attachments decoded) is not kept for the commit
             assert outcome is not None
             await self.ctx.store.apply(case, outcome, now, self.next_run(case, outcome.state, now))
+            metrics.stage_outcome(case.site, outcome)
             if outcome.mails:
                 self.on_mail()
             target = (outcome.updates or case).target

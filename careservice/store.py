@@ -402,10 +402,11 @@ class Store:
         """Due mail in next_attempt order: at most `limit`, and `max_bytes` stored (see budget.first_fit)."""
         return await self._read(_due_mail, now, limit, max_bytes)
 
-    async def mail_delivered(self, item: QueuedMail, now: float) -> None:
-        """Drop a delivered mail; a delivered answer purges its case in the same transaction."""
+    async def mail_delivered(self, item: QueuedMail, now: float) -> float | None:
+        """Drop a delivered mail; a delivered answer purges its case in the same transaction. Returns the
+        seconds an answered case waited for its answer (None for other mail, or a case already gone)."""
         answer = item.mail.kind is MailKind.ANSWER
-        await self._call(_mail_delivered, item, now, checkpoint=answer)
+        return await self._call(_mail_delivered, item, now, checkpoint=answer)
 
     async def mail_deferred(self, item: QueuedMail, next_attempt: float) -> None:
         await self._call(_mail_deferred, item.id, next_attempt)
@@ -433,6 +434,10 @@ class Store:
 
     async def counts(self) -> dict[str, Any]:
         return await self._read(_counts_op)
+
+    async def add_stats(self, counts: dict[tuple[str, str, str], int]) -> None:
+        """Add to the per-site daily counters: (site, day, name) -> n."""
+        await self._call(_add_stats, counts)
 
     async def mailbox_health(self, name: str, problem: str, now: float) -> None:
         """Record an IMAP mailbox's health for `status --json` ("" = working; else a short code)."""
@@ -647,13 +652,15 @@ def _due_mail(conn: sqlite3.Connection, keyring: Keyring, now: float, limit: int
     return out
 
 
-def _mail_delivered(conn: sqlite3.Connection, keyring: Keyring, item: QueuedMail, now: float) -> None:
+def _mail_delivered(conn: sqlite3.Connection, keyring: Keyring, item: QueuedMail, now: float) -> float | None:
+    waited = None
     if item.mail.kind is MailKind.ANSWER:
-        answered(conn, item.site, item.mail.case_id, now)
+        waited = answered(conn, item.site, item.mail.case_id, now)
         add_stat(conn, item.site, now, "answered")
     conn.execute("DELETE FROM outbox WHERE id=?", (item.id,))
     if not conn.execute("SELECT 1 FROM cases WHERE id=?", (item.mail.case_id,)).fetchone():
         drop_item(conn, item.mail.case_id)
+    return waited
 
 
 def _mail_deferred(conn: sqlite3.Connection, keyring: Keyring, row_id: int, next_attempt: float) -> None:
@@ -671,6 +678,11 @@ def _mail_failed(conn: sqlite3.Connection, keyring: Keyring, item: QueuedMail, n
         _queue_mail(conn, keyring, item.site, notice, now)
     if not conn.execute("SELECT 1 FROM cases WHERE id=?", (item.mail.case_id,)).fetchone():
         drop_item(conn, item.mail.case_id)
+
+
+def _add_stats(conn: sqlite3.Connection, keyring: Keyring, counts: dict[tuple[str, str, str], int]) -> None:
+    conn.executemany("INSERT INTO stats VALUES (?,?,?,?) ON CONFLICT(site, day, name) DO UPDATE SET value = value + "
+                     "excluded.value", [(*key, n) for key, n in counts.items()])
 
 
 def _take_ack_slot(conn: sqlite3.Connection, keyring: Keyring, digest: bytes, hour: int, limit: int) -> bool:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import sys
 import time
 
+from careservice import metrics
 from careservice.config import Config
 from careservice.crypto import worker_environment
 
@@ -31,13 +33,17 @@ class WorkerSupervisor:
         self.proc: asyncio.subprocess.Process | None = None
         self.stopping = False  # set as soon as a stop begins: a worker exiting then is not restarted
         self._pipe = -1
-        self._last_beat = 0.0
+        self._last_beat = -math.inf  # monotonic; the current worker's last heartbeat
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def healthy(self) -> bool:
-        return (self.proc is not None and self.proc.returncode is None
-                and time.monotonic() - self._last_beat < HEALTHY_WITHIN)
+        return self.beat_age() < HEALTHY_WITHIN
+
+    def beat_age(self) -> float:
+        """Seconds since the running worker's last heartbeat (inf while none is running or it has not beaten)."""
+        alive = self.proc is not None and self.proc.returncode is None
+        return time.monotonic() - self._last_beat if alive else math.inf
 
     async def start(self) -> None:
         """Spawn the worker and wait (bounded) for its first heartbeat, so that READY means ready."""
@@ -52,6 +58,7 @@ class WorkerSupervisor:
 
     async def _spawn(self) -> None:
         read_end, self._pipe = os.pipe()
+        self._last_beat = -math.inf  # the last worker's beats do not vouch for this one
         os.set_blocking(self._pipe, False)
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "careservice", "worker", "--config", str(self.config.path), stdin=read_end,
@@ -69,6 +76,7 @@ class WorkerSupervisor:
         while True:
             assert self.proc is not None
             code = await self.proc.wait()
+            metrics.process_gone(self.proc.pid)
             await asyncio.sleep(0)  # a stop signal delivered with the worker's own exit is handled first
             if self.stopping:
                 return

@@ -85,6 +85,7 @@ class CaseWorker:
         self.tasks = [asyncio.create_task(self.runner.run()), asyncio.create_task(self.outbox.run())]
         self.scheduler.add_job(self.sweep, "interval", seconds=SWEEP_SECONDS, id="retention_and_retry_sweep",
                                next_run_time=datetime.now(UTC))
+        self.scheduler.add_job(self.outbox.check_relay, "interval", seconds=SWEEP_SECONDS, id="relay_check")
         self.scheduler.start()
         log.info("worker_started")
 

@@ -120,7 +120,7 @@ def write_config(tmp: Path, relay_port: int, *, extra: str = "", relay_url: str 
                  retry_delays: str = "[1, 1, 2]", give_up_after: int = 432000, sites: str = SITES) -> Path:
     """A config for one test: its own data dir, free ports, a relay on loopback; `sites` replaces the two test sites."""
     tmp.mkdir(parents=True, exist_ok=True)
-    smtp_port, web_port = free_port(), free_port()
+    smtp_port, web_port, admin_port = free_port(), free_port(), free_port()
     path = tmp / "config.toml"
     path.write_text(f"""
 [service]
@@ -141,6 +141,8 @@ timeout = 10
 [web]
 listen = "127.0.0.1:{web_port}"
 verification = "off"
+[admin]
+listen = "127.0.0.1:{admin_port}"
 {sites}
 {extra}
 """)
@@ -188,8 +190,15 @@ class Daemon:
 
     @property
     def web_port(self) -> int:
+        return self._port("web")
+
+    @property
+    def admin_port(self) -> int:
+        return self._port("admin")
+
+    def _port(self, table: str) -> int:
         text = self.config.read_text()
-        return int(text.split("[web]")[1].split("listen = ")[1].split('"')[1].rsplit(":", 1)[1])
+        return int(text.split(f"[{table}]")[1].split("listen = ")[1].split('"')[1].rsplit(":", 1)[1])
 
     def start(self) -> Daemon:
         env = {**os.environ, **self.env}

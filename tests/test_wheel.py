@@ -83,6 +83,8 @@ min_free_bytes = 1
 url = "smtp://127.0.0.1:{relay.port}"
 [web]
 listen = "127.0.0.1:{free_port()}"
+[admin]
+listen = "127.0.0.1:{free_port()}"
 [[sites]]
 id = "ticketnest"
 name = "TicketNest"
@@ -116,9 +118,12 @@ staff = ["{STAFF}"]
                                 capture_output=True, text=True, cwd="/", check=True)
         assert json.loads(status.stdout)["open_cases"] == 1
         assert stat.S_IMODE(state.stat().st_mode) == 0o700
-        files = {p.name: stat.S_IMODE(p.stat().st_mode) for p in state.iterdir()}
+        files = {p.name: stat.S_IMODE(p.stat().st_mode) for p in state.iterdir() if p.is_file()}
         assert {"cases.db", "keys.db", "cases.db-wal", "keys.db-wal"} <= set(files), files
         assert {name: mode for name, mode in files.items() if mode != 0o600} == {}
+        metrics = state / "metrics"  # prometheus_client's files of both processes
+        assert stat.S_IMODE(metrics.stat().st_mode) == 0o700 and any(metrics.iterdir())
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in metrics.iterdir() if p.stat().st_mode & 0o077} == {}
         assert stat.S_IMODE((etc / "master.key").stat().st_mode) == 0o600
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from careservice import metrics
 from careservice.store import NewMessage, Store
 
 log = logging.getLogger("careservice.intake")
@@ -39,7 +40,9 @@ class Ingest:
 
     async def accept(self, messages: list[NewMessage], source: str) -> list[str]:
         """Commit `messages` in one transaction; returns ids ('' = duplicate). Raises if not committed."""
+        started = time.monotonic()
         ids = await self.store.add_inbound(messages, self.clock())
+        metrics.received(source, len(messages), time.monotonic() - started)
         self.on_commit()
         log.info("inbound_committed source=%s cases=%s", source, ",".join(i or "duplicate" for i in ids))
         return ids

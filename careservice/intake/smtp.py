@@ -15,6 +15,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from careservice import metrics
 from careservice.addresses import Addressing, Recipient
 from careservice.config import SmtpConfig
 from careservice.intake.imap import dedupe_key
@@ -297,6 +298,11 @@ class _Session(SMTP):
                         pass
         transport.close()
 
+    async def push(self, status: str | bytes) -> None:
+        """Every reply line aiosmtpd sends passes here: counted for careservice_smtp_replies_total."""
+        metrics.smtp_reply(status)
+        await super().push(status)
+
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's address parse, with a fast path for the plain `<local@domain>` that nearly every
         client sends (aiosmtpd's builds a typing.Protocol class and runs the RFC 5322 parser on each:
@@ -326,6 +332,7 @@ class _Refuse(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.WriteTransport)
+        metrics.smtp_reply(self.reply)
         transport.write(self.reply)
         transport.close()
 

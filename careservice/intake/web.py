@@ -34,6 +34,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from careservice import metrics
 from careservice.config import Config, Site
 from careservice.context import Context
 from careservice.intake.codeart import MEDIA_TYPES, CodeArt
@@ -201,9 +202,11 @@ class ContactForm:
         wait = take_all((self.posts, client), (self.all_posts, ALL))
         if wait:
             log.info("form_refused site=%s reason=%s", site.id, "rate_limited" if self.posts.wait(client) else "busy")
+            metrics.form_post(site.id, "rate_limited")
             return self._form(request, entry, values, {}, "rate_limited", 429, {"Retry-After": str(math.ceil(wait))})
         if values.get(HONEYPOT_FIELD):
             log.info("form_refused site=%s reason=honeypot", site.id)
+            metrics.form_post(site.id, "invalid")
             return RedirectResponse(f"{entry.url}/thanks", 303)
         contact, errors = self.validate(values)
         token_id = b""
@@ -214,19 +217,24 @@ class ContactForm:
                 errors["verification_code"] = problem
         if errors:
             log.info("form_refused site=%s reason=invalid fields=%s", site.id, ",".join(sorted(errors)))
+            metrics.form_post(site.id, "bad_code" if list(errors) == ["verification_code"] else "invalid")
             return self._form(request, entry, values, errors, status=400)
         assert contact is not None  # no errors: validate returned the details
         if await asyncio.to_thread(self.ingest.disk_low):
             log.warning("form_refused site=%s reason=disk_low", site.id)
+            metrics.form_post(site.id, "unavailable")
             return self._form(request, entry, values, {}, "unavailable", 503)
         try:
             ids = await self.ingest.accept([self.message(site, contact, values["query"], token_id)], "web")
         except Exception as exc:  # not committed: the customer keeps the page and can send it again
             log.error("form_failed site=%s %s", site.id, error_fields(exc))
+            metrics.form_post(site.id, "unavailable")
             return self._form(request, entry, values, {}, "unavailable", 503)
         if not ids[0]:
             log.info("form_refused site=%s reason=code_reused", site.id)
+            metrics.form_post(site.id, "bad_code")
             return self._form(request, entry, values, {"verification_code": "code_used"}, status=400)
+        metrics.form_post(site.id, "accepted")
         return RedirectResponse(f"{entry.url}/thanks", 303)
 
     def validate(self, values: dict[str, str]) -> tuple[ContactDetails | None, dict[str, str]]:

@@ -1,0 +1,53 @@
+"""Pieces of the metrics and statistics in-process: time-to-answer bands, and the idle relay probe."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from careservice import metrics, tta
+from careservice.outbox import Outbox, Relay
+from tests.support import free_port
+from tests.test_outbox import CountingRelay, relay_config
+
+
+def test_time_to_answer_bands_give_exact_shares_and_an_estimated_median() -> None:
+    assert [tta.bucket_name(s) for s in (0, 299, 300, 3599, 3600, 14399, 86399, 86400, 7 * 86400)] == [
+        "tta_0_5m", "tta_0_5m", "tta_5m_15m", "tta_30m_1h", "tta_1h_2h", "tta_2h_4h", "tta_8h_1d", "tta_1d_3d",
+        "tta_7d_up"]
+    # five answers: 2 within 1 h, 3 within 4 h, 4 within 24 h
+    day = Counter(tta.bucket_name(seconds) for seconds in (100, 2000, 5000, 20000, 90000))
+    assert [tta.share_within(day, s) for s in (3600, 4 * 3600, 86400)] == [0.4, 0.6, 0.8]
+    assert tta.median(day) == 5400  # the 2.5th of 5 answers: half way through the 1 h - 2 h band
+    assert tta.median({}) is None and tta.share_within({}, 3600) is None
+    assert tta.median({"tta_7d_up": 3}) == 7 * 86400  # the open last band: its lower bound
+    # the first release's coarse bands still read; 1 h - 24 h is spread evenly over its band
+    assert tta.share_within({"tta_lt_1h": 1, "tta_lt_1d": 1}, 3600) == 0.5
+    assert math.isclose(tta.share_within({"tta_lt_1d": 23}, 4 * 3600) or 0, 3 / 23)
+
+
+def relay_up() -> float | None:
+    registry = CollectorRegistry()
+    registry.register(metrics.relay_gauge())
+    return registry.get_sample_value("careservice_relay_up")
+
+
+async def test_an_idle_relay_is_probed_for_relay_up(tmp_path: Path) -> None:
+    server = CountingRelay().start()
+    try:
+        clock = [1000.0]
+        outbox = Outbox(relay_config(server.port), None, Relay(relay_config(server.port), ""),  # type: ignore[arg-type]
+                        lambda: clock[0], lambda item, why: None)
+        await outbox.check_relay()
+        assert relay_up() == 1  # it greeted us (and got a QUIT)
+    finally:
+        server.stop()
+    await outbox.check_relay()
+    assert relay_up() == 0
+    assert await Relay(relay_config(free_port()), "").reachable() is False
+    maildir = relay_config(0)
+    assert await Relay(maildir.__class__(**{**maildir.__dict__, "maildir": tmp_path / "out"}), "").reachable()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cur", "new", "tmp"]
