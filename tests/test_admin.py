@@ -168,8 +168,9 @@ def test_traffic_moves_each_counter_by_its_amount(traffic: Traffic) -> None:
         ("careservice_cases_closed_by_phone_total", (("site", "ticketnest"),)): 1,
         ("careservice_cases_expired_total", (("site", "ticketnest"),)): 1,
         ("careservice_replies_refused_total", (("reason", "not_from_staff"), ("site", "ticketnest"))): 1,
-        # 4 forwards, 4 acknowledgements, the answer and the expiry notice to staff
-        ("careservice_deliveries_total", (("result", "sent"),)): 10,
+        # 4 forwards, 4 acknowledgements, the answer, the expiry notice to staff and the notice to the
+        # site's staff that a reply was refused because of its sender
+        ("careservice_deliveries_total", (("result", "sent"),)): 11,
         ("careservice_deliveries_total", (("result", "deferred"),)): 0,
         ("careservice_time_to_answer_seconds_count", (("site", "ticketnest"),)): 1,
         ("careservice_purge_lag_seconds_count", ()): 1,
