@@ -6,13 +6,23 @@ import difflib
 import ipaddress
 import re
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
 
 from careservice.budget import min_memory_mb
+from careservice.settings import (  # the records config.py fills in; importable from here too
+    AdminConfig,
+    Config,
+    ConfigError,
+    Endpoint,
+    ImapMailbox,
+    RelayConfig,
+    Site,
+    SmtpConfig,
+    WebConfig,
+)
 
 RELAY_SCHEMES = ("smtp", "smtps", "smtp+starttls", "maildir")
 IMAP_SECURITY = ("tls", "starttls", "none")
@@ -20,132 +30,6 @@ RELAY_PASSWORD_ENV = "CARESERVICE_RELAY_PASSWORD"
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multiprocess folder, read at its first import
 _HOST_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*")
 _CONTACT_PATH = re.compile(r"(/[A-Za-z0-9._~-]+)+")  # literal segments: no route parameters, query or fragment
-
-
-class ConfigError(Exception):
-    """A config problem, phrased as `key: problem`."""
-
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}")
-        self.key = key
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    host: str
-    port: int
-
-
-@dataclass(frozen=True)
-class Site:
-    id: str
-    name: str
-    domain: str
-    care_address: str
-    staff: tuple[str, ...]
-    web_hosts: tuple[str, ...]  # host names whose requests for contact_path get this site's form
-    contact_path: str
-
-    @property
-    def care_local(self) -> str:
-        return self.care_address.rsplit("@", 1)[0]
-
-
-@dataclass(frozen=True)
-class RelayConfig:
-    url: str
-    scheme: str
-    host: str
-    port: int
-    maildir: Path | None
-    retry_delays: tuple[int, ...]
-    give_up_after: int
-    username: str
-    password_file: str
-    timeout: float
-    connections: int
-    ca_file: str  # extra CA bundle to trust for the relay's certificate ("" = system CAs only)
-
-
-@dataclass(frozen=True)
-class SmtpConfig:
-    listen: Endpoint
-    hostname: str
-    max_message_bytes: int
-    tls_cert: str
-    tls_key: str
-    require_tls: bool
-    min_free_bytes: int
-    max_recipients: int
-    timeout: int
-    max_connections: int = 100
-    max_connections_per_client: int = 20  # per IPv4 address or IPv6 /64
-    idle_before_mail: int = 30  # seconds a session may go without MAIL (from its start or its last transaction)
-    max_bytes_per_sender_per_hour: int = 50_000_000  # per envelope sender, all but signed reply addresses
-    reply_min_free_bytes: int = 1  # below min_free_bytes, signed reply addresses are still taken down to this
-
-
-@dataclass(frozen=True)
-class WebConfig:
-    listen: Endpoint
-    verification: str
-    frame_ancestors: str
-    code_ttl_seconds: int
-    max_posts_per_ip_per_hour: int
-    tls_cert: Path | None  # HTTPS on web.listen when set (with tls_key)
-    tls_key: Path | None
-    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]  # whose X-Forwarded-For counts
-    header_timeout: int  # seconds a connection has for each request's headers
-    max_connections_per_client: int
-    max_posts_per_minute: int  # all clients together
-    max_audio_codes_per_minute: int  # all clients together
-
-
-@dataclass(frozen=True)
-class AdminConfig:
-    listen: Endpoint | None  # None: no admin listener
-    token_file: str  # "" = no token asked for
-
-
-@dataclass(frozen=True)
-class ImapMailbox:
-    site: str
-    host: str
-    port: int
-    security: str
-    username: str
-    password_file: str
-    folder: str
-    poll_seconds: int
-    quarantine_folder: str
-    verify_tls: bool
-
-    @property
-    def name(self) -> str:
-        return f"{self.username}@{self.host}:{self.port}/{self.folder}"
-
-
-@dataclass(frozen=True)
-class Config:
-    path: Path
-    data_dir: Path
-    templates_dir: Path | None  # an override searched before the packaged templates
-    log_level: str
-    stop_timeout: int
-    worker_memory_mb: int  # the worker's batches are sized to stay under this (careservice.budget)
-    master_key_file: Path
-    smtp: SmtpConfig
-    relay: RelayConfig
-    web: WebConfig
-    unanswered_days: int
-    hard_limit_days: int  # every case is purged at this age, whatever its state or site
-    acks_per_hour: int
-    sites: tuple[Site, ...]
-    imap: tuple[ImapMailbox, ...] = field(default=())
-    admin: AdminConfig = field(default=AdminConfig(None, ""))
-
-    def site(self, site_id: str) -> Site | None:
-        return next((s for s in self.sites if s.id == site_id), None)
 
 
 class _Table:
