@@ -16,8 +16,8 @@ import time
 
 from careservice import metrics
 from careservice.admin import AdminServer, Parts, start_admin
+from careservice.bootstrap import build_context
 from careservice.config import Config
-from careservice.context import build_context
 from careservice.intake.imap import ImapIntake
 from careservice.intake.ingest import Ingest
 from careservice.intake.smtp import SmtpHandler, SmtpListener, start_smtp
@@ -38,11 +38,10 @@ class Service:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.ctx = build_context(config, intake=True)
-        self.store = self.ctx.store
+        self.ctx, self.store = build_context(config, intake=True)
         self.worker = WorkerSupervisor(config)
         self.ingest = Ingest(self.store, config.data_dir, config.smtp.min_free_bytes, self.worker.wake, time.time)
-        self.imap = ImapIntake(config, self.ingest, self.ctx.keyring)
+        self.imap = ImapIntake(config, self.ingest)
         self.smtp: SmtpListener | None = None
         self.web: WebServer | None = None
         self.admin: AdminServer | None = None

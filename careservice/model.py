@@ -94,3 +94,43 @@ class Outcome:
     updates: Case | None = None
     target_state: CaseState | None = None
     counters: tuple[str, ...] = field(default=())
+    ack_slot: AckSlot | None = None  # the acknowledgement among `mails` goes only if this slot is free
+
+
+@dataclass(frozen=True)
+class AckSlot:
+    """One acknowledgement counted against a (digested) address's hourly limit, in the same transaction
+    as the outcome: over the limit, the acknowledgement is not queued and counts as suppressed."""
+
+    digest: bytes
+    limit: int
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """An inbound message as intake hands it over."""
+
+    site: str
+    source: Source
+    envelope: Envelope
+    raw: bytes
+    contact: ContactDetails | None = None
+    dedupe: bytes = b""  # keyed digest; a second message with the same digest is not stored
+
+
+@dataclass(frozen=True)
+class QueuedMail:
+    """A mail in the outbox, as the store hands it to the relay."""
+
+    id: int
+    site: str
+    attempts: int
+    created: float
+    mail: OutgoingMail
+
+
+class MailEvent(StrEnum):
+    """What the relay said about a mail, where the workflow decides what follows (handlers.EVENTS)."""
+
+    ANSWER_DELIVERED = "answer_delivered"
+    ANSWER_FAILED = "answer_failed"

@@ -19,8 +19,8 @@ import aiosmtplib
 from careservice import metrics
 from careservice.config import RelayConfig
 from careservice.logs import error_fields
-from careservice.model import MailKind, OutgoingMail
-from careservice.store import QueuedMail, Store
+from careservice.model import MailEvent, MailKind, Outcome, OutgoingMail, QueuedMail
+from careservice.store import Store
 from careservice.wakeup import Wakeup
 
 log = logging.getLogger("careservice.outbox")
@@ -208,13 +208,13 @@ class Outbox:
     """The sender loop: due mail in batches over `connections` parallel connections."""
 
     def __init__(self, config: RelayConfig, store: Store, relay: Relay, clock: Callable[[], float],
-                 notice_for: Callable[[QueuedMail, str], OutgoingMail | None], batch_bytes: int) -> None:
+                 on_event: Callable[[MailEvent, QueuedMail, str], Outcome | None], batch_bytes: int) -> None:
         self.config = config
         self.batch_bytes = batch_bytes  # stored bytes per round (careservice.budget)
         self.store = store
         self.relay = relay
         self.clock = clock
-        self.notice_for = notice_for  # staff notice when an answer cannot be delivered
+        self.on_event = on_event  # the workflow's outcome of an answer delivered or failed (handlers.EVENTS)
         self._wake = Wakeup()
         self._down_until = 0.0
         self._down_count = 0
@@ -323,7 +323,9 @@ class Outbox:
     async def _delivered(self, item: QueuedMail) -> None:
         self._unrecorded[item.id] = item
         started = time.monotonic()
-        waited = await self.store.mail_delivered(item, self.clock())
+        answer = item.mail.kind is MailKind.ANSWER
+        outcome = self.on_event(MailEvent.ANSWER_DELIVERED, item, "") if answer else None
+        waited = await self.store.mail_delivered(item, outcome, self.clock())
         metrics.delivered(item.site, item.mail.kind is MailKind.ANSWER, waited, time.monotonic() - started)
         del self._unrecorded[item.id]
         log.info("mail_delivered case=%s kind=%s", item.mail.case_id, item.mail.kind)
@@ -341,11 +343,11 @@ class Outbox:
         if not permanent:
             why = f"{why}; gave up after {self.config.give_up_after} s"
         try:
-            notice = self.notice_for(item, why) if item.mail.kind is MailKind.ANSWER else None
-            await self.store.mail_failed(item, notice, now)
+            outcome = self.on_event(MailEvent.ANSWER_FAILED, item, why) if item.mail.kind is MailKind.ANSWER else None
+            await self.store.mail_failed(item, outcome, now)
         except Exception as exc:
             log.error("mail_fail_record_failed case=%s %s", item.mail.case_id, error_fields(exc))
             return True, ""
         metrics.not_delivered(gave_up=True)
         gave_up = "" if permanent else f"gave_up_after={self.config.give_up_after} "
-        return True, f"{gave_up}notice={str(notice is not None).lower()}"
+        return True, f"{gave_up}notice={str(bool(outcome and outcome.mails)).lower()}"

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from careservice import metrics
-from careservice.context import Context
+from careservice.context import Context, Inputs
+from careservice.handlers import Stage
 from careservice.logs import error_fields
+from careservice.mail import parse
 from careservice.model import Case, CaseState, Outcome
+from careservice.store import Store
 from careservice.wakeup import Wakeup
 
 log = logging.getLogger("careservice.runner")
 
-Stage = Callable[[Case, Context], Awaitable[Outcome]]
 BATCH = 64
 IDLE_WAIT = 5.0
 FIRST_RETRY = 60.0  # a held case is retried after 1 min, doubling up to 1 h
@@ -28,16 +30,17 @@ def merge(first: Outcome, then: Outcome) -> Outcome:
     return Outcome(
         state=then.state, reason=then.reason, mails=first.mails + then.mails,
         updates=then.updates or first.updates, target_state=then.target_state or first.target_state,
-        counters=first.counters + then.counters,
+        counters=first.counters + then.counters, ack_slot=then.ack_slot or first.ack_slot,
     )
 
 
 class Runner:
     """Runs stages in memory until a case must wait, then commits the merged outcome once."""
 
-    def __init__(self, ctx: Context, stages: Mapping[CaseState, Stage], waits: Mapping[CaseState, float],
-                 on_mail: Callable[[], None], batch_bytes: int) -> None:
+    def __init__(self, ctx: Context, store: Store, stages: Mapping[CaseState, Stage],
+                 waits: Mapping[CaseState, float], on_mail: Callable[[], None], batch_bytes: int) -> None:
         self.ctx = ctx
+        self.store = store
         self.batch_bytes = batch_bytes  # stored bytes per batch (careservice.budget)
         self.on_mail = on_mail  # wakes the outbox once mail is committed
         self.stages = stages
@@ -72,7 +75,7 @@ class Runner:
         while not self._stopping:
             now = self.ctx.clock()
             self._held = {k: t for k, t in self._held.items() if t > now}
-            cases = await self.ctx.store.due_cases(self.stages, now, BATCH, self.batch_bytes,
+            cases = await self.store.due_cases(self.stages, now, BATCH, self.batch_bytes,
                                                    self._busy | set(self._held))
             if not cases:
                 return done
@@ -89,23 +92,29 @@ class Runner:
         outcome: Outcome | None = None
         current = case
         try:
-            try:
-                for _ in range(MAX_CHAIN):
-                    step = await self.stages[current.state](current, self.ctx)
-                    outcome = step if outcome is None else merge(outcome, step)
-                    current = replace(step.updates or current, state=step.state)
-                    if step.state not in self.stages or self.next_run(case, step.state, now) > now:
-                        break
-            finally:
-                self.ctx.forget(case.id)  # the parsed message (attachments decoded) is not kept for the commit
+            site = self.ctx.site(case)
+            # parsed here, in the worker's one thread: the parse is bounded (careservice.mail), and a parse
+            # thread would hold the GIL while the store's inline transactions hold the write lock
+            parsed = parse(case.raw, case.envelope.mail_from)
+            target: Case | None = None
+            for _ in range(MAX_CHAIN):
+                if current.target and (target is None or target.id != current.target):
+                    target = await self.store.get_case(current.target)
+                inputs = Inputs(current, site, parsed, target if current.target else None, now)
+                step = self.stages[current.state](inputs, self.ctx)
+                outcome = step if outcome is None else merge(outcome, step)
+                current = replace(step.updates or current, state=step.state)
+                if step.state not in self.stages or self.next_run(case, step.state, now) > now:
+                    break
+            del parsed, inputs  # the message (attachments decoded) is not kept for the commit
             assert outcome is not None
-            await self.ctx.store.apply(case, outcome, now, self.next_run(case, outcome.state, now))
+            await self.store.apply(case, outcome, now, self.next_run(case, outcome.state, now))
             metrics.stage_outcome(case.site, outcome)
             if outcome.mails:
                 self.on_mail()
-            target = (outcome.updates or case).target
+            target_id = (outcome.updates or case).target
             log.info("case_advanced case=%s from=%s to=%s reason=%s mails=%d%s", case.id, case.state,
-                     outcome.state, outcome.reason, len(outcome.mails), f" target={target}" if target else "")
+                     outcome.state, outcome.reason, len(outcome.mails), f" target={target_id}" if target_id else "")
         except Exception as exc:  # a stage or the store failed: hold the case, try again later
             await self.hold(case, current.state, now, exc)
 
@@ -117,6 +126,6 @@ class Runner:
         log.error("case_stage_failed case=%s state=%s failures=%d retry_in=%d %s", case.id, state, failures,
                   delay, error_fields(exc))
         try:
-            await self.ctx.store.hold(case, failures, now + delay)
+            await self.store.hold(case, failures, now + delay)
         except Exception as store_exc:
             log.error("case_hold_failed case=%s %s", case.id, error_fields(store_exc))

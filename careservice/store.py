@@ -36,7 +36,18 @@ from typing import Any
 
 from careservice.budget import first_fit
 from careservice.crypto import Keyring, open_sealed, seal
-from careservice.model import Case, CaseState, ContactDetails, Envelope, MailKind, Outcome, OutgoingMail, Source
+from careservice.model import (
+    Case,
+    CaseState,
+    ContactDetails,
+    Envelope,
+    MailKind,
+    NewMessage,
+    Outcome,
+    OutgoingMail,
+    QueuedMail,
+    Source,
+)
 from careservice.purge import add_stat, answered, drop_item, purge_aged, purge_case, sweep_orphans
 
 log = logging.getLogger("careservice.store")
@@ -77,27 +88,6 @@ CREATE TABLE IF NOT EXISTS k.daily(day INTEGER PRIMARY KEY, wrapped BLOB NOT NUL
 
 class StoreError(Exception):
     """The store could not commit; the caller must not acknowledge anything."""
-
-
-@dataclass(frozen=True)
-class NewMessage:
-    """An inbound message as intake hands it over."""
-
-    site: str
-    source: Source
-    envelope: Envelope
-    raw: bytes
-    contact: ContactDetails | None = None
-    dedupe: bytes = b""  # keyed digest; a second message with the same digest is not stored
-
-
-@dataclass(frozen=True)
-class QueuedMail:
-    id: int
-    site: str
-    attempts: int
-    created: float
-    mail: OutgoingMail
 
 
 @dataclass
@@ -402,18 +392,18 @@ class Store:
         """Due mail in next_attempt order: at most `limit`, and `max_bytes` stored (see budget.first_fit)."""
         return await self._read(_due_mail, now, limit, max_bytes)
 
-    async def mail_delivered(self, item: QueuedMail, now: float) -> float | None:
+    async def mail_delivered(self, item: QueuedMail, outcome: Outcome | None, now: float) -> float | None:
         """Drop a delivered mail; a delivered answer purges its case in the same transaction. Returns the
         seconds an answered case waited for its answer (None for other mail, or a case already gone)."""
         answer = item.mail.kind is MailKind.ANSWER
-        return await self._call(_mail_delivered, item, now, checkpoint=answer)
+        return await self._call(_mail_delivered, item, outcome, now, checkpoint=answer)
 
     async def mail_deferred(self, item: QueuedMail, next_attempt: float) -> None:
         await self._call(_mail_deferred, item.id, next_attempt)
 
-    async def mail_failed(self, item: QueuedMail, notice: OutgoingMail | None, now: float) -> None:
+    async def mail_failed(self, item: QueuedMail, outcome: Outcome | None, now: float) -> None:
         """Drop a mail the relay refused for good; queue `notice` to staff in the same transaction."""
-        await self._call(_mail_failed, item, notice, now)
+        await self._call(_mail_failed, item, outcome, now)
 
     async def rotate_digests(self, now: float) -> None:
         """Switch the keyring to today's digest secret and drop every digest of an earlier day (both
@@ -610,9 +600,14 @@ def _apply(conn: sqlite3.Connection, keyring: Keyring, case: Case, outcome: Outc
         # verified again, which sends its late notice, instead of answering twice.
         log.info("reply_target_changed case=%s target=%s", case.id, updated.target)
         outcome = Outcome(CaseState.STAFF_REPLY, "target_changed")
-    for name in outcome.counters:
+    mails, counters = outcome.mails, outcome.counters
+    if outcome.ack_slot is not None and not _take_ack_slot(conn, keyring, outcome.ack_slot.digest,
+                                                           int(now // 3600), outcome.ack_slot.limit):
+        mails = tuple(m for m in mails if m.kind is not MailKind.ACK)
+        counters = (*counters, "ack_suppressed")
+    for name in counters:
         add_stat(conn, case.site, now, name)
-    for mail in outcome.mails:
+    for mail in mails:
         _queue_mail(conn, keyring, case.site, mail, now)
     if outcome.target_state is CaseState.PURGED:
         purge_case(conn, updated.target)
@@ -652,11 +647,16 @@ def _due_mail(conn: sqlite3.Connection, keyring: Keyring, now: float, limit: int
     return out
 
 
-def _mail_delivered(conn: sqlite3.Connection, keyring: Keyring, item: QueuedMail, now: float) -> float | None:
+def _mail_delivered(conn: sqlite3.Connection, keyring: Keyring, item: QueuedMail, outcome: Outcome | None,
+                    now: float) -> float | None:
+    """Drop the delivered mail and apply the workflow's outcome for its case (a purged one counts its
+    time to answer); the seconds the case waited, when purged."""
     waited = None
-    if item.mail.kind is MailKind.ANSWER:
-        waited = answered(conn, item.site, item.mail.case_id, now)
-        add_stat(conn, item.site, now, "answered")
+    if outcome is not None:
+        for name in outcome.counters:
+            add_stat(conn, item.site, now, name)
+        if outcome.state is CaseState.PURGED:
+            waited = answered(conn, item.site, item.mail.case_id, now)
     conn.execute("DELETE FROM outbox WHERE id=?", (item.id,))
     if not conn.execute("SELECT 1 FROM cases WHERE id=?", (item.mail.case_id,)).fetchone():
         drop_item(conn, item.mail.case_id)
@@ -667,15 +667,16 @@ def _mail_deferred(conn: sqlite3.Connection, keyring: Keyring, row_id: int, next
     conn.execute("UPDATE outbox SET attempts = attempts + 1, next_attempt=? WHERE id=?", (next_attempt, row_id))
 
 
-def _mail_failed(conn: sqlite3.Connection, keyring: Keyring, item: QueuedMail, notice: OutgoingMail | None,
+def _mail_failed(conn: sqlite3.Connection, keyring: Keyring, item: QueuedMail, outcome: Outcome | None,
                  now: float) -> None:
+    """Drop the failed mail and apply the workflow's outcome for its case (reopened, staff told)."""
     add_stat(conn, item.site, now, f"{item.mail.kind}_failed")
     conn.execute("DELETE FROM outbox WHERE id=?", (item.id,))
-    if item.mail.kind is MailKind.ANSWER:
+    if outcome is not None:
         conn.execute("UPDATE cases SET state=? WHERE id=? AND state=?",
-                     (CaseState.OPEN, item.mail.case_id, CaseState.ANSWERING))
-    if notice is not None:
-        _queue_mail(conn, keyring, item.site, notice, now)
+                     (outcome.state, item.mail.case_id, CaseState.ANSWERING))
+        for mail in outcome.mails:
+            _queue_mail(conn, keyring, item.site, mail, now)
     if not conn.execute("SELECT 1 FROM cases WHERE id=?", (item.mail.case_id,)).fetchone():
         drop_item(conn, item.mail.case_id)
 

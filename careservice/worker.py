@@ -20,15 +20,14 @@ from pathlib import Path
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from careservice.bootstrap import build_context, read_secret
 from careservice.budget import Budget
 from careservice.config import RELAY_PASSWORD_ENV, Config
-from careservice.context import Context, build_context, read_secret
-from careservice.handlers import STAGES
-from careservice.model import CaseState, OutgoingMail
+from careservice.handlers import EVENTS, STAGES
+from careservice.model import CaseState, MailEvent, Outcome, QueuedMail
 from careservice.outbox import Outbox, Relay
 from careservice.reload import reload_config
 from careservice.runner import Runner
-from careservice.store import QueuedMail
 
 log = logging.getLogger("careservice.worker")
 SWEEP_SECONDS = 60
@@ -40,14 +39,13 @@ NICENESS = 10
 class CaseWorker:
     """The stages and the outbox over the shared store, in this process's one thread."""
 
-    def __init__(self, config: Config, ctx: Context | None = None) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
-        self.ctx = ctx or build_context(config, intake=False)
-        self.store = self.ctx.store
+        self.ctx, self.store = build_context(config, intake=False)
         relay = Relay(config.relay, read_secret(config.relay.password_file, RELAY_PASSWORD_ENV))
         budget = Budget.of(config.worker_memory_mb)
-        self.outbox = Outbox(config.relay, self.store, relay, time.time, self.answer_failed_notice, budget.mail)
-        self.runner = Runner(self.ctx, STAGES, {CaseState.OPEN: config.unanswered_days * 86400.0},
+        self.outbox = Outbox(config.relay, self.store, relay, time.time, self.on_event, budget.mail)
+        self.runner = Runner(self.ctx, self.store, STAGES, {CaseState.OPEN: config.unanswered_days * 86400.0},
                              self.outbox.wake, budget.cases)
         self.tasks: list[asyncio.Task[None]] = []
         self.scheduler = AsyncIOScheduler(job_defaults={"coalesce": True, "misfire_grace_time": SWEEP_SECONDS})
@@ -72,13 +70,11 @@ class CaseWorker:
         self.wake()
         await self.store.rotate_digests(now)
 
-    def answer_failed_notice(self, item: QueuedMail, why: str) -> OutgoingMail | None:
+    def on_event(self, event: MailEvent, item: QueuedMail, why: str) -> Outcome | None:
+        """The workflow's outcome of the relay's word on an answer (handlers.EVENTS); None for a case of a
+        site no longer configured (the hard age limit purges it)."""
         site = self.ctx.config.site(item.site)
-        if site is None:
-            return None
-        return self.ctx.notice(site, item.mail.case_id, item.mail.case_id, site.staff,
-                               "Answer could not be delivered", f"The answer was not delivered: {why}. "
-                               "The case is open again; reply to the forwarded case to try again.")
+        return None if site is None else EVENTS[event](site, item, why, self.ctx)
 
     async def start(self) -> None:
         await self.store.start(sweep=True)  # a worker killed inside a purge's commit left its key behind

@@ -8,19 +8,22 @@
     VERIFIED    --relay_answer-->  PURGED, case -> ANSWERING       (answer queued; "#closed"/"#phone": case purged;
                                                                     no new text or an unknown "#": notice, case OPEN)
     OPEN        --expire-->        PURGED                          (when retention.unanswered_days pass)
-    ANSWERING   the relay's 250 for the answer purges the case (Store.mail_delivered)
+    ANSWERING   events from the relay (EVENTS): ANSWER_DELIVERED purges the case;
+                ANSWER_FAILED (refused for good, or given up) makes it OPEN again and tells staff
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
-from careservice.context import Context
-from careservice.model import Case, CaseState, Outcome
+from careservice.config import Site
+from careservice.context import Context, Inputs
+from careservice.model import CaseState, MailEvent, Outcome, QueuedMail
 
-from . import acknowledge, classify, expire, forward, relay_answer, verify_reply
+from . import acknowledge, classify, delivery, expire, forward, relay_answer, verify_reply
 
-Stage = Callable[[Case, Context], Awaitable[Outcome]]
+Stage = Callable[[Inputs, Context], Outcome]  # pure: the runner loads the inputs and commits the outcome
+Event = Callable[[Site, QueuedMail, str, Context], Outcome]  # the outbox commits it with the delivery record
 
 STAGES: dict[CaseState, Stage] = {
     CaseState.RECEIVED: classify.handle,
@@ -30,4 +33,9 @@ STAGES: dict[CaseState, Stage] = {
     CaseState.STAFF_REPLY: verify_reply.handle,
     CaseState.VERIFIED: relay_answer.handle,
     CaseState.OPEN: expire.handle,
+}
+
+EVENTS: dict[MailEvent, Event] = {
+    MailEvent.ANSWER_DELIVERED: delivery.answer_delivered,
+    MailEvent.ANSWER_FAILED: delivery.answer_failed,
 }

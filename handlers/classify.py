@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from careservice.context import Context
-from careservice.model import Case, CaseState, ContactDetails, Outcome
+from careservice.context import Context, Inputs
+from careservice.model import CaseState, ContactDetails, Outcome
 
 
-async def handle(case: Case, ctx: Context) -> Outcome:
-    site = ctx.site(case)
-    parsed = ctx.parsed(case)
+def handle(inp: Inputs, ctx: Context) -> Outcome:
+    case, site, parsed = inp.case, inp.site, inp.parsed
     if parsed.automatic:
         return Outcome(CaseState.PURGED, f"discard_{parsed.automatic}", counters=("discarded",))
     if ctx.addressing.is_ours(parsed.from_address) or ctx.addressing.is_ours(case.envelope.mail_from):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from careservice.context import Context
-from careservice.model import Case, CaseState, Outcome
+from careservice.context import Context, Inputs
+from careservice.model import CaseState, Outcome
 
 
-async def handle(case: Case, ctx: Context) -> Outcome:
-    site = ctx.site(case)
-    notice = ctx.notice(site, case.id, case.id, site.staff, "Expired unanswered, deleted",
+def handle(inp: Inputs, ctx: Context) -> Outcome:
+    site, case = inp.site, inp.case
+    notice = ctx.notice(site, site.staff, "Expired unanswered, deleted",
                         f"Nobody answered this case within {ctx.config.unanswered_days} days, so it was "
-                        "deleted as our privacy policy requires. Replies to it are no longer sent.")
+                        "deleted as our privacy policy requires. Replies to it are no longer sent.",
+                        about=case.id, filed_under=case.id)
     return Outcome(CaseState.PURGED, "expired", mails=(notice,), counters=("expired",))

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 
-from careservice.context import Context
+from careservice.config import Site
+from careservice.context import Context, Inputs
 from careservice.mail import Draft, new_message_id, parse
 from careservice.model import Case, CaseState, ContactDetails, MailKind, Outcome
 from careservice.replytext import Forwarded, read_reply, relay_problem
@@ -26,30 +27,28 @@ WITHHELD = {
 }
 
 
-async def handle(case: Case, ctx: Context) -> Outcome:
-    site = ctx.site(case)
-    target = await ctx.store.get_case(case.target)
+def handle(inp: Inputs, ctx: Context) -> Outcome:
+    site, parsed, target = inp.site, inp.parsed, inp.target
     if target is None or target.state is not CaseState.OPEN:
         return Outcome(CaseState.STAFF_REPLY, "target_changed")  # verify again: it sends the late notice
-    parsed = ctx.parsed(case)
     problem = relay_problem(parsed, f"{target.id}.{target.nonce}")
     if problem:
-        return _not_sent(ctx, case, target, problem, "Your reply was not sent", WITHHELD[problem])
-    reply = read_reply(parsed.text, parsed.html, _forwarded(ctx, target))
+        return _not_sent(inp, ctx, target, problem, "Your reply was not sent", WITHHELD[problem])
+    reply = read_reply(parsed.text, parsed.html, _forwarded(ctx, site, target))
     if reply.command in CLOSE_COMMANDS:
         return Outcome(CaseState.PURGED, "closed_by_phone", target_state=CaseState.PURGED,
                        counters=("closed_by_phone",))
     if reply.command is not None:
         commands = " or ".join(f'"#{name}"' for name in CLOSE_COMMANDS)
-        return _not_sent(ctx, case, target, "reply_unknown_command", "Unknown command, nothing was sent",
+        return _not_sent(inp, ctx, target, "reply_unknown_command", "Unknown command, nothing was sent",
                          'The first line of your reply starts with "#", which is for commands, and is not one '
                          f"we know. To close the case after a telephone call, start with {commands}.")
     if not reply.text:
-        return _not_sent(ctx, case, target, "reply_empty", "Your reply was empty, nothing was sent",
+        return _not_sent(inp, ctx, target, "reply_empty", "Your reply was empty, nothing was sent",
                          "Your reply held no text of your own above or below the quote.")
     customer = target.contact.email if target.contact else ""
     if not customer:
-        return _not_sent(ctx, case, target, "no_customer_address", "Answer not sent",
+        return _not_sent(inp, ctx, target, "no_customer_address", "Answer not sent",
                          "The customer left no e-mail address; please use the telephone.")
     text = reply.text
     for staff in site.staff:  # signatures must not reveal a staff address
@@ -64,17 +63,17 @@ async def handle(case: Case, ctx: Context) -> Outcome:
     return Outcome(CaseState.PURGED, "answer_queued", mails=(answer,), target_state=CaseState.ANSWERING)
 
 
-def _not_sent(ctx: Context, case: Case, target: Case, reason: str, headline: str, why: str) -> Outcome:
+def _not_sent(inp: Inputs, ctx: Context, target: Case, reason: str, headline: str, why: str) -> Outcome:
     """Drop the reply and tell its sender why the customer got nothing; the case stays open."""
-    notice = ctx.notice(ctx.site(case), target.id, case.id, (ctx.parsed(case).from_address,), headline,
-                        f"{why} Nothing was sent to the customer and the case stays open.")
+    notice = ctx.notice(inp.site, (inp.parsed.from_address,), headline,
+                        f"{why} Nothing was sent to the customer and the case stays open.",
+                        about=target.id, filed_under=inp.case.id)
     return Outcome(CaseState.PURGED, reason, mails=(notice,))
 
 
-def _forwarded(ctx: Context, target: Case) -> Forwarded:
+def _forwarded(ctx: Context, site: Site, target: Case) -> Forwarded:
     """The forward staff got for `target`: its own blocks (rendered again without the customer's
     text, as a first message and as a follow-up) and the customer's text."""
-    site = ctx.site(target)
     contact = target.contact or ContactDetails("", "")
     blocks = [ctx.texts.mail(site.id, "forward", site=site, case_id=target.id, subject=target.subject,
                              contact=contact, text="", follow_up=follow_up)[1] for follow_up in (False, True)]

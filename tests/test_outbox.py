@@ -17,7 +17,7 @@ from aiosmtpd.smtp import Session
 from careservice.budget import Budget
 from careservice.config import RelayConfig
 from careservice.crypto import Keyring
-from careservice.model import CaseState, Envelope, MailKind, Outcome, OutgoingMail, Source
+from careservice.model import CaseState, Envelope, MailEvent, MailKind, Outcome, OutgoingMail, Source
 from careservice.outbox import Outbox, Refusal, Relay
 from careservice.store import NewMessage, QueuedMail, Store
 from tests.support import CARE, STAFF, STAFF2, CaptureRelay, free_port
@@ -205,9 +205,13 @@ async def attempts(store: Store) -> list[int]:
     return sorted(item.attempts for item in await store.due_mail(float("inf"), 1000, BUDGET.mail))
 
 
-def notice_for(item: QueuedMail, why: str) -> OutgoingMail:
-    return OutgoingMail(MailKind.NOTICE, item.mail.case_id, CARE, (STAFF,), b"Subject: notice\r\n\r\nx\r\n",
-                        "<notice@ticketnest.test>")
+def notice_for(event: MailEvent, item: QueuedMail, why: str) -> Outcome:
+    """What handlers.EVENTS answer, reduced to its effects: a failed answer reopens with a notice."""
+    if event is MailEvent.ANSWER_DELIVERED:
+        return Outcome(CaseState.PURGED, "answered", counters=("answered",))
+    notice = OutgoingMail(MailKind.NOTICE, item.mail.case_id, CARE, (STAFF,), b"Subject: notice\r\n\r\nx\r\n",
+                          "<notice@ticketnest.test>")
+    return Outcome(CaseState.OPEN, "answer_failed", mails=(notice,))
 
 
 async def test_an_outage_is_one_back_off_step_whatever_the_number_of_connections(

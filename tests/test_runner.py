@@ -13,10 +13,10 @@ import pytest
 from careservice.addresses import Addressing
 from careservice.budget import Budget
 from careservice.config import load_config
-from careservice.context import Context
+from careservice.context import Context, Inputs
 from careservice.crypto import Keyring
 from careservice.logs import error_fields
-from careservice.model import Case, CaseState, Envelope, Outcome, Source
+from careservice.model import CaseState, Envelope, Outcome, Source
 from careservice.runner import Runner
 from careservice.store import NewMessage, Store, read_status
 from careservice.texts import TemplateProblem, Texts
@@ -32,29 +32,30 @@ class Clock:
 
 
 @pytest.fixture
-async def ctx(tmp_path: Path) -> AsyncIterator[Context]:
+async def ctx(tmp_path: Path) -> AsyncIterator[tuple[Context, Store]]:
     config = load_config(write_config(tmp_path, relay_port=1))
     keyring = Keyring(b"k" * 32)
     store = Store(config.data_dir, keyring)
     await store.start(sweep=True)
-    yield Context(config, store, Addressing(config.sites, keyring), keyring, Texts(config.templates_dir), Clock())
+    yield Context(config, Addressing(config.sites, keyring), keyring, Texts(config.templates_dir), Clock()), store
     await store.close()
 
 
 async def test_a_failing_case_is_held_with_backoff_and_counted_as_stuck(
-        ctx: Context, caplog: pytest.LogCaptureFixture) -> None:
+        ctx: tuple[Context, Store], caplog: pytest.LogCaptureFixture) -> None:
+    ctx, store = ctx
     clock = ctx.clock
     assert isinstance(clock, Clock)
     failing = True
 
-    async def stage(case: Case, ctx: Context) -> Outcome:
+    def stage(inp: Inputs, ctx: Context) -> Outcome:
         if failing:
             raise TemplateProblem("mail/forward.txt", "not found")
         return Outcome(CaseState.OPEN, "fine")
 
-    runner = Runner(ctx, {CaseState.RECEIVED: stage}, {CaseState.OPEN: 86400.0}, lambda: None,
+    runner = Runner(ctx, store, {CaseState.RECEIVED: stage}, {CaseState.OPEN: 86400.0}, lambda: None,
                     Budget.of(512).cases)
-    [case_id] = await ctx.store.add_inbound([NewMessage("ticketnest", Source.SMTP, Envelope("a@customer.example",
+    [case_id] = await store.add_inbound([NewMessage("ticketnest", Source.SMTP, Envelope("a@customer.example",
                                                                                             CARE), b"x")], clock.now)
     caplog.set_level(logging.INFO, logger="careservice")
     waits = []

@@ -1,199 +1,204 @@
-"""Stages alone against a real store: the table is complete, each stage decides as documented."""
+"""Each stage alone, as the pure function it is: inputs in, an Outcome out; no store, no sockets."""
 
 from __future__ import annotations
 
-import asyncio
-import fcntl
-import os
 import pkgutil
-import sqlite3
-import threading
 import time
-from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 import careservice.handlers as handlers
 from careservice.addresses import Addressing
-from careservice.budget import Budget
 from careservice.config import load_config
-from careservice.context import Context
+from careservice.context import Context, Inputs
 from careservice.crypto import Keyring
-from careservice.handlers import STAGES, acknowledge, classify, forward
-from careservice.model import CaseState, Envelope, MailKind, Outcome, Source
-from careservice.store import NewMessage, Store, StoreError
+from careservice.handlers import (
+    EVENTS,
+    STAGES,
+    acknowledge,
+    classify,
+    delivery,
+    expire,
+    forward,
+    relay_answer,
+    verify_reply,
+)
+from careservice.mail import parse
+from careservice.model import Case, CaseState, ContactDetails, Envelope, MailKind, OutgoingMail, QueuedMail, Source
 from careservice.texts import Texts
-from tests.support import CARE, STAFF, customer_mail, files_containing, write_config
+from tests.support import CARE, STAFF, STAFF2, customer_mail, staff_reply, write_config
 
-BUDGET = Budget.of(512)
 WAITING = {CaseState.ANSWERING, CaseState.PURGED}  # moved on by the outbox, or gone
-MESSAGE = NewMessage("ticketnest", Source.SMTP, Envelope("a@customer.example", CARE), b"Subject: x\r\n\r\nx")
+CUSTOMER = "alice@customer.example"
 
 
 def test_every_state_has_a_stage_and_every_stage_module_is_wired() -> None:
     assert set(STAGES) == set(CaseState) - WAITING
-    wired = {fn.__module__.rsplit(".", 1)[1] for fn in STAGES.values()}
+    wired = {fn.__module__.rsplit(".", 1)[1] for fn in (*STAGES.values(), *EVENTS.values())}
     assert wired == {m.name for m in pkgutil.iter_modules(handlers.__path__)}
 
 
+def test_stages_import_no_io() -> None:
+    for module in pkgutil.iter_modules(handlers.__path__):
+        source = Path(handlers.__path__[0], module.name + ".py").read_text()
+        for forbidden in ("careservice.store", "sqlite3", "aiosmtplib", "careservice.intake", "careservice.outbox",
+                          "socket", "asyncio"):
+            assert f"import {forbidden}" not in source and f"from {forbidden} " not in source, (module, forbidden)
+
+
 @pytest.fixture
-async def ctx(tmp_path: Path) -> AsyncIterator[Context]:
+def ctx(tmp_path: Path) -> Context:
     config = load_config(write_config(tmp_path, relay_port=1))
     keyring = Keyring(b"k" * 32)
-    store = Store(config.data_dir, keyring)
-    await store.start(sweep=True)
-    yield Context(config, store, Addressing(config.sites, keyring), keyring, Texts(config.templates_dir), time.time)
-    await store.close()
+    return Context(config, Addressing(config.sites, keyring), keyring, Texts(config.templates_dir), time.time)
 
 
-async def received(ctx: Context, raw: bytes, sender: str = "alice@customer.example", rcpt: str = CARE) -> None:
-    await ctx.store.add_inbound([NewMessage("ticketnest", Source.SMTP, Envelope(sender, rcpt), raw)], time.time())
+def case_of(raw: bytes, state: CaseState = CaseState.RECEIVED, sender: str = CUSTOMER, rcpt: str = CARE,
+            **fields: object) -> Case:
+    case = Case("c0ffee000001", "ticketnest", state, Source.SMTP, time.time(), "0a1b2c3d", Envelope(sender, rcpt), raw)
+    return replace(case, **fields)  # type: ignore[arg-type]
 
 
-async def test_classify_new_then_forward_then_acknowledge(ctx: Context) -> None:
-    await received(ctx, customer_mail("Hello", "text"))
-    [case] = await ctx.store.due_cases(STAGES, time.time(), 10, BUDGET.cases, set())
-    outcome = await classify.handle(case, ctx)
+def inputs(ctx: Context, case: Case, target: Case | None = None) -> Inputs:
+    site = ctx.config.site(case.site)
+    assert site is not None
+    return Inputs(case, site, parse(case.raw, case.envelope.mail_from), target, time.time())
+
+
+def open_case(ctx: Context) -> Case:
+    """A case as it waits for staff: classified, with its contact details."""
+    raw = customer_mail("Lost tickets", "Order 4711 is lost")
+    outcome = classify.handle(inputs(ctx, case_of(raw)), ctx)
+    assert outcome.updates is not None
+    return replace(outcome.updates, state=CaseState.OPEN)
+
+
+def forward_of(ctx: Context, case: Case) -> OutgoingMail:
+    return forward.new_case(inputs(ctx, replace(case, state=CaseState.NEW)), ctx).mails[0]
+
+
+def reply_to(ctx: Context, case: Case, text: str, sender: str = STAFF) -> Case:
+    """The staff reply to `case`'s forward, classified: state STAFF_REPLY with its target set."""
+    from email import message_from_bytes, policy
+
+    forward_mail = message_from_bytes(forward_of(ctx, case).message, policy=policy.default)
+    raw = staff_reply(forward_mail, text, sender=sender)  # type: ignore[arg-type]
+    rcpt = forward_mail["Reply-To"].addresses[0].addr_spec
+    outcome = classify.handle(inputs(ctx, case_of(raw, sender=sender, rcpt=rcpt)), ctx)
+    assert outcome.state is CaseState.STAFF_REPLY and outcome.updates is not None
+    return outcome.updates
+
+
+def test_classify_opens_a_new_case_with_the_contact(ctx: Context) -> None:
+    outcome = classify.handle(inputs(ctx, case_of(customer_mail("Hello", "text"))), ctx)
     assert outcome.state is CaseState.NEW and outcome.updates is not None
-    assert outcome.updates.contact is not None and outcome.updates.contact.email == "alice@customer.example"
-    new = outcome.updates
-    forwarded = await forward.new_case(new, ctx)
-    assert forwarded.state is CaseState.ACKNOWLEDGE
-    assert [m.kind for m in forwarded.mails] == [MailKind.FORWARD]
-    assert forwarded.mails[0].recipients[0] == STAFF
-    acked = await acknowledge.handle(new, ctx)
-    assert acked.state is CaseState.OPEN and [m.kind for m in acked.mails] == [MailKind.ACK]
-    assert acked.mails[0].sender == ""
+    assert outcome.updates.contact == ContactDetails("Alice Example", CUSTOMER)
+    assert outcome.updates.subject == "Hello"
 
 
-async def test_classify_discards_bounces(ctx: Context) -> None:
-    await received(ctx, customer_mail("Undeliverable", "bounce"), sender="")
-    [case] = await ctx.store.due_cases(STAGES, time.time(), 10, BUDGET.cases, set())
-    outcome = await classify.handle(case, ctx)
-    assert (outcome.state, outcome.reason) == (CaseState.PURGED, "discard_null_sender")
+def test_classify_discards_bounces_and_our_own_mail(ctx: Context) -> None:
+    bounce = classify.handle(inputs(ctx, case_of(customer_mail("Undeliverable", "x"), sender="")), ctx)
+    assert (bounce.state, bounce.reason) == (CaseState.PURGED, "discard_null_sender")
+    ours = classify.handle(inputs(ctx, case_of(customer_mail("Loop", "x", sender=CARE), sender=CARE)), ctx)
+    assert (ours.state, ours.reason) == (CaseState.PURGED, "discard_from_ourselves")
 
 
-async def test_store_seals_everything_and_purge_shreds_the_key(ctx: Context) -> None:
-    await received(ctx, customer_mail("Zebra subject", "quokka body", sender="marker@customer.example"),
-                   sender="marker@customer.example")
-    [case] = await ctx.store.due_cases(STAGES, time.time(), 10, BUDGET.cases, set())
-    assert files_containing(ctx.config.data_dir, [b"marker@customer", b"Zebra", b"quokka"]) == []
-    await ctx.store.apply(case, Outcome(CaseState.PURGED, "test"), time.time(), time.time())
-    keys = sqlite3.connect(ctx.config.data_dir / "keys.db")
-    assert keys.execute("SELECT count(*) FROM keys").fetchone()[0] == 0
-    keys.close()
-    assert (await ctx.store.counts())["inbound_pending"] == 0
+def test_classify_knows_a_staff_reply_and_a_follow_up(ctx: Context) -> None:
+    case = open_case(ctx)
+    reply = reply_to(ctx, case, "Here you go.")
+    assert reply.target == case.id
+    ack_id = ctx.addressing.ack_message_id(ctx.config.sites[0], case.id, case.nonce)
+    follow = customer_mail("Re: Lost tickets", "more", headers={"References": f"<{ack_id}>"})
+    outcome = classify.handle(inputs(ctx, case_of(follow)), ctx)
+    assert outcome.state is CaseState.FOLLOW_UP and outcome.updates is not None and outcome.updates.target == case.id
 
 
-@pytest.mark.parametrize("inline", [False, True], ids=["threaded", "inline"])
-async def test_reader_never_sees_a_case_without_its_key(tmp_path: Path, inline: bool) -> None:
-    """cases.db and keys.db commit one after the other; a second process's reads must not fall between."""
-    keyring = Keyring(b"k" * 32)
-    writer, reader = Store(tmp_path, keyring), Store(tmp_path, keyring, durable=False, inline=inline)
-    await writer.start(sweep=True)
-    await reader.start(sweep=False)
-
-    async def write() -> None:
-        for _ in range(200):
-            await writer.add_inbound([MESSAGE], time.time())
-
-    async def read() -> int:
-        seen = 0
-        while seen < 200:
-            seen = len(await reader.due_cases([CaseState.RECEIVED], time.time() + 1, 500, BUDGET.cases, set()))
-        return seen
-
-    try:
-        assert await asyncio.wait_for(asyncio.gather(write(), read()), 60) == [None, 200]
-    finally:
-        await writer.close()
-        await reader.close()
+def test_forward_goes_to_every_staff_address_with_the_case_reply_address(ctx: Context) -> None:
+    case = open_case(ctx)
+    outcome = forward.new_case(inputs(ctx, replace(case, state=CaseState.NEW)), ctx)
+    assert (outcome.state, outcome.counters) == (CaseState.ACKNOWLEDGE, ("opened",))
+    [mail] = outcome.mails
+    assert mail.kind is MailKind.FORWARD and mail.recipients == (STAFF, STAFF2) and mail.case_id == case.id
+    assert f"Reply-To: care+{case.id}.{case.nonce}.".encode() in mail.message
 
 
-@pytest.fixture
-async def stores(tmp_path: Path) -> AsyncIterator[tuple[Store, Store]]:
-    """The intake's store and the worker's inline one over the same files, as the two processes have them."""
-    keyring = Keyring(b"k" * 32)
-    intake, worker = Store(tmp_path, keyring), Store(tmp_path, keyring, durable=False, inline=True)
-    await intake.start(sweep=True)
-    await worker.start(sweep=False)
-    yield intake, worker
-    await worker.close()
-    await intake.close()
+def test_a_follow_up_joins_its_open_case_or_becomes_new(ctx: Context) -> None:
+    case = open_case(ctx)
+    follow = replace(case_of(customer_mail("Re", "and another thing"), state=CaseState.FOLLOW_UP), target=case.id)
+    joined = forward.follow_up(inputs(ctx, follow, target=case), ctx)
+    assert joined.state is CaseState.PURGED and joined.mails[0].case_id == case.id
+    gone = forward.follow_up(inputs(ctx, follow, target=None), ctx)
+    assert (gone.state, gone.reason, gone.mails) == (CaseState.NEW, "follow_up_case_gone", ())
 
 
-def wal_sizes(data_dir: Path) -> list[int]:
-    return [(data_dir / f"{db}.db-wal").stat().st_size for db in ("cases", "keys")]
+def test_acknowledge_declares_its_rate_slot_and_never_echoes_the_query(ctx: Context) -> None:
+    case = replace(open_case(ctx), state=CaseState.ACKNOWLEDGE)
+    outcome = acknowledge.handle(inputs(ctx, case), ctx)
+    assert outcome.state is CaseState.OPEN and [m.kind for m in outcome.mails] == [MailKind.ACK]
+    assert outcome.ack_slot is not None and outcome.ack_slot.limit == ctx.config.acks_per_hour
+    assert outcome.ack_slot.digest == ctx.keyring.digest(CUSTOMER)
+    assert b"4711" not in outcome.mails[0].message and outcome.mails[0].sender == ""
+    nobody = acknowledge.handle(inputs(ctx, replace(case, contact=None)), ctx)
+    assert (nobody.reason, nobody.mails, nobody.ack_slot) == ("no_ack_address", (), None)
 
 
-async def test_inline_store_waits_for_the_other_process_without_stopping_its_loop(
-        tmp_path: Path, stores: tuple[Store, Store]) -> None:
-    """The worker's store runs in its loop; a write lock held elsewhere must not freeze that loop."""
-    _, worker = stores
-    other = os.open(tmp_path / "write.lock", os.O_RDWR)  # its own open file: conflicts as another process's
-    fcntl.flock(other, fcntl.LOCK_EX)
-    safety = threading.Timer(3.0, fcntl.flock, (other, fcntl.LOCK_UN))  # a frozen loop would wait for this
-    safety.start()
-    try:
-        call = asyncio.create_task(worker.counts())
-        started = time.monotonic()
-        await asyncio.sleep(0.3)
-        assert time.monotonic() - started < 1.5, "the loop stopped while the lock was held elsewhere"
-        assert not call.done()
-        fcntl.flock(other, fcntl.LOCK_UN)
-        assert (await asyncio.wait_for(call, 5))["inbound_pending"] == 0
-    finally:
-        safety.cancel()
-        os.close(other)
+def test_verify_reply_refuses_strangers_bad_tokens_and_late_replies(ctx: Context) -> None:
+    case = open_case(ctx)
+    reply = reply_to(ctx, case, "Answer")
+    assert verify_reply.handle(inputs(ctx, reply, target=case), ctx).state is CaseState.VERIFIED
+    late = verify_reply.handle(inputs(ctx, reply, target=replace(case, state=CaseState.ANSWERING)), ctx)
+    assert late.reason == "reply_late" and late.mails[0].recipients == (STAFF,)
+    stranger = reply_to(ctx, case, "Answer", sender="intruder@elsewhere.example")
+    refused = verify_reply.handle(inputs(ctx, stranger, target=case), ctx)
+    assert refused.reason == "reply_not_from_staff" and refused.mails[0].recipients == (STAFF, STAFF2)
+    assert b"intruder" not in refused.mails[0].message
+    invalid = verify_reply.handle(inputs(ctx, replace(reply, target="")), ctx)
+    assert invalid.reason == "reply_token_invalid" and invalid.counters == ("reply_refused",)
 
 
-@pytest.mark.parametrize("inline", [False, True], ids=["threaded", "inline"])
-async def test_a_call_after_close_fails_at_once(tmp_path: Path, inline: bool) -> None:
-    """A task left over at shutdown must get an error, not wait forever (that kept stopped workers alive)."""
-    first = Store(tmp_path, Keyring(b"k" * 32))
-    await first.start(sweep=True)
-    await first.close()
-    store = Store(tmp_path, Keyring(b"k" * 32), durable=not inline, inline=inline)
-    await store.start(sweep=False)
-    await store.close()
-    with pytest.raises(StoreError):
-        await asyncio.wait_for(store.counts(), 5)
+def test_relay_answer_sends_only_the_new_words_from_the_care_address(ctx: Context) -> None:
+    case = open_case(ctx)
+    reply = replace(reply_to(ctx, case, "Your refund is on its way."), state=CaseState.VERIFIED)
+    outcome = relay_answer.handle(inputs(ctx, reply, target=case), ctx)
+    assert (outcome.state, outcome.target_state) == (CaseState.PURGED, CaseState.ANSWERING)
+    [answer] = outcome.mails
+    assert answer.kind is MailKind.ANSWER and answer.recipients == (CUSTOMER,) and answer.sender == CARE
+    assert b"refund is on its way" in answer.message and b"4711" not in answer.message
+    assert STAFF.encode() not in answer.message
 
 
-async def test_concurrent_purges_return_only_once_the_wal_is_truncated(tmp_path: Path,
-                                                                        stores: tuple[Store, Store]) -> None:
-    """The inline store shares one WAL truncation among purges of one loop turn; none returns before it."""
-    intake, worker = stores
-    for _ in range(3):
-        await intake.add_inbound([MESSAGE] * 5, time.time())
-        assert (tmp_path / "cases.db-wal").stat().st_size > 0
-        await asyncio.gather(*(worker.checkpoint() for _ in range(4)))
-        assert wal_sizes(tmp_path) == [0, 0]
-        await intake.add_inbound([MESSAGE], time.time())
-        await worker.checkpoint()  # alone, awaited directly: it must not return before its truncation
-        assert wal_sizes(tmp_path) == [0, 0]
+@pytest.mark.parametrize("first_line", ["#closed", "#Closed", "#phone - called her back"])
+def test_relay_answer_closes_on_a_phone_command_without_mail(ctx: Context, first_line: str) -> None:
+    case = open_case(ctx)
+    reply = replace(reply_to(ctx, case, f"{first_line}\nNotes."), state=CaseState.VERIFIED)
+    outcome = relay_answer.handle(inputs(ctx, reply, target=case), ctx)
+    assert (outcome.reason, outcome.mails, outcome.target_state) == ("closed_by_phone", (), CaseState.PURGED)
 
 
-async def test_inline_calls_of_one_loop_turn_commit_together_each_in_its_own_savepoint(
-        stores: tuple[Store, Store]) -> None:
-    """The worker's calls made in one loop turn share a transaction; one failing call undoes only itself."""
-    intake, worker = stores
-    await intake.add_inbound([MESSAGE] * 3, time.time())
-    cases = await worker.due_cases([CaseState.RECEIVED], time.time() + 1, 10, BUDGET.cases, set())
-    assert len(cases) == 3
-    commits: list[str] = []
-    assert worker._conn is not None
-    worker._conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
-    now = time.time()
-    opened = Outcome(CaseState.OPEN, "test")
-    results = await asyncio.gather(
-        *(worker.apply(case, opened, now, now + 3600) for case in cases),
-        worker.apply(cases[0], opened, now, now + 3600),  # cases[0] is no longer RECEIVED: refused
-        return_exceptions=True,
-    )
-    worker._conn.set_trace_callback(None)
-    assert results[:3] == [None, None, None]
-    assert isinstance(results[3], StoreError)
-    assert commits == ["COMMIT"]
-    assert (await worker.counts())["open_cases"] == 3
+def test_relay_answer_sends_nothing_for_an_empty_reply_or_a_gone_case(ctx: Context) -> None:
+    case = open_case(ctx)
+    empty = replace(reply_to(ctx, case, ""), state=CaseState.VERIFIED)
+    outcome = relay_answer.handle(inputs(ctx, empty, target=case), ctx)
+    assert outcome.reason == "reply_empty" and [m.kind for m in outcome.mails] == [MailKind.NOTICE]
+    assert outcome.target_state is None  # the case stays open
+    gone = relay_answer.handle(inputs(ctx, empty, target=None), ctx)
+    assert (gone.state, gone.reason) == (CaseState.STAFF_REPLY, "target_changed")
+
+
+def test_expire_purges_and_tells_staff(ctx: Context) -> None:
+    outcome = expire.handle(inputs(ctx, open_case(ctx)), ctx)
+    assert (outcome.state, outcome.counters) == (CaseState.PURGED, ("expired",))
+    assert outcome.mails[0].recipients == (STAFF, STAFF2) and outcome.mails[0].kind is MailKind.NOTICE
+
+
+def test_delivery_events_purge_or_reopen_with_a_notice(ctx: Context) -> None:
+    site = ctx.config.sites[0]
+    item = QueuedMail(1, site.id, 3, time.time(), OutgoingMail(MailKind.ANSWER, "c0ffee000001", CARE, (CUSTOMER,),
+                                                                b"x", "m@x"))
+    delivered = delivery.answer_delivered(site, item, "", ctx)
+    assert (delivered.state, delivered.counters, delivered.mails) == (CaseState.PURGED, ("answered",), ())
+    failed = delivery.answer_failed(site, item, "the relay refused it permanently (code 550)", ctx)
+    assert failed.state is CaseState.OPEN and failed.mails[0].recipients == (STAFF, STAFF2)
+    assert b"code 550" in failed.mails[0].message and CUSTOMER.encode() not in failed.mails[0].message

@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
-import re
 import socket
 import ssl
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from email.utils import getaddresses, parseaddr
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +36,10 @@ from imapclient import DELETED, IMAPClient, SocketTimeout
 from imapclient.exceptions import IMAPClientError, LoginError
 
 from careservice.config import Config, ImapMailbox, Site
-from careservice.crypto import Keyring
+from careservice.intake.headers import envelope_sender
 from careservice.intake.ingest import Ingest
 from careservice.logs import error_fields
-from careservice.mimeparse import MAX_HEADER_BLOCK, MAX_HEADER_LINE
-from careservice.model import Envelope, Source
-from careservice.store import NewMessage
+from careservice.model import Envelope, NewMessage, Source
 
 log = logging.getLogger("careservice.imap")
 Pending = tuple[list[int], Future[list[str]]]  # UIDs and their commit in flight
@@ -58,67 +53,12 @@ BACKOFF_FIRST, BACKOFF_MAX = 1.0, 300.0
 TIMEOUT = SocketTimeout(connect=15, read=120)
 STOP_GRACE = 3.0
 CRASH_ENV = "CARESERVICE_TEST_CRASH_AFTER_IMAP_COMMIT"
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
-
-
-def _field(name: bytes) -> re.Pattern[bytes]:
-    return re.compile(rb"^" + name + rb"[ \t]*:(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
-
-
-_RETURN_PATH, _FROM, _MESSAGE_ID = _field(b"Return-Path"), _field(b"From"), _field(b"Message-ID")
-
-
 class MailboxProblem(Exception):
     """A session failed; `code` is the short reason shown in `status --json`."""
 
     def __init__(self, code: str) -> None:
         super().__init__(code)
         self.code = code
-
-
-def _header(head: bytes, pattern: re.Pattern[bytes]) -> str | None:
-    """The first `pattern` header, folding undone, looked for as careservice.mail's parser sees the
-    message: in the first MAX_HEADER_BLOCK bytes only, skipping a header longer than MAX_HEADER_LINE
-    (and one cut off by the block's end). The stdlib address parser takes about a second per megabyte,
-    and this runs in the intake process, before any limit of the parser's applies."""
-    cut = MAX_HEADER_BLOCK < len(head)
-    for match in pattern.finditer(head, 0, MAX_HEADER_BLOCK):
-        if cut and match.end() == MAX_HEADER_BLOCK:
-            break
-        if len(match.group(0)) <= MAX_HEADER_LINE:
-            return " ".join(match.group(1).decode("utf-8", "replace").split())
-    return None
-
-
-def _head(raw: bytes) -> tuple[bytes, bytes]:
-    """The header block and the content after it ("" when there is no blank line)."""
-    end = _HEADER_END.search(raw)
-    return (raw[: end.start()], raw[end.end():]) if end else (raw, b"")
-
-
-def envelope_sender(raw: bytes) -> str:
-    """Return-Path's address ("" for `<>`), else the first From address, else ""."""
-    head, _ = _head(raw)
-    return_path = _header(head, _RETURN_PATH)
-    try:
-        if return_path is not None:
-            return parseaddr(return_path)[1]
-        sender = _header(head, _FROM)
-        addresses = [a for _, a in getaddresses([sender])] if sender else []
-    except Exception:  # e.g. RecursionError on nested comments: such a message must not block the mailbox
-        return ""
-    return addresses[0] if addresses and "@" in addresses[0] else ""
-
-
-def dedupe_key(keyring: Keyring, site: str, raw: bytes) -> bytes:
-    """The keyed digest that recognises a message taken before.
-
-    Site + Message-ID + SHA-256 of the body, so a re-delivery with new trace headers is the
-    same message; without a Message-ID the whole raw message is hashed instead.
-    """
-    head, content = _head(raw)
-    message_id = _header(head, _MESSAGE_ID) or ""
-    return keyring.digest(f"imap|{site}|{message_id}|{hashlib.sha256(content if message_id else raw).hexdigest()}")
 
 
 def _tls_context(verify: bool) -> ssl.SSLContext:
@@ -149,12 +89,11 @@ def _expunge(client: IMAPClient, uids: list[int], uidplus: bool) -> int:
 class MailboxWorker:
     """Drains one mailbox in its own thread until `stop()`; reconnects with exponential backoff."""
 
-    def __init__(self, box: ImapMailbox, site: Site, ingest: Ingest, keyring: Keyring, max_bytes: int,
+    def __init__(self, box: ImapMailbox, site: Site, ingest: Ingest, max_bytes: int,
                  loop: asyncio.AbstractEventLoop) -> None:
         self.box = box
         self.site = site
         self.ingest = ingest
-        self.keyring = keyring
         self.max_bytes = max_bytes
         self.loop = loop
         self.thread = threading.Thread(target=self._run, name=f"imap-{box.name}", daemon=True)
@@ -177,7 +116,7 @@ class MailboxWorker:
 
     def _health(self, problem: str) -> None:
         if problem or self._problem != "":
-            record = self.ingest.store.mailbox_health(self.box.name, problem, self.ingest.clock())
+            record = self.ingest.mailbox_health(self.box.name, problem)
             asyncio.run_coroutine_threadsafe(record, self.loop).result()
         self._problem = problem
 
@@ -314,7 +253,7 @@ class MailboxWorker:
                 continue
             envelope = Envelope(envelope_sender(raw), self.site.care_address)
             out.append((uid, NewMessage(self.site.id, Source.IMAP, envelope, raw,
-                                        dedupe=dedupe_key(self.keyring, self.site.id, raw))))
+                                        dedupe=self.ingest.dedupe_key(self.site.id, raw))))
         return out
 
     def _submit(self, fetched: list[tuple[int, NewMessage]]) -> Pending:
@@ -352,10 +291,9 @@ class MailboxWorker:
 class ImapIntake:
     """All mailbox workers of one daemon: `start()` inside the running loop, `await stop()`."""
 
-    def __init__(self, config: Config, ingest: Ingest, keyring: Keyring) -> None:
+    def __init__(self, config: Config, ingest: Ingest) -> None:
         self.config = config
         self.ingest = ingest
-        self.keyring = keyring
         self.workers: list[MailboxWorker] = []
 
     def start(self) -> None:
@@ -363,7 +301,7 @@ class ImapIntake:
         for box in self.config.imap:
             site = self.config.site(box.site)
             assert site is not None  # config.load_config checked imap.site
-            worker = MailboxWorker(box, site, self.ingest, self.keyring, self.config.smtp.max_message_bytes, loop)
+            worker = MailboxWorker(box, site, self.ingest, self.config.smtp.max_message_bytes, loop)
             worker.thread.start()
             self.workers.append(worker)
 

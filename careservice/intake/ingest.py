@@ -9,7 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from careservice import metrics
-from careservice.store import NewMessage, Store
+from careservice.intake.headers import message_key
+from careservice.model import NewMessage
+from careservice.store import Store
 
 log = logging.getLogger("careservice.intake")
 DISK_CHECK_INTERVAL = 0.25
@@ -37,6 +39,14 @@ class Ingest:
     def disk_low(self) -> bool:
         """True when free space under data_dir is below the configured floor."""
         return self.free_bytes() < self.min_free_bytes
+
+    def dedupe_key(self, site: str, raw: bytes) -> bytes:
+        """The keyed digest that recognises a message taken before (see careservice.intake.headers)."""
+        return self.store.keyring.digest(message_key(site, raw))
+
+    async def mailbox_health(self, name: str, problem: str) -> None:
+        """Record an IMAP mailbox's health for `status --json` ("" = working; else a short code)."""
+        await self.store.mailbox_health(name, problem, self.clock())
 
     async def accept(self, messages: list[NewMessage], source: str) -> list[str]:
         """Commit `messages` in one transaction; returns ids ('' = duplicate). Raises if not committed."""

@@ -18,13 +18,11 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from careservice import metrics
 from careservice.addresses import Addressing, Recipient
 from careservice.config import SmtpConfig
-from careservice.intake.imap import dedupe_key
 from careservice.intake.ingest import Ingest
 from careservice.intake.limits import SenderQuota, client_key, sender_bucket
 from careservice.logs import error_fields
 from careservice.model import Envelope as CaseEnvelope
-from careservice.model import Source
-from careservice.store import NewMessage
+from careservice.model import NewMessage, Source
 
 log = logging.getLogger("careservice.smtp")
 
@@ -105,7 +103,7 @@ class SmtpHandler:
             recipient = self.addressing.recipient(rcpt)
             assert recipient is not None  # handle_RCPT let only ours through
             # a client that lost our 250 (we crashed after the commit) sends again: one case, not two
-            digest = dedupe_key(self.ingest.store.keyring, recipient.site.id, raw)
+            digest = self.ingest.dedupe_key(recipient.site.id, raw)
             messages.append(NewMessage(recipient.site.id, Source.SMTP,
                                        CaseEnvelope(sender, rcpt), raw, dedupe=digest))
         try:

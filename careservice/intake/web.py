@@ -43,9 +43,8 @@ from careservice.intake.ingest import Ingest
 from careservice.intake.webguard import ConnectionGuard, bucket, client_address, guarded_protocol, trusted
 from careservice.logs import error_fields
 from careservice.mail import SYSTEM_LOCALPARTS, Draft, new_message_id, render
-from careservice.model import ContactDetails, Envelope, Source
+from careservice.model import ContactDetails, Envelope, NewMessage, Source
 from careservice.preflight import check_web_tls
-from careservice.store import NewMessage
 
 log = logging.getLogger("careservice.web")
 

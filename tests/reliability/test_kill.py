@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from careservice.bootstrap import build_context
 from careservice.config import load_config
-from careservice.context import build_context
 from careservice.crypto import Keyring
 from careservice.model import Envelope, Source
 from careservice.store import NewMessage, Store
@@ -245,7 +245,7 @@ async def test_a_purge_cut_between_the_two_files_leaves_no_key_once_the_worker_r
     """A worker killed after a purge's cases.db commit and before its keys.db commit leaves the key
     behind; the restarted worker drops it when it starts (the intake may not restart for months)."""
     config = load_config(write_config(tmp_path, free_port()))
-    intake = build_context(config, intake=True).store
+    intake = build_context(config, intake=True)[1]
     await intake.start(sweep=True)
     await intake.add_inbound([NewMessage("ticketnest", Source.SMTP, Envelope("a@customer.example", CARE),
                                          b"Subject: x\r\n\r\nx")], time.time())

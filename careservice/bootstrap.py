@@ -1,0 +1,32 @@
+"""The parts both processes build from the config: the master key, the store and the stages' context."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from careservice.addresses import Addressing
+from careservice.config import Config
+from careservice.context import Context
+from careservice.crypto import Keyring, load_master_key
+from careservice.store import Store
+from careservice.texts import Texts
+
+
+def read_secret(path: str, env: str) -> str:
+    """A secret from the environment variable `env`, else from the file `path` ("" if neither)."""
+    if env in os.environ:
+        return os.environ[env]
+    return Path(path).read_text().strip() if path else ""
+
+
+def build_context(config: Config, intake: bool) -> tuple[Context, Store]:
+    """The stages' context and the store, keyed by the master key, as both processes need them.
+
+    Only the intake process creates a missing master key, and only its commits must be on disk
+    before they are answered; the worker's store runs inline (see careservice.store).
+    """
+    keyring = Keyring(load_master_key(config.master_key_file, create=intake))
+    store = Store(config.data_dir, keyring, durable=intake, inline=not intake)
+    return Context(config, Addressing(config.sites, keyring), keyring, Texts(config.templates_dir), time.time), store

@@ -1,0 +1,153 @@
+"""The store against real SQLite files: sealing, purging, two processes, inline transactions."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from careservice.crypto import Keyring
+from careservice.model import CaseState, Envelope, NewMessage, Outcome, Source
+from careservice.store import Store, StoreError
+from tests.support import CARE, customer_mail, files_containing
+
+MESSAGE = NewMessage("ticketnest", Source.SMTP, Envelope("a@customer.example", CARE), b"Subject: x\r\n\r\nx")
+STATES = [CaseState.RECEIVED]
+
+
+async def test_store_seals_everything_and_purge_shreds_the_key(tmp_path: Path) -> None:
+    store = Store(tmp_path, Keyring(b"k" * 32))
+    await store.start(sweep=True)
+    try:
+        raw = customer_mail("Zebra subject", "quokka body", sender="marker@customer.example")
+        await store.add_inbound([NewMessage("ticketnest", Source.SMTP, Envelope("marker@customer.example", CARE),
+                                            raw)], time.time())
+        [case] = await store.due_cases(STATES, time.time(), 10, 10 ** 9, set())
+        assert files_containing(tmp_path, [b"marker@customer", b"Zebra", b"quokka"]) == []
+        await store.apply(case, Outcome(CaseState.PURGED, "test"), time.time(), time.time())
+        keys = sqlite3.connect(tmp_path / "keys.db")
+        assert keys.execute("SELECT count(*) FROM keys").fetchone()[0] == 0
+        keys.close()
+        assert (await store.counts())["inbound_pending"] == 0
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["threaded", "inline"])
+async def test_reader_never_sees_a_case_without_its_key(tmp_path: Path, inline: bool) -> None:
+    """cases.db and keys.db commit one after the other; a second process's reads must not fall between."""
+    keyring = Keyring(b"k" * 32)
+    writer, reader = Store(tmp_path, keyring), Store(tmp_path, keyring, durable=False, inline=inline)
+    await writer.start(sweep=True)
+    await reader.start(sweep=False)
+
+    async def write() -> None:
+        for _ in range(200):
+            await writer.add_inbound([MESSAGE], time.time())
+
+    async def read() -> int:
+        seen = 0
+        while seen < 200:
+            seen = len(await reader.due_cases([CaseState.RECEIVED], time.time() + 1, 500, 10 ** 9, set()))
+        return seen
+
+    try:
+        assert await asyncio.wait_for(asyncio.gather(write(), read()), 60) == [None, 200]
+    finally:
+        await writer.close()
+        await reader.close()
+
+
+@pytest.fixture
+async def stores(tmp_path: Path) -> AsyncIterator[tuple[Store, Store]]:
+    """The intake's store and the worker's inline one over the same files, as the two processes have them."""
+    keyring = Keyring(b"k" * 32)
+    intake, worker = Store(tmp_path, keyring), Store(tmp_path, keyring, durable=False, inline=True)
+    await intake.start(sweep=True)
+    await worker.start(sweep=False)
+    yield intake, worker
+    await worker.close()
+    await intake.close()
+
+
+def wal_sizes(data_dir: Path) -> list[int]:
+    return [(data_dir / f"{db}.db-wal").stat().st_size for db in ("cases", "keys")]
+
+
+async def test_inline_store_waits_for_the_other_process_without_stopping_its_loop(
+        tmp_path: Path, stores: tuple[Store, Store]) -> None:
+    """The worker's store runs in its loop; a write lock held elsewhere must not freeze that loop."""
+    _, worker = stores
+    other = os.open(tmp_path / "write.lock", os.O_RDWR)  # its own open file: conflicts as another process's
+    fcntl.flock(other, fcntl.LOCK_EX)
+    safety = threading.Timer(3.0, fcntl.flock, (other, fcntl.LOCK_UN))  # a frozen loop would wait for this
+    safety.start()
+    try:
+        call = asyncio.create_task(worker.counts())
+        started = time.monotonic()
+        await asyncio.sleep(0.3)
+        assert time.monotonic() - started < 1.5, "the loop stopped while the lock was held elsewhere"
+        assert not call.done()
+        fcntl.flock(other, fcntl.LOCK_UN)
+        assert (await asyncio.wait_for(call, 5))["inbound_pending"] == 0
+    finally:
+        safety.cancel()
+        os.close(other)
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["threaded", "inline"])
+async def test_a_call_after_close_fails_at_once(tmp_path: Path, inline: bool) -> None:
+    """A task left over at shutdown must get an error, not wait forever (that kept stopped workers alive)."""
+    first = Store(tmp_path, Keyring(b"k" * 32))
+    await first.start(sweep=True)
+    await first.close()
+    store = Store(tmp_path, Keyring(b"k" * 32), durable=not inline, inline=inline)
+    await store.start(sweep=False)
+    await store.close()
+    with pytest.raises(StoreError):
+        await asyncio.wait_for(store.counts(), 5)
+
+
+async def test_concurrent_purges_return_only_once_the_wal_is_truncated(tmp_path: Path,
+                                                                        stores: tuple[Store, Store]) -> None:
+    """The inline store shares one WAL truncation among purges of one loop turn; none returns before it."""
+    intake, worker = stores
+    for _ in range(3):
+        await intake.add_inbound([MESSAGE] * 5, time.time())
+        assert (tmp_path / "cases.db-wal").stat().st_size > 0
+        await asyncio.gather(*(worker.checkpoint() for _ in range(4)))
+        assert wal_sizes(tmp_path) == [0, 0]
+        await intake.add_inbound([MESSAGE], time.time())
+        await worker.checkpoint()  # alone, awaited directly: it must not return before its truncation
+        assert wal_sizes(tmp_path) == [0, 0]
+
+
+async def test_inline_calls_of_one_loop_turn_commit_together_each_in_its_own_savepoint(
+        stores: tuple[Store, Store]) -> None:
+    """The worker's calls made in one loop turn share a transaction; one failing call undoes only itself."""
+    intake, worker = stores
+    await intake.add_inbound([MESSAGE] * 3, time.time())
+    cases = await worker.due_cases([CaseState.RECEIVED], time.time() + 1, 10, 10 ** 9, set())
+    assert len(cases) == 3
+    commits: list[str] = []
+    assert worker._conn is not None
+    worker._conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    now = time.time()
+    opened = Outcome(CaseState.OPEN, "test")
+    results = await asyncio.gather(
+        *(worker.apply(case, opened, now, now + 3600) for case in cases),
+        worker.apply(cases[0], opened, now, now + 3600),  # cases[0] is no longer RECEIVED: refused
+        return_exceptions=True,
+    )
+    worker._conn.set_trace_callback(None)
+    assert results[:3] == [None, None, None]
+    assert isinstance(results[3], StoreError)
+    assert commits == ["COMMIT"]
+    assert (await worker.counts())["open_cases"] == 3
