@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import math
-import secrets
 import socket
 import sqlite3
 import time
@@ -27,19 +26,18 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.applications import Starlette
-from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from careservice import charts, statsdb
+from careservice import charts
+from careservice.asgi import QuietServer, SecurityHeaders
 from careservice.context import Context
 from careservice.intake.ingest import Ingest
-from careservice.intake.web import _Server
 from careservice.preflight import admin_token
 from careservice.stats import report
-from careservice.store import StoreError
+from careservice.store import StoreError, statsdb
 from careservice.supervisor import WorkerSupervisor
 
 WORKER_LOOP_WITHIN = 30.0  # seconds: a worker whose loop has not beaten for longer is failing
@@ -95,7 +93,7 @@ class StoreState:
 
 
 class Guard:
-    """Bearer token (when configured) and the security headers, on every admin response."""
+    """Bearer token (when configured) on every admin request (inside SecurityHeaders, so a 401 has them too)."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
@@ -108,26 +106,11 @@ class Guard:
         return hmac.compare_digest(given, b"Bearer " + self.token)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or self._allowed(scope):
             await self.app(scope, receive, send)
             return
-        nonce = secrets.token_urlsafe(16)
-        scope.setdefault("state", {})["csp_nonce"] = nonce
-
-        async def with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                headers["Content-Security-Policy"] = CSP.format(nonce=nonce)
-                headers["X-Content-Type-Options"] = "nosniff"
-                headers["Referrer-Policy"] = "no-referrer"
-                headers["Cache-Control"] = "no-store"
-            await send(message)
-
-        if not self._allowed(scope):
-            refused = PlainTextResponse("Unauthorized", 401, {"WWW-Authenticate": 'Bearer realm="careservice admin"'})
-            await refused(scope, receive, with_headers)
-            return
-        await self.app(scope, receive, with_headers)
+        refused = PlainTextResponse("Unauthorized", 401, {"WWW-Authenticate": 'Bearer realm="careservice admin"'})
+        await refused(scope, receive, send)
 
 
 class Admin:
@@ -191,7 +174,7 @@ class Admin:
 class AdminServer:
     """The admin listener's uvicorn server, running as a task in the daemon's loop."""
 
-    def __init__(self, server: _Server, task: asyncio.Task[None]) -> None:
+    def __init__(self, server: QuietServer, task: asyncio.Task[None]) -> None:
         self._server = server
         self._task = task
 
@@ -205,10 +188,10 @@ async def start_admin(parts: Parts) -> AdminServer | None:
     config = parts.ctx.config
     if config.admin.listen is None:
         return None
-    app = Guard(Starlette(routes=Admin(parts).routes()), admin_token(config))
+    app = SecurityHeaders(Guard(Starlette(routes=Admin(parts).routes()), admin_token(config)), CSP)
     host, port = config.admin.listen.host, config.admin.listen.port
     bound = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-    server = _Server(uvicorn.Config(
+    server = QuietServer(uvicorn.Config(
         app, lifespan="off", log_config=None, access_log=False, server_header=False, http="h11", ws="none",
         limit_concurrency=50, timeout_graceful_shutdown=max(config.stop_timeout - 2, 1),
     ))

@@ -39,6 +39,9 @@ class Budget:
         return cls(int(spare * CASE_SHARE / CASE_COPIES), int(spare * (1 - CASE_SHARE) / MAIL_COPIES))
 
 
+SCAN = 4  # rows looked at per row wanted: a batch closed by bytes fills up with the small ones behind
+
+
 def first_fit(sized: Iterable[tuple[T, int]], limit: int, max_bytes: int) -> list[T]:
     """At most `limit` items, in their order, whose sizes add up to at most `max_bytes`; an item that
     does not fit is skipped for a later one that does. The first is always taken, however large, so

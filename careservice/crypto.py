@@ -1,4 +1,4 @@
-"""Master key, per-case data keys (AES-256-GCM) and keyed digests derived from the master key."""
+"""Master key, per-case data keys (AES-256-GCM), reply-token MACs and the keyed digests of the day."""
 
 from __future__ import annotations
 

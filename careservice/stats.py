@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from careservice import statsdb, tta
+from careservice import tta
+from careservice.store import statsdb
 
 COLUMNS = ("opened", "answered", "closed_by_phone", "expired", "replies_refused", "form_accepted", "form_refused")
 SOURCES = {  # each column: the store's counter names it adds up

@@ -137,8 +137,9 @@ async def test_inline_calls_of_one_loop_turn_commit_together_each_in_its_own_sav
     cases = await worker.due_cases([CaseState.RECEIVED], time.time() + 1, 10, 10 ** 9, set())
     assert len(cases) == 3
     commits: list[str] = []
-    assert worker._conn is not None
-    worker._conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    conn = worker.executor.conn  # type: ignore[attr-defined]
+    assert conn is not None
+    conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
     now = time.time()
     opened = Outcome(CaseState.OPEN, "test")
     results = await asyncio.gather(
@@ -146,7 +147,7 @@ async def test_inline_calls_of_one_loop_turn_commit_together_each_in_its_own_sav
         worker.apply(cases[0], opened, now, now + 3600),  # cases[0] is no longer RECEIVED: refused
         return_exceptions=True,
     )
-    worker._conn.set_trace_callback(None)
+    conn.set_trace_callback(None)
     assert results[:3] == [None, None, None]
     assert isinstance(results[3], StoreError)
     assert commits == ["COMMIT"]

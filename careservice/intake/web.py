@@ -18,23 +18,20 @@ import asyncio
 import logging
 import math
 import re
-import secrets
 import socket
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
 from email_validator import EmailNotValidError, validate_email
 from starlette.applications import Starlette
-from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from careservice import metrics
+from careservice.asgi import QuietServer, SecurityHeaders
 from careservice.config import Config, Site
 from careservice.context import Context
 from careservice.intake.codeart import MEDIA_TYPES, CodeArt
@@ -295,51 +292,10 @@ def not_found() -> Response:
     return PlainTextResponse("Not found", 404)
 
 
-class SecurityHeaders:
-    """Adds the security headers to every response and a per-response CSP nonce for the inline style.
-
-    With `hsts` (the daemon serves HTTPS itself) browsers are told to use only HTTPS for a year.
-    """
-
-    def __init__(self, app: ASGIApp, frame_ancestors: str, hsts: bool) -> None:
-        self.app = app
-        self.frame_ancestors = frame_ancestors
-        self.hsts = hsts
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        nonce = secrets.token_urlsafe(16)
-        scope.setdefault("state", {})["csp_nonce"] = nonce
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                headers["Content-Security-Policy"] = (
-                    f"default-src 'self'; style-src 'nonce-{nonce}'; script-src 'none'; form-action 'self'; "
-                    f"base-uri 'none'; frame-ancestors {self.frame_ancestors}")
-                headers["X-Content-Type-Options"] = "nosniff"
-                headers["Referrer-Policy"] = "no-referrer"
-                headers["Cache-Control"] = "no-store"
-                if self.hsts:
-                    headers["Strict-Transport-Security"] = "max-age=31536000"
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-
-class _Server(uvicorn.Server):
-    @contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        """The daemon owns SIGTERM and SIGINT; uvicorn stops when WebServer.stop() asks."""
-        yield
-
-
 class WebServer:
     """The contact form's uvicorn server, running as a task in the daemon's loop."""
 
-    def __init__(self, server: _Server, task: asyncio.Task[None], form: ContactForm) -> None:
+    def __init__(self, server: QuietServer, task: asyncio.Task[None], form: ContactForm) -> None:
         self._server = server
         self._task = task
         self._form = form
@@ -354,14 +310,16 @@ async def start_web(config: Config, ctx: Context, ingest: Ingest) -> WebServer:
     """Listen on web.listen (bound before this returns) and serve the contact form, over HTTPS with web.tls_cert."""
     check_web_tls(config)
     form = ContactForm(config, ctx, ingest)
-    app = SecurityHeaders(Starlette(routes=form.routes()), config.web.frame_ancestors,
+    csp = ("default-src 'self'; style-src 'nonce-{nonce}'; script-src 'none'; form-action 'self'; base-uri 'none'; "
+           f"frame-ancestors {config.web.frame_ancestors}")
+    app = SecurityHeaders(Starlette(routes=form.routes()), csp,
                           hsts=config.web.tls_cert is not None)
     host, port = config.web.listen.host, config.web.listen.port
     bound = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock = socket.socket(fileno=bound.detach())  # proto read back as TCP, so asyncio sets TCP_NODELAY per client
     web = config.web
     guard = ConnectionGuard(web.header_timeout, web.max_connections_per_client, web.trusted_proxies)
-    server = _Server(uvicorn.Config(
+    server = QuietServer(uvicorn.Config(
         app, lifespan="off", log_config=None, access_log=False, server_header=False, http=guarded_protocol(guard),
         ws="none", proxy_headers=False, limit_concurrency=500,
         timeout_graceful_shutdown=max(config.stop_timeout - 2, 1), ssl_certfile=config.web.tls_cert,

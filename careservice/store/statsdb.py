@@ -10,7 +10,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from careservice.store import OPEN_STATES, StoreError
+from careservice.store.schema import OPEN_STATES, StoreError
 
 BUSY_MS = 5000
 PROBE_BUSY_MS = 2000

@@ -1,0 +1,102 @@
+"""Store: the async operations the rest of the code calls, each one transaction (see executor)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from careservice.crypto import Keyring
+from careservice.model import Case, CaseState, MailKind, NewMessage, Outcome, QueuedMail
+from careservice.store import cases, keys, mailq, purge, tallies
+from careservice.store.executor import Executor, InlineExecutor, ThreadExecutor
+
+
+class Store:
+    """`durable`: synchronous=FULL (the intake: a commit is on disk before its 250). `inline`: the
+    caller's thread runs the transactions (the worker), else a writer thread does."""
+
+    def __init__(self, data_dir: Path, keyring: Keyring, durable: bool = True, inline: bool = False) -> None:
+        self.data_dir = data_dir
+        self.keyring = keyring
+        self.executor: Executor = (InlineExecutor if inline else ThreadExecutor)(data_dir, keyring, durable)
+
+    async def start(self, sweep: bool) -> None:
+        """Open the store; `sweep` drops what a process killed between the two files' commits left
+        (rows without a key, a key without rows). Both processes sweep as they start: under the write
+        lock, so the other process's commits are never seen half done."""
+        await self.executor.start()
+        if sweep:
+            await self.executor.call(purge.sweep_orphans, checkpoint=True)
+            await self.executor.call(keys.bind_unbound_keys)
+        await self.rotate_digests(time.time())
+
+    async def close(self) -> None:
+        await self.executor.close()
+
+    async def add_inbound(self, messages: list[NewMessage], now: float) -> list[str]:
+        """Commit inbound messages durably; returns their ids ('' for a de-duplicated one)."""
+        return await self.executor.call(cases.add_inbound, messages, now)
+
+    async def due_cases(self, states: Iterable[CaseState], now: float, limit: int, max_bytes: int,
+                        exclude: set[str]) -> list[Case]:
+        """Due cases in next_run order: at most `limit`, and `max_bytes` stored (see budget.first_fit)."""
+        return await self.executor.read(cases.due_cases, tuple(states), now, limit, max_bytes, tuple(exclude))
+
+    async def get_case(self, case_id: str) -> Case | None:
+        return await self.executor.read(cases.get_case, case_id)
+
+    async def apply(self, case: Case, outcome: Outcome, now: float, next_run: float) -> None:
+        """Write a stage's outcome and the mail it causes in one transaction."""
+        purging = CaseState.PURGED in (outcome.state, outcome.target_state)
+        await self.executor.call(cases.apply, case, outcome, now, next_run, checkpoint=purging)
+
+    async def hold(self, case: Case, failures: int, retry_at: float) -> None:
+        """Keep a case whose stage failed out of the due list until `retry_at` (counted as stuck)."""
+        await self.executor.call(cases.hold, case.id, case.state, failures, retry_at)
+
+    async def due_mail(self, now: float, limit: int, max_bytes: int) -> list[QueuedMail]:
+        """Due mail in next_attempt order: at most `limit`, and `max_bytes` stored (see budget.first_fit)."""
+        return await self.executor.read(mailq.due_mail, now, limit, max_bytes)
+
+    async def mail_delivered(self, item: QueuedMail, outcome: Outcome | None, now: float) -> float | None:
+        """Drop a delivered mail and apply the workflow's outcome for its case in the same transaction;
+        the seconds an answered case waited (None for other mail, or a case already gone)."""
+        answer = item.mail.kind is MailKind.ANSWER
+        return await self.executor.call(mailq.mail_delivered, item, outcome, now, checkpoint=answer)
+
+    async def mail_deferred(self, item: QueuedMail, next_attempt: float) -> None:
+        await self.executor.call(mailq.mail_deferred, item.id, next_attempt)
+
+    async def mail_failed(self, item: QueuedMail, outcome: Outcome | None, now: float) -> None:
+        """Drop a mail the relay refused for good, applying the workflow's outcome in the same transaction."""
+        await self.executor.call(mailq.mail_failed, item, outcome, now)
+
+    async def rotate_digests(self, now: float) -> None:
+        """Switch the keyring to today's digest secret and drop every digest of an earlier day (both
+        processes call it at start and then every minute; the first call of a day makes the secret)."""
+        await self.executor.call(keys.rotate_digests, now, checkpoint=True)
+
+    async def purge_older_than(self, cutoff: float, sites: frozenset[str], now: float) -> list[tuple[str, str, float]]:
+        """Purge every case created before `cutoff`, whatever its state (see purge.purge_aged)."""
+        return await self.executor.call(purge.purge_aged, cutoff, sites, now)
+
+    async def checkpoint(self) -> None:
+        """Truncate the WAL now (a purge's own checkpoint may have met a reader)."""
+        await self.executor.call(tallies.nothing, checkpoint=True)
+
+    async def take_ack_slot(self, digest: bytes, now: float, limit: int) -> bool:
+        """Count one acknowledgement for a (digested) address this hour; False once over `limit`."""
+        return await self.executor.call(tallies.take_ack_slot, digest, int(now // 3600), limit)
+
+    async def counts(self) -> dict[str, Any]:
+        return await self.executor.read(tallies.counts_op)
+
+    async def add_stats(self, counts: dict[tuple[str, str, str], int]) -> None:
+        """Add to the per-site daily counters: (site, day, name) -> n."""
+        await self.executor.call(tallies.add_stats, counts)
+
+    async def mailbox_health(self, name: str, problem: str, now: float) -> None:
+        """Record an IMAP mailbox's health for `status --json` ("" = working; else a short code)."""
+        await self.executor.call(tallies.mailbox_health, name, problem, now)

@@ -1,0 +1,46 @@
+"""Case keys, bound to their case, and the random secret of the day that keys the pseudonymous digests."""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+
+from careservice.crypto import Keyring
+from careservice.store.schema import StoreError
+
+UNBOUND_KEY_BYTES = 12 + 32 + 16  # nonce, key, tag: a case key as version 0.1 wrapped it
+
+
+def case_key(conn: sqlite3.Connection, keyring: Keyring, case_id: str) -> bytes:
+    row = conn.execute("SELECT wrapped FROM k.keys WHERE id=?", (case_id,)).fetchone()
+    if row is None:
+        raise StoreError(f"no key for case {case_id}")
+    return keyring.unwrap(row[0], f"case:{case_id}")
+
+
+def bind_unbound_keys(conn: sqlite3.Connection, keyring: Keyring) -> None:
+    """Rewrap the case keys of version 0.1 (one fixed label for all) bound to their case ids."""
+    for case_id, wrapped in conn.execute("SELECT id, wrapped FROM k.keys WHERE length(wrapped) = ?",
+                                         (UNBOUND_KEY_BYTES,)).fetchall():
+        conn.execute("UPDATE k.keys SET wrapped=? WHERE id=?",
+                     (keyring.wrap(keyring.unwrap_unbound(wrapped), f"case:{case_id}"), case_id))
+
+
+def rotate_digests(conn: sqlite3.Connection, keyring: Keyring, now: float) -> None:
+    """Today's digest secret (made on the first call of the day), and everything keyed by an older
+    one deleted with it: its secret, the de-duplication digests, past hours' acknowledgement counts."""
+    day = int(now // 86400)
+    row = conn.execute("SELECT wrapped FROM k.daily WHERE day=?", (day,)).fetchone()
+    if row is None:
+        secret = secrets.token_bytes(32)
+        conn.execute("INSERT INTO k.daily VALUES (?, ?)", (day, keyring.wrap(secret, f"daily:{day}")))
+    else:
+        secret = keyring.unwrap(row[0], f"daily:{day}")
+    conn.execute("DELETE FROM k.daily WHERE day < ?", (day,))
+    conn.execute("DELETE FROM k.seen WHERE expires <= ?", (now,))
+    conn.execute("DELETE FROM ack_rate WHERE hour < ?", (int(now // 3600),))
+    keyring.use_daily_secret(secret)
+
+
+def day_end(now: float) -> float:
+    return (now // 86400 + 1) * 86400

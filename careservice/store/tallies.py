@@ -1,0 +1,72 @@
+"""What outlives a case: per-site daily statistics and hourly acknowledgement counts; status counts."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from careservice.crypto import Keyring
+from careservice.model import CaseState
+from careservice.store.schema import INBOUND_STATES, OPEN_STATES, StoreError, connect
+
+
+def read_status(data_dir: Path) -> dict[str, Any]:
+    """Counts for `careservice status`, read through a separate read-only connection."""
+    if not (data_dir / "cases.db").exists():
+        raise StoreError(f"no store in {data_dir} (service.data_dir): has `careservice run` started with "
+                         "this config?")
+    conn = connect(data_dir, read_only=True)
+    try:
+        return status_counts(conn)
+    finally:
+        conn.close()
+
+
+def status_counts(conn: sqlite3.Connection) -> dict[str, Any]:
+    def count(states: tuple[CaseState, ...]) -> int:
+        marks = ",".join("?" * len(states))
+        return conn.execute(f"SELECT count(*) FROM cases WHERE state IN ({marks})", states).fetchone()[0]
+
+    return {
+        "open_cases": count(OPEN_STATES),
+        "inbound_pending": count(INBOUND_STATES),
+        "outbound_queued": conn.execute("SELECT count(*) FROM outbox").fetchone()[0],
+        "stuck_cases": conn.execute("SELECT count(*) FROM cases WHERE failures > 0").fetchone()[0],
+        **({"imap": {
+            name: {"ok": bool(ok), "problem": problem, "since": since, "consecutive_failures": failures}
+            for name, ok, problem, since, failures in conn.execute("SELECT * FROM mailbox_health ORDER BY name")
+        }} if conn.execute("SELECT 1 FROM mailbox_health LIMIT 1").fetchone() else {}),
+    }
+
+
+def add_stats(conn: sqlite3.Connection, keyring: Keyring, counts: dict[tuple[str, str, str], int]) -> None:
+    conn.executemany("INSERT INTO stats VALUES (?,?,?,?) ON CONFLICT(site, day, name) DO UPDATE SET value = value + "
+                     "excluded.value", [(*key, n) for key, n in counts.items()])
+
+
+def take_ack_slot(conn: sqlite3.Connection, keyring: Keyring, digest: bytes, hour: int, limit: int) -> bool:
+    conn.execute("DELETE FROM ack_rate WHERE hour < ?", (hour,))
+    row = conn.execute("SELECT n FROM ack_rate WHERE digest=? AND hour=?", (digest, hour)).fetchone()
+    if row and row[0] >= limit:
+        return False
+    conn.execute(
+        "INSERT INTO ack_rate VALUES (?,?,1) ON CONFLICT(digest, hour) DO UPDATE SET n = n + 1", (digest, hour)
+    )
+    return True
+
+
+def nothing(conn: sqlite3.Connection, keyring: Keyring) -> None:
+    return None
+
+
+def counts_op(conn: sqlite3.Connection, keyring: Keyring) -> dict[str, Any]:
+    return status_counts(conn)
+
+
+def mailbox_health(conn: sqlite3.Connection, keyring: Keyring, name: str, problem: str, now: float) -> None:
+    row = conn.execute("SELECT ok, problem, since, failures FROM mailbox_health WHERE name=?", (name,)).fetchone()
+    failures = 0 if not problem else (row[3] + 1 if row else 1)
+    since = row[2] if row and row[1] == problem else now
+    conn.execute("INSERT OR REPLACE INTO mailbox_health VALUES (?,?,?,?,?)", (name, int(not problem), problem,
+                                                                              since, failures))
