@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 from imapclient import DELETED
 
-from careservice.intake.imap import BATCH, CRASH_ENV
+from careservice.intake.imap import BATCH, CRASH_ENV, MailboxWorker
 from tests.dovecot import DovecotServer
 from tests.support import STAFF, CaptureRelay, Daemon, customer_mail, imap_config, staff_reply, wait_for
 
@@ -222,3 +225,18 @@ def test_several_batches_are_taken_exactly_once(svc: Daemon, dovecot: DovecotSer
     wait_for(lambda: maildir_files(dovecot) == [], what="mailbox drained")
     assert taken(svc) == (2 * BATCH + 50, 0)
 
+
+
+def test_mail_delivered_just_before_idle_is_taken_at_once(dovecot: DovecotServer) -> None:
+    """The race between the last SEARCH and IDLE: Dovecot reports such mail only when the IDLE ends."""
+    worker = MailboxWorker.__new__(MailboxWorker)  # only the IDLE wait is under test: no intake needed
+    worker._stop = threading.Event()
+    with dovecot.client() as client:
+        client.select_folder("INBOX")
+        assert client.search("ALL") == []
+        dovecot.append(customer_mail("Just before IDLE", "race"))
+        started = time.monotonic()
+        with patch("careservice.intake.imap.IDLE_RENEW", 6.0):
+            worker._idle(client)
+        assert time.monotonic() - started < 3.0  # before: the whole IDLE_RENEW
+        assert len(client.search("ALL")) == 1

@@ -206,7 +206,14 @@ class MailboxWorker:
         self._uidvalidity = uidvalidity
 
     def _idle(self, client: IMAPClient) -> None:
-        """Wait in IDLE until the server reports new mail, the stop flag, or IDLE_RENEW."""
+        """Wait in IDLE until the server reports new mail, the stop flag, or IDLE_RENEW.
+
+        Mail delivered after the last SEARCH but before IDLE begins is reported by Dovecot only when
+        the IDLE ends (it syncs the view at DONE), up to IDLE_RENEW later: a NOOP first syncs the view,
+        and an EXISTS above zero in its answer means another pass now instead."""
+        _, synced = client.noop()
+        if any(len(r) > 1 and r[1] == b"EXISTS" and r[0] > 0 for r in synced):
+            return
         client.idle()
         deadline = time.monotonic() + IDLE_RENEW
         while not self._stop.is_set() and time.monotonic() < deadline:
