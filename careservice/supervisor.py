@@ -90,6 +90,8 @@ class WorkerSupervisor:
 
     def wake(self) -> None:
         """Tell the worker that new cases are committed (a lost byte only delays it to its next poll)."""
+        if self._pipe < 0:
+            return  # stopping: the number of the closed pipe may already be a client's socket
         try:
             os.write(self._pipe, b"w")
         except (BlockingIOError, BrokenPipeError, OSError):
@@ -102,7 +104,8 @@ class WorkerSupervisor:
     async def stop(self, timeout: float) -> None:
         """Close the worker's pipe (it finishes its batch and delivery) and wait; kill it after `timeout`."""
         self.stopping = True
-        os.close(self._pipe)
+        pipe, self._pipe = self._pipe, -1
+        os.close(pipe)
         if self.proc is not None and self.proc.returncode is None:
             try:
                 await asyncio.wait_for(self.proc.wait(), timeout)

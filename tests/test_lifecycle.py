@@ -40,6 +40,7 @@ class Sender(threading.Thread):
         self.per_connection = per_connection
         self.accepted: list[str] = []
         self.outcomes: Counter[str] = Counter()
+        self.details: list[str] = []  # what the client saw, for a failure message
         self.stop_at = time.monotonic() + 60
 
     def run(self) -> None:
@@ -55,10 +56,13 @@ class Sender(threading.Thread):
                 self.outcomes["refused"] += 1
                 return
             try:
+                greeting, text = code, b""
                 if code == 220:
-                    code = client.ehlo()[0]  # explicit: after a 421 to EHLO, sendmail would try HELO
+                    code, text = client.ehlo()  # explicit: after a 421 to EHLO, sendmail would try HELO
                 if code != 250:
                     self.outcomes[str(code)] += 1
+                    if code not in (421,):
+                        self.details.append(f"greeting={greeting} ehlo={code} {text!r}")
                     return
                 for _ in range(self.per_connection):
                     n += 1
@@ -68,6 +72,7 @@ class Sender(threading.Thread):
                                         customer_mail(tag, "load", sender=f"s{self.number}@customer.example"))
                     except smtplib.SMTPResponseException as exc:
                         self.outcomes[str(exc.smtp_code)] += 1
+                        self.details.append(f"{type(exc).__name__} {exc.smtp_code} {exc.smtp_error!r}")
                         return
                     except smtplib.SMTPRecipientsRefused as exc:  # smtplib's word for a 421 to RCPT
                         self.outcomes[",".join(str(code) for code, _ in exc.recipients.values())] += 1
@@ -107,7 +112,7 @@ def test_sigterm_under_load_loses_nothing_and_resets_nobody(tmp_path: Path, rela
           f"outcomes={dict(outcomes)} exit={code} seconds={took:.1f}")
     assert code == 0 and took < STOP_TIMEOUT
     unexpected = {k: v for k, v in outcomes.items() if k not in ("250", "421", "refused", "quit:221", "quit:421")}
-    assert unexpected == {}, outcomes
+    assert unexpected == {}, (outcomes, [d for s in senders for d in s.details])
     log = daemon.log.read_text()
     assert "Traceback" not in log and "worker_exited" not in log
     daemon.start()  # the restart forwards what was committed and not yet forwarded
