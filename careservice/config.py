@@ -28,7 +28,7 @@ RELAY_SCHEMES = ("smtp", "smtps", "smtp+starttls", "maildir")
 IMAP_SECURITY = ("tls", "starttls", "none")
 RELAY_PASSWORD_ENV = "CARESERVICE_RELAY_PASSWORD"
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multiprocess folder, read at its first import
-_HOST_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*")
+DNS_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*")  # host names, DKIM selectors
 _CONTACT_PATH = re.compile(r"(/[A-Za-z0-9._~-]+)+")  # literal segments: no route parameters, query or fragment
 
 
@@ -158,7 +158,7 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _site(t: _Table) -> Site:
+def _site(t: _Table, base: Path) -> Site:
     site_id = t.get("id", str)
     if not site_id.isidentifier() and not site_id.replace("-", "").replace(".", "").isalnum():
         raise ConfigError(t.key("id"), f'use letters, digits, "-" or "." only, got "{site_id}"')
@@ -177,12 +177,19 @@ def _site(t: _Table) -> Site:
     if not _CONTACT_PATH.fullmatch(path):
         raise ConfigError(t.key("contact_path"), f'expected a path such as "/contact.php" (starts with "/"; '
                                                  f'letters, digits, ".", "-", "_", "~" between slashes), got "{path}"')
-    return Site(site_id, t.get("name", str), domain, care, addresses, hosts, path)
+    selector, key_file = t.get("dkim_selector", str, ""), t.get("dkim_key_file", str, "")
+    if bool(selector) != bool(key_file):
+        raise ConfigError(t.key("dkim_key_file" if selector else "dkim_selector"),
+                          "dkim_selector and dkim_key_file go together")
+    if selector and not DNS_NAME.fullmatch(selector):
+        raise ConfigError(t.key("dkim_selector"), f'expected a DNS label such as "care2026a" (lower-case letters, '
+                                                  f'digits, "-"), got "{selector}"')
+    return Site(site_id, t.get("name", str), domain, care, addresses, hosts, path, selector, _path(base, key_file))
 
 
 def _web_host(key: str, value: object) -> str:
     host = value.lower() if isinstance(value, str) else ""
-    if not _HOST_NAME.fullmatch(host):
+    if not DNS_NAME.fullmatch(host):
         raise ConfigError(key, f'expected a host name such as "www.example.com" (no scheme, no port), got "{value}"')
     return host
 
@@ -233,7 +240,7 @@ def load_config(path: Path) -> Config:
     site_tables = root.array("sites", required=True)
     if not site_tables:
         raise ConfigError("sites", "at least one [[sites]] table is needed")
-    sites = tuple(_site(t) for t in site_tables)
+    sites = tuple(_site(t, base) for t in site_tables)
     ids = [s.id for s in sites]
     for i, site_id in enumerate(ids):
         if ids.index(site_id) != i:

@@ -18,6 +18,7 @@ import aiosmtplib
 
 from careservice import metrics
 from careservice.config import RelayConfig
+from careservice.dkim import Signer
 from careservice.logs import error_fields
 from careservice.model import MailKind, OutgoingMail
 from careservice.store import QueuedMail, Store
@@ -78,9 +79,10 @@ class Relay:
     CHECK_SECONDS = 5.0  # a kept connection's NOOP; slower than this, a new connection is cheaper
     QUIT_SECONDS = 2.0
 
-    def __init__(self, config: RelayConfig, password: str) -> None:
+    def __init__(self, config: RelayConfig, password: str, signer: Signer | None = None) -> None:
         self.config = config
         self.password = password
+        self.signer = signer or Signer({})  # replaced on reload: queued mail leaves with the keys in force then
         self.tls = ssl.create_default_context(cafile=config.ca_file or None)  # built once: loading CAs is slow
         self.stopping = False  # set: hand over no further mail (the one in flight is finished and recorded)
         self._kept: list[tuple[float, aiosmtplib.SMTP]] = []  # (last used, monotonic), connected clients
@@ -158,7 +160,8 @@ class Relay:
             for item in items:
                 if self.stopping:
                     break  # the rest stay queued as they are
-                await record(item, await self._send_one(client, item.mail))  # committed before the next one
+                message = self.signer.sign(item.site, item.mail.message)
+                await record(item, await self._send_one(client, item.mail, message))  # committed before the next one
                 done += 1
             self._kept.append((time.monotonic(), client))
             client = None
@@ -177,15 +180,15 @@ class Relay:
                 if not done:
                     for sub in ("tmp", "new", "cur"):
                         os.makedirs(maildir / sub, mode=0o700, exist_ok=True)
-                await asyncio.to_thread(_maildir_deliver, maildir, item.mail.message)
+                await asyncio.to_thread(_maildir_deliver, maildir, self.signer.sign(item.site, item.mail.message))
             except OSError as exc:
                 raise RelayDown(exc, done) from None
             await record(item, None)
 
-    async def _send_one(self, client: aiosmtplib.SMTP, mail: OutgoingMail) -> Refusal | None:
+    async def _send_one(self, client: aiosmtplib.SMTP, mail: OutgoingMail, message: bytes) -> Refusal | None:
         utf8 = not all(a.isascii() for a in (mail.sender, *mail.recipients))
         try:
-            errors, _ = await client.sendmail(mail.sender, list(mail.recipients), mail.message,
+            errors, _ = await client.sendmail(mail.sender, list(mail.recipients), message,
                                               mail_options=["SMTPUTF8"] if utf8 else [])
         except aiosmtplib.SMTPNotSupported:  # a UTF-8 address, and the relay has no SMTPUTF8: never sendable
             return Refusal(553, True)

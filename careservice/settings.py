@@ -30,6 +30,8 @@ class Site:
     staff: tuple[str, ...]
     web_hosts: tuple[str, ...]  # host names whose requests for contact_path get this site's form
     contact_path: str
+    dkim_selector: str = ""  # with dkim_key_file: mail from this site is signed for its domain
+    dkim_key_file: str = ""
 
     @property
     def care_local(self) -> str:

@@ -21,8 +21,9 @@ from pathlib import Path
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from careservice.budget import Budget
-from careservice.config import RELAY_PASSWORD_ENV, Config
+from careservice.config import RELAY_PASSWORD_ENV, Config, ConfigError
 from careservice.context import Context, build_context, read_secret
+from careservice.dkim import Signer
 from careservice.handlers import STAGES
 from careservice.model import CaseState, OutgoingMail
 from careservice.outbox import Outbox, Relay
@@ -44,7 +45,8 @@ class CaseWorker:
         self.config = config
         self.ctx = ctx or build_context(config, intake=False)
         self.store = self.ctx.store
-        relay = Relay(config.relay, read_secret(config.relay.password_file, RELAY_PASSWORD_ENV))
+        relay = Relay(config.relay, read_secret(config.relay.password_file, RELAY_PASSWORD_ENV),
+                      Signer.load(config.sites))
         budget = Budget.of(config.worker_memory_mb)
         self.outbox = Outbox(config.relay, self.store, relay, time.time, self.answer_failed_notice, budget.mail)
         self.runner = Runner(self.ctx, STAGES, {CaseState.OPEN: config.unanswered_days * 86400.0},
@@ -71,6 +73,17 @@ class CaseWorker:
             log.warning("case_purged_hard_limit case=%s state=%s age_days=%d", case_id, state, (now - created) // 86400)
         self.wake()
         await self.store.rotate_digests(now)
+
+    def reload(self) -> None:
+        """SIGHUP: the config as careservice.reload applies it, and the sites' DKIM keys read again."""
+        config = reload_config(self.ctx)
+        if config is None:
+            return
+        self.config = config
+        try:
+            self.outbox.relay.signer = Signer.load(config.sites)
+        except ConfigError as exc:  # changed since the reload's check passed: keep signing with the keys in force
+            log.error("dkim_keys_kept key=%s (the new ones did not load; `careservice check` says why)", exc.key)
 
     def answer_failed_notice(self, item: QueuedMail, why: str) -> OutgoingMail | None:
         site = self.ctx.config.site(item.site)
@@ -122,15 +135,10 @@ async def run_worker(config: Config) -> None:
             loop.remove_reader(0)
             done.set()
 
-    def on_reload() -> None:
-        config = reload_config(worker.ctx)
-        if config is not None:
-            worker.config = config
-
     loop.add_reader(0, on_wake)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)
-    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    loop.add_signal_handler(signal.SIGHUP, worker.reload)
     if stat.S_ISFIFO(os.fstat(1).st_mode):
         os.set_blocking(1, False)  # a beat must never block the loop
     beating = asyncio.create_task(_heartbeat(worker, done))
