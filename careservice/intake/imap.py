@@ -8,10 +8,8 @@ Between passes the worker IDLEs when the server offers it, else it polls every p
 Nothing depends on UIDs across sessions, so a UIDVALIDITY change needs no recovery: a message
 committed before a crash is taken again, recognised by its keyed digest, and only expunged.
 
-The envelope sender of a message read over IMAP is its Return-Path header (written by the delivering
-server; `<>` marks a bounce), or else its From address, so mail appended without a Return-Path is
-still a customer's mail and not mistaken for a bounce. Both, like the Message-ID, are read within
-careservice.mail's header limits, which the intake would otherwise pass unbounded.
+The envelope sender of a message read over IMAP is its Return-Path header, or else its From address
+(careservice.intake.rawmail).
 
 imapclient blocks, so each worker runs in its own thread; commits and health records are handed to
 the event loop with `run_coroutine_threadsafe`. Logs name the mailbox, never the mail.
@@ -21,17 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
-import re
 import socket
 import ssl
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from email.utils import getaddresses, parseaddr
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +36,8 @@ from imapclient.exceptions import IMAPClientError, LoginError
 from careservice.config import Config, ImapMailbox, Site
 from careservice.crypto import Keyring
 from careservice.intake.ingest import Ingest
+from careservice.intake.rawmail import dedupe_key, envelope_sender
 from careservice.logs import error_fields
-from careservice.mimeparse import MAX_HEADER_BLOCK, MAX_HEADER_LINE
 from careservice.model import Envelope, Source
 from careservice.store import NewMessage
 
@@ -58,14 +53,6 @@ BACKOFF_FIRST, BACKOFF_MAX = 1.0, 300.0
 TIMEOUT = SocketTimeout(connect=15, read=120)
 STOP_GRACE = 3.0
 CRASH_ENV = "CARESERVICE_TEST_CRASH_AFTER_IMAP_COMMIT"
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
-
-
-def _field(name: bytes) -> re.Pattern[bytes]:
-    return re.compile(rb"^" + name + rb"[ \t]*:(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
-
-
-_RETURN_PATH, _FROM, _MESSAGE_ID = _field(b"Return-Path"), _field(b"From"), _field(b"Message-ID")
 
 
 class MailboxProblem(Exception):
@@ -74,51 +61,6 @@ class MailboxProblem(Exception):
     def __init__(self, code: str) -> None:
         super().__init__(code)
         self.code = code
-
-
-def _header(head: bytes, pattern: re.Pattern[bytes]) -> str | None:
-    """The first `pattern` header, folding undone, looked for as careservice.mail's parser sees the
-    message: in the first MAX_HEADER_BLOCK bytes only, skipping a header longer than MAX_HEADER_LINE
-    (and one cut off by the block's end). The stdlib address parser takes about a second per megabyte,
-    and this runs in the intake process, before any limit of the parser's applies."""
-    cut = MAX_HEADER_BLOCK < len(head)
-    for match in pattern.finditer(head, 0, MAX_HEADER_BLOCK):
-        if cut and match.end() == MAX_HEADER_BLOCK:
-            break
-        if len(match.group(0)) <= MAX_HEADER_LINE:
-            return " ".join(match.group(1).decode("utf-8", "replace").split())
-    return None
-
-
-def _head(raw: bytes) -> tuple[bytes, bytes]:
-    """The header block and the content after it ("" when there is no blank line)."""
-    end = _HEADER_END.search(raw)
-    return (raw[: end.start()], raw[end.end():]) if end else (raw, b"")
-
-
-def envelope_sender(raw: bytes) -> str:
-    """Return-Path's address ("" for `<>`), else the first From address, else ""."""
-    head, _ = _head(raw)
-    return_path = _header(head, _RETURN_PATH)
-    try:
-        if return_path is not None:
-            return parseaddr(return_path)[1]
-        sender = _header(head, _FROM)
-        addresses = [a for _, a in getaddresses([sender])] if sender else []
-    except Exception:  # e.g. RecursionError on nested comments: such a message must not block the mailbox
-        return ""
-    return addresses[0] if addresses and "@" in addresses[0] else ""
-
-
-def dedupe_key(keyring: Keyring, site: str, raw: bytes) -> bytes:
-    """The keyed digest that recognises a message taken before.
-
-    Site + Message-ID + SHA-256 of the body, so a re-delivery with new trace headers is the
-    same message; without a Message-ID the whole raw message is hashed instead.
-    """
-    head, content = _head(raw)
-    message_id = _header(head, _MESSAGE_ID) or ""
-    return keyring.digest(f"imap|{site}|{message_id}|{hashlib.sha256(content if message_id else raw).hexdigest()}")
 
 
 def _tls_context(verify: bool) -> ssl.SSLContext:

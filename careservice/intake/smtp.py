@@ -18,9 +18,9 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from careservice import metrics
 from careservice.addresses import Addressing, Recipient
 from careservice.config import SmtpConfig
-from careservice.intake.imap import dedupe_key
 from careservice.intake.ingest import Ingest
 from careservice.intake.limits import SenderQuota, client_key, sender_bucket
+from careservice.intake.rawmail import dedupe_key
 from careservice.logs import error_fields
 from careservice.model import Envelope as CaseEnvelope
 from careservice.model import Source

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from careservice.intake.imap import envelope_sender
+from careservice.intake.rawmail import envelope_sender
 from careservice.mimeparse import MAX_HEADER_BLOCK
 from tests.dovecot import DovecotServer
 from tests.reliability.helpers import SCALE, log_leaks, set_keys, status
