@@ -70,7 +70,8 @@ def _check(config: Config, args: argparse.Namespace) -> int:
     print(f"  smtp       {config.smtp.listen.host}:{config.smtp.listen.port}"
           f"{' (STARTTLS)' if config.smtp.tls_cert else ''}")
     print(f"  web        {config.web.listen.host}:{config.web.listen.port} verification={config.web.verification}")
-    print(f"  relay      {config.relay.url}")
+    relay_auth = config.relay.oauth2
+    print(f"  relay      {config.relay.url}{f' (oauth2 {relay_auth.grant})' if relay_auth else ''}")
     admin = config.admin.listen
     print(f"  admin      {f'{admin.host}:{admin.port}' if admin else 'off'}"
           f"{' (bearer token)' if admin and config.admin.token_file else ''}")
@@ -80,7 +81,7 @@ def _check(config: Config, args: argparse.Namespace) -> int:
         print(f"  site {site.id}: {site.name} <{site.care_address}> staff={len(site.staff)}"
               f"{f' dkim={site.dkim_selector}' if site.dkim_selector else ''}")
     for box in config.imap:
-        print(f"  imap {box.name} -> site {box.site}")
+        print(f"  imap {box.name} -> site {box.site}{f' (oauth2 {box.oauth2.grant})' if box.oauth2 else ''}")
     return 0
 
 

@@ -93,6 +93,14 @@ def _loads(key: str, load: Callable[[], object]) -> Iterator[str]:
 def _secrets(config: Config) -> Iterator[str]:
     files = {} if RELAY_PASSWORD_ENV in os.environ else {"relay.password_file": config.relay.password_file}
     files.update({f"imap[{i}].password_file": box.password_file for i, box in enumerate(config.imap)})
+    accounts = [("relay", config.relay.oauth2), *((f"imap[{i}]", box.oauth2) for i, box in enumerate(config.imap))]
+    for table, oauth2 in accounts:
+        if oauth2 is not None:
+            files[f"{table}.client_secret_file"] = oauth2.client_secret_file
+            files[f"{table}.refresh_token_file"] = oauth2.refresh_token_file
+            folder = Path(oauth2.refresh_token_file).parent
+            if oauth2.refresh_token_file and not os.access(folder, os.W_OK):  # a rotated token is written beside it
+                yield f"{table}.refresh_token_file: its folder {folder} is not writable"
     for key, name in files.items():
         if name and not os.access(name, os.R_OK):
             yield f"{key}: cannot read {name}"

@@ -39,6 +39,18 @@ class Site:
 
 
 @dataclass(frozen=True)
+class OAuth2Config:
+    """How an IMAP mailbox or the relay gets its XOAUTH2 access tokens (careservice.oauth2)."""
+
+    token_url: str
+    client_id: str
+    client_secret_file: str  # "" = a public client (refresh_token grant only)
+    scope: str  # "" = whatever the refresh token was granted
+    grant: str  # "client_credentials" (app-only) or "refresh_token" (delegated)
+    refresh_token_file: str  # refresh_token grant: read at each refresh, replaced when the provider rotates it
+
+
+@dataclass(frozen=True)
 class RelayConfig:
     url: str
     scheme: str
@@ -52,6 +64,7 @@ class RelayConfig:
     timeout: float
     connections: int
     ca_file: str  # extra CA bundle to trust for the relay's certificate ("" = system CAs only)
+    oauth2: OAuth2Config | None = None  # auth = "oauth2": AUTH XOAUTH2 as `username` instead of a password
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,7 @@ class ImapMailbox:
     poll_seconds: int
     quarantine_folder: str
     verify_tls: bool
+    oauth2: OAuth2Config | None = None  # auth = "oauth2": XOAUTH2 instead of password_file
 
     @property
     def name(self) -> str:

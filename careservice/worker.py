@@ -75,11 +75,13 @@ class CaseWorker:
         await self.store.rotate_digests(now)
 
     def reload(self) -> None:
-        """SIGHUP: the config as careservice.reload applies it, and the sites' DKIM keys read again."""
+        """SIGHUP: the config as careservice.reload applies it, the sites' DKIM keys read again, and the
+        relay's OAuth2 token asked for again after a refusal."""
         config = reload_config(self.ctx)
         if config is None:
             return
         self.config = config
+        self.outbox.relay.rearm()
         try:
             self.outbox.relay.signer = Signer.load(config.sites)
         except ConfigError as exc:  # changed since the reload's check passed: keep signing with the keys in force

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import ssl
@@ -33,12 +34,13 @@ from typing import Any
 from imapclient import DELETED, IMAPClient, SocketTimeout
 from imapclient.exceptions import IMAPClientError, LoginError
 
-from careservice.config import Config, ImapMailbox, Site
+from careservice.config import Config, ImapMailbox, OAuth2Config, Site
 from careservice.crypto import Keyring
 from careservice.intake.ingest import Ingest
 from careservice.intake.rawmail import dedupe_key, envelope_sender
 from careservice.logs import error_fields
 from careservice.model import Envelope, Source
+from careservice.oauth2 import OAuth2Error, TokenSource
 from careservice.store import NewMessage
 
 log = logging.getLogger("careservice.imap")
@@ -56,11 +58,13 @@ CRASH_ENV = "CARESERVICE_TEST_CRASH_AFTER_IMAP_COMMIT"
 
 
 class MailboxProblem(Exception):
-    """A session failed; `code` is the short reason shown in `status --json`."""
+    """A session failed; `code` is the short reason shown in `status --json`. A `final` one is not
+    retried until a reload or restart."""
 
-    def __init__(self, code: str) -> None:
+    def __init__(self, code: str, final: bool = False) -> None:
         super().__init__(code)
         self.code = code
+        self.final = final
 
 
 def _tls_context(verify: bool) -> ssl.SSLContext:
@@ -92,8 +96,9 @@ class MailboxWorker:
     """Drains one mailbox in its own thread until `stop()`; reconnects with exponential backoff."""
 
     def __init__(self, box: ImapMailbox, site: Site, ingest: Ingest, keyring: Keyring, max_bytes: int,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, tokens: TokenSource | None) -> None:
         self.box = box
+        self.tokens = tokens  # auth = "oauth2"; else the password file is read at each connect
         self.site = site
         self.ingest = ingest
         self.keyring = keyring
@@ -101,6 +106,7 @@ class MailboxWorker:
         self.loop = loop
         self.thread = threading.Thread(target=self._run, name=f"imap-{box.name}", daemon=True)
         self._stop = threading.Event()
+        self._rearm = threading.Event()  # set by a reload (or the stop) to end a final problem's wait
         self._client: IMAPClient | None = None
         self._problem: str | None = None  # None until the first health record
         self._failures = 0
@@ -109,6 +115,13 @@ class MailboxWorker:
 
     def stop(self) -> None:
         self._stop.set()
+        self._rearm.set()
+
+    def rearm(self) -> None:
+        """A reload: a mailbox stopped by a final problem tries again (its files are read again)."""
+        if self.tokens is not None:
+            self.tokens.reset()
+        self._rearm.set()
 
     def interrupt(self) -> None:
         """Break a blocking socket call (used when the worker did not stop within the grace time)."""
@@ -128,7 +141,10 @@ class MailboxWorker:
             try:
                 self._session()
             except MailboxProblem as problem:
-                self._failed(problem.code, problem.__cause__)
+                if problem.final:
+                    self._halt(problem.code, problem.__cause__)
+                else:
+                    self._failed(problem.code, problem.__cause__)
             except Exception as exc:  # the worker must outlive any bug or odd server reply
                 self._failed("internal_error", exc)
 
@@ -142,6 +158,39 @@ class MailboxWorker:
             self._health(code)
         self._stop.wait(self._delay)
         self._delay = min(self._delay * 2, BACKOFF_MAX)
+
+    def _halt(self, code: str, cause: BaseException | None) -> None:
+        """Wait for a reload or the stop: asking the provider again would only be refused again."""
+        self._rearm.clear()
+        log.error("imap_stopped mailbox=%s problem=%s (not retried until a reload or restart) %s", self.box.name,
+                  code, error_fields(cause) if cause else "")
+        with contextlib.suppress(Exception):
+            self._health(code)
+        self._rearm.wait()
+        self._failures, self._delay = 0, BACKOFF_FIRST
+
+    def _secret(self) -> str:
+        """The password, or an access token (both before connecting, so a slow token endpoint holds no session)."""
+        if self.tokens is None:
+            try:
+                return Path(self.box.password_file).read_text().strip()
+            except OSError as exc:
+                raise MailboxProblem("password_unreadable") from exc
+        try:
+            return self.tokens.token()
+        except OAuth2Error as exc:
+            raise MailboxProblem(f"oauth2_{exc.code}", exc.final) from exc
+
+    def _login(self, client: IMAPClient, secret: str) -> None:
+        try:
+            if self.tokens is None:
+                client.login(self.box.username, secret)
+            else:
+                client.oauth2_login(self.box.username, secret)
+        except LoginError as exc:
+            if self.tokens is not None:
+                self.tokens.forget()  # revoked or lacking a permission: the next attempt asks for a new one
+            raise MailboxProblem("auth_failed") from exc
 
     def _connect(self) -> IMAPClient:
         box = self.box
@@ -161,16 +210,12 @@ class MailboxWorker:
         return client
 
     def _session(self) -> None:
-        try:
-            password = Path(self.box.password_file).read_text().strip()
-        except OSError as exc:
-            raise MailboxProblem("password_unreadable") from exc
+        secret = self._secret()
+        # a session ends when its token is due for renewal: Microsoft 365 drops it once the token expires
+        renew_at = math.inf if self.tokens is None else self.tokens.renew_at
         try:
             client = self._connect()
-            try:
-                client.login(self.box.username, password)
-            except LoginError as exc:
-                raise MailboxProblem("auth_failed") from exc
+            self._login(client, secret)
             try:
                 self._note_uidvalidity(client.select_folder(self.box.folder))
             except IMAPClientError as exc:
@@ -184,10 +229,13 @@ class MailboxWorker:
                     self._health("")
                     log.info("imap_working mailbox=%s", self.box.name)
                 self._failures, self._delay = 0, BACKOFF_FIRST
+                if time.monotonic() >= renew_at:
+                    log.info("imap_reconnecting mailbox=%s reason=token_renewal", self.box.name)
+                    break
                 if idle:
-                    self._idle(client)
+                    self._idle(client, renew_at)
                 else:
-                    self._stop.wait(self.box.poll_seconds)
+                    self._stop.wait(min(self.box.poll_seconds, renew_at - time.monotonic()))
                 if not self._stop.is_set():  # a fresh view; imaplib also drops the responses it kept
                     self._note_uidvalidity(client.select_folder(self.box.folder))
             client.logout()
@@ -208,10 +256,10 @@ class MailboxWorker:
                      "digests recognise what was committed)", self.box.name)
         self._uidvalidity = uidvalidity
 
-    def _idle(self, client: IMAPClient) -> None:
-        """Wait in IDLE until the server reports new mail, the stop flag, or IDLE_RENEW."""
+    def _idle(self, client: IMAPClient, until: float) -> None:
+        """Wait in IDLE until the server reports new mail, the stop flag, IDLE_RENEW, or `until` (monotonic)."""
         client.idle()
-        deadline = time.monotonic() + IDLE_RENEW
+        deadline = min(time.monotonic() + IDLE_RENEW, until)
         while not self._stop.is_set() and time.monotonic() < deadline:
             started = time.monotonic()
             responses = client.idle_check(IDLE_CHECK)
@@ -299,15 +347,25 @@ class ImapIntake:
         self.ingest = ingest
         self.keyring = keyring
         self.workers: list[MailboxWorker] = []
+        self.tokens: dict[OAuth2Config, TokenSource] = {}  # one per account: folders of one account share it
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         for box in self.config.imap:
             site = self.config.site(box.site)
             assert site is not None  # config.load_config checked imap.site
-            worker = MailboxWorker(box, site, self.ingest, self.keyring, self.config.smtp.max_message_bytes, loop)
+            tokens = None
+            if box.oauth2 is not None:
+                tokens = self.tokens.setdefault(box.oauth2, TokenSource(box.oauth2, box.name))
+            worker = MailboxWorker(box, site, self.ingest, self.keyring, self.config.smtp.max_message_bytes, loop,
+                                   tokens)
             worker.thread.start()
             self.workers.append(worker)
+
+    def rearm(self) -> None:
+        """A reload: mailboxes stopped by a final problem (a refused grant or client) try again."""
+        for worker in self.workers:
+            worker.rearm()
 
     async def stop(self) -> None:
         """Stop every worker; one still blocked on its socket after STOP_GRACE has the socket shut down."""
