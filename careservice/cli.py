@@ -1,4 +1,4 @@
-"""`careservice run | check | keygen | status | stats | --version`; every command takes --config PATH."""
+"""`careservice run | check | keygen | dkim-keygen | status | stats | --version`; every command takes --config PATH."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import json
 import os
 import shutil
 import sys
+from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 
-from careservice.config import METRICS_DIR_ENV, Config, ConfigError, load_config
+from careservice.config import DNS_NAME, METRICS_DIR_ENV, Config, ConfigError, load_config
 from careservice.crypto import MasterKeyError, write_master_key
+from careservice.dkim import KEY_BITS, txt_record, write_key
 from careservice.logs import setup_logging
 from careservice.preflight import problems
 from careservice.stats import report, to_csv, to_json
@@ -68,16 +70,18 @@ def _check(config: Config, args: argparse.Namespace) -> int:
     print(f"  smtp       {config.smtp.listen.host}:{config.smtp.listen.port}"
           f"{' (STARTTLS)' if config.smtp.tls_cert else ''}")
     print(f"  web        {config.web.listen.host}:{config.web.listen.port} verification={config.web.verification}")
-    print(f"  relay      {config.relay.url}")
+    relay_auth = config.relay.oauth2
+    print(f"  relay      {config.relay.url}{f' (oauth2 {relay_auth.grant})' if relay_auth else ''}")
     admin = config.admin.listen
     print(f"  admin      {f'{admin.host}:{admin.port}' if admin else 'off'}"
           f"{' (bearer token)' if admin and config.admin.token_file else ''}")
     print(f"  retention  unanswered cases purged after {config.unanswered_days} days, every case after "
           f"{config.hard_limit_days}")
     for site in config.sites:
-        print(f"  site {site.id}: {site.name} <{site.care_address}> staff={len(site.staff)}")
+        print(f"  site {site.id}: {site.name} <{site.care_address}> staff={len(site.staff)}"
+              f"{f' dkim={site.dkim_selector}' if site.dkim_selector else ''}")
     for box in config.imap:
-        print(f"  imap {box.name} -> site {box.site}")
+        print(f"  imap {box.name} -> site {box.site}{f' (oauth2 {box.oauth2.grant})' if box.oauth2 else ''}")
     return 0
 
 
@@ -89,6 +93,33 @@ def _keygen(config: Config, args: argparse.Namespace) -> int:
         print(f"careservice: {path} exists; not overwriting a master key (move it away first)", file=sys.stderr)
         return 1
     print(f"wrote new master key to {path} (mode 0600)")
+    return 0
+
+
+def _dkim_keygen(config: Config, args: argparse.Namespace) -> int:
+    index = next((i for i, site in enumerate(config.sites) if site.id == args.site), None)
+    if index is None:
+        print(f"careservice: no site with id {args.site!r} in {config.path}", file=sys.stderr)
+        return 1
+    site = config.sites[index]
+    selector = args.selector or site.dkim_selector
+    path = Path(args.output) if args.output else Path(site.dkim_key_file) if site.dkim_key_file else None
+    if not selector or path is None or not DNS_NAME.fullmatch(selector):
+        dated = f"care{datetime.now(UTC):%Y}a"
+        print(f"careservice: sites[{index}] ({site.id}) needs dkim_selector and dkim_key_file, or pass --selector "
+              f"and --output; selectors are dated DNS labels, e.g. --selector {dated} --output "
+              f"dkim/{site.id}-{dated}.pem", file=sys.stderr)
+        return 1
+    try:
+        private = write_key(path)
+    except FileExistsError:
+        print(f"careservice: {path} exists; not overwriting a DKIM key (a new key gets a new selector and file)",
+              file=sys.stderr)
+        return 1
+    print(f"wrote a new {KEY_BITS}-bit DKIM key for site {site.id} to {path} (mode 0600)")
+    print("publish this DNS record before the config names the key, and keep it while mail signed with it may "
+          "still be verified:")
+    print(txt_record(selector, site.domain, private))
     return 0
 
 
@@ -129,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, func, text in (("run", _run, "run the daemon in the foreground"),
                              ("check", _check, "validate the config and print a summary"),
                              ("keygen", _keygen, "write a new master key file"),
+                             ("dkim-keygen", _dkim_keygen, "write a new DKIM key for a site, print its DNS record"),
                              ("status", _status, "print queue and case counts from the store"),
                              ("stats", _stats, "print the per-site daily statistics"),
                              ("worker", _worker, "(internal) the case worker that `run` starts")):
@@ -142,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
             output.add_argument("--json", action="store_true", help="print JSON")
             output.add_argument("--csv", action="store_true", help="print CSV, one row per site and day")
             sub.add_argument("--days", type=_days, default=30, help="days up to today (UTC), default 30")
+        if name == "dkim-keygen":
+            sub.add_argument("--site", required=True, help="the [[sites]] id")
+            sub.add_argument("--selector", help="a new selector, for a rotation (default the site's dkim_selector)")
+            sub.add_argument("--output", help="write here instead of the site's dkim_key_file")
         if name == "keygen":
             sub.add_argument("--output", help="write here instead of security.master_key_file")
     args = parser.parse_args(argv)

@@ -18,6 +18,7 @@ from careservice.settings import (  # the records config.py fills in; importable
     ConfigError,
     Endpoint,
     ImapMailbox,
+    OAuth2Config,
     RelayConfig,
     Site,
     SmtpConfig,
@@ -26,9 +27,12 @@ from careservice.settings import (  # the records config.py fills in; importable
 
 RELAY_SCHEMES = ("smtp", "smtps", "smtp+starttls", "maildir")
 IMAP_SECURITY = ("tls", "starttls", "none")
+AUTH_METHODS = ("password", "oauth2")
+OAUTH2_GRANTS = ("client_credentials", "refresh_token")
+OAUTH2_KEYS = ("token_url", "client_id", "client_secret_file", "scope", "grant", "refresh_token_file")
 RELAY_PASSWORD_ENV = "CARESERVICE_RELAY_PASSWORD"
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multiprocess folder, read at its first import
-_HOST_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*")
+DNS_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*")  # host names, DKIM selectors
 _CONTACT_PATH = re.compile(r"(/[A-Za-z0-9._~-]+)+")  # literal segments: no route parameters, query or fragment
 
 
@@ -136,6 +140,11 @@ def _relay(t: _Table, base: Path) -> RelayConfig:
         endpoint = parse_endpoint(t.key("url"), hostport if ":" in hostport else f"{hostport}:{default_port}")
         host, port = endpoint.host, endpoint.port
     username, plaintext_ok = t.get("username", str, ""), t.get("allow_plaintext", bool, False)
+    oauth2, password_file = _oauth2(t, base), t.get("password_file", str, "")
+    if oauth2 is not None and not username:
+        raise ConfigError(t.key("username"), 'needed with auth = "oauth2" (the account the tokens are for)')
+    if oauth2 is not None and password_file:
+        raise ConfigError(t.key("password_file"), 'not used with auth = "oauth2"')
     if scheme == "smtp" and (username or not _loopback(host)) and not plaintext_ok:
         raise ConfigError(t.key("url"), "smtp:// never uses TLS, so mail (and the relay password) would cross the "
                                         "network in clear: use smtp+starttls:// or smtps://, or set "
@@ -146,9 +155,40 @@ def _relay(t: _Table, base: Path) -> RelayConfig:
     return RelayConfig(
         url=url, scheme=scheme, host=host, port=port, maildir=maildir, retry_delays=tuple(delays),
         give_up_after=t.positive("give_up_after", 432000), username=username,
-        password_file=_path(base, t.get("password_file", str, "")), timeout=float(t.positive("timeout", 60)),
-        connections=t.positive("connections", 4), ca_file=_path(base, t.get("ca_file", str, "")),
+        password_file=_path(base, password_file), timeout=float(t.positive("timeout", 60)),
+        connections=t.positive("connections", 4), ca_file=_path(base, t.get("ca_file", str, "")), oauth2=oauth2,
     )
+
+
+def _oauth2(t: _Table, base: Path) -> OAuth2Config | None:
+    """The table's `auth`: None for "password", else its OAuth2 settings."""
+    auth = t.get("auth", str, "password")
+    if auth not in AUTH_METHODS:
+        raise ConfigError(t.key("auth"), f'expected one of {", ".join(AUTH_METHODS)}, got "{auth}"')
+    if auth == "password":
+        for name in OAUTH2_KEYS:
+            if name in t.data:
+                raise ConfigError(t.key(name), 'only with auth = "oauth2"')
+        return None
+    url = t.get("token_url", str)
+    scheme, _, rest = url.partition("://")
+    host = rest.split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
+    if scheme != "https" and not (scheme == "http" and _loopback(host)):
+        raise ConfigError(t.key("token_url"), f'expected an https:// URL (http:// only to loopback), got "{url}"')
+    grant = t.get("grant", str)
+    if grant not in OAUTH2_GRANTS:
+        raise ConfigError(t.key("grant"), f'expected one of {", ".join(OAUTH2_GRANTS)}, got "{grant}"')
+    secret, scope = t.get("client_secret_file", str, ""), t.get("scope", str, "")
+    refresh = t.get("refresh_token_file", str, "")
+    if grant == "client_credentials":
+        for name, value in (("client_secret_file", secret), ("scope", scope)):
+            if not value:
+                raise ConfigError(t.key(name), 'needed with grant = "client_credentials"')
+        if refresh:
+            raise ConfigError(t.key("refresh_token_file"), 'only with grant = "refresh_token"')
+    elif not refresh:
+        raise ConfigError(t.key("refresh_token_file"), 'needed with grant = "refresh_token"')
+    return OAuth2Config(url, t.get("client_id", str), _path(base, secret), scope, grant, _path(base, refresh))
 
 
 def _loopback(host: str) -> bool:
@@ -158,7 +198,7 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _site(t: _Table) -> Site:
+def _site(t: _Table, base: Path) -> Site:
     site_id = t.get("id", str)
     if not site_id.isidentifier() and not site_id.replace("-", "").replace(".", "").isalnum():
         raise ConfigError(t.key("id"), f'use letters, digits, "-" or "." only, got "{site_id}"')
@@ -177,12 +217,19 @@ def _site(t: _Table) -> Site:
     if not _CONTACT_PATH.fullmatch(path):
         raise ConfigError(t.key("contact_path"), f'expected a path such as "/contact.php" (starts with "/"; '
                                                  f'letters, digits, ".", "-", "_", "~" between slashes), got "{path}"')
-    return Site(site_id, t.get("name", str), domain, care, addresses, hosts, path)
+    selector, key_file = t.get("dkim_selector", str, ""), t.get("dkim_key_file", str, "")
+    if bool(selector) != bool(key_file):
+        raise ConfigError(t.key("dkim_key_file" if selector else "dkim_selector"),
+                          "dkim_selector and dkim_key_file go together")
+    if selector and not DNS_NAME.fullmatch(selector):
+        raise ConfigError(t.key("dkim_selector"), f'expected a DNS label such as "care2026a" (lower-case letters, '
+                                                  f'digits, "-"), got "{selector}"')
+    return Site(site_id, t.get("name", str), domain, care, addresses, hosts, path, selector, _path(base, key_file))
 
 
 def _web_host(key: str, value: object) -> str:
     host = value.lower() if isinstance(value, str) else ""
-    if not _HOST_NAME.fullmatch(host):
+    if not DNS_NAME.fullmatch(host):
         raise ConfigError(key, f'expected a host name such as "www.example.com" (no scheme, no port), got "{value}"')
     return host
 
@@ -205,12 +252,15 @@ def _imap(t: _Table, site_ids: set[str], base: Path) -> ImapMailbox:
     security = t.get("security", str, "tls")
     if security not in IMAP_SECURITY:
         raise ConfigError(t.key("security"), f'expected one of {", ".join(IMAP_SECURITY)}, got "{security}"')
+    oauth2 = _oauth2(t, base)
+    if oauth2 is not None and "password_file" in t.data:
+        raise ConfigError(t.key("password_file"), 'not used with auth = "oauth2"')
     return ImapMailbox(
         site=site, host=t.get("host", str), port=t.positive("port", 993), security=security,
-        username=t.get("username", str), password_file=_path(base, t.get("password_file", str)),
-        folder=t.get("folder", str, "INBOX"), poll_seconds=t.positive("poll_seconds", 60),
+        username=t.get("username", str), password_file=_path(base, t.get("password_file", str)) if oauth2 is None
+        else "", folder=t.get("folder", str, "INBOX"), poll_seconds=t.positive("poll_seconds", 60),
         quarantine_folder=t.get("quarantine_folder", str, "careservice-quarantine"),
-        verify_tls=t.get("verify_tls", bool, True),
+        verify_tls=t.get("verify_tls", bool, True), oauth2=oauth2,
     )
 
 
@@ -233,7 +283,7 @@ def load_config(path: Path) -> Config:
     site_tables = root.array("sites", required=True)
     if not site_tables:
         raise ConfigError("sites", "at least one [[sites]] table is needed")
-    sites = tuple(_site(t) for t in site_tables)
+    sites = tuple(_site(t, base) for t in site_tables)
     ids = [s.id for s in sites]
     for i, site_id in enumerate(ids):
         if ids.index(site_id) != i:

@@ -98,6 +98,7 @@ class Service:
     def reload(self) -> bool:
         if reload_config(self.ctx) is None:
             return False
+        self.imap.rearm()
         self.worker.reload()
         return True
 

@@ -18,8 +18,10 @@ import aiosmtplib
 
 from careservice import metrics
 from careservice.config import RelayConfig
+from careservice.dkim import Signer
 from careservice.logs import error_fields
 from careservice.model import MailEvent, MailKind, Outcome, OutgoingMail, QueuedMail
+from careservice.oauth2 import OAuth2Error, TokenSource
 from careservice.store import Store
 from careservice.wakeup import Wakeup
 
@@ -39,8 +41,10 @@ class RelayDown(Exception):
         while cause.__cause__ is not None:  # the OS's error under aiosmtplib's wrapper: what an operator can act on
             cause = cause.__cause__
         code = exc.code if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code > 0 else None
-        # the type and the reply code only: the messages may quote addresses
-        self.fields = f"error={type(cause).__name__}" + (f" code={code}" if code is not None else "")
+        # the type, the reply code and our own detail only: the messages may quote addresses
+        detail = getattr(cause, "log_detail", "")
+        self.fields = (f"error={type(cause).__name__}" + (f" code={code}" if code is not None else "")
+                       + (f" {detail}" if detail else ""))
         self.done = done
         super().__init__(self.fields)
 
@@ -78,9 +82,11 @@ class Relay:
     CHECK_SECONDS = 5.0  # a kept connection's NOOP; slower than this, a new connection is cheaper
     QUIT_SECONDS = 2.0
 
-    def __init__(self, config: RelayConfig, password: str) -> None:
+    def __init__(self, config: RelayConfig, password: str, signer: Signer | None = None) -> None:
         self.config = config
         self.password = password
+        self.signer = signer or Signer({})  # replaced on reload: queued mail leaves with the keys in force then
+        self.tokens = None if config.oauth2 is None else TokenSource(config.oauth2, "relay")
         self.tls = ssl.create_default_context(cafile=config.ca_file or None)  # built once: loading CAs is slow
         self.stopping = False  # set: hand over no further mail (the one in flight is finished and recorded)
         self._kept: list[tuple[float, aiosmtplib.SMTP]] = []  # (last used, monotonic), connected clients
@@ -94,6 +100,8 @@ class Relay:
                 return client
             except (aiosmtplib.SMTPException, OSError, TimeoutError):
                 client.close()
+        # the token before the connection, which a slow token endpoint would otherwise hold open
+        token = None if self.tokens is None else await asyncio.to_thread(self.tokens.token)
         client = aiosmtplib.SMTP(
             hostname=self.config.host, port=self.config.port, timeout=self.config.timeout,
             use_tls=self.config.scheme == "smtps", start_tls=self.config.scheme == "smtp+starttls",
@@ -101,12 +109,27 @@ class Relay:
         )
         try:
             await client.connect()
-            if self.config.username:
+            if token is not None:
+                await self._xoauth2(client, token)
+            elif self.config.username:
                 await client.login(self.config.username, self.password)
         except BaseException:
             client.close()
             raise
         return client
+
+    async def _xoauth2(self, client: aiosmtplib.SMTP, token: str) -> None:
+        try:
+            await client.auth_xoauth2(self.config.username, token)
+        except aiosmtplib.SMTPAuthenticationError:
+            if self.tokens is not None:
+                self.tokens.forget()  # revoked or lacking a permission: the next attempt asks for a new one
+            raise
+
+    def rearm(self) -> None:
+        """A reload: after a refused grant or client, ask the token endpoint again."""
+        if self.tokens is not None:
+            self.tokens.reset()
 
     async def close_idle(self, older_than: float = KEEP_SECONDS) -> None:
         """QUIT the kept connections unused for `older_than` seconds (0: all of them)."""
@@ -129,7 +152,7 @@ class Relay:
                     os.makedirs(self.config.maildir / sub, mode=0o700, exist_ok=True)
                 return os.access(self.config.maildir / "tmp", os.W_OK)
             client = await self._connection()
-        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+        except (aiosmtplib.SMTPException, OSError, TimeoutError, OAuth2Error):
             return False
         await self._quit(client)
         return True
@@ -158,11 +181,12 @@ class Relay:
             for item in items:
                 if self.stopping:
                     break  # the rest stay queued as they are
-                await record(item, await self._send_one(client, item.mail))  # committed before the next one
+                message = self.signer.sign(item.site, item.mail.message)
+                await record(item, await self._send_one(client, item.mail, message))  # committed before the next one
                 done += 1
             self._kept.append((time.monotonic(), client))
             client = None
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+        except (aiosmtplib.SMTPException, OSError, TimeoutError, OAuth2Error) as exc:
             raise RelayDown(exc, done) from None
         finally:
             if client is not None:  # broken, or the store failed: not kept, not left open
@@ -177,15 +201,15 @@ class Relay:
                 if not done:
                     for sub in ("tmp", "new", "cur"):
                         os.makedirs(maildir / sub, mode=0o700, exist_ok=True)
-                await asyncio.to_thread(_maildir_deliver, maildir, item.mail.message)
+                await asyncio.to_thread(_maildir_deliver, maildir, self.signer.sign(item.site, item.mail.message))
             except OSError as exc:
                 raise RelayDown(exc, done) from None
             await record(item, None)
 
-    async def _send_one(self, client: aiosmtplib.SMTP, mail: OutgoingMail) -> Refusal | None:
+    async def _send_one(self, client: aiosmtplib.SMTP, mail: OutgoingMail, message: bytes) -> Refusal | None:
         utf8 = not all(a.isascii() for a in (mail.sender, *mail.recipients))
         try:
-            errors, _ = await client.sendmail(mail.sender, list(mail.recipients), mail.message,
+            errors, _ = await client.sendmail(mail.sender, list(mail.recipients), message,
                                               mail_options=["SMTPUTF8"] if utf8 else [])
         except aiosmtplib.SMTPNotSupported:  # a UTF-8 address, and the relay has no SMTPUTF8: never sendable
             return Refusal(553, True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from careservice.config import RELAY_PASSWORD_ENV, Config, ConfigError
 from careservice.crypto import MasterKeyError, load_master_key, master_key_from_env
+from careservice.dkim import site_key
 from careservice.texts import TemplateProblem, Texts
 
 WILDCARDS = {"", "0.0.0.0", "::"}
@@ -22,7 +23,7 @@ WILDCARDS = {"", "0.0.0.0", "::"}
 def problems(config: Config) -> list[str]:
     """Every problem found, each as `key: problem`; empty when `run` can start."""
     found = []
-    for check in (_templates, _master_key, _listeners, _tls, _secrets, _admin_token, _data_dir):
+    for check in (_templates, _master_key, _listeners, _tls, _secrets, _dkim_keys, _admin_token, _data_dir):
         try:
             found.extend(check(config))
         except ConfigError as exc:
@@ -92,9 +93,25 @@ def _loads(key: str, load: Callable[[], object]) -> Iterator[str]:
 def _secrets(config: Config) -> Iterator[str]:
     files = {} if RELAY_PASSWORD_ENV in os.environ else {"relay.password_file": config.relay.password_file}
     files.update({f"imap[{i}].password_file": box.password_file for i, box in enumerate(config.imap)})
+    accounts = [("relay", config.relay.oauth2), *((f"imap[{i}]", box.oauth2) for i, box in enumerate(config.imap))]
+    for table, oauth2 in accounts:
+        if oauth2 is not None:
+            files[f"{table}.client_secret_file"] = oauth2.client_secret_file
+            files[f"{table}.refresh_token_file"] = oauth2.refresh_token_file
+            folder = Path(oauth2.refresh_token_file).parent
+            if oauth2.refresh_token_file and not os.access(folder, os.W_OK):  # a rotated token is written beside it
+                yield f"{table}.refresh_token_file: its folder {folder} is not writable"
     for key, name in files.items():
         if name and not os.access(name, os.R_OK):
             yield f"{key}: cannot read {name}"
+
+
+def _dkim_keys(config: Config) -> Iterator[str]:
+    for i, site in enumerate(config.sites):
+        try:
+            site_key(i, site)
+        except ConfigError as exc:
+            yield str(exc)
 
 
 def _admin_token(config: Config) -> Iterator[str]:

@@ -1,7 +1,7 @@
 """SIGHUP: apply a changed config to a running process, or keep the old one when it fails `check`.
 
-Sites (their addresses, staff lists, brand names, web hosts), templates and the acknowledgement
-limit apply at once, in both processes. Everything else is bound to sockets, files or running
+Sites (their addresses, staff lists, brand names, web hosts, DKIM keys), templates and the
+acknowledgement limit apply at once, in both processes. Everything else is bound to sockets, files or running
 loops and is reported as needing a restart; until then the old values stay in force.
 """
 

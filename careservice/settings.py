@@ -30,10 +30,24 @@ class Site:
     staff: tuple[str, ...]
     web_hosts: tuple[str, ...]  # host names whose requests for contact_path get this site's form
     contact_path: str
+    dkim_selector: str = ""  # with dkim_key_file: mail from this site is signed for its domain
+    dkim_key_file: str = ""
 
     @property
     def care_local(self) -> str:
         return self.care_address.rsplit("@", 1)[0]
+
+
+@dataclass(frozen=True)
+class OAuth2Config:
+    """How an IMAP mailbox or the relay gets its XOAUTH2 access tokens (careservice.oauth2)."""
+
+    token_url: str
+    client_id: str
+    client_secret_file: str  # "" = a public client (refresh_token grant only)
+    scope: str  # "" = whatever the refresh token was granted
+    grant: str  # "client_credentials" (app-only) or "refresh_token" (delegated)
+    refresh_token_file: str  # refresh_token grant: read at each refresh, replaced when the provider rotates it
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,7 @@ class RelayConfig:
     timeout: float
     connections: int
     ca_file: str  # extra CA bundle to trust for the relay's certificate ("" = system CAs only)
+    oauth2: OAuth2Config | None = None  # auth = "oauth2": AUTH XOAUTH2 as `username` instead of a password
 
 
 @dataclass(frozen=True)
@@ -104,6 +119,7 @@ class ImapMailbox:
     poll_seconds: int
     quarantine_folder: str
     verify_tls: bool
+    oauth2: OAuth2Config | None = None  # auth = "oauth2": XOAUTH2 instead of password_file
 
     @property
     def name(self) -> str:

@@ -22,7 +22,8 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from careservice.bootstrap import build_context, read_secret
 from careservice.budget import Budget
-from careservice.config import RELAY_PASSWORD_ENV, Config
+from careservice.config import RELAY_PASSWORD_ENV, Config, ConfigError
+from careservice.dkim import Signer
 from careservice.handlers import EVENTS, STAGES
 from careservice.model import CaseState, MailEvent, Outcome, QueuedMail
 from careservice.outbox import Outbox, Relay
@@ -42,7 +43,8 @@ class CaseWorker:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.ctx, self.store = build_context(config, intake=False)
-        relay = Relay(config.relay, read_secret(config.relay.password_file, RELAY_PASSWORD_ENV))
+        relay = Relay(config.relay, read_secret(config.relay.password_file, RELAY_PASSWORD_ENV),
+                      Signer.load(config.sites))
         budget = Budget.of(config.worker_memory_mb)
         self.outbox = Outbox(config.relay, self.store, relay, time.time, self.on_event, budget.mail)
         self.runner = Runner(self.ctx, self.store, STAGES, {CaseState.OPEN: config.unanswered_days * 86400.0},
@@ -69,6 +71,19 @@ class CaseWorker:
             log.warning("case_purged_hard_limit case=%s state=%s age_days=%d", case_id, state, (now - created) // 86400)
         self.wake()
         await self.store.rotate_digests(now)
+
+    def reload(self) -> None:
+        """SIGHUP: the config as careservice.reload applies it, the sites' DKIM keys read again, and the
+        relay's OAuth2 token asked for again after a refusal."""
+        config = reload_config(self.ctx)
+        if config is None:
+            return
+        self.config = config
+        self.outbox.relay.rearm()
+        try:
+            self.outbox.relay.signer = Signer.load(config.sites)
+        except ConfigError as exc:  # changed since the reload's check passed: keep signing with the keys in force
+            log.error("dkim_keys_kept key=%s (the new ones did not load; `careservice check` says why)", exc.key)
 
     def on_event(self, event: MailEvent, item: QueuedMail, why: str) -> Outcome | None:
         """The workflow's outcome of the relay's word on an answer (handlers.EVENTS); None for a case of a
@@ -118,15 +133,10 @@ async def run_worker(config: Config) -> None:
             loop.remove_reader(0)
             done.set()
 
-    def on_reload() -> None:
-        config = reload_config(worker.ctx)
-        if config is not None:
-            worker.config = config
-
     loop.add_reader(0, on_wake)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)
-    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    loop.add_signal_handler(signal.SIGHUP, worker.reload)
     if stat.S_ISFIFO(os.fstat(1).st_mode):
         os.set_blocking(1, False)  # a beat must never block the loop
     beating = asyncio.create_task(_heartbeat(worker, done))

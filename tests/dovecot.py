@@ -133,9 +133,13 @@ def dovecot_binary() -> str | None:
 
 
 def start_dovecot(
-    tmp_root: Path, *, username: str = "care", password: str = "secret", port: int | None = None
+    tmp_root: Path, *, username: str = "care", password: str = "secret", port: int | None = None,
+    introspection_url: str = "",
 ) -> DovecotServer:
     """Configure and start a private Dovecot in a new folder under tmp_root, listening on 127.0.0.1 only.
+
+    With `introspection_url` it also takes XOAUTH2 and OAUTHBEARER, asking that RFC 7662 endpoint
+    whether a bearer token is active and whose it is; the password still works for the test's own logins.
 
     As root, mail is accessed as `nobody` chrooted into the mail home, so tmp_root's parents
     need not be world-traversable; otherwise everything runs as the current user.
@@ -165,13 +169,21 @@ def start_dovecot(
         f"{username}:{{PLAIN}}{password}:{mail_user.pw_uid}:{mail_user.pw_gid}::{userdb_home}::\n"
     )
     users.chmod(0o600)
-    server.config.write_text(_config(server, users, mail_user, as_root))
+    oauth2 = ""
+    if introspection_url:
+        (root / "oauth2.conf.ext").write_text(
+            f"introspection_mode = post\nintrospection_url = {introspection_url}\nforce_introspection = yes\n"
+            "username_attribute = username\nactive_attribute = active\nactive_value = true\n")
+        # a token is first tried as the password (and fails), then introspected
+        oauth2 = (f"passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n"
+                  f"  args = {root}/oauth2.conf.ext\n}}\n")
+    server.config.write_text(_config(server, users, mail_user, as_root, oauth2))
     server.start()
     return server
 
 
-def _config(server: DovecotServer, users: Path, mail_user: pwd.struct_passwd, as_root: bool) -> str:
-    """Render dovecot.conf: IMAP only, plaintext auth, passwd-file users, private dirs."""
+def _config(server: DovecotServer, users: Path, mail_user: pwd.struct_passwd, as_root: bool, oauth2: str) -> str:
+    """Render dovecot.conf: IMAP only, plaintext auth (and `oauth2`'s passdb), passwd-file users, private dirs."""
     if as_root:
         # auth reads the users file, whose parent folders may be closed to the dovecot user.
         privileges = f"valid_chroot_dirs = {server.maildir.parent}\nservice auth {{\n  user = root\n}}\n"
@@ -189,14 +201,14 @@ state_dir = {server.root}/state
 log_path = {server.log}
 ssl = no
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = plain login{" xoauth2 oauthbearer" if oauth2 else ""}
 first_valid_uid = 1
 mail_location = maildir:~/Maildir
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {users}
 }}
-userdb {{
+{oauth2}userdb {{
   driver = passwd-file
   args = username_format=%u {users}
 }}

@@ -66,6 +66,7 @@ class CaptureRelay:
     port: int = field(default_factory=free_port)
     received: list[Captured] = field(default_factory=list)
     replies: list[str] = field(default_factory=list)  # popped per DATA: e.g. "451 4.3.0 later"
+    options: dict[str, object] = field(default_factory=dict)  # aiosmtpd SMTP options, e.g. auth_required=True
     attempts: int = 0
     _controller: Controller | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -81,7 +82,7 @@ class CaptureRelay:
         return "250 2.0.0 captured"
 
     def start(self) -> CaptureRelay:
-        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port, **self.options)
         self._controller.start()
         return self
 
@@ -150,8 +151,9 @@ listen = "127.0.0.1:{admin_port}"
 
 
 def imap_config(tmp: Path, relay: CaptureRelay, dovecot: DovecotServer, *, password: str = "", poll_seconds: int = 60,
-                security: str = "none") -> Path:
-    """A daemon config with one [[imap]] table for the test Dovecot; the password goes to a file."""
+                security: str = "none", auth: str = "") -> Path:
+    """A daemon config with one [[imap]] table for the test Dovecot; the password goes to a file, unless
+    `auth` gives the table's auth lines instead."""
     tmp.mkdir(parents=True, exist_ok=True)
     secret = tmp / "imap.password"
     secret.write_text((password or dovecot.password) + "\n")
@@ -162,7 +164,7 @@ host = "{dovecot.host}"
 port = {dovecot.port}
 security = "{security}"
 username = "{dovecot.username}"
-password_file = "{secret}"
+{auth or f'password_file = "{secret}"'}
 poll_seconds = {poll_seconds}
 """)
 

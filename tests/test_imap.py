@@ -237,6 +237,6 @@ def test_mail_delivered_just_before_idle_is_taken_at_once(dovecot: DovecotServer
         dovecot.append(customer_mail("Just before IDLE", "race"))
         started = time.monotonic()
         with patch("careservice.intake.imap.IDLE_RENEW", 6.0):
-            worker._idle(client)
+            worker._idle(client, time.monotonic() + 6.0)
         assert time.monotonic() - started < 3.0  # before: the whole IDLE_RENEW
         assert len(client.search("ALL")) == 1

@@ -8,10 +8,8 @@ Between passes the worker IDLEs when the server offers it, else it polls every p
 Nothing depends on UIDs across sessions, so a UIDVALIDITY change needs no recovery: a message
 committed before a crash is taken again, recognised by its keyed digest, and only expunged.
 
-The envelope sender of a message read over IMAP is its Return-Path header (written by the delivering
-server; `<>` marks a bounce), or else its From address, so mail appended without a Return-Path is
-still a customer's mail and not mistaken for a bounce. Both, like the Message-ID, are read within
-careservice.mail's header limits, which the intake would otherwise pass unbounded.
+The envelope sender of a message read over IMAP is its Return-Path header, or else its From address
+(careservice.intake.headers).
 
 imapclient blocks, so each worker runs in its own thread; commits and health records are handed to
 the event loop with `run_coroutine_threadsafe`. Logs name the mailbox, never the mail.
@@ -22,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import ssl
@@ -35,11 +34,12 @@ from typing import Any
 from imapclient import DELETED, IMAPClient, SocketTimeout
 from imapclient.exceptions import IMAPClientError, LoginError
 
-from careservice.config import Config, ImapMailbox, Site
+from careservice.config import Config, ImapMailbox, OAuth2Config, Site
 from careservice.intake.headers import envelope_sender
 from careservice.intake.ingest import Ingest
 from careservice.logs import error_fields
 from careservice.model import Envelope, NewMessage, Source
+from careservice.oauth2 import OAuth2Error, TokenSource
 
 log = logging.getLogger("careservice.imap")
 Pending = tuple[list[int], Future[list[str]]]  # UIDs and their commit in flight
@@ -53,12 +53,16 @@ BACKOFF_FIRST, BACKOFF_MAX = 1.0, 300.0
 TIMEOUT = SocketTimeout(connect=15, read=120)
 STOP_GRACE = 3.0
 CRASH_ENV = "CARESERVICE_TEST_CRASH_AFTER_IMAP_COMMIT"
-class MailboxProblem(Exception):
-    """A session failed; `code` is the short reason shown in `status --json`."""
 
-    def __init__(self, code: str) -> None:
+
+class MailboxProblem(Exception):
+    """A session failed; `code` is the short reason shown in `status --json`. A `final` one is not
+    retried until a reload or restart."""
+
+    def __init__(self, code: str, final: bool = False) -> None:
         super().__init__(code)
         self.code = code
+        self.final = final
 
 
 def _tls_context(verify: bool) -> ssl.SSLContext:
@@ -90,14 +94,16 @@ class MailboxWorker:
     """Drains one mailbox in its own thread until `stop()`; reconnects with exponential backoff."""
 
     def __init__(self, box: ImapMailbox, site: Site, ingest: Ingest, max_bytes: int,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, tokens: TokenSource | None) -> None:
         self.box = box
+        self.tokens = tokens  # auth = "oauth2"; else the password file is read at each connect
         self.site = site
         self.ingest = ingest
         self.max_bytes = max_bytes
         self.loop = loop
         self.thread = threading.Thread(target=self._run, name=f"imap-{box.name}", daemon=True)
         self._stop = threading.Event()
+        self._rearm = threading.Event()  # set by a reload (or the stop) to end a final problem's wait
         self._client: IMAPClient | None = None
         self._problem: str | None = None  # None until the first health record
         self._failures = 0
@@ -106,6 +112,13 @@ class MailboxWorker:
 
     def stop(self) -> None:
         self._stop.set()
+        self._rearm.set()
+
+    def rearm(self) -> None:
+        """A reload: a mailbox stopped by a final problem tries again (its files are read again)."""
+        if self.tokens is not None:
+            self.tokens.reset()
+        self._rearm.set()
 
     def interrupt(self) -> None:
         """Break a blocking socket call (used when the worker did not stop within the grace time)."""
@@ -125,7 +138,10 @@ class MailboxWorker:
             try:
                 self._session()
             except MailboxProblem as problem:
-                self._failed(problem.code, problem.__cause__)
+                if problem.final:
+                    self._halt(problem.code, problem.__cause__)
+                else:
+                    self._failed(problem.code, problem.__cause__)
             except Exception as exc:  # the worker must outlive any bug or odd server reply
                 self._failed("internal_error", exc)
 
@@ -139,6 +155,39 @@ class MailboxWorker:
             self._health(code)
         self._stop.wait(self._delay)
         self._delay = min(self._delay * 2, BACKOFF_MAX)
+
+    def _halt(self, code: str, cause: BaseException | None) -> None:
+        """Wait for a reload or the stop: asking the provider again would only be refused again."""
+        self._rearm.clear()
+        log.error("imap_stopped mailbox=%s problem=%s (not retried until a reload or restart) %s", self.box.name,
+                  code, error_fields(cause) if cause else "")
+        with contextlib.suppress(Exception):
+            self._health(code)
+        self._rearm.wait()
+        self._failures, self._delay = 0, BACKOFF_FIRST
+
+    def _secret(self) -> str:
+        """The password, or an access token (both before connecting, so a slow token endpoint holds no session)."""
+        if self.tokens is None:
+            try:
+                return Path(self.box.password_file).read_text().strip()
+            except OSError as exc:
+                raise MailboxProblem("password_unreadable") from exc
+        try:
+            return self.tokens.token()
+        except OAuth2Error as exc:
+            raise MailboxProblem(f"oauth2_{exc.code}", exc.final) from exc
+
+    def _login(self, client: IMAPClient, secret: str) -> None:
+        try:
+            if self.tokens is None:
+                client.login(self.box.username, secret)
+            else:
+                client.oauth2_login(self.box.username, secret)
+        except LoginError as exc:
+            if self.tokens is not None:
+                self.tokens.forget()  # revoked or lacking a permission: the next attempt asks for a new one
+            raise MailboxProblem("auth_failed") from exc
 
     def _connect(self) -> IMAPClient:
         box = self.box
@@ -158,16 +207,12 @@ class MailboxWorker:
         return client
 
     def _session(self) -> None:
-        try:
-            password = Path(self.box.password_file).read_text().strip()
-        except OSError as exc:
-            raise MailboxProblem("password_unreadable") from exc
+        secret = self._secret()
+        # a session ends when its token is due for renewal: Microsoft 365 drops it once the token expires
+        renew_at = math.inf if self.tokens is None else self.tokens.renew_at
         try:
             client = self._connect()
-            try:
-                client.login(self.box.username, password)
-            except LoginError as exc:
-                raise MailboxProblem("auth_failed") from exc
+            self._login(client, secret)
             try:
                 self._note_uidvalidity(client.select_folder(self.box.folder))
             except IMAPClientError as exc:
@@ -181,10 +226,13 @@ class MailboxWorker:
                     self._health("")
                     log.info("imap_working mailbox=%s", self.box.name)
                 self._failures, self._delay = 0, BACKOFF_FIRST
+                if time.monotonic() >= renew_at:
+                    log.info("imap_reconnecting mailbox=%s reason=token_renewal", self.box.name)
+                    break
                 if idle:
-                    self._idle(client)
+                    self._idle(client, renew_at)
                 else:
-                    self._stop.wait(self.box.poll_seconds)
+                    self._stop.wait(min(self.box.poll_seconds, renew_at - time.monotonic()))
                 if not self._stop.is_set():  # a fresh view; imaplib also drops the responses it kept
                     self._note_uidvalidity(client.select_folder(self.box.folder))
             client.logout()
@@ -205,8 +253,8 @@ class MailboxWorker:
                      "digests recognise what was committed)", self.box.name)
         self._uidvalidity = uidvalidity
 
-    def _idle(self, client: IMAPClient) -> None:
-        """Wait in IDLE until the server reports new mail, the stop flag, or IDLE_RENEW.
+    def _idle(self, client: IMAPClient, until: float) -> None:
+        """Wait in IDLE until the server reports new mail, the stop flag, IDLE_RENEW, or `until` (monotonic).
 
         Mail delivered after the last SEARCH but before IDLE begins is reported by Dovecot only when
         the IDLE ends (it syncs the view at DONE), up to IDLE_RENEW later: a NOOP first syncs the view,
@@ -215,7 +263,7 @@ class MailboxWorker:
         if any(len(r) > 1 and r[1] == b"EXISTS" and r[0] > 0 for r in synced):
             return
         client.idle()
-        deadline = time.monotonic() + IDLE_RENEW
+        deadline = min(time.monotonic() + IDLE_RENEW, until)
         while not self._stop.is_set() and time.monotonic() < deadline:
             started = time.monotonic()
             responses = client.idle_check(IDLE_CHECK)
@@ -302,15 +350,24 @@ class ImapIntake:
         self.config = config
         self.ingest = ingest
         self.workers: list[MailboxWorker] = []
+        self.tokens: dict[OAuth2Config, TokenSource] = {}  # one per account: folders of one account share it
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         for box in self.config.imap:
             site = self.config.site(box.site)
             assert site is not None  # config.load_config checked imap.site
-            worker = MailboxWorker(box, site, self.ingest, self.config.smtp.max_message_bytes, loop)
+            tokens = None
+            if box.oauth2 is not None:
+                tokens = self.tokens.setdefault(box.oauth2, TokenSource(box.oauth2, box.name))
+            worker = MailboxWorker(box, site, self.ingest, self.config.smtp.max_message_bytes, loop, tokens)
             worker.thread.start()
             self.workers.append(worker)
+
+    def rearm(self) -> None:
+        """A reload: mailboxes stopped by a final problem (a refused grant or client) try again."""
+        for worker in self.workers:
+            worker.rearm()
 
     async def stop(self) -> None:
         """Stop every worker; one still blocked on its socket after STOP_GRACE has the socket shut down."""
