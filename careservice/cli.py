@@ -69,6 +69,7 @@ def _check(config: Config, args: argparse.Namespace) -> int:
           f"{' (STARTTLS)' if config.smtp.tls_cert else ''}")
     print(f"  web        {config.web.listen.host}:{config.web.listen.port} verification={config.web.verification}")
     print(f"  relay      {config.relay.url}")
+    print(f"  spam       {f'rspamd {config.spam.rspamd_url}' if config.spam.rspamd_url else 'off'}")
     admin = config.admin.listen
     print(f"  admin      {f'{admin.host}:{admin.port}' if admin else 'off'}"
           f"{' (bearer token)' if admin and config.admin.token_file else ''}")
