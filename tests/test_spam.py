@@ -1,0 +1,438 @@
+"""Spam checks with a real rspamd on loopback: its verdicts, and what SMTP, IMAP and the form do with them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import smtplib
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from aiosmtpd.smtp import Session
+
+from careservice.config import ConfigError, load_config
+from careservice.crypto import Keyring, load_master_key
+from careservice.intake.spamcheck import FORM_USER, Probe, SpamCheck, form_message, form_probe
+from careservice.model import ContactDetails
+from careservice.settings import SpamConfig
+from careservice.spamverdict import SKIPPED, SpamVerdict, read, stamp
+from careservice.store import Store
+from tests.conftest_rspamd import private_rspamd
+from tests.dovecot import DovecotServer
+from tests.rspamd import ADD_HEADER, GREYLIST, GTUBE, SOFT_REJECT, SPF_PASS_IP, RspamdServer
+from tests.support import (
+    CARE,
+    STAFF,
+    CaptureRelay,
+    Daemon,
+    customer_mail,
+    files_containing,
+    imap_config,
+    send,
+    staff_reply,
+    wait_for,
+    write_config,
+)
+from tests.test_admin import scrape, value
+from tests.test_check import cli, with_lines
+from tests.test_web import VALID, behind_proxy, committed, post, serving
+
+pytestmark = pytest.mark.rspamd
+
+ALICE, BOB = "alice@customer.example", "bob@customer.example"
+MARKER = "zq-spam-marker-4471"  # in every refused message: no file may hold it afterwards
+
+
+def spam_table(url: str, timeout: int = 5) -> str:
+    return f'[spam]\nrspamd_url = "{url}"\ntimeout = {timeout}\n'
+
+
+def mail(domain: str, body: bytes, received_from: str = "") -> bytes:
+    """A message from alice@`domain`; with `received_from`, as an MX that took it from that address left it."""
+    trace = (f"Return-Path: <alice@{domain}>\r\nReceived: from mail.{domain} (mail.{domain} [{received_from}])\r\n"
+             f"\tby mx.ticketnest.test with ESMTPS id 4AB12; Mon, 1 Jan 2024 10:00:00 +0000\r\n"
+             if received_from else "")
+    return (f"{trace}From: Alice <alice@{domain}>\r\nTo: {CARE}\r\nSubject: Tickets\r\n"
+            f"Date: Mon, 1 Jan 2024 10:00:00 +0000\r\nMessage-ID: <1@{domain}>\r\n\r\n").encode() + body + b"\r\n"
+
+
+def arrives(predicate: Callable[[], object], seconds: float) -> bool:
+    """Whether `predicate` becomes true within `seconds` (for what must not happen)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def forward_for(relay: CaptureRelay, subject: str) -> list[str]:
+    return [str(c.message["Subject"]) for c in relay.to(STAFF) if subject in str(c.message["Subject"])]
+
+
+def acks(relay: CaptureRelay, customer: str) -> list[object]:
+    return [c for c in relay.to(customer) if c.message["Auto-Submitted"] == "auto-replied"]
+
+
+def stored_raw(daemon: Daemon, subject: str, relay: CaptureRelay) -> bytes:
+    """The raw message the store keeps for the case whose forward has `subject` (the daemon must be stopped)."""
+    case_id = re.search(r"#([0-9a-f]{12})\]", forward_for(relay, subject)[0])
+    assert case_id
+
+    async def read_case() -> bytes:
+        store = Store(daemon.data_dir, Keyring(load_master_key(daemon.config.parent / "master.key", create=False)))
+        await store.start(sweep=False)
+        try:
+            case = await store.get_case(case_id.group(1))
+        finally:
+            await store.close()
+        assert case is not None
+        return case.raw
+
+    return asyncio.run(read_case())
+
+
+def spam_counts(daemon: Daemon) -> dict[str, float]:
+    samples = scrape(daemon)
+    return {result: value(samples, "careservice_spam_checks_total", result=result)
+            for result in ("reject", "suspect", "greylist", "ham", "unavailable")}
+
+
+def assert_nothing_kept(daemon: Daemon) -> None:
+    status = daemon.status()
+    assert (status["open_cases"], status["inbound_pending"], status["outbound_queued"]) == (0, 0, 0)
+    assert files_containing(daemon.data_dir, [MARKER.encode(), GTUBE]) == []
+
+
+# --- rspamd's answers as the service reads them (in-process, real rspamd) ---
+
+
+@pytest.mark.parametrize(("raw", "probe", "expected"), [
+    (mail("spf-pass.test", b"Hello, notes attached."), Probe((CARE,), "alice@spf-pass.test", SPF_PASS_IP,
+                                                             "mail.spf-pass.test", "mail.spf-pass.test"),
+     SpamVerdict("ham", "pass", "pass")),
+    (mail("spf-pass.test", b"Hello, notes attached."), Probe((CARE,), "alice@spf-pass.test", "198.51.100.7",
+                                                             "mail.example.net", "mail.example.net"),
+     SpamVerdict("suspect", "fail", "fail")),  # add header (7.5) for the SPF and DMARC failure
+    (mail("nospf.test", b"Hello, notes attached."), Probe((CARE,), "alice@nospf.test", SPF_PASS_IP),
+     SpamVerdict("ham", "none", "none")),
+    (mail("spf-pass.test", b"Hello", received_from=SPF_PASS_IP), Probe((CARE,)), SpamVerdict("ham", "pass", "pass")),
+    (mail("spf-pass.test", b"Hello", received_from="198.51.100.7"), Probe((CARE,)),
+     SpamVerdict("greylist", "fail", "fail")),  # a lower score than over SMTP: no direct SPF violation
+    (mail("spf-pass.test", GTUBE), Probe((CARE,), "alice@spf-pass.test", SPF_PASS_IP), SpamVerdict("reject")),
+    (mail("spf-pass.test", b"Hi " + ADD_HEADER), Probe((CARE,), "", SPF_PASS_IP), SpamVerdict("suspect")),
+    (mail("spf-pass.test", b"Hi " + GREYLIST), Probe((CARE,), "", SPF_PASS_IP), SpamVerdict("greylist")),
+    (mail("spf-pass.test", b"Hi " + SOFT_REJECT), Probe((CARE,), "", SPF_PASS_IP), SpamVerdict("greylist")),
+], ids=["spf-dmarc-pass", "spf-dmarc-fail", "no-records", "imap-pass", "imap-fail", "gtube", "add-header",
+        "greylist", "soft-reject"])
+async def test_rspamd_actions_and_sender_checks_become_verdicts(rspamd: RspamdServer, raw: bytes, probe: Probe,
+                                                                expected: SpamVerdict) -> None:
+    check = SpamCheck(SpamConfig(rspamd.url, 5))
+    try:
+        assert await check.check(raw, probe) == expected
+    finally:
+        await check.close()
+
+
+async def test_a_form_post_is_checked_by_its_fields_without_sender_checks(tmp_path: Path,
+                                                                         rspamd: RspamdServer) -> None:
+    site = load_config(write_config(tmp_path, 1)).sites[0]
+    contact = ContactDetails("Alice", "alice@spf-pass.test", company=GTUBE.decode())  # GTUBE in a field, not the query
+    check = SpamCheck(SpamConfig(rspamd.url, 5))
+    try:
+        assert form_probe(site, contact.email).user == FORM_USER
+        assert await check.check(form_message(site, contact, "Where are my tickets?", "Contact form"),
+                                 form_probe(site, contact.email)) == SpamVerdict("reject")
+        # no address to check SPF against: DMARC p=reject of the customer's domain must not count against the post
+        plain = ContactDetails("Alice", "alice@spf-pass.test", company="Events Ltd")
+        assert await check.check(form_message(site, plain, "Where are my tickets?", "Contact form"),
+                                 form_probe(site, plain.email)) == SpamVerdict("ham")
+    finally:
+        await check.close()
+
+
+class _Silent:
+    """A loopback TCP server that takes connections and never answers."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def _answering(status: bytes, body: bytes) -> asyncio.Server:
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(reply, "127.0.0.1", 0)
+
+
+async def test_an_smtp_check_tells_rspamd_the_envelope_client_helo_and_host_name() -> None:
+    requests: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+        requests.append(head + await reader.readexactly(length))
+        body = b'{"action": "no action", "score": 0.3, "symbols": {"R_SPF_ALLOW": {}, "DMARC_POLICY_ALLOW": {}}}'
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    check = SpamCheck(SpamConfig(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/rspamd/", 5))
+    session = Session(asyncio.get_running_loop())
+    session.peer, session.host_name = ("127.0.0.1", 40000), "client\x07.example"  # type: ignore[assignment]
+    raw = mail("x.test", b"Hello")
+    try:
+        probe = await check.smtp_probe(session, ALICE, [CARE, "care@ixs.test"])
+        assert await check.check(raw, probe) == SpamVerdict("ham", "pass", "pass")
+    finally:
+        await check.close()
+        server.close()
+        await server.wait_closed()
+    [request] = requests
+    head, body = request.split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "POST /rspamd/checkv2 HTTP/1.1" and body == raw
+    assert {"Rcpt: care@ticketnest.test", "Rcpt: care@ixs.test", f"From: {ALICE}", "IP: 127.0.0.1",
+            "Helo: client.example", "Hostname: localhost"} <= set(lines)  # localhost: 127.0.0.1's name in /etc/hosts
+
+
+@pytest.mark.parametrize("kind", ["refused", "silent", "http_500", "not_json"])
+async def test_no_verdict_is_unavailable_within_the_timeout_and_logged_once_a_minute(
+        kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    silent, server = None, None
+    if kind == "refused":
+        with socket.create_server(("127.0.0.1", 0)) as probe:
+            port = probe.getsockname()[1]  # closed again: nothing listens there
+    elif kind == "silent":
+        silent = _Silent()
+        port = silent.port
+    else:
+        server = await _answering(b"500 Internal Server Error" if kind == "http_500" else b"200 OK",
+                                  b"oops" if kind == "http_500" else b"<html>not rspamd</html>")
+        port = server.sockets[0].getsockname()[1]
+    now = [1000.0]
+    check = SpamCheck(SpamConfig(f"http://127.0.0.1:{port}", 1), clock=lambda: now[0])
+    caplog.set_level(logging.WARNING, "careservice.spam")
+    try:
+        started = time.monotonic()
+        verdicts = [await check.check(mail("x.test", b"hi"), Probe((CARE,))) for _ in range(3)]
+        assert time.monotonic() - started < 3 * 1 + 2
+        now[0] += 60
+        verdicts.append(await check.check(mail("x.test", b"hi"), Probe((CARE,))))
+    finally:
+        await check.close()
+        if silent:
+            silent.close()
+        if server:
+            server.close()
+            await server.wait_closed()
+    assert verdicts == [SpamVerdict("unavailable")] * 4
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("spam_check_unavailable")]
+    assert [re.sub(r"reason=\S+ ", "", line).split(" (")[0] for line in lines] == [
+        "spam_check_unavailable count=1", "spam_check_unavailable count=3"]
+    assert all("127.0.0.1" not in line for line in lines)
+
+
+async def test_no_url_means_no_check() -> None:
+    check = SpamCheck(SpamConfig("", 5))
+    assert not check.enabled
+    assert await check.check(mail("x.test", GTUBE), Probe((CARE,))) is SKIPPED
+
+
+# --- the header the service writes ---
+
+
+def test_the_senders_header_is_replaced_by_ours() -> None:
+    raw = (b"X-Careservice-Spam: ham; spf=pass;\n dmarc=pass\nFrom: a@b.test\nx-careservice-spam : ham\n"
+           b"Subject: hi\n\nX-Careservice-Spam: ham (the body is the customer's)\n")
+    body = b"Subject: hi\n\nX-Careservice-Spam: ham (the body is the customer's)\n"
+    assert stamp(raw, SpamVerdict("suspect", "fail", "none")) == (
+        b"X-Careservice-Spam: suspect; spf=fail; dmarc=none\nFrom: a@b.test\n" + body)
+    assert stamp(raw, SKIPPED) == b"From: a@b.test\n" + body
+    assert read(stamp(raw, SKIPPED)) is None
+    crlf = b"From: a@b.test\r\nSubject: hi\r\n\r\ntext\r\n"
+    assert stamp(crlf, SpamVerdict("unavailable")) == b"X-Careservice-Spam: unchecked\r\n" + crlf
+    for verdict in (SpamVerdict("ham", "pass", "pass"), SpamVerdict("suspect"), SpamVerdict("unavailable")):
+        assert read(stamp(crlf, verdict)) == verdict
+    assert read(stamp(crlf, SpamVerdict("greylist", "pass", "none"))) == SpamVerdict("suspect", "pass", "none")
+
+
+# --- the daemon: SMTP, the form, IMAP ---
+
+
+@pytest.fixture(scope="module")
+def refusing(tmp_path_factory: pytest.TempPathFactory, rspamd: RspamdServer) -> Iterator[Daemon]:
+    """One daemon with spam checks for the tests that send only refused mail: it must keep and send nothing."""
+    relay = CaptureRelay().start()
+    config = behind_proxy(write_config(tmp_path_factory.mktemp("refusing"), relay.port, extra=spam_table(rspamd.url)))
+    daemon = serving(Daemon(config).start())
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        relay.stop()
+    assert relay.received == [] and committed(daemon) == 0
+
+
+@pytest.mark.parametrize(("token", "code", "status", "result"), [
+    (GTUBE, 550, b"5.7.1", "reject"), (GREYLIST, 451, b"4.7.1", "greylist"), (SOFT_REJECT, 451, b"4.7.1", "greylist"),
+], ids=["gtube", "greylist", "soft-reject"])
+def test_smtp_refuses_at_data_and_keeps_nothing(refusing: Daemon, token: bytes, code: int, status: bytes,
+                                                result: str) -> None:
+    before = spam_counts(refusing)[result]
+    raw = customer_mail(f"Offer {MARKER}", f"Buy now {MARKER} {token.decode()}")
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        send(refusing.smtp_port, ALICE, [CARE], raw)
+    assert refused.value.smtp_code == code and refused.value.smtp_error.startswith(status)
+    assert spam_counts(refusing)[result] == before + 1
+    assert_nothing_kept(refusing)
+    assert MARKER not in refusing.log.read_text() and ALICE not in refusing.log.read_text()
+
+
+def test_a_form_post_rspamd_rejects_is_refused_and_not_kept(refusing: Daemon) -> None:
+    reply = post(refusing, {**VALID, "query": f"Cheap {MARKER} {GTUBE.decode()}"})
+    assert reply.status == 400
+    assert "We could not accept this message" in reply.text
+    assert MARKER in reply.text  # the customer's text is shown again, as after any refusal
+    assert_nothing_kept(refusing)
+
+
+def test_a_suspect_mail_is_opened_and_marked_for_the_stages(tmp_path: Path, relay: CaptureRelay,
+                                                             rspamd: RspamdServer) -> None:
+    daemon = Daemon(write_config(tmp_path, relay.port, extra=spam_table(rspamd.url))).start()
+    try:
+        send(daemon.smtp_port, ALICE, [CARE], customer_mail("Suspect one", f"Hi {ADD_HEADER.decode()}"))
+        wait_for(lambda: forward_for(relay, "Suspect one"), what="forward of the suspect mail")
+        assert spam_counts(daemon)["suspect"] == 1
+    finally:
+        daemon.stop()
+    # from loopback rspamd checks no SPF or DMARC; the prefilter's action skipped the rest anyway
+    assert stored_raw(daemon, "Suspect one", relay).startswith(
+        b"X-Careservice-Spam: suspect; spf=unknown; dmarc=unknown\r\nFrom: ")
+
+
+@pytest.mark.xfail(reason="stage wiring by the lead", strict=True)
+def test_a_suspect_mail_is_forwarded_tagged_and_not_acknowledged(tmp_path: Path, relay: CaptureRelay,
+                                                                  rspamd: RspamdServer) -> None:
+    daemon = Daemon(write_config(tmp_path, relay.port, extra=spam_table(rspamd.url))).start()
+    try:
+        send(daemon.smtp_port, ALICE, [CARE], customer_mail("Suspect two", f"Hi {ADD_HEADER.decode()}"))
+        send(daemon.smtp_port, BOB, [CARE], customer_mail("Plain two", "Where are my tickets?", sender=BOB))
+        wait_for(lambda: forward_for(relay, "Suspect two") and acks(relay, BOB), what="forwards and Bob's ack")
+        assert "[spam?]" in forward_for(relay, "Suspect two")[0]
+        assert "[spam?]" not in forward_for(relay, "Plain two")[0]
+        assert not arrives(lambda: acks(relay, ALICE), 2.0)
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture
+def stopped_rspamd(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The URL of an rspamd that ran and was stopped."""
+    server = private_rspamd(tmp_path_factory)
+    server.stop()
+    return server.url
+
+
+def test_mail_is_taken_unchecked_when_rspamd_is_down(tmp_path: Path, relay: CaptureRelay,
+                                                     stopped_rspamd: str) -> None:
+    daemon = Daemon(write_config(tmp_path, relay.port, extra=spam_table(stopped_rspamd))).start()
+    try:
+        for n in (1, 2):
+            send(daemon.smtp_port, ALICE, [CARE], customer_mail(f"Unchecked {n}", "Where are my tickets?"))
+        wait_for(lambda: forward_for(relay, "Unchecked 1") and forward_for(relay, "Unchecked 2"), what="forwards")
+        assert spam_counts(daemon)["unavailable"] == 2
+        log = daemon.log.read_text()
+        assert log.count("spam_check_unavailable") == 1
+        assert "spam_check_unavailable reason=unreachable count=1" in log
+    finally:
+        daemon.stop()
+    assert stored_raw(daemon, "Unchecked 2", relay).startswith(b"X-Careservice-Spam: unchecked\r\nFrom: ")
+
+
+@pytest.mark.xfail(reason="stage wiring by the lead", strict=True)
+def test_mail_taken_unchecked_is_not_acknowledged(tmp_path: Path, relay: CaptureRelay, stopped_rspamd: str) -> None:
+    daemon = Daemon(write_config(tmp_path, relay.port, extra=spam_table(stopped_rspamd))).start()
+    try:
+        send(daemon.smtp_port, ALICE, [CARE], customer_mail("Unchecked ack", "Where are my tickets?"))
+        wait_for(lambda: forward_for(relay, "Unchecked ack"), what="forward")
+        assert not arrives(lambda: acks(relay, ALICE), 5.0)
+    finally:
+        daemon.stop()
+
+
+def test_a_staff_reply_is_not_checked(tmp_path: Path, relay: CaptureRelay, rspamd: RspamdServer) -> None:
+    daemon = Daemon(write_config(tmp_path, relay.port, extra=spam_table(rspamd.url))).start()
+    try:
+        send(daemon.smtp_port, ALICE, [CARE], customer_mail("Lost tickets", "Order 4711 is lost"))
+        wait_for(lambda: forward_for(relay, "Lost tickets"), what="forward")
+        forward = relay.to(STAFF)[-1].message
+        send(daemon.smtp_port, STAFF, [str(forward["Reply-To"])], staff_reply(forward, f"Reissued. {GTUBE.decode()}"))
+        wait_for(lambda: [c for c in relay.to(ALICE) if GTUBE in c.raw], what="the answer relayed")
+        assert sum(spam_counts(daemon).values()) == 1  # the customer's mail only
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.imap
+def test_imap_spam_is_quarantined_and_greylisted_mail_stays(tmp_path: Path, relay: CaptureRelay,
+                                                           dovecot: DovecotServer, rspamd: RspamdServer) -> None:
+    dovecot.append(customer_mail(f"Offer {MARKER}", f"Buy {GTUBE.decode()}"))
+    dovecot.append(customer_mail("Later please", f"Hi {GREYLIST.decode()}"))
+    dovecot.append(customer_mail("Real question", "Where are my tickets?"))
+    config = imap_config(tmp_path / "svc", relay, dovecot)
+    config.write_text(config.read_text() + spam_table(rspamd.url))
+    daemon = Daemon(config).start()
+    try:
+        wait_for(lambda: forward_for(relay, "Real question"), what="forward of the real question")
+        wait_for(lambda: dovecot.count("careservice-quarantine") == 1 and dovecot.count() == 1,
+                 what="spam quarantined, the greylisted message left")
+        assert "imap_quarantined mailbox=" in daemon.log.read_text() and "reason=spam" in daemon.log.read_text()
+        counts = spam_counts(daemon)
+        assert (counts["reject"], counts["ham"]) == (1, 1) and counts["greylist"] >= 1  # checked again each pass
+        assert forward_for(relay, "Offer") == [] and forward_for(relay, "Later") == []
+    finally:
+        daemon.stop()
+    assert files_containing(daemon.data_dir, [MARKER.encode(), GTUBE]) == []
+
+
+# --- configuration ---
+
+
+def test_spam_keys_are_read_and_default_to_off(tmp_path: Path) -> None:
+    assert load_config(write_config(tmp_path, 1)).spam == SpamConfig("", 5)
+    config = load_config(write_config(tmp_path, 1, extra=spam_table("http://127.0.0.1:11333", 2)))
+    assert config.spam == SpamConfig("http://127.0.0.1:11333", 2)
+    with pytest.raises(ConfigError) as raised:
+        load_config(with_lines(write_config(tmp_path, 1), "spam", 'rspamd = "http://127.0.0.1:11333"'))
+    assert raised.value.key == "spam.rspamd"
+    with pytest.raises(ConfigError) as raised:
+        load_config(write_config(tmp_path, 1, extra=spam_table("http://127.0.0.1:11333", 0)))
+    assert raised.value.key == "spam.timeout"
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:11333", "ftp://127.0.0.1:11333", "http://127.0.0.1", "http://:11333",
+                                 "http://127.0.0.1:port", "http://127.0.0.1:99999", "http://u:p@127.0.0.1:11333",
+                                 "http://127.0.0.1:11333/?x=1"])
+def test_check_refuses_a_malformed_rspamd_url_naming_the_key(tmp_path: Path, url: str) -> None:
+    result = cli("check", "--config", str(write_config(tmp_path, 1, extra=spam_table(url))))
+    assert result.returncode == 2
+    assert "spam.rspamd_url" in result.stderr and url in result.stderr
+
+
+def test_check_takes_a_good_rspamd_url(tmp_path: Path) -> None:
+    result = cli("check", "--config", str(write_config(tmp_path, 1, extra=spam_table("https://rspamd.internal:443/"))))
+    assert result.returncode == 0, result.stderr
+    assert "spam       rspamd https://rspamd.internal:443/" in result.stdout
