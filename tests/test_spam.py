@@ -176,8 +176,18 @@ async def _answering(status: bytes, body: bytes) -> asyncio.Server:
     return await asyncio.start_server(reply, "127.0.0.1", 0)
 
 
-async def test_an_smtp_check_tells_rspamd_the_envelope_client_helo_and_host_name() -> None:
+async def test_an_smtp_check_tells_rspamd_the_envelope_client_helo_and_host_name(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     requests: list[bytes] = []
+    proxied: list[bool] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        proxied.append(True)
+        writer.close()
+
+    proxy_server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY"):  # the mail must go to rspamd alone
+        monkeypatch.setenv(name, f"http://127.0.0.1:{proxy_server.sockets[0].getsockname()[1]}")
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -198,8 +208,10 @@ async def test_an_smtp_check_tells_rspamd_the_envelope_client_helo_and_host_name
         assert await check.check(raw, probe) == SpamVerdict("ham", "pass", "pass")
     finally:
         await check.close()
-        server.close()
-        await server.wait_closed()
+        for listener in (server, proxy_server):
+            listener.close()
+            await listener.wait_closed()
+    assert proxied == []
     [request] = requests
     head, body = request.split(b"\r\n\r\n", 1)
     lines = head.decode().split("\r\n")
@@ -247,8 +259,8 @@ async def test_no_verdict_is_unavailable_within_the_timeout_and_logged_once_a_mi
 
 async def test_no_url_means_no_check() -> None:
     check = SpamCheck(SpamConfig("", 5))
-    assert not check.enabled
     assert await check.check(mail("x.test", GTUBE), Probe((CARE,))) is SKIPPED
+    await check.close()
 
 
 # --- the header the service writes ---

@@ -104,8 +104,9 @@ class SmtpHandler:
         if not self.quota.charge(bucket, cost):  # no SIZE= given, or it understated the message
             log.warning("intake_refused reason=sender_quota")
             return REPLY_SENDER_QUOTA
-        verdict = await self.spam.check(raw, await self.spam.smtp_probe(session, sender, customers)) \
-            if customers else SKIPPED
+        verdict = SKIPPED
+        if customers:
+            verdict = await self.spam.check(raw, await self.spam.smtp_probe(session, sender, customers))
         if verdict.result in ("reject", "greylist"):  # nothing stored, the client bounces or retries
             log.info("intake_refused reason=spam_%s", verdict.result)
             return REPLY_SPAM if verdict.result == "reject" else REPLY_GREYLIST

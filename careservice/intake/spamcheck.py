@@ -80,14 +80,11 @@ class SpamCheck:
         self.config = config
         self.url = config.rspamd_url.rstrip("/") + "/checkv2"
         self.clock = clock
-        self._client = httpx.AsyncClient(timeout=config.timeout) if config.rspamd_url else None
+        # trust_env off: an HTTP(S)_PROXY in the service's environment must not receive the mail
+        self._client = httpx.AsyncClient(timeout=config.timeout, trust_env=False) if config.rspamd_url else None
         self._resolver = ThreadPoolExecutor(RDNS_THREADS, "rdns") if config.rspamd_url else None
         self._unlogged = 0
         self._logged_at = -LOG_INTERVAL
-
-    @property
-    def enabled(self) -> bool:
-        return self._client is not None
 
     async def close(self) -> None:
         if self._client is not None:
