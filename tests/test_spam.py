@@ -37,7 +37,7 @@ from tests.support import (
     wait_for,
     write_config,
 )
-from tests.test_admin import scrape, value
+from tests.test_admin import admin_serving, scrape, value
 from tests.test_check import cli, with_lines
 from tests.test_web import VALID, behind_proxy, committed, post, serving
 
@@ -97,7 +97,7 @@ def stored_raw(daemon: Daemon, subject: str, relay: CaptureRelay) -> bytes:
 
 
 def spam_counts(daemon: Daemon) -> dict[str, float]:
-    samples = scrape(daemon)
+    samples = scrape(admin_serving(daemon))  # the admin port opens last
     return {result: value(samples, "careservice_spam_checks_total", result=result)
             for result in ("reject", "suspect", "greylist", "ham", "unavailable")}
 
