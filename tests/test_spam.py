@@ -87,9 +87,6 @@ def assert_nothing_kept(daemon: Daemon) -> None:
     assert files_containing(daemon.data_dir, [MARKER.encode(), GTUBE]) == []
 
 
-
-
-
 @pytest.fixture(scope="module")
 def refusing(tmp_path_factory: pytest.TempPathFactory, rspamd: RspamdServer) -> Iterator[Daemon]:
     """One daemon with spam checks for the tests that send only refused mail: it must keep and send nothing."""
