@@ -72,6 +72,7 @@ def _check(config: Config, args: argparse.Namespace) -> int:
     print(f"  web        {config.web.listen.host}:{config.web.listen.port} verification={config.web.verification}")
     relay_auth = config.relay.oauth2
     print(f"  relay      {config.relay.url}{f' (oauth2 {relay_auth.grant})' if relay_auth else ''}")
+    print(f"  spam       {f'rspamd {config.spam.rspamd_url}' if config.spam.rspamd_url else 'off'}")
     admin = config.admin.listen
     print(f"  admin      {f'{admin.host}:{admin.port}' if admin else 'off'}"
           f"{' (bearer token)' if admin and config.admin.token_file else ''}")

@@ -22,6 +22,7 @@ from careservice.settings import (  # the records config.py fills in; importable
     RelayConfig,
     Site,
     SmtpConfig,
+    SpamConfig,
     WebConfig,
 )
 
@@ -277,7 +278,7 @@ def load_config(path: Path) -> Config:
     base = path.resolve().parent
     root = _Table(data, "")
     service, security, smtp = root.sub("service"), root.sub("security"), root.sub("smtp")
-    web, retention, admin = root.sub("web"), root.sub("retention"), root.sub("admin")
+    web, retention, admin, spam = root.sub("web"), root.sub("retention"), root.sub("admin"), root.sub("spam")
     admin_listen = admin.get("listen", str, "127.0.0.1:9025")  # "" = no admin listener
     data_dir = _resolve(base, service.get("data_dir", str, "var"))
     site_tables = root.array("sites", required=True)
@@ -373,6 +374,7 @@ def load_config(path: Path) -> Config:
         imap=tuple(_imap(t, set(ids), base) for t in root.array("imap")),
         admin=AdminConfig(parse_endpoint("admin.listen", admin_listen) if admin_listen else None,
                           _path(base, admin.get("token_file", str, ""))),
+        spam=SpamConfig(spam.get("rspamd_url", str, ""), spam.positive("timeout", 5)),
     )
     root.refuse_unknown()
     return config

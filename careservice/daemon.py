@@ -21,6 +21,7 @@ from careservice.config import Config
 from careservice.intake.imap import ImapIntake
 from careservice.intake.ingest import Ingest
 from careservice.intake.smtp import SmtpHandler, SmtpListener, start_smtp
+from careservice.intake.spamcheck import SpamCheck
 from careservice.intake.web import WebServer, start_web
 from careservice.logs import error_fields
 from careservice.notify import Notifier
@@ -41,7 +42,8 @@ class Service:
         self.ctx, self.store = build_context(config, intake=True)
         self.worker = WorkerSupervisor(config)
         self.ingest = Ingest(self.store, config.data_dir, config.smtp.min_free_bytes, self.worker.wake, time.time)
-        self.imap = ImapIntake(config, self.ingest)
+        self.spam = SpamCheck(config.spam)
+        self.imap = ImapIntake(config, self.ingest, self.spam)
         self.smtp: SmtpListener | None = None
         self.web: WebServer | None = None
         self.admin: AdminServer | None = None
@@ -57,8 +59,8 @@ class Service:
         await self.store.start(sweep=True)
         await self.worker.start()
         self.smtp = await start_smtp(self.config.smtp, SmtpHandler(self.config.smtp, self.ctx.addressing,
-                                                                   self.ingest))
-        self.web = await start_web(self.config, self.ctx, self.ingest)
+                                                                   self.ingest, self.spam))
+        self.web = await start_web(self.config, self.ctx, self.ingest, self.spam)
         metrics.initialise(site.id for site in self.config.sites)
         self.admin = await start_admin(Parts(self.ctx, self.worker, self.ingest, self._smtp_accepting))
         self.imap.start()
@@ -119,6 +121,7 @@ class Service:
             intake.append(self.admin.stop())
         await asyncio.gather(self.worker.stop(budget), *intake)
         await self._store_form_tally()
+        await self.spam.close()
         await self.store.close()
         log.info("stopped seconds=%.1f", time.monotonic() - started)
 

@@ -22,10 +22,11 @@ from prometheus_client import Counter, Gauge, Histogram, multiprocess
 
 from careservice.config import METRICS_DIR_ENV
 from careservice.model import Outcome
+from careservice.spamverdict import RESULTS as SPAM_RESULTS
 from careservice.tta import HISTOGRAM_BUCKETS
 
 CHANNELS = ("smtp", "imap", "web")
-FORM_RESULTS = ("accepted", "invalid", "bad_code", "rate_limited", "unavailable")
+FORM_RESULTS = ("accepted", "invalid", "bad_code", "rate_limited", "unavailable", "spam")
 DELIVERY_RESULTS = ("sent", "deferred", "failed")
 REFUSAL_COUNTERS = ("reply_refused", "reply_late")  # a stage's counters that mean a staff reply was not relayed
 
@@ -53,6 +54,9 @@ TIME_TO_ANSWER = Histogram("careservice_time_to_answer_seconds", "Seconds from a
 PURGE_LAG = Histogram("careservice_purge_lag_seconds", "Seconds from the relay's 250 for an answer until its case's "
                       "rows and key are deleted.", buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30),
                       registry=None)
+SPAM_CHECKS = Counter("careservice_spam_checks", "Inbound messages rspamd was asked about, by result (reject, "
+                      "suspect, greylist, ham, or unavailable: no answer, the mail was taken unchecked).", ["result"],
+                      registry=None)
 _STAGE_COUNTERS = {"opened": OPENED, "closed_by_phone": CLOSED_BY_PHONE, "expired": EXPIRED}
 
 _form_tally: Tally[tuple[str, str, str]] = Tally()  # (site, day, form_<result>) until the daemon stores it
@@ -64,6 +68,8 @@ def initialise(site_ids: Iterable[str]) -> None:
         RECEIVED.labels(channel)
     for result in DELIVERY_RESULTS:
         DELIVERIES.labels(result)
+    for result in SPAM_RESULTS:
+        SPAM_CHECKS.labels(result)
     for site in site_ids:
         for result in FORM_RESULTS:
             FORM_POSTS.labels(site, result)
@@ -95,6 +101,11 @@ def form_post(site: str, result: str) -> None:
     """A contact form submission's result (one of FORM_RESULTS); also kept for the daily statistics."""
     FORM_POSTS.labels(site, result).inc()
     _form_tally[(site, time.strftime("%Y-%m-%d", time.gmtime()), f"form_{result}")] += 1
+
+
+def spam_check(result: str) -> None:
+    """One answer (or none: "unavailable") from rspamd; `result` is one of SPAM_RESULTS."""
+    SPAM_CHECKS.labels(result).inc()
 
 
 def take_form_tally() -> dict[tuple[str, str, str], int]:

@@ -11,6 +11,7 @@ import os
 import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from careservice.config import RELAY_PASSWORD_ENV, Config, ConfigError
 from careservice.crypto import MasterKeyError, load_master_key, master_key_from_env
@@ -23,7 +24,7 @@ WILDCARDS = {"", "0.0.0.0", "::"}
 def problems(config: Config) -> list[str]:
     """Every problem found, each as `key: problem`; empty when `run` can start."""
     found = []
-    for check in (_templates, _master_key, _listeners, _tls, _secrets, _dkim_keys, _admin_token, _data_dir):
+    for check in (_templates, _master_key, _listeners, _tls, _secrets, _dkim_keys, _admin_token, _data_dir, _spam):
         try:
             found.extend(check(config))
         except ConfigError as exc:
@@ -134,6 +135,22 @@ def admin_token(config: Config) -> str:
     if not token:
         raise ConfigError("admin.token_file", f"{path} is empty")
     return token
+
+
+def _spam(config: Config) -> Iterator[str]:
+    url = config.spam.rspamd_url
+    if not url:
+        return
+    shape = 'expected "http://host:port" or "https://host:port" (rspamd\'s normal worker, e.g. http://127.0.0.1:11333)'
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # a port that is not a number, or out of range
+        port, parts = None, None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+        yield f'spam.rspamd_url: {shape}, got "{url}"'
+    elif parts.username is not None or parts.query or parts.fragment:
+        yield f'spam.rspamd_url: no user, query or fragment: {shape}, got "{url}"'
 
 
 def _data_dir(config: Config) -> Iterator[str]:

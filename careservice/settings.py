@@ -108,6 +108,12 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class SpamConfig:
+    rspamd_url: str  # "" = no spam check
+    timeout: int  # seconds for one check, after which the mail is taken unchecked
+
+
+@dataclass(frozen=True)
 class ImapMailbox:
     site: str
     host: str
@@ -144,6 +150,7 @@ class Config:
     sites: tuple[Site, ...]
     imap: tuple[ImapMailbox, ...] = field(default=())
     admin: AdminConfig = field(default=AdminConfig(None, ""))
+    spam: SpamConfig = field(default=SpamConfig("", 5))
 
     def site(self, site_id: str) -> Site | None:
         return next((s for s in self.sites if s.id == site_id), None)

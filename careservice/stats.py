@@ -23,7 +23,8 @@ COLUMNS = ("opened", "answered", "closed_by_phone", "expired", "replies_refused"
 SOURCES = {  # each column: the store's counter names it adds up
     "opened": ("opened",), "answered": ("answered",), "closed_by_phone": ("closed_by_phone",),
     "expired": ("expired",), "replies_refused": ("reply_refused", "reply_late"), "form_accepted": ("form_accepted",),
-    "form_refused": ("form_invalid", "form_bad_code", "form_rate_limited", "form_unavailable"),
+    "form_refused": ("form_invalid", "form_bad_code", "form_rate_limited", "form_unavailable",
+                     "form_spam"),
 }
 WITHIN = ((3600, "1h"), (4 * 3600, "4h"), (86400, "24h"))
 FIELDS = ("site", "day", *COLUMNS, "median_seconds_to_answer", *(f"answered_within_{name}" for _, name in WITHIN))

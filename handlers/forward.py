@@ -5,6 +5,7 @@ from __future__ import annotations
 from careservice.context import Context, Inputs
 from careservice.mail import Draft, new_message_id
 from careservice.model import Case, CaseState, ContactDetails, MailKind, Outcome, OutgoingMail
+from careservice.spamverdict import read as spam_verdict
 
 
 def _to_staff(inp: Inputs, ctx: Context, owner: Case, follow_up: bool) -> OutgoingMail:
@@ -13,6 +14,9 @@ def _to_staff(inp: Inputs, ctx: Context, owner: Case, follow_up: bool) -> Outgoi
     contact = inp.case.contact or ContactDetails("", "")
     subject, text = ctx.texts.mail(site.id, "forward", site=site, case_id=owner.id, subject=owner.subject,
                                    contact=contact, text=inp.parsed.text, follow_up=follow_up)
+    verdict = spam_verdict(inp.case.raw)  # this message's own verdict, also for a follow-up
+    if verdict is not None and verdict.state == "suspect":
+        subject = f"[spam?] {subject}"
     draft = Draft(
         from_name=f"{contact.name or contact.email or 'Customer'} via {site.name}",
         from_address=site.care_address, to=site.staff, subject=subject, text=text,

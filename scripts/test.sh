@@ -6,14 +6,17 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v dovecot >/dev/null 2>&1 || [ -x /usr/sbin/dovecot ] || need+=(dovecot-imapd)
+command -v rspamd >/dev/null 2>&1 || need+=(rspamd)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 python3 -c "import ensurepip, venv" 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-        # the package starts a system Dovecot; tests run their own instances
-        (systemctl disable --now dovecot || service dovecot stop) >/dev/null 2>&1 || true
+        # the packages may start a system Dovecot and rspamd; tests run their own instances
+        for service in dovecot rspamd; do
+            (systemctl disable --now "$service" || service "$service" stop) >/dev/null 2>&1 || true
+        done
     else
         echo "note: not root, cannot install ${need[*]}; tests needing them are skipped" >&2
     fi

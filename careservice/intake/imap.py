@@ -1,9 +1,11 @@
 """IMAP intake: one worker thread per `[[imap]]` mailbox drains it into the same intake as SMTP.
 
 A pass takes everything in the folder: SEARCH ALL (flagged or not), move messages larger than
-smtp.max_message_bytes to the quarantine folder, FETCH the rest in batches (BODY.PEEK[]), commit each
-batch through `Ingest.accept`, and only then STORE \\Deleted and UID EXPUNGE (EXPUNGE without
-UIDPLUS). Fetching and committing overlap: while batch k is fetched, batches k-1 and k-2 commit.
+smtp.max_message_bytes to the quarantine folder, FETCH the rest in batches (BODY.PEEK[]), have rspamd
+check them (careservice.intake.spamcheck: rejected ones go to the quarantine folder too, greylisted
+ones stay for the next pass), commit each batch through `Ingest.accept`, and only then STORE
+\\Deleted and UID EXPUNGE (EXPUNGE without UIDPLUS). Fetching and committing overlap: while batch
+k is fetched, batches k-1 and k-2 commit.
 Between passes the worker IDLEs when the server offers it, else it polls every poll_seconds.
 Nothing depends on UIDs across sessions, so a UIDVALIDITY change needs no recovery: a message
 committed before a crash is taken again, recognised by its keyed digest, and only expunged.
@@ -37,9 +39,11 @@ from imapclient.exceptions import IMAPClientError, LoginError
 from careservice.config import Config, ImapMailbox, OAuth2Config, Site
 from careservice.intake.headers import envelope_sender
 from careservice.intake.ingest import Ingest
+from careservice.intake.spamcheck import Probe, SpamCheck
 from careservice.logs import error_fields
 from careservice.model import Envelope, NewMessage, Source
 from careservice.oauth2 import OAuth2Error, TokenSource
+from careservice.spamverdict import stamp
 
 log = logging.getLogger("careservice.imap")
 Pending = tuple[list[int], Future[list[str]]]  # UIDs and their commit in flight
@@ -93,12 +97,13 @@ def _expunge(client: IMAPClient, uids: list[int], uidplus: bool) -> int:
 class MailboxWorker:
     """Drains one mailbox in its own thread until `stop()`; reconnects with exponential backoff."""
 
-    def __init__(self, box: ImapMailbox, site: Site, ingest: Ingest, max_bytes: int,
+    def __init__(self, box: ImapMailbox, site: Site, ingest: Ingest, spam: SpamCheck, max_bytes: int,
                  loop: asyncio.AbstractEventLoop, tokens: TokenSource | None) -> None:
         self.box = box
         self.tokens = tokens  # auth = "oauth2"; else the password file is read at each connect
         self.site = site
         self.ingest = ingest
+        self.spam = spam
         self.max_bytes = max_bytes
         self.loop = loop
         self.thread = threading.Thread(target=self._run, name=f"imap-{box.name}", daemon=True)
@@ -282,7 +287,7 @@ class MailboxWorker:
         big = set(client.search(["LARGER", min(BIG_MESSAGE, self.max_bytes)])) & set(uids)
         sizes = client.fetch(sorted(big), ["RFC822.SIZE"]) if big else {}
         too_large = sorted(u for u, d in sizes.items() if d.get(b"RFC822.SIZE", 0) > self.max_bytes)
-        removed = self._quarantine(client, too_large, uidplus) if too_large else 0
+        removed = self._quarantine(client, too_large, uidplus, "too_large") if too_large else 0
         small = [u for u in uids if u not in big]
         batches = [small[i:i + BATCH] for i in range(0, len(small), BATCH)]
         batches += [[u] for u in sorted(big.difference(too_large))]
@@ -290,7 +295,9 @@ class MailboxWorker:
         for batch in batches:
             if self._stop.is_set():
                 break
-            fetched = self._fetch(client, batch)
+            fetched, spam = self._fetch(client, batch)
+            if spam:
+                removed += self._quarantine(client, spam, uidplus, "spam")
             if fetched:
                 pending.append(self._submit(fetched))
             if len(pending) > COMMITS_IN_FLIGHT:
@@ -299,17 +306,22 @@ class MailboxWorker:
             removed += _expunge(client, self._committed(pending.popleft()), uidplus)
         return removed
 
-    def _fetch(self, client: IMAPClient, uids: list[int]) -> list[tuple[int, NewMessage]]:
+    def _fetch(self, client: IMAPClient, uids: list[int]) -> tuple[list[tuple[int, NewMessage]], list[int]]:
+        """The messages to commit, each stamped with its spam verdict, and the UIDs rspamd rejected."""
         fetched = client.fetch(uids, ["BODY.PEEK[]"])
-        out = []
-        for uid in uids:
-            raw = fetched.get(uid, {}).get(b"BODY[]")
-            if raw is None:  # expunged meanwhile by another client
-                continue
-            envelope = Envelope(envelope_sender(raw), self.site.care_address)
-            out.append((uid, NewMessage(self.site.id, Source.IMAP, envelope, raw,
-                                        dedupe=self.ingest.dedupe_key(self.site.id, raw))))
-        return out
+        # a UID missing from the answer was expunged meanwhile by another client
+        raws = [(uid, fetched[uid][b"BODY[]"]) for uid in uids if b"BODY[]" in fetched.get(uid, {})]
+        check = self.spam.check_all([raw for _, raw in raws], Probe((self.site.care_address,)))
+        verdicts = asyncio.run_coroutine_threadsafe(check, self.loop).result()
+        out, rejected = [], []
+        for (uid, raw), verdict in zip(raws, verdicts, strict=True):
+            if verdict.result == "reject":
+                rejected.append(uid)
+            elif verdict.result != "greylist":  # a greylisted message stays for the next pass
+                envelope = Envelope(envelope_sender(raw), self.site.care_address)
+                out.append((uid, NewMessage(self.site.id, Source.IMAP, envelope, stamp(raw, verdict),
+                                            dedupe=self.ingest.dedupe_key(self.site.id, raw))))
+        return out, rejected
 
     def _submit(self, fetched: list[tuple[int, NewMessage]]) -> Pending:
         """Start committing `fetched` on the event loop; the caller waits in `_committed`."""
@@ -329,7 +341,7 @@ class MailboxWorker:
         log.info("imap_taken mailbox=%s messages=%d duplicates=%d", self.box.name, len(uids), ids.count(""))
         return uids
 
-    def _quarantine(self, client: IMAPClient, uids: list[int], uidplus: bool) -> int:
+    def _quarantine(self, client: IMAPClient, uids: list[int], uidplus: bool, reason: str) -> int:
         folder = self.box.quarantine_folder
         if not client.folder_exists(folder):
             client.create_folder(folder)
@@ -338,7 +350,7 @@ class MailboxWorker:
         else:
             client.copy(uids, folder)
             _expunge(client, uids, uidplus)
-        log.warning("imap_quarantined mailbox=%s messages=%d reason=too_large folder=%s", self.box.name, len(uids),
+        log.warning("imap_quarantined mailbox=%s messages=%d reason=%s folder=%s", self.box.name, len(uids), reason,
                     folder)
         return len(uids)
 
@@ -346,9 +358,10 @@ class MailboxWorker:
 class ImapIntake:
     """All mailbox workers of one daemon: `start()` inside the running loop, `await stop()`."""
 
-    def __init__(self, config: Config, ingest: Ingest) -> None:
+    def __init__(self, config: Config, ingest: Ingest, spam: SpamCheck) -> None:
         self.config = config
         self.ingest = ingest
+        self.spam = spam
         self.workers: list[MailboxWorker] = []
         self.tokens: dict[OAuth2Config, TokenSource] = {}  # one per account: folders of one account share it
 
@@ -360,7 +373,8 @@ class ImapIntake:
             tokens = None
             if box.oauth2 is not None:
                 tokens = self.tokens.setdefault(box.oauth2, TokenSource(box.oauth2, box.name))
-            worker = MailboxWorker(box, site, self.ingest, self.config.smtp.max_message_bytes, loop, tokens)
+            worker = MailboxWorker(box, site, self.ingest, self.spam, self.config.smtp.max_message_bytes, loop,
+                                   tokens)
             worker.thread.start()
             self.workers.append(worker)
 

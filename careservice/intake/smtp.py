@@ -20,9 +20,11 @@ from careservice.addresses import Addressing, Recipient
 from careservice.config import SmtpConfig
 from careservice.intake.ingest import Ingest
 from careservice.intake.limits import SenderQuota, client_key, sender_bucket
+from careservice.intake.spamcheck import REPLY_GREYLIST, REPLY_SPAM, SpamCheck
 from careservice.logs import error_fields
 from careservice.model import Envelope as CaseEnvelope
 from careservice.model import NewMessage, Source
+from careservice.spamverdict import SKIPPED, stamp
 
 log = logging.getLogger("careservice.smtp")
 
@@ -53,10 +55,11 @@ class SmtpHandler:
     decisions need the recipient, so they are made at RCPT; MAIL is refused only when nothing could
     be taken."""
 
-    def __init__(self, config: SmtpConfig, addressing: Addressing, ingest: Ingest) -> None:
+    def __init__(self, config: SmtpConfig, addressing: Addressing, ingest: Ingest, spam: SpamCheck) -> None:
         self.config = config
         self.addressing = addressing
         self.ingest = ingest
+        self.spam = spam
         self.quota = SenderQuota(config.max_bytes_per_sender_per_hour)
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
@@ -94,18 +97,26 @@ class SmtpHandler:
         raw = envelope.original_content or b""
         sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from  # aiosmtpd: null sender is "<>"
         bucket = sender_bucket(sender, session.peer)
-        cost = len(raw) * len(self._counted(envelope.rcpt_tos))
+        customers = self._counted(envelope.rcpt_tos)  # staff replies are not spam-checked: their MAC is checked
+        cost = len(raw) * len(customers)
         if not self.quota.charge(bucket, cost):  # no SIZE= given, or it understated the message
             log.warning("intake_refused reason=sender_quota")
             return REPLY_SENDER_QUOTA
+        verdict = SKIPPED
+        if customers:
+            verdict = await self.spam.check(raw, await self.spam.smtp_probe(session, sender, customers))
+        if verdict.result in ("reject", "greylist"):  # nothing stored, the client bounces or retries
+            log.info("intake_refused reason=spam_%s", verdict.result)
+            return REPLY_SPAM if verdict.result == "reject" else REPLY_GREYLIST
         messages = []
         for rcpt in envelope.rcpt_tos:
             recipient = self.addressing.recipient(rcpt)
             assert recipient is not None  # handle_RCPT let only ours through
             # a client that lost our 250 (we crashed after the commit) sends again: one case, not two
             digest = self.ingest.dedupe_key(recipient.site.id, raw)
+            stored = stamp(raw, verdict if rcpt in customers else SKIPPED)
             messages.append(NewMessage(recipient.site.id, Source.SMTP,
-                                       CaseEnvelope(sender, rcpt), raw, dedupe=digest))
+                                       CaseEnvelope(sender, rcpt), stored, dedupe=digest))
         try:
             await self.ingest.accept(messages, "smtp")
         except Exception as exc:  # not committed: the client keeps the message and retries

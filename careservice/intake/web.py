@@ -37,11 +37,13 @@ from careservice.context import Context
 from careservice.intake.codeart import MEDIA_TYPES, CodeArt
 from careservice.intake.formguard import ALL, CodeTokens, RateLimit, take_all
 from careservice.intake.ingest import Ingest
+from careservice.intake.spamcheck import SpamCheck, form_message, form_probe
 from careservice.intake.webguard import ConnectionGuard, bucket, client_address, guarded_protocol, trusted
 from careservice.logs import error_fields
 from careservice.mail import SYSTEM_LOCALPARTS, Draft, new_message_id, render
 from careservice.model import ContactDetails, Envelope, NewMessage, Source
 from careservice.preflight import check_web_tls
+from careservice.spamverdict import SpamVerdict, stamp
 
 log = logging.getLogger("careservice.web")
 
@@ -98,9 +100,10 @@ class Entry:
 class ContactForm:
     """The endpoints: form, submission, thank-you page, and the code as image and audio."""
 
-    def __init__(self, config: Config, ctx: Context, ingest: Ingest) -> None:
+    def __init__(self, config: Config, ctx: Context, ingest: Ingest, spam: SpamCheck) -> None:
         self.ctx = ctx  # ctx.config, not `config`: a reload changes the sites, their hosts and paths
         self.ingest = ingest
+        self.spam = spam
         web = config.web
         self.tokens = (CodeTokens(ctx.keyring.form_code_key(), web.code_ttl_seconds, ctx.clock)
                        if web.verification == "image" else None)
@@ -220,8 +223,14 @@ class ContactForm:
             log.warning("form_refused site=%s reason=disk_low", site.id)
             metrics.form_post(site.id, "unavailable")
             return self._form(request, entry, values, {}, "unavailable", 503)
+        verdict = await self.spam.check(form_message(site, contact, values["query"], SUBJECT),
+                                        form_probe(site, contact.email))
+        if verdict.result == "reject":
+            log.info("form_refused site=%s reason=spam", site.id)
+            metrics.form_post(site.id, "spam")
+            return self._form(request, entry, values, {}, "refused", 400)
         try:
-            ids = await self.ingest.accept([self.message(site, contact, values["query"], token_id)], "web")
+            ids = await self.ingest.accept([self.message(site, contact, values["query"], token_id, verdict)], "web")
         except Exception as exc:  # not committed: the customer keeps the page and can send it again
             log.error("form_failed site=%s %s", site.id, error_fields(exc))
             metrics.form_post(site.id, "unavailable")
@@ -263,13 +272,14 @@ class ContactForm:
         return ContactDetails(clean["name"], email, address, clean["telephone"], clean["fax"], clean["company"],
                               preferred), {}
 
-    def message(self, site: Site, contact: ContactDetails, query: str, token_id: bytes) -> NewMessage:
+    def message(self, site: Site, contact: ContactDetails, query: str, token_id: bytes,
+                verdict: SpamVerdict) -> NewMessage:
         """The submission as a mail to the care address; header values cannot break lines (mail.render)."""
         draft = Draft(from_name=contact.name, from_address=contact.email, to=(site.care_address,), subject=SUBJECT,
                       text="\n".join(query.splitlines()).rstrip(), message_id=new_message_id(site.domain))
         dedupe = self.ctx.keyring.digest(f"form code {token_id.hex()}") if token_id else b""
-        return NewMessage(site.id, Source.WEB, Envelope(contact.email, site.care_address), render(draft),
-                          contact=contact, dedupe=dedupe)
+        return NewMessage(site.id, Source.WEB, Envelope(contact.email, site.care_address),
+                          stamp(render(draft), verdict), contact=contact, dedupe=dedupe)
 
     async def _code(self, request: Request, kind: str) -> Response:
         entry = self._resolve(request, f"/code.{kind}")
@@ -306,10 +316,10 @@ class WebServer:
         self._form.codes.close()
 
 
-async def start_web(config: Config, ctx: Context, ingest: Ingest) -> WebServer:
+async def start_web(config: Config, ctx: Context, ingest: Ingest, spam: SpamCheck) -> WebServer:
     """Listen on web.listen (bound before this returns) and serve the contact form, over HTTPS with web.tls_cert."""
     check_web_tls(config)
-    form = ContactForm(config, ctx, ingest)
+    form = ContactForm(config, ctx, ingest, spam)
     csp = ("default-src 'self'; style-src 'nonce-{nonce}'; script-src 'none'; form-action 'self'; base-uri 'none'; "
            f"frame-ancestors {config.web.frame_ancestors}")
     app = SecurityHeaders(Starlette(routes=form.routes()), csp,
