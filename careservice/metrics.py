@@ -13,14 +13,17 @@ from the config. Nothing from a mail or a request ever becomes a label.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 from collections import Counter as Tally
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import ParamSpec
 
 from prometheus_client import Counter, Gauge, Histogram, multiprocess
 
 from careservice.config import METRICS_DIR_ENV
+from careservice.logs import error_fields
 from careservice.model import Outcome
 from careservice.spamverdict import RESULTS as SPAM_RESULTS
 from careservice.tta import HISTOGRAM_BUCKETS
@@ -28,6 +31,8 @@ from careservice.tta import HISTOGRAM_BUCKETS
 CHANNELS = ("smtp", "imap", "web")
 FORM_RESULTS = ("accepted", "invalid", "bad_code", "rate_limited", "unavailable", "spam")
 DELIVERY_RESULTS = ("sent", "deferred", "failed")
+P = ParamSpec("P")
+log = logging.getLogger("careservice.metrics")
 REFUSAL_COUNTERS = ("reply_refused", "reply_late")  # a stage's counters that mean a staff reply was not relayed
 
 RECEIVED = Counter("careservice_messages_received", "Inbound messages committed, by channel (one per care "
@@ -77,6 +82,27 @@ def initialise(site_ids: Iterable[str]) -> None:
             counter.labels(site)
 
 
+_failures_logged = 0.0
+
+
+def _never_fails(count: Callable[P, None]) -> Callable[P, None]:
+    """A metric that cannot be written (its multiprocess file gone with a data_dir moved under a running
+    daemon, a full disk) must not fail the SMTP session or the stage that counts it: one log line a
+    minute says so."""
+    @functools.wraps(count)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> None:
+        global _failures_logged
+        try:
+            count(*args, **kwargs)
+        except Exception as exc:
+            if time.monotonic() - _failures_logged > 60:
+                _failures_logged = time.monotonic()
+                log.warning("metrics_failed %s", error_fields(exc))
+    return guarded
+
+
+
+@_never_fails
 def smtp_reply(status: str | bytes) -> None:
     """One line the SMTP listener sends; the last line of a reply counts, by its code."""
     line = status.decode("ascii", "replace") if isinstance(status, bytes) else status
@@ -91,18 +117,21 @@ def _smtp_code(code: str) -> Counter:
     return SMTP_REPLIES.labels(code)
 
 
+@_never_fails
 def received(channel: str, messages: int, seconds: float) -> None:
     """A commit of `messages` inbound messages from `channel` that took `seconds`."""
     RECEIVED.labels(channel).inc(messages)
     COMMIT_SECONDS.observe(seconds)
 
 
+@_never_fails
 def form_post(site: str, result: str) -> None:
     """A contact form submission's result (one of FORM_RESULTS); also kept for the daily statistics."""
     FORM_POSTS.labels(site, result).inc()
     _form_tally[(site, time.strftime("%Y-%m-%d", time.gmtime()), f"form_{result}")] += 1
 
 
+@_never_fails
 def spam_check(result: str) -> None:
     """One answer (or none: "unavailable") from rspamd; `result` is one of SPAM_RESULTS."""
     SPAM_CHECKS.labels(result).inc()
@@ -120,6 +149,7 @@ def restore_form_tally(tally: dict[tuple[str, str, str], int]) -> None:
     _form_tally.update(tally)
 
 
+@_never_fails
 def stage_outcome(site: str, outcome: Outcome) -> None:
     """The counters of an outcome the worker committed."""
     for name in outcome.counters:
@@ -129,6 +159,7 @@ def stage_outcome(site: str, outcome: Outcome) -> None:
             REPLIES_REFUSED.labels(site, outcome.reason.removeprefix("reply_")).inc()
 
 
+@_never_fails
 def delivered(site: str, answer: bool, waited: float | None, purge_seconds: float) -> None:
     """A mail the relay took; for an answer, how long its case waited and how long the purge took."""
     DELIVERIES.labels("sent").inc()
@@ -139,10 +170,12 @@ def delivered(site: str, answer: bool, waited: float | None, purge_seconds: floa
             TIME_TO_ANSWER.labels(site).observe(waited)
 
 
+@_never_fails
 def not_delivered(gave_up: bool) -> None:
     DELIVERIES.labels("failed" if gave_up else "deferred").inc()
 
 
+@_never_fails
 def relay_up(up: bool) -> None:
     relay_gauge().set(1 if up else 0)
 

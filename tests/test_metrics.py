@@ -6,6 +6,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from careservice import metrics, tta
@@ -51,3 +52,17 @@ async def test_an_idle_relay_is_probed_for_relay_up(tmp_path: Path) -> None:
     maildir = relay_config(0)
     assert await Relay(maildir.__class__(**{**maildir.__dict__, "maildir": tmp_path / "out"}), "").reachable()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cur", "new", "tmp"]
+
+
+def test_a_metric_that_cannot_be_written_does_not_fail_its_caller(monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """The multiprocess file of a new label is created at its first use: with data_dir moved away under a
+    running daemon that raised inside the SMTP session's reply and closed the client's connection."""
+    class Unwritable:
+        def inc(self, amount: float = 1) -> None:
+            raise FileNotFoundError("metrics folder gone")
+
+    monkeypatch.setattr(metrics, "_smtp_code", lambda code: Unwritable())
+    metrics.smtp_reply("451 4.3.0 Temporary failure")
+    metrics.smtp_reply("451 4.3.0 Temporary failure")
+    assert len([r for r in caplog.records if r.getMessage().startswith("metrics_failed")]) <= 1  # once a minute
