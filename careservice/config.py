@@ -23,6 +23,7 @@ from careservice.settings import (  # the records config.py fills in; importable
     SmtpConfig,
     WebConfig,
 )
+from careservice.staffauth import valid_mode
 
 RELAY_SCHEMES = ("smtp", "smtps", "smtp+starttls", "maildir")
 IMAP_SECURITY = ("tls", "starttls", "none")
@@ -177,7 +178,10 @@ def _site(t: _Table) -> Site:
     if not _CONTACT_PATH.fullmatch(path):
         raise ConfigError(t.key("contact_path"), f'expected a path such as "/contact.php" (starts with "/"; '
                                                  f'letters, digits, ".", "-", "_", "~" between slashes), got "{path}"')
-    return Site(site_id, t.get("name", str), domain, care, addresses, hosts, path)
+    staff_auth = t.get("staff_auth", str, "none")
+    if not valid_mode(staff_auth):
+        raise ConfigError(t.key("staff_auth"), f'use "none", "dkim" or "authres:<authserv-id>", got "{staff_auth}"')
+    return Site(site_id, t.get("name", str), domain, care, addresses, hosts, path, staff_auth)
 
 
 def _web_host(key: str, value: object) -> str:

@@ -30,6 +30,7 @@ class Site:
     staff: tuple[str, ...]
     web_hosts: tuple[str, ...]  # host names whose requests for contact_path get this site's form
     contact_path: str
+    staff_auth: str = "none"  # "none", "dkim" or "authres:<authserv-id>" (careservice.staffauth)
 
     @property
     def care_local(self) -> str:
