@@ -11,6 +11,9 @@ from collections.abc import Callable
 
 import dkim
 import dkim.dnsplug
+import dkim.util
+
+from careservice.staffauth import aligned
 
 Resolver = Callable[..., bytes | None]  # dkimpy's dnsfunc: (name, timeout=5) -> the TXT record, None if none
 MAX_SIGNATURES = 4  # each costs a DNS lookup; a genuine reply carries one or two
@@ -25,9 +28,10 @@ class DkimUnavailable(Exception):
     """A key lookup timed out: the verdict is not known yet, so the case is retried, not refused."""
 
 
-def verified_domains(raw: bytes, resolver: Resolver | None = None) -> tuple[str, ...]:
-    """The d= domains (lower case) of the signatures in `raw` that verify; `resolver` defaults to
-    dkimpy's own (dnspython), looked up when called."""
+def verified_domains(raw: bytes, from_domain: str, resolver: Resolver | None = None) -> tuple[str, ...]:
+    """The d= domains (lower case) of the signatures in `raw` that verify, of those aligned with
+    `from_domain` (no other could count, and a sender must not make us look up any domain it likes);
+    `resolver` defaults to dkimpy's own (dnspython), looked up when called."""
     lookup = resolver or dkim.dnsplug.get_txt
     timed_out = False
 
@@ -43,9 +47,9 @@ def verified_domains(raw: bytes, resolver: Resolver | None = None) -> tuple[str,
         checker = dkim.DKIM(raw, logger=_quiet)
     except dkim.DKIMException:
         return ()
-    count = sum(1 for name, _ in checker.headers if name.lower() == b"dkim-signature")
+    signatures = [value for name, value in checker.headers if name.lower() == b"dkim-signature"]
     domains = []
-    for idx in range(min(count, MAX_SIGNATURES)):
+    for idx in [i for i, value in enumerate(signatures) if aligned(_signer(value), from_domain)][:MAX_SIGNATURES]:
         try:
             if checker.verify(idx, dnsfunc=recording):
                 domains.append(checker.domain.decode("ascii", "replace").lower())
@@ -54,3 +58,11 @@ def verified_domains(raw: bytes, resolver: Resolver | None = None) -> tuple[str,
     if timed_out and not domains:
         raise DkimUnavailable("DKIM key lookup timed out")
     return tuple(domains)
+
+
+def _signer(signature: bytes) -> str:
+    """The d= tag of a DKIM-Signature value ("" if it cannot be read)."""
+    try:
+        return dkim.util.parse_tag_value(signature).get(b"d", b"").decode("ascii", "replace")
+    except dkim.util.InvalidTagValueList:
+        return ""

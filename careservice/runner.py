@@ -40,7 +40,7 @@ class Runner:
 
     def __init__(self, ctx: Context, store: Store, stages: Mapping[CaseState, Stage],
                  waits: Mapping[CaseState, float], on_mail: Callable[[], None], batch_bytes: int,
-                 verify_dkim: Callable[[bytes], tuple[str, ...]] = verified_domains) -> None:
+                 verify_dkim: Callable[[bytes, str], tuple[str, ...]] = verified_domains) -> None:
         self.ctx = ctx
         self.store = store
         self.batch_bytes = batch_bytes  # stored bytes per batch (careservice.budget)
@@ -104,11 +104,14 @@ class Runner:
             for _ in range(MAX_CHAIN):
                 if current.target and (target is None or target.id != current.target):
                     target = await self.store.get_case(current.target)
-                if current.state is CaseState.STAFF_REPLY and site.staff_auth == "dkim" and signers is None:
+                if (current.state is CaseState.STAFF_REPLY and site.staff_auth == "dkim" and signers is None
+                        and current.target and parsed.from_address in site.staff):
                     # verified here, not at intake, so the verdict is never stored or carried in a header a
-                    # sender could forge, and is taken when the reply is judged; in a thread, since the key
-                    # lookups wait on DNS (a timeout raises DkimUnavailable: the case is held and retried)
-                    signers = await asyncio.to_thread(self.verify_dkim, case.raw)
+                    # sender could forge, and is taken when the reply is judged; only for a valid token and
+                    # a staff From (nothing else could pass); in a thread, since the key lookups wait on
+                    # DNS (a timeout raises DkimUnavailable: the case is held and retried)
+                    from_domain = parsed.from_address.rpartition("@")[2]
+                    signers = await asyncio.to_thread(self.verify_dkim, case.raw, from_domain)
                 inputs = Inputs(current, site, parsed, target if current.target else None, now, signers or ())
                 step = self.stages[current.state](inputs, self.ctx)
                 outcome = step if outcome is None else merge(outcome, step)

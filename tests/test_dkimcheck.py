@@ -16,9 +16,17 @@ def test_only_signatures_that_verify_name_their_domain() -> None:
     raw = customer_mail("Re: case", "answer", sender="agent@staff.example")
     for domain, pem in (("other.example", other), ("staff.example", good)):
         raw = dkim.sign(raw, SELECTOR, domain.encode(), pem) + raw
-    assert verified_domains(raw, lambda name, timeout=5: records.get(name.decode(), "").encode() or None) == (
-        "staff.example",)
-    assert verified_domains(raw.replace(b"answer", b"changed"), lambda name, timeout=5: None) == ()
+    looked_up: list[bytes] = []
+
+    def resolver(name: bytes, timeout: int = 5) -> bytes | None:
+        looked_up.append(name)
+        return records.get(name.decode(), "").encode() or None
+
+    assert verified_domains(raw, "staff.example", resolver) == ("staff.example",)
+    assert verified_domains(raw, "mail.staff.example", resolver) == ("staff.example",)  # a parent domain
+    assert verified_domains(raw.replace(b"answer", b"changed"), "staff.example", resolver) == ()
+    looked_up.clear()
+    assert verified_domains(raw, "elsewhere.example", resolver) == () and looked_up == []  # none aligned
 
 
 def test_a_key_lookup_timeout_leaves_the_verdict_open() -> None:
@@ -29,5 +37,5 @@ def test_a_key_lookup_timeout_leaves_the_verdict_open() -> None:
         raise dkim.DnsTimeoutError("timeout")
 
     with pytest.raises(DkimUnavailable):
-        verified_domains(dkim.sign(raw, SELECTOR, b"staff.example", pem) + raw, timing_out)
-    assert verified_domains(raw, timing_out) == ()  # unsigned: nothing to look up
+        verified_domains(dkim.sign(raw, SELECTOR, b"staff.example", pem) + raw, "staff.example", timing_out)
+    assert verified_domains(raw, "staff.example", timing_out) == ()  # unsigned: nothing to look up
