@@ -86,7 +86,7 @@ def test_check_names_an_unknown_staff_auth(tmp_path: Path, value: str) -> None:
     config = write_config(tmp_path, 1)
     config.write_text(config.read_text().replace('id = "ixs"\n', f'id = "ixs"\nstaff_auth = "{value}"\n'))
     result = cli("check", "--config", str(config))
-    assert result.returncode != 0 and "sites[1].staff_auth" in result.stderr + result.stdout
+    assert result.returncode != 0 and 'sites[1].staff_auth: use "none", "dkim"' in result.stderr + result.stdout
 
 
 def test_staff_auth_defaults_to_none_and_reads_its_modes(tmp_path: Path) -> None:
