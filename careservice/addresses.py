@@ -21,8 +21,9 @@ class Recipient:
 @dataclass(frozen=True)
 class ReplyToken:
     case_id: str
-    nonce: str
+    nonce: str  # the case's nonce when issued: a reopened case has a new one (handlers.delivery)
     mac: str
+    staff: str  # the staff address it was issued to, the only From it is taken from
 
 
 class Addressing:
@@ -54,19 +55,22 @@ class Addressing:
     def is_ours(self, address: str) -> bool:
         return self.recipient(address) is not None
 
-    def reply_address(self, site: Site, case_id: str, nonce: str) -> str:
-        mac = self._keyring.sign(f"staff|{site.id}|{case_id}|{nonce}".encode())
+    def reply_address(self, site: Site, case_id: str, nonce: str, staff: str) -> str:
+        """The Reply-To for the forward of a case to one staff address: it is honoured only from there."""
+        mac = self._keyring.sign(_reply_mac_input(site, case_id, nonce, staff))
         return f"{site.care_local}+{case_id}.{nonce}.{mac}@{site.domain}"
 
     def check_reply_token(self, site: Site, token: str) -> ReplyToken | None:
-        """The case a staff reply address names, if its MAC is ours for this site."""
+        """The case and staff address a reply address names, if its MAC is ours for this site and one
+        of its current staff addresses."""
         m = _TOKEN.match(token)
         if not m:
             return None
         case_id, nonce, mac = m.groups()
-        if not self._keyring.verify(f"staff|{site.id}|{case_id}|{nonce}".encode(), mac):
-            return None
-        return ReplyToken(case_id, nonce, mac)
+        for staff in site.staff:
+            if self._keyring.verify(_reply_mac_input(site, case_id, nonce, staff), mac):
+                return ReplyToken(case_id, nonce, mac, staff)
+        return None
 
     def ack_message_id(self, site: Site, case_id: str, nonce: str) -> str:
         mac = self._keyring.sign(f"customer|{site.id}|{case_id}|{nonce}".encode())
@@ -81,3 +85,7 @@ class Addressing:
                 if self._keyring.verify(f"customer|{site.id}|{case_id}|{nonce}".encode(), mac):
                     return case_id
         return ""
+
+
+def _reply_mac_input(site: Site, case_id: str, nonce: str, staff: str) -> bytes:
+    return f"staff|{site.id}|{case_id}|{nonce}|{staff.lower()}".encode()

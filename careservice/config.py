@@ -25,6 +25,7 @@ from careservice.settings import (  # the records config.py fills in; importable
     SpamConfig,
     WebConfig,
 )
+from careservice.staffauth import valid_mode
 
 RELAY_SCHEMES = ("smtp", "smtps", "smtp+starttls", "maildir")
 IMAP_SECURITY = ("tls", "starttls", "none")
@@ -225,7 +226,11 @@ def _site(t: _Table, base: Path) -> Site:
     if selector and not DNS_NAME.fullmatch(selector):
         raise ConfigError(t.key("dkim_selector"), f'expected a DNS label such as "care2026a" (lower-case letters, '
                                                   f'digits, "-"), got "{selector}"')
-    return Site(site_id, t.get("name", str), domain, care, addresses, hosts, path, selector, _path(base, key_file))
+    staff_auth = t.get("staff_auth", str, "none")
+    if not valid_mode(staff_auth):
+        raise ConfigError(t.key("staff_auth"), f'use "none", "dkim" or "authres:<authserv-id>", got "{staff_auth}"')
+    return Site(site_id, t.get("name", str), domain, care, addresses, hosts, path, selector, _path(base, key_file),
+                staff_auth)
 
 
 def _web_host(key: str, value: object) -> str:

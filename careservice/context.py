@@ -22,6 +22,9 @@ class Inputs:
     parsed: Parsed  # the case's message
     target: Case | None  # the stored case `case.target` names (a follow-up's or staff reply's), None if gone
     now: float
+    # The d= domains of the message's valid DKIM signatures; verified by the runner (DNS) only for a
+    # staff reply of a site with staff_auth "dkim", else empty (careservice.staffauth)
+    dkim_domains: tuple[str, ...] = ()
 
 
 @dataclass
@@ -46,12 +49,13 @@ class Context:
         return OutgoingMail(kind, case_id, sender, draft.to, render(draft), draft.message_id)
 
     def notice(self, site: Site, to: tuple[str, ...], headline: str, explanation: str, *, about: str,
-               filed_under: str) -> OutgoingMail:
+               filed_under: str, reply_to: str = "") -> OutgoingMail:
         """A short automatic notice to staff that names a case (`about`, "" for none) and nothing else of
-        it; it is queued under the case `filed_under`, whose key encrypts it and whose purge removes it."""
+        it; it is queued under the case `filed_under`, whose key encrypts it and whose purge removes it.
+        A `reply_to` (a reply address of one staff member) makes it answerable for the case."""
         subject, text = self.texts.mail(site.id, "notice", site=site, case_id=about or "-", headline=headline,
                                         explanation=explanation)
         draft = Draft(from_name=f"{site.name} careservice", from_address=site.care_address, to=to,
                       subject=subject, text=text, message_id=new_message_id(site.domain), automatic=True,
-                      loop_marker=self.config.smtp.hostname)
+                      reply_to=reply_to, loop_marker=self.config.smtp.hostname)
         return self.outgoing(MailKind.NOTICE, filed_under, "", draft)

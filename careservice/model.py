@@ -95,6 +95,7 @@ class Outcome:
     target_state: CaseState | None = None
     counters: tuple[str, ...] = field(default=())
     ack_slot: AckSlot | None = None  # the acknowledgement among `mails` goes only if this slot is free
+    nonce: str = ""  # the case's new nonce when an answer failed: the reply addresses issued before stop verifying
 
 
 @dataclass(frozen=True)

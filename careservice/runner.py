@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from careservice import metrics
 from careservice.context import Context, Inputs
+from careservice.dkimcheck import verified_domains
 from careservice.handlers import Stage
 from careservice.logs import error_fields
 from careservice.mail import parse
@@ -38,12 +39,14 @@ class Runner:
     """Runs stages in memory until a case must wait, then commits the merged outcome once."""
 
     def __init__(self, ctx: Context, store: Store, stages: Mapping[CaseState, Stage],
-                 waits: Mapping[CaseState, float], on_mail: Callable[[], None], batch_bytes: int) -> None:
+                 waits: Mapping[CaseState, float], on_mail: Callable[[], None], batch_bytes: int,
+                 verify_dkim: Callable[[bytes, str], tuple[str, ...]] = verified_domains) -> None:
         self.ctx = ctx
         self.store = store
         self.batch_bytes = batch_bytes  # stored bytes per batch (careservice.budget)
         self.on_mail = on_mail  # wakes the outbox once mail is committed
         self.stages = stages
+        self.verify_dkim = verify_dkim  # the DKIM signatures of a staff reply (careservice.dkimcheck)
         self.waits = waits  # seconds after creation before a state's stage is due (OPEN: retention)
         self._wake = Wakeup()
         self._busy: set[str] = set()
@@ -97,10 +100,19 @@ class Runner:
             # thread would hold the GIL while the store's inline transactions hold the write lock
             parsed = parse(case.raw, case.envelope.mail_from)
             target: Case | None = None
+            signers: tuple[str, ...] | None = None
             for _ in range(MAX_CHAIN):
                 if current.target and (target is None or target.id != current.target):
                     target = await self.store.get_case(current.target)
-                inputs = Inputs(current, site, parsed, target if current.target else None, now)
+                if (current.state is CaseState.STAFF_REPLY and site.staff_auth == "dkim" and signers is None
+                        and current.target and parsed.from_address in site.staff):
+                    # verified here, not at intake, so the verdict is never stored or carried in a header a
+                    # sender could forge, and is taken when the reply is judged; only for a valid token and
+                    # a staff From (nothing else could pass); in a thread, since the key lookups wait on
+                    # DNS (a timeout raises DkimUnavailable: the case is held and retried)
+                    from_domain = parsed.from_address.rpartition("@")[2]
+                    signers = await asyncio.to_thread(self.verify_dkim, case.raw, from_domain)
+                inputs = Inputs(current, site, parsed, target if current.target else None, now, signers or ())
                 step = self.stages[current.state](inputs, self.ctx)
                 outcome = step if outcome is None else merge(outcome, step)
                 current = replace(step.updates or current, state=step.state)

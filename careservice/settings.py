@@ -32,6 +32,7 @@ class Site:
     contact_path: str
     dkim_selector: str = ""  # with dkim_key_file: mail from this site is signed for its domain
     dkim_key_file: str = ""
+    staff_auth: str = "none"  # "none", "dkim" or "authres:<authserv-id>" (careservice.staffauth)
 
     @property
     def care_local(self) -> str:

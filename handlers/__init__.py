@@ -1,15 +1,17 @@
 """The whole case workflow on one screen: which stage runs for a case in each state.
 
     RECEIVED    --classify-->      NEW | FOLLOW_UP | STAFF_REPLY | PURGED (auto-reply, bounce, list, loop)
-    NEW         --forward-->       ACKNOWLEDGE                     (case mailed to every staff address)
+    NEW         --forward-->       ACKNOWLEDGE                     (a copy per staff address, each its own Reply-To)
     ACKNOWLEDGE --acknowledge-->   OPEN                            (ack to the customer, unless suppressed)
     FOLLOW_UP   --forward-->       PURGED                          (forwarded under the open case)
-    STAFF_REPLY --verify_reply-->  VERIFIED | PURGED               (token + staff From; else refuse/notice)
+    STAFF_REPLY --verify_reply-->  VERIFIED | PURGED               (token from the staff From it was issued to,
+                                                                    staff_auth passed; else refuse/notice)
     VERIFIED    --relay_answer-->  PURGED, case -> ANSWERING       (answer queued; "#closed"/"#phone": case purged;
                                                                     no new text or an unknown "#": notice, case OPEN)
     OPEN        --expire-->        PURGED                          (when retention.unanswered_days pass)
     ANSWERING   events from the relay (EVENTS): ANSWER_DELIVERED purges the case;
-                ANSWER_FAILED (refused for good, or given up) makes it OPEN again and tells staff
+                ANSWER_FAILED (refused for good, or given up) makes it OPEN again under new reply
+                addresses and tells staff
 """
 
 from __future__ import annotations

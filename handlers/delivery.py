@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from careservice.config import Site
 from careservice.context import Context
 from careservice.model import CaseState, Outcome, QueuedMail
@@ -13,9 +15,17 @@ def answer_delivered(site: Site, item: QueuedMail, why: str, ctx: Context) -> Ou
 
 
 def answer_failed(site: Site, item: QueuedMail, why: str, ctx: Context) -> Outcome:
-    """The relay refused the answer for good, or it was given up: the case opens again and staff hear."""
+    """The relay refused the answer for good, or it was given up: the case opens again under a new nonce,
+    so the reply addresses issued before stop working, and each staff member gets a notice whose
+    Reply-To is their new one."""
     case_id = item.mail.case_id
-    notice = ctx.notice(site, site.staff, "Answer could not be delivered",
-                        f"The answer was not delivered: {why}. The case is open again; reply to the "
-                        "forwarded case to try again.", about=case_id, filed_under=case_id)
-    return Outcome(CaseState.OPEN, "answer_failed", mails=(notice,))
+    # derived, not drawn, to keep the event a pure function: the failed mail's row id differs per answer,
+    # and the keyed MAC keeps it unguessable
+    nonce = hashlib.sha256(ctx.keyring.sign(f"reopen|{site.id}|{case_id}|{item.id}".encode()).encode()).hexdigest()[:8]
+    notices = tuple(ctx.notice(site, (staff,), "Answer could not be delivered",
+                               f"The answer was not delivered: {why}. The case is open again; reply to this "
+                               "notice to try again (replies to the earlier forward are no longer taken).",
+                               about=case_id, filed_under=case_id,
+                               reply_to=ctx.addressing.reply_address(site, case_id, nonce, staff))
+                    for staff in site.staff)
+    return Outcome(CaseState.OPEN, "answer_failed", mails=notices, nonce=nonce)

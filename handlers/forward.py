@@ -1,4 +1,7 @@
-"""Stages NEW and FOLLOW_UP: send the customer's message to every staff address of the site."""
+"""Stages NEW and FOLLOW_UP: send the customer's message to every staff address of the site.
+
+Each staff address gets its own copy, whose Reply-To is honoured only from that address.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,9 @@ from careservice.model import Case, CaseState, ContactDetails, MailKind, Outcome
 from careservice.spamverdict import read as spam_verdict
 
 
-def _to_staff(inp: Inputs, ctx: Context, owner: Case, follow_up: bool) -> OutgoingMail:
-    """The forward of the message in `inp`, filed under (and answerable for) the case `owner`."""
+def _to_staff(inp: Inputs, ctx: Context, owner: Case, follow_up: bool) -> tuple[OutgoingMail, ...]:
+    """The forwards of the message in `inp`, one per staff address, filed under (and answerable for)
+    the case `owner`."""
     site = inp.site
     contact = inp.case.contact or ContactDetails("", "")
     subject, text = ctx.texts.mail(site.id, "forward", site=site, case_id=owner.id, subject=owner.subject,
@@ -17,18 +21,18 @@ def _to_staff(inp: Inputs, ctx: Context, owner: Case, follow_up: bool) -> Outgoi
     verdict = spam_verdict(inp.case.raw)  # this message's own verdict, also for a follow-up
     if verdict is not None and verdict.state == "suspect":
         subject = f"[spam?] {subject}"
-    draft = Draft(
+    drafts = (Draft(
         from_name=f"{contact.name or contact.email or 'Customer'} via {site.name}",
-        from_address=site.care_address, to=site.staff, subject=subject, text=text,
-        message_id=new_message_id(site.domain), reply_to=ctx.addressing.reply_address(site, owner.id, owner.nonce),
+        from_address=site.care_address, to=(staff,), subject=subject, text=text, message_id=new_message_id(site.domain),
+        reply_to=ctx.addressing.reply_address(site, owner.id, owner.nonce, staff),
         attachments=inp.parsed.attachments, loop_marker=ctx.config.smtp.hostname,
-    )
-    return ctx.outgoing(MailKind.FORWARD, owner.id, site.care_address, draft)
+    ) for staff in site.staff)
+    return tuple(ctx.outgoing(MailKind.FORWARD, owner.id, site.care_address, draft) for draft in drafts)
 
 
 def new_case(inp: Inputs, ctx: Context) -> Outcome:
-    mail = _to_staff(inp, ctx, inp.case, follow_up=False)
-    return Outcome(CaseState.ACKNOWLEDGE, "forwarded", mails=(mail,), counters=("opened",))
+    mails = _to_staff(inp, ctx, inp.case, follow_up=False)
+    return Outcome(CaseState.ACKNOWLEDGE, "forwarded", mails=mails, counters=("opened",))
 
 
 def follow_up(inp: Inputs, ctx: Context) -> Outcome:
@@ -36,5 +40,5 @@ def follow_up(inp: Inputs, ctx: Context) -> Outcome:
     owner = inp.target
     if owner is None or owner.state is not CaseState.OPEN:
         return Outcome(CaseState.NEW, "follow_up_case_gone")
-    mail = _to_staff(inp, ctx, owner, follow_up=True)
-    return Outcome(CaseState.PURGED, "follow_up_forwarded", mails=(mail,), counters=("follow_ups",))
+    mails = _to_staff(inp, ctx, owner, follow_up=True)
+    return Outcome(CaseState.PURGED, "follow_up_forwarded", mails=mails, counters=("follow_ups",))

@@ -1,9 +1,13 @@
-"""Stage STAFF_REPLY: a reply is genuine only with our token for an open case and a staff From."""
+"""Stage STAFF_REPLY: a reply is genuine only with our current token for an open case, from the staff
+address it was issued to, authenticated as the site's staff_auth asks (careservice.staffauth)."""
 
 from __future__ import annotations
 
 from careservice.context import Context, Inputs
 from careservice.model import CaseState, Outcome
+from careservice.staffauth import authenticated
+
+from .classify import reply_token
 
 
 def handle(inp: Inputs, ctx: Context) -> Outcome:
@@ -19,6 +23,12 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
                             "nothing was sent to the customer. If one of you wrote it, please answer again "
                             "from your staff address.", about=case.target, filed_under=case.id)
         return Outcome(CaseState.PURGED, "reply_not_from_staff", mails=(notice,), counters=("reply_refused",))
+    if not authenticated(site.staff_auth, case.raw, sender, inp.dkim_domains):
+        # perhaps forged; if not, the staff member's mail setup needs fixing: the From hears either way
+        return _refused(inp, ctx, "reply_unauthenticated",
+                        "Your reply did not carry the proof of its sender that this site asks for (a valid "
+                        "DKIM signature of your domain, or your provider's confirmation of it), so nothing "
+                        "was sent to the customer. Please ask your mail administrator.")
     if not case.target:
         notice = ctx.notice(site, (sender,), "Your reply was not sent",
                             "The reply address was not valid (changed or not issued by us), so nothing "
@@ -30,4 +40,20 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
                             "This case was already answered, closed or expired, and its data is deleted. "
                             "Your reply was not sent to anyone.", about=case.target, filed_under=case.id)
         return Outcome(CaseState.PURGED, "reply_late", mails=(notice,), counters=("reply_late",))
+    issued = ctx.addressing.check_reply_token(site, reply_token(inp, ctx))
+    if issued is None or issued.staff != sender:
+        return _refused(inp, ctx, "reply_other_staff",
+                        "This reply address was issued to another staff member, so nothing was sent to the "
+                        "customer. Reply to the forward you received yourself.")
+    if issued.nonce != inp.target.nonce:
+        return _refused(inp, ctx, "reply_token_stale",
+                        "This case was opened again since that forward, and its old reply address is no "
+                        "longer valid, so nothing was sent to the customer. Reply to the newest mail about it.")
     return Outcome(CaseState.VERIFIED, "reply_verified")
+
+
+def _refused(inp: Inputs, ctx: Context, reason: str, why: str) -> Outcome:
+    """Drop a reply from a staff address and tell that address why."""
+    notice = ctx.notice(inp.site, (inp.parsed.from_address,), "Your reply was not sent", why,
+                        about=inp.case.target, filed_under=inp.case.id)
+    return Outcome(CaseState.PURGED, reason, mails=(notice,), counters=("reply_refused",))

@@ -114,6 +114,7 @@ def traffic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traffic]:
                     {"X-Forwarded-For": CLIENT_IP})
         assert form.status == 303
         to_zoe = opened(relay, 1)
+        to_zoe2 = relay.to(STAFF2)[-1].message  # the second staff address's copy, with its own reply address
         refused = call(daemon.web_port, "POST", "/ticketnest/contact", {**VALID, "email": ""},
                        {"X-Forwarded-For": CLIENT_IP})
         assert refused.status == 400
@@ -126,7 +127,7 @@ def traffic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traffic]:
         send(daemon.smtp_port, DAVE, [CARE], customer_mail("Subject-marker-old", "nobody answers", DAVE))
         to_dave = opened(relay, 3)
         send(daemon.smtp_port, STAFF, [reply_address(to_alice)], staff_reply(to_alice, "Answer-marker text"))
-        send(daemon.smtp_port, STAFF2, [reply_address(to_zoe)], staff_reply(to_zoe, "#closed", STAFF2))
+        send(daemon.smtp_port, STAFF2, [reply_address(to_zoe2)], staff_reply(to_zoe2, "#closed", STAFF2))
         send(daemon.smtp_port, FORGER, [reply_address(to_dave)], staff_reply(to_dave, "Forged-marker", FORGER))
         wait_for(lambda: [c for c in relay.to(ALICE) if "Answer-marker" in c.raw.decode()], what="answer")
         wait_for(lambda: "reason=reply_not_from_staff" in daemon.log.read_text(), what="forged reply refused")
@@ -168,9 +169,10 @@ def test_traffic_moves_each_counter_by_its_amount(traffic: Traffic) -> None:
         ("careservice_cases_closed_by_phone_total", (("site", "ticketnest"),)): 1,
         ("careservice_cases_expired_total", (("site", "ticketnest"),)): 1,
         ("careservice_replies_refused_total", (("reason", "not_from_staff"), ("site", "ticketnest"))): 1,
-        # 4 forwards, 4 acknowledgements, the answer, the expiry notice to staff and the notice to the
-        # site's staff that a reply was refused because of its sender
-        ("careservice_deliveries_total", (("result", "sent"),)): 11,
+        # 7 forwards (one per staff address: 3 ticketnest cases to 2, the ixs case to 1), 4 acknowledgements,
+        # the answer, the expiry notice to staff and the notice to the site's staff that a reply was
+        # refused because of its sender
+        ("careservice_deliveries_total", (("result", "sent"),)): 14,
         ("careservice_deliveries_total", (("result", "deferred"),)): 0,
         ("careservice_time_to_answer_seconds_count", (("site", "ticketnest"),)): 1,
         ("careservice_purge_lag_seconds_count", ()): 1,
@@ -228,7 +230,7 @@ def test_healthz_follows_the_worker_and_counts_survive_its_restart(tmp_path: Pat
         assert json.loads(get(daemon, "/healthz").text)["checks"]["relay"] == "unknown"  # no mail sent yet
         send(daemon.smtp_port, ALICE, [CARE], customer_mail("One", "one", ALICE))
         wait_for(lambda: relay.to(STAFF) and relay.to(ALICE), what="forward and ack")
-        wait_for(lambda: value(scrape(daemon), "careservice_deliveries_total", result="sent") == 2, what="counted")
+        wait_for(lambda: value(scrape(daemon), "careservice_deliveries_total", result="sent") == 3, what="counted")
         assert json.loads(get(daemon, "/healthz").text) == {
             "status": "ok", "checks": {"smtp": "ok", "store": "ok", "worker": "ok", "disk": "ok", "relay": "up"}}
         worker = _worker_pid(daemon)
@@ -240,10 +242,10 @@ def test_healthz_follows_the_worker_and_counts_survive_its_restart(tmp_path: Pat
         assert down["status"] == "failing" and down["failing"] == ["worker"], down
         wait_for(lambda: get(daemon, "/healthz").status == 200, what="200 after the restart")
         assert _worker_pid(daemon) != worker
-        assert value(scrape(daemon), "careservice_deliveries_total", result="sent") == 2  # the dead worker's count
+        assert value(scrape(daemon), "careservice_deliveries_total", result="sent") == 3  # the dead worker's count
         send(daemon.smtp_port, CAROL, [CARE], customer_mail("Two", "two", CAROL))
         wait_for(lambda: relay.to(CAROL), what="ack from the new worker")
-        wait_for(lambda: value(scrape(daemon), "careservice_deliveries_total", result="sent") == 4, what="added")
+        wait_for(lambda: value(scrape(daemon), "careservice_deliveries_total", result="sent") == 6, what="added")
         relay.stop()
         send(daemon.smtp_port, DAVE, [CARE], customer_mail("Three", "relay is gone", DAVE))
         wait_for(lambda: json.loads(get(daemon, "/healthz").text)["status"] == "degraded", what="degraded")

@@ -81,6 +81,23 @@ def test_an_unknown_key_in_a_site_is_an_error(tmp_path: Path) -> None:
     assert raised.value.key == "sites[1].staf"
 
 
+@pytest.mark.parametrize("value", ["dkim ", "authres:", "authres:mx example", "DKIM", "spf"])
+def test_check_names_an_unknown_staff_auth(tmp_path: Path, value: str) -> None:
+    config = write_config(tmp_path, 1)
+    config.write_text(config.read_text().replace('id = "ixs"\n', f'id = "ixs"\nstaff_auth = "{value}"\n'))
+    result = cli("check", "--config", str(config))
+    assert result.returncode != 0 and 'sites[1].staff_auth: use "none", "dkim"' in result.stderr + result.stdout
+
+
+def test_staff_auth_defaults_to_none_and_reads_its_modes(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 1)
+    text = config.read_text().replace('id = "ixs"\n', 'id = "ixs"\nstaff_auth = "authres:mx.ixs.test"\n')
+    config.write_text(text.replace('id = "ticketnest"\n', 'id = "ticketnest"\nstaff_auth = "dkim"\n'))
+    loaded = load_config(config)
+    assert [s.staff_auth for s in loaded.sites] == ["dkim", "authres:mx.ixs.test"]
+    assert load_config(write_config(tmp_path / "plain", 1)).sites[0].staff_auth == "none"
+
+
 def test_check_renders_every_template_and_names_a_broken_site_override(tmp_path: Path) -> None:
     override = tmp_path / "overrides"
     (override / "mail" / "ixs").mkdir(parents=True)

@@ -61,10 +61,12 @@ def case_of(raw: bytes, state: CaseState = CaseState.RECEIVED, sender: str = CUS
     return replace(case, **fields)  # type: ignore[arg-type]
 
 
-def inputs(ctx: Context, case: Case, target: Case | None = None) -> Inputs:
+def inputs(ctx: Context, case: Case, target: Case | None = None, dkim_domains: tuple[str, ...] = (),
+           staff_auth: str = "none") -> Inputs:
     site = ctx.config.site(case.site)
     assert site is not None
-    return Inputs(case, site, parse(case.raw, case.envelope.mail_from), target, time.time())
+    return Inputs(case, replace(site, staff_auth=staff_auth), parse(case.raw, case.envelope.mail_from), target,
+                  time.time(), dkim_domains)
 
 
 def open_case(ctx: Context) -> Case:
@@ -75,16 +77,20 @@ def open_case(ctx: Context) -> Case:
     return replace(outcome.updates, state=CaseState.OPEN)
 
 
-def forward_of(ctx: Context, case: Case) -> OutgoingMail:
-    return forward.new_case(inputs(ctx, replace(case, state=CaseState.NEW)), ctx).mails[0]
+def forward_of(ctx: Context, case: Case, staff: str = STAFF) -> OutgoingMail:
+    mails = forward.new_case(inputs(ctx, replace(case, state=CaseState.NEW)), ctx).mails
+    return next(m for m in mails if m.recipients == (staff,))
 
 
-def reply_to(ctx: Context, case: Case, text: str, sender: str = STAFF) -> Case:
-    """The staff reply to `case`'s forward, classified: state STAFF_REPLY with its target set."""
+def reply_to(ctx: Context, case: Case, text: str, sender: str = STAFF, forwarded_to: str = "",
+             headers: bytes = b"") -> Case:
+    """The staff reply (from `sender`, to the forward `forwarded_to` got, default the sender's or the
+    first staff address's), classified: state STAFF_REPLY with its target set; `headers` go on top."""
     from email import message_from_bytes, policy
 
-    forward_mail = message_from_bytes(forward_of(ctx, case).message, policy=policy.default)
-    raw = staff_reply(forward_mail, text, sender=sender)  # type: ignore[arg-type]
+    staff = forwarded_to or (sender if sender in (STAFF, STAFF2) else STAFF)
+    forward_mail = message_from_bytes(forward_of(ctx, case, staff).message, policy=policy.default)
+    raw = headers + staff_reply(forward_mail, text, sender=sender)  # type: ignore[arg-type]
     rcpt = forward_mail["Reply-To"].addresses[0].addr_spec
     outcome = classify.handle(inputs(ctx, case_of(raw, sender=sender, rcpt=rcpt)), ctx)
     assert outcome.state is CaseState.STAFF_REPLY and outcome.updates is not None
@@ -119,9 +125,12 @@ def test_forward_goes_to_every_staff_address_with_the_case_reply_address(ctx: Co
     case = open_case(ctx)
     outcome = forward.new_case(inputs(ctx, replace(case, state=CaseState.NEW)), ctx)
     assert (outcome.state, outcome.counters) == (CaseState.ACKNOWLEDGE, ("opened",))
-    [mail] = outcome.mails
-    assert mail.kind is MailKind.FORWARD and mail.recipients == (STAFF, STAFF2) and mail.case_id == case.id
-    assert f"Reply-To: care+{case.id}.{case.nonce}.".encode() in mail.message
+    assert [m.recipients for m in outcome.mails] == [(STAFF,), (STAFF2,)]
+    site = ctx.config.sites[0]
+    for mail in outcome.mails:
+        assert mail.kind is MailKind.FORWARD and mail.case_id == case.id
+        own = ctx.addressing.reply_address(site, case.id, case.nonce, mail.recipients[0])
+        assert f"Reply-To: {own}\r\n".encode() in mail.message  # each staff member's own token
 
 
 def test_a_follow_up_joins_its_open_case_or_becomes_new(ctx: Context) -> None:
@@ -156,6 +165,76 @@ def test_verify_reply_refuses_strangers_bad_tokens_and_late_replies(ctx: Context
     assert b"intruder" not in refused.mails[0].message
     invalid = verify_reply.handle(inputs(ctx, replace(reply, target="")), ctx)
     assert invalid.reason == "reply_token_invalid" and invalid.counters == ("reply_refused",)
+
+
+def test_classify_takes_a_token_only_from_the_envelope_over_smtp(ctx: Context) -> None:
+    case = open_case(ctx)
+    address = reply_to(ctx, case, "x").envelope.rcpt
+    copied = customer_mail("Re: Lost tickets", "hi", sender=STAFF, headers={"Cc": address, "Delivered-To": address})
+    over_smtp = classify.handle(inputs(ctx, case_of(copied, sender=STAFF)), ctx)
+    assert over_smtp.state is CaseState.NEW  # to the care address: a new case, as from anyone
+    over_imap = classify.handle(inputs(ctx, case_of(copied, sender=STAFF, source=Source.IMAP)), ctx)
+    assert over_imap.state is CaseState.STAFF_REPLY and over_imap.updates is not None
+    assert over_imap.updates.target == case.id  # a fetched mailbox has only its headers
+
+
+def test_verify_reply_takes_a_token_only_from_the_staff_member_it_was_issued_to(ctx: Context) -> None:
+    case = open_case(ctx)
+    borrowed = reply_to(ctx, case, "Answer", sender=STAFF2, forwarded_to=STAFF)
+    refused = verify_reply.handle(inputs(ctx, borrowed, target=case), ctx)
+    assert (refused.state, refused.reason, refused.counters) == (CaseState.PURGED, "reply_other_staff",
+                                                                ("reply_refused",))
+    assert refused.mails[0].recipients == (STAFF2,)
+    own = reply_to(ctx, case, "Answer", sender=STAFF2)
+    assert verify_reply.handle(inputs(ctx, own, target=case), ctx).state is CaseState.VERIFIED
+
+
+def test_verify_reply_in_dkim_mode_needs_an_aligned_signature(ctx: Context) -> None:
+    case = open_case(ctx)
+    reply = reply_to(ctx, case, "Answer")
+    for signers in [("staff.example",), ("elsewhere.example", "STAFF.example")]:
+        ok = verify_reply.handle(inputs(ctx, reply, target=case, dkim_domains=signers, staff_auth="dkim"), ctx)
+        assert ok.state is CaseState.VERIFIED, signers
+    for signers in [(), ("elsewhere.example",), ("mail.staff.example",), ("example",), ("evilstaff.example",)]:
+        refused = verify_reply.handle(inputs(ctx, reply, target=case, dkim_domains=signers, staff_auth="dkim"), ctx)
+        assert (refused.reason, refused.counters) == ("reply_unauthenticated", ("reply_refused",)), signers
+        assert refused.mails[0].recipients == (STAFF,) and refused.mails[0].kind is MailKind.NOTICE
+    plain = verify_reply.handle(inputs(ctx, reply, target=case), ctx)
+    assert plain.state is CaseState.VERIFIED  # "none": the token and the staff From, as before
+
+
+TRUSTED = (b"Authentication-Results: mx.care.test; spf=pass smtp.mailfrom=staff.example;\r\n"
+           b" dkim=pass header.d=staff.example\r\n")
+TRUSTED_FAIL = (b"Authentication-Results: mx.care.test; dkim=fail header.d=staff.example;\r\n"
+                b" dmarc=fail header.from=staff.example\r\n")
+
+
+@pytest.mark.parametrize(("headers", "passes"), [
+    (TRUSTED, True),
+    (b"Authentication-Results: MX.care.test (our MX); dmarc=pass (p=reject) header.from=staff.example\r\n", True),
+    (b"Authentication-Results: mx.care.test; dkim=pass header.d=elsewhere.example\r\n", False),
+    (TRUSTED_FAIL + TRUSTED, False),  # a forged header below the trusted one is ignored
+    (b"Authentication-Results: mx.evil.example; dkim=pass header.d=staff.example\r\n" + TRUSTED, False),
+    (b'Authentication-Results: mx.care.test; dkim=fail reason="x; dkim=pass header.d=staff.example"\r\n', False),
+    (b"", False),
+])
+def test_verify_reply_in_authres_mode_reads_only_the_topmost_header(ctx: Context, headers: bytes,
+                                                                     passes: bool) -> None:
+    case = open_case(ctx)
+    reply = reply_to(ctx, case, "Answer", headers=headers)
+    outcome = verify_reply.handle(inputs(ctx, reply, target=case, staff_auth="authres:mx.care.test"), ctx)
+    assert outcome.reason == ("reply_verified" if passes else "reply_unauthenticated")
+
+
+def test_verify_reply_refuses_a_token_of_before_the_case_reopened(ctx: Context) -> None:
+    case = open_case(ctx)
+    reply = reply_to(ctx, case, "Answer")
+    site = ctx.config.sites[0]
+    answer = OutgoingMail(MailKind.ANSWER, case.id, CARE, (CUSTOMER,), b"x", "m@x")
+    item = QueuedMail(7, site.id, 3, time.time(), answer)
+    reopened = replace(case, nonce=delivery.answer_failed(site, item, "550", ctx).nonce)
+    stale = verify_reply.handle(inputs(ctx, reply, target=reopened), ctx)
+    assert (stale.reason, stale.mails[0].recipients) == ("reply_token_stale", (STAFF,))
 
 
 def test_relay_answer_sends_only_the_new_words_from_the_care_address(ctx: Context) -> None:
@@ -200,5 +279,11 @@ def test_delivery_events_purge_or_reopen_with_a_notice(ctx: Context) -> None:
     delivered = delivery.answer_delivered(site, item, "", ctx)
     assert (delivered.state, delivered.counters, delivered.mails) == (CaseState.PURGED, ("answered",), ())
     failed = delivery.answer_failed(site, item, "the relay refused it permanently (code 550)", ctx)
-    assert failed.state is CaseState.OPEN and failed.mails[0].recipients == (STAFF, STAFF2)
+    assert failed.state is CaseState.OPEN and [m.recipients for m in failed.mails] == [(STAFF,), (STAFF2,)]
     assert b"code 550" in failed.mails[0].message and CUSTOMER.encode() not in failed.mails[0].message
+    assert len(failed.nonce) == 8 and failed.nonce != "0a1b2c3d"  # old reply addresses stop verifying
+    again = delivery.answer_failed(site, replace(item, id=2), "550", ctx)
+    assert again.nonce != failed.nonce  # each failed answer issues new ones
+    for staff, notice in zip((STAFF, STAFF2), failed.mails, strict=True):
+        reply_address = ctx.addressing.reply_address(site, "c0ffee000001", failed.nonce, staff)
+        assert f"Reply-To: {reply_address}".encode() in notice.message

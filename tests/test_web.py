@@ -209,9 +209,9 @@ def test_submission_reaches_staff_with_every_field_and_no_client_details(daemon:
     assert "set-cookie" not in reply.headers
     thanks = call(daemon.web_port, "GET", reply.headers["location"], headers={"User-Agent": agent})
     assert thanks.status == 200 and "Thank you" in thanks.text
-    wait_for(lambda: relay.to(STAFF) and relay.to(CUSTOMER), what="forward and ack")
+    wait_for(lambda: relay.to(STAFF) and relay.to(STAFF2) and relay.to(CUSTOMER), what="forwards and ack")
     forward = relay.to(STAFF)[0]
-    assert forward.rcpt_tos == [STAFF, STAFF2] and forward.mail_from == CARE
+    assert forward.rcpt_tos == [STAFF] and forward.mail_from == CARE  # and a copy of its own to STAFF2
     assert str(forward.message["From"]) == f"Zoë Müller via TicketNest <{CARE}>"
     assert str(forward.message["Reply-To"]).startswith("care+")
     assert str(forward.message["Subject"]).endswith("] Contact form")
@@ -222,7 +222,7 @@ def test_submission_reaches_staff_with_every_field_and_no_client_details(daemon:
         assert line in body, line
     ack = relay.to(CUSTOMER)[0]
     assert ack.rcpt_tos == [CUSTOMER] and ack.message["Auto-Submitted"] == "auto-replied"
-    assert len(relay.received) == 2
+    assert len(relay.received) == 3
     needles = [ip.encode(), agent.encode(), b"Quokkabrowser"]
     assert [c for c in relay.received if any(n in c.raw for n in needles)] == []
     wait_for(lambda: daemon.status()["outbound_queued"] == 0, what="queue drained")
@@ -235,7 +235,7 @@ def test_header_like_input_adds_no_header_or_recipient(daemon: Daemon, relay: Ca
     fields = {**VALID, "name": 'Eve "Boss" <eve@evil.example>, victim@evil.example; Bcc: victim@evil.example',
               "company": "To: victim@evil.example", "query": "Bcc: victim@evil.example\r\n\r\nCc: victim@evil.example"}
     assert post(daemon, fields).status == 303
-    wait_for(lambda: relay.to(STAFF) and relay.to(CUSTOMER), what="forward and ack")
+    wait_for(lambda: relay.to(STAFF) and relay.to(STAFF2) and relay.to(CUSTOMER), what="forwards and ack")
     assert sorted(r for c in relay.received for r in c.rcpt_tos) == sorted([STAFF, STAFF2, CUSTOMER])
     for captured in relay.received:
         headers = captured.raw.split(b"\r\n\r\n", 1)[0].decode()

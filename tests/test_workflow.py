@@ -42,7 +42,8 @@ def test_forward_carries_case_and_contact(daemon: Daemon, relay: CaptureRelay) -
     msg.set_content("see attachment")
     forward = open_case(daemon, relay, raw)
     captured = relay.to(STAFF)[0]
-    assert captured.rcpt_tos == [STAFF, STAFF2]
+    assert captured.rcpt_tos == [STAFF]  # each staff address gets its own copy (own reply address)
+    assert relay.to(STAFF2)[0].message["Reply-To"] != forward["Reply-To"]
     assert forward["From"].addresses[0].display_name == "Alice Example via TicketNest"
     assert forward["From"].addresses[0].addr_spec == CARE
     reply_to = forward["Reply-To"].addresses[0].addr_spec

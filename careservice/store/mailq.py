@@ -71,8 +71,8 @@ def mail_failed(conn: sqlite3.Connection, keyring: Keyring, item: QueuedMail, ou
     add_stat(conn, item.site, now, f"{item.mail.kind}_failed")
     conn.execute("DELETE FROM outbox WHERE id=?", (item.id,))
     if outcome is not None:
-        conn.execute("UPDATE cases SET state=? WHERE id=? AND state=?",
-                     (outcome.state, item.mail.case_id, CaseState.ANSWERING))
+        conn.execute("UPDATE cases SET state=?, nonce=COALESCE(NULLIF(?, ''), nonce) WHERE id=? AND state=?",
+                     (outcome.state, outcome.nonce, item.mail.case_id, CaseState.ANSWERING))
         for mail in outcome.mails:
             queue_mail(conn, keyring, item.site, mail, now)
     if not conn.execute("SELECT 1 FROM cases WHERE id=?", (item.mail.case_id,)).fetchone():

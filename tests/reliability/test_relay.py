@@ -67,7 +67,7 @@ def test_relay_down_then_back_delivers_everything_once(tmp_path: Path, relay: Ca
             send(daemon.smtp_port, CUSTOMER, [CARE], customer_mail(f"Subject {marker}", f"Body {marker}",
                                                                    sender=CUSTOMER))
         wait_for(lambda: daemon.log.read_text().count("relay_down") >= 3, what="three failed probes")
-        assert status(daemon)["outbound_queued"] == 2 * mails
+        assert status(daemon)["outbound_queued"] == 3 * mails  # a forward per staff address (2) and an ack
         relay.start()
         wait_for(lambda: status(daemon)["outbound_queued"] == 0, timeout=60, what="queue drained")
         bodies = [c.message.get_body(("plain",)).get_content() for c in relay.to(STAFF)]
@@ -93,7 +93,7 @@ def test_scripted_4xx_replies_are_retried_until_delivered(tmp_path: Path, relay:
         wait_for(lambda: status(daemon) == {**IDLE, "open_cases": 3}, timeout=60, what="queue drained")
         bodies = [c.message.get_body(("plain",)).get_content() for c in relay.to(STAFF)]
         assert [sum(f"retry-{i}-mark" in b for b in bodies) for i in range(3)] == [1, 1, 1]
-        assert relay.replies == [] and relay.attempts == 6 + 6  # six refusals, six deliveries
+        assert relay.replies == [] and relay.attempts == 6 + 9  # six refusals; 2 forwards and an ack per case
         assert "mail_failed" not in daemon.log.read_text()
     finally:
         daemon.stop()
@@ -112,10 +112,13 @@ def test_answer_refused_with_5xx_gives_staff_a_notice_naming_only_the_case(daemo
     assert not [n for n in (b"refused-mark", b"platypus", CUSTOMER.encode(), b"Name ") if n in raw]
     assert answers(relay) == []
     assert status(daemon) == {**IDLE, "open_cases": 1}  # open again: staff can answer once more
-    reply(daemon, forward, "second-answer-mark")
+    reply(daemon, forward, "stale-answer-mark")  # the case was reopened under new reply addresses
+    wait_for(lambda: len(notices(relay)) == 2, what="stale reply refused")
+    assert "opened again" in notices(relay)[1].get_body(("plain",)).get_content() and answers(relay) == []
+    reply(daemon, notice, "second-answer-mark")  # the notice carries the new one
     wait_for(lambda: answers(relay), what="second answer delivered")
     wait_for(lambda: status(daemon) == IDLE, what="purged after the answer")
-    assert log_leaks(daemon, ["refused-mark", "platypus", "second-answer", CUSTOMER]) == []
+    assert log_leaks(daemon, ["refused-mark", "platypus", "stale-answer", "second-answer", CUSTOMER]) == []
 
 
 def test_answer_undeliverable_past_give_up_gives_a_notice(tmp_path: Path, relay: CaptureRelay) -> None:

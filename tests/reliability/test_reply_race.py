@@ -28,12 +28,14 @@ pytestmark = pytest.mark.reliability
 def test_two_replies_that_reach_the_worker_together_answer_once(relay: CaptureRelay, daemon: Daemon) -> None:
     customer = "together@customer.example"
     forward = open_case(daemon, relay, customer)
+    forward2 = relay.to(STAFF2)[-1].message  # each staff member answers with their own reply address
     assert daemon.proc is not None
     [worker] = children(daemon.proc.pid)
     os.kill(worker, signal.SIGSTOP)  # both replies are committed before the worker sees either
     try:
         send(daemon.smtp_port, STAFF, [reply_address(forward)], thunderbird(forward, "First answer"))
-        send(daemon.smtp_port, STAFF2, [reply_address(forward)], thunderbird(forward, "Second answer", sender=STAFF2))
+        send(daemon.smtp_port, STAFF2, [reply_address(forward2)], thunderbird(forward2, "Second answer",
+                                                                              sender=STAFF2))
         assert status(daemon)["inbound_pending"] == 2
     finally:
         os.kill(worker, signal.SIGCONT)

@@ -132,13 +132,13 @@ def test_forged_or_tampered_replies_are_never_relayed(shared: tuple[Daemon, Capt
         reply = staff_reply(forward, "FORGED", to=rcpt)
         sender = "evil@attacker.example"
         reply = reply.replace(f"<{STAFF}>".encode(), b"<evil@attacker.example>")
-    elif attack == "reply_to_care_address_with_token_in_cc":
-        sender, rcpt = "evil@attacker.example", CARE
-        reply = staff_reply(forward, "FORGED", sender=sender).replace(b"To: ", f"Cc: {address}\r\nTo: ".encode(), 1)
+    elif attack == "reply_to_care_address_with_token_in_cc":  # over SMTP only the envelope names a token:
+        rcpt = CARE                                              # this is a new case from "staff" (to staff)
+        reply = reply.replace(b"To: ", f"Cc: {address}\r\nDelivered-To: {address}\r\nTo: ".encode(), 1)
     send(daemon.smtp_port, sender, [rcpt], reply)
     settled(daemon)
     assert answers_to(relay, customer) == [] and answers_to(relay, "other." + customer) == []
-    assert not [c for c in relay.received if b"FORGED" in c.raw and STAFF not in c.rcpt_tos]
+    assert not [c for c in relay.received if b"FORGED" in c.raw and not set(c.rcpt_tos) <= {STAFF, STAFF2}]
     assert relay.to("evil@attacker.example") == []  # no backscatter to the forger either
     assert status(daemon)["open_cases"] >= 2
 
