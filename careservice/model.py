@@ -13,6 +13,7 @@ class CaseState(StrEnum):
     FOLLOW_UP = "follow_up"  # a customer's reply to an open case: forward, then merge
     STAFF_REPLY = "staff_reply"  # mail to a reply address: verify sender and token
     VERIFIED = "verified"  # a genuine staff answer: relay it (or close the case on #closed)
+    COMMAND = "command"  # a genuine staff reply whose first line is a "#" command
     OPEN = "open"  # forwarded, waiting for staff; expires after retention.unanswered_days
     ANSWERING = "answering"  # answer queued for the relay; purged on the relay's 250
     PURGED = "purged"  # terminal: rows and key deleted
@@ -23,6 +24,7 @@ class MailKind(StrEnum):
     ACK = "ack"  # acknowledgement to the customer
     ANSWER = "answer"  # staff answer to the customer; its 250 purges the case
     NOTICE = "notice"  # short notice to staff (case id only)
+    NOTE = "note"  # a staff member's internal note to the case's other staff
 
 
 class Source(StrEnum):

@@ -5,8 +5,11 @@
     ACKNOWLEDGE --acknowledge-->   OPEN                            (ack to the customer, unless suppressed)
     FOLLOW_UP   --forward-->       PURGED                          (forwarded under the open case)
     STAFF_REPLY --verify_reply-->  VERIFIED | PURGED               (token + staff From; else refuse/notice)
-    VERIFIED    --relay_answer-->  PURGED, case -> ANSWERING       (answer queued; "#closed"/"#phone": case purged;
-                                                                    no new text or an unknown "#": notice, case OPEN)
+    VERIFIED    --relay_answer-->  PURGED, case -> ANSWERING       (answer queued; no new text: notice, case OPEN)
+                                   | COMMAND                       (the first line starts with "#")
+    COMMAND     --commands-->      PURGED                          ("#closed"/"#phone": case purged; "#note": to the
+                                                                    other staff; "#assign": forward to one of them;
+                                                                    "#help" or an unknown "#": notice; case OPEN)
     OPEN        --expire-->        PURGED                          (when retention.unanswered_days pass)
     ANSWERING   events from the relay (EVENTS): ANSWER_DELIVERED purges the case;
                 ANSWER_FAILED (refused for good, or given up) makes it OPEN again and tells staff
@@ -20,7 +23,7 @@ from careservice.config import Site
 from careservice.context import Context, Inputs
 from careservice.model import CaseState, MailEvent, Outcome, QueuedMail
 
-from . import acknowledge, classify, delivery, expire, forward, relay_answer, verify_reply
+from . import acknowledge, classify, commands, delivery, expire, forward, relay_answer, verify_reply
 
 Stage = Callable[[Inputs, Context], Outcome]  # pure: the runner loads the inputs and commits the outcome
 Event = Callable[[Site, QueuedMail, str, Context], Outcome]  # the outbox commits it with the delivery record
@@ -32,6 +35,7 @@ STAGES: dict[CaseState, Stage] = {
     CaseState.FOLLOW_UP: forward.follow_up,
     CaseState.STAFF_REPLY: verify_reply.handle,
     CaseState.VERIFIED: relay_answer.handle,
+    CaseState.COMMAND: commands.handle,
     CaseState.OPEN: expire.handle,
 }
 

@@ -7,15 +7,16 @@ from careservice.mail import Draft, new_message_id
 from careservice.model import Case, CaseState, ContactDetails, MailKind, Outcome, OutgoingMail
 
 
-def _to_staff(inp: Inputs, ctx: Context, owner: Case, follow_up: bool) -> OutgoingMail:
-    """The forward of the message in `inp`, filed under (and answerable for) the case `owner`."""
+def _to_staff(inp: Inputs, ctx: Context, owner: Case, follow_up: bool, to: tuple[str, ...] = ()) -> OutgoingMail:
+    """The forward of the message in `inp`, filed under (and answerable for) the case `owner`, to
+    `to` (every staff address when empty)."""
     site = inp.site
     contact = inp.case.contact or ContactDetails("", "")
     subject, text = ctx.texts.mail(site.id, "forward", site=site, case_id=owner.id, subject=owner.subject,
                                    contact=contact, text=inp.parsed.text, follow_up=follow_up)
     draft = Draft(
         from_name=f"{contact.name or contact.email or 'Customer'} via {site.name}",
-        from_address=site.care_address, to=site.staff, subject=subject, text=text,
+        from_address=site.care_address, to=to or site.staff, subject=subject, text=text,
         message_id=new_message_id(site.domain), reply_to=ctx.addressing.reply_address(site, owner.id, owner.nonce),
         attachments=inp.parsed.attachments, loop_marker=ctx.config.smtp.hostname,
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pkgutil
 import time
 from dataclasses import replace
+from email import message_from_bytes, policy
+from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from careservice.handlers import (
     STAGES,
     acknowledge,
     classify,
+    commands,
     delivery,
     expire,
     forward,
@@ -26,7 +29,17 @@ from careservice.handlers import (
     verify_reply,
 )
 from careservice.mail import parse
-from careservice.model import Case, CaseState, ContactDetails, Envelope, MailKind, OutgoingMail, QueuedMail, Source
+from careservice.model import (
+    Case,
+    CaseState,
+    ContactDetails,
+    Envelope,
+    MailKind,
+    Outcome,
+    OutgoingMail,
+    QueuedMail,
+    Source,
+)
 from careservice.texts import Texts
 from tests.support import CARE, STAFF, STAFF2, customer_mail, staff_reply, write_config
 
@@ -81,8 +94,6 @@ def forward_of(ctx: Context, case: Case) -> OutgoingMail:
 
 def reply_to(ctx: Context, case: Case, text: str, sender: str = STAFF) -> Case:
     """The staff reply to `case`'s forward, classified: state STAFF_REPLY with its target set."""
-    from email import message_from_bytes, policy
-
     forward_mail = message_from_bytes(forward_of(ctx, case).message, policy=policy.default)
     raw = staff_reply(forward_mail, text, sender=sender)  # type: ignore[arg-type]
     rcpt = forward_mail["Reply-To"].addresses[0].addr_spec
@@ -169,12 +180,80 @@ def test_relay_answer_sends_only_the_new_words_from_the_care_address(ctx: Contex
     assert STAFF.encode() not in answer.message
 
 
+def command(ctx: Context, case: Case, text: str, sender: str = STAFF) -> Outcome:
+    """What a verified staff reply starting with `text` does: relay_answer hands it to stage COMMAND."""
+    reply = replace(reply_to(ctx, case, text, sender=sender), state=CaseState.VERIFIED)
+    relayed = relay_answer.handle(inputs(ctx, reply, target=case), ctx)
+    assert (relayed.state, relayed.mails, relayed.target_state) == (CaseState.COMMAND, (), None)
+    return commands.handle(inputs(ctx, replace(reply, state=CaseState.COMMAND), target=case), ctx)
+
+
+def message(mail: OutgoingMail) -> EmailMessage:
+    return message_from_bytes(mail.message, policy=policy.default)  # type: ignore[return-value]
+
+
 @pytest.mark.parametrize("first_line", ["#closed", "#Closed", "#phone - called her back"])
-def test_relay_answer_closes_on_a_phone_command_without_mail(ctx: Context, first_line: str) -> None:
-    case = open_case(ctx)
-    reply = replace(reply_to(ctx, case, f"{first_line}\nNotes."), state=CaseState.VERIFIED)
-    outcome = relay_answer.handle(inputs(ctx, reply, target=case), ctx)
+def test_a_phone_command_closes_without_mail(ctx: Context, first_line: str) -> None:
+    outcome = command(ctx, open_case(ctx), f"{first_line}\nNotes.")
     assert (outcome.reason, outcome.mails, outcome.target_state) == ("closed_by_phone", (), CaseState.PURGED)
+
+
+def test_a_note_goes_to_the_other_staff_under_the_case_with_its_reply_address(ctx: Context) -> None:
+    case = open_case(ctx)
+    outcome = command(ctx, case, "#NOTE she called\nsends the receipt tomorrow")
+    assert (outcome.state, outcome.reason, outcome.target_state) == (CaseState.PURGED, "note_sent", None)
+    [note] = outcome.mails
+    assert (note.kind, note.case_id, note.recipients) == (MailKind.NOTE, case.id, (STAFF2,))
+    mail = message(note)
+    text = mail.get_body(("plain",)).get_content().replace("\r\n", "\n")
+    assert "she called\nsends the receipt tomorrow" in text and STAFF in text and "4711" not in text
+    assert mail["Reply-To"] == ctx.addressing.reply_address(ctx.config.sites[0], case.id, case.nonce)
+    assert f"#{case.id}]" in str(mail["Subject"]) and "Lost tickets" in str(mail["Subject"])
+    assert CUSTOMER not in str(mail)
+
+
+def test_an_empty_note_is_refused(ctx: Context) -> None:
+    outcome = command(ctx, open_case(ctx), "#note")
+    assert outcome.reason == "note_empty" and [m.recipients for m in outcome.mails] == [(STAFF,)]
+
+
+@pytest.mark.parametrize("name", ["second", "Second@Staff.Example", "<second@staff.example>"])
+def test_assign_forwards_the_case_to_one_and_tells_the_others(ctx: Context, name: str) -> None:
+    case = open_case(ctx)
+    outcome = command(ctx, case, f"#assign {name}\nShe prefers German.")
+    assert (outcome.reason, outcome.target_state, outcome.counters) == ("assigned", None, ("assigned",))
+    forward_mail, told = outcome.mails
+    assert (forward_mail.kind, forward_mail.recipients, forward_mail.case_id) == (MailKind.FORWARD, (STAFF2,), case.id)
+    assert b"4711" in forward_mail.message
+    assert message(forward_mail)["Reply-To"] == message(forward_of(ctx, case))["Reply-To"]
+    assert (told.kind, told.recipients) == (MailKind.NOTICE, (STAFF,))
+    assert b"Assigned to second@staff.example" in told.message
+
+
+@pytest.mark.parametrize("name", ["", "nobody", "staff.example"])
+def test_assign_to_an_unknown_name_lists_the_staff(ctx: Context, name: str) -> None:
+    outcome = command(ctx, open_case(ctx), f"#assign {name}")
+    [notice] = outcome.mails
+    assert outcome.reason == "assign_unknown" and notice.recipients == (STAFF,)
+    assert STAFF2.encode() in notice.message and outcome.target_state is None
+
+
+@pytest.mark.parametrize(("first_line", "reason"), [("#help", "help_sent"), ("#clossed", "reply_unknown_command"),
+                                                    ("#", "reply_unknown_command")])
+def test_help_and_unknown_commands_list_the_commands_to_the_sender_only(ctx: Context, first_line: str,
+                                                                        reason: str) -> None:
+    outcome = command(ctx, open_case(ctx), first_line)
+    [notice] = outcome.mails
+    assert (outcome.reason, notice.recipients, outcome.target_state) == (reason, (STAFF,), None)
+    text = message(notice).get_body(("plain",)).get_content()
+    assert all(f"#{name}" in text for name in ("closed", "note", "assign", "help"))
+
+
+def test_a_command_for_a_case_gone_meanwhile_is_verified_again(ctx: Context) -> None:
+    case = open_case(ctx)
+    reply = replace(reply_to(ctx, case, "#note x"), state=CaseState.COMMAND)
+    gone = commands.handle(inputs(ctx, reply, target=None), ctx)
+    assert (gone.state, gone.reason) == (CaseState.STAFF_REPLY, "target_changed")
 
 
 def test_relay_answer_sends_nothing_for_an_empty_reply_or_a_gone_case(ctx: Context) -> None:

@@ -12,7 +12,8 @@ from careservice.model import CaseState
 log = logging.getLogger("careservice.store")
 
 OPEN_STATES = (CaseState.NEW, CaseState.ACKNOWLEDGE, CaseState.OPEN, CaseState.ANSWERING)
-INBOUND_STATES = (CaseState.RECEIVED, CaseState.FOLLOW_UP, CaseState.STAFF_REPLY, CaseState.VERIFIED)
+INBOUND_STATES = (CaseState.RECEIVED, CaseState.FOLLOW_UP, CaseState.STAFF_REPLY, CaseState.VERIFIED,
+                  CaseState.COMMAND)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cases(

@@ -1,0 +1,102 @@
+"""Staff commands end to end over SMTP: the first line "#word" of a genuine reply acts on the case and
+never reaches the customer; a forged one does nothing."""
+
+from __future__ import annotations
+
+from email.message import EmailMessage
+
+import pytest
+
+from tests.support import (
+    STAFF,
+    STAFF2,
+    CaptureRelay,
+    Daemon,
+    customer_mail,
+    files_containing,
+    send,
+    staff_reply,
+    wait_for,
+)
+from tests.test_workflow import CUSTOMER, answer_to, open_case
+
+EMPTY = {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0, "stuck_cases": 0}
+
+
+def reply(daemon: Daemon, forward: EmailMessage, text: str, sender: str = STAFF, to: str = "") -> None:
+    address = to or forward["Reply-To"].addresses[0].addr_spec
+    send(daemon.smtp_port, sender, [address], staff_reply(forward, text, sender=sender, to=to))
+
+
+def subjects(relay: CaptureRelay, address: str) -> list[str]:
+    return [str(c.message["Subject"]) for c in relay.to(address)]
+
+
+def test_a_note_reaches_the_other_staff_only_and_goes_with_the_case(daemon: Daemon, relay: CaptureRelay) -> None:
+    forward = open_case(daemon, relay, customer_mail("Lost wombat", "Order 4711 is lost"))
+    reply(daemon, forward, "#note Called her: the kangaroo receipt follows.")
+    wait_for(lambda: len(relay.to(STAFF2)) == 2, what="note")
+    note = relay.to(STAFF2)[-1]
+    assert note.rcpt_tos == [STAFF2] and "Lost wombat" in str(note.message["Subject"])
+    assert note.message["Reply-To"] == forward["Reply-To"]
+    assert "kangaroo receipt" in note.message.get_body(("plain",)).get_content()
+    assert answer_to(relay) == [] and daemon.status()["open_cases"] == 1
+    reply(daemon, note.message, "Your wombat is found.", sender=STAFF2)  # answering the note answers the customer
+    wait_for(lambda: answer_to(relay), what="answer")
+    assert "kangaroo" not in answer_to(relay)[0].raw.decode()
+    wait_for(lambda: daemon.status() == EMPTY, what="purge")
+    assert files_containing(daemon.data_dir, [b"kangaroo", b"wombat"]) == []
+
+
+def test_assign_forwards_to_one_and_tells_the_others(daemon: Daemon, relay: CaptureRelay) -> None:
+    forward = open_case(daemon, relay, customer_mail("Refund", "Order 4711"))
+    reply(daemon, forward, "#Assign second")
+    wait_for(lambda: len(relay.to(STAFF2)) == 2 and len(relay.to(STAFF)) == 2, what="assignment")
+    again = relay.to(STAFF2)[-1]
+    assert again.rcpt_tos == [STAFF2] and "Order 4711" in again.message.get_body(("plain",)).get_content()
+    assert again.message["Reply-To"] == forward["Reply-To"]
+    assert subjects(relay, STAFF)[-1].endswith(f"Assigned to {STAFF2}")
+    reply(daemon, forward, "#assign nobody")
+    wait_for(lambda: len(relay.to(STAFF)) == 3, what="unknown staff notice")
+    assert STAFF2 in relay.to(STAFF)[-1].message.get_body(("plain",)).get_content()
+    assert answer_to(relay) == [] and daemon.status()["open_cases"] == 1
+
+
+@pytest.mark.parametrize(("first_line", "headline"), [("#help", "Commands"), ("#clossed", "Unknown command"),
+                                                      ("#notes for you", "Unknown command")])
+def test_help_and_unknown_commands_answer_the_sender_only(daemon: Daemon, relay: CaptureRelay, first_line: str,
+                                                          headline: str) -> None:
+    forward = open_case(daemon, relay, customer_mail("Refund", "please"))
+    reply(daemon, forward, first_line)
+    wait_for(lambda: len(relay.to(STAFF)) == 2, what="notice")
+    notice = relay.to(STAFF)[-1]
+    assert notice.rcpt_tos == [STAFF] and headline in str(notice.message["Subject"])
+    assert "#assign" in notice.message.get_body(("plain",)).get_content()
+    assert answer_to(relay) == [] and len(relay.to(STAFF2)) == 1 and daemon.status()["open_cases"] == 1
+
+
+def test_forged_commands_do_nothing(daemon: Daemon, relay: CaptureRelay) -> None:
+    forward = open_case(daemon, relay, customer_mail("Refund", "please"))
+    good = forward["Reply-To"].addresses[0].addr_spec
+    local, domain = good.split("@")
+    tampered = local[:-1] + ("a" if local[-1] != "a" else "b") + "@" + domain
+    reply(daemon, forward, "#closed", sender="evil@attacker.example")
+    reply(daemon, forward, "#note from a stranger", sender="evil@attacker.example")
+    reply(daemon, forward, "#closed", to=tampered)
+    wait_for(lambda: daemon.log.read_text().count("reply_not_from_staff") == 2
+             and "reply_token_invalid" in daemon.log.read_text(), what="refusals")
+    wait_for(lambda: daemon.status()["outbound_queued"] == 0, what="notices sent")
+    assert daemon.status()["open_cases"] == 1
+    assert not [c for c in relay.received if "from a stranger" in c.raw.decode()]
+    assert answer_to(relay) == [] and relay.to("evil@attacker.example") == []
+
+
+def test_closed_purges_the_case_and_its_notes(daemon: Daemon, relay: CaptureRelay) -> None:
+    forward = open_case(daemon, relay, customer_mail("Call me", "numbat 0123", sender=CUSTOMER))
+    relay.replies.extend(["451 4.3.0 later"] * 5)  # the note stays queued under the case...
+    reply(daemon, forward, "#note echidna called")
+    wait_for(lambda: relay.attempts >= 1, what="note attempted")
+    reply(daemon, forward, "#phone")  # ...until the close purges it with the case
+    wait_for(lambda: daemon.status() == EMPTY, what="purge")
+    assert answer_to(relay) == []
+    assert files_containing(daemon.data_dir, [b"numbat", b"echidna"]) == []
