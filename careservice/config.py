@@ -21,6 +21,7 @@ from careservice.settings import (  # the records config.py fills in; importable
     RelayConfig,
     Site,
     SmtpConfig,
+    SpamConfig,
     WebConfig,
 )
 
@@ -323,6 +324,7 @@ def load_config(path: Path) -> Config:
         imap=tuple(_imap(t, set(ids), base) for t in root.array("imap")),
         admin=AdminConfig(parse_endpoint("admin.listen", admin_listen) if admin_listen else None,
                           _path(base, admin.get("token_file", str, ""))),
+        spam=SpamConfig(block_days=root.sub("spam").positive("block_days", 30)),
     )
     root.refuse_unknown()
     return config

@@ -22,6 +22,7 @@ class Inputs:
     parsed: Parsed  # the case's message
     target: Case | None  # the stored case `case.target` names (a follow-up's or staff reply's), None if gone
     now: float
+    blocked: bool = False  # RECEIVED: its sender is marked "#spam" (spam.block_days not yet passed)
 
 
 @dataclass

@@ -97,6 +97,15 @@ class Outcome:
     target_state: CaseState | None = None
     counters: tuple[str, ...] = field(default=())
     ack_slot: AckSlot | None = None  # the acknowledgement among `mails` goes only if this slot is free
+    block: SenderBlock | None = None  # a sender marked "#spam": its mail is discarded until then
+
+
+@dataclass(frozen=True)
+class SenderBlock:
+    """Senders (as Keyring.block_digest digests) whose mail is discarded, unacknowledged, until `until`."""
+
+    digests: tuple[bytes, ...]
+    until: float
 
 
 @dataclass(frozen=True)

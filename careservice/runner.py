@@ -11,7 +11,7 @@ from careservice import metrics
 from careservice.context import Context, Inputs
 from careservice.handlers import Stage
 from careservice.logs import error_fields
-from careservice.mail import parse
+from careservice.mail import Parsed, parse
 from careservice.model import Case, CaseState, Outcome
 from careservice.store import Store
 from careservice.wakeup import Wakeup
@@ -31,6 +31,7 @@ def merge(first: Outcome, then: Outcome) -> Outcome:
         state=then.state, reason=then.reason, mails=first.mails + then.mails,
         updates=then.updates or first.updates, target_state=then.target_state or first.target_state,
         counters=first.counters + then.counters, ack_slot=then.ack_slot or first.ack_slot,
+        block=then.block or first.block,
     )
 
 
@@ -97,10 +98,11 @@ class Runner:
             # thread would hold the GIL while the store's inline transactions hold the write lock
             parsed = parse(case.raw, case.envelope.mail_from)
             target: Case | None = None
+            blocked = case.state is CaseState.RECEIVED and await self.store.is_blocked(self.senders(case, parsed), now)
             for _ in range(MAX_CHAIN):
                 if current.target and (target is None or target.id != current.target):
                     target = await self.store.get_case(current.target)
-                inputs = Inputs(current, site, parsed, target if current.target else None, now)
+                inputs = Inputs(current, site, parsed, target if current.target else None, now, blocked)
                 step = self.stages[current.state](inputs, self.ctx)
                 outcome = step if outcome is None else merge(outcome, step)
                 current = replace(step.updates or current, state=step.state)
@@ -117,6 +119,11 @@ class Runner:
                      outcome.state, outcome.reason, len(outcome.mails), f" target={target_id}" if target_id else "")
         except Exception as exc:  # a stage or the store failed: hold the case, try again later
             await self.hold(case, current.state, now, exc)
+
+    def senders(self, case: Case, parsed: Parsed) -> tuple[bytes, ...]:
+        """The block digests of every address an inbound item comes from (envelope, From, form field)."""
+        addresses = {parsed.from_address, case.envelope.mail_from, case.contact.email if case.contact else ""}
+        return tuple(self.ctx.keyring.block_digest(a) for a in sorted(addresses) if a)
 
     async def hold(self, case: Case, state: CaseState, now: float, exc: Exception) -> None:
         """Retry the case later, backing off; the hold is stored, so `status` counts it as stuck."""

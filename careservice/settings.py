@@ -87,6 +87,11 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class SpamConfig:
+    block_days: int = 30  # a sender a staff member marked "#spam" is discarded this long
+
+
+@dataclass(frozen=True)
 class AdminConfig:
     listen: Endpoint | None  # None: no admin listener
     token_file: str  # "" = no token asked for
@@ -128,6 +133,7 @@ class Config:
     sites: tuple[Site, ...]
     imap: tuple[ImapMailbox, ...] = field(default=())
     admin: AdminConfig = field(default=AdminConfig(None, ""))
+    spam: SpamConfig = field(default=SpamConfig())
 
     def site(self, site_id: str) -> Site | None:
         return next((s for s in self.sites if s.id == site_id), None)

@@ -1,6 +1,7 @@
 """The whole case workflow on one screen: which stage runs for a case in each state.
 
-    RECEIVED    --classify-->      NEW | FOLLOW_UP | STAFF_REPLY | PURGED (auto-reply, bounce, list, loop)
+    RECEIVED    --classify-->      NEW | FOLLOW_UP | STAFF_REPLY | PURGED (auto-reply, bounce, list, loop,
+                                                                          a sender marked "#spam")
     NEW         --forward-->       ACKNOWLEDGE                     (case mailed to every staff address)
     ACKNOWLEDGE --acknowledge-->   OPEN                            (ack to the customer, unless suppressed)
     FOLLOW_UP   --forward-->       PURGED                          (forwarded under the open case)
@@ -9,6 +10,7 @@
                                    | COMMAND                       (the first line starts with "#")
     COMMAND     --commands-->      PURGED                          ("#closed"/"#phone": case purged; "#note": to the
                                                                     other staff; "#assign": forward to one of them;
+                                                                    "#spam": case purged, its sender blocked;
                                                                     "#help" or an unknown "#": notice; case OPEN)
     OPEN        --expire-->        PURGED                          (when retention.unanswered_days pass)
     ANSWERING   events from the relay (EVENTS): ANSWER_DELIVERED purges the case;

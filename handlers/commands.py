@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from careservice.context import Context, Inputs
 from careservice.mail import Draft, new_message_id, parse
-from careservice.model import Case, CaseState, MailKind, Outcome
+from careservice.model import Case, CaseState, MailKind, Outcome, SenderBlock
 
 from .forward import _to_staff
 from .relay_answer import not_sent, staff_words
@@ -23,6 +23,7 @@ HELP = {
     "closed": "close the case without mail to the customer (you answered by telephone; also #phone)",
     "note": "#note <text>: send <text> to the case's other staff, never to the customer",
     "assign": "#assign <name>: hand the case to one staff member (address or the part before @)",
+    "spam": "delete the case without mail to anyone, and discard the sender's mail for spam.block_days",
     "help": "this list",
 }
 
@@ -79,6 +80,15 @@ def _assign(inp: Inputs, ctx: Context, target: Case, words: str) -> Outcome:
     return Outcome(CaseState.PURGED, "assigned", mails=(forward, *told), counters=("assigned",))
 
 
+def _spam(inp: Inputs, ctx: Context, target: Case, words: str) -> Outcome:
+    """Purge the case and discard its sender's later mail (classify), known only by keyed digests."""
+    addresses = {target.contact.email if target.contact else "", target.envelope.mail_from} - {""}
+    block = SenderBlock(tuple(sorted(ctx.keyring.block_digest(a) for a in addresses)),
+                        inp.now + ctx.config.spam.block_days * 86400.0)
+    return Outcome(CaseState.PURGED, "marked_spam", target_state=CaseState.PURGED, counters=("spam_marked",),
+                   block=block)
+
+
 def _help(inp: Inputs, ctx: Context, target: Case, words: str) -> Outcome:
     notice = ctx.notice(inp.site, (inp.parsed.from_address,), "Commands",
                         "Start the first line of a reply to a case with one of these; the customer never "
@@ -91,4 +101,5 @@ def _listed() -> str:
     return "\n".join(f"#{name}: {what}" for name, what in HELP.items())
 
 
-COMMANDS: dict[str, Command] = {"closed": _close, "phone": _close, "note": _note, "assign": _assign, "help": _help}
+COMMANDS: dict[str, Command] = {"closed": _close, "phone": _close, "note": _note, "assign": _assign, "spam": _spam,
+                                 "help": _help}

@@ -3,11 +3,15 @@ never reaches the customer; a forged one does nothing."""
 
 from __future__ import annotations
 
+import sqlite3
 from email.message import EmailMessage
+from pathlib import Path
 
 import pytest
 
+from careservice.config import ConfigError, load_config
 from tests.support import (
+    CARE,
     STAFF,
     STAFF2,
     CaptureRelay,
@@ -17,6 +21,7 @@ from tests.support import (
     send,
     staff_reply,
     wait_for,
+    write_config,
 )
 from tests.test_workflow import CUSTOMER, answer_to, open_case
 
@@ -100,3 +105,31 @@ def test_closed_purges_the_case_and_its_notes(daemon: Daemon, relay: CaptureRela
     wait_for(lambda: daemon.status() == EMPTY, what="purge")
     assert answer_to(relay) == []
     assert files_containing(daemon.data_dir, [b"numbat", b"echidna"]) == []
+
+
+def test_spam_purges_silently_and_discards_the_sender_later(daemon: Daemon, relay: CaptureRelay) -> None:
+    spammer = "Cheap.Pills@spam.example"
+    forward = open_case(daemon, relay, customer_mail("Cheap pills", "buy quetzal pills", sender=spammer),
+                        sender=spammer)
+    wait_for(lambda: daemon.status()["outbound_queued"] == 0, what="ack")
+    reply(daemon, forward, "#spam")
+    wait_for(lambda: daemon.status() == EMPTY, what="purge")
+    seen = len(relay.received)
+    send(daemon.smtp_port, "cheap.pills@SPAM.example", [CARE],
+         customer_mail("Again", "more axolotl pills", sender="cheap.pills@spam.example"))
+    wait_for(lambda: "discard_blocked_sender" in daemon.log.read_text(), what="discard")
+    open_case(daemon, relay, customer_mail("Real", "a real question"))  # others still get through
+    wait_for(lambda: daemon.status()["outbound_queued"] == 0, what="queue drained")
+    assert sorted(c.rcpt_tos for c in relay.received[seen:]) == [[STAFF, STAFF2], [CUSTOMER]]
+    conn = sqlite3.connect(daemon.data_dir / "cases.db")
+    stats = dict(conn.execute("SELECT name, value FROM stats WHERE name LIKE 'spam_%'").fetchall())
+    conn.close()
+    assert stats == {"spam_marked": 1, "spam_discarded": 1}
+    assert files_containing(daemon.data_dir, [b"quetzal", b"axolotl", b"pills@", b"Cheap"]) == []
+    assert b"pills" not in daemon.log.read_bytes()
+
+
+def test_spam_block_days_is_read_and_checked(tmp_path: Path) -> None:
+    assert load_config(write_config(tmp_path / "a", 1, extra="[spam]\nblock_days = 2")).spam.block_days == 2
+    with pytest.raises(ConfigError, match=r"^spam\.block_days: must be positive"):
+        load_config(write_config(tmp_path / "b", 1, extra="[spam]\nblock_days = 0"))

@@ -238,6 +238,23 @@ def test_assign_to_an_unknown_name_lists_the_staff(ctx: Context, name: str) -> N
     assert STAFF2.encode() in notice.message and outcome.target_state is None
 
 
+def test_spam_purges_the_case_and_blocks_its_sender_by_a_stable_digest(ctx: Context) -> None:
+    case = open_case(ctx)
+    outcome = command(ctx, case, "#Spam")
+    assert (outcome.reason, outcome.mails, outcome.target_state) == ("marked_spam", (), CaseState.PURGED)
+    assert outcome.counters == ("spam_marked",) and outcome.block is not None
+    assert outcome.block.digests == (Keyring(b"k" * 32).block_digest(" Alice@Customer.Example"),)
+    assert outcome.block.digests[0] != ctx.keyring.digest(CUSTOMER)  # not the daily digest
+    assert 30 * 86400 - 60 < outcome.block.until - time.time() <= 30 * 86400
+
+
+def test_classify_discards_a_blocked_sender_without_a_case(ctx: Context) -> None:
+    blocked = replace(inputs(ctx, case_of(customer_mail("Again", "buy now"))), blocked=True)
+    outcome = classify.handle(blocked, ctx)
+    assert (outcome.state, outcome.reason, outcome.mails, outcome.counters) == (
+        CaseState.PURGED, "discard_blocked_sender", (), ("spam_discarded",))
+
+
 @pytest.mark.parametrize(("first_line", "reason"), [("#help", "help_sent"), ("#clossed", "reply_unknown_command"),
                                                     ("#", "reply_unknown_command")])
 def test_help_and_unknown_commands_list_the_commands_to_the_sender_only(ctx: Context, first_line: str,
@@ -246,7 +263,7 @@ def test_help_and_unknown_commands_list_the_commands_to_the_sender_only(ctx: Con
     [notice] = outcome.mails
     assert (outcome.reason, notice.recipients, outcome.target_state) == (reason, (STAFF,), None)
     text = message(notice).get_body(("plain",)).get_content()
-    assert all(f"#{name}" in text for name in ("closed", "note", "assign", "help"))
+    assert all(f"#{name}" in text for name in ("closed", "note", "assign", "spam", "help"))
 
 
 def test_a_command_for_a_case_gone_meanwhile_is_verified_again(ctx: Context) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 from careservice.budget import SCAN, first_fit
 from careservice.crypto import Keyring, open_sealed, seal
 from careservice.model import Case, CaseState, ContactDetails, Envelope, MailKind, NewMessage, Outcome, Source
+from careservice.store.blocks import block
 from careservice.store.keys import case_key, day_end
 from careservice.store.mailq import queue_mail
 from careservice.store.purge import add_stat, drop_item, purge_case
@@ -107,6 +108,8 @@ def apply(conn: sqlite3.Connection, keyring: Keyring, case: Case, outcome: Outco
         add_stat(conn, case.site, now, name)
     for mail in mails:
         queue_mail(conn, keyring, case.site, mail, now)
+    if outcome.block is not None:
+        block(conn, outcome.block)
     if outcome.target_state is CaseState.PURGED:
         purge_case(conn, updated.target)
     elif outcome.target_state is not None:

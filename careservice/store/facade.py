@@ -9,7 +9,7 @@ from typing import Any
 
 from careservice.crypto import Keyring
 from careservice.model import Case, CaseState, MailKind, NewMessage, Outcome, QueuedMail
-from careservice.store import cases, keys, mailq, purge, tallies
+from careservice.store import blocks, cases, keys, mailq, purge, tallies
 from careservice.store.executor import Executor, InlineExecutor, ThreadExecutor
 
 
@@ -77,6 +77,13 @@ class Store:
         """Switch the keyring to today's digest secret and drop every digest of an earlier day (both
         processes call it at start and then every minute; the first call of a day makes the secret)."""
         await self.executor.call(keys.rotate_digests, now, checkpoint=True)
+
+    async def is_blocked(self, digests: tuple[bytes, ...], now: float) -> bool:
+        """Whether one of these sender digests (Keyring.block_digest) is marked "#spam" and not expired."""
+        return await self.executor.read(blocks.blocked, digests, now)
+
+    async def prune_blocks(self, now: float) -> None:
+        await self.executor.call(blocks.prune, now)
 
     async def purge_older_than(self, cutoff: float, sites: frozenset[str], now: float) -> list[tuple[str, str, float]]:
         """Purge every case created before `cutoff`, whatever its state (see purge.purge_aged)."""
