@@ -70,6 +70,7 @@ class Case:
     references: tuple[str, ...] = ()
     target: str = ""  # for FOLLOW_UP / STAFF_REPLY: the case it refers to
     failures: int = 0  # stage failures in a row; above 0 the case is held back and counted as stuck
+    owner: str = ""  # the staff address "#assign" handed the case to (sealed in the meta, purged with it)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class Outcome:
     counters: tuple[str, ...] = field(default=())
     ack_slot: AckSlot | None = None  # the acknowledgement among `mails` goes only if this slot is free
     block: SenderBlock | None = None  # a sender marked "#spam": its mail is discarded until then
+    target_owner: str = ""  # "#assign": the staff address the case named by `case.target` now belongs to
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ def merge(first: Outcome, then: Outcome) -> Outcome:
         state=then.state, reason=then.reason, mails=first.mails + then.mails,
         updates=then.updates or first.updates, target_state=then.target_state or first.target_state,
         counters=first.counters + then.counters, ack_slot=then.ack_slot or first.ack_slot,
-        block=then.block or first.block,
+        block=then.block or first.block, target_owner=then.target_owner or first.target_owner,
     )
 
 

@@ -77,7 +77,7 @@ def _assign(inp: Inputs, ctx: Context, target: Case, words: str) -> Outcome:
     others = tuple(s for s in site.staff if s != owner)
     told = (ctx.notice(site, others, f"Assigned to {owner}", f"{sender} assigned this case to {owner}.",
                        about=target.id, filed_under=target.id),) if others else ()
-    return Outcome(CaseState.PURGED, "assigned", mails=(forward, *told), counters=("assigned",))
+    return Outcome(CaseState.PURGED, "assigned", mails=(forward, *told), counters=("assigned",), target_owner=owner)
 
 
 def _spam(inp: Inputs, ctx: Context, target: Case, words: str) -> Outcome:

@@ -222,6 +222,7 @@ def test_assign_forwards_the_case_to_one_and_tells_the_others(ctx: Context, name
     case = open_case(ctx)
     outcome = command(ctx, case, f"#assign {name}\nShe prefers German.")
     assert (outcome.reason, outcome.target_state, outcome.counters) == ("assigned", None, ("assigned",))
+    assert outcome.target_owner == STAFF2
     forward_mail, told = outcome.mails
     assert (forward_mail.kind, forward_mail.recipients, forward_mail.case_id) == (MailKind.FORWARD, (STAFF2,), case.id)
     assert b"4711" in forward_mail.message

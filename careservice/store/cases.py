@@ -27,7 +27,7 @@ def meta(case: Case) -> bytes:
     return json.dumps({
         "mail_from": case.envelope.mail_from, "rcpt": case.envelope.rcpt,
         "contact": asdict(case.contact) if case.contact else None, "subject": case.subject,
-        "message_id": case.message_id, "references": list(case.references),
+        "message_id": case.message_id, "references": list(case.references), "owner": case.owner,
     }).encode()
 
 
@@ -65,7 +65,7 @@ def load_case(conn: sqlite3.Connection, keyring: Keyring, row: tuple[Any, ...]) 
         raw=open_sealed(key, raw_blob, case_id.encode() + b"raw"),
         contact=ContactDetails(**meta["contact"]) if meta["contact"] else None,
         subject=meta["subject"], message_id=meta["message_id"], references=tuple(meta["references"]),
-        target=target, failures=failures,
+        target=target, failures=failures, owner=meta.get("owner", ""),  # a case stored before #assign has none
     )
 
 
@@ -114,6 +114,8 @@ def apply(conn: sqlite3.Connection, keyring: Keyring, case: Case, outcome: Outco
         purge_case(conn, updated.target)
     elif outcome.target_state is not None:
         conn.execute("UPDATE cases SET state=? WHERE id=?", (outcome.target_state, updated.target))
+    if outcome.target_owner:
+        set_owner(conn, keyring, updated.target, outcome.target_owner)
     if outcome.state is CaseState.PURGED:
         drop_item(conn, case.id)
         return
@@ -122,6 +124,17 @@ def apply(conn: sqlite3.Connection, keyring: Keyring, case: Case, outcome: Outco
         "UPDATE cases SET state=?, next_run=?, target=?, meta=?, failures=0 WHERE id=?",
         (outcome.state, next_run, updated.target, seal(key, meta(updated), case.id.encode() + b"meta"), case.id),
     )
+
+
+def set_owner(conn: sqlite3.Connection, keyring: Keyring, case_id: str, owner: str) -> None:
+    """Record the staff member a case is assigned to, in its sealed meta (a case gone meanwhile has none)."""
+    row = conn.execute("SELECT meta FROM cases WHERE id=?", (case_id,)).fetchone()
+    if row is None:
+        return
+    key, aad = case_key(conn, keyring, case_id), case_id.encode() + b"meta"
+    fields = json.loads(open_sealed(key, row[0], aad))
+    conn.execute("UPDATE cases SET meta=? WHERE id=?", (seal(key, json.dumps({**fields, "owner": owner}).encode(), aad),
+                                                        case_id))
 
 
 def hold(conn: sqlite3.Connection, keyring: Keyring, case_id: str, state: CaseState, failures: int,

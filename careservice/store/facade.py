@@ -9,7 +9,7 @@ from typing import Any
 
 from careservice.crypto import Keyring
 from careservice.model import Case, CaseState, MailKind, NewMessage, Outcome, QueuedMail
-from careservice.store import blocks, cases, keys, mailq, purge, tallies
+from careservice.store import blocks, cases, disclosure, keys, mailq, purge, tallies
 from careservice.store.executor import Executor, InlineExecutor, ThreadExecutor
 
 
@@ -51,6 +51,14 @@ class Store:
         """Write a stage's outcome and the mail it causes in one transaction."""
         purging = CaseState.PURGED in (outcome.state, outcome.target_state)
         await self.executor.call(cases.apply, case, outcome, now, next_run, checkpoint=purging)
+
+    async def open_cases(self) -> list[tuple[str, str, str, float, str]]:
+        """(id, site, state, created, owner) of every open case, for `careservice cases`."""
+        return await self.executor.read(disclosure.open_cases)
+
+    async def open_case(self, case_id: str) -> tuple[Case, list[QueuedMail]] | None:
+        """An open case and the mail queued under it, for `careservice export`; None when it is not open."""
+        return await self.executor.read(disclosure.open_case, case_id)
 
     async def hold(self, case: Case, failures: int, retry_at: float) -> None:
         """Keep a case whose stage failed out of the due list until `retry_at` (counted as stuck)."""
