@@ -71,6 +71,7 @@ class Case:
     target: str = ""  # for FOLLOW_UP / STAFF_REPLY: the case it refers to
     failures: int = 0  # stage failures in a row; above 0 the case is held back and counted as stuck
     owner: str = ""  # the staff address "#assign" handed the case to (sealed in the meta, purged with it)
+    reminded: int = 0  # reminders sent for this open case (retention.remind_after)
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,12 @@ class Runner:
         self._wake.set()
 
     def next_run(self, case: Case, state: CaseState, now: float) -> float:
-        return case.created + self.waits[state] if state in self.waits else now
+        """When `case`'s stage for `state` is due; an open case's also at its next reminder."""
+        if state not in self.waits:
+            return now
+        due = case.created + self.waits[state]
+        reminders = self.ctx.config.remind_after[case.reminded:] if state is CaseState.OPEN else ()
+        return min(due, case.created + reminders[0]) if reminders else due
 
     async def run(self) -> None:
         while not self._stopping:
@@ -106,11 +111,11 @@ class Runner:
                 step = self.stages[current.state](inputs, self.ctx)
                 outcome = step if outcome is None else merge(outcome, step)
                 current = replace(step.updates or current, state=step.state)
-                if step.state not in self.stages or self.next_run(case, step.state, now) > now:
+                if step.state not in self.stages or self.next_run(current, step.state, now) > now:
                     break
             del parsed, inputs  # the message (attachments decoded) is not kept for the commit
             assert outcome is not None
-            await self.store.apply(case, outcome, now, self.next_run(case, outcome.state, now))
+            await self.store.apply(case, outcome, now, self.next_run(outcome.updates or case, outcome.state, now))
             metrics.stage_outcome(case.site, outcome)
             if outcome.mails:
                 self.on_mail()

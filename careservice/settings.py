@@ -129,6 +129,7 @@ class Config:
     web: WebConfig
     unanswered_days: int
     hard_limit_days: int  # every case is purged at this age, whatever its state or site
+    remind_after: tuple[float, ...]  # an open case's age, in seconds, at each reminder to its owner or staff
     acks_per_hour: int
     sites: tuple[Site, ...]
     imap: tuple[ImapMailbox, ...] = field(default=())

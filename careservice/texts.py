@@ -30,7 +30,7 @@ from jinja2 import (
 from careservice.config import Site
 from careservice.model import ContactDetails
 
-MAIL_TEMPLATES = ("ack", "answer", "forward", "note", "notice")
+MAIL_TEMPLATES = ("ack", "answer", "forward", "note", "notice", "reminder")
 PAGE_TEMPLATES = ("form", "thanks")
 
 
@@ -122,6 +122,7 @@ def sample_values(kind: str, name: str, site: Site) -> dict[str, Any]:
                         "text": "Sample query.", "follow_up": False},
             "note": {"site": site, "case_id": "0123456789ab", "subject": "Sample subject",
                      "author": "staff@example.org", "text": "Sample note."},
+            "reminder": {"site": site, "case_id": "0123456789ab", "age": "1 day 2 hours"},
             "notice": {"site": site, "case_id": "0123456789ab", "headline": "Sample headline",
                        "explanation": "Sample explanation."},
         }[name]

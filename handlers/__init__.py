@@ -12,7 +12,8 @@
                                                                     other staff; "#assign": forward to one of them;
                                                                     "#spam": case purged, its sender blocked;
                                                                     "#help" or an unknown "#": notice; case OPEN)
-    OPEN        --expire-->        PURGED                          (when retention.unanswered_days pass)
+    OPEN        --expire-->        OPEN | PURGED                   (a reminder at each retention.remind_after age;
+                                                                    purged when retention.unanswered_days pass)
     ANSWERING   events from the relay (EVENTS): ANSWER_DELIVERED purges the case;
                 ANSWER_FAILED (refused for good, or given up) makes it OPEN again and tells staff
 """

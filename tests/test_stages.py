@@ -284,8 +284,28 @@ def test_relay_answer_sends_nothing_for_an_empty_reply_or_a_gone_case(ctx: Conte
     assert (gone.state, gone.reason) == (CaseState.STAFF_REPLY, "target_changed")
 
 
+def test_an_open_case_is_reminded_at_each_age_to_its_owner_or_its_staff(ctx: Context) -> None:
+    case = replace(open_case(ctx), created=time.time() - 25 * 3600)
+    outcome = expire.handle(inputs(ctx, case), ctx)
+    assert (outcome.state, outcome.reason, outcome.counters) == (CaseState.OPEN, "reminded", ("reminders",))
+    assert outcome.updates is not None and outcome.updates.reminded == 1
+    [reminder] = outcome.mails
+    mail = message(reminder)
+    assert (reminder.case_id, reminder.recipients) == (case.id, (STAFF, STAFF2))
+    assert mail["Reply-To"] == ctx.addressing.reply_address(ctx.config.sites[0], case.id, case.nonce)
+    assert f"#{case.id}]" in str(mail["Subject"]) and "1 day 1 hour" in str(mail["Subject"])
+    assert b"4711" not in reminder.message and b"Lost tickets" not in reminder.message
+    assert CUSTOMER.encode() not in reminder.message and b"TicketNest" in reminder.message
+    owned = expire.handle(inputs(ctx, replace(case, owner=STAFF2)), ctx)
+    assert owned.mails[0].recipients == (STAFF2,)
+    both = expire.handle(inputs(ctx, replace(case, created=time.time() - 80 * 3600)), ctx)  # one, not a burst
+    assert len(both.mails) == 1 and both.updates is not None and both.updates.reminded == 2
+    for early in (replace(case, reminded=1), replace(case, created=time.time()), replace(case, reminded=2)):
+        assert expire.handle(inputs(ctx, early), ctx).reason == "not_due"
+
+
 def test_expire_purges_and_tells_staff(ctx: Context) -> None:
-    outcome = expire.handle(inputs(ctx, open_case(ctx)), ctx)
+    outcome = expire.handle(inputs(ctx, replace(open_case(ctx), created=time.time() - 30 * 86400)), ctx)
     assert (outcome.state, outcome.counters) == (CaseState.PURGED, ("expired",))
     assert outcome.mails[0].recipients == (STAFF, STAFF2) and outcome.mails[0].kind is MailKind.NOTICE
 

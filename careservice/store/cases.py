@@ -28,6 +28,7 @@ def meta(case: Case) -> bytes:
         "mail_from": case.envelope.mail_from, "rcpt": case.envelope.rcpt,
         "contact": asdict(case.contact) if case.contact else None, "subject": case.subject,
         "message_id": case.message_id, "references": list(case.references), "owner": case.owner,
+        "reminded": case.reminded,
     }).encode()
 
 
@@ -65,7 +66,8 @@ def load_case(conn: sqlite3.Connection, keyring: Keyring, row: tuple[Any, ...]) 
         raw=open_sealed(key, raw_blob, case_id.encode() + b"raw"),
         contact=ContactDetails(**meta["contact"]) if meta["contact"] else None,
         subject=meta["subject"], message_id=meta["message_id"], references=tuple(meta["references"]),
-        target=target, failures=failures, owner=meta.get("owner", ""),  # a case stored before #assign has none
+        target=target, failures=failures, owner=meta.get("owner", ""),  # not in cases stored before #assign
+        reminded=meta.get("reminded", 0),
     )
 
 
