@@ -180,7 +180,8 @@ def _site(t: _Table) -> Site:
     if not _CONTACT_PATH.fullmatch(path):
         raise ConfigError(t.key("contact_path"), f'expected a path such as "/contact.php" (starts with "/"; '
                                                  f'letters, digits, ".", "-", "_", "~" between slashes), got "{path}"')
-    return Site(site_id, t.get("name", str), domain, care, addresses, hosts, path)
+    return Site(site_id, t.get("name", str), domain, care, addresses, hosts, path,
+                t.get("notify_answered", bool, False))
 
 
 def _web_host(key: str, value: object) -> str:

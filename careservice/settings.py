@@ -30,6 +30,7 @@ class Site:
     staff: tuple[str, ...]
     web_hosts: tuple[str, ...]  # host names whose requests for contact_path get this site's form
     contact_path: str
+    notify_answered: bool = False  # the other staff hear when one of them answers or closes a case
 
     @property
     def care_local(self) -> str:

@@ -15,7 +15,7 @@ from careservice.mail import Draft, new_message_id, parse
 from careservice.model import Case, CaseState, MailKind, Outcome, SenderBlock
 
 from .forward import _to_staff
-from .relay_answer import not_sent, staff_words
+from .relay_answer import not_sent, staff_words, tell_the_others
 
 Command = Callable[[Inputs, Context, Case, str], Outcome]
 
@@ -42,7 +42,8 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
 
 
 def _close(inp: Inputs, ctx: Context, target: Case, words: str) -> Outcome:
-    return Outcome(CaseState.PURGED, "closed_by_phone", target_state=CaseState.PURGED, counters=("closed_by_phone",))
+    return Outcome(CaseState.PURGED, "closed_by_phone", mails=tell_the_others(inp, ctx, target, "closed"),
+                   target_state=CaseState.PURGED, counters=("closed_by_phone",))
 
 
 def _note(inp: Inputs, ctx: Context, target: Case, words: str) -> Outcome:

@@ -13,7 +13,7 @@ import re
 from careservice.config import Site
 from careservice.context import Context, Inputs
 from careservice.mail import Draft, new_message_id, parse
-from careservice.model import Case, CaseState, ContactDetails, MailKind, Outcome
+from careservice.model import Case, CaseState, ContactDetails, MailKind, Outcome, OutgoingMail
 from careservice.replytext import Forwarded, StaffReply, read_reply, relay_problem
 
 WITHHELD = {
@@ -54,7 +54,8 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
         attachments=parsed.attachments, loop_marker=ctx.config.smtp.hostname,
     )
     answer = ctx.outgoing(MailKind.ANSWER, target.id, site.care_address, draft)
-    return Outcome(CaseState.PURGED, "answer_queued", mails=(answer,), target_state=CaseState.ANSWERING)
+    return Outcome(CaseState.PURGED, "answer_queued", mails=(answer, *tell_the_others(inp, ctx, target, "answered")),
+                   target_state=CaseState.ANSWERING)
 
 
 def not_sent(inp: Inputs, ctx: Context, target: Case, reason: str, headline: str, why: str) -> Outcome:
@@ -63,6 +64,19 @@ def not_sent(inp: Inputs, ctx: Context, target: Case, reason: str, headline: str
                         f"{why} Nothing was sent to the customer and the case stays open.",
                         about=target.id, filed_under=inp.case.id)
     return Outcome(CaseState.PURGED, reason, mails=(notice,))
+
+
+def tell_the_others(inp: Inputs, ctx: Context, target: Case, done: str) -> tuple[OutgoingMail, ...]:
+    """With the site's `notify_answered`, the other staff hear that the case needs nothing more from them.
+    Filed under the reply, not the case: the case's purge must not take the notice with it."""
+    site, sender = inp.site, inp.parsed.from_address
+    others = tuple(s for s in site.staff if s.casefold() != sender.casefold())
+    if not site.notify_answered or not others:
+        return ()
+    name = inp.parsed.from_name or sender
+    return (ctx.notice(site, others, f"{done.capitalize()} by {name} \u2014 nothing more to do",
+                       f"{name} <{sender}> has {done} case {target.id}; it needs nothing more from you.",
+                       about=target.id, filed_under=inp.case.id),)
 
 
 def staff_words(inp: Inputs, ctx: Context, target: Case) -> StaffReply:

@@ -12,6 +12,7 @@ import pytest
 from careservice.config import ConfigError, load_config
 from tests.support import (
     CARE,
+    SITES,
     STAFF,
     STAFF2,
     CaptureRelay,
@@ -133,3 +134,22 @@ def test_spam_block_days_is_read_and_checked(tmp_path: Path) -> None:
     assert load_config(write_config(tmp_path / "a", 1, extra="[spam]\nblock_days = 2")).spam.block_days == 2
     with pytest.raises(ConfigError, match=r"^spam\.block_days: must be positive"):
         load_config(write_config(tmp_path / "b", 1, extra="[spam]\nblock_days = 0"))
+
+
+def test_with_notify_answered_the_others_hear_of_an_answer_and_a_close(tmp_path: Path, relay: CaptureRelay) -> None:
+    sites = SITES.replace(f'care_address = "{CARE}"', f'care_address = "{CARE}"\nnotify_answered = true')
+    daemon = Daemon(write_config(tmp_path, relay.port, sites=sites)).start()
+    try:
+        answered = open_case(daemon, relay, customer_mail("Refund", "please"))
+        reply(daemon, answered, "Your refund is on its way.")
+        closed = open_case(daemon, relay, customer_mail("Call me", "please", sender="bob@customer.example"),
+                           sender="bob@customer.example")
+        reply(daemon, closed, "#closed", sender=STAFF2)
+        wait_for(lambda: daemon.status() == EMPTY, what="both purged")
+    finally:
+        daemon.stop()
+    [to_second] = [s for s in subjects(relay, STAFF2) if "nothing more to do" in s]
+    [to_first] = [s for s in subjects(relay, STAFF) if "nothing more to do" in s]
+    assert to_second.endswith("Answered by Agent Smith \u2014 nothing more to do")
+    assert to_first.endswith("Closed by Agent Smith \u2014 nothing more to do")
+    assert len(answer_to(relay)) == 1

@@ -274,6 +274,25 @@ def test_a_command_for_a_case_gone_meanwhile_is_verified_again(ctx: Context) -> 
     assert (gone.state, gone.reason) == (CaseState.STAFF_REPLY, "target_changed")
 
 
+@pytest.mark.parametrize(("text", "headline"), [("Here is your refund.", "Answered"), ("#phone", "Closed")])
+def test_with_notify_answered_the_other_staff_hear_of_an_answer_or_close(ctx: Context, text: str,
+                                                                        headline: str) -> None:
+    case = open_case(ctx)
+    reply = replace(reply_to(ctx, case, text), state=CaseState.VERIFIED)
+    quiet = inputs(ctx, reply, target=case)
+    told = replace(quiet, site=replace(quiet.site, notify_answered=True))
+    if text.startswith("#"):
+        quiet, told = (replace(i, case=replace(reply, state=CaseState.COMMAND)) for i in (quiet, told))
+    stage = commands.handle if text.startswith("#") else relay_answer.handle
+    silent, loud = stage(quiet, ctx), stage(told, ctx)
+    assert [m.kind for m in silent.mails if m.kind is MailKind.NOTICE] == []
+    [notice] = [m for m in loud.mails if m.kind is MailKind.NOTICE]
+    assert notice.recipients == (STAFF2,) and notice.case_id == reply.id  # not purged with the case
+    subject = str(message(notice)["Subject"])
+    assert f"{headline} by Agent Smith \u2014 nothing more to do" in subject and case.id in subject
+    assert loud.target_state == silent.target_state and loud.target_state is not None
+
+
 def test_relay_answer_sends_nothing_for_an_empty_reply_or_a_gone_case(ctx: Context) -> None:
     case = open_case(ctx)
     empty = replace(reply_to(ctx, case, ""), state=CaseState.VERIFIED)
