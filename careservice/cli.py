@@ -1,4 +1,5 @@
-"""`careservice run | check | keygen | dkim-keygen | status | stats | --version`; every command takes --config PATH."""
+"""`careservice run | check | keygen | dkim-keygen | status | stats | cases | export | --version`; each takes
+--config PATH."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -21,6 +23,7 @@ from careservice.stats import report, to_csv, to_json
 from careservice.store import StoreError, read_status
 
 EXIT_CONFIG = 2
+EXIT_CASE_GONE = 3
 
 
 def _run(config: Config, args: argparse.Namespace) -> int:
@@ -148,6 +151,30 @@ def _stats(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cases(config: Config, args: argparse.Namespace) -> int:
+    from careservice.disclosure import list_cases
+
+    print(json.dumps(asyncio.run(list_cases(config, time.time()))))
+    return 0
+
+
+def _export(config: Config, args: argparse.Namespace) -> int:
+    from careservice.disclosure import CaseGone, export_case
+
+    setup_logging(config.log_level)
+    try:
+        written = asyncio.run(export_case(config, args.case, Path(args.out), time.time()))
+    except CaseGone:
+        print(f"careservice: case {args.case} is not open: answered, closed or expired (its data is deleted), "
+              "or it never existed; nothing was written", file=sys.stderr)
+        return EXIT_CASE_GONE
+    except FileExistsError:
+        print(f"careservice: {args.out} exists; not overwriting it", file=sys.stderr)
+        return 1
+    print(f"wrote case {args.case} ({written} messages) to {args.out} (mode 0600)")
+    return 0
+
+
 def _days(value: str) -> int:
     if not value.isdigit() or not 1 <= int(value) <= 3660:
         raise argparse.ArgumentTypeError(f"expected a number of days from 1 to 3660, got {value!r}")
@@ -164,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                              ("dkim-keygen", _dkim_keygen, "write a new DKIM key for a site, print its DNS record"),
                              ("status", _status, "print queue and case counts from the store"),
                              ("stats", _stats, "print the per-site daily statistics"),
+                             ("cases", _cases, "list the open cases as JSON (needs the master key)"),
+                             ("export", _export, "write one open case as an mbox file (lawful disclosure)"),
                              ("worker", _worker, "(internal) the case worker that `run` starts")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--config", default="config.toml", help="config file (default ./config.toml)")
@@ -179,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument("--site", required=True, help="the [[sites]] id")
             sub.add_argument("--selector", help="a new selector, for a rotation (default the site's dkim_selector)")
             sub.add_argument("--output", help="write here instead of the site's dkim_key_file")
+        if name == "cases":
+            sub.add_argument("--json", action="store_true", required=True, help="print JSON (the only format)")
+        if name == "export":
+            sub.add_argument("--case", required=True, help="the case id")
+            sub.add_argument("--out", required=True, help="the mbox file to create (never overwritten)")
         if name == "keygen":
             sub.add_argument("--output", help="write here instead of security.master_key_file")
     args = parser.parse_args(argv)

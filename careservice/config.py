@@ -35,6 +35,8 @@ OAUTH2_KEYS = ("token_url", "client_id", "client_secret_file", "scope", "grant",
 RELAY_PASSWORD_ENV = "CARESERVICE_RELAY_PASSWORD"
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multiprocess folder, read at its first import
 DNS_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*")  # host names, DKIM selectors
+_DURATION = re.compile(r"(\d{1,9})([smhd])")
+_UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _CONTACT_PATH = re.compile(r"(/[A-Za-z0-9._~-]+)+")  # literal segments: no route parameters, query or fragment
 
 
@@ -230,7 +232,7 @@ def _site(t: _Table, base: Path) -> Site:
     if not valid_mode(staff_auth):
         raise ConfigError(t.key("staff_auth"), f'use "none", "dkim" or "authres:<authserv-id>", got "{staff_auth}"')
     return Site(site_id, t.get("name", str), domain, care, addresses, hosts, path, selector, _path(base, key_file),
-                staff_auth)
+                staff_auth, t.get("notify_answered", bool, False))
 
 
 def _web_host(key: str, value: object) -> str:
@@ -331,6 +333,7 @@ def load_config(path: Path) -> Config:
     if hard_limit_days <= unanswered_days:  # the limit catches what expiry missed; it must not come first
         raise ConfigError("retention.hard_limit_days", f"must be more than retention.unanswered_days "
                                                        f"({unanswered_days}), got {hard_limit_days}")
+    remind_after = _durations(retention, "remind_after", ["24h", "72h"])
     worker_mb = service.positive("worker_memory_mb", 512)
     if worker_mb < min_memory_mb(max_bytes):  # the worker must hold one message of the largest size
         raise ConfigError("service.worker_memory_mb", f"must be at least {min_memory_mb(max_bytes)} with "
@@ -374,15 +377,29 @@ def load_config(path: Path) -> Config:
         ),
         unanswered_days=unanswered_days,
         hard_limit_days=hard_limit_days,
+        remind_after=remind_after,
         acks_per_hour=root.sub("acknowledge").positive("max_per_address_per_hour", 5),
         sites=sites,
         imap=tuple(_imap(t, set(ids), base) for t in root.array("imap")),
         admin=AdminConfig(parse_endpoint("admin.listen", admin_listen) if admin_listen else None,
                           _path(base, admin.get("token_file", str, ""))),
-        spam=SpamConfig(spam.get("rspamd_url", str, ""), spam.positive("timeout", 5)),
+        spam=SpamConfig(spam.get("rspamd_url", str, ""), spam.positive("timeout", 5), spam.positive("block_days", 30)),
     )
     root.refuse_unknown()
     return config
+
+
+def _durations(table: _Table, name: str, default: list[str]) -> tuple[float, ...]:
+    """A list of durations such as "30s", "4h", "2d", as seconds in ascending order."""
+    values = table.get(name, list, default)
+    seconds = []
+    for i, value in enumerate(values):
+        found = _DURATION.fullmatch(value) if isinstance(value, str) else None
+        if found is None or int(found.group(1)) == 0:
+            raise ConfigError(f"{table.key(name)}[{i}]",
+                              f'expected a duration such as "30s", "4h" or "2d", got {value!r}')
+        seconds.append(int(found.group(1)) * _UNIT_SECONDS[found.group(2)])
+    return tuple(sorted(set(seconds)))
 
 
 def _path(base: Path, value: str) -> str:

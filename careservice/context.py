@@ -25,6 +25,7 @@ class Inputs:
     # The d= domains of the message's valid DKIM signatures; verified by the runner (DNS) only for a
     # staff reply of a site with staff_auth "dkim", else empty (careservice.staffauth)
     dkim_domains: tuple[str, ...] = ()
+    blocked: bool = False  # RECEIVED: its sender is marked "#spam" (spam.block_days not yet passed)
 
 
 @dataclass

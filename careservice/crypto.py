@@ -92,6 +92,7 @@ class Keyring:
         self._wrap = AESGCM(self._derive(master, b"careservice wrap v1"))
         self._token_key = self._derive(master, b"careservice reply token v1")
         self._form_code_key = self._derive(master, b"careservice form code v1")
+        self._block_key = self._derive(master, b"careservice sender block v1")
         self._daily = secrets.token_bytes(32)  # until the store hands over today's (use_daily_secret)
 
     @staticmethod
@@ -134,6 +135,12 @@ class Keyring:
         """Key digests with today's random secret (kept wrapped in keys.db until the day ends, then
         deleted, so that no copy of the store can test yesterday's digests)."""
         self._daily = secret
+
+    def block_digest(self, address: str) -> bytes:
+        """The keyed digest a "#spam" block is stored under: stable (from the master key, not the day's
+        secret) because a block lasts spam.block_days; used for nothing else, so it links to nothing."""
+        normal = address.strip().casefold().encode("utf-8", "surrogateescape")
+        return hmac.new(self._block_key, normal, hashlib.sha256).digest()
 
     def digest(self, value: str) -> bytes:
         """A keyed digest: counts or de-duplicates a value without storing it (valid for one day)."""

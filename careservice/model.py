@@ -13,6 +13,7 @@ class CaseState(StrEnum):
     FOLLOW_UP = "follow_up"  # a customer's reply to an open case: forward, then merge
     STAFF_REPLY = "staff_reply"  # mail to a reply address: verify sender and token
     VERIFIED = "verified"  # a genuine staff answer: relay it (or close the case on #closed)
+    COMMAND = "command"  # a genuine staff reply whose first line is a "#" command
     OPEN = "open"  # forwarded, waiting for staff; expires after retention.unanswered_days
     ANSWERING = "answering"  # answer queued for the relay; purged on the relay's 250
     PURGED = "purged"  # terminal: rows and key deleted
@@ -23,6 +24,7 @@ class MailKind(StrEnum):
     ACK = "ack"  # acknowledgement to the customer
     ANSWER = "answer"  # staff answer to the customer; its 250 purges the case
     NOTICE = "notice"  # short notice to staff (case id only)
+    NOTE = "note"  # a staff member's internal note to the case's other staff
 
 
 class Source(StrEnum):
@@ -68,6 +70,8 @@ class Case:
     references: tuple[str, ...] = ()
     target: str = ""  # for FOLLOW_UP / STAFF_REPLY: the case it refers to
     failures: int = 0  # stage failures in a row; above 0 the case is held back and counted as stuck
+    owner: str = ""  # the staff address "#assign" handed the case to (sealed in the meta, purged with it)
+    reminded: int = 0  # reminders sent for this open case (retention.remind_after)
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,16 @@ class Outcome:
     counters: tuple[str, ...] = field(default=())
     ack_slot: AckSlot | None = None  # the acknowledgement among `mails` goes only if this slot is free
     nonce: str = ""  # the case's new nonce when an answer failed: the reply addresses issued before stop verifying
+    block: SenderBlock | None = None  # a sender marked "#spam": its mail is discarded until then
+    target_owner: str = ""  # "#assign": the staff address the case named by `case.target` now belongs to
+
+
+@dataclass(frozen=True)
+class SenderBlock:
+    """Senders (as Keyring.block_digest digests) whose mail is discarded, unacknowledged, until `until`."""
+
+    digests: tuple[bytes, ...]
+    until: float
 
 
 @dataclass(frozen=True)

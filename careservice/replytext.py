@@ -60,6 +60,7 @@ class Forwarded:
 class StaffReply:
     text: str  # the new text for the customer ("" when there is none)
     command: str | None = None  # a first line "#word ...": "word" in lower case (None: no such line)
+    words: str = ""  # after a command: the rest of its line and the lines below (a note's text, a name)
 
 
 def normalised(line: str) -> str:
@@ -72,10 +73,11 @@ def read_reply(text: str, html: str, forwarded: Forwarded) -> StaffReply:
     """The staff member's own words from a reply's text part or, when it has one, its HTML part."""
     source = html_text(html) if html.strip() else text  # without a text part, `text` is the HTML untagged
     lines = [line for line in _unquoted(source) if normalised(line) not in forwarded.own]
-    first = next((line.strip(_INVISIBLE) for line in lines if line.strip(_INVISIBLE)), "")
-    command = _COMMAND.match(unicodedata.normalize("NFKC", first))
+    start = next((i for i, line in enumerate(lines) if line.strip(_INVISIBLE)), len(lines))
+    first = unicodedata.normalize("NFKC", lines[start].strip(_INVISIBLE)) if lines[start:] else ""
+    command = _COMMAND.match(first)
     if command:
-        return StaffReply("", command.group(1).casefold())
+        return StaffReply("", command.group(1).casefold(), _tidy([first[command.end():].strip(), *lines[start + 1:]]))
     if _says_nothing(lines, forwarded):
         return StaffReply("")
     return StaffReply(_tidy(lines))

@@ -12,7 +12,7 @@ from careservice.context import Context, Inputs
 from careservice.dkimcheck import verified_domains
 from careservice.handlers import Stage
 from careservice.logs import error_fields
-from careservice.mail import parse
+from careservice.mail import Parsed, parse
 from careservice.model import Case, CaseState, Outcome
 from careservice.store import Store
 from careservice.wakeup import Wakeup
@@ -32,6 +32,7 @@ def merge(first: Outcome, then: Outcome) -> Outcome:
         state=then.state, reason=then.reason, mails=first.mails + then.mails,
         updates=then.updates or first.updates, target_state=then.target_state or first.target_state,
         counters=first.counters + then.counters, ack_slot=then.ack_slot or first.ack_slot,
+        block=then.block or first.block, target_owner=then.target_owner or first.target_owner,
     )
 
 
@@ -62,7 +63,12 @@ class Runner:
         self._wake.set()
 
     def next_run(self, case: Case, state: CaseState, now: float) -> float:
-        return case.created + self.waits[state] if state in self.waits else now
+        """When `case`'s stage for `state` is due; an open case's also at its next reminder."""
+        if state not in self.waits:
+            return now
+        due = case.created + self.waits[state]
+        reminders = self.ctx.config.remind_after[case.reminded:] if state is CaseState.OPEN else ()
+        return min(due, case.created + reminders[0]) if reminders else due
 
     async def run(self) -> None:
         while not self._stopping:
@@ -101,6 +107,7 @@ class Runner:
             parsed = parse(case.raw, case.envelope.mail_from)
             target: Case | None = None
             signers: tuple[str, ...] | None = None
+            blocked = case.state is CaseState.RECEIVED and await self.store.is_blocked(self.senders(case, parsed), now)
             for _ in range(MAX_CHAIN):
                 if current.target and (target is None or target.id != current.target):
                     target = await self.store.get_case(current.target)
@@ -112,15 +119,16 @@ class Runner:
                     # DNS (a timeout raises DkimUnavailable: the case is held and retried)
                     from_domain = parsed.from_address.rpartition("@")[2]
                     signers = await asyncio.to_thread(self.verify_dkim, case.raw, from_domain)
-                inputs = Inputs(current, site, parsed, target if current.target else None, now, signers or ())
+                inputs = Inputs(current, site, parsed, target if current.target else None, now,
+                                dkim_domains=signers or (), blocked=blocked)
                 step = self.stages[current.state](inputs, self.ctx)
                 outcome = step if outcome is None else merge(outcome, step)
                 current = replace(step.updates or current, state=step.state)
-                if step.state not in self.stages or self.next_run(case, step.state, now) > now:
+                if step.state not in self.stages or self.next_run(current, step.state, now) > now:
                     break
             del parsed, inputs  # the message (attachments decoded) is not kept for the commit
             assert outcome is not None
-            await self.store.apply(case, outcome, now, self.next_run(case, outcome.state, now))
+            await self.store.apply(case, outcome, now, self.next_run(outcome.updates or case, outcome.state, now))
             metrics.stage_outcome(case.site, outcome)
             if outcome.mails:
                 self.on_mail()
@@ -129,6 +137,11 @@ class Runner:
                      outcome.state, outcome.reason, len(outcome.mails), f" target={target_id}" if target_id else "")
         except Exception as exc:  # a stage or the store failed: hold the case, try again later
             await self.hold(case, current.state, now, exc)
+
+    def senders(self, case: Case, parsed: Parsed) -> tuple[bytes, ...]:
+        """The block digests of every address an inbound item comes from (envelope, From, form field)."""
+        addresses = {parsed.from_address, case.envelope.mail_from, case.contact.email if case.contact else ""}
+        return tuple(self.ctx.keyring.block_digest(a) for a in sorted(addresses) if a)
 
     async def hold(self, case: Case, state: CaseState, now: float, exc: Exception) -> None:
         """Retry the case later, backing off; the hold is stored, so `status` counts it as stuck."""

@@ -33,6 +33,7 @@ class Site:
     dkim_selector: str = ""  # with dkim_key_file: mail from this site is signed for its domain
     dkim_key_file: str = ""
     staff_auth: str = "none"  # "none", "dkim" or "authres:<authserv-id>" (careservice.staffauth)
+    notify_answered: bool = False  # the other staff hear when one of them answers or closes a case
 
     @property
     def care_local(self) -> str:
@@ -112,6 +113,7 @@ class AdminConfig:
 class SpamConfig:
     rspamd_url: str  # "" = no spam check
     timeout: int  # seconds for one check, after which the mail is taken unchecked
+    block_days: int = 30  # a sender a staff member marked "#spam" is discarded this long
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ class Config:
     web: WebConfig
     unanswered_days: int
     hard_limit_days: int  # every case is purged at this age, whatever its state or site
+    remind_after: tuple[float, ...]  # an open case's age, in seconds, at each reminder to its owner or staff
     acks_per_hour: int
     sites: tuple[Site, ...]
     imap: tuple[ImapMailbox, ...] = field(default=())

@@ -30,7 +30,7 @@ from jinja2 import (
 from careservice.config import Site
 from careservice.model import ContactDetails
 
-MAIL_TEMPLATES = ("ack", "answer", "forward", "notice")
+MAIL_TEMPLATES = ("ack", "answer", "forward", "note", "notice", "reminder")
 PAGE_TEMPLATES = ("form", "thanks")
 
 
@@ -120,6 +120,9 @@ def sample_values(kind: str, name: str, site: Site) -> dict[str, Any]:
             "answer": {"site": site, "subject": "Sample subject", "text": "Sample answer."},
             "forward": {"site": site, "case_id": "0123456789ab", "subject": "Sample subject", "contact": contact,
                         "text": "Sample query.", "follow_up": False},
+            "note": {"site": site, "case_id": "0123456789ab", "subject": "Sample subject",
+                     "author": "staff@example.org", "text": "Sample note."},
+            "reminder": {"site": site, "case_id": "0123456789ab", "age": "1 day 2 hours"},
             "notice": {"site": site, "case_id": "0123456789ab", "headline": "Sample headline",
                        "explanation": "Sample explanation."},
         }[name]

@@ -63,7 +63,7 @@ class CaseWorker:
     async def sweep(self) -> None:
         """Periodic, and once at start: purge every case past retention.hard_limit_days (one that expiry
         cannot reach, e.g. of a site removed from the config), run due expiries and retries, drop past
-        days' digests, and truncate the WAL."""
+        days' digests and expired "#spam" blocks, and truncate the WAL."""
         now = self.ctx.clock()
         sites = frozenset(site.id for site in self.ctx.config.sites)
         for case_id, state, created in await self.store.purge_older_than(now - self.config.hard_limit_days * 86400.0,
@@ -71,6 +71,7 @@ class CaseWorker:
             log.warning("case_purged_hard_limit case=%s state=%s age_days=%d", case_id, state, (now - created) // 86400)
         self.wake()
         await self.store.rotate_digests(now)
+        await self.store.prune_blocks(now)
 
     def reload(self) -> None:
         """SIGHUP: the config as careservice.reload applies it, the sites' DKIM keys read again, and the

@@ -1,14 +1,20 @@
 """The whole case workflow on one screen: which stage runs for a case in each state.
 
-    RECEIVED    --classify-->      NEW | FOLLOW_UP | STAFF_REPLY | PURGED (auto-reply, bounce, list, loop)
+    RECEIVED    --classify-->      NEW | FOLLOW_UP | STAFF_REPLY | PURGED (auto-reply, bounce, list, loop,
+                                                                          a sender marked "#spam")
     NEW         --forward-->       ACKNOWLEDGE                     (a copy per staff address, each its own Reply-To)
     ACKNOWLEDGE --acknowledge-->   OPEN                            (ack to the customer, unless suppressed)
     FOLLOW_UP   --forward-->       PURGED                          (forwarded under the open case)
     STAFF_REPLY --verify_reply-->  VERIFIED | PURGED               (token from the staff From it was issued to,
                                                                     staff_auth passed; else refuse/notice)
-    VERIFIED    --relay_answer-->  PURGED, case -> ANSWERING       (answer queued; "#closed"/"#phone": case purged;
-                                                                    no new text or an unknown "#": notice, case OPEN)
-    OPEN        --expire-->        PURGED                          (when retention.unanswered_days pass)
+    VERIFIED    --relay_answer-->  PURGED, case -> ANSWERING       (answer queued; no new text: notice, case OPEN)
+                                   | COMMAND                       (the first line starts with "#")
+    COMMAND     --commands-->      PURGED                          ("#closed"/"#phone": case purged; "#note": to the
+                                                                    other staff; "#assign": forward to one of them;
+                                                                    "#spam": case purged, its sender blocked;
+                                                                    "#help" or an unknown "#": notice; case OPEN)
+    OPEN        --expire-->        OPEN | PURGED                   (a reminder at each retention.remind_after age;
+                                                                    purged when retention.unanswered_days pass)
     ANSWERING   events from the relay (EVENTS): ANSWER_DELIVERED purges the case;
                 ANSWER_FAILED (refused for good, or given up) makes it OPEN again under new reply
                 addresses and tells staff
@@ -22,7 +28,7 @@ from careservice.config import Site
 from careservice.context import Context, Inputs
 from careservice.model import CaseState, MailEvent, Outcome, QueuedMail
 
-from . import acknowledge, classify, delivery, expire, forward, relay_answer, verify_reply
+from . import acknowledge, classify, commands, delivery, expire, forward, relay_answer, verify_reply
 
 Stage = Callable[[Inputs, Context], Outcome]  # pure: the runner loads the inputs and commits the outcome
 Event = Callable[[Site, QueuedMail, str, Context], Outcome]  # the outbox commits it with the delivery record
@@ -34,6 +40,7 @@ STAGES: dict[CaseState, Stage] = {
     CaseState.FOLLOW_UP: forward.follow_up,
     CaseState.STAFF_REPLY: verify_reply.handle,
     CaseState.VERIFIED: relay_answer.handle,
+    CaseState.COMMAND: commands.handle,
     CaseState.OPEN: expire.handle,
 }
 

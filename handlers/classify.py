@@ -10,6 +10,8 @@ from careservice.model import CaseState, ContactDetails, Outcome, Source
 
 def handle(inp: Inputs, ctx: Context) -> Outcome:
     case, site, parsed = inp.case, inp.site, inp.parsed
+    if inp.blocked:  # marked "#spam" by staff: no case, no acknowledgement
+        return Outcome(CaseState.PURGED, "discard_blocked_sender", counters=("spam_discarded",))
     if parsed.automatic:
         return Outcome(CaseState.PURGED, f"discard_{parsed.automatic}", counters=("discarded",))
     if ctx.addressing.is_ours(parsed.from_address) or ctx.addressing.is_ours(case.envelope.mail_from):

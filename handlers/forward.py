@@ -11,9 +11,10 @@ from careservice.model import Case, CaseState, ContactDetails, MailKind, Outcome
 from careservice.spamverdict import read as spam_verdict
 
 
-def _to_staff(inp: Inputs, ctx: Context, owner: Case, follow_up: bool) -> tuple[OutgoingMail, ...]:
-    """The forwards of the message in `inp`, one per staff address, filed under (and answerable for)
-    the case `owner`."""
+def _to_staff(inp: Inputs, ctx: Context, owner: Case, follow_up: bool,
+              to: tuple[str, ...] = ()) -> tuple[OutgoingMail, ...]:
+    """The forwards of the message in `inp`, one per staff address in `to` (every staff address when
+    empty), each with its own reply address, filed under (and answerable for) the case `owner`."""
     site = inp.site
     contact = inp.case.contact or ContactDetails("", "")
     subject, text = ctx.texts.mail(site.id, "forward", site=site, case_id=owner.id, subject=owner.subject,
@@ -26,7 +27,7 @@ def _to_staff(inp: Inputs, ctx: Context, owner: Case, follow_up: bool) -> tuple[
         from_address=site.care_address, to=(staff,), subject=subject, text=text, message_id=new_message_id(site.domain),
         reply_to=ctx.addressing.reply_address(site, owner.id, owner.nonce, staff),
         attachments=inp.parsed.attachments, loop_marker=ctx.config.smtp.hostname,
-    ) for staff in site.staff)
+    ) for staff in to or site.staff)
     return tuple(ctx.outgoing(MailKind.FORWARD, owner.id, site.care_address, draft) for draft in drafts)
 
 

@@ -1,8 +1,9 @@
-"""Stage VERIFIED: queue the staff answer to the customer (or close on #closed), then drop the reply.
+"""Stage VERIFIED: queue the staff answer to the customer, then drop the reply.
 
-Only the staff member's new words go (careservice.replytext); a reply without any, one whose first
-line is an unknown "#" command, one the parser could not read whole, or one with an attached mail
-or reply address sends the customer nothing and tells the staff member why.
+Only the staff member's new words go (careservice.replytext); a reply whose first line is a "#"
+command goes to stage COMMAND (handlers.commands) instead; a reply without new words, one the parser
+could not read whole, or one with an attached mail or reply address sends the customer nothing and
+tells the staff member why.
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ import re
 from careservice.config import Site
 from careservice.context import Context, Inputs
 from careservice.mail import Draft, new_message_id, parse
-from careservice.model import Case, CaseState, ContactDetails, MailKind, Outcome
-from careservice.replytext import Forwarded, read_reply, relay_problem
+from careservice.model import Case, CaseState, ContactDetails, MailKind, Outcome, OutgoingMail
+from careservice.replytext import Forwarded, StaffReply, read_reply, relay_problem
 
-CLOSE_COMMANDS = ("closed", "phone")  # the case was answered by telephone
 WITHHELD = {
     "reply_unreadable": "Your reply could not be read whole (its structure is too deep or too large, or a "
                         "header is broken), and relaying it might show the customer what it quotes. Please "
@@ -33,23 +33,17 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
         return Outcome(CaseState.STAFF_REPLY, "target_changed")  # verify again: it sends the late notice
     problem = relay_problem(parsed, f"{target.id}.{target.nonce}")
     if problem:
-        return _not_sent(inp, ctx, target, problem, "Your reply was not sent", WITHHELD[problem])
-    reply = read_reply(parsed.text, parsed.html, _forwarded(ctx, site, target))
-    if reply.command in CLOSE_COMMANDS:
-        return Outcome(CaseState.PURGED, "closed_by_phone", target_state=CaseState.PURGED,
-                       counters=("closed_by_phone",))
+        return not_sent(inp, ctx, target, problem, "Your reply was not sent", WITHHELD[problem])
+    reply = staff_words(inp, ctx, target)
     if reply.command is not None:
-        commands = " or ".join(f'"#{name}"' for name in CLOSE_COMMANDS)
-        return _not_sent(inp, ctx, target, "reply_unknown_command", "Unknown command, nothing was sent",
-                         'The first line of your reply starts with "#", which is for commands, and is not one '
-                         f"we know. To close the case after a telephone call, start with {commands}.")
+        return Outcome(CaseState.COMMAND, "command")
     if not reply.text:
-        return _not_sent(inp, ctx, target, "reply_empty", "Your reply was empty, nothing was sent",
-                         "Your reply held no text of your own above or below the quote.")
+        return not_sent(inp, ctx, target, "reply_empty", "Your reply was empty, nothing was sent",
+                        "Your reply held no text of your own above or below the quote.")
     customer = target.contact.email if target.contact else ""
     if not customer:
-        return _not_sent(inp, ctx, target, "no_customer_address", "Answer not sent",
-                         "The customer left no e-mail address; please use the telephone.")
+        return not_sent(inp, ctx, target, "no_customer_address", "Answer not sent",
+                        "The customer left no e-mail address; please use the telephone.")
     text = reply.text
     for staff in site.staff:  # signatures must not reveal a staff address
         text = re.sub(re.escape(staff), site.care_address, text, flags=re.IGNORECASE)
@@ -60,15 +54,34 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
         attachments=parsed.attachments, loop_marker=ctx.config.smtp.hostname,
     )
     answer = ctx.outgoing(MailKind.ANSWER, target.id, site.care_address, draft)
-    return Outcome(CaseState.PURGED, "answer_queued", mails=(answer,), target_state=CaseState.ANSWERING)
+    return Outcome(CaseState.PURGED, "answer_queued", mails=(answer, *tell_the_others(inp, ctx, target, "answered")),
+                   target_state=CaseState.ANSWERING)
 
 
-def _not_sent(inp: Inputs, ctx: Context, target: Case, reason: str, headline: str, why: str) -> Outcome:
+def not_sent(inp: Inputs, ctx: Context, target: Case, reason: str, headline: str, why: str) -> Outcome:
     """Drop the reply and tell its sender why the customer got nothing; the case stays open."""
     notice = ctx.notice(inp.site, (inp.parsed.from_address,), headline,
                         f"{why} Nothing was sent to the customer and the case stays open.",
                         about=target.id, filed_under=inp.case.id)
     return Outcome(CaseState.PURGED, reason, mails=(notice,))
+
+
+def tell_the_others(inp: Inputs, ctx: Context, target: Case, done: str) -> tuple[OutgoingMail, ...]:
+    """With the site's `notify_answered`, the other staff hear that the case needs nothing more from them.
+    Filed under the reply, not the case: the case's purge must not take the notice with it."""
+    site, sender = inp.site, inp.parsed.from_address
+    others = tuple(s for s in site.staff if s.casefold() != sender.casefold())
+    if not site.notify_answered or not others:
+        return ()
+    name = inp.parsed.from_name or sender
+    return (ctx.notice(site, others, f"{done.capitalize()} by {name} \u2014 nothing more to do",
+                       f"{name} <{sender}> has {done} case {target.id}; it needs nothing more from you.",
+                       about=target.id, filed_under=inp.case.id),)
+
+
+def staff_words(inp: Inputs, ctx: Context, target: Case) -> StaffReply:
+    """What the staff member wrote in the reply `inp`, without the quote and the forward's own lines."""
+    return read_reply(inp.parsed.text, inp.parsed.html, _forwarded(ctx, inp.site, target))
 
 
 def _forwarded(ctx: Context, site: Site, target: Case) -> Forwarded:

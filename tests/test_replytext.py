@@ -35,10 +35,12 @@ FORWARDED = Forwarded.of([OWN], "Order 4711 never arrived, please help.")
     ("\n\nSent from my iPhone\n", StaffReply("")),
     ("-- \nAgent Smith\nTicketNest", StaffReply("")),
     ("Order 4711 never arrived, please help.", StaffReply("")),  # only the customer's own words
-    ("#\nhello", StaffReply("", command="")),
+    ("#\nhello", StaffReply("", command="", words="hello")),
     ("\uff03Closed", StaffReply("", command="closed")),  # a full-width "#"
     ("\u200b#closed", StaffReply("", command="closed")),
-    ("#4711 is your order number", StaffReply("", command="4711")),
+    ("#4711 is your order number", StaffReply("", command="4711", words="is your order number")),
+    ("#note  called her\n\n\n> quoted\nsends a new card",
+     StaffReply("", command="note", words="called her\n\nsends a new card")),
 ])
 def test_read_reply(text: str, expected: StaffReply) -> None:
     assert read_reply(text, "", FORWARDED) == expected

@@ -212,7 +212,7 @@ def test_unanswered_case_expires_with_notice(daemon: Daemon, relay: CaptureRelay
     open_case(daemon, relay, customer_mail("Old", "nobody answers"))
     wait_for(lambda: daemon.status()["outbound_queued"] == 0, what="queue drained")
     conn = sqlite3.connect(daemon.data_dir / "cases.db", timeout=10)
-    conn.execute("UPDATE cases SET next_run = 0")  # as if retention.unanswered_days had passed
+    conn.execute("UPDATE cases SET next_run = 0, created = created - 31 * 86400")  # retention.unanswered_days passed
     conn.commit()
     conn.close()
     wait_for(lambda: [c for c in relay.to(STAFF) if "Expired" in str(c.message["Subject"])], what="expiry notice")

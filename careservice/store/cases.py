@@ -12,6 +12,7 @@ from typing import Any
 from careservice.budget import SCAN, first_fit
 from careservice.crypto import Keyring, open_sealed, seal
 from careservice.model import Case, CaseState, ContactDetails, Envelope, MailKind, NewMessage, Outcome, Source
+from careservice.store.blocks import block
 from careservice.store.keys import case_key, day_end
 from careservice.store.mailq import queue_mail
 from careservice.store.purge import add_stat, drop_item, purge_case
@@ -26,7 +27,8 @@ def meta(case: Case) -> bytes:
     return json.dumps({
         "mail_from": case.envelope.mail_from, "rcpt": case.envelope.rcpt,
         "contact": asdict(case.contact) if case.contact else None, "subject": case.subject,
-        "message_id": case.message_id, "references": list(case.references),
+        "message_id": case.message_id, "references": list(case.references), "owner": case.owner,
+        "reminded": case.reminded,
     }).encode()
 
 
@@ -64,7 +66,8 @@ def load_case(conn: sqlite3.Connection, keyring: Keyring, row: tuple[Any, ...]) 
         raw=open_sealed(key, raw_blob, case_id.encode() + b"raw"),
         contact=ContactDetails(**meta["contact"]) if meta["contact"] else None,
         subject=meta["subject"], message_id=meta["message_id"], references=tuple(meta["references"]),
-        target=target, failures=failures,
+        target=target, failures=failures, owner=meta.get("owner", ""),  # not in cases stored before #assign
+        reminded=meta.get("reminded", 0),
     )
 
 
@@ -107,10 +110,14 @@ def apply(conn: sqlite3.Connection, keyring: Keyring, case: Case, outcome: Outco
         add_stat(conn, case.site, now, name)
     for mail in mails:
         queue_mail(conn, keyring, case.site, mail, now)
+    if outcome.block is not None:
+        block(conn, outcome.block)
     if outcome.target_state is CaseState.PURGED:
         purge_case(conn, updated.target)
     elif outcome.target_state is not None:
         conn.execute("UPDATE cases SET state=? WHERE id=?", (outcome.target_state, updated.target))
+    if outcome.target_owner:
+        set_owner(conn, keyring, updated.target, outcome.target_owner)
     if outcome.state is CaseState.PURGED:
         drop_item(conn, case.id)
         return
@@ -119,6 +126,17 @@ def apply(conn: sqlite3.Connection, keyring: Keyring, case: Case, outcome: Outco
         "UPDATE cases SET state=?, next_run=?, target=?, meta=?, failures=0 WHERE id=?",
         (outcome.state, next_run, updated.target, seal(key, meta(updated), case.id.encode() + b"meta"), case.id),
     )
+
+
+def set_owner(conn: sqlite3.Connection, keyring: Keyring, case_id: str, owner: str) -> None:
+    """Record the staff member a case is assigned to, in its sealed meta (a case gone meanwhile has none)."""
+    row = conn.execute("SELECT meta FROM cases WHERE id=?", (case_id,)).fetchone()
+    if row is None:
+        return
+    key, aad = case_key(conn, keyring, case_id), case_id.encode() + b"meta"
+    fields = json.loads(open_sealed(key, row[0], aad))
+    conn.execute("UPDATE cases SET meta=? WHERE id=?", (seal(key, json.dumps({**fields, "owner": owner}).encode(), aad),
+                                                        case_id))
 
 
 def hold(conn: sqlite3.Connection, keyring: Keyring, case_id: str, state: CaseState, failures: int,

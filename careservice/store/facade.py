@@ -9,7 +9,7 @@ from typing import Any
 
 from careservice.crypto import Keyring
 from careservice.model import Case, CaseState, MailKind, NewMessage, Outcome, QueuedMail
-from careservice.store import cases, keys, mailq, purge, tallies
+from careservice.store import blocks, cases, disclosure, keys, mailq, purge, tallies
 from careservice.store.executor import Executor, InlineExecutor, ThreadExecutor
 
 
@@ -52,6 +52,14 @@ class Store:
         purging = CaseState.PURGED in (outcome.state, outcome.target_state)
         await self.executor.call(cases.apply, case, outcome, now, next_run, checkpoint=purging)
 
+    async def open_cases(self) -> list[tuple[str, str, str, float, str]]:
+        """(id, site, state, created, owner) of every open case, for `careservice cases`."""
+        return await self.executor.read(disclosure.open_cases)
+
+    async def open_case(self, case_id: str) -> tuple[Case, list[QueuedMail]] | None:
+        """An open case and the mail queued under it, for `careservice export`; None when it is not open."""
+        return await self.executor.read(disclosure.open_case, case_id)
+
     async def hold(self, case: Case, failures: int, retry_at: float) -> None:
         """Keep a case whose stage failed out of the due list until `retry_at` (counted as stuck)."""
         await self.executor.call(cases.hold, case.id, case.state, failures, retry_at)
@@ -77,6 +85,13 @@ class Store:
         """Switch the keyring to today's digest secret and drop every digest of an earlier day (both
         processes call it at start and then every minute; the first call of a day makes the secret)."""
         await self.executor.call(keys.rotate_digests, now, checkpoint=True)
+
+    async def is_blocked(self, digests: tuple[bytes, ...], now: float) -> bool:
+        """Whether one of these sender digests (Keyring.block_digest) is marked "#spam" and not expired."""
+        return await self.executor.read(blocks.blocked, digests, now)
+
+    async def prune_blocks(self, now: float) -> None:
+        await self.executor.call(blocks.prune, now)
 
     async def purge_older_than(self, cutoff: float, sites: frozenset[str], now: float) -> list[tuple[str, str, float]]:
         """Purge every case created before `cutoff`, whatever its state (see purge.purge_aged)."""

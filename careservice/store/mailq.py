@@ -31,18 +31,19 @@ def due_mail(conn: sqlite3.Connection, keyring: Keyring, now: float, limit: int,
         "SELECT id, length(meta) + length(message) FROM outbox WHERE next_attempt <= ? ORDER BY next_attempt "
         "LIMIT ?", (now, SCAN * limit),
     ).fetchall()
-    out = []
-    for row_id in first_fit(sized, limit, max_bytes):
-        case_id, site, kind, created, attempts, meta_blob, msg_blob = conn.execute(
-            "SELECT case_id, site, kind, created, attempts, meta, message FROM outbox WHERE id=?", (row_id,)
-        ).fetchone()
-        key = case_key(conn, keyring, case_id)
-        aad = f"{case_id}:{row_id}".encode()
-        meta = json.loads(open_sealed(key, meta_blob, aad + b"meta"))
-        mail = OutgoingMail(MailKind(kind), case_id, meta["sender"], tuple(meta["recipients"]),
-                            open_sealed(key, msg_blob, aad + b"msg"), meta["message_id"])
-        out.append(QueuedMail(row_id, site, attempts, created, mail))
-    return out
+    return [load_mail(conn, keyring, row_id) for row_id in first_fit(sized, limit, max_bytes)]
+
+
+def load_mail(conn: sqlite3.Connection, keyring: Keyring, row_id: int) -> QueuedMail:
+    case_id, site, kind, created, attempts, meta_blob, msg_blob = conn.execute(
+        "SELECT case_id, site, kind, created, attempts, meta, message FROM outbox WHERE id=?", (row_id,)
+    ).fetchone()
+    key = case_key(conn, keyring, case_id)
+    aad = f"{case_id}:{row_id}".encode()
+    meta = json.loads(open_sealed(key, meta_blob, aad + b"meta"))
+    mail = OutgoingMail(MailKind(kind), case_id, meta["sender"], tuple(meta["recipients"]),
+                        open_sealed(key, msg_blob, aad + b"msg"), meta["message_id"])
+    return QueuedMail(row_id, site, attempts, created, mail)
 
 
 def mail_delivered(conn: sqlite3.Connection, keyring: Keyring, item: QueuedMail, outcome: Outcome | None,

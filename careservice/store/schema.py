@@ -12,7 +12,8 @@ from careservice.model import CaseState
 log = logging.getLogger("careservice.store")
 
 OPEN_STATES = (CaseState.NEW, CaseState.ACKNOWLEDGE, CaseState.OPEN, CaseState.ANSWERING)
-INBOUND_STATES = (CaseState.RECEIVED, CaseState.FOLLOW_UP, CaseState.STAFF_REPLY, CaseState.VERIFIED)
+INBOUND_STATES = (CaseState.RECEIVED, CaseState.FOLLOW_UP, CaseState.STAFF_REPLY, CaseState.VERIFIED,
+                  CaseState.COMMAND)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cases(
@@ -38,6 +39,7 @@ CREATE TABLE IF NOT EXISTS mailbox_health(
     name TEXT PRIMARY KEY, ok INTEGER NOT NULL, problem TEXT NOT NULL, since REAL NOT NULL,
     failures INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS k.keys(id TEXT PRIMARY KEY, wrapped BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS k.blocks(digest BLOB PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS k.daily(day INTEGER PRIMARY KEY, wrapped BLOB NOT NULL) WITHOUT ROWID;
 """
 
