@@ -142,8 +142,8 @@ def test_with_notify_answered_the_others_hear_of_an_answer_and_a_close(tmp_path:
     try:
         answered = open_case(daemon, relay, customer_mail("Refund", "please"))
         reply(daemon, answered, "Your refund is on its way.")
-        closed = open_case(daemon, relay, customer_mail("Call me", "please", sender="bob@customer.example"),
-                           sender="bob@customer.example")
+        open_case(daemon, relay, customer_mail("Call me", "please", sender="bob@customer.example"),
+                  sender="bob@customer.example")
         reply(daemon, relay.to(STAFF2)[-1].message, "#closed", sender=STAFF2)  # from STAFF2's own copy
         wait_for(lambda: daemon.status() == EMPTY, what="both purged")
     finally:
