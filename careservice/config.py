@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
 
 from careservice.budget import min_memory_mb
+from careservice.configtable import Table
 from careservice.settings import (  # the records config.py fills in; importable from here too
     AdminConfig,
     Config,
@@ -40,73 +39,6 @@ _UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _CONTACT_PATH = re.compile(r"(/[A-Za-z0-9._~-]+)+")  # literal segments: no route parameters, query or fragment
 
 
-class _Table:
-    """Typed reads from one TOML table, naming the full key in every error. It remembers which keys
-    were read, so that a key nothing reads (a typo such as `require_tsl`) is an error too."""
-
-    def __init__(self, data: dict[str, Any], prefix: str) -> None:
-        self.data = data
-        self.prefix = prefix
-        self.read: set[str] = set()
-        self.children: list[_Table] = []
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}.{name}" if self.prefix else name
-
-    def get(self, name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
-        self.read.add(name)
-        if name not in self.data:
-            if default is None:
-                raise ConfigError(self.key(name), "missing")
-            return default
-        value = self.data[name]
-        if isinstance(value, bool) and kind is not bool:
-            raise ConfigError(self.key(name), f"expected {_kind_name(kind)}, got a boolean")
-        if not isinstance(value, kind):
-            raise ConfigError(self.key(name), f"expected {_kind_name(kind)}, got {type(value).__name__}")
-        return value
-
-    def positive(self, name: str, default: int) -> int:
-        value = self.get(name, int, default)
-        if value <= 0:
-            raise ConfigError(self.key(name), f"must be positive, got {value}")
-        return value
-
-    def sub(self, name: str) -> _Table:
-        table = _Table(self.get(name, dict, {}), self.key(name))
-        self.children.append(table)
-        return table
-
-    def array(self, name: str, required: bool = False) -> list[_Table]:
-        """An array of tables (`[[name]]`), each read as its own table."""
-        items = self.get(name, list, None if required else [])
-        tables = []
-        for i, item in enumerate(items):
-            if not isinstance(item, dict):
-                raise ConfigError(f"{self.key(name)}[{i}]", "expected a table")
-            tables.append(_Table(item, f"{self.key(name)}[{i}]"))
-        self.children.extend(tables)
-        return tables
-
-    def refuse_unknown(self) -> None:
-        """Raise for the first key or table that nothing read, suggesting the nearest known name."""
-        for name, value in self.data.items():
-            if name not in self.read:
-                what = "table" if isinstance(value, dict) or (
-                    isinstance(value, list) and value and all(isinstance(v, dict) for v in value)) else "key"
-                close = difflib.get_close_matches(name, sorted(self.read), n=1, cutoff=0.6)
-                hint = f' (did you mean "{close[0]}"?)' if close else ""
-                raise ConfigError(self.key(name), f"unknown {what}{hint}")
-        for child in self.children:
-            child.refuse_unknown()
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {"str": "a string", "int": "an integer", "bool": "true or false", "list": "a list", "dict": "a table"}
-    return " or ".join(names.get(k.__name__, k.__name__) for k in kinds)
-
-
 def parse_endpoint(key: str, value: str) -> Endpoint:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -126,7 +58,7 @@ def _resolve(base: Path, value: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def _relay(t: _Table, base: Path) -> RelayConfig:
+def _relay(t: Table, base: Path) -> RelayConfig:
     url = t.get("url", str, "smtp://127.0.0.1:25")
     scheme, sep, rest = url.partition(":")
     if not sep or scheme not in RELAY_SCHEMES:
@@ -164,7 +96,7 @@ def _relay(t: _Table, base: Path) -> RelayConfig:
     )
 
 
-def _oauth2(t: _Table, base: Path) -> OAuth2Config | None:
+def _oauth2(t: Table, base: Path) -> OAuth2Config | None:
     """The table's `auth`: None for "password", else its OAuth2 settings."""
     auth = t.get("auth", str, "password")
     if auth not in AUTH_METHODS:
@@ -202,7 +134,7 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _site(t: _Table, base: Path) -> Site:
+def _site(t: Table, base: Path) -> Site:
     site_id = t.get("id", str)
     if not site_id.isidentifier() and not site_id.replace("-", "").replace(".", "").isalnum():
         raise ConfigError(t.key("id"), f'use letters, digits, "-" or "." only, got "{site_id}"')
@@ -242,7 +174,7 @@ def _web_host(key: str, value: object) -> str:
     return host
 
 
-def _networks(t: _Table, name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+def _networks(t: Table, name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     networks = []
     for i, value in enumerate(t.get(name, list, [])):
         try:
@@ -253,7 +185,7 @@ def _networks(t: _Table, name: str) -> tuple[ipaddress.IPv4Network | ipaddress.I
     return tuple(networks)
 
 
-def _imap(t: _Table, site_ids: set[str], base: Path) -> ImapMailbox:
+def _imap(t: Table, site_ids: set[str], base: Path) -> ImapMailbox:
     site = t.get("site", str)
     if site not in site_ids:
         raise ConfigError(t.key("site"), f'unknown site "{site}"')
@@ -283,7 +215,7 @@ def load_config(path: Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", f"not valid TOML: {exc}") from None
     base = path.resolve().parent
-    root = _Table(data, "")
+    root = Table(data, "")
     service, security, smtp = root.sub("service"), root.sub("security"), root.sub("smtp")
     web, retention, admin, spam = root.sub("web"), root.sub("retention"), root.sub("admin"), root.sub("spam")
     admin_listen = admin.get("listen", str, "127.0.0.1:9025")  # "" = no admin listener
@@ -389,7 +321,7 @@ def load_config(path: Path) -> Config:
     return config
 
 
-def _durations(table: _Table, name: str, default: list[str]) -> tuple[float, ...]:
+def _durations(table: Table, name: str, default: list[str]) -> tuple[float, ...]:
     """A list of durations such as "30s", "4h", "2d", as seconds in ascending order."""
     values = table.get(name, list, default)
     seconds = []

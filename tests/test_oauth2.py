@@ -190,10 +190,10 @@ def test_the_relay_takes_mail_with_xoauth2_and_a_renewed_token(tmp_path: Path, p
     daemon = Daemon(relay_config(tmp_path, relay, provider)).start()
     try:
         send(daemon.smtp_port, CUSTOMER, [CARE], customer_mail("First", "one"))
-        wait_for(lambda: len(relay.received) == 2, what="forward and acknowledgement")
+        wait_for(lambda: len(relay.received) == 3, what="forwards and acknowledgement")
         time.sleep(6)  # the token expired, and the relay connection was closed after 5 s unused
         send(daemon.smtp_port, CUSTOMER, [CARE], customer_mail("Second", "two"))
-        wait_for(lambda: len(relay.received) == 4, what="the second forward and acknowledgement")
+        wait_for(lambda: len(relay.received) == 6, what="the second forwards and acknowledgement")
     finally:
         daemon.stop()
         relay.stop()
@@ -214,7 +214,7 @@ def test_a_refused_client_stops_asking_for_relay_tokens_until_a_reload(tmp_path:
         (tmp_path / "client.secret").write_text(provider.secret + "\n")
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: len(relay.received) == 2, what="delivery after the reload")
+        wait_for(lambda: len(relay.received) == 3, what="delivery after the reload")
     finally:
         daemon.stop()
         relay.stop()

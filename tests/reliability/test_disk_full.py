@@ -121,7 +121,7 @@ def test_deliveries_while_the_disk_is_full_are_not_repeated(tmp_path: Path, smal
     filler = small_data_dir / "filler"
     try:
         send(daemon.smtp_port, CUSTOMER, [CARE], mail("disk-queued-mark"))
-        wait_for(lambda: status(daemon)["outbound_queued"] == 2, what="forward and ack queued")
+        wait_for(lambda: status(daemon)["outbound_queued"] == 3, what="forwards and ack queued")
         fill(filler, leave=0)
         relay.start()
         wait_for(lambda: relay.received, timeout=30, what="first delivery")
