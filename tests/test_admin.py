@@ -134,7 +134,8 @@ def traffic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traffic]:
         wait_for(lambda: daemon.status()["outbound_queued"] == 0, what="queue drained")
         dave_case = reply_address(to_dave).split("+", 1)[1].split(".", 1)[0]
         with sqlite3.connect(daemon.data_dir / "cases.db", timeout=10) as conn:
-            conn.execute("UPDATE cases SET next_run = 0 WHERE id = ?", (dave_case,))  # retention has passed
+            conn.execute("UPDATE cases SET next_run = 0, created = created - 30.5 * 86400 WHERE id = ?",
+                         (dave_case,))  # retention.unanswered_days passed (not yet the hard limit)
         wait_for(lambda: [c for c in relay.to(STAFF) if "Expired" in str(c.message["Subject"])], what="expiry")
         wait_for(lambda: daemon.status() == {"open_cases": 1, "inbound_pending": 0, "outbound_queued": 0,
                                              "stuck_cases": 0}, what="everything but the ixs case purged")
