@@ -270,6 +270,7 @@ def load_config(path: Path) -> Config:
     if worker_mb < min_memory_mb(max_bytes):  # the worker must hold one message of the largest size
         raise ConfigError("service.worker_memory_mb", f"must be at least {min_memory_mb(max_bytes)} with "
                                                       f"smtp.max_message_bytes = {max_bytes}, got {worker_mb}")
+    acknowledge = root.sub("acknowledge")
     config = Config(
         path=path,
         data_dir=data_dir,
@@ -310,7 +311,9 @@ def load_config(path: Path) -> Config:
         unanswered_days=unanswered_days,
         hard_limit_days=hard_limit_days,
         remind_after=remind_after,
-        acks_per_hour=root.sub("acknowledge").positive("max_per_address_per_hour", 5),
+        acks_per_hour=acknowledge.positive("max_per_address_per_hour", 5),
+        acks_per_domain_per_hour=acknowledge.positive("max_per_domain_per_hour", 20),
+        acks_per_hour_total=acknowledge.positive("max_per_hour", 200),
         sites=sites,
         imap=tuple(_imap(t, set(ids), base) for t in root.array("imap")),
         admin=AdminConfig(parse_endpoint("admin.listen", admin_listen) if admin_listen else None,

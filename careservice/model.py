@@ -114,11 +114,11 @@ class SenderBlock:
 
 @dataclass(frozen=True)
 class AckSlot:
-    """One acknowledgement counted against a (digested) address's hourly limit, in the same transaction
-    as the outcome: over the limit, the acknowledgement is not queued and counts as suppressed."""
+    """One acknowledgement counted against hourly limits (each a keyed digest and its limit: the address,
+    its domain, everything), in the same transaction as the outcome: over any of them, the
+    acknowledgement is not queued and counts as suppressed."""
 
-    digest: bytes
-    limit: int
+    limits: tuple[tuple[bytes, int], ...]
 
 
 @dataclass(frozen=True)

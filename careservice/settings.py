@@ -151,6 +151,8 @@ class Config:
     hard_limit_days: int  # every case is purged at this age, whatever its state or site
     remind_after: tuple[float, ...]  # an open case's age, in seconds, at each reminder to its owner or staff
     acks_per_hour: int
+    acks_per_domain_per_hour: int
+    acks_per_hour_total: int
     sites: tuple[Site, ...]
     imap: tuple[ImapMailbox, ...] = field(default=())
     admin: AdminConfig = field(default=AdminConfig(None, ""))

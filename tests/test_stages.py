@@ -159,11 +159,31 @@ def test_acknowledge_declares_its_rate_slot_and_never_echoes_the_query(ctx: Cont
     case = replace(open_case(ctx), state=CaseState.ACKNOWLEDGE)
     outcome = acknowledge.handle(inputs(ctx, case), ctx)
     assert outcome.state is CaseState.OPEN and [m.kind for m in outcome.mails] == [MailKind.ACK]
-    assert outcome.ack_slot is not None and outcome.ack_slot.limit == ctx.config.acks_per_hour
-    assert outcome.ack_slot.digest == ctx.keyring.digest(CUSTOMER)
+    assert outcome.ack_slot is not None
+    assert [limit for _, limit in outcome.ack_slot.limits] == [ctx.config.acks_per_hour,
+                                                                ctx.config.acks_per_domain_per_hour,
+                                                                ctx.config.acks_per_hour_total]
     assert b"4711" not in outcome.mails[0].message and outcome.mails[0].sender == ""
     nobody = acknowledge.handle(inputs(ctx, replace(case, contact=None)), ctx)
     assert (nobody.reason, nobody.mails, nobody.ack_slot) == ("no_ack_address", (), None)
+
+
+def test_acknowledge_only_a_sender_that_holds_up(ctx: Context) -> None:
+    """12 spoofed mails gave 12 acks to victim+0..11@victim.example: the From was never checked."""
+    case = replace(open_case(ctx), state=CaseState.ACKNOWLEDGE)
+    forged = replace(case, envelope=replace(case.envelope, mail_from="bulk@spammer.example"))
+    assert acknowledge.handle(inputs(ctx, forged), ctx).reason == "no_ack_sender_unverified"
+    spf_pass = replace(forged, raw=b"X-Careservice-Spam: ham; spf=pass; dmarc=none\r\n" + forged.raw)
+    assert acknowledge.handle(inputs(ctx, spf_pass), ctx).reason == "acknowledged"
+    both_fail = replace(case, raw=b"X-Careservice-Spam: ham; spf=fail; dmarc=fail\r\n" + case.raw)
+    assert acknowledge.handle(inputs(ctx, both_fail), ctx).reason == "no_ack_sender_failed"
+
+
+def test_acknowledge_limits_key_the_address_without_its_tag_and_count_its_domain(ctx: Context) -> None:
+    tagged = acknowledge.rate_limits("Victim+3@Victim.example", ctx)
+    plain = acknowledge.rate_limits("victim@victim.example", ctx)
+    other = acknowledge.rate_limits("someone@victim.example", ctx)
+    assert tagged == plain and tagged[0] != other[0] and tagged[1:] == other[1:]
 
 
 def test_verify_reply_refuses_strangers_bad_tokens_and_late_replies(ctx: Context) -> None:

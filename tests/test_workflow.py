@@ -100,7 +100,8 @@ def test_automatic_mail_opens_no_case_and_gets_no_ack(daemon: Daemon, relay: Cap
     send(daemon.smtp_port, sender, [CARE], raw)
     wait_for(lambda: "discard_" in daemon.log.read_text(), what="discard")
     # a real mail afterwards goes through, so the automatic one was not merely slow
-    open_case(daemon, relay, customer_mail("Real", "real text", sender="bob@customer.example", name="Bob"))
+    open_case(daemon, relay, customer_mail("Real", "real text", sender="bob@customer.example", name="Bob"),
+              sender="bob@customer.example")
     assert len(relay.to(STAFF)) == 1 and "Real" in str(relay.to(STAFF)[0].message["Subject"])
     wait_for(lambda: relay.to("bob@customer.example"), what="ack to the real mail")
     assert relay.to(CUSTOMER) == [] and relay.to(CARE) == []

@@ -17,7 +17,7 @@ from careservice.store.keys import case_key, day_end
 from careservice.store.mailq import queue_mail
 from careservice.store.purge import add_stat, drop_item, purge_case
 from careservice.store.schema import StoreError
-from careservice.store.tallies import take_ack_slot
+from careservice.store.tallies import take_ack_slots
 
 log = logging.getLogger("careservice.store")
 _CASE_COLUMNS = "id, site, state, source, created, nonce, target, meta, raw, failures"
@@ -102,8 +102,8 @@ def apply(conn: sqlite3.Connection, keyring: Keyring, case: Case, outcome: Outco
         log.info("reply_target_changed case=%s target=%s", case.id, updated.target)
         outcome = Outcome(CaseState.STAFF_REPLY, "target_changed")
     mails, counters = outcome.mails, outcome.counters
-    if outcome.ack_slot is not None and not take_ack_slot(conn, keyring, outcome.ack_slot.digest,
-                                                           int(now // 3600), outcome.ack_slot.limit):
+    if outcome.ack_slot is not None and not take_ack_slots(conn, keyring, outcome.ack_slot.limits,
+                                                            int(now // 3600)):
         mails = tuple(m for m in mails if m.kind is not MailKind.ACK)
         counters = (*counters, "ack_suppressed")
     for name in counters:

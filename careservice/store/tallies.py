@@ -46,13 +46,19 @@ def add_stats(conn: sqlite3.Connection, keyring: Keyring, counts: dict[tuple[str
 
 
 def take_ack_slot(conn: sqlite3.Connection, keyring: Keyring, digest: bytes, hour: int, limit: int) -> bool:
+    return take_ack_slots(conn, keyring, ((digest, limit),), hour)
+
+
+def take_ack_slots(conn: sqlite3.Connection, keyring: Keyring, limits: tuple[tuple[bytes, int], ...],
+                   hour: int) -> bool:
+    """Count one acknowledgement under every (digest, limit) this hour, or under none if any is used up."""
     conn.execute("DELETE FROM ack_rate WHERE hour < ?", (hour,))
-    row = conn.execute("SELECT n FROM ack_rate WHERE digest=? AND hour=?", (digest, hour)).fetchone()
-    if row and row[0] >= limit:
-        return False
-    conn.execute(
-        "INSERT INTO ack_rate VALUES (?,?,1) ON CONFLICT(digest, hour) DO UPDATE SET n = n + 1", (digest, hour)
-    )
+    for digest, limit in limits:
+        row = conn.execute("SELECT n FROM ack_rate WHERE digest=? AND hour=?", (digest, hour)).fetchone()
+        if row and row[0] >= limit:
+            return False
+    conn.executemany("INSERT INTO ack_rate VALUES (?,?,1) ON CONFLICT(digest, hour) DO UPDATE SET n = n + 1",
+                     [(digest, hour) for digest, _ in limits])
     return True
 
 

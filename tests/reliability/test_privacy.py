@@ -178,7 +178,7 @@ def test_a_daemon_keyed_from_the_environment_works_and_writes_no_key_file(tmp_pa
     daemon = Daemon(write_config(tmp_path, relay.port),
                     env={MASTER_KEY_ENV: base64.b64encode(secrets.token_bytes(32)).decode()}).start()
     try:
-        send(daemon.smtp_port, "a@customer.example", [CARE], customer_mail("Env key", "works"))
+        send(daemon.smtp_port, "alice@customer.example", [CARE], customer_mail("Env key", "works"))
         wait_for(lambda: relay.to("alice@customer.example"), what="acknowledgement (the worker opened the case)")
         assert not (tmp_path / "master.key").exists()
     finally:
