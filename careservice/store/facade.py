@@ -101,10 +101,6 @@ class Store:
         """Truncate the WAL now (a purge's own checkpoint may have met a reader)."""
         await self.executor.call(tallies.nothing, checkpoint=True)
 
-    async def take_ack_slot(self, digest: bytes, now: float, limit: int) -> bool:
-        """Count one acknowledgement for a (digested) address this hour; False once over `limit`."""
-        return await self.executor.call(tallies.take_ack_slot, digest, int(now // 3600), limit)
-
     async def counts(self) -> dict[str, Any]:
         return await self.executor.read(tallies.counts_op)
 

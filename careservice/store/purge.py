@@ -75,4 +75,3 @@ def sweep_orphans(conn: sqlite3.Connection, keyring: Keyring) -> None:
     conn.execute(
         "DELETE FROM k.keys WHERE id NOT IN (SELECT id FROM cases) AND id NOT IN (SELECT case_id FROM outbox)"
     )
-    conn.execute("DELETE FROM k.seen WHERE expires < ?", (time.time(),))

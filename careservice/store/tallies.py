@@ -45,10 +45,6 @@ def add_stats(conn: sqlite3.Connection, keyring: Keyring, counts: dict[tuple[str
                      "excluded.value", [(*key, n) for key, n in counts.items()])
 
 
-def take_ack_slot(conn: sqlite3.Connection, keyring: Keyring, digest: bytes, hour: int, limit: int) -> bool:
-    return take_ack_slots(conn, keyring, ((digest, limit),), hour)
-
-
 def take_ack_slots(conn: sqlite3.Connection, keyring: Keyring, limits: tuple[tuple[bytes, int], ...],
                    hour: int) -> bool:
     """Count one acknowledgement under every (digest, limit) this hour, or under none if any is used up."""

@@ -18,7 +18,7 @@ from careservice import crypto
 from careservice.config import ConfigError, load_config
 from careservice.crypto import MASTER_KEY_ENV, NONCE_BYTES, Keyring, load_master_key, worker_environment
 from careservice.model import Envelope, Source
-from careservice.store import NewMessage, Store, StoreError
+from careservice.store import NewMessage, Store, StoreError, tallies
 from tests.reliability.helpers import set_keys
 from tests.support import CARE, CaptureRelay, Daemon, customer_mail, send, wait_for, write_config
 
@@ -50,7 +50,7 @@ async def test_yesterdays_digests_cannot_be_tested_from_a_copy_of_the_store(tmp_
     now = time.time()
     address = "alice@customer.example"
     yesterday = keyring.digest(address)
-    assert await store.take_ack_slot(yesterday, now, 5)
+    assert await store.executor.call(tallies.take_ack_slots, ((yesterday, 5),), int(now // 3600))
     await store.add_inbound([message(keyring.digest("imap|ticketnest|<m@x>|body"))], now)
     assert rows(tmp_path, "ack_rate") and rows(tmp_path, "k.seen") and len(rows(tmp_path, "k.daily")) == 1
     await store.rotate_digests(now + 86400)  # the next day's first sweep, with no acknowledgement since
