@@ -221,8 +221,8 @@ def parse(raw: bytes, mail_from: str) -> Parsed:
     )
 
 
-def new_message_id(domain: str, left: str = "") -> str:
-    return f"{left or secrets.token_hex(12)}@{domain}"
+def new_message_id(domain: str) -> str:
+    return f"{secrets.token_hex(12)}@{domain}"
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ class CaseState(StrEnum):
     RECEIVED = "received"  # an inbound message, not yet classified
     NEW = "new"  # a customer's first message: forward it to staff
     ACKNOWLEDGE = "acknowledge"  # forwarded: acknowledge the customer
-    FOLLOW_UP = "follow_up"  # a customer's reply to an open case: forward, then merge
+    FOLLOW_UP = "follow_up"  # a customer's reply to an open case: forwarded under that case, then dropped
     STAFF_REPLY = "staff_reply"  # mail to a reply address: verify sender and token
     VERIFIED = "verified"  # a genuine staff answer: relay it (or close the case on #closed)
     COMMAND = "command"  # a genuine staff reply whose first line is a "#" command

@@ -313,8 +313,8 @@ class _Session(SMTP):
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's address parse, with a fast path for the plain `<local@domain>` that nearly every
-        client sends (aiosmtpd's builds a typing.Protocol class and runs the RFC 5322 parser on each:
-        110 us, twice per message). The fast path gives the same result wherever it matches."""
+        client sends (aiosmtpd's builds a typing.Protocol class and runs the RFC 5322 parser on each,
+        twice per message). The fast path gives the same result wherever it matches."""
         simple = _SIMPLE_PATH.match(arg)
         if simple:
             return simple.group(1), arg[simple.end():]
