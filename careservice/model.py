@@ -53,17 +53,27 @@ class ContactDetails:
 
 
 @dataclass(frozen=True)
+class Inbound:
+    """A message as it arrived: how, its envelope and its bytes. Stored sealed, never changed; what the
+    workflow learns from it (contact, subject, target, ...) lives on the Case that carries it."""
+
+    source: Source
+    envelope: Envelope
+    raw: bytes
+
+
+@dataclass(frozen=True)
 class Case:
-    """One stored item: an inbound message and, once opened, the case it became."""
+    """One stored item: an inbound message and what the workflow made of it. A customer's first message
+    becomes the case itself (NEW to ANSWERING); a follow-up or staff reply points at one (`target`) and
+    is dropped once handled."""
 
     id: str
     site: str
     state: CaseState
-    source: Source
     created: float
     nonce: str
-    envelope: Envelope
-    raw: bytes
+    message: Inbound
     contact: ContactDetails | None = None
     subject: str = ""
     message_id: str = ""
