@@ -25,6 +25,7 @@ from tests.support import (
     CARE,
     SITES,
     STAFF,
+    STAFF2,
     Captured,
     CaptureRelay,
     Daemon,
@@ -106,6 +107,29 @@ def test_every_kind_of_mail_verifies_and_a_changed_body_does_not(tmp_path: Path,
     head, body = by_kind["answer"].split(b"\r\n\r\n", 1)
     assert not dkim.verify(head + b"\r\n\r\n" + body.replace(b"refund", b"r3fund"), dnsfunc=dns)
     assert not dkim.verify(by_kind["ack"], dnsfunc=resolver({}))  # no record: the resolver is what vouches
+
+
+def test_notes_and_reminders_verify_too(tmp_path: Path, relay: CaptureRelay) -> None:
+    """The two kinds the test above does not make: a "#note" to the other staff, and a reminder."""
+    config = write_config(tmp_path, relay.port, sites=dkim_sites(), extra='[retention]\nremind_after = ["2s"]')
+    dns = resolver(keygen(config))
+    daemon = Daemon(config).start()
+    try:
+        send(daemon.smtp_port, CUSTOMER, [CARE], customer_mail("Refund", "Order 4711, please"))
+        wait_for(lambda: relay.to(STAFF), what="forward")
+        forward = relay.to(STAFF)[0].message
+        send(daemon.smtp_port, STAFF, [forward["Reply-To"].addresses[0].addr_spec],
+             staff_reply(forward, "#note The receipt follows."))
+        wait_for(lambda: [c for c in relay.to(STAFF2) if "receipt follows" in c.raw.decode()], what="note")
+        wait_for(lambda: [c for c in relay.to(STAFF) if "Reminder" in str(c.message["Subject"])], what="reminder")
+    finally:
+        daemon.stop()
+    note = next(c.raw for c in relay.to(STAFF2) if "receipt follows" in c.raw.decode())
+    reminder = next(c.raw for c in relay.to(STAFF) if "Reminder" in str(c.message["Subject"]))
+    for name, raw in (("note", note), ("reminder", reminder)):
+        assert dkim.verify(raw, dnsfunc=dns), f"{name} does not verify"
+        assert signed_headers(raw).count("from") == 2, f"{name}: From is not over-signed"
+        assert not dkim.verify(raw + b"Send your card number to evil.example\r\n", dnsfunc=dns), name
 
 
 def test_mail_of_a_site_without_a_key_is_not_signed(tmp_path: Path, relay: CaptureRelay) -> None:

@@ -7,6 +7,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from email.message import EmailMessage
 from pathlib import Path
 from unittest.mock import patch
 
@@ -130,12 +131,17 @@ def answers(relay: CaptureRelay, marker: str) -> list[str]:
     return [t for t in texts if marker in t]
 
 
-def test_staff_answer_over_imap_is_relayed(svc: Daemon, relay: CaptureRelay, dovecot: DovecotServer) -> None:
+def opened(svc: Daemon, relay: CaptureRelay, dovecot: DovecotServer, subject: str, body: str) -> EmailMessage:
+    """Start the daemon, have a customer mail taken from the mailbox; the forward staff got."""
     svc.start()
     wait_idle(svc, dovecot)
-    dovecot.append(customer_mail("Refund please", "Order 4711 wombat"))
-    wait_for(lambda: forwards(relay, "Refund please"), what="forward")
-    forward = relay.to(STAFF)[-1].message
+    dovecot.append(customer_mail(subject, body))
+    wait_for(lambda: forwards(relay, subject), what="forward")
+    return relay.to(STAFF)[-1].message
+
+
+def test_staff_answer_over_imap_is_relayed(svc: Daemon, relay: CaptureRelay, dovecot: DovecotServer) -> None:
+    forward = opened(svc, relay, dovecot, "Refund please", "Order 4711 wombat")
     address = forward["Reply-To"].addresses[0].addr_spec
     dovecot.append(delivered(staff_reply(forward, "Your refund is on its way."), address))
     wait_for(lambda: answers(relay, "refund is on its way"), what="answer relayed to the customer")
@@ -148,11 +154,7 @@ def test_a_token_only_in_to_cc_or_a_lower_delivered_to_answers_nobody(svc: Daemo
                                                                      dovecot: DovecotServer) -> None:
     """The reply address copied where a sender can write it, to mail the provider delivered to the care
     address: each is a new case (forwarded to staff), nothing reaches the customer and the case stays open."""
-    svc.start()
-    wait_idle(svc, dovecot)
-    dovecot.append(customer_mail("Lost tickets", "Order 4712"))
-    wait_for(lambda: forwards(relay, "Lost tickets"), what="forward")
-    forward = relay.to(STAFF)[-1].message
+    forward = opened(svc, relay, dovecot, "Lost tickets", "Order 4712")
     address = forward["Reply-To"].addresses[0].addr_spec
     in_to = staff_reply(forward, "Forged in To")  # and no Delivered-To at all: the care address
     in_cc = delivered(staff_reply(forward, "Forged in Cc", to=CARE).replace(b"\r\nSubject:",

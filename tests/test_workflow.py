@@ -209,8 +209,9 @@ def test_staff_out_of_office_is_not_relayed(daemon: Daemon, relay: CaptureRelay)
     assert daemon.status()["open_cases"] == 1
 
 
-def test_unanswered_case_expires_with_notice(daemon: Daemon, relay: CaptureRelay) -> None:
-    open_case(daemon, relay, customer_mail("Old", "nobody answers"))
+def test_unanswered_case_expires_with_notice_and_its_reply_address_with_it(daemon: Daemon,
+                                                                            relay: CaptureRelay) -> None:
+    forward = open_case(daemon, relay, customer_mail("Old", "nobody answers"))
     wait_for(lambda: daemon.status()["outbound_queued"] == 0, what="queue drained")
     conn = sqlite3.connect(daemon.data_dir / "cases.db", timeout=10)
     conn.execute("UPDATE cases SET next_run = 0, created = created - 31 * 86400")  # retention.unanswered_days passed
@@ -219,3 +220,7 @@ def test_unanswered_case_expires_with_notice(daemon: Daemon, relay: CaptureRelay
     wait_for(lambda: [c for c in relay.to(STAFF) if "Expired" in str(c.message["Subject"])], what="expiry notice")
     wait_for(lambda: daemon.status() == {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0, "stuck_cases": 0},
              what="purge")
+    send(daemon.smtp_port, STAFF, [forward["Reply-To"].addresses[0].addr_spec], staff_reply(forward, "Too late"))
+    wait_for(lambda: [c for c in relay.to(STAFF) if "Already answered" in str(c.message["Subject"])],
+             what="the expired case's reply address refused")
+    assert answer_to(relay) == []
