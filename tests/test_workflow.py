@@ -108,12 +108,15 @@ def test_automatic_mail_opens_no_case_and_gets_no_ack(daemon: Daemon, relay: Cap
     assert daemon.status()["open_cases"] == 1
 
 
-def test_acks_are_rate_limited_per_address(daemon: Daemon, relay: CaptureRelay) -> None:
-    for i in range(7):
-        open_case(daemon, relay, customer_mail(f"Case {i}", f"text {i}"))
+@pytest.mark.parametrize("tagged", [False, True], ids=["one-address", "plus-tags"])
+def test_acks_are_rate_limited_per_address(daemon: Daemon, relay: CaptureRelay, tagged: bool) -> None:
+    """Seven mails from one address, or (as an attacker would aim acks at a victim) from its +tags."""
+    senders = [f"alice+{i}@customer.example" if tagged else CUSTOMER for i in range(7)]
+    for i, sender in enumerate(senders):
+        open_case(daemon, relay, customer_mail(f"Case {i}", f"text {i}", sender=sender), sender=sender)
     wait_for(lambda: daemon.status()["outbound_queued"] == 0, what="queue drained")
     assert len(relay.to(STAFF)) == 7
-    assert len(relay.to(CUSTOMER)) == 5
+    assert len([c for c in relay.received if c.rcpt_tos[0].endswith("@customer.example")]) == 5
 
 
 def test_follow_up_joins_the_open_case(daemon: Daemon, relay: CaptureRelay) -> None:
