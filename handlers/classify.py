@@ -14,9 +14,9 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
         return Outcome(CaseState.PURGED, "discard_blocked_sender", counters=("spam_discarded",))
     if parsed.automatic:
         return Outcome(CaseState.PURGED, f"discard_{parsed.automatic}", counters=("discarded",))
-    if ctx.addressing.is_ours(parsed.from_address) or ctx.addressing.is_ours(case.envelope.mail_from):
+    if ctx.addressing.is_ours(parsed.from_address) or ctx.addressing.is_ours(case.message.envelope.mail_from):
         return Outcome(CaseState.PURGED, "discard_from_ourselves", counters=("discarded",))
-    contact = case.contact or ContactDetails(parsed.from_name, parsed.from_address or case.envelope.mail_from)
+    contact = case.contact or ContactDetails(parsed.from_name, parsed.from_address or case.message.envelope.mail_from)
     details = replace(case, contact=contact, subject=parsed.subject, message_id=parsed.message_id,
                       references=parsed.references)
     token = reply_token(inp, ctx)
@@ -35,5 +35,5 @@ def reply_token(inp: Inputs, ctx: Context) -> str:
     SMTP RCPT or, from a mailbox, the address its provider recorded on top at delivery
     (careservice.intake.headers.mailbox_envelope). A token copied into To, Cc or a lower Delivered-To
     is the sender's text: such mail to the care address is a new case like any other."""
-    recipient = ctx.addressing.recipient(inp.case.envelope.rcpt)
+    recipient = ctx.addressing.recipient(inp.case.message.envelope.rcpt)
     return recipient.token if recipient is not None and recipient.site.id == inp.site.id else ""

@@ -11,10 +11,8 @@ import hashlib
 import re
 from email.utils import getaddresses, parseaddr
 
-from careservice.mimeparse import MAX_HEADER_BLOCK, MAX_HEADER_LINE
+from careservice.mimeparse import HEADER_END, MAX_HEADER_BLOCK, MAX_HEADER_LINE
 from careservice.model import Envelope
-
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 
 def _field(name: bytes) -> re.Pattern[bytes]:
@@ -43,7 +41,7 @@ def _header(head: bytes, pattern: re.Pattern[bytes], topmost: bool = False) -> s
 
 def _head(raw: bytes) -> tuple[bytes, bytes]:
     """The header block and the content after it ("" when there is no blank line)."""
-    end = _HEADER_END.search(raw)
+    end = HEADER_END.search(raw)
     return (raw[: end.start()], raw[end.end():]) if end else (raw, b"")
 
 
