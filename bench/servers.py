@@ -128,7 +128,8 @@ class _SinkHandler:
         return "250 2.0.0 OK"
 
 
-def _serve_sink(port: int, arrivals: Queue[Arrival | None] | None, keep_forwards: bool, ready: Any) -> None:
+def _serve_sink(port: int, arrivals: Queue[Arrival | None] | None, keep_forwards: bool, ready: Any,
+                uvloop: bool = False) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -144,14 +145,20 @@ def _serve_sink(port: int, arrivals: Queue[Arrival | None] | None, keep_forwards
         if arrivals is not None:
             arrivals.put(None)
 
-    asyncio.run(main())
+    if uvloop:
+        import uvloop as loops
+
+        loops.run(main())
+    else:
+        asyncio.run(main())
 
 
 class PySink(Server):
     """aiosmtpd in its own process answering 250 without storing; with `record`, arrivals are collected."""
 
-    def __init__(self, record: bool = False, keep_forwards: bool = False) -> None:
+    def __init__(self, record: bool = False, keep_forwards: bool = False, uvloop: bool = False) -> None:
         self.port = free_port()
+        self.uvloop = uvloop  # the second baseline: the same handler on uvloop
         self.record = record
         self.keep_forwards = keep_forwards
         self.arrivals: list[Arrival] = []
@@ -167,7 +174,7 @@ class PySink(Server):
     def start(self) -> PySink:
         ready = WORKER_CONTEXT.Event()
         self._proc = WORKER_CONTEXT.Process(target=_serve_sink, args=(self.port, self._queue, self.keep_forwards,
-                                                                      ready), daemon=True)
+                                                                      ready, self.uvloop), daemon=True)
         self._proc.start()
         if self._queue is not None:
             self._collector = threading.Thread(target=self._collect, daemon=True)
@@ -379,6 +386,10 @@ max_message_bytes = {MAX_MESSAGE}
 url = "smtp://{HOST}:{relay_port}"
 retry_delays = [1]
 timeout = 30
+[acknowledge]
+# every bench customer writes from customer.example: the per-domain and overall caps would stop the acks
+max_per_domain_per_hour = 10000000
+max_per_hour = 10000000
 [web]
 listen = "{HOST}:{web_port}"
 verification = "off"
@@ -432,11 +443,13 @@ class LogWatch:
 
 
 class BenchDaemon(Server):
-    """`python -m careservice run` on a generated config in `root`, relaying to `relay_port`."""
+    """`python -m careservice run` on a generated config in `root`, relaying to `relay_port`; the code
+    from `repo` (another worktree, for A/B runs of bench.ab)."""
 
-    def __init__(self, root: Path, relay_port: int, env: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, relay_port: int, env: dict[str, str] | None = None, repo: Path = REPO) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
+        self.repo = repo
         self.config, self.port = write_config(root, relay_port)
         self.env = env or {}
         self.log = LogWatch()
@@ -453,7 +466,7 @@ class BenchDaemon(Server):
         return self._proc.pid
 
     def start(self) -> BenchDaemon:
-        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        path = os.pathsep.join(p for p in (str(self.repo), os.environ.get("PYTHONPATH", "")) if p)
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "careservice", "run", "--config", str(self.config)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=self.root,

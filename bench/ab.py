@@ -1,0 +1,161 @@
+"""`python -m bench.ab`: paired, interleaved A/B runs of careservice variants on a shared machine.
+
+A variant is a source tree (a git worktree of the commit to test) and optional environment. Each
+round runs the in-run baselines (bare aiosmtpd, and bare aiosmtpd on uvloop when installed) and then
+every variant, the variants' order alternating between rounds (A B, B A, ...), so that drift of the
+machine spreads over all of them. Per variant and round, with a fresh daemon each:
+
+- intake: 3 KB, 10 senders, one connection per message; msg/s at the 250, and the full cycle
+  (cases/s from the first MAIL FROM until the last forward and ack reached the relay), the daemon's
+  CPU per case and the generator's CPU;
+- latency (with --latency N): N mails offered at --rate msg/s, 250 -> forward at the relay.
+
+Ratios are to the bare aiosmtpd of the same round; the summary gives each variant's median ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from bench.load import CustomerMails, Job, send
+from bench.procstat import Meter
+from bench.report import percentile
+from bench.servers import BenchDaemon, PySink, relay_sink
+from bench.scenarios import DRAIN_TIMEOUT
+
+SIZE = 3_000
+WARMUP = 100
+
+
+def _variant(text: str) -> tuple[str, Path, dict[str, str]]:
+    """NAME=PATH[,KEY=VALUE...]"""
+    name, _, rest = text.partition("=")
+    path, *pairs = rest.split(",")
+    env = dict(pair.split("=", 1) for pair in pairs)
+    if not name or not (Path(path) / "careservice").is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: expected NAME=PATH of a careservice tree[,KEY=VALUE...]")
+    return name, Path(path).resolve(), env
+
+
+def _bare(count: int, uvloop: bool, first: int) -> dict[str, Any]:
+    with PySink(uvloop=uvloop) as sink:
+        r = send(Job(sink.port, CustomerMails(SIZE), count, 10, 1, 60, first=first, warmup=WARMUP),
+                 meter=Meter(sink.pid))
+    return {"rate": r.rate, "gen_cores": r.gen_cores, "server_cores": r.usage.server_cores if r.usage else None,
+            "failed": r.failed}
+
+
+def _intake(tree: Path, env: dict[str, str], count: int, first: int) -> dict[str, Any]:
+    with ExitStack() as stack:
+        relay = stack.enter_context(relay_sink())
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="careservice-ab-")))
+        daemon = stack.enter_context(BenchDaemon(root, relay.port, env, repo=tree))
+        warm = send(Job(daemon.port, CustomerMails(SIZE), WARMUP, 10, first=first))
+        if not daemon.log.wait({"forward": warm.ok, "ack": warm.ok}, DRAIN_TIMEOUT):
+            raise RuntimeError("warm-up not delivered")
+        cpu0 = daemon.cpu()
+        r = send(Job(daemon.port, CustomerMails(SIZE), count, 10, 1, DRAIN_TIMEOUT, first=first + WARMUP),
+                 meter=Meter(daemon.pid, tree=True))
+        if not daemon.log.wait({"forward": warm.ok + r.ok, "ack": warm.ok + r.ok}, DRAIN_TIMEOUT):
+            raise RuntimeError("intake run not delivered")
+        seconds = max(daemon.log.last["forward"], daemon.log.last["ack"]) - min(rec[1] for rec in r.records)
+        return {"rate": r.rate, "cycle": r.ok / seconds, "cpu_ms_per_case": 1000 * (daemon.cpu() - cpu0) / r.ok,
+                "gen_cores": r.gen_cores, "server_cores": r.usage.server_cores if r.usage else None,
+                "p99_ms": r.p99_ms, "failed": r.failed}
+
+
+def _latency(tree: Path, env: dict[str, str], count: int, rate: float, first: int) -> dict[str, Any]:
+    with ExitStack() as stack:
+        relay = stack.enter_context(PySink(record=True))
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="careservice-ab-")))
+        daemon = stack.enter_context(BenchDaemon(root, relay.port, env, repo=tree))
+        warm = send(Job(daemon.port, CustomerMails(SIZE), WARMUP, 10, first=first))
+        daemon.log.wait({"forward": warm.ok, "ack": warm.ok}, DRAIN_TIMEOUT)
+        r = send(Job(daemon.port, CustomerMails(SIZE), count, 10, 1, count / rate + 5, rate=rate,
+                     first=first + WARMUP))
+        daemon.log.wait({"forward": warm.ok + r.ok, "ack": warm.ok + r.ok}, DRAIN_TIMEOUT)
+        accepted = {index: done for index, _, done in r.records}
+        arrived = {a.index: a.t for a in relay.taken("forward") if a.index in accepted}
+        ms = [(arrived[i] - accepted[i]) * 1000 for i in arrived]
+        return {"timed": len(ms), "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99),
+                "max_ms": max(ms, default=0.0), "gen_cores": r.gen_cores, "failed": r.failed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", type=_variant, action="append", required=True,
+                        help="NAME=PATH[,KEY=VALUE...]: a source tree and environment (give two or more)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--intake", type=int, default=2_000, help="messages per intake run (0: none)")
+    parser.add_argument("--latency", type=int, default=0, help="mails per latency run (0: none)")
+    parser.add_argument("--rate", type=float, default=100.0)
+    parser.add_argument("--out", type=Path, help="JSON file for all runs")
+    args = parser.parse_args(argv)
+    try:
+        import uvloop  # noqa: F401
+        baselines = (("bare", False), ("bare uvloop", True))
+    except ImportError:
+        baselines = (("bare", False),)
+    runs: list[dict[str, Any]] = []
+    first = 0
+    for rnd in range(args.rounds):
+        order = args.variant if rnd % 2 == 0 else args.variant[::-1]
+        base: dict[str, float] = {}
+        if args.intake:
+            for name, uv in baselines:
+                first += 1_000_000
+                result = _bare(args.intake, uv, first)
+                base[name] = result["rate"]
+                runs.append({"round": rnd, "variant": name, "kind": "intake", **result})
+                print(f"round {rnd + 1} {name}: {result['rate']:.0f} msg/s gen {result['gen_cores']:.2f}",
+                      file=sys.stderr, flush=True)
+        for name, tree, env in order:
+            if args.intake:
+                first += 1_000_000
+                result = _intake(tree, env, args.intake, first)
+                result["ratio"] = result["rate"] / base["bare"]
+                runs.append({"round": rnd, "variant": name, "kind": "intake", **result})
+                print(f"round {rnd + 1} {name}: intake {result['rate']:.0f} msg/s ({result['ratio']:.2f}x bare) "
+                      f"cycle {result['cycle']:.0f}/s cpu {result['cpu_ms_per_case']:.2f} ms/case "
+                      f"gen {result['gen_cores']:.2f} failed {result['failed']}", file=sys.stderr, flush=True)
+            if args.latency:
+                first += 1_000_000
+                result = _latency(tree, env, args.latency, args.rate, first)
+                runs.append({"round": rnd, "variant": name, "kind": "latency", **result})
+                print(f"round {rnd + 1} {name}: latency p50 {result['p50_ms']:.1f} p99 {result['p99_ms']:.1f} "
+                      f"max {result['max_ms']:.0f} ms ({result['timed']} timed)", file=sys.stderr, flush=True)
+    print(summary(runs))
+    if args.out:
+        args.out.write_text(json.dumps(runs, indent=1))
+    return 0
+
+
+def summary(runs: list[dict[str, Any]]) -> str:
+    """Per variant: medians over the rounds, and every round's value."""
+    lines = []
+    for name in dict.fromkeys(r["variant"] for r in runs):
+        for kind, keys in (("intake", ("rate", "ratio", "cycle", "cpu_ms_per_case", "gen_cores", "server_cores")),
+                           ("latency", ("p50_ms", "p99_ms", "max_ms", "timed"))):
+            mine = [r for r in runs if r["variant"] == name and r["kind"] == kind]
+            if not mine:
+                continue
+            cells = []
+            for key in keys:
+                values = [r[key] for r in mine if r.get(key) is not None]
+                if values:
+                    cells.append(f"{key} {statistics.median(values):.2f} [{' '.join(f'{v:.2f}' for v in values)}]")
+            lines.append(f"{name:14} {kind:8} " + "; ".join(cells))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
