@@ -20,29 +20,38 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.load import CustomerMails, Job, send
 from bench.procstat import Meter
 from bench.report import percentile
-from bench.servers import BenchDaemon, PySink, relay_sink
 from bench.scenarios import DRAIN_TIMEOUT
+from bench.servers import BenchDaemon, PySink, relay_sink
 
 SIZE = 3_000
 WARMUP = 100
 
 
-def _variant(text: str) -> tuple[str, Path, dict[str, str]]:
-    """NAME=PATH[,KEY=VALUE...]"""
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    tree: Path
+    env: dict[str, str]  # environment of the daemon
+    settings: dict[str, str]  # config "table.key" -> TOML value
+
+
+def _variant(text: str) -> Variant:
+    """NAME=PATH[,KEY=VALUE...]; a KEY with a dot is a config setting (service.event_loop="uvloop")."""
     name, _, rest = text.partition("=")
     path, *pairs = rest.split(",")
-    env = dict(pair.split("=", 1) for pair in pairs)
-    if not name or not (Path(path) / "careservice").is_dir():
+    items = [pair.split("=", 1) for pair in pairs]
+    if not name or not (Path(path) / "careservice").is_dir() or any(len(item) != 2 for item in items):
         raise argparse.ArgumentTypeError(f"{text}: expected NAME=PATH of a careservice tree[,KEY=VALUE...]")
-    return name, Path(path).resolve(), env
+    return Variant(name, Path(path).resolve(), {k: v for k, v in items if "." not in k},
+                   {k: v for k, v in items if "." in k})
 
 
 def _bare(count: int, uvloop: bool, first: int) -> dict[str, Any]:
@@ -53,11 +62,11 @@ def _bare(count: int, uvloop: bool, first: int) -> dict[str, Any]:
             "failed": r.failed}
 
 
-def _intake(tree: Path, env: dict[str, str], count: int, first: int) -> dict[str, Any]:
+def _intake(v: Variant, count: int, first: int) -> dict[str, Any]:
     with ExitStack() as stack:
         relay = stack.enter_context(relay_sink())
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="careservice-ab-")))
-        daemon = stack.enter_context(BenchDaemon(root, relay.port, env, repo=tree))
+        daemon = stack.enter_context(BenchDaemon(root, relay.port, v.env, v.tree, v.settings))
         warm = send(Job(daemon.port, CustomerMails(SIZE), WARMUP, 10, first=first))
         if not daemon.log.wait({"forward": warm.ok, "ack": warm.ok}, DRAIN_TIMEOUT):
             raise RuntimeError("warm-up not delivered")
@@ -72,11 +81,11 @@ def _intake(tree: Path, env: dict[str, str], count: int, first: int) -> dict[str
                 "p99_ms": r.p99_ms, "failed": r.failed}
 
 
-def _latency(tree: Path, env: dict[str, str], count: int, rate: float, first: int) -> dict[str, Any]:
+def _latency(v: Variant, count: int, rate: float, first: int) -> dict[str, Any]:
     with ExitStack() as stack:
         relay = stack.enter_context(PySink(record=True))
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="careservice-ab-")))
-        daemon = stack.enter_context(BenchDaemon(root, relay.port, env, repo=tree))
+        daemon = stack.enter_context(BenchDaemon(root, relay.port, v.env, v.tree, v.settings))
         warm = send(Job(daemon.port, CustomerMails(SIZE), WARMUP, 10, first=first))
         daemon.log.wait({"forward": warm.ok, "ack": warm.ok}, DRAIN_TIMEOUT)
         r = send(Job(daemon.port, CustomerMails(SIZE), count, 10, 1, count / rate + 5, rate=rate,
@@ -118,10 +127,11 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append({"round": rnd, "variant": name, "kind": "intake", **result})
                 print(f"round {rnd + 1} {name}: {result['rate']:.0f} msg/s gen {result['gen_cores']:.2f}",
                       file=sys.stderr, flush=True)
-        for name, tree, env in order:
+        for v in order:
+            name = v.name
             if args.intake:
                 first += 1_000_000
-                result = _intake(tree, env, args.intake, first)
+                result = _intake(v, args.intake, first)
                 result["ratio"] = result["rate"] / base["bare"]
                 runs.append({"round": rnd, "variant": name, "kind": "intake", **result})
                 print(f"round {rnd + 1} {name}: intake {result['rate']:.0f} msg/s ({result['ratio']:.2f}x bare) "
@@ -129,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"gen {result['gen_cores']:.2f} failed {result['failed']}", file=sys.stderr, flush=True)
             if args.latency:
                 first += 1_000_000
-                result = _latency(tree, env, args.latency, args.rate, first)
+                result = _latency(v, args.latency, args.rate, first)
                 runs.append({"round": rnd, "variant": name, "kind": "latency", **result})
                 print(f"round {rnd + 1} {name}: latency p50 {result['p50_ms']:.1f} p99 {result['p99_ms']:.1f} "
                       f"max {result['max_ms']:.0f} ms ({result['timed']} timed)", file=sys.stderr, flush=True)

@@ -446,11 +446,17 @@ class BenchDaemon(Server):
     """`python -m careservice run` on a generated config in `root`, relaying to `relay_port`; the code
     from `repo` (another worktree, for A/B runs of bench.ab)."""
 
-    def __init__(self, root: Path, relay_port: int, env: dict[str, str] | None = None, repo: Path = REPO) -> None:
+    def __init__(self, root: Path, relay_port: int, env: dict[str, str] | None = None, repo: Path = REPO,
+                 settings: dict[str, str] | None = None) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
         self.repo = repo
         self.config, self.port = write_config(root, relay_port)
+        text = self.config.read_text()
+        for key, value in (settings or {}).items():  # "table.key" -> a TOML value, e.g. '"uvloop"'
+            table, _, name = key.partition(".")
+            text = text.replace(f"[{table}]\n", f"[{table}]\n{name} = {value}\n", 1)
+        self.config.write_text(text)
         self.env = env or {}
         self.log = LogWatch()
         self._proc: subprocess.Popen[bytes] | None = None

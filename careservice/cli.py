@@ -10,9 +10,11 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 from careservice.config import DNS_NAME, METRICS_DIR_ENV, Config, ConfigError, load_config
 from careservice.crypto import MasterKeyError, write_master_key
@@ -37,7 +39,7 @@ def _run(config: Config, args: argparse.Namespace) -> int:
     from careservice.daemon import run_forever  # imports aiosmtpd & co only when serving
 
     setup_logging(config.log_level)
-    asyncio.run(run_forever(config))
+    _serve(config, run_forever(config))
     return 0
 
 
@@ -57,8 +59,18 @@ def _worker(config: Config, args: argparse.Namespace) -> int:
     from careservice.worker import run_worker
 
     setup_logging(config.log_level)
-    asyncio.run(run_worker(config))
+    _serve(config, run_worker(config))
     return 0
+
+
+def _serve(config: Config, main: Coroutine[Any, Any, None]) -> None:
+    """Run a serving process's main coroutine on service.event_loop."""
+    if config.event_loop == "uvloop":
+        import uvloop  # the optional dependency; config.py checked it is installed
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
 
 
 def _check(config: Config, args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import re
 import tomllib
@@ -57,6 +58,16 @@ def _address(key: str, value: str) -> str:
 def _resolve(base: Path, value: str) -> Path:
     path = Path(value)
     return path if path.is_absolute() else base / path
+
+
+def _event_loop(service: Table) -> str:
+    """service.event_loop: "asyncio" (the default) or "uvloop", checked to be installed."""
+    name = service.get("event_loop", str, "asyncio")
+    if name not in ("asyncio", "uvloop"):
+        raise ConfigError("service.event_loop", f'"asyncio" or "uvloop", got "{name}"')
+    if name == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ConfigError("service.event_loop", 'uvloop is not installed (pip install "careservice[uvloop]")')
+    return name
 
 
 def _relay(t: Table, base: Path) -> RelayConfig:
@@ -229,6 +240,7 @@ def load_config(path: Path) -> Config:
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("service.log_level", f'unknown level "{log_level}"')
     templates_dir = service.get("templates_dir", str, "")
+    event_loop = _event_loop(service)
     smtp = _smtp(root.sub("smtp"), base)
     unanswered_days = retention.positive("unanswered_days", 30)
     hard_limit_days = retention.positive("hard_limit_days", unanswered_days + 2)
@@ -257,6 +269,7 @@ def load_config(path: Path) -> Config:
         acks_per_hour=acknowledge.positive("max_per_address_per_hour", 5),
         acks_per_domain_per_hour=acknowledge.positive("max_per_domain_per_hour", 20),
         acks_per_hour_total=acknowledge.positive("max_per_hour", 200),
+        event_loop=event_loop,
         sites=sites,
         imap=tuple(_imap(t, {s.id for s in sites}, base) for t in root.array("imap")),
         admin=AdminConfig(parse_endpoint("admin.listen", admin_listen) if admin_listen else None,

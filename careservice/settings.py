@@ -158,6 +158,7 @@ class Config:
     imap: tuple[ImapMailbox, ...] = field(default=())
     admin: AdminConfig = field(default=AdminConfig(None, ""))
     spam: SpamConfig = field(default=SpamConfig("", 5))
+    event_loop: str = "asyncio"  # or "uvloop" (the optional dependency careservice[uvloop]), for both processes
 
     def site(self, site_id: str) -> Site | None:
         return next((s for s in self.sites if s.id == site_id), None)
