@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import itertools
 import sqlite3
@@ -85,7 +86,7 @@ def _drain(daemon: BenchDaemon, cases: int, what: str) -> None:
 
 # ----- 1. durable intake -----
 
-TARGETS = ("careservice", "bare aiosmtpd", "postfix")
+TARGETS = ("careservice", "bare aiosmtpd", "bare aiosmtpd uvloop", "postfix")  # goals: against the default loop
 
 
 @dataclass
@@ -101,13 +102,17 @@ def _intake_server(target: str) -> Iterator[_Target]:
         if target == "careservice":
             daemon = stack.enter_context(careservice(stack.enter_context(relay_sink())))
             yield _Target(daemon.port, lambda: Meter(daemon.pid, tree=True), daemon)
-        elif target == "bare aiosmtpd":
-            sink = stack.enter_context(PySink())
+        elif target.startswith("bare aiosmtpd"):
+            sink = stack.enter_context(PySink(uvloop=target.endswith("uvloop")))
             yield _Target(sink.port, lambda: Meter(sink.pid))
         else:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="careservice-bench-postfix-"))
             postfix = stack.enter_context(Postfix(Path(tmp)))
             yield _Target(postfix.port, lambda: Meter(postfix.pid, tree=True))
+
+
+def _has_uvloop() -> bool:
+    return importlib.util.find_spec("uvloop") is not None
 
 
 def _postfix_starts() -> str:
@@ -156,7 +161,8 @@ def _median_row(scenario: str, case: str, target: str, results: list[LoadResult]
 def intake(s: Settings, log: Log) -> list[Row]:
     """careservice vs a bare aiosmtpd handler vs Postfix: msg/s and MAIL FROM -> 250 latency."""
     why_no_postfix = ensure_postfix() or Postfix.unavailable() or _postfix_starts()
-    targets = [t for t in TARGETS if t != "postfix" or not why_no_postfix]
+    missing = {"postfix": why_no_postfix, "bare aiosmtpd uvloop": "" if _has_uvloop() else "uvloop not installed"}
+    targets = [t for t in TARGETS if not missing.get(t)]
     runs: dict[tuple[int, int, int, str], list[LoadResult]] = defaultdict(list)
     notes: dict[tuple[int, int, int, str], str] = {}
     configs = [(size, conc, per_conn) for size in SIZES for conc, per_conn in SHAPES]
@@ -188,11 +194,12 @@ def intake(s: Settings, log: Log) -> list[Row]:
             case = f"{size // 1000} KB c={conc} pc={per_conn}"
             group = {t: _median_row("1 durable intake", case, t, runs[(size, conc, per_conn, t)], "msg/s")
                      for t in targets}
-            if why_no_postfix:
-                group["postfix"] = Row("1 durable intake", case, "postfix", None, "msg/s", note=why_no_postfix)
+            for target, why in missing.items():
+                if why:
+                    group[target] = Row("1 durable intake", case, target, None, "msg/s", note=why)
             ours = group["careservice"]
             ours.note = "; ".join(n for n in (ours.note, notes.get((size, conc, per_conn, "careservice"), "")) if n)
-            for base in ("bare aiosmtpd", "postfix"):
+            for base in TARGETS[1:]:
                 if group[base].value and ours.value:
                     ours.ratios[base] = ours.value / group[base].value
             if size == 3_000 and conc == 10:
