@@ -11,6 +11,7 @@ from email_validator import EmailNotValidError, validate_email
 
 from careservice.budget import min_memory_mb
 from careservice.configtable import Table
+from careservice.language import LANGUAGE
 from careservice.settings import (  # the records config.py fills in; importable from here too
     AdminConfig,
     Config,
@@ -163,8 +164,11 @@ def _site(t: Table, base: Path) -> Site:
     staff_auth = t.get("staff_auth", str, "none")
     if not valid_mode(staff_auth):
         raise ConfigError(t.key("staff_auth"), f'use "none", "dkim" or "authres:<authserv-id>", got "{staff_auth}"')
+    language = t.get("language", str, "en")
+    if not LANGUAGE.fullmatch(language):
+        raise ConfigError(t.key("language"), f'expected a language code such as "en" or "de", got "{language}"')
     return Site(site_id, t.get("name", str), domain, care, addresses, hosts, path, selector, _path(base, key_file),
-                staff_auth, t.get("notify_answered", bool, False))
+                staff_auth, t.get("notify_answered", bool, False), language)
 
 
 def _web_host(key: str, value: object) -> str:

@@ -13,6 +13,7 @@ from email.policy import Compat32
 from email.utils import format_datetime, formataddr, getaddresses, localtime
 from typing import Any
 
+from careservice.language import content_languages
 from careservice.mimeparse import TooComplex, content, parse_headers, parse_message, trim_headers, walk
 
 LOOP_HEADER = "X-Careservice-Loop"
@@ -64,6 +65,7 @@ class Parsed:
     attachments: tuple[Attachment, ...] = field(default=())
     part_types: tuple[str, ...] = ()  # type/subtype of every MIME part, containers and attached messages too
     defects: tuple[str, ...] = ()
+    languages: tuple[str, ...] = ()  # Content-Language's primary tags, in its order
 
 
 def one_line(value: str, limit: int = 998) -> str:
@@ -217,7 +219,7 @@ def parse(raw: bytes, mail_from: str) -> Parsed:
         references=message_ids(headers.first("References") + " " + headers.first("In-Reply-To")),
         recipients=tuple(one_line(r, 254).lower() for r in recipients[:100]),
         automatic=_automatic(headers, mail_from, address), text=text, html=html, attachments=tuple(attachments),
-        part_types=tuple(types), defects=tuple(defects),
+        part_types=tuple(types), defects=tuple(defects), languages=content_languages(headers.first("Content-Language")),
     )
 
 
@@ -241,6 +243,7 @@ class Draft:
     automatic: bool = False
     attachments: tuple[Attachment, ...] = ()
     loop_marker: str = ""
+    language: str = ""  # its Content-Language ("" = none said)
 
 
 def _address_header(name: str, address: str) -> str:
@@ -335,6 +338,8 @@ def render(draft: Draft) -> bytes:
     refs = [r for r in (*draft.references, draft.in_reply_to) if r]
     if refs:
         msg["References"] = " ".join(f"<{r}>" for r in dict.fromkeys(refs))
+    if draft.language:
+        msg["Content-Language"] = one_line(draft.language, 35)
     if draft.automatic:
         msg["Auto-Submitted"] = "auto-replied"
         msg["X-Auto-Response-Suppress"] = "All"

@@ -72,6 +72,7 @@ class Case:
     failures: int = 0  # stage failures in a row; above 0 the case is held back and counted as stuck
     owner: str = ""  # the staff address "#assign" handed the case to (sealed in the meta, purged with it)
     reminded: int = 0  # reminders sent for this open case (retention.remind_after)
+    language: str = ""  # the customer's texts (careservice.texts); "" = the site's (sealed in the meta, purged with it)
 
 
 @dataclass(frozen=True)

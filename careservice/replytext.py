@@ -71,8 +71,7 @@ def normalised(line: str) -> str:
 
 def read_reply(text: str, html: str, forwarded: Forwarded) -> StaffReply:
     """The staff member's own words from a reply's text part or, when it has one, its HTML part."""
-    source = html_text(html) if html.strip() else text  # without a text part, `text` is the HTML untagged
-    lines = [line for line in _unquoted(source) if normalised(line) not in forwarded.own]
+    lines = [line for line in _own_lines(text, html) if normalised(line) not in forwarded.own]
     start = next((i for i, line in enumerate(lines) if line.strip(_INVISIBLE)), len(lines))
     first = unicodedata.normalize("NFKC", lines[start].strip(_INVISIBLE)) if lines[start:] else ""
     command = _COMMAND.match(first)
@@ -81,6 +80,17 @@ def read_reply(text: str, html: str, forwarded: Forwarded) -> StaffReply:
     if _says_nothing(lines, forwarded):
         return StaffReply("")
     return StaffReply(_tidy(lines))
+
+
+def unquoted(text: str, html: str) -> str:
+    """A reply's text without what it quotes of the mail it answers (a customer's follow-up to our
+    acknowledgement), by the same rules as a staff reply."""
+    return _tidy(_own_lines(text, html))
+
+
+def _own_lines(text: str, html: str) -> list[str]:
+    """The lines of a reply's text part or, when it has one, its HTML part that are not quoted."""
+    return _unquoted(html_text(html) if html.strip() else text)  # without a text part, `text` is the HTML untagged
 
 
 def relay_problem(parsed: Parsed, case_token: str) -> str:

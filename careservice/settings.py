@@ -34,6 +34,7 @@ class Site:
     dkim_key_file: str = ""
     staff_auth: str = "none"  # "none", "dkim" or "authres:<authserv-id>" (careservice.staffauth)
     notify_answered: bool = False  # the other staff hear when one of them answers or closes a case
+    language: str = "en"  # the texts of a case whose customer's language has none, and staff's texts
 
     @property
     def care_local(self) -> str:

@@ -94,7 +94,7 @@ def _help(inp: Inputs, ctx: Context, target: Case, words: str) -> Outcome:
     notice = ctx.notice(inp.site, (inp.parsed.from_address,), "Commands",
                         "Start the first line of a reply to a case with one of these; the customer never "
                         f"gets a reply that starts with \"#\":\n\n{_listed()}", about=target.id,
-                        filed_under=inp.case.id)
+                        filed_under=inp.case.id, answers=inp.parsed)
     return Outcome(CaseState.PURGED, "help_sent", mails=(notice,))
 
 

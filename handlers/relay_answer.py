@@ -47,11 +47,11 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
     text = reply.text
     for staff in site.staff:  # signatures must not reveal a staff address
         text = re.sub(re.escape(staff), site.care_address, text, flags=re.IGNORECASE)
-    subject, body = ctx.texts.mail(site.id, "answer", site=site, subject=target.subject, text=text)
+    subject, body = ctx.texts.mail(site.id, "answer", target.language, site=site, subject=target.subject, text=text)
     draft = Draft(
         from_name=site.name, from_address=site.care_address, to=(customer,), subject=subject, text=body,
         message_id=new_message_id(site.domain), in_reply_to=target.message_id, references=target.references,
-        attachments=parsed.attachments, loop_marker=ctx.config.smtp.hostname,
+        attachments=parsed.attachments, loop_marker=ctx.config.smtp.hostname, language=target.language,
     )
     answer = ctx.outgoing(MailKind.ANSWER, target.id, site.care_address, draft)
     return Outcome(CaseState.PURGED, "answer_queued", mails=(answer, *tell_the_others(inp, ctx, target, "answered")),
@@ -62,7 +62,7 @@ def not_sent(inp: Inputs, ctx: Context, target: Case, reason: str, headline: str
     """Drop the reply and tell its sender why the customer got nothing; the case stays open."""
     notice = ctx.notice(inp.site, (inp.parsed.from_address,), headline,
                         f"{why} Nothing was sent to the customer and the case stays open.",
-                        about=target.id, filed_under=inp.case.id)
+                        about=target.id, filed_under=inp.case.id, answers=inp.parsed)
     return Outcome(CaseState.PURGED, reason, mails=(notice,))
 
 

@@ -33,12 +33,13 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
         notice = ctx.notice(site, (sender,), "Your reply was not sent",
                             "The reply address was not valid (changed or not issued by us), so nothing "
                             "was sent to anyone. Reply to the original forwarded case instead.",
-                            about="", filed_under=case.id)
+                            about="", filed_under=case.id, answers=inp.parsed)
         return Outcome(CaseState.PURGED, "reply_token_invalid", mails=(notice,), counters=("reply_refused",))
     if inp.target is None or inp.target.state is not CaseState.OPEN:
         notice = ctx.notice(site, (sender,), "Already answered, nothing sent",
                             "This case was already answered, closed or expired, and its data is deleted. "
-                            "Your reply was not sent to anyone.", about=case.target, filed_under=case.id)
+                            "Your reply was not sent to anyone.", about=case.target, filed_under=case.id,
+                            answers=inp.parsed)
         return Outcome(CaseState.PURGED, "reply_late", mails=(notice,), counters=("reply_late",))
     issued = ctx.addressing.check_reply_token(site, reply_token(inp, ctx))
     if issued is None or issued.staff != sender:
@@ -55,5 +56,5 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
 def _refused(inp: Inputs, ctx: Context, reason: str, why: str) -> Outcome:
     """Drop a reply from a staff address and tell that address why."""
     notice = ctx.notice(inp.site, (inp.parsed.from_address,), "Your reply was not sent", why,
-                        about=inp.case.target, filed_under=inp.case.id)
+                        about=inp.case.target, filed_under=inp.case.id, answers=inp.parsed)
     return Outcome(CaseState.PURGED, reason, mails=(notice,), counters=("reply_refused",))

@@ -100,42 +100,42 @@ def test_staff_auth_defaults_to_none_and_reads_its_modes(tmp_path: Path) -> None
 
 def test_check_renders_every_template_and_names_a_broken_site_override(tmp_path: Path) -> None:
     override = tmp_path / "overrides"
-    (override / "mail" / "ixs").mkdir(parents=True)
-    (override / "mail" / "ixs" / "ack.txt").write_text("Subject: Thanks\n\nHello {{ contact.name }\n")
+    (override / "mail" / "de" / "ixs").mkdir(parents=True)
+    (override / "mail" / "de" / "ixs" / "ack.txt").write_text("Subject: Thanks\n\nHello {{ contact.name }\n")
     config = with_lines(write_config(tmp_path, 1), "service", f'templates_dir = "{override}"')
     result = cli("check", "--config", str(config))
     assert result.returncode == 2, result.stdout
-    assert "site ixs" in result.stderr and "mail/ixs/ack.txt" in result.stderr
+    assert "site ixs" in result.stderr and "mail/de/ixs/ack.txt" in result.stderr  # every language is checked
     assert "ticketnest" not in result.stderr  # the other site uses the packaged default, which is fine
     run = cli("run", "--config", str(config))
-    assert run.returncode == 2 and "mail/ixs/ack.txt" in run.stderr
+    assert run.returncode == 2 and "mail/de/ixs/ack.txt" in run.stderr
 
 
 def test_check_names_a_template_that_uses_an_unknown_value(tmp_path: Path) -> None:
     override = tmp_path / "overrides"
-    (override / "web" / "ticketnest").mkdir(parents=True)
-    (override / "web" / "ticketnest" / "thanks.html").write_text("{{ site.nmae.upper() }}")
+    (override / "web" / "en" / "ticketnest").mkdir(parents=True)
+    (override / "web" / "en" / "ticketnest" / "thanks.html").write_text("{{ site.nmae.upper() }}")
     config = with_lines(write_config(tmp_path, 1), "service", f'templates_dir = "{override}"')
     result = cli("check", "--config", str(config))
     assert result.returncode == 2
-    assert "site ticketnest" in result.stderr and "web/ticketnest/thanks.html" in result.stderr
+    assert "site ticketnest" in result.stderr and "web/en/ticketnest/thanks.html" in result.stderr
 
 
 def test_a_mail_template_without_its_subject_line_is_refused(tmp_path: Path) -> None:
     override = tmp_path / "overrides"
-    (override / "mail").mkdir(parents=True)
-    (override / "mail" / "notice.txt").write_text("{{ headline }}\n")
+    (override / "mail" / "en").mkdir(parents=True)
+    (override / "mail" / "en" / "notice.txt").write_text("{{ headline }}\n")
     config = with_lines(write_config(tmp_path, 1), "service", f'templates_dir = "{override}"')
     result = cli("check", "--config", str(config))
-    assert result.returncode == 2 and "mail/notice.txt" in result.stderr and "Subject" in result.stderr
+    assert result.returncode == 2 and "mail/en/notice.txt" in result.stderr and "Subject" in result.stderr
 
 
 def test_an_override_falls_back_to_the_packaged_default_per_file(tmp_path: Path) -> None:
     override = tmp_path / "overrides"
-    (override / "web" / "ixs").mkdir(parents=True)
-    (override / "web" / "ixs" / "thanks.html").write_text("ixs says thank you")
+    (override / "web" / "en" / "ixs").mkdir(parents=True)
+    (override / "web" / "en" / "ixs" / "thanks.html").write_text("ixs says thank you")
     config = load_config(with_lines(write_config(tmp_path, 1), "service", f'templates_dir = "{override}"'))
-    texts = Texts(config.templates_dir)
+    texts = Texts(config.templates_dir, config.sites)
     ixs, ticketnest = config.site("ixs"), config.site("ticketnest")
     assert ixs is not None and ticketnest is not None
     assert texts.page("ixs", "thanks", site=ixs, nonce="n") == "ixs says thank you"
