@@ -58,7 +58,14 @@ def test_customer_fills_in_the_form_in_chromium(coded: Daemon, relay: CaptureRel
             page.get_by_label("E-Mail (required)", exact=True).fill("zoe@customer.example")
             page.get_by_label("Company (optional)", exact=True).fill("Ätna Events GmbH")
             page.get_by_label("Address (optional)", exact=True).fill("Hauptstraße 1\n10115 Berlin")
-            page.get_by_label("Telephone (optional)", exact=True).fill("+49 30 123456")
+            page.get_by_role("textbox", name="Telephone (optional)", exact=True).fill("+49 30 123456")
+            page.get_by_label("By telephone", exact=True).check()
+            # a call chosen, the field's accessible name (what a screen reader says) is "required"
+            phone = page.get_by_role("textbox", name="Telephone (required)", exact=True)
+            assert phone.input_value() == "+49 30 123456" and phone.evaluate("e => e.labels[0].innerText") == (
+                "Telephone (required)")
+            page.get_by_label("By e-mail", exact=True).check()
+            assert page.get_by_role("textbox", name="Telephone (optional)", exact=True).is_visible()
             page.get_by_label("By telephone", exact=True).check()
             page.get_by_label("Your query (required)", exact=True).fill(
                 "My tickets for Saturday did not come.\nOrder 4711")
