@@ -26,7 +26,7 @@ def _to_staff(inp: Inputs, ctx: Context, owner: Case, follow_up: bool,
     text = unquoted(inp.parsed.text, inp.parsed.html) if follow_up else inp.parsed.text
     subject, text = ctx.texts.mail(site.id, "forward", site=site, case_id=owner.id, subject=owner.subject,
                                    contact=contact, text=text, follow_up=follow_up)
-    verdict = spam_verdict(inp.case.raw)  # this message's own verdict, also for a follow-up
+    verdict = spam_verdict(inp.case.message.raw)  # this message's own verdict, also for a follow-up
     if verdict is not None and verdict.state == "suspect":
         subject = f"[spam?] {subject}"
     mails = []
