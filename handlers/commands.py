@@ -61,6 +61,7 @@ def _note(inp: Inputs, ctx: Context, target: Case, words: str) -> Outcome:
         from_name=f"{site.name} careservice", from_address=site.care_address, to=(staff,), subject=subject,
         text=text, message_id=new_message_id(site.domain), automatic=True, loop_marker=ctx.config.smtp.hostname,
         reply_to=ctx.addressing.reply_address(site, target.id, target.nonce, staff),  # each their own token
+        in_reply_to=ctx.addressing.forward_message_id(site, target.id, staff),  # in their thread of the case
     )) for staff in others)
     return Outcome(CaseState.PURGED, "note_sent", mails=notes, counters=("notes",))
 

@@ -25,6 +25,7 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
             from_name=f"{site.name} careservice", from_address=site.care_address, to=(staff,), subject=subject,
             text=text, message_id=new_message_id(site.domain), automatic=True, loop_marker=ctx.config.smtp.hostname,
             reply_to=ctx.addressing.reply_address(site, case.id, case.nonce, staff),  # each their own token
+            in_reply_to=ctx.addressing.forward_message_id(site, case.id, staff),  # in their thread of the case
         )) for staff in to)
         # every reminder now due is sent as this one: a worker that was down does not send a burst
         passed = sum(1 for after in reminders if after <= age)

@@ -69,6 +69,9 @@ def test_a_follow_up_threads_to_each_staff_members_first_forward_without_the_quo
         assert not [line for line in text.splitlines() if line.startswith(">")]
         assert "Re: Re:" not in str(second["Subject"])
     assert len(relay.to(CUSTOMER)) == 1  # no second ack
+    send(daemon.smtp_port, STAFF, [reply_address(first)], staff_reply(first, "#note She called, all fine."))
+    note = mail_to(relay, STAFF2, 3, "note")[2]
+    assert "She called, all fine." in body(note) and note["In-Reply-To"] == first2["Message-ID"]
 
 
 def test_answers_keep_one_prefix_and_one_signature_after_its_separator(daemon: Daemon, relay: CaptureRelay) -> None:
