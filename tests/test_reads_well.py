@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from careservice.config import load_config
-from careservice.texts import Texts, one_prefix, signed
+from careservice.texts import MAIL_TEMPLATES, Texts, one_prefix, sample_values, signed
 from tests.support import (
     CARE,
     STAFF,
@@ -133,7 +133,7 @@ def test_a_german_form_post_gets_german_pages_and_ack_and_asks_for_a_call(daemon
     ack = mail_to(relay, "zoe@customer.example", 1, "ack")[0]
     assert str(ack["Subject"]).startswith("Ihre Nachricht ist angekommen (TicketNest, Vorgang ")
     assert ack["Content-Language"] == "de"
-    assert "ruft Sie jemand aus unserem Team unter +49 30 123456 an" in body(ack)
+    assert "ruft Sie jemand aus unserem Team an, unter der Nummer\n+49 30 123456." in body(ack)
     assert body(ack).rstrip("\n").endswith("\n-- \nIhr Kundenservice von TicketNest")
     forward = mail_to(relay, STAFF, 1, "forward")[0]
     assert str(forward["Subject"]).endswith("] TicketNest: Wo sind meine Karten für das Konzert …")
@@ -208,3 +208,13 @@ def test_subject_prefixes_and_signatures() -> None:
     assert signed("Thanks\n--\nAnna", "Team") == "Thanks\n-- \nAnna\nTeam"
     assert signed("Thanks\n\nTeam", "Team") == "Thanks\n\nTeam"
     assert signed("Thanks", "The  Team") == "Thanks\n\n-- \nThe  Team"
+
+
+def test_every_shipped_mail_text_keeps_to_72_columns(tmp_path: Path) -> None:
+    loaded = load_config(write_config(tmp_path, 1))
+    texts = Texts(None, loaded.sites)
+    site = loaded.sites[0]
+    for language in texts.languages:
+        for name in MAIL_TEMPLATES:
+            subject, text = texts.mail(site.id, name, language, **sample_values("mail", name, site))
+            assert [line for line in text.splitlines() if len(line) > 72] == [], (language, name)
