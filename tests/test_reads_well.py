@@ -10,6 +10,7 @@ import pytest
 
 from careservice.config import load_config
 from careservice.texts import MAIL_TEMPLATES, Texts, one_prefix, sample_values, signed
+from tests.reliability.replycase import reply_address
 from tests.support import (
     CARE,
     STAFF,
@@ -34,17 +35,9 @@ def body(msg: EmailMessage) -> str:
     return msg.get_body(("plain",)).get_content().replace("\r\n", "\n")
 
 
-def forwards(relay: CaptureRelay, staff: str) -> list[EmailMessage]:
-    return [c.message for c in relay.to(staff)]
-
-
 def mail_to(relay: CaptureRelay, address: str, count: int, what: str) -> list[EmailMessage]:
     wait_for(lambda: len(relay.to(address)) >= count, what=what)
     return [c.message for c in relay.to(address)]
-
-
-def reply_address(forward: EmailMessage) -> str:
-    return forward["Reply-To"].addresses[0].addr_spec
 
 
 def test_a_follow_up_threads_to_each_staff_members_first_forward_without_the_quoted_ack(
@@ -112,7 +105,7 @@ def test_notices_are_threaded_to_the_staff_reply_and_wrapped_at_72(daemon: Daemo
         assert forward["Message-ID"] in str(notice["References"])  # the staff reply's own thread, kept
         long = [line for line in body(notice).splitlines() if len(line) > 72]
         assert long == [], long
-    assert "#assign <name>: hand the case to one staff member" in body(forwards(relay, STAFF)[1])
+    assert "#assign <name>: hand the case to one staff member" in body(relay.to(STAFF)[1].message)
 
 
 def test_a_german_form_post_gets_german_pages_and_ack_and_asks_for_a_call(daemon: Daemon, relay: CaptureRelay) -> None:
