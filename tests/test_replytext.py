@@ -50,7 +50,7 @@ def test_an_outlook_header_after_a_plain_hr_ends_the_answer_and_links_keep_their
     html = ('<div>Done, see <a href="https://x.example/a">https://x.example/a</a> or '
             '<a href="mailto:care@ticketnest.test">write to us</a>.</div>'
             "<hr><div><b>From:</b> Wilhelmina<br><b>Sent:</b> Monday</div><div>New message for</div>")
-    assert html_text(html) == "Done, see https://x.example/a or write to us <care@ticketnest.test>."
+    assert read_reply("", html, FORWARDED).text == "Done, see https://x.example/a or write to us <care@ticketnest.test>."
 
 
 def test_html_that_is_empty_or_declares_its_encoding() -> None:
