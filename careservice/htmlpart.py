@@ -70,10 +70,24 @@ def to_text(html: str | HtmlElement) -> str:
         return ""
     for link in root.iter("a"):
         _show_target(link)
+    _word_lines(root)
     try:
         return Inscriptis(root, _RENDER).get_text()
     except RecursionError:  # nesting deeper than the renderer recurses: the text without its layout
         return "\n".join(" ".join(t.split()) for t in root.itertext() if t.strip())
+
+
+def _word_lines(root: HtmlElement) -> None:
+    """Word (Outlook for Windows) writes each line as a paragraph that only its style element keeps
+    unspaced, and an empty line as one holding "&nbsp;": make them the lines they show."""
+    for para in root.iter("p"):
+        if "MsoNormal" in (para.get("class") or "").split():
+            para.tag = "div"
+            if not para.text_content().strip() and para.find(".//img") is None:
+                tail = para.tail
+                para.clear()
+                para.append(para.makeelement("br", {}))
+                para.tail = tail
 
 
 def _show_target(link: HtmlElement) -> None:
@@ -141,6 +155,9 @@ def own_html(html: str) -> str:
         cut_from(start)
     for quote in quotes(root):
         quote.drop_tree()  # keeps the text that follows it
+    for image in [img for img in root.iter("img") if not _INLINE_IMAGE.match((img.get("src") or "").strip())]:
+        image.drop_tree()  # a remote image tells the sender when and where the mail is read
+    _word_lines(root)
     body = root.find("body")
     inner = "".join(_serialized(body if body is not None else root))
     clean = nh3.clean(inner, tags=_TAGS, clean_content_tags={"script", "style", "title"},
