@@ -162,6 +162,7 @@ def _unquoted(text: str, forwarded: Forwarded) -> list[str]:
     for line in lines:
         starts.append(starts[-1] + len(line) + 1)
     skip: set[int] = set()
+    gaps: set[int] = set()
     end = len(lines)
     for header in _HEADERS.finditer(text):
         begin = header.start() + len(header.group()) - len(header.group().lstrip("\n"))  # not the line above
@@ -178,8 +179,10 @@ def _unquoted(text: str, forwarded: Forwarded) -> list[str]:
                 end = first
                 break
             last = copy_end
+            gaps.add(first)  # the answers above and below the copy stay apart
         skip.update(range(first, last + 1))
-    kept = [line for i, line in enumerate(lines[:end]) if i not in skip and not _quoted(line)]
+    kept = ["" if i in gaps else line for i, line in enumerate(lines[:end])
+            if i in gaps or (i not in skip and not _quoted(line))]
     while kept and _SEPARATOR.fullmatch(kept[-1]):
         kept.pop()
     return kept

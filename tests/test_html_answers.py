@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from email import policy
+from email import message_from_bytes, policy
 from email.message import EmailMessage
+from pathlib import Path
 
+import dkim
 import pytest
 
+from careservice.dkim import Signer, SiteKey, txt_record, write_key
+from careservice.mail import Attachment, Draft, render
 from tests.reliability.mailclients import gmail, outlook
 from tests.support import CARE, STAFF, Captured, CaptureRelay, Daemon, files_containing, send, wait_for
 from tests.test_workflow import answer_to, open_case
@@ -101,3 +105,24 @@ def test_a_customer_html_mail_reaches_staff_as_text_with_the_html_attached(daemo
     [attached] = list(forward.iter_attachments())
     assert attached.get_filename() == "message.html" and attached.get_content_type() == "text/html"
     assert attached.get_content().rstrip() == html
+
+
+def test_an_alternative_with_attachments_renders_and_its_dkim_signature_verifies(tmp_path: Path) -> None:
+    html = ('<!DOCTYPE html>\n<html><body><p>Grüße, <a href="https://x.example/a">link</a></p>'
+            + "x" * 3000 + "</body></html>")
+    draft = Draft(from_name="TicketNest", from_address=CARE, to=(CUSTOMER,), subject="Re: Grüße", text="Grüße\n",
+                  message_id="m1@ticketnest.test", html=html,
+                  attachments=(Attachment("a.pdf", "application/pdf", b"%PDF-1.4"),))
+    raw = render(draft)
+    msg = message_from_bytes(raw, policy=policy.default)
+    assert [p.get_content_type() for p in msg.walk()] == [
+        "multipart/mixed", "multipart/alternative", "text/plain", "text/html", "application/pdf"]
+    assert msg.get_body(("plain",)).get_content() == "Grüße\r\n"
+    assert msg.get_body(("html",)).get_content().replace("\r\n", "\n") == html
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998 and b"\n" not in raw.replace(b"\r\n", b"")
+    private = write_key(tmp_path / "k.pem")
+    pem = (tmp_path / "k.pem").read_bytes()
+    record = "".join(re.findall(r'"([^"]*)"', txt_record("s1", "ticketnest.test", private))).encode()
+    signed = Signer({"ticketnest": SiteKey(b"s1", b"ticketnest.test", pem)}).sign("ticketnest", raw)
+    dns = {b"s1._domainkey.ticketnest.test.": record}
+    assert dkim.verify(signed, dnsfunc=lambda name, timeout=5: dns.get(name))
