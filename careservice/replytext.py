@@ -1,9 +1,11 @@
 """What of a staff reply may go to the customer, whatever the mail client did with the quote.
 
 Clients quote the forward in different ways: Outlook puts a header block ("From: ... Sent: ...")
-above an unmarked copy, Gmail and Thunderbird quote with `>` under "On ... wrote:" (and staff may
-answer below the quote), HTML mail marks the quote with its own elements. So the rules hold for
-any client: an HTML reply loses its quoting elements before it is flattened; no `>`-quoted line and
+above an unmarked copy, Gmail and Thunderbird quote with `>` under "On ... wrote:", HTML mail marks
+the quote with its own elements; staff answer above, below or between the quoted lines. So the rules
+hold for any client: an HTML reply loses its quoting elements before it is flattened (and goes as
+HTML too only when that shows the same lines); an unmarked copy ends at the forward's last own
+line; no `>`-quoted line and
 no line of the forward's own blocks (instructions, contact details) is kept; a reply whose
 remaining lines are all the forward's, a signature or nothing has no new text; and a first line
 that starts with `#` is a command for the service, never text for the customer. A reply the parser

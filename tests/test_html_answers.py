@@ -14,6 +14,7 @@ import dkim
 import pytest
 
 from careservice.dkim import Signer, SiteKey, txt_record, write_key
+from careservice.htmlpart import own_html
 from careservice.mail import Attachment, Draft, render
 from tests.reliability.mailclients import gmail, outlook
 from tests.support import CARE, STAFF, Captured, CaptureRelay, Daemon, files_containing, send, wait_for
@@ -126,3 +127,21 @@ def test_an_alternative_with_attachments_renders_and_its_dkim_signature_verifies
     signed = Signer({"ticketnest": SiteKey(b"s1", b"ticketnest.test", pem)}).sign("ticketnest", raw)
     dns = {b"s1._domainkey.ticketnest.test.": record}
     assert dkim.verify(signed, dnsfunc=lambda name, timeout=5: dns.get(name))
+
+
+@pytest.mark.parametrize("hostile", [
+    '<a href="javascript:alert(1)">x</a>', '<a href="data:text/html,<script>alert(1)</script>">x</a>',
+    '<img src="data:image/svg+xml;base64,PHN2Zz4=">', '<img srcset="https://t.example/a.png 2x">',
+    '<svg><image href="https://t.example/a.png"/></svg>', '<link rel="stylesheet" href="https://t.example/s.css">',
+    '<table background="https://t.example/b.png"><tr><td>x</td></tr></table>',
+    '<div style="background:u\\72l(https://t.example/b.png)">x</div>', '<div style="background-image:url(x)">x</div>',
+    '<video poster="https://t.example/p.png"></video>', '<base href="https://t.example/">',
+    '<meta http-equiv="refresh" content="0;url=https://t.example/">', '<iframe src="https://t.example/"></iframe>',
+    '<form action="https://t.example/"><input name="x"></form>', '<object data="https://t.example/o"></object>',
+    '<style>@import "https://t.example/s.css";</style>', '<p style="list-style-image:url(https://t.example/)">x</p>',
+], ids=lambda h: re.sub(r"\W+", "_", h)[:40])
+def test_the_answer_html_keeps_nothing_that_fetches_or_runs(hostile: str) -> None:
+    html = own_html(f"<div>Your refund is on its way.</div>{hostile}<div>Agent Smith</div>")
+    assert "Your refund is on its way." in html and "Agent Smith" in html
+    assert "t.example" not in html and "javascript" not in html and "url(" not in html and "data:text" not in html
+    assert not re.search(r"<(script|style|link|base|meta|iframe|form|object|svg|video)\b", html)
