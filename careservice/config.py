@@ -28,6 +28,7 @@ from careservice.staffauth import valid_mode
 
 RELAY_SCHEMES = ("smtp", "smtps", "smtp+starttls", "maildir")
 IMAP_SECURITY = ("tls", "starttls", "none")
+HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")  # RFC 5322 field name: printable ASCII but ":"
 AUTH_METHODS = ("password", "oauth2")
 OAUTH2_GRANTS = ("client_credentials", "refresh_token")
 OAUTH2_KEYS = ("token_url", "client_id", "client_secret_file", "scope", "grant", "refresh_token_file")
@@ -195,12 +196,16 @@ def _imap(t: Table, site_ids: set[str], base: Path) -> ImapMailbox:
     oauth2 = _oauth2(t, base)
     if oauth2 is not None and "password_file" in t.data:
         raise ConfigError(t.key("password_file"), 'not used with auth = "oauth2"')
+    envelope_header = t.get("envelope_header", str, "Delivered-To")
+    if not HEADER_NAME.fullmatch(envelope_header):
+        raise ConfigError(t.key("envelope_header"), 'expected a header name such as "Delivered-To", '
+                                                    f'"X-Original-To" or "Envelope-To", got "{envelope_header}"')
     return ImapMailbox(
         site=site, host=t.get("host", str), port=t.positive("port", 993), security=security,
         username=t.get("username", str), password_file=_path(base, t.get("password_file", str)) if oauth2 is None
         else "", folder=t.get("folder", str, "INBOX"), poll_seconds=t.positive("poll_seconds", 60),
         quarantine_folder=t.get("quarantine_folder", str, "careservice-quarantine"),
-        verify_tls=t.get("verify_tls", bool, True), oauth2=oauth2,
+        verify_tls=t.get("verify_tls", bool, True), oauth2=oauth2, envelope_header=envelope_header,
     )
 
 

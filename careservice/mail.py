@@ -59,7 +59,6 @@ class Parsed:
     subject: str = ""
     message_id: str = ""
     references: tuple[str, ...] = ()
-    recipients: tuple[str, ...] = ()  # To, Cc, Delivered-To, X-Original-To
     automatic: str = ""  # why this is an auto-reply, bounce or list mail ("" = a person wrote it)
     text: str = ""
     html: str = ""  # the first text/html part, as sent
@@ -216,18 +215,11 @@ def parse(raw: bytes, mail_from: str) -> Parsed:
             text, html, attachments, types = _body(msg)
     except Exception as exc:  # the stdlib raises many kinds on hostile MIME structure
         defects.append(_defect("body", exc))
-    recipients: list[str] = []
-    for header in ("To", "Cc", "Delivered-To", "X-Original-To"):
-        try:
-            recipients += [a for _, a in getaddresses(headers.all(header))]
-        except Exception:
-            defects.append(f"bad_{header.lower()}")
     return Parsed(
         from_name=name, from_address=one_line(address, 254).lower(), from_count=len(addresses),
         subject=one_line(headers.first("Subject"), 500),
         message_id=(message_ids(headers.first("Message-ID")) or ("",))[0],
         references=message_ids(headers.first("References") + " " + headers.first("In-Reply-To")),
-        recipients=tuple(one_line(r, 254).lower() for r in recipients[:100]),
         automatic=_automatic(headers, mail_from, address), text=text, html=html, attachments=tuple(attachments),
         part_types=tuple(types), defects=tuple(defects),
     )

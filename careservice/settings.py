@@ -129,6 +129,7 @@ class ImapMailbox:
     quarantine_folder: str
     verify_tls: bool
     oauth2: OAuth2Config | None = None  # auth = "oauth2": XOAUTH2 instead of password_file
+    envelope_header: str = "Delivered-To"  # its topmost copy, prepended at final delivery, names the recipient
 
     @property
     def name(self) -> str:

@@ -207,15 +207,18 @@ def test_verify_reply_refuses_strangers_bad_tokens_and_late_replies(ctx: Context
     assert invalid.reason == "reply_token_invalid" and invalid.counters == ("reply_refused",)
 
 
-def test_classify_takes_a_token_only_from_the_envelope_over_smtp(ctx: Context) -> None:
+@pytest.mark.parametrize("source", [Source.SMTP, Source.IMAP])
+def test_classify_takes_a_token_only_from_the_envelope(ctx: Context, source: Source) -> None:
     case = open_case(ctx)
     address = reply_to(ctx, case, "x").message.envelope.rcpt
-    copied = customer_mail("Re: Lost tickets", "hi", sender=STAFF, headers={"Cc": address, "Delivered-To": address})
-    over_smtp = classify.handle(inputs(ctx, case_of(copied, sender=STAFF)), ctx)
-    assert over_smtp.state is CaseState.NEW  # to the care address: a new case, as from anyone
-    over_imap = classify.handle(inputs(ctx, with_message(case_of(copied, sender=STAFF), source=Source.IMAP)), ctx)
-    assert over_imap.state is CaseState.STAFF_REPLY and over_imap.updates is not None
-    assert over_imap.updates.target == case.id  # a fetched mailbox has only its headers
+    copied = customer_mail("Re: Lost tickets", "hi", sender=STAFF, headers={"Cc": address, "Delivered-To": address,
+                                                                            "X-Original-To": address})
+    outcome = classify.handle(inputs(ctx, with_message(case_of(copied, sender=STAFF), source=source)), ctx)
+    assert outcome.state is CaseState.NEW  # to the care address: a new case, as from anyone
+    enveloped = classify.handle(inputs(ctx, with_message(case_of(copied, sender=STAFF, rcpt=address),
+                                                         source=source)), ctx)
+    assert enveloped.state is CaseState.STAFF_REPLY and enveloped.updates is not None
+    assert enveloped.updates.target == case.id
 
 
 def test_verify_reply_takes_a_token_only_from_the_staff_member_it_was_issued_to(ctx: Context) -> None:

@@ -10,8 +10,8 @@ Between passes the worker IDLEs when the server offers it, else it polls every p
 Nothing depends on UIDs across sessions, so a UIDVALIDITY change needs no recovery: a message
 committed before a crash is taken again, recognised by its keyed digest, and only expunged.
 
-The envelope sender of a message read over IMAP is its Return-Path header, or else its From address
-(careservice.intake.headers).
+A message's envelope (careservice.intake.headers.mailbox_envelope): the sender is its Return-Path, else
+its From; the recipient is the topmost `envelope_header` (Delivered-To), else the care address.
 
 imapclient blocks, so each worker runs in its own thread; commits and health records are handed to
 the event loop with `run_coroutine_threadsafe`. Logs name the mailbox, never the mail.
@@ -37,11 +37,11 @@ from imapclient import DELETED, IMAPClient, SocketTimeout
 from imapclient.exceptions import IMAPClientError, LoginError
 
 from careservice.config import Config, ImapMailbox, OAuth2Config, Site
-from careservice.intake.headers import envelope_sender
+from careservice.intake.headers import mailbox_envelope
 from careservice.intake.ingest import Ingest
 from careservice.intake.spamcheck import Probe, SpamCheck
 from careservice.logs import error_fields
-from careservice.model import Envelope, NewMessage, Source
+from careservice.model import NewMessage, Source
 from careservice.oauth2 import OAuth2Error, TokenSource
 from careservice.spamverdict import stamp
 from careservice.tlsconf import client_context
@@ -311,7 +311,7 @@ class MailboxWorker:
             if verdict.result == "reject":
                 rejected.append(uid)
             elif verdict.result != "greylist":  # a greylisted message stays for the next pass
-                envelope = Envelope(envelope_sender(raw), self.site.care_address)
+                envelope = mailbox_envelope(raw, self.box.envelope_header, self.site.care_address)
                 out.append((uid, NewMessage(self.site.id, Source.IMAP, envelope, stamp(raw, verdict),
                                             dedupe=self.ingest.dedupe_key(self.site.id, raw))))
         return out, rejected
