@@ -176,6 +176,7 @@ class Daemon:
     config: Path
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    module: str = "careservice"  # what `python -m` runs: a test may wrap the CLI (tests/imapcrash.py)
 
     @property
     def log(self) -> Path:
@@ -206,7 +207,7 @@ class Daemon:
         env = {**os.environ, **self.env}
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "careservice", "run", "--config", str(self.config)],
+                [sys.executable, "-m", self.module, "run", "--config", str(self.config)],
                 stdout=log, stderr=log, env=env, cwd=self.config.parent,
             )
         wait_for(self._listening, what="daemon SMTP port")

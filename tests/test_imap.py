@@ -16,9 +16,10 @@ from imapclient import DELETED
 
 from careservice.config import ConfigError, load_config
 from careservice.intake.headers import envelope_recipient, mailbox_envelope
-from careservice.intake.imap import BATCH, CRASH_ENV, MailboxWorker
+from careservice.intake.imap import BATCH, MailboxWorker
 from careservice.model import Envelope
 from tests.dovecot import DovecotServer
+from tests.imapcrash import POINT_ENV
 from tests.support import (
     CARE,
     STAFF,
@@ -176,7 +177,8 @@ def test_a_token_only_in_to_cc_or_a_lower_delivered_to_answers_nobody(svc: Daemo
 def test_crash_between_commit_and_expunge_makes_no_second_case(tmp_path: Path, relay: CaptureRelay,
                                                                dovecot: DovecotServer, point: str) -> None:
     config = imap_config(tmp_path / "svc", relay, dovecot)
-    crashing = Daemon(config, env={CRASH_ENV: point}).start()
+    repo = str(Path(__file__).parent.parent)
+    crashing = Daemon(config, env={POINT_ENV: point, "PYTHONPATH": repo}, module="tests.imapcrash").start()
     try:
         wait_idle(crashing, dovecot)
         dovecot.append(customer_mail("Only once", "crash test"))

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import socket
 import ssl
 import threading
@@ -57,7 +56,6 @@ IDLE_CHECK = 1.0  # how often an IDLEing worker looks at its stop flag
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 300.0
 TIMEOUT = SocketTimeout(connect=15, read=120)
 STOP_GRACE = 3.0
-CRASH_ENV = "CARESERVICE_TEST_CRASH_AFTER_IMAP_COMMIT"
 
 
 class MailboxProblem(Exception):
@@ -70,16 +68,9 @@ class MailboxProblem(Exception):
         self.final = final
 
 
-def _crash_point(point: str) -> None:
-    """Test hook: CARESERVICE_TEST_CRASH_AFTER_IMAP_COMMIT=commit|flag dies like kill -9 there."""
-    if os.environ.get(CRASH_ENV) == point:
-        os._exit(137)
-
-
 def _expunge(client: IMAPClient, uids: list[int], uidplus: bool) -> int:
     """Flag `uids` \\Deleted and expunge them (only ever called for committed or quarantined mail)."""
     client.add_flags(uids, [DELETED], silent=True)
-    _crash_point("flag")
     if uidplus:
         client.uid_expunge(uids)
     else:
@@ -330,7 +321,6 @@ class MailboxWorker:
             ids = future.result()
         except Exception as exc:
             raise MailboxProblem("intake_failed") from exc
-        _crash_point("commit")
         log.info("imap_taken mailbox=%s messages=%d duplicates=%d", self.box.name, len(uids), ids.count(""))
         return uids
 

@@ -11,17 +11,7 @@ from typing import Any
 
 from careservice.budget import SCAN, first_fit
 from careservice.crypto import Keyring, open_sealed, seal
-from careservice.model import (
-    Case,
-    CaseState,
-    ContactDetails,
-    Envelope,
-    Inbound,
-    MailKind,
-    NewMessage,
-    Outcome,
-    Source,
-)
+from careservice.model import Case, CaseState, ContactDetails, Envelope, Inbound, MailKind, NewMessage, Outcome, Source
 from careservice.store.blocks import block
 from careservice.store.keys import case_key, day_end
 from careservice.store.mailq import queue_mail

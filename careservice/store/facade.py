@@ -94,12 +94,9 @@ class Store:
         await self.executor.call(blocks.prune, now)
 
     async def purge_older_than(self, cutoff: float, sites: frozenset[str], now: float) -> list[tuple[str, str, float]]:
-        """Purge every case created before `cutoff`, whatever its state (see purge.purge_aged)."""
-        return await self.executor.call(purge.purge_aged, cutoff, sites, now)
-
-    async def checkpoint(self) -> None:
-        """Truncate the WAL now (a purge's own checkpoint may have met a reader)."""
-        await self.executor.call(tallies.nothing, checkpoint=True)
+        """Purge every case created before `cutoff`, whatever its state (see purge.purge_aged), and truncate
+        the WAL, as every purge does (this sweep also retries a truncation an earlier purge's reader blocked)."""
+        return await self.executor.call(purge.purge_aged, cutoff, sites, now, checkpoint=True)
 
     async def counts(self) -> dict[str, Any]:
         return await self.executor.read(tallies.counts_op)
