@@ -26,7 +26,7 @@ def _to_staff(inp: Inputs, ctx: Context, owner: Case, follow_up: bool,
         from_name=f"{contact.name or contact.email or 'Customer'} via {site.name}",
         from_address=site.care_address, to=(staff,), subject=subject, text=text, message_id=new_message_id(site.domain),
         reply_to=ctx.addressing.reply_address(site, owner.id, owner.nonce, staff),
-        attachments=inp.parsed.attachments, loop_marker=ctx.config.smtp.hostname,
+        attachments=inp.parsed.attachments_and_html, loop_marker=ctx.config.smtp.hostname,
     ) for staff in to or site.staff)
     return tuple(ctx.outgoing(MailKind.FORWARD, owner.id, site.care_address, draft) for draft in drafts)
 
