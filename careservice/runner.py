@@ -33,6 +33,7 @@ def merge(first: Outcome, then: Outcome) -> Outcome:
         updates=then.updates or first.updates, target_state=then.target_state or first.target_state,
         counters=first.counters + then.counters, ack_slot=then.ack_slot or first.ack_slot,
         block=then.block or first.block, target_owner=then.target_owner or first.target_owner,
+        turn=then.turn or first.turn,
     )
 
 
@@ -53,6 +54,10 @@ class Runner:
         self._busy: set[str] = set()
         self._held: dict[str, float] = {}
         self._stopping = False
+        # A round robin's turn is read before its stage and moved on by the stage's commit: new cases of a
+        # site with one take turns one after the other, or those of one batch would all get the same
+        # staff member. The turn itself lives in the store, which refuses a turn taken meanwhile.
+        self._turns = asyncio.Lock()
 
     def wake(self) -> None:
         self._wake.set()
@@ -97,6 +102,19 @@ class Runner:
         return done
 
     async def advance(self, case: Case) -> None:
+        site = self.ctx.config.site(case.site)
+        if site is None or not site.rotates or case.state not in (CaseState.RECEIVED, CaseState.NEW):
+            await self._advance(case, {})
+            return
+        async with self._turns:
+            try:
+                turns = await self.store.turns(site.id)
+            except Exception as exc:
+                await self.hold(case, case.state, self.ctx.clock(), exc)
+                return
+            await self._advance(case, turns)
+
+    async def _advance(self, case: Case, turns: Mapping[str, int]) -> None:
         now = self.ctx.clock()
         outcome: Outcome | None = None
         current = case
@@ -112,7 +130,7 @@ class Runner:
                 if current.target and (target is None or target.id != current.target):
                     target = await self.store.get_case(current.target)
                 if (current.state is CaseState.STAFF_REPLY and site.staff_auth == "dkim" and signers is None
-                        and current.target and parsed.from_address in site.staff):
+                        and current.target and parsed.from_address in site.all_staff):
                     # verified here, not at intake, so the verdict is never stored or carried in a header a
                     # sender could forge, and is taken when the reply is judged; only for a valid token and
                     # a staff From (nothing else could pass); in a thread, since the key lookups wait on
@@ -120,7 +138,7 @@ class Runner:
                     from_domain = parsed.from_address.rpartition("@")[2]
                     signers = await asyncio.to_thread(self.verify_dkim, case.raw, from_domain)
                 inputs = Inputs(current, site, parsed, target if current.target else None, now,
-                                dkim_domains=signers or (), blocked=blocked)
+                                dkim_domains=signers or (), blocked=blocked, turns=turns)
                 step = self.stages[current.state](inputs, self.ctx)
                 outcome = step if outcome is None else merge(outcome, step)
                 current = replace(step.updates or current, state=step.state)

@@ -15,6 +15,7 @@ from careservice.context import Context, Inputs
 from careservice.mail import Draft, new_message_id, parse
 from careservice.model import Case, CaseState, ContactDetails, MailKind, Outcome, OutgoingMail
 from careservice.replytext import Forwarded, StaffReply, read_reply, relay_problem
+from careservice.routing import case_staff
 
 WITHHELD = {
     "reply_unreadable": "Your reply could not be read whole (its structure is too deep or too large, or a "
@@ -45,7 +46,7 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
         return not_sent(inp, ctx, target, "no_customer_address", "Answer not sent",
                         "The customer left no e-mail address; please use the telephone.")
     text = reply.text
-    for staff in site.staff:  # signatures must not reveal a staff address
+    for staff in site.all_staff:  # signatures must not reveal a staff address
         text = re.sub(re.escape(staff), site.care_address, text, flags=re.IGNORECASE)
     subject, body = ctx.texts.mail(site.id, "answer", site=site, subject=target.subject, text=text)
     draft = Draft(
@@ -70,7 +71,7 @@ def tell_the_others(inp: Inputs, ctx: Context, target: Case, done: str) -> tuple
     """With the site's `notify_answered`, the other staff hear that the case needs nothing more from them.
     Filed under the reply, not the case: the case's purge must not take the notice with it."""
     site, sender = inp.site, inp.parsed.from_address
-    others = tuple(s for s in site.staff if s.casefold() != sender.casefold())
+    others = tuple(s for s in case_staff(site, target) if s.casefold() != sender.casefold())
     if not site.notify_answered or not others:
         return ()
     name = inp.parsed.from_name or sender
