@@ -49,6 +49,8 @@ def routes(site: Table, site_assign: str) -> tuple[Route, ...]:
             if "+" in recipient.rpartition("@")[0]:
                 raise ConfigError(t.key("match_recipient"), 'must not contain "+" (used for reply addresses)')
         subject = t.get("match_subject", str, "")
+        members, mode = staff(t), assign(t, site_assign)
+        t.refuse_unknown()  # a misspelt match key is named as such, not as a route without one
         if not recipient and not subject:
             raise ConfigError(t.prefix, "needs match_recipient or match_subject (mail that no route takes goes to "
                                         "the site's own staff)")
@@ -59,7 +61,7 @@ def routes(site: Table, site_assign: str) -> tuple[Route, ...]:
         if earlier is not None:
             raise ConfigError(t.prefix, f"matches as {site.key('routes')}[{earlier}] does, so it would never be used")
         found.append(Route(route_id, recipient, pattern(t.key("match_subject"), subject) if subject else None,
-                           staff(t), assign(t, site_assign)))
+                           members, mode))
     return tuple(found)
 
 
