@@ -25,29 +25,14 @@ from tests.support import (
     files_containing,
     send,
     wait_for,
+    with_routes,
     write_config,
 )
 from tests.test_commands import reply
 from tests.test_workflow import CUSTOMER, answer_to, open_case
 
 REFUNDS = "refunds@staff.example"
-SITES = f"""
-[[sites]]
-id = "ticketnest"
-name = "TicketNest"
-domain = "ticketnest.test"
-care_address = "{CARE}"
-staff = ["{STAFF}", "{STAFF2}"]
-[[sites.routes]]
-match_subject = "(?i)refund"
-staff = ["{REFUNDS}"]
-[[sites]]
-id = "ixs"
-name = "ixs"
-domain = "ixs.test"
-care_address = "care@ixs.test"
-staff = ["{STAFF}"]
-"""
+SITES = with_routes(f'[[sites.routes]]\nmatch_subject = "(?i)refund"\nstaff = ["{REFUNDS}"]\n')
 DAY = 86400.0
 
 
