@@ -8,13 +8,19 @@ import signal
 import smtplib
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from careservice.addresses import Addressing
-from careservice.config import ConfigError, load_config
+from careservice.config import ConfigError, Site, load_config
+from careservice.configroutes import pattern
+from careservice.context import Inputs
 from careservice.crypto import Keyring, load_master_key
+from careservice.mail import Parsed
+from careservice.model import Case, CaseState, Envelope, Source
+from careservice.routing import route_new_case
 from tests.support import (
     CARE,
     STAFF,
@@ -185,3 +191,25 @@ def test_check_passes_with_routes_and_a_digest(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "careservice", "check", "--config", str(config)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+    assert "digest     daily at 08:00 local time" in result.stdout and "routes=3" in result.stdout
+
+
+def routed(site: Site, source: Source, rcpt: str, subject: str, recipients: tuple[str, ...] = ()) -> str:
+    """The route id route_new_case gives a new case ("" = the site's staff), as the NEW stage sees it."""
+    case = Case("c0ffee000001", site.id, CaseState.NEW, source, 0.0, "0a1b2c3d", Envelope(CUSTOMER, rcpt), b"")
+    parsed = Parsed(subject=subject, recipients=recipients, text="query text")
+    return route_new_case(Inputs(case, site, parsed, None, 0.0))[0].route
+
+
+def test_imap_matches_the_headers_and_a_hostile_subject_is_matched_in_linear_time(tmp_path: Path) -> None:
+    site = load_config(write_config(tmp_path, 1, sites=ROUTES)).sites[0]
+    refunds, sales, vip = (route.id for route in site.routes)
+    # a mailbox has no envelope: the To/Cc/Delivered-To headers name the address the mail came to
+    assert routed(site, Source.IMAP, CARE, "hi", ("Refunds@TicketNest.test",)) == refunds
+    assert routed(site, Source.IMAP, CARE, "URGENT", (CARE, "vip@ticketnest.test")) == vip
+    assert routed(site, Source.SMTP, CARE, "hi", ("refunds@ticketnest.test",)) == ""  # SMTP: the envelope only
+    assert routed(site, Source.WEB, CARE, "Refund") == ""  # a form post: its query text, not our subject
+    # "(a+)+$" backtracks exponentially in Python's re; RE2 answers at once (the test would hang otherwise)
+    hostile = replace(site, routes=(replace(site.routes[1], match_subject=pattern("k", "(a+)+$")),))
+    assert routed(hostile, Source.SMTP, CARE, "a" * 3999 + "!") == ""
+    assert routed(hostile, Source.SMTP, CARE, "a" * 100_000 + "!") == sales  # only the first 4000 characters count
