@@ -22,7 +22,6 @@ class Recipient:
 class ReplyToken:
     case_id: str
     nonce: str  # the case's nonce when issued: a reopened case has a new one (handlers.delivery)
-    mac: str
     staff: str  # the staff address it was issued to, the only From it is taken from
 
 
@@ -75,7 +74,7 @@ class Addressing:
         case_id, nonce, mac = m.groups()
         for staff in site.all_staff:
             if self._keyring.verify(_reply_mac_input(site, case_id, nonce, staff), mac):
-                return ReplyToken(case_id, nonce, mac, staff)
+                return ReplyToken(case_id, nonce, staff)
         return None
 
     def ack_message_id(self, site: Site, case_id: str, nonce: str) -> str:

@@ -19,7 +19,7 @@ LOOP_HEADER = "X-Careservice-Loop"
 AUTO_PRECEDENCE = {"bulk", "junk", "list", "auto_reply"}
 AUTOREPLY_HEADERS = ("X-Autoreply", "X-Autorespond")  # older vacation responders set one of these
 SYSTEM_LOCALPARTS = {"mailer-daemon", "postmaster", "noreply", "no-reply", "double-bounce"}
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\u0085\u2028\u2029]")
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # Unicode categories Cc, Zl and Zp
 _MSGID = re.compile(r"<([^<>\s]{1,250})>")
 _TAG = re.compile(r"<[^<>]{0,2000}>")  # [^<>], not [^>]: linear on "<<<<..."
 _FOLD = re.compile(r"\r?\n[ \t]*")
@@ -67,8 +67,8 @@ class Parsed:
 
 
 def one_line(value: str, limit: int = 998) -> str:
-    """Control characters (CR, LF, NUL, ...) become spaces: nothing can add a header line."""
-    return _CONTROL.sub(" ", value).strip()[:limit]
+    """Control characters (CR, LF, NUL, tab, ...) become spaces: nothing can add a header line."""
+    return CONTROL.sub(" ", value).strip()[:limit]
 
 
 class _Headers:
@@ -221,8 +221,8 @@ def parse(raw: bytes, mail_from: str) -> Parsed:
     )
 
 
-def new_message_id(domain: str, left: str = "") -> str:
-    return f"{left or secrets.token_hex(12)}@{domain}"
+def new_message_id(domain: str) -> str:
+    return f"{secrets.token_hex(12)}@{domain}"
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ class CaseState(StrEnum):
     RECEIVED = "received"  # an inbound message, not yet classified
     NEW = "new"  # a customer's first message: forward it to staff
     ACKNOWLEDGE = "acknowledge"  # forwarded: acknowledge the customer
-    FOLLOW_UP = "follow_up"  # a customer's reply to an open case: forward, then merge
+    FOLLOW_UP = "follow_up"  # a customer's reply to an open case: forwarded under that case, then dropped
     STAFF_REPLY = "staff_reply"  # mail to a reply address: verify sender and token
     VERIFIED = "verified"  # a genuine staff answer: relay it (or close the case on #closed)
     COMMAND = "command"  # a genuine staff reply whose first line is a "#" command
@@ -53,17 +53,27 @@ class ContactDetails:
 
 
 @dataclass(frozen=True)
+class Inbound:
+    """A message as it arrived: how, its envelope and its bytes. Stored sealed, never changed; what the
+    workflow learns from it (contact, subject, target, ...) lives on the Case that carries it."""
+
+    source: Source
+    envelope: Envelope
+    raw: bytes
+
+
+@dataclass(frozen=True)
 class Case:
-    """One stored item: an inbound message and, once opened, the case it became."""
+    """One stored item: an inbound message and what the workflow made of it. A customer's first message
+    becomes the case itself (NEW to ANSWERING); a follow-up or staff reply points at one (`target`) and
+    is dropped once handled."""
 
     id: str
     site: str
     state: CaseState
-    source: Source
     created: float
     nonce: str
-    envelope: Envelope
-    raw: bytes
+    message: Inbound
     contact: ContactDetails | None = None
     subject: str = ""
     message_id: str = ""

@@ -61,14 +61,14 @@ def forward_to(site: Site, case: Routed) -> tuple[str, ...]:
 def _first_match(site: Site, inp: Inputs) -> Route | None:
     """The first route whose keys all match: the address the mail came to, and the subject (a form post's
     query text, since its subject is our own)."""
-    case, parsed = inp.case, inp.parsed
-    if case.source is Source.SMTP:
-        came_to = {case.envelope.rcpt.lower()}
-    elif case.source is Source.IMAP:  # a mailbox has no envelope: its headers say where the mail went
+    message, parsed = inp.case.message, inp.parsed
+    if message.source is Source.SMTP:
+        came_to = {message.envelope.rcpt.lower()}
+    elif message.source is Source.IMAP:  # a mailbox has no envelope: its headers say where the mail went
         came_to = {address.lower() for address in parsed.recipients}
     else:  # the form posts to the care address itself
         came_to = set()
-    text = (parsed.text if case.source is Source.WEB else parsed.subject)[:MATCH_CHARS]
+    text = (parsed.text if message.source is Source.WEB else parsed.subject)[:MATCH_CHARS]
     for route in site.routes:
         if route.match_recipient and route.match_recipient not in came_to:
             continue

@@ -122,7 +122,7 @@ class Runner:
             site = self.ctx.site(case)
             # parsed here, in the worker's one thread: the parse is bounded (careservice.mail), and a parse
             # thread would hold the GIL while the store's inline transactions hold the write lock
-            parsed = parse(case.raw, case.envelope.mail_from)
+            parsed = parse(case.message.raw, case.message.envelope.mail_from)
             target: Case | None = None
             signers: tuple[str, ...] | None = None
             blocked = case.state is CaseState.RECEIVED and await self.store.is_blocked(self.senders(case, parsed), now)
@@ -136,7 +136,7 @@ class Runner:
                     # a staff From (nothing else could pass); in a thread, since the key lookups wait on
                     # DNS (a timeout raises DkimUnavailable: the case is held and retried)
                     from_domain = parsed.from_address.rpartition("@")[2]
-                    signers = await asyncio.to_thread(self.verify_dkim, case.raw, from_domain)
+                    signers = await asyncio.to_thread(self.verify_dkim, case.message.raw, from_domain)
                 inputs = Inputs(current, site, parsed, target if current.target else None, now,
                                 dkim_domains=signers or (), blocked=blocked, turns=turns)
                 step = self.stages[current.state](inputs, self.ctx)
@@ -158,7 +158,7 @@ class Runner:
 
     def senders(self, case: Case, parsed: Parsed) -> tuple[bytes, ...]:
         """The block digests of every address an inbound item comes from (envelope, From, form field)."""
-        addresses = {parsed.from_address, case.envelope.mail_from, case.contact.email if case.contact else ""}
+        addresses = {parsed.from_address, case.message.envelope.mail_from, case.contact.email if case.contact else ""}
         return tuple(self.ctx.keyring.block_digest(a) for a in sorted(addresses) if a)
 
     async def hold(self, case: Case, state: CaseState, now: float, exc: Exception) -> None:

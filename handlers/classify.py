@@ -14,9 +14,9 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
         return Outcome(CaseState.PURGED, "discard_blocked_sender", counters=("spam_discarded",))
     if parsed.automatic:
         return Outcome(CaseState.PURGED, f"discard_{parsed.automatic}", counters=("discarded",))
-    if ctx.addressing.is_ours(parsed.from_address) or ctx.addressing.is_ours(case.envelope.mail_from):
+    if ctx.addressing.is_ours(parsed.from_address) or ctx.addressing.is_ours(case.message.envelope.mail_from):
         return Outcome(CaseState.PURGED, "discard_from_ourselves", counters=("discarded",))
-    contact = case.contact or ContactDetails(parsed.from_name, parsed.from_address or case.envelope.mail_from)
+    contact = case.contact or ContactDetails(parsed.from_name, parsed.from_address or case.message.envelope.mail_from)
     details = replace(case, contact=contact, subject=parsed.subject, message_id=parsed.message_id,
                       references=parsed.references)
     token = reply_token(inp, ctx)
@@ -35,7 +35,7 @@ def reply_token(inp: Inputs, ctx: Context) -> str:
     counts: a token copied into To, Cc or Delivered-To of mail to the care address is just text. A
     mailbox fetched over IMAP has no envelope (its rcpt is the care address), so there the To, Cc,
     Delivered-To and X-Original-To headers are all there is."""
-    addresses = inp.parsed.recipients if inp.case.source is Source.IMAP else (inp.case.envelope.rcpt,)
+    addresses = inp.parsed.recipients if inp.case.message.source is Source.IMAP else (inp.case.message.envelope.rcpt,)
     tokens = [r.token for r in map(ctx.addressing.recipient, addresses)
               if r is not None and r.site.id == inp.site.id and r.token]
     return tokens[0] if tokens else ""

@@ -75,7 +75,7 @@ def _assign(inp: Inputs, ctx: Context, target: Case, words: str) -> Outcome:
         return not_sent(inp, ctx, target, "assign_unknown", "Unknown staff member, the case was not assigned",
                         f'"#assign" needs one of this case\'s staff: {", ".join(staff)}.')
     owner = chosen[0]
-    original = replace(inp, case=target, parsed=parse(target.raw, target.envelope.mail_from))
+    original = replace(inp, case=target, parsed=parse(target.message.raw, target.message.envelope.mail_from))
     forwards = _to_staff(original, ctx, target, follow_up=False, to=(owner,))
     others = tuple(s for s in case_staff(site, target) if s != owner)
     told = (ctx.notice(site, others, f"Assigned to {owner}", f"{sender} assigned this case to {owner}.",
@@ -85,7 +85,7 @@ def _assign(inp: Inputs, ctx: Context, target: Case, words: str) -> Outcome:
 
 def _spam(inp: Inputs, ctx: Context, target: Case, words: str) -> Outcome:
     """Purge the case and discard its sender's later mail (classify), known only by keyed digests."""
-    addresses = {target.contact.email if target.contact else "", target.envelope.mail_from} - {""}
+    addresses = {target.contact.email if target.contact else "", target.message.envelope.mail_from} - {""}
     block = SenderBlock(tuple(sorted(ctx.keyring.block_digest(a) for a in addresses)),
                         inp.now + ctx.config.spam.block_days * 86400.0)
     return Outcome(CaseState.PURGED, "marked_spam", target_state=CaseState.PURGED, counters=("spam_marked",),

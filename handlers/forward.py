@@ -21,7 +21,7 @@ def _to_staff(inp: Inputs, ctx: Context, owner: Case, follow_up: bool,
     contact = inp.case.contact or ContactDetails("", "")
     subject, text = ctx.texts.mail(site.id, "forward", site=site, case_id=owner.id, subject=owner.subject,
                                    contact=contact, text=inp.parsed.text, follow_up=follow_up)
-    verdict = spam_verdict(inp.case.raw)  # this message's own verdict, also for a follow-up
+    verdict = spam_verdict(inp.case.message.raw)  # this message's own verdict, also for a follow-up
     if verdict is not None and verdict.state == "suspect":
         subject = f"[spam?] {subject}"
     drafts = (Draft(

@@ -91,4 +91,5 @@ def _forwarded(ctx: Context, site: Site, target: Case) -> Forwarded:
     contact = target.contact or ContactDetails("", "")
     blocks = [ctx.texts.mail(site.id, "forward", site=site, case_id=target.id, subject=target.subject,
                              contact=contact, text="", follow_up=follow_up)[1] for follow_up in (False, True)]
-    return Forwarded.of(blocks, parse(target.raw, target.envelope.mail_from).text)  # not kept: the case waits
+    customer = parse(target.message.raw, target.message.envelope.mail_from)  # not kept: the case waits
+    return Forwarded.of(blocks, customer.text)

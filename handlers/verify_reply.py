@@ -26,7 +26,7 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
                             "nothing was sent to the customer. If one of you wrote it, please answer again "
                             "from your staff address.", about=case.target, filed_under=case.id)
         return Outcome(CaseState.PURGED, "reply_not_from_staff", mails=(notice,), counters=("reply_refused",))
-    if not authenticated(site.staff_auth, case.raw, sender, inp.dkim_domains):
+    if not authenticated(site.staff_auth, case.message.raw, sender, inp.dkim_domains):
         # perhaps forged; if not, the staff member's mail setup needs fixing: the From hears either way
         return _refused(inp, ctx, "reply_unauthenticated",
                         "Your reply did not carry the proof of its sender that this site asks for (a valid "

@@ -19,7 +19,7 @@ from careservice.configroutes import pattern
 from careservice.context import Inputs
 from careservice.crypto import Keyring, load_master_key
 from careservice.mail import Parsed
-from careservice.model import Case, CaseState, Envelope, Source
+from careservice.model import Case, CaseState, Envelope, Inbound, Source
 from careservice.routing import route_new_case
 from tests.support import (
     CARE,
@@ -196,7 +196,7 @@ def test_check_passes_with_routes_and_a_digest(tmp_path: Path) -> None:
 
 def routed(site: Site, source: Source, rcpt: str, subject: str, recipients: tuple[str, ...] = ()) -> str:
     """The route id route_new_case gives a new case ("" = the site's staff), as the NEW stage sees it."""
-    case = Case("c0ffee000001", site.id, CaseState.NEW, source, 0.0, "0a1b2c3d", Envelope(CUSTOMER, rcpt), b"")
+    case = Case("c0ffee000001", site.id, CaseState.NEW, 0.0, "0a1b2c3d", Inbound(source, Envelope(CUSTOMER, rcpt), b""))
     parsed = Parsed(subject=subject, recipients=recipients, text="query text")
     return route_new_case(Inputs(case, site, parsed, None, 0.0))[0].route
 

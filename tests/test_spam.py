@@ -70,7 +70,7 @@ def stored_raw(daemon: Daemon, subject: str, relay: CaptureRelay) -> bytes:
         finally:
             await store.close()
         assert case is not None
-        return case.raw
+        return case.message.raw
 
     return asyncio.run(read_case())
 

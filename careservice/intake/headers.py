@@ -10,9 +10,7 @@ import hashlib
 import re
 from email.utils import getaddresses, parseaddr
 
-from careservice.mimeparse import MAX_HEADER_BLOCK, MAX_HEADER_LINE
-
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
+from careservice.mimeparse import HEADER_END, MAX_HEADER_BLOCK, MAX_HEADER_LINE
 
 
 def _field(name: bytes) -> re.Pattern[bytes]:
@@ -38,7 +36,7 @@ def _header(head: bytes, pattern: re.Pattern[bytes]) -> str | None:
 
 def _head(raw: bytes) -> tuple[bytes, bytes]:
     """The header block and the content after it ("" when there is no blank line)."""
-    end = _HEADER_END.search(raw)
+    end = HEADER_END.search(raw)
     return (raw[: end.start()], raw[end.end():]) if end else (raw, b"")
 
 

@@ -44,6 +44,7 @@ from careservice.logs import error_fields
 from careservice.model import Envelope, NewMessage, Source
 from careservice.oauth2 import OAuth2Error, TokenSource
 from careservice.spamverdict import stamp
+from careservice.tlsconf import client_context
 
 log = logging.getLogger("careservice.imap")
 Pending = tuple[list[int], Future[list[str]]]  # UIDs and their commit in flight
@@ -67,14 +68,6 @@ class MailboxProblem(Exception):
         super().__init__(code)
         self.code = code
         self.final = final
-
-
-def _tls_context(verify: bool) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    if not verify:  # tests only: imap.verify_tls = false
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 def _crash_point(point: str) -> None:
@@ -196,7 +189,7 @@ class MailboxWorker:
 
     def _connect(self) -> IMAPClient:
         box = self.box
-        context = None if box.security == "none" else _tls_context(box.verify_tls)
+        context = None if box.security == "none" else client_context(verify=box.verify_tls)
         try:
             client = IMAPClient(box.host, box.port, ssl=box.security == "tls", ssl_context=context, timeout=TIMEOUT)
         except ssl.SSLError as exc:
