@@ -56,7 +56,8 @@ class Runner:
         self._stopping = False
         # A round robin's turn is read before its stage and moved on by the stage's commit: new cases of a
         # site with one take turns one after the other, or those of one batch would all get the same
-        # staff member. The turn itself lives in the store, which refuses a turn taken meanwhile.
+        # staff member. The turn itself lives in the store, which refuses a turn taken meanwhile (by
+        # another worker: the case is held and tried again).
         self._turns = asyncio.Lock()
 
     def wake(self) -> None:
@@ -102,22 +103,11 @@ class Runner:
         return done
 
     async def advance(self, case: Case) -> None:
-        site = self.ctx.config.site(case.site)
-        if site is None or not site.rotates or case.state not in (CaseState.RECEIVED, CaseState.NEW):
-            await self._advance(case, {})
-            return
-        async with self._turns:
-            try:
-                turns = await self.store.turns(site.id)
-            except Exception as exc:
-                await self.hold(case, case.state, self.ctx.clock(), exc)
-                return
-            await self._advance(case, turns)
-
-    async def _advance(self, case: Case, turns: Mapping[str, int]) -> None:
         now = self.ctx.clock()
         outcome: Outcome | None = None
         current = case
+        turns: Mapping[str, int] | None = None  # read, under the turn lock, when the chain reaches NEW
+        taking_turn = False
         try:
             site = self.ctx.site(case)
             # parsed here, in the worker's one thread: the parse is bounded (careservice.mail), and a parse
@@ -137,8 +127,12 @@ class Runner:
                     # DNS (a timeout raises DkimUnavailable: the case is held and retried)
                     from_domain = parsed.from_address.rpartition("@")[2]
                     signers = await asyncio.to_thread(self.verify_dkim, case.message.raw, from_domain)
+                if current.state is CaseState.NEW and site.rotates and turns is None:
+                    await self._turns.acquire()  # held until this case's outcome is committed
+                    taking_turn = True
+                    turns = await self.store.turns(site.id)
                 inputs = Inputs(current, site, parsed, target if current.target else None, now,
-                                dkim_domains=signers or (), blocked=blocked, turns=turns)
+                                dkim_domains=signers or (), blocked=blocked, turns=turns or {})
                 step = self.stages[current.state](inputs, self.ctx)
                 outcome = step if outcome is None else merge(outcome, step)
                 current = replace(step.updates or current, state=step.state)
@@ -155,6 +149,9 @@ class Runner:
                      outcome.state, outcome.reason, len(outcome.mails), f" target={target_id}" if target_id else "")
         except Exception as exc:  # a stage or the store failed: hold the case, try again later
             await self.hold(case, current.state, now, exc)
+        finally:
+            if taking_turn:
+                self._turns.release()
 
     def senders(self, case: Case, parsed: Parsed) -> tuple[bytes, ...]:
         """The block digests of every address an inbound item comes from (envelope, From, form field)."""
