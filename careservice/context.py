@@ -26,7 +26,7 @@ class Inputs:
     # staff reply of a site with staff_auth "dkim", else empty (careservice.staffauth)
     dkim_domains: tuple[str, ...] = ()
     blocked: bool = False  # RECEIVED: its sender is marked "#spam" (spam.block_days not yet passed)
-    # RECEIVED and NEW at a site with a round robin: each route's turn ("" the site's own), from the store
+    # NEW at a site with a round robin: each route's turn ("" the site's own), read from the store
     turns: Mapping[str, int] = field(default_factory=dict)
 
 
