@@ -15,6 +15,7 @@ from careservice.htmlpart import page
 from careservice.mail import Draft, new_message_id, parse
 from careservice.model import Case, CaseState, ContactDetails, MailKind, Outcome, OutgoingMail
 from careservice.replytext import Forwarded, StaffReply, hide_addresses, read_reply, relay_problem
+from careservice.routing import case_staff
 
 ANSWER_SLOT = "careservice-answer-slot-5f0c"  # stands for the answer in the template's frame of the HTML answer
 
@@ -46,12 +47,12 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
     if not customer:
         return not_sent(inp, ctx, target, "no_customer_address", "Answer not sent",
                         "The customer left no e-mail address; please use the telephone.")
-    text = hide_addresses(reply.text, site.staff, site.care_address)  # signatures must not reveal staff addresses
+    text = hide_addresses(reply.text, site.all_staff, site.care_address)  # signatures must not reveal staff addresses
     subject, body = ctx.texts.mail(site.id, "answer", site=site, subject=target.subject, text=text)
     html = ""
     if reply.html:  # the same template frames it, so the site's signature is in both
         frame = ctx.texts.mail(site.id, "answer", site=site, subject=target.subject, text=ANSWER_SLOT)[1]
-        html = page(frame, ANSWER_SLOT, hide_addresses(reply.html, site.staff, site.care_address))
+        html = page(frame, ANSWER_SLOT, hide_addresses(reply.html, site.all_staff, site.care_address))
     draft = Draft(
         from_name=site.name, from_address=site.care_address, to=(customer,), subject=subject, text=body, html=html,
         message_id=new_message_id(site.domain), in_reply_to=target.message_id, references=target.references,
@@ -74,7 +75,7 @@ def tell_the_others(inp: Inputs, ctx: Context, target: Case, done: str) -> tuple
     """With the site's `notify_answered`, the other staff hear that the case needs nothing more from them.
     Filed under the reply, not the case: the case's purge must not take the notice with it."""
     site, sender = inp.site, inp.parsed.from_address
-    others = tuple(s for s in site.staff if s.casefold() != sender.casefold())
+    others = tuple(s for s in case_staff(site, target) if s.casefold() != sender.casefold())
     if not site.notify_answered or not others:
         return ()
     name = inp.parsed.from_name or sender
