@@ -35,7 +35,7 @@ from careservice.config import Site
 from careservice.language import LANGUAGE
 from careservice.model import ContactDetails
 
-MAIL_TEMPLATES = ("ack", "answer", "forward", "note", "notice", "reminder")
+MAIL_TEMPLATES = ("ack", "answer", "forward", "note", "notice", "reminder", "digest")
 PAGE_TEMPLATES = ("form", "thanks")
 FALLBACK_LANGUAGE = "en"
 SHARED_FOLDERS = {"layout"}  # web/layout/: markup the language folders' pages extend
@@ -70,11 +70,16 @@ def one_prefix(subject: str) -> str:
     return _PREFIXES.sub(canonical, subject, count=1)
 
 
+def separated(text: str) -> str:
+    """`text` with a bare "--" line, as clients and line trimming leave RFC 3676's signature separator,
+    given its space back: "-- "."""
+    return "\n".join("-- " if line.rstrip() == "--" else line for line in text.split("\n"))
+
+
 def signed(text: str, signature: str) -> str:
     """`text` with the team `signature` once: not added again when the staff member's own signature
-    already holds it, added inside their signature block when they have one, else after "-- "
-    (RFC 3676's separator; a bare "--" line, as clients and line trimming leave it, gets its space back)."""
-    text = "\n".join("-- " if line.rstrip() == "--" else line for line in text.split("\n"))
+    already holds it, added inside their signature block when they have one, else after "-- "."""
+    text = separated(text)
     if " ".join(signature.split()).casefold() in " ".join(text.split()).casefold():
         return text
     if "-- " in text.split("\n"):
@@ -194,6 +199,9 @@ def sample_values(kind: str, name: str, site: Site) -> dict[str, Any]:
             "reminder": {"site": site, "case_id": "0123456789ab", "age": "1 day 2 hours"},
             "notice": {"site": site, "case_id": "0123456789ab", "headline": "Sample headline",
                        "explanation": "Sample explanation."},
+            "digest": {"site": site, "day": "2026-12-02", "cases": [
+                {"id": "0123456789ab", "age": "1 day 2 hours", "owner": "",
+                 "reply_address": f"{site.care_local}+0123456789ab.0a1b2c3d.aaaaaaaaaaaaaaaa@{site.domain}"}]},
         }[name]
     page = {"site": site, "nonce": "sample-nonce", "contact_url": site.contact_path}
     if name == "form":

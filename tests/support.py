@@ -117,6 +117,12 @@ staff = ["{STAFF}"]
 """
 
 
+def with_routes(routes: str) -> str:
+    """The test sites (SITES) with `routes`, `[[sites.routes]]` tables, added to the first site."""
+    staff = f'staff = ["{STAFF}", "{STAFF2}"]\n'
+    return SITES.replace(staff, staff + routes, 1)
+
+
 def write_config(tmp: Path, relay_port: int, *, extra: str = "", relay_url: str = "",
                  retry_delays: str = "[1, 1, 2]", give_up_after: int = 432000, sites: str = SITES) -> Path:
     """A config for one test: its own data dir, free ports, a relay on loopback; `sites` replaces the two test sites."""

@@ -17,6 +17,7 @@ from careservice.config import load_config
 from careservice.context import Context, Inputs
 from careservice.crypto import Keyring
 from careservice.handlers import (
+    DIGEST,
     EVENTS,
     STAGES,
     acknowledge,
@@ -50,7 +51,7 @@ CUSTOMER = "alice@customer.example"
 
 def test_every_state_has_a_stage_and_every_stage_module_is_wired() -> None:
     assert set(STAGES) == set(CaseState) - WAITING
-    wired = {fn.__module__.rsplit(".", 1)[1] for fn in (*STAGES.values(), *EVENTS.values())}
+    wired = {fn.__module__.rsplit(".", 1)[1] for fn in (*STAGES.values(), *EVENTS.values(), DIGEST)}
     assert wired == {m.name for m in pkgutil.iter_modules(handlers.__path__)}
 
 
