@@ -10,6 +10,7 @@ import pytest
 
 from careservice.config import load_config
 from careservice.texts import MAIL_TEMPLATES, Texts, one_prefix, sample_values, signed
+from tests.reliability.mailclients import gmail
 from tests.reliability.replycase import reply_address
 from tests.support import (
     CARE,
@@ -91,6 +92,21 @@ def test_answers_keep_one_prefix_and_one_signature_after_its_separator(daemon: D
         assert "--" not in lines and lines.count("-- ") <= 1, template
     wait_for(lambda: daemon.status() == IDLE, what="answered cases purged")
     assert files_containing(daemon.data_dir, [b"Anna Wombat", b"c0@customer"]) == []
+
+
+def test_an_html_answer_whose_signature_holds_the_teams_has_it_once_in_both_parts(daemon: Daemon,
+                                                                                  relay: CaptureRelay) -> None:
+    send(daemon.smtp_port, CUSTOMER, [CARE], customer_mail("Refund", "please"))
+    forward = mail_to(relay, STAFF, 1, "forward")[0]
+    text = "Your refund is on its way.\n\n-- \nAnna Wombat\nTicketNest Customer Care"
+    html = "<div>Your refund is on its way.</div><div><br></div><div>-- </div><div>Anna Wombat<br>TicketNest " \
+           "Customer Care</div>"
+    send(daemon.smtp_port, STAFF, [reply_address(forward)], gmail(forward, text, html=html))
+    wait_for(lambda: len(relay.to(CUSTOMER)) == 2, what="answer")
+    answer = relay.to(CUSTOMER)[1].message
+    for kind in ("plain", "html"):
+        part = answer.get_body((kind,)).get_content()
+        assert "Anna Wombat" in part and part.count("TicketNest Customer Care") == 1, (kind, part)
 
 
 def test_notices_are_threaded_to_the_staff_reply_and_wrapped_at_72(daemon: Daemon, relay: CaptureRelay) -> None:
