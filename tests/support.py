@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -173,6 +173,15 @@ username = "{dovecot.username}"
 {auth or f'password_file = "{secret}"'}
 poll_seconds = {poll_seconds}
 """)
+
+
+def capture_relay() -> Iterator[CaptureRelay]:
+    """A CaptureRelay for the length of a fixture."""
+    server = CaptureRelay().start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @dataclass

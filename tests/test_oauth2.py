@@ -65,6 +65,11 @@ def oauth2_lines(tmp: Path, provider: OAuthServer, grant: str, secret: str = "")
     return lines + f'scope = "{SCOPE}"\n'
 
 
+def oauth2_config(tmp: Path, relay: CaptureRelay, dovecot: DovecotServer, provider: OAuthServer, grant: str) -> Path:
+    """A daemon's config whose mailbox logs in with tokens of `grant` from `provider`."""
+    return imap_config(tmp, relay, dovecot, auth=oauth2_lines(tmp, provider, grant))
+
+
 def health(daemon: Daemon, dovecot: DovecotServer) -> dict[str, object]:
     return daemon.status().get("imap", {}).get(f"care@127.0.0.1:{dovecot.port}/INBOX", {})
 
@@ -76,8 +81,7 @@ def forwarded(relay: CaptureRelay, subject: str) -> bool:
 def test_client_credentials_drain_the_mailbox_and_renew_the_session_before_the_token_expires(
         tmp_path: Path, relay: CaptureRelay, dovecot: DovecotServer, provider: OAuthServer) -> None:
     provider.expires_in = 4  # renewed 0.4 s before it expires
-    config = imap_config(tmp_path / "svc", relay, dovecot, auth=oauth2_lines(tmp_path / "svc", provider,
-                                                                             "client_credentials"))
+    config = oauth2_config(tmp_path / "svc", relay, dovecot, provider, "client_credentials")
     dovecot.append(customer_mail("Before start", "waiting"))
     daemon = Daemon(config).start()
     try:
@@ -95,8 +99,7 @@ def test_client_credentials_drain_the_mailbox_and_renew_the_session_before_the_t
 def test_a_rotated_refresh_token_is_saved_0600_and_used(tmp_path: Path, relay: CaptureRelay,
                                                         dovecot: DovecotServer, provider: OAuthServer) -> None:
     provider.expires_in = 4
-    config = imap_config(tmp_path / "svc", relay, dovecot, auth=oauth2_lines(tmp_path / "svc", provider,
-                                                                             "refresh_token"))
+    config = oauth2_config(tmp_path / "svc", relay, dovecot, provider, "refresh_token")
     stored = tmp_path / "svc" / "tokens" / "refresh.token"
     first = stored.read_text().strip()
     daemon = Daemon(config).start()
@@ -143,8 +146,7 @@ def test_a_refused_grant_or_client_stops_the_mailbox_until_a_reload(tmp_path: Pa
 def test_an_unreachable_token_endpoint_is_retried_with_back_off(tmp_path: Path, relay: CaptureRelay,
                                                                 dovecot: DovecotServer, provider: OAuthServer) -> None:
     provider.fail_with = 503
-    config = imap_config(tmp_path / "svc", relay, dovecot, auth=oauth2_lines(tmp_path / "svc", provider,
-                                                                             "client_credentials"))
+    config = oauth2_config(tmp_path / "svc", relay, dovecot, provider, "client_credentials")
     daemon = Daemon(config).start()
     try:
         wait_for(lambda: health(daemon, dovecot).get("problem") == "oauth2_token_failed", what="the problem")
