@@ -5,6 +5,7 @@ from __future__ import annotations
 import pkgutil
 import time
 from dataclasses import replace
+from datetime import time as clock_time
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
@@ -24,6 +25,7 @@ from careservice.handlers import (
     classify,
     commands,
     delivery,
+    digest,
     expire,
     forward,
     relay_answer,
@@ -37,6 +39,7 @@ from careservice.model import (
     Envelope,
     Inbound,
     MailKind,
+    OpenCase,
     Outcome,
     OutgoingMail,
     QueuedMail,
@@ -458,3 +461,28 @@ def test_delivery_events_purge_or_reopen_with_a_notice(ctx: Context) -> None:
     for staff, notice in zip((STAFF, STAFF2), failed.mails, strict=True):
         reply_address = ctx.addressing.reply_address(site, "c0ffee000001", failed.nonce, staff)
         assert f"Reply-To: {reply_address}".encode() in notice.message
+
+
+def test_the_digest_lists_each_staff_members_cases_oldest_first_with_their_own_reply_addresses(
+        ctx: Context) -> None:
+    site = ctx.config.site("ticketnest")
+    assert site is not None
+    now = time.time()
+    older, newer = (OpenCase(f"c0ffee00000{i}", now - age, f"0a1b2c3{i}", "", "") for i, age in ((1, 3 * 86400),
+                                                                                                 (2, 3600)))
+    mails = DIGEST(site, [older, newer], now, ctx, "digest-key")
+    assert sorted(m.recipients for m in mails) == sorted((s,) for s in site.all_staff)
+    for mail in mails:
+        assert mail.kind is MailKind.NOTICE and mail.case_id == "digest-key" and mail.sender == ""
+        text = message_from_bytes(mail.message, policy=policy.default).get_body(("plain",)).get_content()
+        assert text.index(older.id) < text.index(newer.id)  # oldest first
+        for case in (older, newer):  # each staff member's own address: honoured from them only
+            address = ctx.addressing.reply_address(site, case.id, case.nonce, mail.recipients[0])
+            assert address in text
+            token = ctx.addressing.check_reply_token(site, address.split("+", 1)[1].split("@")[0])
+            assert token is not None and token.staff == mail.recipients[0]
+    assert DIGEST(site, [], now, ctx, "digest-key") == ()  # nothing open: no mail
+    at = clock_time(8, 0)
+    morning = time.mktime(time.strptime("2026-12-02 07:59", "%Y-%m-%d %H:%M"))
+    assert digest.due_day(at, morning) == "" and digest.due_day(None, morning + 3600) == ""
+    assert digest.due_day(at, morning + 60) == digest.due_day(at, morning + 12 * 3600) == "2026-12-02"
