@@ -35,12 +35,18 @@ class Addressing:
     def use(self, sites: tuple[Site, ...]) -> None:
         """Recognise these sites from now on (a reload)."""
         self._by_domain = {s.domain: s for s in sites}
+        # a route's match_recipient is a care address of its site too, at any domain (careservice.config
+        # lets each belong to one site only)
+        self._routed = {r.match_recipient: s for s in sites for r in s.routes if r.match_recipient}
 
     def recipient(self, address: str) -> Recipient | None:
         """The site and token for one of our addresses; None for anything else (relay refused)."""
         local, at, domain = address.rpartition("@")
         if not at or not local or local.startswith('"'):
             return None
+        routed = self._routed.get(f"{local.lower()}@{domain.lower()}")
+        if routed is not None:
+            return Recipient(routed, "")
         site = self._by_domain.get(domain.lower())
         if site is None:
             return None
@@ -61,12 +67,12 @@ class Addressing:
 
     def check_reply_token(self, site: Site, token: str) -> ReplyToken | None:
         """The case and staff address a reply address names, if its MAC is ours for this site and one
-        of its current staff addresses."""
+        of its current staff addresses (its own or a route's)."""
         m = _TOKEN.match(token)
         if not m:
             return None
         case_id, nonce, mac = m.groups()
-        for staff in site.staff:
+        for staff in site.all_staff:
             if self._keyring.verify(_reply_mac_input(site, case_id, nonce, staff), mac):
                 return ReplyToken(case_id, nonce, staff)
         return None
@@ -74,6 +80,13 @@ class Addressing:
     def ack_message_id(self, site: Site, case_id: str, nonce: str) -> str:
         mac = self._keyring.sign(f"customer|{site.id}|{case_id}|{nonce}".encode())
         return f"ack.{case_id}.{nonce}.{mac}@{site.domain}"
+
+    def forward_message_id(self, site: Site, case_id: str, staff: str) -> str:
+        """The Message-ID of the first forward of a case to one staff address: derived, so later mail about
+        the case threads to it without anything stored. Each staff member's copy has its own (a client may
+        drop a second message with an id it holds); the nonce is left out, as a reopened case keeps its thread."""
+        mac = self._keyring.sign(f"forward|{site.id}|{case_id}|{staff.lower()}".encode())
+        return f"case.{case_id}.{mac}@{site.domain}"
 
     def followed_case(self, site: Site, references: tuple[str, ...]) -> str:
         """The case id of a signed acknowledgement this message refers to, or ""."""

@@ -8,10 +8,10 @@ import re
 import tomllib
 from pathlib import Path
 
-from email_validator import EmailNotValidError, validate_email
-
 from careservice.budget import min_memory_mb
+from careservice.configroutes import address, assign, clock_time, extra_addresses, routes, staff
 from careservice.configtable import Table
+from careservice.language import LANGUAGE
 from careservice.settings import (  # the records config.py fills in; importable from here too
     AdminConfig,
     Config,
@@ -46,13 +46,6 @@ def parse_endpoint(key: str, value: str) -> Endpoint:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(key, f'expected "host:port", got "{value}"')
     return Endpoint(host.strip("[]"), int(port))
-
-
-def _address(key: str, value: str) -> str:
-    try:
-        return validate_email(value, check_deliverability=False, test_environment=True).normalized.lower()
-    except EmailNotValidError as exc:
-        raise ConfigError(key, f'not a valid address "{value}" ({exc})') from None
 
 
 def _resolve(base: Path, value: str) -> Path:
@@ -151,15 +144,12 @@ def _site(t: Table, base: Path) -> Site:
     if not site_id.isidentifier() and not site_id.replace("-", "").replace(".", "").isalnum():
         raise ConfigError(t.key("id"), f'use letters, digits, "-" or "." only, got "{site_id}"')
     domain = t.get("domain", str).lower()
-    care = _address(t.key("care_address"), t.get("care_address", str))
+    care = address(t.key("care_address"), t.get("care_address", str))
     if care.rsplit("@", 1)[1] != domain:
         raise ConfigError(t.key("care_address"), f'must be an address at the site domain "{domain}"')
     if "+" in care.rsplit("@", 1)[0]:
         raise ConfigError(t.key("care_address"), 'must not contain "+" (used for reply addresses)')
-    staff = t.get("staff", list)
-    if not staff:
-        raise ConfigError(t.key("staff"), "needs at least one address")
-    addresses = tuple(_address(f"{t.key('staff')}[{i}]", str(a)) for i, a in enumerate(staff))
+    addresses = staff(t)
     hosts = tuple(_web_host(f"{t.key('web_hosts')}[{i}]", h) for i, h in enumerate(t.get("web_hosts", list, [])))
     path = t.get("contact_path", str, "/contact")
     if not _CONTACT_PATH.fullmatch(path):
@@ -175,8 +165,12 @@ def _site(t: Table, base: Path) -> Site:
     staff_auth = t.get("staff_auth", str, "none")
     if not valid_mode(staff_auth):
         raise ConfigError(t.key("staff_auth"), f'use "none", "dkim" or "authres:<authserv-id>", got "{staff_auth}"')
+    language = t.get("language", str, "en")
+    if not LANGUAGE.fullmatch(language):
+        raise ConfigError(t.key("language"), f'expected a language code such as "en" or "de", got "{language}"')
+    assigned = assign(t, "all")
     return Site(site_id, t.get("name", str), domain, care, addresses, hosts, path, selector, _path(base, key_file),
-                staff_auth, t.get("notify_answered", bool, False))
+                staff_auth, t.get("notify_answered", bool, False), routes(t, assigned), assigned, language)
 
 
 def _web_host(key: str, value: object) -> str:
@@ -275,6 +269,7 @@ def load_config(path: Path) -> Config:
         admin=AdminConfig(parse_endpoint("admin.listen", admin_listen) if admin_listen else None,
                           _path(base, admin.get("token_file", str, ""))),
         spam=SpamConfig(spam.get("rspamd_url", str, ""), spam.positive("timeout", 5), spam.positive("block_days", 30)),
+        digest_at=clock_time(root.sub("digest"), "at"),
     )
     root.refuse_unknown()
     return config
@@ -296,6 +291,7 @@ def _sites(root: Table, base: Path) -> tuple[Site, ...]:
             if host in host_keys:
                 raise ConfigError(where, f'"{host}" is also {host_keys[host]}; a host name belongs to one site only')
             host_keys[host] = where
+    extra_addresses(sites)
     return sites
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from careservice.addresses import Addressing
 from careservice.config import Config, Site
@@ -26,6 +26,8 @@ class Inputs:
     # staff reply of a site with staff_auth "dkim", else empty (careservice.staffauth)
     dkim_domains: tuple[str, ...] = ()
     blocked: bool = False  # RECEIVED: its sender is marked "#spam" (spam.block_days not yet passed)
+    # NEW at a site with a round robin: each route's turn ("" the site's own), read from the store
+    turns: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -50,13 +52,16 @@ class Context:
         return OutgoingMail(kind, case_id, sender, draft.to, render(draft), draft.message_id)
 
     def notice(self, site: Site, to: tuple[str, ...], headline: str, explanation: str, *, about: str,
-               filed_under: str, reply_to: str = "") -> OutgoingMail:
+               filed_under: str, reply_to: str = "", answers: Parsed | None = None) -> OutgoingMail:
         """A short automatic notice to staff that names a case (`about`, "" for none) and nothing else of
         it; it is queued under the case `filed_under`, whose key encrypts it and whose purge removes it.
-        A `reply_to` (a reply address of one staff member) makes it answerable for the case."""
+        A `reply_to` (a reply address of one staff member) makes it answerable for the case. A notice
+        that `answers` a staff member's reply is threaded to it."""
         subject, text = self.texts.mail(site.id, "notice", site=site, case_id=about or "-", headline=headline,
                                         explanation=explanation)
         draft = Draft(from_name=f"{site.name} careservice", from_address=site.care_address, to=to,
                       subject=subject, text=text, message_id=new_message_id(site.domain), automatic=True,
-                      reply_to=reply_to, loop_marker=self.config.smtp.hostname)
+                      reply_to=reply_to, loop_marker=self.config.smtp.hostname,
+                      in_reply_to=answers.message_id if answers else "",
+                      references=answers.references if answers else ())
         return self.outgoing(MailKind.NOTICE, filed_under, "", draft)

@@ -82,6 +82,8 @@ class Case:
     failures: int = 0  # stage failures in a row; above 0 the case is held back and counted as stuck
     owner: str = ""  # the staff address "#assign" handed the case to (sealed in the meta, purged with it)
     reminded: int = 0  # reminders sent for this open case (retention.remind_after)
+    route: str = ""  # the id of the [[sites.routes]] that took the case ("" = none: the site's staff)
+    language: str = ""  # the customer's texts (careservice.texts); "" = the site's (sealed in the meta, purged with it)
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,27 @@ class Outcome:
     nonce: str = ""  # the case's new nonce when an answer failed: the reply addresses issued before stop verifying
     block: SenderBlock | None = None  # a sender marked "#spam": its mail is discarded until then
     target_owner: str = ""  # "#assign": the staff address the case named by `case.target` now belongs to
+    turn: Turn | None = None  # round robin: the turn this case took, advanced with the forward
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A round robin's counter (per site and route, "" for the site's own staff) moving on from `seen`,
+    the value the stage chose by; another writer moved it first, the outcome is not applied."""
+
+    route: str
+    seen: int
+
+
+@dataclass(frozen=True)
+class OpenCase:
+    """What the daily digest lists of an open case: no customer data."""
+
+    id: str
+    created: float
+    nonce: str
+    owner: str
+    route: str
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from datetime import time
 from pathlib import Path
+from typing import Protocol
 
 
 class ConfigError(Exception):
@@ -21,6 +23,26 @@ class Endpoint:
     port: int
 
 
+ASSIGN_MODES = ("all", "round_robin")
+
+
+class Pattern(Protocol):
+    """A compiled RE2 pattern (google-re2): matching runs in time linear in the text, whatever the pattern."""
+
+    def search(self, text: str) -> object | None: ...
+
+
+@dataclass(frozen=True)
+class Route:
+    """`[[sites.routes]]`: a case whose recipient and subject match goes to `staff` instead of the site's."""
+
+    id: str  # stable across reloads while its match keys stay: sealed in each routed case, keys its turn counter
+    match_recipient: str  # "" = any; else an extra care address of the site
+    match_subject: Pattern | None  # None = any
+    staff: tuple[str, ...]
+    assign: str  # "all" or "round_robin"
+
+
 @dataclass(frozen=True)
 class Site:
     id: str
@@ -34,10 +56,27 @@ class Site:
     dkim_key_file: str = ""
     staff_auth: str = "none"  # "none", "dkim" or "authres:<authserv-id>" (careservice.staffauth)
     notify_answered: bool = False  # the other staff hear when one of them answers or closes a case
+    routes: tuple[Route, ...] = ()  # the first that matches a new case takes it; none: the site's own staff
+    assign: str = "all"  # for cases no route takes, and the default of the site's routes
+    language: str = "en"  # the texts of a case whose customer's language has none, and staff's texts
 
     @property
     def care_local(self) -> str:
         return self.care_address.rsplit("@", 1)[0]
+
+    @property
+    def all_staff(self) -> tuple[str, ...]:
+        """Every staff address of the site, its own first, then its routes', each once."""
+        return tuple(dict.fromkeys((*self.staff, *(a for r in self.routes for a in r.staff))))
+
+    @property
+    def rotates(self) -> bool:
+        """Whether a new case may take a round robin turn (the runner then loads the turns)."""
+        return "round_robin" in (self.assign, *(r.assign for r in self.routes))
+
+    def route(self, route_id: str) -> Route | None:
+        """The route of that id; None for "" (no route took the case) or a route no longer configured."""
+        return next((r for r in self.routes if route_id and r.id == route_id), None)
 
 
 @dataclass(frozen=True)
@@ -158,6 +197,7 @@ class Config:
     imap: tuple[ImapMailbox, ...] = field(default=())
     admin: AdminConfig = field(default=AdminConfig(None, ""))
     spam: SpamConfig = field(default=SpamConfig("", 5))
+    digest_at: time | None = None  # [digest] at: local time of each site's daily digest to its staff; None = none
     event_loop: str = "asyncio"  # or "uvloop" (the optional dependency careservice[uvloop]), for both processes
 
     def site(self, site_id: str) -> Site | None:

@@ -1,6 +1,7 @@
 """Stage VERIFIED: queue the staff answer to the customer, then drop the reply.
 
-Only the staff member's new words go (careservice.replytext); a reply whose first line is a "#"
+Only the staff member's new words go (careservice.replytext), as text and, when the reply has an
+HTML part that shows the same words, also as sanitized HTML (careservice.htmlpart); a reply whose first line is a "#"
 command goes to stage COMMAND (handlers.commands) instead; a reply without new words, one the parser
 could not read whole, or one with an attached mail or reply address sends the customer nothing and
 tells the staff member why.
@@ -8,13 +9,16 @@ tells the staff member why.
 
 from __future__ import annotations
 
-import re
-
 from careservice.config import Site
 from careservice.context import Context, Inputs
+from careservice.htmlpart import page
 from careservice.mail import Draft, new_message_id, parse
 from careservice.model import Case, CaseState, ContactDetails, MailKind, Outcome, OutgoingMail
-from careservice.replytext import Forwarded, StaffReply, read_reply, relay_problem
+from careservice.replytext import Forwarded, StaffReply, hide_addresses, read_reply, relay_problem
+from careservice.routing import case_staff
+from careservice.texts import separated
+
+ANSWER_SLOT = "careservice-answer-slot-5f0c"  # stands for the answer in the template's frame of the HTML answer
 
 WITHHELD = {
     "reply_unreadable": "Your reply could not be read whole (its structure is too deep or too large, or a "
@@ -44,14 +48,17 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
     if not customer:
         return not_sent(inp, ctx, target, "no_customer_address", "Answer not sent",
                         "The customer left no e-mail address; please use the telephone.")
-    text = reply.text
-    for staff in site.staff:  # signatures must not reveal a staff address
-        text = re.sub(re.escape(staff), site.care_address, text, flags=re.IGNORECASE)
-    subject, body = ctx.texts.mail(site.id, "answer", site=site, subject=target.subject, text=text)
+    text = hide_addresses(reply.text, site.all_staff, site.care_address)  # signatures must not reveal staff addresses
+    subject, body = ctx.texts.mail(site.id, "answer", target.language, site=site, subject=target.subject, text=text)
+    html = ""
+    if reply.html:  # framed by the text's own rendering, so the site's signature is in both or (the staff's
+        # own signature holding it) in neither: the slot takes the place of the staff member's words
+        frame = body.replace(separated(text.strip()), ANSWER_SLOT, 1)
+        html = page(frame, ANSWER_SLOT, hide_addresses(reply.html, site.all_staff, site.care_address))
     draft = Draft(
-        from_name=site.name, from_address=site.care_address, to=(customer,), subject=subject, text=body,
+        from_name=site.name, from_address=site.care_address, to=(customer,), subject=subject, text=body, html=html,
         message_id=new_message_id(site.domain), in_reply_to=target.message_id, references=target.references,
-        attachments=parsed.attachments, loop_marker=ctx.config.smtp.hostname,
+        attachments=parsed.attachments, loop_marker=ctx.config.smtp.hostname, language=target.language,
     )
     answer = ctx.outgoing(MailKind.ANSWER, target.id, site.care_address, draft)
     return Outcome(CaseState.PURGED, "answer_queued", mails=(answer, *tell_the_others(inp, ctx, target, "answered")),
@@ -62,7 +69,7 @@ def not_sent(inp: Inputs, ctx: Context, target: Case, reason: str, headline: str
     """Drop the reply and tell its sender why the customer got nothing; the case stays open."""
     notice = ctx.notice(inp.site, (inp.parsed.from_address,), headline,
                         f"{why} Nothing was sent to the customer and the case stays open.",
-                        about=target.id, filed_under=inp.case.id)
+                        about=target.id, filed_under=inp.case.id, answers=inp.parsed)
     return Outcome(CaseState.PURGED, reason, mails=(notice,))
 
 
@@ -70,7 +77,7 @@ def tell_the_others(inp: Inputs, ctx: Context, target: Case, done: str) -> tuple
     """With the site's `notify_answered`, the other staff hear that the case needs nothing more from them.
     Filed under the reply, not the case: the case's purge must not take the notice with it."""
     site, sender = inp.site, inp.parsed.from_address
-    others = tuple(s for s in site.staff if s.casefold() != sender.casefold())
+    others = tuple(s for s in case_staff(site, target) if s.casefold() != sender.casefold())
     if not site.notify_answered or not others:
         return ()
     name = inp.parsed.from_name or sender

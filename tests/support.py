@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -117,6 +117,12 @@ staff = ["{STAFF}"]
 """
 
 
+def with_routes(routes: str) -> str:
+    """The test sites (SITES) with `routes`, `[[sites.routes]]` tables, added to the first site."""
+    staff = f'staff = ["{STAFF}", "{STAFF2}"]\n'
+    return SITES.replace(staff, staff + routes, 1)
+
+
 def write_config(tmp: Path, relay_port: int, *, extra: str = "", relay_url: str = "",
                  retry_delays: str = "[1, 1, 2]", give_up_after: int = 432000, sites: str = SITES) -> Path:
     """A config for one test: its own data dir, free ports, a relay on loopback; `sites` replaces the two test sites."""
@@ -167,6 +173,15 @@ username = "{dovecot.username}"
 {auth or f'password_file = "{secret}"'}
 poll_seconds = {poll_seconds}
 """)
+
+
+def capture_relay() -> Iterator[CaptureRelay]:
+    """A CaptureRelay for the length of a fixture."""
+    server = CaptureRelay().start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @dataclass
@@ -234,6 +249,12 @@ class Daemon:
             code = self.proc.wait(5)
         self.proc = None
         return code
+
+    def __enter__(self) -> Daemon:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def kill(self) -> None:
         assert self.proc is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pkgutil
 import time
 from dataclasses import replace
+from datetime import time as clock_time
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
@@ -17,12 +18,14 @@ from careservice.config import load_config
 from careservice.context import Context, Inputs
 from careservice.crypto import Keyring
 from careservice.handlers import (
+    DIGEST,
     EVENTS,
     STAGES,
     acknowledge,
     classify,
     commands,
     delivery,
+    digest,
     expire,
     forward,
     relay_answer,
@@ -36,6 +39,7 @@ from careservice.model import (
     Envelope,
     Inbound,
     MailKind,
+    OpenCase,
     Outcome,
     OutgoingMail,
     QueuedMail,
@@ -50,7 +54,7 @@ CUSTOMER = "alice@customer.example"
 
 def test_every_state_has_a_stage_and_every_stage_module_is_wired() -> None:
     assert set(STAGES) == set(CaseState) - WAITING
-    wired = {fn.__module__.rsplit(".", 1)[1] for fn in (*STAGES.values(), *EVENTS.values())}
+    wired = {fn.__module__.rsplit(".", 1)[1] for fn in (*STAGES.values(), *EVENTS.values(), DIGEST)}
     assert wired == {m.name for m in pkgutil.iter_modules(handlers.__path__)}
 
 
@@ -66,7 +70,8 @@ def test_stages_import_no_io() -> None:
 def ctx(tmp_path: Path) -> Context:
     config = load_config(write_config(tmp_path, relay_port=1))
     keyring = Keyring(b"k" * 32)
-    return Context(config, Addressing(config.sites, keyring), keyring, Texts(config.templates_dir), time.time)
+    return Context(config, Addressing(config.sites, keyring), keyring, Texts(
+        config.templates_dir, config.sites), time.time)
 
 
 def case_of(raw: bytes, state: CaseState = CaseState.RECEIVED, sender: str = CUSTOMER, rcpt: str = CARE,
@@ -448,10 +453,36 @@ def test_delivery_events_purge_or_reopen_with_a_notice(ctx: Context) -> None:
     assert (delivered.state, delivered.counters, delivered.mails) == (CaseState.PURGED, ("answered",), ())
     failed = delivery.answer_failed(site, item, "the relay refused it permanently (code 550)", ctx)
     assert failed.state is CaseState.OPEN and [m.recipients for m in failed.mails] == [(STAFF,), (STAFF2,)]
-    assert b"code 550" in failed.mails[0].message and CUSTOMER.encode() not in failed.mails[0].message
+    notice = failed.mails[0].message
+    assert b"code 550" in b" ".join(notice.split()) and CUSTOMER.encode() not in notice  # wrapped at 72
     assert len(failed.nonce) == 8 and failed.nonce != "0a1b2c3d"  # old reply addresses stop verifying
     again = delivery.answer_failed(site, replace(item, id=2), "550", ctx)
     assert again.nonce != failed.nonce  # each failed answer issues new ones
     for staff, notice in zip((STAFF, STAFF2), failed.mails, strict=True):
         reply_address = ctx.addressing.reply_address(site, "c0ffee000001", failed.nonce, staff)
         assert f"Reply-To: {reply_address}".encode() in notice.message
+
+
+def test_the_digest_lists_each_staff_members_cases_oldest_first_with_their_own_reply_addresses(
+        ctx: Context) -> None:
+    site = ctx.config.site("ticketnest")
+    assert site is not None
+    now = time.time()
+    older, newer = (OpenCase(f"c0ffee00000{i}", now - age, f"0a1b2c3{i}", "", "") for i, age in ((1, 3 * 86400),
+                                                                                                 (2, 3600)))
+    mails = DIGEST(site, [older, newer], now, ctx, "digest-key")
+    assert sorted(m.recipients for m in mails) == sorted((s,) for s in site.all_staff)
+    for mail in mails:
+        assert mail.kind is MailKind.NOTICE and mail.case_id == "digest-key" and mail.sender == ""
+        text = message_from_bytes(mail.message, policy=policy.default).get_body(("plain",)).get_content()
+        assert text.index(older.id) < text.index(newer.id)  # oldest first
+        for case in (older, newer):  # each staff member's own address: honoured from them only
+            address = ctx.addressing.reply_address(site, case.id, case.nonce, mail.recipients[0])
+            assert address in text
+            token = ctx.addressing.check_reply_token(site, address.split("+", 1)[1].split("@")[0])
+            assert token is not None and token.staff == mail.recipients[0]
+    assert DIGEST(site, [], now, ctx, "digest-key") == ()  # nothing open: no mail
+    at = clock_time(8, 0)
+    morning = time.mktime(time.strptime("2026-12-02 07:59", "%Y-%m-%d %H:%M"))
+    assert digest.due_day(at, morning) == "" and digest.due_day(None, morning + 3600) == ""
+    assert digest.due_day(at, morning + 60) == digest.due_day(at, morning + 12 * 3600) == "2026-12-02"

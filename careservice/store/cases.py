@@ -11,21 +11,12 @@ from typing import Any
 
 from careservice.budget import SCAN, first_fit
 from careservice.crypto import Keyring, open_sealed, seal
-from careservice.model import (
-    Case,
-    CaseState,
-    ContactDetails,
-    Envelope,
-    Inbound,
-    MailKind,
-    NewMessage,
-    Outcome,
-    Source,
-)
+from careservice.model import Case, CaseState, ContactDetails, Envelope, Inbound, MailKind, NewMessage, Outcome, Source
 from careservice.store.blocks import block
 from careservice.store.keys import case_key, day_end
 from careservice.store.mailq import queue_mail
 from careservice.store.purge import add_stat, drop_item, purge_case
+from careservice.store.rota import take_turn
 from careservice.store.schema import StoreError
 from careservice.store.tallies import take_ack_slots
 
@@ -38,7 +29,7 @@ def meta(case: Case) -> bytes:
         "mail_from": case.message.envelope.mail_from, "rcpt": case.message.envelope.rcpt,
         "contact": asdict(case.contact) if case.contact else None, "subject": case.subject,
         "message_id": case.message_id, "references": list(case.references), "owner": case.owner,
-        "reminded": case.reminded,
+        "reminded": case.reminded, "route": case.route, "language": case.language,
     }).encode()
 
 
@@ -77,7 +68,7 @@ def load_case(conn: sqlite3.Connection, keyring: Keyring, row: tuple[Any, ...]) 
         contact=ContactDetails(**meta["contact"]) if meta["contact"] else None,
         subject=meta["subject"], message_id=meta["message_id"], references=tuple(meta["references"]),
         target=target, failures=failures, owner=meta.get("owner", ""),  # not in cases stored before #assign
-        reminded=meta.get("reminded", 0),
+        reminded=meta.get("reminded", 0), route=meta.get("route", ""), language=meta.get("language", ""),
     )
 
 
@@ -111,6 +102,8 @@ def apply(conn: sqlite3.Connection, keyring: Keyring, case: Case, outcome: Outco
         # verified again, which sends its late notice, instead of answering twice.
         log.info("reply_target_changed case=%s target=%s", case.id, updated.target)
         outcome = Outcome(CaseState.STAFF_REPLY, "target_changed")
+    if outcome.turn is not None:  # first: a turn another writer took leaves the whole outcome unapplied
+        take_turn(conn, case.site, outcome.turn)
     mails, counters = outcome.mails, outcome.counters
     if outcome.ack_slot is not None and not take_ack_slots(conn, keyring, outcome.ack_slot.limits,
                                                             int(now // 3600)):
