@@ -370,7 +370,10 @@ class Postfix(Server):
 
 def write_config(root: Path, relay_port: int) -> tuple[Path, int]:
     """A production-like config (INFO logs, one site, one staff address) on free loopback ports."""
-    smtp_port, web_port, admin_port = free_port(), free_port(), free_port()
+    ports: set[int] = set()
+    while len(ports) < 3:  # free_port() picks at random: two listeners must not draw the same one
+        ports.add(free_port())
+    smtp_port, web_port, admin_port = sorted(ports)
     path = root / "config.toml"
     path.write_text(f"""
 [service]
