@@ -43,7 +43,7 @@ RULES = (
 _FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>.+?):\d+\)$")
 _COMMIT = next(n for n, line in enumerate((Path(__file__).resolve().parent.parent / "careservice" / "store" /
                                           "executor.py").read_text().splitlines(), 1) if '"COMMIT"' in line)
-# leaves where a thread waits rather than computes: py-spy (--nonblocking) counts some of them as active,
+# leaves where a thread waits rather than computes: py-spy counts some of them as active,
 # so they are left out of the CPU shares and reported apart (the COMMIT's share is mostly its fsyncs)
 WAITING = re.compile(r"^(EpollSelector\.select \(selectors\.py|_worker \(concurrent/futures/thread\.py|Condition\.wait "
                      rf"|\w*Executor\._locked_transaction \(careservice/store/executor\.py:{_COMMIT}\))")
@@ -85,7 +85,7 @@ def profile(cases: int, rate: int, out: Path) -> dict[str, Any]:
         daemon.log.wait({"forward": warm.ok, "ack": warm.ok}, DRAIN_TIMEOUT)
         raw = Path(tmp) / "spy.txt"
         sampler = subprocess.Popen([spy, "record", "--pid", str(daemon.pid), "--subprocesses", "--format", "raw",
-                                    "--output", str(raw), "--rate", str(rate), "--nonblocking", "--threads"],
+                                    "--output", str(raw), "--rate", str(rate), "--threads"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)  # py-spy attaches to both processes
         cpu0 = daemon.cpu()
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=3_000)
-    parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second (each pauses the processes)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     report = profile(args.cases, args.rate, args.out)

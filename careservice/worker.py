@@ -15,7 +15,9 @@ import logging
 import os
 import secrets
 import signal
+import sqlite3
 import stat
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -34,12 +36,64 @@ from careservice.model import CaseState, MailEvent, Outcome, QueuedMail
 from careservice.outbox import Outbox, Relay
 from careservice.reload import reload_config
 from careservice.runner import Runner
+from careservice.store.schema import connect
 
 log = logging.getLogger("careservice.worker")
 SWEEP_SECONDS = 60
 HEARTBEAT_SECONDS = 1.0
 LOCK_WAIT = 30.0
 NICENESS = 10
+WAL_CHECK_SECONDS = 0.25
+WAL_CHECKPOINT_BYTES = 1000 * 4096  # SQLite's own autocheckpoint threshold (1,000 pages)
+
+
+class WalCheckpointer:
+    """Copies the WALs into cases.db and keys.db from a thread of its own, outside data_dir/write.lock.
+
+    SQLite's automatic checkpoint ran inside whichever commit crossed 1,000 pages (about 85 cases), in
+    the intake's group commit or in the worker's apply, holding write.lock while it copied the pages
+    and synced the database file, so every commit of the other process waited behind it. Both
+    processes' connections now turn it off (careservice.store.schema). A PASSIVE checkpoint changes
+    nothing either file holds, and SQLite lets writers go on meanwhile, so it needs none of our lock;
+    the purges' TRUNCATE checkpoints stay under the lock, where they were.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="careservice-checkpoint", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.to_thread(self._thread.join)
+
+    def _due(self) -> bool:
+        for name in ("cases.db-wal", "keys.db-wal"):
+            try:
+                if os.stat(self.data_dir / name).st_size >= WAL_CHECKPOINT_BYTES:
+                    return True
+            except FileNotFoundError:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            conn = connect(self.data_dir, durable=False)
+        except sqlite3.Error as exc:  # the store opened for the worker a moment ago: checkpoints wait for a restart
+            log.error("wal_checkpointer_not_started error=%s", type(exc).__name__)
+            return
+        try:
+            while not self._stop.wait(WAL_CHECK_SECONDS):
+                if self._due():
+                    try:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")  # every attached file
+                    except sqlite3.Error as exc:  # the next round tries again; the sweep truncates anyway
+                        log.warning("wal_checkpoint_failed error=%s", exc.sqlite_errorname)
+        finally:
+            conn.close()
 
 
 class CaseWorker:
@@ -57,6 +111,7 @@ class CaseWorker:
                              self.outbox.wake, budget.cases)
         self.tasks: list[asyncio.Task[None]] = []
         self.scheduler = AsyncIOScheduler(job_defaults={"coalesce": True, "misfire_grace_time": SWEEP_SECONDS})
+        self.checkpointer = WalCheckpointer(config.data_dir)
 
     def wake(self) -> None:
         self.runner.wake()
@@ -120,6 +175,7 @@ class CaseWorker:
 
     async def start(self) -> None:
         await self.store.start(sweep=True)  # a worker killed inside a purge's commit left its key behind
+        self.checkpointer.start()
         self.tasks = [asyncio.create_task(self.runner.run()), asyncio.create_task(self.outbox.run())]
         self.scheduler.add_job(self.sweep, "interval", seconds=SWEEP_SECONDS, id="retention_and_retry_sweep",
                                next_run_time=datetime.now(UTC))
@@ -138,6 +194,7 @@ class CaseWorker:
         for task in pending:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.checkpointer.stop()
         await self.store.close()
         log.info("worker_stopped unfinished=%d", len(pending))
 

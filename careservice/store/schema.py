@@ -69,6 +69,9 @@ def connect(data_dir: Path, read_only: bool = False, durable: bool = True) -> sq
         conn.execute(f"PRAGMA {schema}.journal_size_limit=0")
     conn.execute("PRAGMA temp_store=MEMORY")
     conn.execute("PRAGMA busy_timeout=5000")
+    # no checkpoint inside a commit, where it would hold write.lock while it copies and syncs:
+    # the worker's WalCheckpointer runs them outside the lock (the purges' TRUNCATE stays under it)
+    conn.execute("PRAGMA wal_autocheckpoint=0")
     conn.executescript(SCHEMA)
     if "failures" not in {row[1] for row in conn.execute("PRAGMA table_info(cases)")}:  # a store from 0.1
         conn.execute("ALTER TABLE cases ADD COLUMN failures INTEGER NOT NULL DEFAULT 0")
