@@ -1,0 +1,46 @@
+"""WAL checkpoints run outside the commits: none inside a commit, the worker's checkpointer copies the WAL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from careservice.store.schema import connect
+from careservice.worker import WAL_CHECKPOINT_BYTES, WalCheckpointer
+from tests.support import wait_for
+
+ROW = os.urandom(3000)
+
+
+def _fill(data_dir: Path, rows: int) -> None:
+    """Commit `rows` rows of 3 KB, one transaction each, as the processes do."""
+    conn = connect(data_dir)
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS filler(b BLOB)")
+        for _ in range(rows):
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO filler VALUES (?)", (ROW,))
+            conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def test_no_commit_checkpoints_and_the_checkpointer_copies_the_wal(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    connect(data_dir).close()  # the files, as the intake creates them
+    size = (data_dir / "cases.db").stat().st_size
+    held = connect(data_dir)  # a second connection open: closing the filler's must not checkpoint either
+    try:
+        _fill(data_dir, 2 * WAL_CHECKPOINT_BYTES // 4096)  # twice SQLite's autocheckpoint threshold
+        assert (data_dir / "cases.db-wal").stat().st_size > WAL_CHECKPOINT_BYTES
+        assert (data_dir / "cases.db").stat().st_size == size  # nothing copied in by a commit
+
+        checkpointer = WalCheckpointer(data_dir)
+        checkpointer.start()
+        try:
+            wait_for(lambda: (data_dir / "cases.db").stat().st_size > WAL_CHECKPOINT_BYTES, what="checkpoint")
+        finally:
+            asyncio.run(checkpointer.stop())
+    finally:
+        held.close()
