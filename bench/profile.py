@@ -4,7 +4,8 @@ A fresh daemon takes N cases (3 KB, 10 senders, one connection per message) and 
 forwards and acks to smtp-sink while py-spy samples both processes (`--subprocesses`, idle threads
 left out). Each sample goes to the component of the frame nearest its leaf that names one (below);
 the shares are scaled to the daemon's measured CPU per case (/proc), so the bars add up to it.
-Writes bench/results/profile-*.json (components and the top functions) and profile-*.svg (pygal).
+Writes bench/results/profile-*.json (components and the top functions), profile-*.svg (pygal) and
+profile-*.folded (the stacks, for a flame graph).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ RULES = (
     ("any", re.compile(r"\(logging/"), "logging"),
     ("any", re.compile(r"\(prometheus_client/"), "metrics"),
     ("run", re.compile(r"\(careservice/store/"), "intake commit"),
-    ("worker", re.compile(r"\(careservice/store/"), "store"),
+    ("worker", re.compile(r"\(careservice/store/|^WalCheckpointer\."), "store"),
     ("worker", re.compile(r"\(careservice/mimeparse\.py|^parse \(careservice/mail\.py"), "parse"),
     ("worker", re.compile(r"\((careservice/(mail|texts)\.py|jinja2/)"), "render"),
     ("worker", re.compile(r"\((aiosmtplib/|careservice/outbox\.py|careservice/dkim\.py)"), "relay client"),
@@ -46,6 +47,7 @@ _COMMIT = next(n for n, line in enumerate((Path(__file__).resolve().parent.paren
 # leaves where a thread waits rather than computes: py-spy counts some of them as active,
 # so they are left out of the CPU shares and reported apart (the COMMIT's share is mostly its fsyncs)
 WAITING = re.compile(r"^(EpollSelector\.select \(selectors\.py|_worker \(concurrent/futures/thread\.py|Condition\.wait "
+                     r"|ThreadedChildWatcher\._do_waitpid "
                      rf"|\w*Executor\._locked_transaction \(careservice/store/executor\.py:{_COMMIT}\))")
 
 
@@ -95,6 +97,9 @@ def profile(cases: int, rate: int, out: Path) -> dict[str, Any]:
         sampler.send_signal(signal.SIGINT)  # py-spy writes its file and exits
         sampler.wait(60)
         stacks = read_raw(raw)
+        stem = out / f"profile-{time.strftime('%Y%m%d-%H%M%S')}"
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(raw, stem.with_suffix(".folded"))  # for a flame graph (flamegraph.pl, speedscope)
     by_component: Counter[str] = Counter()
     by_process: Counter[str] = Counter()
     leaves: Counter[str] = Counter()
@@ -112,8 +117,6 @@ def profile(cases: int, rate: int, out: Path) -> dict[str, Any]:
         "process_share": {p: n / total for p, n in by_process.items()},
         "top_leaf_functions": [(name, n / total) for name, n in leaves.most_common(25)],
     }
-    stem = out / f"profile-{time.strftime('%Y%m%d-%H%M%S')}"
-    out.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
     chart(report, stem.with_suffix(".svg"))
     return report
