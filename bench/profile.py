@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second (each pauses the processes)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
+    if not (shutil.which("py-spy") or (Path(sys.executable).parent / "py-spy").exists()):
+        parser.error("py-spy is not installed (pip install -e '.[bench]')")
     report = profile(args.cases, args.rate, args.out)
     print(f"{report['cases']} cases, {report['cpu_ms_per_case']:.2f} ms CPU per case, {report['samples']} samples")
     for component, ms in report["ms_per_case"].items():
