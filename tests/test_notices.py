@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
@@ -26,10 +25,10 @@ from tests.support import (
     write_config,
 )
 from tests.test_check import cli, with_lines
+from tests.test_reads_well import IDLE, body
 from tests.test_workflow import CUSTOMER, answer_to, open_case
 
 GERMAN = SITES.replace('name = "TicketNest"\n', 'name = "TicketNest"\nlanguage = "de"\n', 1)
-IDLE = {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0, "stuck_cases": 0}
 ENGLISH = ("Nothing was sent", "The commands are", "Start the first line", "automatic notice", "this list")
 
 
@@ -37,10 +36,6 @@ ENGLISH = ("Nothing was sent", "The commands are", "Start the first line", "auto
 def german(tmp_path: Path, relay: CaptureRelay) -> Iterator[Daemon]:
     with Daemon(write_config(tmp_path, relay.port, sites=GERMAN)) as daemon:
         yield daemon
-
-
-def body(msg: EmailMessage) -> str:
-    return msg.get_body(("plain",)).get_content().replace("\r\n", "\n")
 
 
 def test_a_german_sites_staff_get_german_notices(german: Daemon, relay: CaptureRelay) -> None:
