@@ -10,7 +10,7 @@ from careservice.config import Config, Site
 from careservice.crypto import Keyring
 from careservice.mail import Draft, Parsed, new_message_id, render
 from careservice.model import Case, MailKind, OutgoingMail
-from careservice.texts import Texts
+from careservice.texts import NOTICE_FOLDER, Texts
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class Context:
         given `values` (ids, staff names, numbers: never the customer's).
         A `reply_to` (a reply address of one staff member) makes it answerable for the case. A notice
         that `answers` a staff member's reply is threaded to it."""
-        subject, text = self.texts.mail(site.id, f"notices/{key}", site=site, case_id=about or "-", **values)
+        subject, text = self.texts.mail(site.id, f"{NOTICE_FOLDER}{key}", site=site, case_id=about or "-", **values)
         draft = Draft(from_name=f"{site.name} careservice", from_address=site.care_address, to=to,
                       subject=subject, text=text, message_id=new_message_id(site.domain), automatic=True,
                       reply_to=reply_to, loop_marker=self.config.smtp.hostname,
