@@ -45,7 +45,7 @@ from careservice.model import (
     QueuedMail,
     Source,
 )
-from careservice.texts import Texts
+from careservice.texts import NOTICE_FOLDER, NOTICES, Texts
 from tests.support import CARE, STAFF, STAFF2, customer_mail, staff_reply, write_config
 
 WAITING = {CaseState.ANSWERING, CaseState.PURGED}  # moved on by the outbox, or gone
@@ -486,3 +486,69 @@ def test_the_digest_lists_each_staff_members_cases_oldest_first_with_their_own_r
     morning = time.mktime(time.strptime("2026-12-02 07:59", "%Y-%m-%d %H:%M"))
     assert digest.due_day(at, morning) == "" and digest.due_day(None, morning + 3600) == ""
     assert digest.due_day(at, morning + 60) == digest.due_day(at, morning + 12 * 3600) == "2026-12-02"
+
+
+class RecordedTexts(Texts):
+    """The real texts, keeping the key and values (the site left out) of each notice a stage asks for."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx.config.templates_dir, ctx.config.sites)
+        self.notices: list[tuple[str, dict[str, object]]] = []
+
+    def mail(self, site_id: str, name: str, /, language: str = "", **values: object) -> tuple[str, str]:
+        if name.startswith(NOTICE_FOLDER):
+            self.notices.append((name.removeprefix(NOTICE_FOLDER), {k: v for k, v in values.items() if k != "site"}))
+        return super().mail(site_id, name, language, **values)
+
+
+def test_stages_name_each_notice_by_its_key_and_values_never_by_its_words(ctx: Context) -> None:
+    """The words are the site's language's (templates/mail/<language>/notices/): a stage passes a key
+    and ids, staff names and numbers, nothing the text must say."""
+    texts = RecordedTexts(ctx)
+    ctx = replace(ctx, texts=texts)
+    case = open_case(ctx)
+
+    def verified(text: str) -> Inputs:
+        return inputs(ctx, replace(reply_to(ctx, case, text), state=CaseState.VERIFIED), target=case)
+
+    relay_answer.handle(verified(""), ctx)
+    for text in ("#clossed", "#help", "#assign nobody", "#assign second"):
+        command(ctx, case, text)
+    loud = verified("Here is your refund.")
+    relay_answer.handle(replace(loud, site=replace(loud.site, notify_answered=True)), ctx)
+    verify_reply.handle(inputs(ctx, replace(loud.case, state=CaseState.STAFF_REPLY), target=None), ctx)
+    verify_reply.handle(inputs(ctx, replace(loud.case, state=CaseState.STAFF_REPLY, target="")), ctx)
+    expire.handle(inputs(ctx, replace(case, created=time.time() - 30 * 86400)), ctx)
+    site = ctx.config.sites[0]
+    item = QueuedMail(1, site.id, 3, time.time(), OutgoingMail(MailKind.ANSWER, case.id, CARE, (CUSTOMER,), b"x",
+                                                                "m@x"))
+    for why in ("the relay refused it permanently (code 550)", "temporary refusal (code 451); gave up after 432000 s",
+                "relay unreachable; gave up after 600 s"):
+        delivery.answer_failed(replace(site, staff=(STAFF,)), item, why, ctx)  # the relay's three ways to fail
+    on_case = {"case_id": case.id}
+    assert texts.notices == [
+        ("reply_empty", on_case), ("reply_unknown_command", on_case), ("help", on_case),
+        ("assign_unknown", {**on_case, "staff": (STAFF, STAFF2)}),
+        ("assigned", {**on_case, "owner": STAFF2, "sender": STAFF}),
+        ("answered", {**on_case, "name": "Agent Smith", "sender": STAFF}),
+        ("reply_late", on_case), ("reply_token_invalid", {"case_id": "-"}),
+        ("expired", {**on_case, "days": 30}),
+        ("answer_failed", {**on_case, "code": "550", "gave_up_after": 0}),
+        ("answer_failed", {**on_case, "code": "451", "gave_up_after": 432000}),
+        ("answer_failed", {**on_case, "code": "", "gave_up_after": 600}),
+    ]
+    assert {key for key, _ in texts.notices} <= set(NOTICES)
+
+
+@pytest.mark.parametrize(("why", "worded"), [
+    ("the relay refused it permanently (code 550)", "the relay refused it permanently (code 550)."),
+    ("temporary refusal (code 451); gave up after 432000 s", "temporary refusal (code 451); gave up after 432000 s."),
+    ("relay unreachable; gave up after 600 s", "relay unreachable; gave up after 600 s."),
+])
+def test_an_undelivered_answers_notice_words_the_relays_reason_as_before(ctx: Context, why: str, worded: str) -> None:
+    site = ctx.config.sites[0]
+    item = QueuedMail(1, site.id, 3, time.time(), OutgoingMail(MailKind.ANSWER, "c0ffee000001", CARE, (CUSTOMER,),
+                                                                b"x", "m@x"))
+    notice = message(delivery.answer_failed(site, item, why, ctx).mails[0])
+    text = " ".join(notice.get_body(("plain",)).get_content().split())
+    assert f"The answer was not delivered: {worded} The case is open again;" in text
