@@ -35,7 +35,17 @@ from careservice.config import Site
 from careservice.language import LANGUAGE
 from careservice.model import ContactDetails
 
-MAIL_TEMPLATES = ("ack", "answer", "forward", "note", "notice", "reminder", "digest")
+# The automatic notices to staff: mail/<language>/notices/<key>.txt holds one's words, its Subject line the
+# headline and each paragraph below on one line (the frame, notice.txt, wraps them). A key is the reason code
+# of the outcome that sends it, or what it reports; a stage passes it with the values its text takes.
+NOTICE_FOLDER = "notices/"
+NOTICES = ("reply_not_from_staff", "reply_unauthenticated", "reply_token_invalid", "reply_late", "reply_other_staff",
+           "reply_not_case_staff", "reply_token_stale", "reply_unreadable", "reply_attached_mail",
+           "reply_address_attached", "reply_empty", "no_customer_address", "answered", "closed",
+           "reply_unknown_command", "help", "note_empty", "note_nobody", "assign_unknown", "assigned",
+           "answer_failed", "expired")
+MAIL_TEMPLATES = ("ack", "answer", "forward", "note", "notice", "reminder", "digest",
+                  *(f"{NOTICE_FOLDER}{key}" for key in NOTICES))
 PAGE_TEMPLATES = ("form", "thanks")
 FALLBACK_LANGUAGE = "en"
 SHARED_FOLDERS = {"layout"}  # web/layout/: markup the language folders' pages extend
@@ -147,11 +157,16 @@ class Texts:
                 raise TemplateProblem(exc.name or names[0], f"line {exc.lineno}: {exc.message}") from None
         return self._chosen[key]
 
-    def mail(self, site_id: str, name: str, language: str = "", **values: Any) -> tuple[str, str]:
+    def mail(self, site_id: str, name: str, /, language: str = "", **values: Any) -> tuple[str, str]:
         """(subject, body) of mail template `name` in `language` ("" = the site's); its first line is
-        `Subject: ...`."""
+        `Subject: ...`. A notice's words (`notices/<key>`) come in the frame of every notice, notice.txt,
+        as its headline (their subject) and explanation."""
         first, _, body = self._template("mail", site_id, f"{name}.txt", language).render(**values).partition("\n")
-        return one_prefix(first.removeprefix("Subject:").strip()), body
+        subject = one_prefix(first.removeprefix("Subject:").strip())
+        if name.startswith(NOTICE_FOLDER):
+            return self.mail(site_id, "notice", language, site=values["site"], case_id=values["case_id"],
+                             headline=subject, explanation=body.strip())
+        return subject, body
 
     def page(self, site_id: str, name: str, language: str = "", **values: Any) -> str:
         return self._template("web", site_id, f"{name}.html", language).render(**values)
@@ -184,8 +199,22 @@ class Texts:
         return []
 
 
+_DONE_BY = {"name": "Sample Staff", "sender": "staff@example.org"}
+# The values each notice's text takes besides `site` and `case_id` (what the stages pass to Context.notice)
+NOTICE_VALUES: dict[str, dict[str, Any]] = {
+    "answered": _DONE_BY,
+    "closed": _DONE_BY,
+    "assign_unknown": {"staff": ("staff@example.org", "other@example.org")},
+    "assigned": {"owner": "other@example.org", "sender": "staff@example.org"},
+    "answer_failed": {"code": "550", "gave_up_after": 0},
+    "expired": {"days": 30},
+}
+
+
 def sample_values(kind: str, name: str, site: Site) -> dict[str, Any]:
     """What the stages and the form pass to each template, with made-up values."""
+    if kind == "mail" and name.startswith(NOTICE_FOLDER):
+        return {"site": site, "case_id": "0123456789ab", **NOTICE_VALUES.get(name.removeprefix(NOTICE_FOLDER), {})}
     contact = ContactDetails("Sample Customer", "customer@example.org", "1 Sample Street", "+1 555 0100", "",
                              "Sample Ltd", "telephone")
     if kind == "mail":

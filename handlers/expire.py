@@ -32,10 +32,8 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
         passed = sum(1 for after in reminders if after <= age)
         return Outcome(CaseState.OPEN, "reminded", mails=mails,
                        updates=replace(case, reminded=case.reminded + passed), counters=("reminders",))
-    notice = ctx.notice(site, case_staff(site, case), "Expired unanswered, deleted",
-                        f"Nobody answered this case within {ctx.config.unanswered_days} days, so it was "
-                        "deleted as our privacy policy requires. Replies to it are no longer sent.",
-                        about=case.id, filed_under=case.id)
+    notice = ctx.notice(site, case_staff(site, case), "expired", days=ctx.config.unanswered_days, about=case.id,
+                        filed_under=case.id)
     return Outcome(CaseState.PURGED, "expired", mails=(notice,), counters=("expired",))
 
 
