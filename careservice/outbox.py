@@ -80,6 +80,9 @@ class Relay:
 
     KEEP_SECONDS = 5.0
     CHECK_SECONDS = 5.0  # a kept connection's NOOP; slower than this, a new connection is cheaper
+    # used this recently, a kept connection goes without the NOOP (under a steady trickle each mail is its own
+    # batch, and the NOOP cost as much as the send); if the relay dropped it meanwhile, send_all reconnects once
+    TRUSTED_SECONDS = 1.0
     QUIT_SECONDS = 2.0
 
     def __init__(self, config: RelayConfig, password: str, signer: Signer | None = None) -> None:
@@ -91,15 +94,21 @@ class Relay:
         self.stopping = False  # set: hand over no further mail (the one in flight is finished and recorded)
         self._kept: list[tuple[float, aiosmtplib.SMTP]] = []  # (last used, monotonic), connected clients
 
-    async def _connection(self) -> aiosmtplib.SMTP:
-        """A kept connection that still answers NOOP within CHECK_SECONDS, else a new one."""
+    async def _connection(self) -> tuple[aiosmtplib.SMTP, bool]:
+        """A kept connection used within TRUSTED_SECONDS (True: unchecked), or one that still answers NOOP
+        within CHECK_SECONDS, else a new one."""
         while self._kept:
-            _, client = self._kept.pop()
+            used, client = self._kept.pop()
+            if time.monotonic() - used < self.TRUSTED_SECONDS:
+                return client, True
             try:
                 await client.noop(timeout=min(self.CHECK_SECONDS, self.config.timeout))
-                return client
+                return client, False
             except (aiosmtplib.SMTPException, OSError, TimeoutError):
                 client.close()
+        return await self._connect(), False
+
+    async def _connect(self) -> aiosmtplib.SMTP:
         # the token before the connection, which a slow token endpoint would otherwise hold open
         token = None if self.tokens is None else await asyncio.to_thread(self.tokens.token)
         client = aiosmtplib.SMTP(
@@ -151,7 +160,7 @@ class Relay:
                 for sub in ("tmp", "new", "cur"):
                     os.makedirs(self.config.maildir / sub, mode=0o700, exist_ok=True)
                 return os.access(self.config.maildir / "tmp", os.W_OK)
-            client = await self._connection()
+            client, _ = await self._connection()
         except (aiosmtplib.SMTPException, OSError, TimeoutError, OAuth2Error):
             return False
         await self._quit(client)
@@ -177,12 +186,21 @@ class Relay:
         client: aiosmtplib.SMTP | None = None
         done = 0
         try:
-            client = await self._connection()
+            client, unchecked = await self._connection()
             for item in items:
                 if self.stopping:
                     break  # the rest stay queued as they are
                 message = self.signer.sign(item.site, item.mail.message)
-                await record(item, await self._send_one(client, item.mail, message))  # committed before the next one
+                try:
+                    refusal = await self._send_one(client, item.mail, message)
+                except aiosmtplib.SMTPServerDisconnected:
+                    if not unchecked:
+                        raise
+                    client.close()  # dropped since its last use: the mail goes over a new connection
+                    client = await self._connect()
+                    refusal = await self._send_one(client, item.mail, message)
+                unchecked = False
+                await record(item, refusal)  # committed before the next one
                 done += 1
             self._kept.append((time.monotonic(), client))
             client = None

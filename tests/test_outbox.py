@@ -115,6 +115,19 @@ async def test_a_kept_connection_the_relay_dropped_is_replaced_without_losing_ma
         server.stop()
 
 
+async def test_a_connection_used_a_moment_ago_is_reused_without_a_noop() -> None:
+    server = HangingRelay(hang={"NOOP"}).start()  # a NOOP would wait CHECK_SECONDS, then open a second session
+    relay = Relay(relay_config(server.port, RELAY_TIMEOUT), "")
+    try:
+        for n in range(3):
+            assert await send(relay, [queued(n)]) == [None]
+        assert server.sessions == 1 and len(server.received) == 3
+    finally:
+        server.hang.clear()
+        await relay.close_idle(0)
+        server.stop()
+
+
 async def test_a_relay_that_never_answers_quit_does_not_hold_up_closing() -> None:
     server = HangingRelay(hang={"QUIT"}).start()
     relay = Relay(relay_config(server.port, RELAY_TIMEOUT), "")
@@ -131,6 +144,7 @@ async def test_a_relay_that_never_answers_quit_does_not_hold_up_closing() -> Non
 async def test_a_kept_connection_that_stopped_answering_is_replaced() -> None:
     server = HangingRelay().start()
     relay = Relay(relay_config(server.port, RELAY_TIMEOUT), "")
+    relay.TRUSTED_SECONDS = 0.0  # every reuse asks NOOP first
     try:
         assert await send(relay, [queued(1)]) == [None]
         server.hang.add("NOOP")  # the kept session is stuck; a new one still works
