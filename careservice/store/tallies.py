@@ -70,5 +70,6 @@ def mailbox_health(conn: sqlite3.Connection, keyring: Keyring, name: str, proble
     row = conn.execute("SELECT ok, problem, since, failures FROM mailbox_health WHERE name=?", (name,)).fetchone()
     failures = 0 if not problem else (row[3] + 1 if row else 1)
     since = row[2] if row and row[1] == problem else now
-    conn.execute("INSERT OR REPLACE INTO mailbox_health VALUES (?,?,?,?,?)", (name, int(not problem), problem,
-                                                                              since, failures))
+    conn.execute("INSERT INTO mailbox_health VALUES (?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET ok=excluded.ok, "
+                 "problem=excluded.problem, since=excluded.since, failures=excluded.failures",
+                 (name, int(not problem), problem, since, failures))
