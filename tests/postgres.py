@@ -12,6 +12,7 @@ import itertools
 import os
 import pwd
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 from pathlib import Path
@@ -101,3 +102,38 @@ def rows_containing(store: StoreConfig, needles: list[bytes]) -> dict[str, int]:
         if n:
             found[name] = n
     return found
+
+
+def with_store(config: Path, store: StoreConfig) -> Path:
+    """Point a config written by tests.support.write_config at `store` (unchanged for SQLite)."""
+    if store.shared:
+        with config.open("a") as f:
+            f.write(f'\n[store]\nurl = "{store.url}"\nkeys_url = "{store.keys_url}"\n'
+                    f"lease_seconds = {store.lease_seconds}\n")
+    return config
+
+
+def run_sql(store: StoreConfig, data_dir: Path, sql: str) -> list[tuple[object, ...]]:
+    """One statement on the cases database (SQLite's cases.db, or PostgreSQL's), committed; its rows."""
+    if store.shared:
+        with psycopg.connect(store.url) as conn:
+            cur = conn.execute(sql)
+            return cur.fetchall() if cur.description else []
+    conn = sqlite3.connect(data_dir / "cases.db", timeout=10)
+    try:
+        with conn:
+            return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def case_rows(store: StoreConfig, data_dir: Path) -> int:
+    """Rows that belong to some case, in either database: cases, queued mail, case keys."""
+    if store.shared:
+        with psycopg.connect(store.keys_url) as conn:
+            keys = conn.execute("SELECT count(*) FROM keys").fetchone()[0]
+    else:
+        conn = sqlite3.connect(data_dir / "keys.db", timeout=10)
+        keys = conn.execute("SELECT count(*) FROM keys").fetchone()[0]
+        conn.close()
+    return keys + sum(run_sql(store, data_dir, f"SELECT count(*) FROM {t}")[0][0] for t in ("cases", "outbox"))

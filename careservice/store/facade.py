@@ -85,6 +85,14 @@ class Store:
 
             await self.executor.call(claims.drop_lease, name, self.node)
 
+    async def listen(self, on_wake: Callable[[], None]) -> None:
+        """Call `on_wake` whenever another node (or process) commits due work; runs until cancelled.
+        SQLite: returns at once (the daemon wakes its worker through their pipe)."""
+        if self.backend.shared:
+            from careservice.store.pg.wakeup import listen
+
+            await listen(self.backend.url, on_wake)
+
     async def rewrap_keys(self) -> int:
         """Wrap every case key and day secret still under a previous master key under the current one."""
         return int(await self.executor.call(keys.rewrap_keys, checkpoint=True))

@@ -63,7 +63,14 @@ KEYS = (
 
 def migrate(url: str, migrations: tuple[str, ...]) -> tuple[int, int]:
     """Bring one database to the newest version; (version before, version after)."""
-    with psycopg.connect(url) as conn, conn.transaction():
+    try:
+        return _migrate(url, migrations)
+    except psycopg.Error as exc:
+        raise StoreError(f"store: PostgreSQL: {type(exc).__name__}: {exc}".strip()) from None
+
+
+def _migrate(url: str, migrations: tuple[str, ...]) -> tuple[int, int]:
+    with psycopg.connect(url, connect_timeout=10) as conn, conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
         conn.execute("CREATE TABLE IF NOT EXISTS schema_version(version integer NOT NULL)")
         row = conn.execute("SELECT max(version) FROM schema_version").fetchone()

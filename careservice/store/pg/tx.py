@@ -13,13 +13,18 @@ and swept): never a committed case without its key, so a 250 is never given for 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import psycopg
 
+from careservice.store.schema import StoreError
+
+log = logging.getLogger("careservice.store")
 KEYS_TABLES = frozenset({"keys", "blocks", "daily"})
 _TABLE = re.compile(r"\bk\.(\w+)")
 # Statements after which a case or a mail may be due: the other nodes' workers hear of them (NOTIFY).
@@ -75,6 +80,22 @@ class PgTx:
             if self.cases.broken or self.keys.broken:
                 raise  # the connection is gone: the whole transaction fails
             self.end_call(ok=False)
+            log.warning("pg_call_failed call=%s error=%s sqlstate=%s", getattr(fn, "__name__", "?"),
+                        type(exc).__name__, getattr(exc, "sqlstate", ""))
             return exc
         self.end_call(ok=True)
         return result
+
+
+@contextlib.contextmanager
+def session(url: str, keys_url: str) -> Iterator[PgTx]:
+    """A PgTx over fresh connections for a one-off command (`careservice status`): read, then rolled back."""
+    try:
+        with psycopg.connect(url, connect_timeout=5) as cases, psycopg.connect(keys_url, connect_timeout=5) as keys:
+            try:
+                yield PgTx(cases, keys)
+            finally:
+                cases.rollback()
+                keys.rollback()
+    except psycopg.Error as exc:
+        raise StoreError(f"store: PostgreSQL: {type(exc).__name__}: {exc}".strip()) from None
