@@ -48,8 +48,8 @@ def status_counts(conn: sqlite3.Connection) -> dict[str, Any]:
 
 
 def add_stats(conn: sqlite3.Connection, keyring: Keyring, counts: dict[tuple[str, str, str], int]) -> None:
-    conn.executemany("INSERT INTO stats VALUES (?,?,?,?) ON CONFLICT(site, day, name) DO UPDATE SET value = stats.value + "
-                     "excluded.value", [(*key, n) for key, n in counts.items()])
+    conn.executemany("INSERT INTO stats VALUES (?,?,?,?) ON CONFLICT(site, day, name) DO UPDATE SET "
+                     "value = stats.value + excluded.value", [(*key, n) for key, n in counts.items()])
 
 
 def take_ack_slots(conn: sqlite3.Connection, keyring: Keyring, limits: tuple[tuple[bytes, int], ...],
