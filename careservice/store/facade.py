@@ -8,7 +8,6 @@ databases, wake-ups of the other nodes) is the PostgreSQL backend's and a no-op 
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
 import time
@@ -36,16 +35,10 @@ class Store:
         self.keyring = keyring
         self.backend = backend
         self.node = f"{socket.gethostname()}:{os.getpid()}"  # who holds a claim or a lease
-        self._due_cases: Callable[..., Any] = cases.due_cases
-        self._due_mail: Callable[..., Any] = mailq.due_mail
         if backend.shared:
-            from careservice.store.pg import claims
             from careservice.store.pg.executor import PgExecutor
 
             self.executor: Executor | PgExecutor = PgExecutor(backend.url, backend.keys_url, keyring)
-            lease = float(backend.lease_seconds)
-            self._due_cases = functools.partial(claims.due_cases, node=self.node, lease=lease)
-            self._due_mail = functools.partial(claims.due_mail, node=self.node, lease=lease)
         else:
             self.executor = (InlineExecutor if inline else ThreadExecutor)(data_dir, keyring, durable)
 
@@ -107,7 +100,12 @@ class Store:
     async def due_cases(self, states: Iterable[CaseState], now: float, limit: int, max_bytes: int,
                         exclude: set[str]) -> list[Case]:
         """Due cases in next_run order: at most `limit`, and `max_bytes` stored (see budget.first_fit)."""
-        return await self.executor.read(self._due_cases, tuple(states), now, limit, max_bytes, tuple(exclude))
+        if self.backend.shared:  # claimed for this node for lease_seconds
+            from careservice.store.pg import claims
+
+            return await self.executor.call(claims.due_cases, tuple(states), now, limit, max_bytes, tuple(exclude),
+                                            self.node, float(self.backend.lease_seconds))
+        return await self.executor.read(cases.due_cases, tuple(states), now, limit, max_bytes, tuple(exclude))
 
     async def get_case(self, case_id: str) -> Case | None:
         return await self.executor.read(cases.get_case, case_id)
@@ -131,7 +129,12 @@ class Store:
 
     async def due_mail(self, now: float, limit: int, max_bytes: int) -> list[QueuedMail]:
         """Due mail in next_attempt order: at most `limit`, and `max_bytes` stored (see budget.first_fit)."""
-        return await self.executor.read(self._due_mail, now, limit, max_bytes)
+        if self.backend.shared:  # claimed for this node for lease_seconds
+            from careservice.store.pg import claims
+
+            return await self.executor.call(claims.due_mail, now, limit, max_bytes, self.node,
+                                            float(self.backend.lease_seconds))
+        return await self.executor.read(mailq.due_mail, now, limit, max_bytes)
 
     async def mail_delivered(self, item: QueuedMail, outcome: Outcome | None, now: float) -> float | None:
         """Drop a delivered mail and apply the workflow's outcome for its case in the same transaction;

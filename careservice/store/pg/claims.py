@@ -8,7 +8,9 @@ when its case or mail moves on (the end_claim trigger of pg.schema).
 
 from __future__ import annotations
 
-from careservice.budget import SCAN, first_fit
+from typing import Any
+
+from careservice.budget import first_fit
 from careservice.crypto import Keyring
 from careservice.model import Case, CaseState, QueuedMail
 from careservice.store.cases import get_case
@@ -19,27 +21,32 @@ ORPHAN_KEY_AGE = 600.0  # a key without rows younger than this may belong to a c
 
 
 def due_cases(tx: PgTx, keyring: Keyring, states: tuple[CaseState, ...], now: float, limit: int, max_bytes: int,
-              exclude: tuple[str, ...], *, node: str, lease: float) -> list[Case]:
+              exclude: tuple[str, ...], node: str, lease: float) -> list[Case]:
     sized = tx.execute(
         "SELECT id, length(meta) + length(raw) FROM cases WHERE state = ANY(?) AND next_run <= ? AND lease_until <= ? "
-        "ORDER BY next_run LIMIT ? FOR UPDATE SKIP LOCKED",
-        ([str(s) for s in states], now, now, SCAN * limit + len(exclude)),
+        "AND id <> ALL(?) ORDER BY next_run LIMIT ? FOR UPDATE SKIP LOCKED",
+        ([str(s) for s in states], now, now, list(exclude), limit),
     ).fetchall()
-    skip = set(exclude)
-    chosen = first_fit(((case_id, size) for case_id, size in sized if case_id not in skip), limit, max_bytes)
-    tx.execute("UPDATE cases SET claimed_by=?, lease_until=? WHERE id = ANY(?)", (node, now + lease, chosen))
+    chosen = _claim(tx, "cases", first_fit(sized, limit, max_bytes), now, node, lease)
     return [case for case in (get_case(tx, keyring, case_id) for case_id in chosen) if case is not None]
 
 
-def due_mail(tx: PgTx, keyring: Keyring, now: float, limit: int, max_bytes: int, *, node: str,
+def due_mail(tx: PgTx, keyring: Keyring, now: float, limit: int, max_bytes: int, node: str,
              lease: float) -> list[QueuedMail]:
     sized = tx.execute(
         "SELECT id, length(meta) + length(message) FROM outbox WHERE next_attempt <= ? AND lease_until <= ? "
-        "ORDER BY next_attempt LIMIT ? FOR UPDATE SKIP LOCKED", (now, now, SCAN * limit),
+        "ORDER BY next_attempt LIMIT ? FOR UPDATE SKIP LOCKED", (now, now, limit),
     ).fetchall()
-    chosen = first_fit(sized, limit, max_bytes)
-    tx.execute("UPDATE outbox SET claimed_by=?, lease_until=? WHERE id = ANY(?)", (node, now + lease, chosen))
+    chosen = _claim(tx, "outbox", first_fit(sized, limit, max_bytes), now, node, lease)
     return [load_mail(tx, keyring, row_id) for row_id in chosen]
+
+
+def _claim(tx: PgTx, table: str, chosen: list[Any], now: float, node: str, lease: float) -> list[Any]:
+    """Mark the rows chosen as this node's until now + lease. They were read FOR UPDATE SKIP LOCKED, and
+    only `limit` of them (not budget.SCAN times as many, as on SQLite): rows locked and left unchosen
+    would be skipped by the other nodes until this transaction ends."""
+    tx.execute(f"UPDATE {table} SET claimed_by=?, lease_until=? WHERE id = ANY(?)", (node, now + lease, chosen))
+    return chosen
 
 
 def take_lease(tx: PgTx, keyring: Keyring, name: str, holder: str, now: float, seconds: float) -> bool:
