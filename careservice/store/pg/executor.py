@@ -27,6 +27,7 @@ from careservice.store.pg.tx import PgTx
 from careservice.store.schema import StoreError
 
 log = logging.getLogger("careservice.store")
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # a warning per reconnect attempt; ours say it once
 CHANNEL = "careservice"  # NOTIFY after a commit that made a case or a mail due
 GET_TIMEOUT = 3.0  # seconds a call waits for a connection before it fails (the intake then answers 451)
 CONNECT_TIMEOUT = 3
