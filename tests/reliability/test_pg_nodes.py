@@ -64,14 +64,15 @@ def cluster(tmp_path: Path, relay: CaptureRelay, store: StoreConfig) -> list[Dae
     return nodes
 
 
-def kill_node(node: Daemon) -> None:
+def kill_node(node: Daemon, restart: bool = True) -> None:
     """kill -9 of the node's processes (the daemon and its worker) at once, then a restart."""
     assert node.proc is not None
     for pid in [*children(node.proc.pid), node.proc.pid]:
         os.kill(pid, signal.SIGKILL)
     node.proc.wait(5)
     node.proc = None
-    node.start()
+    if restart:
+        node.start()
 
 
 def drain(load: ClusterLoad, store: StoreConfig, data_dir: Path) -> dict[str, object]:
