@@ -162,7 +162,7 @@ def _rotate_master_key(config: Config, args: argparse.Namespace) -> int:
 
 def _stats(config: Config, args: argparse.Namespace) -> int:
     try:
-        stats = report(config.data_dir, [site.id for site in config.sites], args.days)
+        stats = report(config.data_dir, [site.id for site in config.sites], args.days, backend=config.store)
     except StoreError as exc:
         print(f"careservice: {exc}", file=sys.stderr)
         return 1

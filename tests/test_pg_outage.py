@@ -4,6 +4,8 @@ meanwhile, nothing already answered 250 is lost, and the node goes on by itself 
 from __future__ import annotations
 
 import smtplib
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 from careservice.settings import StoreConfig
 from tests.postgres import Postgres, with_store
 from tests.support import CARE, STAFF, CaptureRelay, Daemon, customer_mail, wait_for, write_config
+from tests.test_admin import get, scrape, value
 from tests.test_web import VALID, post
 
 OUTAGE = 3.0  # seconds the database is away
@@ -60,6 +63,8 @@ def test_a_database_restart_during_load_loses_nothing(tmp_path: Path, relay: Cap
             wait_for(lambda: any(r.startswith("451 4.3.0") for r in load.refusals), what="451 during the outage")
             form = post(daemon, VALID)
             assert form.status == 503 and "try" in form.text and "again" in form.text
+            health = get(daemon, "/healthz")
+            assert health.status == 503 and '"store":"not_writable"' in health.text.replace(" ", "")
             time.sleep(OUTAGE)
         finally:
             postgres.start()
@@ -69,6 +74,14 @@ def test_a_database_restart_during_load_loses_nothing(tmp_path: Path, relay: Cap
         load.thread.join(40)
         assert post(daemon, VALID).status == 303  # the form takes messages again
         wait_for(lambda: set(load.accepted) <= forwarded_subjects(relay), timeout=60, what="every 250 forwarded")
+        # the node's health and metrics read the cluster's store again
+        assert get(daemon, "/healthz").status == 200
+        opened = len(load.accepted) + 1  # and the form message taken after the outage
+        wait_for(lambda: value(scrape(daemon), "careservice_cases_open", site="ticketnest") == opened,
+                 what="open cases in the node's metrics")
+        stats = subprocess.run([sys.executable, "-m", "careservice", "stats", "--json", "--config", str(daemon.config)],
+                               capture_output=True, text=True, timeout=60)
+        assert stats.returncode == 0 and '"ticketnest"' in stats.stdout, stats.stderr
     finally:
         load.stop.set()
         daemon.stop()
