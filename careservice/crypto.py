@@ -153,13 +153,24 @@ class Keyring:
                 raise
         return self._unwrap(wrapped, label, (self._wrap, *self._old_wraps))
 
+    @property
+    def rotating(self) -> bool:
+        """Whether previous master keys are kept beside the current one (a rotation not finished)."""
+        self.refresh()
+        return bool(self._old_wraps)
+
     def rewrap(self, wrapped: bytes, label: str) -> bytes | None:
-        """`wrapped` wrapped under the current master key; None when it already is."""
+        """`wrapped` wrapped under the current master key; None when it already is, or when no key here
+        opens it (a node that has the newer key re-wraps it)."""
         try:
             self._unwrap(wrapped, label, (self._wrap,))
             return None
         except InvalidTag:
-            return self.wrap(self.unwrap(wrapped, label), label)
+            pass
+        try:
+            return self.wrap(self._unwrap(wrapped, label, self._old_wraps), label)
+        except InvalidTag:
+            return None
 
     @staticmethod
     def _unwrap(wrapped: bytes, label: str, wraps: tuple[AESGCM, ...]) -> bytes:

@@ -65,7 +65,8 @@ class CaseWorker:
         """Periodic, and once at start: purge every case past retention.hard_limit_days (one that expiry
         cannot reach, e.g. of a site removed from the config), run due expiries and retries, drop past
         days' digests and expired "#spam" blocks, sweep what a crash between the two databases' commits
-        left (PostgreSQL: any node's), and truncate the WAL."""
+        left (PostgreSQL: any node's), re-wrap keys still under a previous master key while one is kept,
+        and truncate the WAL."""
         now = self.ctx.clock()
         sites = frozenset(site.id for site in self.ctx.config.sites)
         for case_id, state, created in await self.store.purge_older_than(now - self.config.hard_limit_days * 86400.0,
@@ -75,6 +76,8 @@ class CaseWorker:
         await self.store.rotate_digests(now)
         await self.store.prune_blocks(now)
         await self.store.sweep_orphans(now)
+        if self.store.keyring.rotating:  # keys a node still on the old master key wrapped since the rotation
+            await self.store.rewrap_keys()
 
     def reload(self) -> None:
         """SIGHUP: the config as careservice.reload applies it, the sites' DKIM keys read again, and the
