@@ -21,7 +21,7 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from careservice.crypto import Keyring
-from careservice.store.executor import MAX_BATCH, _Op, _resolve
+from careservice.store.executor import _Op, _resolve, next_batch
 from careservice.store.pg import schema
 from careservice.store.pg.tx import PgTx
 from careservice.store.schema import StoreError
@@ -91,26 +91,12 @@ class PgExecutor:
         return await self.call(fn, *args, write=False)
 
     def _run(self) -> None:
-        while True:
-            op = self._queue.get()
-            if op is None:
-                return
-            batch = [op]
-            stopping = False
-            while len(batch) < MAX_BATCH:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stopping = True
-                    break
-                batch.append(nxt)
-            results = self._transaction(batch)
+        stopping = False
+        while not stopping:
+            batch, stopping = next_batch(self._queue)
+            results = self._transaction(batch) if batch else []
             for item, result in zip(batch, results, strict=True):
                 item.loop.call_soon_threadsafe(_resolve, item.future, result)
-            if stopping:
-                return
 
     def _transaction(self, batch: list[_Op]) -> list[Any]:
         try:
