@@ -22,7 +22,6 @@ class Recipient:
 class ReplyToken:
     case_id: str
     nonce: str  # the case's nonce when issued: a reopened case has a new one (handlers.delivery)
-    mac: str
     staff: str  # the staff address it was issued to, the only From it is taken from
 
 
@@ -36,12 +35,18 @@ class Addressing:
     def use(self, sites: tuple[Site, ...]) -> None:
         """Recognise these sites from now on (a reload)."""
         self._by_domain = {s.domain: s for s in sites}
+        # a route's match_recipient is a care address of its site too, at any domain (careservice.config
+        # lets each belong to one site only)
+        self._routed = {r.match_recipient: s for s in sites for r in s.routes if r.match_recipient}
 
     def recipient(self, address: str) -> Recipient | None:
         """The site and token for one of our addresses; None for anything else (relay refused)."""
         local, at, domain = address.rpartition("@")
         if not at or not local or local.startswith('"'):
             return None
+        routed = self._routed.get(f"{local.lower()}@{domain.lower()}")
+        if routed is not None:
+            return Recipient(routed, "")
         site = self._by_domain.get(domain.lower())
         if site is None:
             return None
@@ -62,14 +67,14 @@ class Addressing:
 
     def check_reply_token(self, site: Site, token: str) -> ReplyToken | None:
         """The case and staff address a reply address names, if its MAC is ours for this site and one
-        of its current staff addresses."""
+        of its current staff addresses (its own or a route's)."""
         m = _TOKEN.match(token)
         if not m:
             return None
         case_id, nonce, mac = m.groups()
-        for staff in site.staff:
+        for staff in site.all_staff:
             if self._keyring.verify(_reply_mac_input(site, case_id, nonce, staff), mac):
-                return ReplyToken(case_id, nonce, mac, staff)
+                return ReplyToken(case_id, nonce, staff)
         return None
 
     def ack_message_id(self, site: Site, case_id: str, nonce: str) -> str:

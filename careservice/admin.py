@@ -24,7 +24,6 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
-from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
@@ -35,6 +34,7 @@ from careservice import charts
 from careservice.asgi import QuietServer, SecurityHeaders
 from careservice.context import Context
 from careservice.intake.ingest import Ingest
+from careservice.metrics import ProcessFiles
 from careservice.preflight import admin_token
 from careservice.stats import report
 from careservice.store import StoreError, statsdb
@@ -119,10 +119,10 @@ class Admin:
     def __init__(self, parts: Parts) -> None:
         self.parts = parts
         self.registry = CollectorRegistry()
-        MultiProcessCollector(self.registry)
+        ProcessFiles(self.registry)
         self.registry.register(StoreState(parts))
         self._relay = CollectorRegistry()  # the worker's relay gauge alone, for /healthz
-        MultiProcessCollector(self._relay)
+        ProcessFiles(self._relay)
 
     def routes(self) -> list[Route]:
         return [Route("/metrics", self.metrics), Route("/healthz", self.healthz), Route("/stats", self.stats)]

@@ -15,11 +15,11 @@ from typing import TypeVar
 T = TypeVar("T")
 
 MB = 1024 * 1024
-IDLE_MB = 64  # the worker before any batch: interpreter, libraries, SQLite's cache (about 48 MB measured)
+IDLE_MB = 64  # the worker before any batch: interpreter, libraries, SQLite's cache, with some room
 # Peak memory per stored byte, measured with one large mail at a time, where it is highest: a batch
 # of several holds the transient copies of only one of them at once.
-CASE_COPIES = 7  # runner: open, parse, decode attachments, render the forward, seal it (about 64 MB for 9 MB)
-MAIL_COPIES = 8  # outbox: open, then the relay client's copies and its send buffer (about 69 MB for 9 MB)
+CASE_COPIES = 7  # runner: open, parse, decode attachments, render the forward, seal it
+MAIL_COPIES = 8  # outbox: open, then the relay client's copies and its send buffer
 CASE_SHARE = 0.5  # of the memory above IDLE_MB; the outbox has the rest (both run at once)
 
 

@@ -81,8 +81,10 @@ def _check(config: Config, args: argparse.Namespace) -> int:
           f"{' (bearer token)' if admin and config.admin.token_file else ''}")
     print(f"  retention  unanswered cases purged after {config.unanswered_days} days, every case after "
           f"{config.hard_limit_days}")
+    print(f"  digest     {f'daily at {config.digest_at:%H:%M} local time' if config.digest_at else 'off'}")
     for site in config.sites:
         print(f"  site {site.id}: {site.name} <{site.care_address}> staff={len(site.staff)}"
+              f"{f' routes={len(site.routes)}' if site.routes else ''}"
               f"{f' dkim={site.dkim_selector}' if site.dkim_selector else ''}")
     for box in config.imap:
         print(f"  imap {box.name} -> site {box.site}{f' (oauth2 {box.oauth2.grant})' if box.oauth2 else ''}")

@@ -7,9 +7,8 @@ import re
 import tomllib
 from pathlib import Path
 
-from email_validator import EmailNotValidError, validate_email
-
 from careservice.budget import min_memory_mb
+from careservice.configroutes import address, assign, clock_time, extra_addresses, routes, staff
 from careservice.configtable import Table
 from careservice.settings import (  # the records config.py fills in; importable from here too
     AdminConfig,
@@ -29,6 +28,7 @@ from careservice.staffauth import valid_mode
 
 RELAY_SCHEMES = ("smtp", "smtps", "smtp+starttls", "maildir")
 IMAP_SECURITY = ("tls", "starttls", "none")
+HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")  # RFC 5322 field name: printable ASCII but ":"
 AUTH_METHODS = ("password", "oauth2")
 OAUTH2_GRANTS = ("client_credentials", "refresh_token")
 OAUTH2_KEYS = ("token_url", "client_id", "client_secret_file", "scope", "grant", "refresh_token_file")
@@ -45,13 +45,6 @@ def parse_endpoint(key: str, value: str) -> Endpoint:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(key, f'expected "host:port", got "{value}"')
     return Endpoint(host.strip("[]"), int(port))
-
-
-def _address(key: str, value: str) -> str:
-    try:
-        return validate_email(value, check_deliverability=False, test_environment=True).normalized.lower()
-    except EmailNotValidError as exc:
-        raise ConfigError(key, f'not a valid address "{value}" ({exc})') from None
 
 
 def _resolve(base: Path, value: str) -> Path:
@@ -140,15 +133,12 @@ def _site(t: Table, base: Path) -> Site:
     if not site_id.isidentifier() and not site_id.replace("-", "").replace(".", "").isalnum():
         raise ConfigError(t.key("id"), f'use letters, digits, "-" or "." only, got "{site_id}"')
     domain = t.get("domain", str).lower()
-    care = _address(t.key("care_address"), t.get("care_address", str))
+    care = address(t.key("care_address"), t.get("care_address", str))
     if care.rsplit("@", 1)[1] != domain:
         raise ConfigError(t.key("care_address"), f'must be an address at the site domain "{domain}"')
     if "+" in care.rsplit("@", 1)[0]:
         raise ConfigError(t.key("care_address"), 'must not contain "+" (used for reply addresses)')
-    staff = t.get("staff", list)
-    if not staff:
-        raise ConfigError(t.key("staff"), "needs at least one address")
-    addresses = tuple(_address(f"{t.key('staff')}[{i}]", str(a)) for i, a in enumerate(staff))
+    addresses = staff(t)
     hosts = tuple(_web_host(f"{t.key('web_hosts')}[{i}]", h) for i, h in enumerate(t.get("web_hosts", list, [])))
     path = t.get("contact_path", str, "/contact")
     if not _CONTACT_PATH.fullmatch(path):
@@ -164,8 +154,9 @@ def _site(t: Table, base: Path) -> Site:
     staff_auth = t.get("staff_auth", str, "none")
     if not valid_mode(staff_auth):
         raise ConfigError(t.key("staff_auth"), f'use "none", "dkim" or "authres:<authserv-id>", got "{staff_auth}"')
+    assigned = assign(t, "all")
     return Site(site_id, t.get("name", str), domain, care, addresses, hosts, path, selector, _path(base, key_file),
-                staff_auth, t.get("notify_answered", bool, False))
+                staff_auth, t.get("notify_answered", bool, False), routes(t, assigned), assigned)
 
 
 def _web_host(key: str, value: object) -> str:
@@ -196,12 +187,16 @@ def _imap(t: Table, site_ids: set[str], base: Path) -> ImapMailbox:
     oauth2 = _oauth2(t, base)
     if oauth2 is not None and "password_file" in t.data:
         raise ConfigError(t.key("password_file"), 'not used with auth = "oauth2"')
+    envelope_header = t.get("envelope_header", str, "Delivered-To")
+    if not HEADER_NAME.fullmatch(envelope_header):
+        raise ConfigError(t.key("envelope_header"), 'expected a header name such as "Delivered-To", '
+                                                    f'"X-Original-To" or "Envelope-To", got "{envelope_header}"')
     return ImapMailbox(
         site=site, host=t.get("host", str), port=t.positive("port", 993), security=security,
         username=t.get("username", str), password_file=_path(base, t.get("password_file", str)) if oauth2 is None
         else "", folder=t.get("folder", str, "INBOX"), poll_seconds=t.positive("poll_seconds", 60),
         quarantine_folder=t.get("quarantine_folder", str, "careservice-quarantine"),
-        verify_tls=t.get("verify_tls", bool, True), oauth2=oauth2,
+        verify_tls=t.get("verify_tls", bool, True), oauth2=oauth2, envelope_header=envelope_header,
     )
 
 
@@ -217,10 +212,55 @@ def load_config(path: Path) -> Config:
         raise ConfigError("config", f"not valid TOML: {exc}") from None
     base = path.resolve().parent
     root = Table(data, "")
-    service, security, smtp = root.sub("service"), root.sub("security"), root.sub("smtp")
-    web, retention, admin, spam = root.sub("web"), root.sub("retention"), root.sub("admin"), root.sub("spam")
+    service, security, retention = root.sub("service"), root.sub("security"), root.sub("retention")
+    admin, spam, acknowledge = root.sub("admin"), root.sub("spam"), root.sub("acknowledge")
     admin_listen = admin.get("listen", str, "127.0.0.1:9025")  # "" = no admin listener
-    data_dir = _resolve(base, service.get("data_dir", str, "var"))
+    sites = _sites(root, base)
+    log_level = service.get("log_level", str, "INFO").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError("service.log_level", f'unknown level "{log_level}"')
+    templates_dir = service.get("templates_dir", str, "")
+    smtp = _smtp(root.sub("smtp"), base)
+    unanswered_days = retention.positive("unanswered_days", 30)
+    hard_limit_days = retention.positive("hard_limit_days", unanswered_days + 2)
+    if hard_limit_days <= unanswered_days:  # the limit catches what expiry missed; it must not come first
+        raise ConfigError("retention.hard_limit_days", f"must be more than retention.unanswered_days "
+                                                       f"({unanswered_days}), got {hard_limit_days}")
+    worker_mb = service.positive("worker_memory_mb", 512)
+    max_bytes = smtp.max_message_bytes
+    if worker_mb < min_memory_mb(max_bytes):  # the worker must hold one message of the largest size
+        raise ConfigError("service.worker_memory_mb", f"must be at least {min_memory_mb(max_bytes)} with "
+                                                      f"smtp.max_message_bytes = {max_bytes}, got {worker_mb}")
+    config = Config(
+        path=path,
+        data_dir=_resolve(base, service.get("data_dir", str, "var")),
+        templates_dir=_resolve(base, templates_dir) if templates_dir else None,
+        log_level=log_level,
+        stop_timeout=service.positive("stop_timeout", 30),
+        worker_memory_mb=worker_mb,
+        master_key_file=_resolve(base, security.get("master_key_file", str, "master.key")),
+        smtp=smtp,
+        relay=_relay(root.sub("relay"), base),
+        web=_web(root.sub("web"), base),
+        unanswered_days=unanswered_days,
+        hard_limit_days=hard_limit_days,
+        remind_after=_durations(retention, "remind_after", ["24h", "72h"]),
+        acks_per_hour=acknowledge.positive("max_per_address_per_hour", 5),
+        acks_per_domain_per_hour=acknowledge.positive("max_per_domain_per_hour", 20),
+        acks_per_hour_total=acknowledge.positive("max_per_hour", 200),
+        sites=sites,
+        imap=tuple(_imap(t, {s.id for s in sites}, base) for t in root.array("imap")),
+        admin=AdminConfig(parse_endpoint("admin.listen", admin_listen) if admin_listen else None,
+                          _path(base, admin.get("token_file", str, ""))),
+        spam=SpamConfig(spam.get("rspamd_url", str, ""), spam.positive("timeout", 5), spam.positive("block_days", 30)),
+        store=_store(root.sub("store")),
+        digest_at=clock_time(root.sub("digest"), "at"),
+    )
+    root.refuse_unknown()
+    return config
+
+
+def _sites(root: Table, base: Path) -> tuple[Site, ...]:
     site_tables = root.array("sites", required=True)
     if not site_tables:
         raise ConfigError("sites", "at least one [[sites]] table is needed")
@@ -236,22 +276,22 @@ def load_config(path: Path) -> Config:
             if host in host_keys:
                 raise ConfigError(where, f'"{host}" is also {host_keys[host]}; a host name belongs to one site only')
             host_keys[host] = where
-    cert, key = smtp.get("tls_cert", str, ""), smtp.get("tls_key", str, "")
+    extra_addresses(sites)
+    return sites
+
+
+def _tls_pair(t: Table) -> tuple[str, str]:
+    cert, key = t.get("tls_cert", str, ""), t.get("tls_key", str, "")
     if bool(cert) != bool(key):
-        raise ConfigError("smtp.tls_key" if cert else "smtp.tls_cert", "tls_cert and tls_key go together")
+        raise ConfigError(t.key("tls_key" if cert else "tls_cert"), "tls_cert and tls_key go together")
+    return cert, key
+
+
+def _smtp(smtp: Table, base: Path) -> SmtpConfig:
+    cert, key = _tls_pair(smtp)
     require_tls = smtp.get("require_tls", bool, False)
     if require_tls and not cert:
         raise ConfigError("smtp.require_tls", "needs smtp.tls_cert and smtp.tls_key")
-    web_cert, web_key = web.get("tls_cert", str, ""), web.get("tls_key", str, "")
-    if bool(web_cert) != bool(web_key):
-        raise ConfigError("web.tls_key" if web_cert else "web.tls_cert", "tls_cert and tls_key go together")
-    verification = web.get("verification", str, "image")
-    if verification not in ("image", "off"):
-        raise ConfigError("web.verification", f'expected "image" or "off", got "{verification}"')
-    log_level = service.get("log_level", str, "INFO").upper()
-    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError("service.log_level", f'unknown level "{log_level}"')
-    templates_dir = service.get("templates_dir", str, "")
     max_bytes = smtp.positive("max_message_bytes", 10_000_000)
     min_free = smtp.positive("min_free_bytes", max_bytes * 3 // 2)
     reply_min_free = smtp.positive("reply_min_free_bytes", max(1, min_free // 3))
@@ -261,69 +301,41 @@ def load_config(path: Path) -> Config:
     if sender_quota < max_bytes:
         raise ConfigError("smtp.max_bytes_per_sender_per_hour",
                           f"must be at least smtp.max_message_bytes ({max_bytes})")
-    unanswered_days = retention.positive("unanswered_days", 30)
-    hard_limit_days = retention.positive("hard_limit_days", unanswered_days + 2)
-    if hard_limit_days <= unanswered_days:  # the limit catches what expiry missed; it must not come first
-        raise ConfigError("retention.hard_limit_days", f"must be more than retention.unanswered_days "
-                                                       f"({unanswered_days}), got {hard_limit_days}")
-    remind_after = _durations(retention, "remind_after", ["24h", "72h"])
-    worker_mb = service.positive("worker_memory_mb", 512)
-    if worker_mb < min_memory_mb(max_bytes):  # the worker must hold one message of the largest size
-        raise ConfigError("service.worker_memory_mb", f"must be at least {min_memory_mb(max_bytes)} with "
-                                                      f"smtp.max_message_bytes = {max_bytes}, got {worker_mb}")
-    acknowledge = root.sub("acknowledge")
-    config = Config(
-        path=path,
-        data_dir=data_dir,
-        templates_dir=_resolve(base, templates_dir) if templates_dir else None,
-        log_level=log_level,
-        stop_timeout=service.positive("stop_timeout", 30),
-        worker_memory_mb=worker_mb,
-        master_key_file=_resolve(base, security.get("master_key_file", str, "master.key")),
-        smtp=SmtpConfig(
-            listen=parse_endpoint("smtp.listen", smtp.get("listen", str, "127.0.0.1:2525")),
-            hostname=smtp.get("hostname", str, "careservice.localhost"),
-            max_message_bytes=max_bytes, tls_cert=_path(base, cert), tls_key=_path(base, key),
-            require_tls=require_tls,
-            min_free_bytes=min_free,
-            max_recipients=smtp.positive("max_recipients", 20),
-            timeout=smtp.positive("timeout", 300),
-            max_connections=smtp.positive("max_connections", 100),
-            max_connections_per_client=smtp.positive("max_connections_per_client", 20),
-            idle_before_mail=smtp.positive("idle_before_mail", 30),
-            max_bytes_per_sender_per_hour=sender_quota,
-            reply_min_free_bytes=reply_min_free,
-        ),
-        relay=_relay(root.sub("relay"), base),
-        web=WebConfig(
-            listen=parse_endpoint("web.listen", web.get("listen", str, "127.0.0.1:8025")),
-            verification=verification,
-            frame_ancestors=web.get("frame_ancestors", str, "'none'"),
-            code_ttl_seconds=web.positive("code_ttl_seconds", 900),
-            max_posts_per_ip_per_hour=web.positive("max_posts_per_ip_per_hour", 20),
-            tls_cert=_resolve(base, web_cert) if web_cert else None,
-            tls_key=_resolve(base, web_key) if web_key else None,
-            trusted_proxies=_networks(web, "trusted_proxies"),
-            header_timeout=web.positive("header_timeout", 20),
-            max_connections_per_client=web.positive("max_connections_per_client", 20),
-            max_posts_per_minute=web.positive("max_posts_per_minute", 60),
-            max_audio_codes_per_minute=web.positive("max_audio_codes_per_minute", 30),
-        ),
-        unanswered_days=unanswered_days,
-        hard_limit_days=hard_limit_days,
-        remind_after=remind_after,
-        acks_per_hour=acknowledge.positive("max_per_address_per_hour", 5),
-        acks_per_domain_per_hour=acknowledge.positive("max_per_domain_per_hour", 20),
-        acks_per_hour_total=acknowledge.positive("max_per_hour", 200),
-        sites=sites,
-        imap=tuple(_imap(t, set(ids), base) for t in root.array("imap")),
-        admin=AdminConfig(parse_endpoint("admin.listen", admin_listen) if admin_listen else None,
-                          _path(base, admin.get("token_file", str, ""))),
-        spam=SpamConfig(spam.get("rspamd_url", str, ""), spam.positive("timeout", 5), spam.positive("block_days", 30)),
-        store=_store(root.sub("store")),
+    return SmtpConfig(
+        listen=parse_endpoint("smtp.listen", smtp.get("listen", str, "127.0.0.1:2525")),
+        hostname=smtp.get("hostname", str, "careservice.localhost"),
+        max_message_bytes=max_bytes, tls_cert=_path(base, cert), tls_key=_path(base, key),
+        require_tls=require_tls,
+        min_free_bytes=min_free,
+        max_recipients=smtp.positive("max_recipients", 20),
+        timeout=smtp.positive("timeout", 300),
+        max_connections=smtp.positive("max_connections", 100),
+        max_connections_per_client=smtp.positive("max_connections_per_client", 20),
+        idle_before_mail=smtp.positive("idle_before_mail", 30),
+        max_bytes_per_sender_per_hour=sender_quota,
+        reply_min_free_bytes=reply_min_free,
     )
-    root.refuse_unknown()
-    return config
+
+
+def _web(web: Table, base: Path) -> WebConfig:
+    cert, key = _tls_pair(web)
+    verification = web.get("verification", str, "image")
+    if verification not in ("image", "off"):
+        raise ConfigError("web.verification", f'expected "image" or "off", got "{verification}"')
+    return WebConfig(
+        listen=parse_endpoint("web.listen", web.get("listen", str, "127.0.0.1:8025")),
+        verification=verification,
+        frame_ancestors=web.get("frame_ancestors", str, "'none'"),
+        code_ttl_seconds=web.positive("code_ttl_seconds", 900),
+        max_posts_per_ip_per_hour=web.positive("max_posts_per_ip_per_hour", 20),
+        tls_cert=_resolve(base, cert) if cert else None,
+        tls_key=_resolve(base, key) if key else None,
+        trusted_proxies=_networks(web, "trusted_proxies"),
+        header_timeout=web.positive("header_timeout", 20),
+        max_connections_per_client=web.positive("max_connections_per_client", 20),
+        max_posts_per_minute=web.positive("max_posts_per_minute", 60),
+        max_audio_codes_per_minute=web.positive("max_audio_codes_per_minute", 30),
+    )
 
 
 def _store(t: Table) -> StoreConfig:

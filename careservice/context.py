@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from careservice.addresses import Addressing
 from careservice.config import Config, Site
@@ -26,6 +26,8 @@ class Inputs:
     # staff reply of a site with staff_auth "dkim", else empty (careservice.staffauth)
     dkim_domains: tuple[str, ...] = ()
     blocked: bool = False  # RECEIVED: its sender is marked "#spam" (spam.block_days not yet passed)
+    # NEW at a site with a round robin: each route's turn ("" the site's own), read from the store
+    turns: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass

@@ -13,15 +13,16 @@ from email.policy import Compat32
 from email.utils import format_datetime, formataddr, getaddresses, localtime
 from typing import Any
 
+from careservice.htmlpart import to_text
 from careservice.mimeparse import TooComplex, content, parse_headers, parse_message, trim_headers, walk
 
 LOOP_HEADER = "X-Careservice-Loop"
 AUTO_PRECEDENCE = {"bulk", "junk", "list", "auto_reply"}
 AUTOREPLY_HEADERS = ("X-Autoreply", "X-Autorespond")  # older vacation responders set one of these
+MAX_HTML_TEXT = 500_000  # characters of an HTML-only mail made text (~0.2 s): parse() runs at every stage
 SYSTEM_LOCALPARTS = {"mailer-daemon", "postmaster", "noreply", "no-reply", "double-bounce"}
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\u0085\u2028\u2029]")
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # Unicode categories Cc, Zl and Zp
 _MSGID = re.compile(r"<([^<>\s]{1,250})>")
-_TAG = re.compile(r"<[^<>]{0,2000}>")  # [^<>], not [^>]: linear on "<<<<..."
 _FOLD = re.compile(r"\r?\n[ \t]*")
 _CONTENT_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+")
 
@@ -45,6 +46,7 @@ class Attachment:
     filename: str
     content_type: str
     data: bytes
+    charset: str = ""  # given for a text/* attachment that we made: it then keeps its type
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,6 @@ class Parsed:
     subject: str = ""
     message_id: str = ""
     references: tuple[str, ...] = ()
-    recipients: tuple[str, ...] = ()  # To, Cc, Delivered-To, X-Original-To
     automatic: str = ""  # why this is an auto-reply, bounce or list mail ("" = a person wrote it)
     text: str = ""
     html: str = ""  # the first text/html part, as sent
@@ -65,10 +66,18 @@ class Parsed:
     part_types: tuple[str, ...] = ()  # type/subtype of every MIME part, containers and attached messages too
     defects: tuple[str, ...] = ()
 
+    @property
+    def attachments_and_html(self) -> tuple[Attachment, ...]:
+        """The attachments and, when the mail has an HTML body, that HTML as `message.html`: staff
+        read the mail as text, and may want the original layout."""
+        if not self.html:
+            return self.attachments
+        return (*self.attachments, Attachment("message.html", "text/html", self.html.encode("utf-8"), "utf-8"))
+
 
 def one_line(value: str, limit: int = 998) -> str:
-    """Control characters (CR, LF, NUL, ...) become spaces: nothing can add a header line."""
-    return _CONTROL.sub(" ", value).strip()[:limit]
+    """Control characters (CR, LF, NUL, tab, ...) become spaces: nothing can add a header line."""
+    return CONTROL.sub(" ", value).strip()[:limit]
 
 
 class _Headers:
@@ -164,7 +173,9 @@ def _body(msg: Message) -> tuple[str, str, list[Attachment], list[str]]:
                 name = one_line(_decoded(part.get_filename() or "attachment"), 200) or "attachment"
                 attachments.append(Attachment(name, ctype, data))
     if not text and html:
-        text = _TAG.sub(" ", html)
+        text = to_text(html[:MAX_HTML_TEXT])
+        if len(html) > MAX_HTML_TEXT:
+            text += "\n[... the rest is in the attached message.html]\n"
     return text.replace("\x00", ""), html.replace("\x00", ""), attachments, [_content_type(p) for p in parts]
 
 
@@ -204,25 +215,18 @@ def parse(raw: bytes, mail_from: str) -> Parsed:
             text, html, attachments, types = _body(msg)
     except Exception as exc:  # the stdlib raises many kinds on hostile MIME structure
         defects.append(_defect("body", exc))
-    recipients: list[str] = []
-    for header in ("To", "Cc", "Delivered-To", "X-Original-To"):
-        try:
-            recipients += [a for _, a in getaddresses(headers.all(header))]
-        except Exception:
-            defects.append(f"bad_{header.lower()}")
     return Parsed(
         from_name=name, from_address=one_line(address, 254).lower(), from_count=len(addresses),
         subject=one_line(headers.first("Subject"), 500),
         message_id=(message_ids(headers.first("Message-ID")) or ("",))[0],
         references=message_ids(headers.first("References") + " " + headers.first("In-Reply-To")),
-        recipients=tuple(one_line(r, 254).lower() for r in recipients[:100]),
         automatic=_automatic(headers, mail_from, address), text=text, html=html, attachments=tuple(attachments),
         part_types=tuple(types), defects=tuple(defects),
     )
 
 
-def new_message_id(domain: str, left: str = "") -> str:
-    return f"{left or secrets.token_hex(12)}@{domain}"
+def new_message_id(domain: str) -> str:
+    return f"{secrets.token_hex(12)}@{domain}"
 
 
 @dataclass(frozen=True)
@@ -235,6 +239,7 @@ class Draft:
     subject: str
     text: str
     message_id: str
+    html: str = ""  # an HTML document: sent as the alternative to `text`
     reply_to: str = ""
     in_reply_to: str = ""
     references: tuple[str, ...] = ()
@@ -263,12 +268,13 @@ def _plain_7bit(text: str) -> bool:
     return text.isascii() and "\r" not in text and all(len(line) <= 998 for line in text.split("\n"))
 
 
-def _text_part(text: str) -> Message:
-    """The text/plain part exactly as MIMEText builds it (7bit ASCII, else quoted-printable UTF-8),
-    without MIMEText's parsing of the parameters it has just written: that was half of render."""
+def _text_part(text: str, subtype: str = "plain") -> Message:
+    """The text/plain (or text/html) part exactly as MIMEText builds it (7bit ASCII, else
+    quoted-printable UTF-8), without MIMEText's parsing of the parameters it has just written: that
+    was half of render."""
     plain = _plain_7bit(text)
     part = Message()
-    part["Content-Type"] = f'text/plain; charset="{"us-ascii" if plain else "utf-8"}"'
+    part["Content-Type"] = f'text/{subtype}; charset="{"us-ascii" if plain else "utf-8"}"'
     part["MIME-Version"] = "1.0"
     part["Content-Transfer-Encoding"] = "7bit" if plain else "quoted-printable"
     part.set_payload(text if plain else _UTF8_QP.body_encode(text))
@@ -283,12 +289,25 @@ def _as_bytes(msg: Message) -> bytes:
     return head + b"\r\n" + body
 
 
+def _alternative(parts: tuple[Message, ...]) -> Message:
+    """A multipart/alternative part over `parts` (least preferred first), its body already written."""
+    boundary = f"=_{secrets.token_hex(16)}"
+    msg = Message()
+    msg["Content-Type"] = f'multipart/alternative; boundary="{boundary}"'
+    msg["MIME-Version"] = "1.0"
+    msg.set_payload("".join(f"--{boundary}\n{_as_bytes(p).decode('ascii')}\n" for p in parts).replace("\r\n", "\n")
+                    + f"--{boundary}--\n")
+    return msg
+
+
 def _attachment_head(a: Attachment) -> Message:
     """An attachment part's headers as MIMEApplication writes them; its base64 body is added as bytes."""
     maintype, _, subtype = a.content_type.partition("/")
     part = Message()
-    part["Content-Type"] = (one_line(a.content_type, 100) if maintype not in ("", "text", "application") else
-                            f"application/{subtype if maintype == 'application' and subtype else 'octet-stream'}")
+    part["Content-Type"] = (
+        one_line(f'{a.content_type}; charset="{a.charset}"', 200) if maintype == "text" and a.charset else
+        one_line(a.content_type, 100) if maintype not in ("", "text", "application") else
+        f"application/{subtype if maintype == 'application' and subtype else 'octet-stream'}")
     part["MIME-Version"] = "1.0"
     part["Content-Transfer-Encoding"] = "base64"
     part.add_header("Content-Disposition", "attachment", filename=("utf-8", "", one_line(a.filename, 200)))
@@ -317,6 +336,8 @@ def render(draft: Draft) -> bytes:
     """
     text = draft.text.replace("\r\n", "\n")  # every line end is written as CRLF
     body = _text_part(text)
+    if draft.html:
+        body = _alternative((body, _text_part(draft.html.replace("\r\n", "\n"), "html")))
     msg: Message = body
     if draft.attachments:  # "=_" occurs in neither base64 nor quoted-printable, and a 7bit text cannot guess it
         msg = Message()

@@ -13,6 +13,7 @@ from the config. Nothing from a mail or a request ever becomes a label.
 from __future__ import annotations
 
 import functools
+import glob
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterable
 from typing import ParamSpec
 
 from prometheus_client import Counter, Gauge, Histogram, multiprocess
+from prometheus_client.metrics_core import Metric
 
 from careservice.config import METRICS_DIR_ENV
 from careservice.logs import error_fields
@@ -187,6 +189,28 @@ def relay_gauge() -> Gauge:
     return Gauge("careservice_relay_up", "1 when the relay took mail or answered at the last attempt, 0 when it "
                  "could not be reached (absent until the worker first tried it).", registry=None,
                  multiprocess_mode="livemax")
+
+
+class ProcessFiles(multiprocess.MultiProcessCollector):
+    """The sum of every process's metric files, as prometheus_client merges them, less the files it cannot
+    read yet or any more: a process creates its file before sizing it, and one empty file (left for good
+    by a process killed in between) fails the whole merge (prometheus/client_python#1199); a file removed
+    between listing and reading (a dead worker's gauges) is listed again."""
+
+    def collect(self) -> Iterable[Metric]:
+        for _ in range(3):
+            files = []
+            for path in glob.glob(os.path.join(self._path, "*.db")):
+                try:
+                    if os.path.getsize(path) >= 8:  # the used-bytes header a sized file starts with
+                        files.append(path)
+                except OSError:
+                    continue
+            try:
+                return self.merge(files, accumulate=True)
+            except FileNotFoundError:
+                continue
+        return self.merge([], accumulate=True)
 
 
 def process_gone(pid: int) -> None:

@@ -22,8 +22,10 @@ MAX_HEADER_LINE = 4 * 1024  # longer (unfolded) headers are dropped before parsi
 MAX_PARTS = 200  # the parser stops at the next part: it spends ~0.2 ms on each, and 10 MB hold 100,000s
 MAX_DEPTH = 20
 FEED_CHUNK = 64 * 1024
-# Line ends as the stdlib parser sees them (CRLF, CR or LF), atomic so CRLF never counts as two.
-_HEADER_END = re.compile(rb"(?>\r\n|\r|\n)(?>\r\n|\r|\n)")
+# Line ends as the stdlib parser sees them (CRLF, CR or LF), atomic so CRLF never counts as two. Every reader
+# of a raw header block ends it here, so no two of them disagree on where the body starts. Group 1: the
+# header block's last line end.
+HEADER_END = re.compile(rb"((?>\r\n|\r|\n))(?>\r\n|\r|\n)")
 _LINE = re.compile(rb"(?>\r\n|\r|\n)(?![ \t])")
 
 
@@ -34,7 +36,7 @@ class TooComplex(Exception):
 def trim_headers(raw: bytes) -> tuple[bytes, memoryview, list[str]]:
     """Drop oversized header lines, then cap the header block, before the stdlib parser sees them.
     Returns the header block, a view of the rest (from the blank line on) and the defects found."""
-    end = _HEADER_END.search(raw)
+    end = HEADER_END.search(raw)
     head, body = (raw[: end.start()], memoryview(raw)[end.start():]) if end else (raw, memoryview(b""))
     lines = _LINE.split(head)
     kept = [line for line in lines if len(line) <= MAX_HEADER_LINE]

@@ -10,7 +10,7 @@ class CaseState(StrEnum):
     RECEIVED = "received"  # an inbound message, not yet classified
     NEW = "new"  # a customer's first message: forward it to staff
     ACKNOWLEDGE = "acknowledge"  # forwarded: acknowledge the customer
-    FOLLOW_UP = "follow_up"  # a customer's reply to an open case: forward, then merge
+    FOLLOW_UP = "follow_up"  # a customer's reply to an open case: forwarded under that case, then dropped
     STAFF_REPLY = "staff_reply"  # mail to a reply address: verify sender and token
     VERIFIED = "verified"  # a genuine staff answer: relay it (or close the case on #closed)
     COMMAND = "command"  # a genuine staff reply whose first line is a "#" command
@@ -53,17 +53,27 @@ class ContactDetails:
 
 
 @dataclass(frozen=True)
+class Inbound:
+    """A message as it arrived: how, its envelope and its bytes. Stored sealed, never changed; what the
+    workflow learns from it (contact, subject, target, ...) lives on the Case that carries it."""
+
+    source: Source
+    envelope: Envelope
+    raw: bytes
+
+
+@dataclass(frozen=True)
 class Case:
-    """One stored item: an inbound message and, once opened, the case it became."""
+    """One stored item: an inbound message and what the workflow made of it. A customer's first message
+    becomes the case itself (NEW to ANSWERING); a follow-up or staff reply points at one (`target`) and
+    is dropped once handled."""
 
     id: str
     site: str
     state: CaseState
-    source: Source
     created: float
     nonce: str
-    envelope: Envelope
-    raw: bytes
+    message: Inbound
     contact: ContactDetails | None = None
     subject: str = ""
     message_id: str = ""
@@ -72,6 +82,7 @@ class Case:
     failures: int = 0  # stage failures in a row; above 0 the case is held back and counted as stuck
     owner: str = ""  # the staff address "#assign" handed the case to (sealed in the meta, purged with it)
     reminded: int = 0  # reminders sent for this open case (retention.remind_after)
+    route: str = ""  # the id of the [[sites.routes]] that took the case ("" = none: the site's staff)
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,27 @@ class Outcome:
     nonce: str = ""  # the case's new nonce when an answer failed: the reply addresses issued before stop verifying
     block: SenderBlock | None = None  # a sender marked "#spam": its mail is discarded until then
     target_owner: str = ""  # "#assign": the staff address the case named by `case.target` now belongs to
+    turn: Turn | None = None  # round robin: the turn this case took, advanced with the forward
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A round robin's counter (per site and route, "" for the site's own staff) moving on from `seen`,
+    the value the stage chose by; another writer moved it first, the outcome is not applied."""
+
+    route: str
+    seen: int
+
+
+@dataclass(frozen=True)
+class OpenCase:
+    """What the daily digest lists of an open case: no customer data."""
+
+    id: str
+    created: float
+    nonce: str
+    owner: str
+    route: str
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import secrets
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from careservice.logs import error_fields
 from careservice.model import MailEvent, MailKind, Outcome, OutgoingMail, QueuedMail
 from careservice.oauth2 import OAuth2Error, TokenSource
 from careservice.store import Store
+from careservice.tlsconf import client_context
 from careservice.wakeup import Wakeup
 
 log = logging.getLogger("careservice.outbox")
@@ -87,7 +87,7 @@ class Relay:
         self.password = password
         self.signer = signer or Signer({})  # replaced on reload: queued mail leaves with the keys in force then
         self.tokens = None if config.oauth2 is None else TokenSource(config.oauth2, "relay")
-        self.tls = ssl.create_default_context(cafile=config.ca_file or None)  # built once: loading CAs is slow
+        self.tls = client_context(config.ca_file)  # built once: loading CAs is slow
         self.stopping = False  # set: hand over no further mail (the one in flight is finished and recorded)
         self._kept: list[tuple[float, aiosmtplib.SMTP]] = []  # (last used, monotonic), connected clients
 

@@ -17,6 +17,7 @@ from careservice.config import RELAY_PASSWORD_ENV, Config, ConfigError
 from careservice.crypto import MasterKeyError, load_master_key, master_key_from_env
 from careservice.dkim import site_key
 from careservice.texts import TemplateProblem, Texts
+from careservice.tlsconf import client_context, server_context
 
 WILDCARDS = {"", "0.0.0.0", "::"}
 
@@ -74,14 +75,13 @@ def _listeners(config: Config) -> Iterator[str]:
 
 def _tls(config: Config) -> Iterator[str]:
     if config.smtp.tls_cert:
-        yield from _loads("smtp.tls_cert", lambda: ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-                          .load_cert_chain(config.smtp.tls_cert, config.smtp.tls_key))
+        yield from _loads("smtp.tls_cert", lambda: server_context(config.smtp.tls_cert, config.smtp.tls_key))
     try:
         check_web_tls(config)
     except ConfigError as exc:
         yield str(exc)
     if config.relay.ca_file:
-        yield from _loads("relay.ca_file", lambda: ssl.create_default_context(cafile=config.relay.ca_file))
+        yield from _loads("relay.ca_file", lambda: client_context(config.relay.ca_file))
 
 
 def _loads(key: str, load: Callable[[], object]) -> Iterator[str]:
@@ -171,6 +171,6 @@ def check_web_tls(config: Config) -> None:
     if web.tls_cert is None:
         return
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(web.tls_cert, web.tls_key)
+        server_context(str(web.tls_cert), str(web.tls_key))
     except OSError as exc:  # a missing or unreadable file, or an ssl.SSLError: not PEM, key not the cert's
         raise ConfigError("web.tls_cert", f"cannot load {web.tls_cert} with key {web.tls_key}: {exc}") from None

@@ -1,9 +1,11 @@
 """What of a staff reply may go to the customer, whatever the mail client did with the quote.
 
 Clients quote the forward in different ways: Outlook puts a header block ("From: ... Sent: ...")
-above an unmarked copy, Gmail and Thunderbird quote with `>` under "On ... wrote:" (and staff may
-answer below the quote), HTML mail marks the quote with its own elements. So the rules hold for
-any client: an HTML reply loses its quoting elements before it is flattened; no `>`-quoted line and
+above an unmarked copy, Gmail and Thunderbird quote with `>` under "On ... wrote:", HTML mail marks
+the quote with its own elements; staff answer above, below or between the quoted lines. So the rules
+hold for any client: an HTML reply loses its quoting elements before it is flattened (and goes as
+HTML too only when that shows the same lines); an unmarked copy ends at the forward's last own
+line; no `>`-quoted line and
 no line of the forward's own blocks (instructions, contact details) is kept; a reply whose
 remaining lines are all the forward's, a signature or nothing has no new text; and a first line
 that starts with `#` is a command for the service, never text for the customer. A reply the parser
@@ -17,29 +19,26 @@ import unicodedata
 from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
-from inscriptis.css_profiles import CSS_PROFILES
-from inscriptis.html_engine import Inscriptis
-from inscriptis.model.config import ParserConfig
-from lxml.etree import ParserError
-from lxml.html import HtmlElement, HTMLParser, document_fromstring
+from lxml.html import HtmlElement
 from mailparser_reply.parser import EmailMessage
 
+from careservice.htmlpart import document, outlook_start, own_html, quotes, to_text
 from careservice.mail import Parsed
 
-REPLY_LANGUAGES = ["en", "de", "fr", "es", "it", "nl"]
-LINK_SCHEMES = {"http", "https", "mailto", "tel"}
-QUOTE_CLASSES = {"gmail_quote", "gmail_quote_container", "moz-cite-prefix", "yahoo_quoted"}
-OUTLOOK_HEADER_ID = "divRplyFwdMsg"
-_HEADERS = EmailMessage(text="", languages=list(REPLY_LANGUAGES)).HEADER_REGEX  # "On ... wrote:", "From: ... Sent:"
-_HEADER_LABEL = re.compile(r"\s*[^\W\d_]{2,20} ?:")  # "From:", "Von:", "De :" at the top of Outlook's block
+REPLY_LANGUAGES = ["en", "de", "fr", "es", "it", "nl", "da"]
+# What the library lacks: Portuguese ("Em ... escreveu:"; Outlook's "De:", "Enviado:", "Para:",
+# "Assunto:"), and Gmail's Spanish "El ... escribió:" (its pattern wants two spaces before "escribió").
+_MORE_HEADERS = (r"^(?:> ?)*(?:Em|El)\s(?:.+?\s?.+?)\s?(?:escreveu|escribió):$",
+                 r"(?:(?:^|\n)[* ]*(?:De|Enviad[oa](?: em)?|Para|Assunto|Data|Cc):[ *]*.*){2,}(?:\n.*){,1}")
+_HEADERS = re.compile("|".join([EmailMessage(text="", languages=list(REPLY_LANGUAGES)).HEADER_REGEX.pattern,
+                                *_MORE_HEADERS]), re.MULTILINE | re.IGNORECASE)  # "On ... wrote:", "From: ... Sent:"
+COPY_MARK = "-----Original Message-----"  # stands for Outlook's header block in an HTML reply (a header above)
 _SEPARATOR = re.compile(r"[\s_\-=~*]*")  # lines of underscores or dashes that clients put above a quote
 _COMMAND = re.compile(r"#\s*([^\W_]*)")  # matched at the start of the first line only
 _REPLY_TOKEN = re.compile(r"[0-9a-f]{12}\.[0-9a-f]{8}\.[a-z2-7]{16}", re.IGNORECASE)  # careservice.addresses
+_REPLY_ADDRESS = re.compile(rf"(?:[\w.-]+\+)?{_REPLY_TOKEN.pattern}(?:@[\w.-]+)?", re.IGNORECASE)
 _INVISIBLE = " \t\u00a0\u200b\u200c\u200d\u2060\ufeff"
-_PARSER = HTMLParser(encoding="utf-8", no_network=True)
-_RENDER = ParserConfig(css=CSS_PROFILES["strict"])
 
 
 @dataclass(frozen=True)
@@ -61,6 +60,7 @@ class StaffReply:
     text: str  # the new text for the customer ("" when there is none)
     command: str | None = None  # a first line "#word ...": "word" in lower case (None: no such line)
     words: str = ""  # after a command: the rest of its line and the lines below (a note's text, a name)
+    html: str = ""  # the same answer as the staff member's HTML, sanitized ("" when it goes as text only)
 
 
 def normalised(line: str) -> str:
@@ -71,8 +71,8 @@ def normalised(line: str) -> str:
 
 def read_reply(text: str, html: str, forwarded: Forwarded) -> StaffReply:
     """The staff member's own words from a reply's text part or, when it has one, its HTML part."""
-    source = html_text(html) if html.strip() else text  # without a text part, `text` is the HTML untagged
-    lines = [line for line in _unquoted(source) if normalised(line) not in forwarded.own]
+    source = html_text(html) if html.strip() else text  # without a text part, `text` is the HTML as text
+    lines = [line for line in _unquoted(source, forwarded) if normalised(line) not in forwarded.own]
     start = next((i for i, line in enumerate(lines) if line.strip(_INVISIBLE)), len(lines))
     first = unicodedata.normalize("NFKC", lines[start].strip(_INVISIBLE)) if lines[start:] else ""
     command = _COMMAND.match(first)
@@ -80,7 +80,29 @@ def read_reply(text: str, html: str, forwarded: Forwarded) -> StaffReply:
         return StaffReply("", command.group(1).casefold(), _tidy([first[command.end():].strip(), *lines[start + 1:]]))
     if _says_nothing(lines, forwarded):
         return StaffReply("")
-    return StaffReply(_tidy(lines))
+    answer = _tidy(lines)
+    return StaffReply(answer, html=_matching_html(html, answer))
+
+
+def _matching_html(html: str, answer: str) -> str:
+    """The reply's own HTML (careservice.htmlpart.own_html) when it shows exactly the lines of
+    `answer`, else "": an HTML part that kept a line the text rules dropped (an attribution outside
+    the quote, a line of the forward) or lost one they kept (an answer below Outlook's copy of the
+    forward) must not go, and the text goes alone."""
+    own = own_html(html) if html.strip() else ""
+    return own if own and _line_set(to_text(own)) == _line_set(answer) else ""
+
+
+def _line_set(text: str) -> set[str]:
+    return {normalised(line) for line in text.splitlines()} - {""}
+
+
+def hide_addresses(text: str, staff: Iterable[str], care_address: str) -> str:
+    """`text` with every staff address and every reply address (or bare reply token) made the care
+    address: signatures and pasted headers must not show the customer either."""
+    for address in staff:
+        text = re.sub(re.escape(address), care_address, text, flags=re.IGNORECASE)
+    return _REPLY_ADDRESS.sub(care_address, text)
 
 
 def relay_problem(parsed: Parsed, case_token: str) -> str:
@@ -108,94 +130,61 @@ def _names_reply_address(data: bytes, case_token: str) -> bool:
 
 
 def html_text(html: str) -> str:
-    """An HTML reply as plain text with paragraphs and link targets, its quoting elements removed."""
-    try:
-        root = document_fromstring(html.encode("utf-8", "replace"), parser=_PARSER)
-    except (ParserError, ValueError):  # nothing but whitespace or comments
+    """An HTML reply as plain text: each quoting element one `>` line, Outlook's header block a
+    separator line above its unmarked copy of the forward; the text rules below then drop them."""
+    root = document(html)
+    if root is None:
         return ""
-    _cut_outlook_header(root)
-    for quote in [el for el in root.iter() if _is_quote(el) and not any(map(_is_quote, el.iterancestors()))]:
-        _mark_quoted(quote)
-    for link in root.iter("a"):
-        _show_target(link)
-    return Inscriptis(root, _RENDER).get_text()
+    start = outlook_start(root)
+    if start is not None:
+        _replace(start, COPY_MARK)
+    for quote in quotes(root):
+        _replace(quote, ">")
+    return to_text(root)
 
 
-def _is_quote(el: HtmlElement) -> bool:
-    if not isinstance(el.tag, str):  # comments and processing instructions
-        return False
-    classes = set((el.get("class") or "").split())
-    return bool(classes & QUOTE_CLASSES) or (el.tag == "blockquote" and (el.get("type") or "").lower() == "cite")
-
-
-def _mark_quoted(el: HtmlElement) -> None:
-    """Replace a quoting element by one `>` line: the text rules below then drop it, and the
-    attribution line above it ("On ... wrote:"), as in a text reply."""
+def _replace(el: HtmlElement, text: str) -> None:
     mark = el.makeelement("div", {})
-    mark.text = ">"
+    mark.text = text
     mark.tail = el.tail
     parent = el.getparent()
     if parent is not None:
         parent.replace(el, mark)
 
 
-def _cut_outlook_header(root: HtmlElement) -> None:
-    """Outlook quotes nothing: below its header block (`divRplyFwdMsg`, or an `<hr>` followed by
-    "From: ...") comes the forward itself, so everything from there on goes."""
-    start = next(iter(root.iterfind(f".//*[@id='{OUTLOOK_HEADER_ID}']")), None)
-    if start is None:
-        start = next((hr for hr in root.iter("hr") if _HEADER_LABEL.match(_text_after(hr))), None)
-    elif (before := start.getprevious()) is not None and before.tag == "hr":
-        start = before
-    if start is None:
-        return
-    node: HtmlElement | None = start
-    while node is not None and node.getparent() is not None:
-        for later in list(node.itersiblings()):
-            node.getparent().remove(later)
-        node.tail = None
-        node = node.getparent()
-    start.getparent().remove(start)
-
-
-def _text_after(el: HtmlElement) -> str:
-    following = [el.tail or ""] + [sibling.text_content() for sibling in el.itersiblings()]
-    return "".join(following)[:200].lstrip(_INVISIBLE + "\r\n")
-
-
-def _show_target(link: HtmlElement) -> None:
-    """Write a link's target after its text, as `text <target>`, unless the text is the target."""
-    href = (link.get("href") or "").strip()
-    if urlsplit(href).scheme.lower() not in LINK_SCHEMES:
-        return
-    shown = " ".join(link.text_content().split())
-    target = href.removeprefix("mailto:")
-    if shown not in (href, target):
-        link.tail = f" <{target}>" + (link.tail or "")
-
-
-def _unquoted(text: str) -> list[str]:
+def _unquoted(text: str, forwarded: Forwarded) -> list[str]:
     """The lines that are not quoted: `>` lines and the attribution above them ("On ... wrote:")
-    go; a header that no `>` quote follows (Outlook's "From: ... Sent: ...", "-----Original
-    Message-----") starts an unmarked copy of the forward, so the reply ends there."""
+    go. A header that no `>` quote follows (Outlook's "From: ... Sent: ...", "-----Original
+    Message-----") starts an unmarked copy of the forward, which ends at its last line of the
+    forward's own blocks: below that, staff may have answered (bottom posting). A copy without such
+    a line ends the reply at its header. Separator lines right above a header go with it."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     lines = text.split("\n")
     starts = [0]
     for line in lines:
         starts.append(starts[-1] + len(line) + 1)
     skip: set[int] = set()
+    gaps: set[int] = set()
     end = len(lines)
     for header in _HEADERS.finditer(text):
-        first = bisect_right(starts, header.start()) - 1
-        last = bisect_right(starts, max(header.start(), header.end() - 1)) - 1
+        begin = header.start() + len(header.group()) - len(header.group().lstrip("\n"))  # not the line above
+        first = bisect_right(starts, begin) - 1
+        last = bisect_right(starts, max(begin, header.end() - 1)) - 1
         if first in skip or _quoted(lines[first]):
             continue
+        while first > 0 and lines[first - 1].strip() and _SEPARATOR.fullmatch(lines[first - 1]):
+            first -= 1
         following = next((line for line in lines[last + 1:] if line.strip()), "")
         if following and not _quoted(following):
-            end = first
-            break
+            copy_end = next((i for i in range(len(lines) - 1, last, -1) if normalised(lines[i]) in forwarded.own), -1)
+            if copy_end < 0:
+                end = first
+                break
+            last = copy_end
+            gaps.add(first)  # the answers above and below the copy stay apart
         skip.update(range(first, last + 1))
-    kept = [line for i, line in enumerate(lines[:end]) if i not in skip and not _quoted(line)]
+    kept = ["" if i in gaps else line for i, line in enumerate(lines[:end])
+            if i in gaps or (i not in skip and not _quoted(line))]
     while kept and _SEPARATOR.fullmatch(kept[-1]):
         kept.pop()
     return kept

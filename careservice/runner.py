@@ -33,6 +33,7 @@ def merge(first: Outcome, then: Outcome) -> Outcome:
         updates=then.updates or first.updates, target_state=then.target_state or first.target_state,
         counters=first.counters + then.counters, ack_slot=then.ack_slot or first.ack_slot,
         block=then.block or first.block, target_owner=then.target_owner or first.target_owner,
+        turn=then.turn or first.turn,
     )
 
 
@@ -53,6 +54,11 @@ class Runner:
         self._busy: set[str] = set()
         self._held: dict[str, float] = {}
         self._stopping = False
+        # A round robin's turn is read before its stage and moved on by the stage's commit: new cases of a
+        # site with one take turns one after the other, or those of one batch would all get the same
+        # staff member. The turn itself lives in the store, which refuses a turn taken meanwhile (by
+        # another worker: the case is held and tried again).
+        self._turns = asyncio.Lock()
 
     def wake(self) -> None:
         self._wake.set()
@@ -100,11 +106,13 @@ class Runner:
         now = self.ctx.clock()
         outcome: Outcome | None = None
         current = case
+        turns: Mapping[str, int] | None = None  # read, under the turn lock, when the chain reaches NEW
+        taking_turn = False
         try:
             site = self.ctx.site(case)
             # parsed here, in the worker's one thread: the parse is bounded (careservice.mail), and a parse
             # thread would hold the GIL while the store's inline transactions hold the write lock
-            parsed = parse(case.raw, case.envelope.mail_from)
+            parsed = parse(case.message.raw, case.message.envelope.mail_from)
             target: Case | None = None
             signers: tuple[str, ...] | None = None
             blocked = case.state is CaseState.RECEIVED and await self.store.is_blocked(self.senders(case, parsed), now)
@@ -112,15 +120,19 @@ class Runner:
                 if current.target and (target is None or target.id != current.target):
                     target = await self.store.get_case(current.target)
                 if (current.state is CaseState.STAFF_REPLY and site.staff_auth == "dkim" and signers is None
-                        and current.target and parsed.from_address in site.staff):
+                        and current.target and parsed.from_address in site.all_staff):
                     # verified here, not at intake, so the verdict is never stored or carried in a header a
                     # sender could forge, and is taken when the reply is judged; only for a valid token and
                     # a staff From (nothing else could pass); in a thread, since the key lookups wait on
                     # DNS (a timeout raises DkimUnavailable: the case is held and retried)
                     from_domain = parsed.from_address.rpartition("@")[2]
-                    signers = await asyncio.to_thread(self.verify_dkim, case.raw, from_domain)
+                    signers = await asyncio.to_thread(self.verify_dkim, case.message.raw, from_domain)
+                if current.state is CaseState.NEW and site.rotates and turns is None:
+                    await self._turns.acquire()  # held until this case's outcome is committed
+                    taking_turn = True
+                    turns = await self.store.turns(site.id)
                 inputs = Inputs(current, site, parsed, target if current.target else None, now,
-                                dkim_domains=signers or (), blocked=blocked)
+                                dkim_domains=signers or (), blocked=blocked, turns=turns or {})
                 step = self.stages[current.state](inputs, self.ctx)
                 outcome = step if outcome is None else merge(outcome, step)
                 current = replace(step.updates or current, state=step.state)
@@ -137,10 +149,13 @@ class Runner:
                      outcome.state, outcome.reason, len(outcome.mails), f" target={target_id}" if target_id else "")
         except Exception as exc:  # a stage or the store failed: hold the case, try again later
             await self.hold(case, current.state, now, exc)
+        finally:
+            if taking_turn:
+                self._turns.release()
 
     def senders(self, case: Case, parsed: Parsed) -> tuple[bytes, ...]:
         """The block digests of every address an inbound item comes from (envelope, From, form field)."""
-        addresses = {parsed.from_address, case.envelope.mail_from, case.contact.email if case.contact else ""}
+        addresses = {parsed.from_address, case.message.envelope.mail_from, case.contact.email if case.contact else ""}
         return tuple(self.ctx.keyring.block_digest(a) for a in sorted(addresses) if a)
 
     async def hold(self, case: Case, state: CaseState, now: float, exc: Exception) -> None:

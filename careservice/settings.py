@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from datetime import time
 from pathlib import Path
+from typing import Protocol
 
 
 class ConfigError(Exception):
@@ -21,6 +23,26 @@ class Endpoint:
     port: int
 
 
+ASSIGN_MODES = ("all", "round_robin")
+
+
+class Pattern(Protocol):
+    """A compiled RE2 pattern (google-re2): matching runs in time linear in the text, whatever the pattern."""
+
+    def search(self, text: str) -> object | None: ...
+
+
+@dataclass(frozen=True)
+class Route:
+    """`[[sites.routes]]`: a case whose recipient and subject match goes to `staff` instead of the site's."""
+
+    id: str  # stable across reloads while its match keys stay: sealed in each routed case, keys its turn counter
+    match_recipient: str  # "" = any; else an extra care address of the site
+    match_subject: Pattern | None  # None = any
+    staff: tuple[str, ...]
+    assign: str  # "all" or "round_robin"
+
+
 @dataclass(frozen=True)
 class Site:
     id: str
@@ -34,10 +56,26 @@ class Site:
     dkim_key_file: str = ""
     staff_auth: str = "none"  # "none", "dkim" or "authres:<authserv-id>" (careservice.staffauth)
     notify_answered: bool = False  # the other staff hear when one of them answers or closes a case
+    routes: tuple[Route, ...] = ()  # the first that matches a new case takes it; none: the site's own staff
+    assign: str = "all"  # for cases no route takes, and the default of the site's routes
 
     @property
     def care_local(self) -> str:
         return self.care_address.rsplit("@", 1)[0]
+
+    @property
+    def all_staff(self) -> tuple[str, ...]:
+        """Every staff address of the site, its own first, then its routes', each once."""
+        return tuple(dict.fromkeys((*self.staff, *(a for r in self.routes for a in r.staff))))
+
+    @property
+    def rotates(self) -> bool:
+        """Whether a new case may take a round robin turn (the runner then loads the turns)."""
+        return "round_robin" in (self.assign, *(r.assign for r in self.routes))
+
+    def route(self, route_id: str) -> Route | None:
+        """The route of that id; None for "" (no route took the case) or a route no longer configured."""
+        return next((r for r in self.routes if route_id and r.id == route_id), None)
 
 
 @dataclass(frozen=True)
@@ -140,6 +178,7 @@ class ImapMailbox:
     quarantine_folder: str
     verify_tls: bool
     oauth2: OAuth2Config | None = None  # auth = "oauth2": XOAUTH2 instead of password_file
+    envelope_header: str = "Delivered-To"  # its topmost copy, prepended at final delivery, names the recipient
 
     @property
     def name(self) -> str:
@@ -169,6 +208,7 @@ class Config:
     admin: AdminConfig = field(default=AdminConfig(None, ""))
     spam: SpamConfig = field(default=SpamConfig("", 5))
     store: StoreConfig = field(default=StoreConfig())
+    digest_at: time | None = None  # [digest] at: local time of each site's daily digest to its staff; None = none
 
     def site(self, site_id: str) -> Site | None:
         return next((s for s in self.sites if s.id == site_id), None)

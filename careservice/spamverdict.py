@@ -19,11 +19,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from careservice.mimeparse import HEADER_END
+
 HEADER = "X-Careservice-Spam"
 RESULTS = ("reject", "suspect", "greylist", "ham", "unavailable")  # what a check can give (the metric's labels)
 STATES = {"ham": "ham", "suspect": "suspect", "greylist": "suspect", "unavailable": "unchecked"}
 _OURS = re.compile(HEADER.encode() + rb": ([a-z]+)(?:; spf=([a-z]+); dmarc=([a-z]+))?\r?\n")
-_LAST_HEADER_END = re.compile(rb"\r?\n(?=\r?\n)")  # the line end before the blank line
 _SENDERS = re.compile(rb"^" + HEADER.encode() + rb"[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 
@@ -46,8 +47,8 @@ SKIPPED = SpamVerdict("skipped")
 
 def stamp(raw: bytes, verdict: SpamVerdict) -> bytes:
     """`raw` without any X-Careservice-Spam header of the sender's, with ours first when `verdict` has a state."""
-    last = _LAST_HEADER_END.search(raw)
-    head_end = last.end() if last else len(raw)
+    end = HEADER_END.search(raw)
+    head_end = end.end(1) if end else len(raw)
     if _SENDERS.search(raw, 0, head_end):
         raw = _without_ours(raw[:head_end]) + raw[head_end:]
     state = verdict.state

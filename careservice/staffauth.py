@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import re
 
+from careservice.mimeparse import HEADER_END
+
 AUTHRES = "authres:"
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
 _AUTH_RESULTS = re.compile(rb"^Authentication-Results[ \t]*:(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
 _COMMENT = re.compile(r"\([^()]*\)")
 _QUOTED = re.compile(r'"([^"]*)"')  # a quoted reason may hold ";" or "dkim=pass": only plain tokens stay
@@ -56,7 +57,7 @@ def authenticated(mode: str, raw: bytes, from_address: str, dkim_domains: tuple[
 
 def _topmost_results(raw: bytes) -> str:
     """The first Authentication-Results value in the header block, unfolded ("" if none or too long)."""
-    end = _HEADER_END.search(raw, 0, MAX_HEAD)
+    end = HEADER_END.search(raw, 0, MAX_HEAD)
     match = _AUTH_RESULTS.search(raw, 0, end.start() if end else MAX_HEAD)
     if match is None or len(match.group(1)) > MAX_RESULTS:
         return ""

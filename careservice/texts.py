@@ -30,7 +30,7 @@ from jinja2 import (
 from careservice.config import Site
 from careservice.model import ContactDetails
 
-MAIL_TEMPLATES = ("ack", "answer", "forward", "note", "notice", "reminder")
+MAIL_TEMPLATES = ("ack", "answer", "forward", "note", "notice", "reminder", "digest")
 PAGE_TEMPLATES = ("form", "thanks")
 
 
@@ -125,6 +125,9 @@ def sample_values(kind: str, name: str, site: Site) -> dict[str, Any]:
             "reminder": {"site": site, "case_id": "0123456789ab", "age": "1 day 2 hours"},
             "notice": {"site": site, "case_id": "0123456789ab", "headline": "Sample headline",
                        "explanation": "Sample explanation."},
+            "digest": {"site": site, "day": "2026-12-02", "cases": [
+                {"id": "0123456789ab", "age": "1 day 2 hours", "owner": "",
+                 "reply_address": f"{site.care_local}+0123456789ab.0a1b2c3d.aaaaaaaaaaaaaaaa@{site.domain}"}]},
         }[name]
     page = {"site": site, "nonce": "sample-nonce", "contact_url": site.contact_path}
     if name == "form":

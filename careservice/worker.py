@@ -3,7 +3,8 @@
 It stops when its stdin (the daemon's pipe) closes or on SIGTERM/SIGINT, after the batch of cases
 and the relay delivery in flight, so a mail the relay took is always recorded as sent. SIGHUP
 reloads the sites, staff lists and templates. While its loops run it writes a heartbeat byte to
-stdout, which the daemon's systemd watchdog relies on.
+stdout, which the daemon's systemd watchdog relies on. Each minute it also sends the daily digest
+once it is due (handlers.digest).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import asyncio
 import fcntl
 import logging
 import os
+import secrets
 import signal
 import stat
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,7 +27,9 @@ from careservice.bootstrap import build_context, read_secret
 from careservice.budget import Budget
 from careservice.config import RELAY_PASSWORD_ENV, Config, ConfigError
 from careservice.dkim import Signer
-from careservice.handlers import EVENTS, STAGES
+from careservice.handlers import DIGEST, EVENTS, STAGES
+from careservice.handlers.digest import due_day
+from careservice.logs import error_fields
 from careservice.model import CaseState, MailEvent, Outcome, QueuedMail
 from careservice.outbox import Outbox, Relay
 from careservice.reload import reload_config
@@ -40,13 +45,14 @@ NICENESS = 10
 class CaseWorker:
     """The stages and the outbox over the shared store, in this process's one thread."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.ctx, self.store = build_context(config, intake=False)
+        self.ctx.clock = clock  # the one clock of stages, outbox and digest: a test sets the day and hour
         relay = Relay(config.relay, read_secret(config.relay.password_file, RELAY_PASSWORD_ENV),
                       Signer.load(config.sites))
         budget = Budget.of(config.worker_memory_mb)
-        self.outbox = Outbox(config.relay, self.store, relay, time.time, self.on_event, budget.mail)
+        self.outbox = Outbox(config.relay, self.store, relay, clock, self.on_event, budget.mail)
         self.runner = Runner(self.ctx, self.store, STAGES, {CaseState.OPEN: config.unanswered_days * 86400.0},
                              self.outbox.wake, budget.cases)
         self.tasks: list[asyncio.Task[None]] = []
@@ -79,6 +85,26 @@ class CaseWorker:
         if self.store.keyring.rotating:  # keys a node still on the old master key wrapped since the rotation
             await self.store.rewrap_keys()
 
+    async def send_digests(self) -> None:
+        """Each site's digest of the day, once `[digest] at` has passed on the context's clock (local time),
+        unless it went already (the day is stored with the queued mail, so a restart does not repeat it)."""
+        now = self.ctx.clock()
+        day = due_day(self.ctx.config.digest_at, now)
+        for site in self.ctx.config.sites if day else ():
+            try:
+                if await self.store.digest_day(site.id) == day:
+                    continue
+                cases = await self.store.open_for_digest(site.id)
+                # filed under a key of its own, not the key of a case it lists: that case's purge would take
+                # the digest with it before the relay had it
+                filed_under = secrets.token_hex(6)
+                mails = DIGEST(site, cases, now, self.ctx, filed_under)
+                if await self.store.queue_digest(site.id, day, filed_under, mails, now):
+                    log.info("digest_queued site=%s cases=%d mails=%d", site.id, len(cases), len(mails))
+                    self.outbox.wake()
+            except Exception as exc:  # the next minute tries again; the other sites go on
+                log.error("digest_failed site=%s %s", site.id, error_fields(exc))
+
     def reload(self) -> None:
         """SIGHUP: the config as careservice.reload applies it, the sites' DKIM keys read again, and the
         relay's OAuth2 token asked for again after a refusal."""
@@ -105,6 +131,8 @@ class CaseWorker:
         self.scheduler.add_job(self.sweep, "interval", seconds=SWEEP_SECONDS, id="retention_and_retry_sweep",
                                next_run_time=datetime.now(UTC))
         self.scheduler.add_job(self.outbox.check_relay, "interval", seconds=SWEEP_SECONDS, id="relay_check")
+        self.scheduler.add_job(self.send_digests, "interval", seconds=SWEEP_SECONDS, id="daily_digest",
+                               next_run_time=datetime.now(UTC))
         self.scheduler.start()
         log.info("worker_started")
 

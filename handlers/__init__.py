@@ -18,20 +18,29 @@
     ANSWERING   events from the relay (EVENTS): ANSWER_DELIVERED purges the case;
                 ANSWER_FAILED (refused for good, or given up) makes it OPEN again under new reply
                 addresses and tells staff
+    DIGEST      once a day per site, from [digest] at (the worker, with the OPEN cases): one mail per staff
+                member listing the cases they may answer, each with their own reply address; no case moves
+
+Who works a case (careservice.routing): NEW takes the first [[sites.routes]] entry that matches (recipient,
+subject or a form's query text), else the site's own staff; under assign = "round_robin" one of them in
+turn becomes its owner (Outcome.turn). Forwards, notes, reminders and "#assign" go to the case's staff;
+its staff and the site's own may answer it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from careservice.config import Site
 from careservice.context import Context, Inputs
-from careservice.model import CaseState, MailEvent, Outcome, QueuedMail
+from careservice.model import CaseState, MailEvent, OpenCase, Outcome, OutgoingMail, QueuedMail
 
-from . import acknowledge, classify, commands, delivery, expire, forward, relay_answer, verify_reply
+from . import acknowledge, classify, commands, delivery, digest, expire, forward, relay_answer, verify_reply
 
 Stage = Callable[[Inputs, Context], Outcome]  # pure: the runner loads the inputs and commits the outcome
 Event = Callable[[Site, QueuedMail, str, Context], Outcome]  # the outbox commits it with the delivery record
+# the worker queues its mails, filed under a key of their own (the last argument), with the day's date
+Digest = Callable[[Site, Sequence[OpenCase], float, Context, str], tuple[OutgoingMail, ...]]
 
 STAGES: dict[CaseState, Stage] = {
     CaseState.RECEIVED: classify.handle,
@@ -48,3 +57,5 @@ EVENTS: dict[MailEvent, Event] = {
     MailEvent.ANSWER_DELIVERED: delivery.answer_delivered,
     MailEvent.ANSWER_FAILED: delivery.answer_failed,
 }
+
+DIGEST: Digest = digest.daily

@@ -19,13 +19,13 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
     customer = case.contact.email if case.contact else ""
     if not customer or ctx.addressing.is_ours(customer):
         return Outcome(CaseState.OPEN, "no_ack_address", counters=("ack_suppressed",))
-    verdict = spam_verdict(case.raw)
+    verdict = spam_verdict(case.message.raw)
     if verdict is not None and verdict.result in ("suspect", "unavailable"):
         return Outcome(CaseState.OPEN, f"no_ack_spam_{verdict.state}", counters=("ack_suppressed",))
     passed = verdict is not None and "pass" in (verdict.spf, verdict.dmarc)
     if verdict is not None and verdict.spf == "fail" and verdict.dmarc == "fail":
         return Outcome(CaseState.OPEN, "no_ack_sender_failed", counters=("ack_suppressed",))
-    if not passed and case.envelope.mail_from.casefold() != customer.casefold():
+    if not passed and case.message.envelope.mail_from.casefold() != customer.casefold():
         return Outcome(CaseState.OPEN, "no_ack_sender_unverified", counters=("ack_suppressed",))
     subject, text = ctx.texts.mail(site.id, "ack", site=site, case_id=case.id, contact=case.contact)
     threading = (case.message_id,) if case.message_id else ()  # the only thing of theirs it carries

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from careservice.context import Context, Inputs
-from careservice.model import CaseState, ContactDetails, Outcome, Source
+from careservice.model import CaseState, ContactDetails, Outcome
 
 
 def handle(inp: Inputs, ctx: Context) -> Outcome:
@@ -14,9 +14,9 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
         return Outcome(CaseState.PURGED, "discard_blocked_sender", counters=("spam_discarded",))
     if parsed.automatic:
         return Outcome(CaseState.PURGED, f"discard_{parsed.automatic}", counters=("discarded",))
-    if ctx.addressing.is_ours(parsed.from_address) or ctx.addressing.is_ours(case.envelope.mail_from):
+    if ctx.addressing.is_ours(parsed.from_address) or ctx.addressing.is_ours(case.message.envelope.mail_from):
         return Outcome(CaseState.PURGED, "discard_from_ourselves", counters=("discarded",))
-    contact = case.contact or ContactDetails(parsed.from_name, parsed.from_address or case.envelope.mail_from)
+    contact = case.contact or ContactDetails(parsed.from_name, parsed.from_address or case.message.envelope.mail_from)
     details = replace(case, contact=contact, subject=parsed.subject, message_id=parsed.message_id,
                       references=parsed.references)
     token = reply_token(inp, ctx)
@@ -31,11 +31,9 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
 
 
 def reply_token(inp: Inputs, ctx: Context) -> str:
-    """The reply token this message was sent to ("" for none). Over SMTP only the envelope recipient
-    counts: a token copied into To, Cc or Delivered-To of mail to the care address is just text. A
-    mailbox fetched over IMAP has no envelope (its rcpt is the care address), so there the To, Cc,
-    Delivered-To and X-Original-To headers are all there is."""
-    addresses = inp.parsed.recipients if inp.case.source is Source.IMAP else (inp.case.envelope.rcpt,)
-    tokens = [r.token for r in map(ctx.addressing.recipient, addresses)
-              if r is not None and r.site.id == inp.site.id and r.token]
-    return tokens[0] if tokens else ""
+    """The reply token this message was sent to ("" for none): only its envelope recipient counts, the
+    SMTP RCPT or, from a mailbox, the address its provider recorded on top at delivery
+    (careservice.intake.headers.mailbox_envelope). A token copied into To, Cc or a lower Delivered-To
+    is the sender's text: such mail to the care address is a new case like any other."""
+    recipient = ctx.addressing.recipient(inp.case.message.envelope.rcpt)
+    return recipient.token if recipient is not None and recipient.site.id == inp.site.id else ""

@@ -13,6 +13,7 @@ from dataclasses import replace
 from careservice.context import Context, Inputs
 from careservice.mail import Draft, new_message_id, parse
 from careservice.model import Case, CaseState, MailKind, Outcome, SenderBlock
+from careservice.routing import answerers, case_staff
 
 from .forward import _to_staff
 from .relay_answer import not_sent, staff_words, tell_the_others
@@ -48,7 +49,7 @@ def _close(inp: Inputs, ctx: Context, target: Case, words: str) -> Outcome:
 
 def _note(inp: Inputs, ctx: Context, target: Case, words: str) -> Outcome:
     site, author = inp.site, inp.parsed.from_address
-    others = tuple(s for s in site.staff if s.casefold() != author.casefold())
+    others = tuple(s for s in case_staff(site, target) if s.casefold() != author.casefold())
     if not words:
         return not_sent(inp, ctx, target, "note_empty", "Your note was empty, nothing was sent",
                         'Write the note after "#note", on its line or the lines below.')
@@ -68,14 +69,15 @@ def _note(inp: Inputs, ctx: Context, target: Case, words: str) -> Outcome:
 def _assign(inp: Inputs, ctx: Context, target: Case, words: str) -> Outcome:
     site, sender = inp.site, inp.parsed.from_address
     wanted = words.split()[0].strip("<>").casefold() if words.split() else ""
-    chosen = [s for s in site.staff if wanted in (s.casefold(), s.rpartition("@")[0].casefold())]
+    staff = answerers(site, target)
+    chosen = [s for s in staff if wanted in (s.casefold(), s.rpartition("@")[0].casefold())]
     if len(chosen) != 1:
         return not_sent(inp, ctx, target, "assign_unknown", "Unknown staff member, the case was not assigned",
-                        f'"#assign" needs one of this site\'s staff: {", ".join(site.staff)}.')
+                        f'"#assign" needs one of this case\'s staff: {", ".join(staff)}.')
     owner = chosen[0]
-    original = replace(inp, case=target, parsed=parse(target.raw, target.envelope.mail_from))
+    original = replace(inp, case=target, parsed=parse(target.message.raw, target.message.envelope.mail_from))
     forwards = _to_staff(original, ctx, target, follow_up=False, to=(owner,))
-    others = tuple(s for s in site.staff if s != owner)
+    others = tuple(s for s in case_staff(site, target) if s != owner)
     told = (ctx.notice(site, others, f"Assigned to {owner}", f"{sender} assigned this case to {owner}.",
                        about=target.id, filed_under=target.id),) if others else ()
     return Outcome(CaseState.PURGED, "assigned", mails=(*forwards, *told), counters=("assigned",), target_owner=owner)
@@ -83,7 +85,7 @@ def _assign(inp: Inputs, ctx: Context, target: Case, words: str) -> Outcome:
 
 def _spam(inp: Inputs, ctx: Context, target: Case, words: str) -> Outcome:
     """Purge the case and discard its sender's later mail (classify), known only by keyed digests."""
-    addresses = {target.contact.email if target.contact else "", target.envelope.mail_from} - {""}
+    addresses = {target.contact.email if target.contact else "", target.message.envelope.mail_from} - {""}
     block = SenderBlock(tuple(sorted(ctx.keyring.block_digest(a) for a in addresses)),
                         inp.now + ctx.config.spam.block_days * 86400.0)
     return Outcome(CaseState.PURGED, "marked_spam", target_state=CaseState.PURGED, counters=("spam_marked",),

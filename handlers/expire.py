@@ -8,6 +8,7 @@ from dataclasses import replace
 from careservice.context import Context, Inputs
 from careservice.mail import Draft, new_message_id
 from careservice.model import CaseState, MailKind, Outcome
+from careservice.routing import case_staff, forward_to
 
 UNITS = (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1))
 
@@ -19,8 +20,8 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
         reminders = ctx.config.remind_after[case.reminded:]
         if not reminders or age < reminders[0]:  # run before its time (e.g. moved back to OPEN): wait
             return Outcome(CaseState.OPEN, "not_due")
-        subject, text = ctx.texts.mail(site.id, "reminder", site=site, case_id=case.id, age=_spoken(age))
-        to = (case.owner,) if case.owner in site.staff else site.staff
+        subject, text = ctx.texts.mail(site.id, "reminder", site=site, case_id=case.id, age=spoken(age))
+        to = forward_to(site, case)
         mails = tuple(ctx.outgoing(MailKind.NOTICE, case.id, "", Draft(
             from_name=f"{site.name} careservice", from_address=site.care_address, to=(staff,), subject=subject,
             text=text, message_id=new_message_id(site.domain), automatic=True, loop_marker=ctx.config.smtp.hostname,
@@ -30,14 +31,14 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
         passed = sum(1 for after in reminders if after <= age)
         return Outcome(CaseState.OPEN, "reminded", mails=mails,
                        updates=replace(case, reminded=case.reminded + passed), counters=("reminders",))
-    notice = ctx.notice(site, site.staff, "Expired unanswered, deleted",
+    notice = ctx.notice(site, case_staff(site, case), "Expired unanswered, deleted",
                         f"Nobody answered this case within {ctx.config.unanswered_days} days, so it was "
                         "deleted as our privacy policy requires. Replies to it are no longer sent.",
                         about=case.id, filed_under=case.id)
     return Outcome(CaseState.PURGED, "expired", mails=(notice,), counters=("expired",))
 
 
-def _spoken(seconds: float) -> str:
+def spoken(seconds: float) -> str:
     """An age in its two largest units: "2 days 3 hours", "45 seconds"."""
     parts, left = [], int(seconds)
     for name, size in UNITS:

@@ -1,4 +1,5 @@
-"""Stages NEW and FOLLOW_UP: send the customer's message to every staff address of the site.
+"""Stages NEW and FOLLOW_UP: send the customer's message to the case's staff (careservice.routing: the
+route that took it, or the site's own staff; its owner alone when it has one).
 
 Each staff address gets its own copy, whose Reply-To is honoured only from that address.
 """
@@ -8,32 +9,34 @@ from __future__ import annotations
 from careservice.context import Context, Inputs
 from careservice.mail import Draft, new_message_id
 from careservice.model import Case, CaseState, ContactDetails, MailKind, Outcome, OutgoingMail
+from careservice.routing import forward_to, route_new_case
 from careservice.spamverdict import read as spam_verdict
 
 
 def _to_staff(inp: Inputs, ctx: Context, owner: Case, follow_up: bool,
               to: tuple[str, ...] = ()) -> tuple[OutgoingMail, ...]:
-    """The forwards of the message in `inp`, one per staff address in `to` (every staff address when
-    empty), each with its own reply address, filed under (and answerable for) the case `owner`."""
+    """The forwards of the message in `inp`, one per staff address in `to` (when empty, the case's owner or
+    else its staff), each with its own reply address, filed under (and answerable for) the case `owner`."""
     site = inp.site
     contact = inp.case.contact or ContactDetails("", "")
     subject, text = ctx.texts.mail(site.id, "forward", site=site, case_id=owner.id, subject=owner.subject,
                                    contact=contact, text=inp.parsed.text, follow_up=follow_up)
-    verdict = spam_verdict(inp.case.raw)  # this message's own verdict, also for a follow-up
+    verdict = spam_verdict(inp.case.message.raw)  # this message's own verdict, also for a follow-up
     if verdict is not None and verdict.state == "suspect":
         subject = f"[spam?] {subject}"
     drafts = (Draft(
         from_name=f"{contact.name or contact.email or 'Customer'} via {site.name}",
         from_address=site.care_address, to=(staff,), subject=subject, text=text, message_id=new_message_id(site.domain),
         reply_to=ctx.addressing.reply_address(site, owner.id, owner.nonce, staff),
-        attachments=inp.parsed.attachments, loop_marker=ctx.config.smtp.hostname,
-    ) for staff in to or site.staff)
+        attachments=inp.parsed.attachments_and_html, loop_marker=ctx.config.smtp.hostname,
+    ) for staff in to or forward_to(site, owner))
     return tuple(ctx.outgoing(MailKind.FORWARD, owner.id, site.care_address, draft) for draft in drafts)
 
 
 def new_case(inp: Inputs, ctx: Context) -> Outcome:
-    mails = _to_staff(inp, ctx, inp.case, follow_up=False)
-    return Outcome(CaseState.ACKNOWLEDGE, "forwarded", mails=mails, counters=("opened",))
+    case, turn = route_new_case(inp)
+    mails = _to_staff(inp, ctx, case, follow_up=False)
+    return Outcome(CaseState.ACKNOWLEDGE, "forwarded", mails=mails, updates=case, counters=("opened",), turn=turn)
 
 
 def follow_up(inp: Inputs, ctx: Context) -> Outcome:

@@ -1,6 +1,7 @@
 """Stage VERIFIED: queue the staff answer to the customer, then drop the reply.
 
-Only the staff member's new words go (careservice.replytext); a reply whose first line is a "#"
+Only the staff member's new words go (careservice.replytext), as text and, when the reply has an
+HTML part that shows the same words, also as sanitized HTML (careservice.htmlpart); a reply whose first line is a "#"
 command goes to stage COMMAND (handlers.commands) instead; a reply without new words, one the parser
 could not read whole, or one with an attached mail or reply address sends the customer nothing and
 tells the staff member why.
@@ -8,13 +9,15 @@ tells the staff member why.
 
 from __future__ import annotations
 
-import re
-
 from careservice.config import Site
 from careservice.context import Context, Inputs
+from careservice.htmlpart import page
 from careservice.mail import Draft, new_message_id, parse
 from careservice.model import Case, CaseState, ContactDetails, MailKind, Outcome, OutgoingMail
-from careservice.replytext import Forwarded, StaffReply, read_reply, relay_problem
+from careservice.replytext import Forwarded, StaffReply, hide_addresses, read_reply, relay_problem
+from careservice.routing import case_staff
+
+ANSWER_SLOT = "careservice-answer-slot-5f0c"  # stands for the answer in the template's frame of the HTML answer
 
 WITHHELD = {
     "reply_unreadable": "Your reply could not be read whole (its structure is too deep or too large, or a "
@@ -44,12 +47,14 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
     if not customer:
         return not_sent(inp, ctx, target, "no_customer_address", "Answer not sent",
                         "The customer left no e-mail address; please use the telephone.")
-    text = reply.text
-    for staff in site.staff:  # signatures must not reveal a staff address
-        text = re.sub(re.escape(staff), site.care_address, text, flags=re.IGNORECASE)
+    text = hide_addresses(reply.text, site.all_staff, site.care_address)  # signatures must not reveal staff addresses
     subject, body = ctx.texts.mail(site.id, "answer", site=site, subject=target.subject, text=text)
+    html = ""
+    if reply.html:  # the same template frames it, so the site's signature is in both
+        frame = ctx.texts.mail(site.id, "answer", site=site, subject=target.subject, text=ANSWER_SLOT)[1]
+        html = page(frame, ANSWER_SLOT, hide_addresses(reply.html, site.all_staff, site.care_address))
     draft = Draft(
-        from_name=site.name, from_address=site.care_address, to=(customer,), subject=subject, text=body,
+        from_name=site.name, from_address=site.care_address, to=(customer,), subject=subject, text=body, html=html,
         message_id=new_message_id(site.domain), in_reply_to=target.message_id, references=target.references,
         attachments=parsed.attachments, loop_marker=ctx.config.smtp.hostname,
     )
@@ -70,7 +75,7 @@ def tell_the_others(inp: Inputs, ctx: Context, target: Case, done: str) -> tuple
     """With the site's `notify_answered`, the other staff hear that the case needs nothing more from them.
     Filed under the reply, not the case: the case's purge must not take the notice with it."""
     site, sender = inp.site, inp.parsed.from_address
-    others = tuple(s for s in site.staff if s.casefold() != sender.casefold())
+    others = tuple(s for s in case_staff(site, target) if s.casefold() != sender.casefold())
     if not site.notify_answered or not others:
         return ()
     name = inp.parsed.from_name or sender
@@ -90,4 +95,5 @@ def _forwarded(ctx: Context, site: Site, target: Case) -> Forwarded:
     contact = target.contact or ContactDetails("", "")
     blocks = [ctx.texts.mail(site.id, "forward", site=site, case_id=target.id, subject=target.subject,
                              contact=contact, text="", follow_up=follow_up)[1] for follow_up in (False, True)]
-    return Forwarded.of(blocks, parse(target.raw, target.envelope.mail_from).text)  # not kept: the case waits
+    customer = parse(target.message.raw, target.message.envelope.mail_from)  # not kept: the case waits
+    return Forwarded.of(blocks, customer.text)

@@ -1,10 +1,12 @@
 """Stage STAFF_REPLY: a reply is genuine only with our current token for an open case, from the staff
-address it was issued to, authenticated as the site's staff_auth asks (careservice.staffauth)."""
+address it was issued to, who may answer that case (careservice.routing), authenticated as the site's
+staff_auth asks (careservice.staffauth)."""
 
 from __future__ import annotations
 
 from careservice.context import Context, Inputs
 from careservice.model import CaseState, Outcome
+from careservice.routing import answerers, case_staff
 from careservice.staffauth import authenticated
 
 from .classify import reply_token
@@ -13,17 +15,18 @@ from .classify import reply_token
 def handle(inp: Inputs, ctx: Context) -> Outcome:
     case, site = inp.case, inp.site
     sender = inp.parsed.from_address
-    if inp.parsed.from_count != 1 or sender not in site.staff:
+    if inp.parsed.from_count != 1 or sender not in site.all_staff:
         if not case.target:  # no reply address of ours either: nobody to tell
             return Outcome(CaseState.PURGED, "reply_not_from_staff", counters=("reply_refused",))
         # A valid reply address from elsewhere is most likely staff writing from an alias, who would
         # believe the customer answered: all staff hear of it (the sender and its text stay unnamed).
-        notice = ctx.notice(site, site.staff, "Reply refused because of its sender",
+        told = case_staff(site, inp.target) if inp.target is not None else site.staff
+        notice = ctx.notice(site, told, "Reply refused because of its sender",
                             "A reply to this case came from an address that is not on the staff list, so "
                             "nothing was sent to the customer. If one of you wrote it, please answer again "
                             "from your staff address.", about=case.target, filed_under=case.id)
         return Outcome(CaseState.PURGED, "reply_not_from_staff", mails=(notice,), counters=("reply_refused",))
-    if not authenticated(site.staff_auth, case.raw, sender, inp.dkim_domains):
+    if not authenticated(site.staff_auth, case.message.raw, sender, inp.dkim_domains):
         # perhaps forged; if not, the staff member's mail setup needs fixing: the From hears either way
         return _refused(inp, ctx, "reply_unauthenticated",
                         "Your reply did not carry the proof of its sender that this site asks for (a valid "
@@ -45,6 +48,9 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
         return _refused(inp, ctx, "reply_other_staff",
                         "This reply address was issued to another staff member, so nothing was sent to the "
                         "customer. Reply to the forward you received yourself.")
+    if sender not in answerers(site, inp.target):  # issued before a reload took the sender off its route
+        return _refused(inp, ctx, "reply_not_case_staff",
+                        "You are no longer among the staff of this case, so nothing was sent to the customer.")
     if issued.nonce != inp.target.nonce:
         return _refused(inp, ctx, "reply_token_stale",
                         "This case was opened again since that forward, and its old reply address is no "

@@ -7,18 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import CaptureRelay, Daemon, write_config
+from tests.support import CaptureRelay, Daemon, capture_relay, write_config
 
 pytest_plugins = ["tests.conftest_dovecot", "tests.conftest_rspamd", "tests.conftest_postgres"]
 
 
 @pytest.fixture
 def relay() -> Iterator[CaptureRelay]:
-    server = CaptureRelay().start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from capture_relay()
 
 
 @pytest.fixture

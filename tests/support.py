@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -117,6 +117,12 @@ staff = ["{STAFF}"]
 """
 
 
+def with_routes(routes: str) -> str:
+    """The test sites (SITES) with `routes`, `[[sites.routes]]` tables, added to the first site."""
+    staff = f'staff = ["{STAFF}", "{STAFF2}"]\n'
+    return SITES.replace(staff, staff + routes, 1)
+
+
 def write_config(tmp: Path, relay_port: int, *, extra: str = "", relay_url: str = "",
                  retry_delays: str = "[1, 1, 2]", give_up_after: int = 432000, sites: str = SITES) -> Path:
     """A config for one test: its own data dir, free ports, a relay on loopback; `sites` replaces the two test sites."""
@@ -169,6 +175,15 @@ poll_seconds = {poll_seconds}
 """)
 
 
+def capture_relay() -> Iterator[CaptureRelay]:
+    """A CaptureRelay for the length of a fixture."""
+    server = CaptureRelay().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @dataclass
 class Daemon:
     """`careservice run` as a real process; its stderr goes to `log`."""
@@ -176,6 +191,7 @@ class Daemon:
     config: Path
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    module: str = "careservice"  # what `python -m` runs: a test may wrap the CLI (tests/imapcrash.py)
 
     @property
     def log(self) -> Path:
@@ -206,7 +222,7 @@ class Daemon:
         env = {**os.environ, **self.env}
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "careservice", "run", "--config", str(self.config)],
+                [sys.executable, "-m", self.module, "run", "--config", str(self.config)],
                 stdout=log, stderr=log, env=env, cwd=self.config.parent,
             )
         wait_for(self._listening, what="daemon SMTP port")

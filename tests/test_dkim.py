@@ -14,7 +14,7 @@ from pathlib import Path
 import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from careservice.config import ConfigError, load_config
 from careservice.dkim import Signer
@@ -25,6 +25,7 @@ from tests.support import (
     CARE,
     SITES,
     STAFF,
+    STAFF2,
     Captured,
     CaptureRelay,
     Daemon,
@@ -72,10 +73,14 @@ def kind(captured: Captured) -> str:
     return "ack" if automatic else "answer"
 
 
-def signed_headers(raw: bytes) -> list[str]:
+def signature_tags(raw: bytes) -> dict[str, str]:
     signature = str(message_from_bytes(raw)["DKIM-Signature"])
-    tags = dict(tag.strip().split("=", 1) for tag in signature.split(";") if "=" in tag)
-    return [name.strip() for name in "".join(tags["h"].split()).split(":")]
+    return {name.strip(): "".join(value.split()) for name, _, value in
+            (tag.partition("=") for tag in signature.split(";") if "=" in tag)}
+
+
+def signed_headers(raw: bytes) -> list[str]:
+    return [name.strip() for name in signature_tags(raw)["h"].split(":")]
 
 
 def test_every_kind_of_mail_verifies_and_a_changed_body_does_not(tmp_path: Path, relay: CaptureRelay) -> None:
@@ -106,6 +111,35 @@ def test_every_kind_of_mail_verifies_and_a_changed_body_does_not(tmp_path: Path,
     head, body = by_kind["answer"].split(b"\r\n\r\n", 1)
     assert not dkim.verify(head + b"\r\n\r\n" + body.replace(b"refund", b"r3fund"), dnsfunc=dns)
     assert not dkim.verify(by_kind["ack"], dnsfunc=resolver({}))  # no record: the resolver is what vouches
+
+
+def test_notes_and_reminders_verify_too(tmp_path: Path, relay: CaptureRelay) -> None:
+    """The two kinds the test above does not make, a "#note" to the other staff and a reminder, signed as the
+    issue fixes it: a 2048-bit RSA key, rsa-sha256, c=relaxed/relaxed, the site's domain and selector."""
+    config = write_config(tmp_path, relay.port, sites=dkim_sites(), extra='[retention]\nremind_after = ["2s"]')
+    dns = resolver(keygen(config))
+    daemon = Daemon(config).start()
+    try:
+        send(daemon.smtp_port, CUSTOMER, [CARE], customer_mail("Refund", "Order 4711, please"))
+        wait_for(lambda: relay.to(STAFF), what="forward")
+        forward = relay.to(STAFF)[0].message
+        send(daemon.smtp_port, STAFF, [forward["Reply-To"].addresses[0].addr_spec],
+             staff_reply(forward, "#note The receipt follows."))
+        wait_for(lambda: [c for c in relay.to(STAFF2) if "receipt follows" in c.raw.decode()], what="note")
+        wait_for(lambda: [c for c in relay.to(STAFF) if "Reminder" in str(c.message["Subject"])], what="reminder")
+    finally:
+        daemon.stop()
+    note = next(c.raw for c in relay.to(STAFF2) if "receipt follows" in c.raw.decode())
+    reminder = next(c.raw for c in relay.to(STAFF) if "Reminder" in str(c.message["Subject"]))
+    key = serialization.load_pem_private_key((tmp_path / "dkim" / "ticketnest.pem").read_bytes(), None)
+    assert isinstance(key, rsa.RSAPrivateKey) and key.key_size == 2048
+    for name, raw in (("note", note), ("reminder", reminder)):
+        assert dkim.verify(raw, dnsfunc=dns), f"{name} does not verify"
+        tags = signature_tags(raw)
+        assert (tags["a"], tags["c"], tags["d"], tags["s"]) == ("rsa-sha256", "relaxed/relaxed", "ticketnest.test",
+                                                                "care2026a")
+        assert signed_headers(raw).count("from") == 2, f"{name}: From is not over-signed"
+        assert not dkim.verify(raw + b"Send your card number to evil.example\r\n", dnsfunc=dns), name
 
 
 def test_mail_of_a_site_without_a_key_is_not_signed(tmp_path: Path, relay: CaptureRelay) -> None:

@@ -7,15 +7,31 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from email.message import EmailMessage
 from pathlib import Path
 from unittest.mock import patch
 
 import pytest
 from imapclient import DELETED
 
-from careservice.intake.imap import BATCH, CRASH_ENV, MailboxWorker
+from careservice.config import ConfigError, load_config
+from careservice.intake.headers import envelope_recipient, mailbox_envelope
+from careservice.intake.imap import BATCH, MailboxWorker
+from careservice.model import Envelope
 from tests.dovecot import DovecotServer
-from tests.support import STAFF, CaptureRelay, Daemon, customer_mail, imap_config, staff_reply, wait_for
+from tests.imapcrash import POINT_ENV
+from tests.support import (
+    CARE,
+    STAFF,
+    CaptureRelay,
+    Daemon,
+    customer_mail,
+    files_containing,
+    imap_config,
+    staff_reply,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.imap
 
@@ -104,24 +120,65 @@ def test_new_mail_arrives_through_idle_and_sigterm_stops(svc: Daemon, relay: Cap
     assert svc.stop() == 0  # SIGTERM interrupts the IDLE; a hang would end in SIGKILL (-9)
 
 
-def test_staff_answer_over_imap_is_relayed(svc: Daemon, relay: CaptureRelay, dovecot: DovecotServer) -> None:
+def delivered(raw: bytes, *to: str) -> bytes:
+    """`raw` with Delivered-To headers on top, the first of `to` topmost (as the provider, which delivers
+    last, prepends its own above any the sender wrote)."""
+    return b"".join(f"Delivered-To: {address}\r\n".encode() for address in to) + raw
+
+
+def answers(relay: CaptureRelay, marker: str) -> list[str]:
+    """The texts of the mail to the customer that contain `marker`."""
+    texts = [c.message.get_body(("plain",)).get_content() for c in relay.to(CUSTOMER)]
+    return [t for t in texts if marker in t]
+
+
+def opened(svc: Daemon, relay: CaptureRelay, dovecot: DovecotServer, subject: str, body: str) -> EmailMessage:
+    """Start the daemon, have a customer mail taken from the mailbox; the forward staff got."""
     svc.start()
     wait_idle(svc, dovecot)
-    dovecot.append(customer_mail("Refund please", "Order 4711"))
-    wait_for(lambda: forwards(relay, "Refund please"), what="forward")
-    forward = relay.to(STAFF)[-1].message
-    dovecot.append(staff_reply(forward, "Your refund is on its way."))
-    wait_for(lambda: any("refund is on its way" in c.message.get_body(("plain",)).get_content()
-                         for c in relay.to(CUSTOMER)), what="answer relayed to the customer")
+    dovecot.append(customer_mail(subject, body))
+    wait_for(lambda: forwards(relay, subject), what="forward")
+    return relay.to(STAFF)[-1].message
+
+
+def test_staff_answer_over_imap_is_relayed(svc: Daemon, relay: CaptureRelay, dovecot: DovecotServer) -> None:
+    forward = opened(svc, relay, dovecot, "Refund please", "Order 4711 wombat")
+    address = forward["Reply-To"].addresses[0].addr_spec
+    dovecot.append(delivered(staff_reply(forward, "Your refund is on its way."), address))
+    wait_for(lambda: answers(relay, "refund is on its way"), what="answer relayed to the customer")
     wait_for(lambda: svc.status()["open_cases"] == 0, what="case purged after the answer")
     assert dovecot.count() == 0
+    assert files_containing(svc.data_dir, [b"wombat", b"refund is on its way", CUSTOMER.encode()]) == []
+
+
+def test_a_token_only_in_to_cc_or_a_lower_delivered_to_answers_nobody(svc: Daemon, relay: CaptureRelay,
+                                                                     dovecot: DovecotServer) -> None:
+    """The reply address copied where a sender can write it, to mail the provider delivered to the care
+    address: each is a new case (forwarded to staff), nothing reaches the customer and the case stays open."""
+    forward = opened(svc, relay, dovecot, "Lost tickets", "Order 4712")
+    address = forward["Reply-To"].addresses[0].addr_spec
+    in_to = staff_reply(forward, "Forged in To")  # and no Delivered-To at all: the care address
+    in_cc = delivered(staff_reply(forward, "Forged in Cc", to=CARE).replace(b"\r\nSubject:",
+                                                                            f"\r\nCc: {address}\r\nSubject:".encode()),
+                      CARE)
+    below = delivered(staff_reply(forward, "Forged below"), CARE, address)  # the provider's is on top
+    for raw in (in_to, in_cc, below):
+        dovecot.append(raw)
+    wait_for(lambda: len(forwards(relay, "Re: ")) == 3, what="three new cases forwarded to staff")
+    wait_for(lambda: svc.status()["outbound_queued"] == 0, what="outbox drained")
+    assert answers(relay, "Forged") == []
+    assert svc.status()["open_cases"] == 4  # the case and the three new ones
+    dovecot.append(delivered(staff_reply(forward, "Found them, sent again."), address))
+    wait_for(lambda: answers(relay, "Found them"), what="the genuine answer, so the case was still open")
+    assert answers(relay, "Forged") == []
 
 
 @pytest.mark.parametrize("point", ["commit", "flag"])
 def test_crash_between_commit_and_expunge_makes_no_second_case(tmp_path: Path, relay: CaptureRelay,
                                                                dovecot: DovecotServer, point: str) -> None:
     config = imap_config(tmp_path / "svc", relay, dovecot)
-    crashing = Daemon(config, env={CRASH_ENV: point}).start()
+    repo = str(Path(__file__).parent.parent)
+    crashing = Daemon(config, env={POINT_ENV: point, "PYTHONPATH": repo}, module="tests.imapcrash").start()
     try:
         wait_idle(crashing, dovecot)
         dovecot.append(customer_mail("Only once", "crash test"))
@@ -240,3 +297,30 @@ def test_mail_delivered_just_before_idle_is_taken_at_once(dovecot: DovecotServer
             worker._idle(client, time.monotonic() + 6.0)
         assert time.monotonic() - started < 3.0  # before: the whole IDLE_RENEW
         assert len(client.search("ALL")) == 1
+
+
+def test_the_envelope_recipient_is_the_topmost_header_the_provider_prepended() -> None:
+    body = b"From: a@staff.example\r\nTo: care+x@ticketnest.test\r\nSubject: s\r\n\r\nDelivered-To: body@x.example\r\n"
+    two = b"Delivered-To: Care+Tok@TicketNest.test\r\nDelivered-To: forged@ticketnest.test\r\n"
+    assert envelope_recipient(two + body, "Delivered-To") == "care+tok@ticketnest.test"
+    assert envelope_recipient(b"delivered-to:\r\n <care@ticketnest.test>\r\n" + body, "Delivered-To") == \
+        "care@ticketnest.test"  # any case, folded, in angle brackets
+    assert envelope_recipient(body, "Delivered-To") == ""  # the body is not the header
+    too_long = b"Delivered-To: " + b"x" * 2000 + b"@ticketnest.test\r\n"
+    assert envelope_recipient(too_long + b"Delivered-To: care+tok@ticketnest.test\r\n" + body, "Delivered-To") == ""
+    assert envelope_recipient(b"Delivered-To: not an address\r\n" + body, "Delivered-To") == ""
+    received = b"Received: from mx\r\nX-Original-To: care+tok@ticketnest.test\r\nDelivered-To: care@ticketnest.test\r\n"
+    assert envelope_recipient(received + body, "X-Original-To") == "care+tok@ticketnest.test"
+    assert envelope_recipient(received + body, "X.Original-To") == ""  # a name, not a pattern
+    assert mailbox_envelope(body, "Envelope-To", CARE) == Envelope("a@staff.example", CARE)
+
+
+def test_envelope_header_is_a_header_name(tmp_path: Path) -> None:
+    table = '[[imap]]\nsite = "ticketnest"\nhost = "imap.example"\nusername = "u"\npassword_file = "p"\n'
+    assert load_config(write_config(tmp_path, 1, extra=table)).imap[0].envelope_header == "Delivered-To"
+    config = write_config(tmp_path, 1, extra=table + 'envelope_header = "X-Original-To"\n')
+    assert load_config(config).imap[0].envelope_header == "X-Original-To"
+    config = write_config(tmp_path, 1, extra=table + 'envelope_header = "Delivered-To:"\n')
+    with pytest.raises(ConfigError, match="expected a header name") as raised:
+        load_config(config)
+    assert raised.value.key == "imap[0].envelope_header"

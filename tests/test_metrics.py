@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 from collections import Counter
 from pathlib import Path
 
@@ -66,3 +67,20 @@ def test_a_metric_that_cannot_be_written_does_not_fail_its_caller(monkeypatch: p
     metrics.smtp_reply("451 4.3.0 Temporary failure")
     metrics.smtp_reply("451 4.3.0 Temporary failure")
     assert len([r for r in caplog.records if r.getMessage().startswith("metrics_failed")]) <= 1  # once a minute
+
+
+def test_a_metric_file_not_yet_sized_does_not_fail_the_scrape(tmp_path: Path) -> None:
+    """A process creates its metric file before sizing it; a scrape in between (or after the process died
+    there) failed the whole /metrics with a 500."""
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    written = MmapedDict(str(tmp_path / "counter_101.db"))
+    written.write_value(mmap_key("careservice_x", "careservice_x_total", (), (), "x"), 3.0, 0.0)
+    written.close()
+    (tmp_path / "counter_102.db").touch()  # created, not yet sized
+    with pytest.raises(struct.error):  # the library's own collector: the whole merge fails
+        list(MultiProcessCollector(None, path=str(tmp_path)).collect())
+    registry = CollectorRegistry()
+    metrics.ProcessFiles(registry, path=str(tmp_path))
+    assert registry.get_sample_value("careservice_x_total") == 3.0

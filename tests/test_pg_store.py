@@ -16,6 +16,7 @@ from careservice.crypto import Keyring, load_master_key, write_master_key
 from careservice.model import CaseState, Envelope, NewMessage, Outcome, Source
 from careservice.settings import StoreConfig
 from careservice.store import Store, StoreError
+from careservice.store.pg import schema
 from tests.postgres import Postgres, case_rows, run_sql, with_store
 from tests.support import CARE, write_config
 
@@ -31,12 +32,15 @@ def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_migrate_is_versioned_and_idempotent(tmp_path: Path, postgres: Postgres) -> None:
     url, keys_url = postgres.databases()
     config = with_store(write_config(tmp_path, 1), StoreConfig(url, keys_url))
+    assert schema.migrate(url, schema.CASES[:1]) == (0, 1)  # a database made by an older careservice
+    cases, keys = len(schema.CASES), len(schema.KEYS)
     first = cli(config, "migrate")
     assert first.returncode == 0, first.stderr
-    assert first.stdout.splitlines() == ["store.url: schema version 0 -> 1", "store.keys_url: schema version 0 -> 1"]
+    assert first.stdout.splitlines() == [f"store.url: schema version 1 -> {cases}",
+                                         f"store.keys_url: schema version 0 -> {keys}"]
     again = cli(config, "migrate")
-    assert again.stdout.splitlines() == ["store.url: schema version 1, current", "store.keys_url: schema version 1, "
-                                                                                  "current"]
+    assert again.stdout.splitlines() == [f"store.url: schema version {cases}, current",
+                                         f"store.keys_url: schema version {keys}, current"]
     status = cli(config, "status", "--json")
     assert status.returncode == 0, status.stderr
     assert '"open_cases": 0' in status.stdout and '"outbound_queued": 0' in status.stdout

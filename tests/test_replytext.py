@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
-from careservice.mail import Attachment, Parsed
+from careservice.mail import Attachment, Parsed, parse
 from careservice.replytext import Forwarded, StaffReply, html_text, read_reply, relay_problem
 
 OWN = """New message for TicketNest customer care, case 0123456789ab.
@@ -50,7 +53,8 @@ def test_an_outlook_header_after_a_plain_hr_ends_the_answer_and_links_keep_their
     html = ('<div>Done, see <a href="https://x.example/a">https://x.example/a</a> or '
             '<a href="mailto:care@ticketnest.test">write to us</a>.</div>'
             "<hr><div><b>From:</b> Wilhelmina<br><b>Sent:</b> Monday</div><div>New message for</div>")
-    assert html_text(html) == "Done, see https://x.example/a or write to us <care@ticketnest.test>."
+    expected = "Done, see https://x.example/a or write to us <care@ticketnest.test>."
+    assert read_reply("", html, FORWARDED).text == expected
 
 
 def test_html_that_is_empty_or_declares_its_encoding() -> None:
@@ -74,3 +78,26 @@ ADDRESS = f"care+{TOKEN}.abcdefghijklmnop@ticketnest.test"
 ], ids=["clean", "defect", "attached_mail", "headers", "address", "address_utf16_odd", "case_token"])
 def test_relay_problem(parsed: Parsed, problem: str) -> None:
     assert relay_problem(parsed, TOKEN) == problem
+
+
+REPLIES = Path(__file__).parent / "fixtures" / "replies"
+FORWARD = (REPLIES / "forward.txt").read_text()
+CUSTOMER_LINES = [line for line in FORWARD.splitlines() if "QUAGGA" in line or line.startswith("I paid")]
+FIXTURE_FORWARD = Forwarded.of([FORWARD.replace("\n".join(CUSTOMER_LINES) + "\n", "")], "\n".join(CUSTOMER_LINES))
+# What of the forward, the quote and the clients' headers must never reach the customer
+NEVER = ["QUAGGA", "Markername", "0123456789ab", "Press Reply", "wilhelmina@customer.example", "staff.example",
+         "wrote:", "From:", "Sent:", "Original Message"]
+HTML_ANSWERS = {"outlook_web_html", "outlook_windows_html", "gmail_wrapped_attribution", "apple_mail",
+                "gmail_inline_html"}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in REPLIES.glob("*.eml")))
+def test_a_client_reply_gives_exactly_the_staff_text(name: str) -> None:
+    """tests/fixtures/replies/NAME.eml as a client sent it, NAME.txt what the customer must read."""
+    parsed = parse((REPLIES / f"{name}.eml").read_bytes(), "agent@staff.example")
+    reply = read_reply(parsed.text, parsed.html, FIXTURE_FORWARD)
+    assert reply.text == (REPLIES / f"{name}.txt").read_text().rstrip("\n")
+    assert reply.command is None and not [n for n in NEVER if n in reply.text or n in reply.html]
+    assert bool(reply.html) == (name in HTML_ANSWERS)
+    if reply.html:
+        assert not re.search(r"<(script|style)|url\(|src=\"?https?:|http[^\"]*\.(png|gif)", reply.html, re.IGNORECASE)

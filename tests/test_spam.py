@@ -31,7 +31,7 @@ from tests.support import (
 )
 from tests.test_admin import admin_serving, scrape, value
 from tests.test_spamcheck import ALICE, spam_table
-from tests.test_web import VALID, behind_proxy, committed, post, serving
+from tests.test_web import VALID, keeping_nothing, post
 
 pytestmark = pytest.mark.rspamd
 
@@ -70,7 +70,7 @@ def stored_raw(daemon: Daemon, subject: str, relay: CaptureRelay) -> bytes:
         finally:
             await store.close()
         assert case is not None
-        return case.raw
+        return case.message.raw
 
     return asyncio.run(read_case())
 
@@ -89,16 +89,8 @@ def assert_nothing_kept(daemon: Daemon) -> None:
 
 @pytest.fixture(scope="module")
 def refusing(tmp_path_factory: pytest.TempPathFactory, rspamd: RspamdServer) -> Iterator[Daemon]:
-    """One daemon with spam checks for the tests that send only refused mail: it must keep and send nothing."""
-    relay = CaptureRelay().start()
-    config = behind_proxy(write_config(tmp_path_factory.mktemp("refusing"), relay.port, extra=spam_table(rspamd.url)))
-    daemon = serving(Daemon(config).start())
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
-        relay.stop()
-    assert relay.received == [] and committed(daemon) == 0
+    """One daemon with spam checks for the tests that send only refused mail."""
+    yield from keeping_nothing(tmp_path_factory.mktemp("refusing"), spam_table(rspamd.url))
 
 
 @pytest.mark.parametrize(("token", "code", "status", "result"), [

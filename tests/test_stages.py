@@ -17,6 +17,7 @@ from careservice.config import load_config
 from careservice.context import Context, Inputs
 from careservice.crypto import Keyring
 from careservice.handlers import (
+    DIGEST,
     EVENTS,
     STAGES,
     acknowledge,
@@ -34,6 +35,7 @@ from careservice.model import (
     CaseState,
     ContactDetails,
     Envelope,
+    Inbound,
     MailKind,
     Outcome,
     OutgoingMail,
@@ -49,7 +51,7 @@ CUSTOMER = "alice@customer.example"
 
 def test_every_state_has_a_stage_and_every_stage_module_is_wired() -> None:
     assert set(STAGES) == set(CaseState) - WAITING
-    wired = {fn.__module__.rsplit(".", 1)[1] for fn in (*STAGES.values(), *EVENTS.values())}
+    wired = {fn.__module__.rsplit(".", 1)[1] for fn in (*STAGES.values(), *EVENTS.values(), DIGEST)}
     assert wired == {m.name for m in pkgutil.iter_modules(handlers.__path__)}
 
 
@@ -70,16 +72,22 @@ def ctx(tmp_path: Path) -> Context:
 
 def case_of(raw: bytes, state: CaseState = CaseState.RECEIVED, sender: str = CUSTOMER, rcpt: str = CARE,
             **fields: object) -> Case:
-    case = Case("c0ffee000001", "ticketnest", state, Source.SMTP, time.time(), "0a1b2c3d", Envelope(sender, rcpt), raw)
+    message = Inbound(Source.SMTP, Envelope(sender, rcpt), raw)
+    case = Case("c0ffee000001", "ticketnest", state, time.time(), "0a1b2c3d", message)
     return replace(case, **fields)  # type: ignore[arg-type]
+
+
+def with_message(case: Case, **fields: object) -> Case:
+    """`case` carrying its message with `fields` changed (its envelope or bytes)."""
+    return replace(case, message=replace(case.message, **fields))  # type: ignore[arg-type]
 
 
 def inputs(ctx: Context, case: Case, target: Case | None = None, dkim_domains: tuple[str, ...] = (),
            staff_auth: str = "none") -> Inputs:
     site = ctx.config.site(case.site)
     assert site is not None
-    return Inputs(case, replace(site, staff_auth=staff_auth), parse(case.raw, case.envelope.mail_from), target,
-                  time.time(), dkim_domains)
+    parsed = parse(case.message.raw, case.message.envelope.mail_from)
+    return Inputs(case, replace(site, staff_auth=staff_auth), parsed, target, time.time(), dkim_domains)
 
 
 def open_case(ctx: Context) -> Case:
@@ -171,11 +179,11 @@ def test_acknowledge_declares_its_rate_slot_and_never_echoes_the_query(ctx: Cont
 def test_acknowledge_only_a_sender_that_holds_up(ctx: Context) -> None:
     """12 spoofed mails gave 12 acks to victim+0..11@victim.example: the From was never checked."""
     case = replace(open_case(ctx), state=CaseState.ACKNOWLEDGE)
-    forged = replace(case, envelope=replace(case.envelope, mail_from="bulk@spammer.example"))
+    forged = with_message(case, envelope=replace(case.message.envelope, mail_from="bulk@spammer.example"))
     assert acknowledge.handle(inputs(ctx, forged), ctx).reason == "no_ack_sender_unverified"
-    spf_pass = replace(forged, raw=b"X-Careservice-Spam: ham; spf=pass; dmarc=none\r\n" + forged.raw)
+    spf_pass = with_message(forged, raw=b"X-Careservice-Spam: ham; spf=pass; dmarc=none\r\n" + forged.message.raw)
     assert acknowledge.handle(inputs(ctx, spf_pass), ctx).reason == "acknowledged"
-    both_fail = replace(case, raw=b"X-Careservice-Spam: ham; spf=fail; dmarc=fail\r\n" + case.raw)
+    both_fail = with_message(case, raw=b"X-Careservice-Spam: ham; spf=fail; dmarc=fail\r\n" + case.message.raw)
     assert acknowledge.handle(inputs(ctx, both_fail), ctx).reason == "no_ack_sender_failed"
 
 
@@ -200,15 +208,18 @@ def test_verify_reply_refuses_strangers_bad_tokens_and_late_replies(ctx: Context
     assert invalid.reason == "reply_token_invalid" and invalid.counters == ("reply_refused",)
 
 
-def test_classify_takes_a_token_only_from_the_envelope_over_smtp(ctx: Context) -> None:
+@pytest.mark.parametrize("source", [Source.SMTP, Source.IMAP])
+def test_classify_takes_a_token_only_from_the_envelope(ctx: Context, source: Source) -> None:
     case = open_case(ctx)
-    address = reply_to(ctx, case, "x").envelope.rcpt
-    copied = customer_mail("Re: Lost tickets", "hi", sender=STAFF, headers={"Cc": address, "Delivered-To": address})
-    over_smtp = classify.handle(inputs(ctx, case_of(copied, sender=STAFF)), ctx)
-    assert over_smtp.state is CaseState.NEW  # to the care address: a new case, as from anyone
-    over_imap = classify.handle(inputs(ctx, case_of(copied, sender=STAFF, source=Source.IMAP)), ctx)
-    assert over_imap.state is CaseState.STAFF_REPLY and over_imap.updates is not None
-    assert over_imap.updates.target == case.id  # a fetched mailbox has only its headers
+    address = reply_to(ctx, case, "x").message.envelope.rcpt
+    copied = customer_mail("Re: Lost tickets", "hi", sender=STAFF, headers={"Cc": address, "Delivered-To": address,
+                                                                            "X-Original-To": address})
+    outcome = classify.handle(inputs(ctx, with_message(case_of(copied, sender=STAFF), source=source)), ctx)
+    assert outcome.state is CaseState.NEW  # to the care address: a new case, as from anyone
+    enveloped = classify.handle(inputs(ctx, with_message(case_of(copied, sender=STAFF, rcpt=address),
+                                                         source=source)), ctx)
+    assert enveloped.state is CaseState.STAFF_REPLY and enveloped.updates is not None
+    assert enveloped.updates.target == case.id
 
 
 def test_verify_reply_takes_a_token_only_from_the_staff_member_it_was_issued_to(ctx: Context) -> None:

@@ -148,10 +148,10 @@ async def test_concurrent_purges_return_only_once_the_wal_is_truncated(tmp_path:
     for _ in range(3):
         await intake.add_inbound([MESSAGE] * 5, time.time())
         assert (tmp_path / "cases.db-wal").stat().st_size > 0
-        await asyncio.gather(*(worker.checkpoint() for _ in range(4)))
+        await asyncio.gather(*(worker.purge_older_than(0.0, frozenset(), time.time()) for _ in range(4)))
         assert wal_sizes(tmp_path) == [0, 0]
         await intake.add_inbound([MESSAGE], time.time())
-        await worker.checkpoint()  # alone, awaited directly: it must not return before its truncation
+        await worker.purge_older_than(0.0, frozenset(), time.time())  # alone: it must not return before its truncation
         assert wal_sizes(tmp_path) == [0, 0]
 
 

@@ -110,17 +110,23 @@ def daemon(daemon: Daemon) -> Daemon:
     return serving(daemon)
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """One daemon for the tests that send only refused submissions: it must never store or send anything."""
+def keeping_nothing(tmp: Path, extra: str = "") -> Iterator[Daemon]:
+    """A daemon behind the test proxy for tests that send only what it must refuse: once they are done,
+    it has stored and sent nothing."""
     relay = CaptureRelay().start()
-    daemon = serving(Daemon(behind_proxy(write_config(tmp_path_factory.mktemp("shared"), relay.port))).start())
+    daemon = serving(Daemon(behind_proxy(write_config(tmp, relay.port, extra=extra))).start())
     try:
         yield daemon
     finally:
         daemon.stop()
         relay.stop()
     assert relay.received == [] and committed(daemon) == 0
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One daemon for the tests that send only refused submissions."""
+    yield from keeping_nothing(tmp_path_factory.mktemp("shared"))
 
 
 def start(tmp: Path, relay: CaptureRelay, old: str, new: str) -> Daemon:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from careservice.config import ConfigError, load_config
-from tests.support import CaptureRelay, Daemon, wait_for, write_config
+from tests.support import CaptureRelay, Daemon, capture_relay, wait_for, write_config
 from tests.test_web import VALID, Reply, behind_proxy, call, serving, tokens
 
 BRANDS: list[dict[str, Any]] = tomllib.loads(
@@ -38,11 +38,7 @@ def request(daemon: Daemon, method: str, path: str, host: str, fields: dict[str,
 
 @pytest.fixture(scope="module")
 def relay() -> Iterator[CaptureRelay]:
-    server = CaptureRelay().start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from capture_relay()
 
 
 @pytest.fixture(scope="module")

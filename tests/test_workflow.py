@@ -118,12 +118,15 @@ def test_automatic_mail_opens_no_case_and_gets_no_ack(daemon: Daemon, relay: Cap
     assert daemon.status()["open_cases"] == 1
 
 
-def test_acks_are_rate_limited_per_address(daemon: Daemon, relay: CaptureRelay) -> None:
-    for i in range(7):
-        open_case(daemon, relay, customer_mail(f"Case {i}", f"text {i}"))
+@pytest.mark.parametrize("tagged", [False, True], ids=["one-address", "plus-tags"])
+def test_acks_are_rate_limited_per_address(daemon: Daemon, relay: CaptureRelay, tagged: bool) -> None:
+    """Seven mails from one address, or (as an attacker would aim acks at a victim) from its +tags."""
+    senders = [f"alice+{i}@customer.example" if tagged else CUSTOMER for i in range(7)]
+    for i, sender in enumerate(senders):
+        open_case(daemon, relay, customer_mail(f"Case {i}", f"text {i}", sender=sender), sender=sender)
     wait_for(lambda: daemon.status()["outbound_queued"] == 0, what="queue drained")
     assert len(relay.to(STAFF)) == 7
-    assert len(relay.to(CUSTOMER)) == 5
+    assert len([c for c in relay.received if c.rcpt_tos[0].endswith("@customer.example")]) == 5
 
 
 def test_follow_up_joins_the_open_case(daemon: Daemon, relay: CaptureRelay) -> None:
@@ -218,10 +221,15 @@ def test_staff_out_of_office_is_not_relayed(daemon: Daemon, relay: CaptureRelay)
     assert daemon.status()["open_cases"] == 1
 
 
-def test_unanswered_case_expires_with_notice(daemon: Daemon, relay: CaptureRelay, store_backend: StoreConfig) -> None:
-    open_case(daemon, relay, customer_mail("Old", "nobody answers"))
+def test_unanswered_case_expires_with_notice_and_its_reply_address_with_it(daemon: Daemon, relay: CaptureRelay,
+                                                                            store_backend: StoreConfig) -> None:
+    forward = open_case(daemon, relay, customer_mail("Old", "nobody answers"))
     wait_for(lambda: daemon.status()["outbound_queued"] == 0, what="queue drained")
     # retention.unanswered_days passed
     run_sql(store_backend, daemon.data_dir, "UPDATE cases SET next_run = 0, created = created - 31 * 86400")
     wait_for(lambda: [c for c in relay.to(STAFF) if "Expired" in str(c.message["Subject"])], what="expiry notice")
     wait_for(lambda: daemon.status() == IDLE, what="purge")
+    send(daemon.smtp_port, STAFF, [forward["Reply-To"].addresses[0].addr_spec], staff_reply(forward, "Too late"))
+    wait_for(lambda: [c for c in relay.to(STAFF) if "Already answered" in str(c.message["Subject"])],
+             what="the expired case's reply address refused")
+    assert answer_to(relay) == []

@@ -10,8 +10,8 @@ Between passes the worker IDLEs when the server offers it, else it polls every p
 Nothing depends on UIDs across sessions, so a UIDVALIDITY change needs no recovery: a message
 committed before a crash is taken again, recognised by its keyed digest, and only expunged.
 
-The envelope sender of a message read over IMAP is its Return-Path header, or else its From address
-(careservice.intake.headers).
+A message's envelope (careservice.intake.headers.mailbox_envelope): the sender is its Return-Path, else
+its From; the recipient is the topmost `envelope_header` (Delivered-To), else the care address.
 
 imapclient blocks, so each worker runs in its own thread; commits and health records are handed to
 the event loop with `run_coroutine_threadsafe`. Logs name the mailbox, never the mail.
@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import socket
 import ssl
 import threading
@@ -37,14 +36,15 @@ from imapclient import DELETED, IMAPClient, SocketTimeout
 from imapclient.exceptions import IMAPClientError, LoginError
 
 from careservice.config import Config, ImapMailbox, OAuth2Config, Site
-from careservice.intake.headers import envelope_sender
+from careservice.intake.headers import mailbox_envelope
 from careservice.intake.ingest import Ingest
 from careservice.intake.mailboxlease import MailboxLease
 from careservice.intake.spamcheck import Probe, SpamCheck
 from careservice.logs import error_fields
-from careservice.model import Envelope, NewMessage, Source
+from careservice.model import NewMessage, Source
 from careservice.oauth2 import OAuth2Error, TokenSource
 from careservice.spamverdict import stamp
+from careservice.tlsconf import client_context
 
 log = logging.getLogger("careservice.imap")
 Pending = tuple[list[int], Future[list[str]]]  # UIDs and their commit in flight
@@ -57,7 +57,6 @@ IDLE_CHECK = 1.0  # how often an IDLEing worker looks at its stop flag
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 300.0
 TIMEOUT = SocketTimeout(connect=15, read=120)
 STOP_GRACE = 3.0
-CRASH_ENV = "CARESERVICE_TEST_CRASH_AFTER_IMAP_COMMIT"
 
 
 class MailboxProblem(Exception):
@@ -70,24 +69,9 @@ class MailboxProblem(Exception):
         self.final = final
 
 
-def _tls_context(verify: bool) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    if not verify:  # tests only: imap.verify_tls = false
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def _crash_point(point: str) -> None:
-    """Test hook: CARESERVICE_TEST_CRASH_AFTER_IMAP_COMMIT=commit|flag dies like kill -9 there."""
-    if os.environ.get(CRASH_ENV) == point:
-        os._exit(137)
-
-
 def _expunge(client: IMAPClient, uids: list[int], uidplus: bool) -> int:
     """Flag `uids` \\Deleted and expunge them (only ever called for committed or quarantined mail)."""
     client.add_flags(uids, [DELETED], silent=True)
-    _crash_point("flag")
     if uidplus:
         client.uid_expunge(uids)
     else:
@@ -198,7 +182,7 @@ class MailboxWorker:
 
     def _connect(self) -> IMAPClient:
         box = self.box
-        context = None if box.security == "none" else _tls_context(box.verify_tls)
+        context = None if box.security == "none" else client_context(verify=box.verify_tls)
         try:
             client = IMAPClient(box.host, box.port, ssl=box.security == "tls", ssl_context=context, timeout=TIMEOUT)
         except ssl.SSLError as exc:
@@ -320,7 +304,7 @@ class MailboxWorker:
             if verdict.result == "reject":
                 rejected.append(uid)
             elif verdict.result != "greylist":  # a greylisted message stays for the next pass
-                envelope = Envelope(envelope_sender(raw), self.site.care_address)
+                envelope = mailbox_envelope(raw, self.box.envelope_header, self.site.care_address)
                 out.append((uid, NewMessage(self.site.id, Source.IMAP, envelope, stamp(raw, verdict),
                                             dedupe=self.ingest.dedupe_key(self.site.id, raw))))
         return out, rejected
@@ -339,7 +323,6 @@ class MailboxWorker:
             ids = future.result()
         except Exception as exc:
             raise MailboxProblem("intake_failed") from exc
-        _crash_point("commit")
         log.info("imap_taken mailbox=%s messages=%d duplicates=%d", self.box.name, len(uids), ids.count(""))
         return uids
 

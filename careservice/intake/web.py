@@ -40,7 +40,7 @@ from careservice.intake.ingest import Ingest
 from careservice.intake.spamcheck import SpamCheck, form_message, form_probe
 from careservice.intake.webguard import ConnectionGuard, bucket, client_address, guarded_protocol, trusted
 from careservice.logs import error_fields
-from careservice.mail import SYSTEM_LOCALPARTS, Draft, new_message_id, render
+from careservice.mail import CONTROL, SYSTEM_LOCALPARTS, Draft, new_message_id, render
 from careservice.model import ContactDetails, Envelope, NewMessage, Source
 from careservice.preflight import check_web_tls
 from careservice.spamverdict import SpamVerdict, stamp
@@ -53,7 +53,6 @@ HONEYPOT_FIELD = "website"  # hidden from people; robots fill it in
 PREFERRED = ("email", "telephone")
 MAX_BODY = 256 * 1024
 BODY_SECONDS = 30.0
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # Unicode categories Cc, Zl and Zp
 _PHONE = re.compile(r"(?=.*[0-9])[0-9+()./ -]+")
 
 
@@ -82,9 +81,9 @@ def field_problem(rule: FieldRule, value: str) -> str:
     if len(value) > rule.limit:
         return "too_long"
     if rule.lines == 1:
-        return "control" if _CONTROL.search(value) else ""
+        return "control" if CONTROL.search(value) else ""
     lines = value.splitlines()  # CR, LF, U+2028, ... only separate lines here
-    if any(_CONTROL.search(line.replace("\t", " ")) for line in lines):
+    if any(CONTROL.search(line.replace("\t", " ")) for line in lines):
         return "control"
     return "too_many_lines" if len(lines) > rule.lines else ""
 

@@ -13,6 +13,7 @@ with AES-256-GCM under a per-case data key; the wrapped keys live in a separate 
     cases     inbound items and cases: commit, load, apply a stage's outcome, hold
     mailq     the outbox queue: queue, due mail, delivered / deferred / failed
     keys      case keys (bound to their case) and the digest secret of the day
+    rota      round robin turns per site and route, the day of each site's last digest
     tallies   per-site daily statistics, acknowledgement counts, status counts, mailbox health
     purge     deleting for good: cases with their keys, crash orphans, the hard age limit
 """

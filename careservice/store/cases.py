@@ -11,11 +11,12 @@ from typing import Any
 
 from careservice.budget import SCAN, first_fit
 from careservice.crypto import Keyring, open_sealed, seal
-from careservice.model import Case, CaseState, ContactDetails, Envelope, MailKind, NewMessage, Outcome, Source
+from careservice.model import Case, CaseState, ContactDetails, Envelope, Inbound, MailKind, NewMessage, Outcome, Source
 from careservice.store.blocks import block
 from careservice.store.keys import case_key, day_end
 from careservice.store.mailq import queue_mail
 from careservice.store.purge import add_stat, drop_item, purge_case
+from careservice.store.rota import take_turn
 from careservice.store.schema import StoreError
 from careservice.store.tallies import take_ack_slots
 
@@ -25,10 +26,10 @@ _CASE_COLUMNS = "id, site, state, source, created, nonce, target, meta, raw, fai
 
 def meta(case: Case) -> bytes:
     return json.dumps({
-        "mail_from": case.envelope.mail_from, "rcpt": case.envelope.rcpt,
+        "mail_from": case.message.envelope.mail_from, "rcpt": case.message.envelope.rcpt,
         "contact": asdict(case.contact) if case.contact else None, "subject": case.subject,
         "message_id": case.message_id, "references": list(case.references), "owner": case.owner,
-        "reminded": case.reminded,
+        "reminded": case.reminded, "route": case.route,
     }).encode()
 
 
@@ -43,8 +44,8 @@ def add_inbound(conn: sqlite3.Connection, keyring: Keyring, messages: list[NewMe
             conn.execute("INSERT INTO k.seen VALUES (?, ?)", (m.dedupe, day_end(now)))  # its secret's life
         case_id = secrets.token_hex(6)
         key, wrapped = keyring.new_case_key(case_id)
-        case = Case(case_id, m.site, CaseState.RECEIVED, m.source, now, secrets.token_hex(4), m.envelope, m.raw,
-                    m.contact)
+        case = Case(case_id, m.site, CaseState.RECEIVED, now, secrets.token_hex(4),
+                    Inbound(m.source, m.envelope, m.raw), m.contact)
         conn.execute("INSERT INTO k.keys VALUES (?, ?)", (case_id, wrapped))
         conn.execute(
             "INSERT INTO cases(id, site, state, source, created, next_run, nonce, target, meta, raw) "
@@ -61,13 +62,13 @@ def load_case(conn: sqlite3.Connection, keyring: Keyring, row: tuple[Any, ...]) 
     key = case_key(conn, keyring, case_id)
     meta = json.loads(open_sealed(key, meta_blob, case_id.encode() + b"meta"))
     return Case(
-        id=case_id, site=site, state=CaseState(state), source=Source(source), created=created, nonce=nonce,
-        envelope=Envelope(meta["mail_from"], meta["rcpt"]),
-        raw=open_sealed(key, raw_blob, case_id.encode() + b"raw"),
+        id=case_id, site=site, state=CaseState(state), created=created, nonce=nonce,
+        message=Inbound(Source(source), Envelope(meta["mail_from"], meta["rcpt"]),
+                        open_sealed(key, raw_blob, case_id.encode() + b"raw")),
         contact=ContactDetails(**meta["contact"]) if meta["contact"] else None,
         subject=meta["subject"], message_id=meta["message_id"], references=tuple(meta["references"]),
         target=target, failures=failures, owner=meta.get("owner", ""),  # not in cases stored before #assign
-        reminded=meta.get("reminded", 0),
+        reminded=meta.get("reminded", 0), route=meta.get("route", ""),
     )
 
 
@@ -101,6 +102,8 @@ def apply(conn: sqlite3.Connection, keyring: Keyring, case: Case, outcome: Outco
         # verified again, which sends its late notice, instead of answering twice.
         log.info("reply_target_changed case=%s target=%s", case.id, updated.target)
         outcome = Outcome(CaseState.STAFF_REPLY, "target_changed")
+    if outcome.turn is not None:  # first: a turn another writer took leaves the whole outcome unapplied
+        take_turn(conn, case.site, outcome.turn)
     mails, counters = outcome.mails, outcome.counters
     if outcome.ack_slot is not None and not take_ack_slots(conn, keyring, outcome.ack_slot.limits,
                                                             int(now // 3600)):

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from careservice.crypto import Keyring
-from careservice.model import Case, CaseState, MailKind, NewMessage, Outcome, QueuedMail
+from careservice.model import Case, CaseState, MailKind, NewMessage, OpenCase, Outcome, OutgoingMail, QueuedMail
 from careservice.settings import StoreConfig
-from careservice.store import blocks, cases, disclosure, keys, mailq, purge, tallies
+from careservice.store import blocks, cases, disclosure, keys, mailq, purge, rota, tallies
 from careservice.store.executor import Executor, InlineExecutor, ThreadExecutor
 
 SQLITE = StoreConfig()
@@ -123,6 +123,24 @@ class Store:
         """An open case and the mail queued under it, for `careservice export`; None when it is not open."""
         return await self.executor.read(disclosure.open_case, case_id)
 
+    async def turns(self, site: str) -> dict[str, int]:
+        """The round robin turns of the site's routes ("" for its own staff); the stage's Outcome.turn
+        moves one on."""
+        return await self.executor.read(rota.turns, site)
+
+    async def digest_day(self, site: str) -> str:
+        """The local date of the site's last digest ("" for none)."""
+        return await self.executor.read(rota.digest_day, site)
+
+    async def open_for_digest(self, site: str) -> list[OpenCase]:
+        return await self.executor.read(rota.open_for_digest, site)
+
+    async def queue_digest(self, site: str, day: str, filed_under: str, mails: tuple[OutgoingMail, ...],
+                           now: float) -> bool:
+        """Queue the site's digest for `day` under a key of its own, and remember the day, in one
+        transaction; False (nothing queued) when that day's went already or it has no mail."""
+        return await self.executor.call(rota.queue_digest, site, day, filed_under, mails, now)
+
     async def hold(self, case: Case, failures: int, retry_at: float) -> None:
         """Keep a case whose stage failed out of the due list until `retry_at` (counted as stuck)."""
         await self.executor.call(cases.hold, case.id, case.state, failures, retry_at)
@@ -162,12 +180,9 @@ class Store:
         await self.executor.call(blocks.prune, now)
 
     async def purge_older_than(self, cutoff: float, sites: frozenset[str], now: float) -> list[tuple[str, str, float]]:
-        """Purge every case created before `cutoff`, whatever its state (see purge.purge_aged)."""
-        return await self.executor.call(purge.purge_aged, cutoff, sites, now)
-
-    async def checkpoint(self) -> None:
-        """Truncate the WAL now (a purge's own checkpoint may have met a reader)."""
-        await self.executor.call(tallies.nothing, checkpoint=True)
+        """Purge every case created before `cutoff`, whatever its state (see purge.purge_aged), and truncate
+        the WAL, as every purge does (this sweep also retries a truncation an earlier purge's reader blocked)."""
+        return await self.executor.call(purge.purge_aged, cutoff, sites, now, checkpoint=True)
 
     async def counts(self) -> dict[str, Any]:
         return await self.executor.read(tallies.counts_op)

@@ -65,10 +65,6 @@ def take_ack_slots(conn: sqlite3.Connection, keyring: Keyring, limits: tuple[tup
     return True
 
 
-def nothing(conn: sqlite3.Connection, keyring: Keyring) -> None:
-    return None
-
-
 def counts_op(conn: sqlite3.Connection, keyring: Keyring) -> dict[str, Any]:
     return status_counts(conn)
 

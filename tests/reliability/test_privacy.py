@@ -123,7 +123,7 @@ async def test_keys_of_the_previous_version_are_bound_to_their_case_at_start(tmp
     await store.start(sweep=True)
     try:
         case = await store.get_case(case_id)
-        assert case is not None and case.raw == b"Subject: x\r\n\r\nx"
+        assert case is not None and case.message.raw == b"Subject: x\r\n\r\nx"
         [(wrapped,)] = [(w,) for _, w in rows(tmp_path, "k.keys")]
         assert len(wrapped) == 61  # rewrapped, bound to the case
     finally:

@@ -45,8 +45,7 @@ EOLS = [b"\r\n", b"\n", b"\r"]
 
 
 def check(parsed: Parsed) -> None:
-    for value in (parsed.from_name, parsed.from_address, parsed.subject, parsed.message_id, *parsed.references,
-                  *parsed.recipients):
+    for value in (parsed.from_name, parsed.from_address, parsed.subject, parsed.message_id, *parsed.references):
         assert "\r" not in value and "\n" not in value and "\x00" not in value
     assert len(parsed.subject) <= 500 and len(parsed.from_address) <= 254
     assert parsed.from_address == "" or ("@" in parsed.from_address and parsed.from_address.isprintable()

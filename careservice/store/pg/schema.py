@@ -49,6 +49,10 @@ CASES = (
     CREATE TRIGGER outbox_claim_ends BEFORE UPDATE OF next_attempt ON outbox
         FOR EACH ROW EXECUTE FUNCTION end_claim();
     """,
+    """
+    CREATE TABLE route_turns(site text NOT NULL, route text NOT NULL, turn bigint NOT NULL, PRIMARY KEY(site, route));
+    CREATE TABLE digest_days(site text PRIMARY KEY, day text NOT NULL);
+    """,
 )
 
 KEYS = (
