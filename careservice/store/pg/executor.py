@@ -34,8 +34,10 @@ CONNECT_TIMEOUT = 3
 
 
 def pool(url: str, name: str) -> ConnectionPool:
+    # no `check` on each borrow (two round trips a transaction): a connection the database dropped fails
+    # one transaction (its callers hear StoreError: a 451, a retry), and the pool replaces it
     return ConnectionPool(url, min_size=1, max_size=2, open=False, name=name, timeout=GET_TIMEOUT,
-                          reconnect_timeout=0, check=ConnectionPool.check_connection,
+                          reconnect_timeout=0,
                           kwargs={"connect_timeout": CONNECT_TIMEOUT, "application_name": f"careservice-{name}"})
 
 
@@ -101,7 +103,7 @@ class PgExecutor:
     def _transaction(self, batch: list[_Op]) -> list[Any]:
         try:
             with self.keys_pool.connection() as keys, self.cases_pool.connection() as cases:
-                return self._commit(PgTx(cases, keys), batch)
+                return self._commit(PgTx(cases, keys, alone=len(batch) == 1), batch)
         except (psycopg.Error, PoolTimeout) as exc:
             log.error("pg_commit_failed error=%s", type(exc).__name__)
             return [StoreError(f"commit failed: {type(exc).__name__}")] * len(batch)
@@ -111,13 +113,20 @@ class PgExecutor:
             results = [tx.run(op.fn, self.keyring, op.args) for op in batch]
             results = [r if not isinstance(r, Exception) or isinstance(r, StoreError) else StoreError(type(r).__name__)
                        for r in results]
+            if tx.alone and isinstance(results[0], Exception):
+                _rollback(tx)
+                return results
             if tx.wakes:
                 tx.cases.execute(f"NOTIFY {CHANNEL}")
             tx.keys.commit()  # first: see careservice.store.pg.tx
             tx.cases.commit()
             return results
         except BaseException:
-            for conn in (tx.keys, tx.cases):
-                with contextlib.suppress(psycopg.Error):
-                    conn.rollback()
+            _rollback(tx)
             raise
+
+
+def _rollback(tx: PgTx) -> None:
+    for conn in (tx.keys, tx.cases):
+        with contextlib.suppress(psycopg.Error):
+            conn.rollback()

@@ -3,8 +3,8 @@
 careservice.store's functions take a connection and run portable SQL with `?` parameters, naming the
 keys database's tables `k.<table>`. PgTx sends a statement to the keys database when it names
 `k.keys`, `k.blocks` or `k.daily`, else to the cases database (`k.seen` too: see pg.schema), with
-`%s` parameters. Each store call runs in a savepoint of the databases it touched, so one failing
-call does not undo the others of a group commit.
+`%s` parameters. Each store call of a group commit runs in a savepoint of the databases it touched, so one
+failing call does not undo the others (a call alone needs none: two round trips less per database).
 
 Commit order: keys first, then cases. A crash between the two leaves at worst a key without rows
 (swept once it is older than a commit can take) or, after a purge, rows without their key (unreadable,
@@ -44,16 +44,17 @@ def translate(sql: str) -> tuple[bool, str]:
 class PgTx:
     """The connection a store call gets: `execute`, `executemany`, as sqlite3's."""
 
-    def __init__(self, cases: psycopg.Connection, keys: psycopg.Connection) -> None:
+    def __init__(self, cases: psycopg.Connection, keys: psycopg.Connection, alone: bool = False) -> None:
         self.cases = cases
         self.keys = keys
+        self.alone = alone  # the transaction's only call: no savepoints, it fails or commits as a whole
         self.wakes = False  # a statement made something due: NOTIFY before commit
         self._open: list[psycopg.Connection] = []  # the databases the current call holds a savepoint in
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
         keys, statement = translate(sql)
         conn = self.keys if keys else self.cases
-        if conn not in self._open:
+        if conn not in self._open and not self.alone:
             conn.execute("SAVEPOINT op")
             self._open.append(conn)
         if not keys and sql.startswith(_WAKES):
@@ -73,7 +74,8 @@ class PgTx:
         self._open = []
 
     def run(self, fn: Any, keyring: Any, args: tuple[Any, ...]) -> Any:
-        """One store call in its savepoints; its result, or its exception (the others go on)."""
+        """One store call in its savepoints; its result, or its exception (the others go on; a call alone
+        is rolled back by the caller)."""
         try:
             result = fn(self, keyring, *args)
         except Exception as exc:
