@@ -104,7 +104,7 @@ class PgExecutor:
         try:
             with self.keys_pool.connection() as keys, self.cases_pool.connection() as cases:
                 return self._commit(PgTx(cases, keys, alone=len(batch) == 1), batch)
-        except (psycopg.Error, PoolTimeout) as exc:
+        except Exception as exc:  # whatever it was, the thread goes on and every caller hears of it
             log.error("pg_commit_failed error=%s", type(exc).__name__)
             return [StoreError(f"commit failed: {type(exc).__name__}")] * len(batch)
 
