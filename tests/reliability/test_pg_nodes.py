@@ -16,7 +16,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,7 @@ import pytest
 from careservice.settings import StoreConfig
 from careservice.store import read_status
 from tests.postgres import Postgres, case_rows, with_store
-from tests.reliability.helpers import IDLE, SCALE, children, log_leaks
+from tests.reliability.helpers import IDLE, SCALE, children, log_leaks, set_keys
 from tests.reliability.test_kill import GIVE_UP, SEED, SENDERS, Load, tally
 from tests.support import CaptureRelay, Daemon, wait_for, write_config
 
@@ -33,6 +33,7 @@ pytestmark = pytest.mark.reliability
 MAILS = 150 * SCALE
 NODES = 3
 KILL_EVERY = (1.5, 4.0)  # seconds between two kills
+LEASE = 10  # seconds: a dead node's claims are taken over soon, a live node's slowest send here ends first
 
 
 @dataclass
@@ -54,8 +55,12 @@ class ClusterLoad(Load):
 
 
 def cluster(tmp_path: Path, relay: CaptureRelay, store: StoreConfig) -> list[Daemon]:
-    """NODES daemons, each with its own data_dir and ports, one database and one master key."""
-    configs = [with_store(write_config(tmp_path / f"node{i}", relay.port, retry_delays="[1]"), store)
+    """NODES daemons, each with its own data_dir and ports, one database and one master key. Each sends over
+    one relay connection: a node killed mid-send then leaves at most one mail sent and not recorded, which
+    another node sends again (with more connections, up to that many per kill)."""
+    store = replace(store, lease_seconds=LEASE)
+    configs = [with_store(set_keys(write_config(tmp_path / f"node{i}", relay.port, retry_delays="[1]"), "relay",
+                                   connections=1), store)
                for i in range(NODES)]
     nodes = [Daemon(configs[0]).start()]  # it makes the master key the others get
     for config in configs[1:]:
