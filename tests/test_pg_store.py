@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 from cryptography.exceptions import InvalidTag
 
@@ -109,8 +110,6 @@ async def test_orphans_of_a_crash_between_the_two_commits_are_swept(tmp_path: Pa
         [kept, keyless, _] = await store.add_inbound([MESSAGE] * 3, time.time())
         run_sql(pg_store, tmp_path, "DELETE FROM cases WHERE id NOT IN "
                                     f"('{kept}', '{keyless}')")  # the key of the third: a key without rows
-        import psycopg
-
         with psycopg.connect(pg_store.keys_url) as conn:
             conn.execute("DELETE FROM keys WHERE id = %s", (keyless,))  # a purge whose cases commit failed
         assert case_rows(pg_store, tmp_path) == 4
