@@ -105,6 +105,9 @@ class CaseWorker:
             except Exception as exc:  # the next minute tries again; the other sites go on
                 log.error("digest_failed site=%s %s", site.id, error_fields(exc))
 
+    async def renew_claims(self) -> None:
+        await self.store.renew_claims(self.runner.busy, self.outbox.holding(), self.ctx.clock())
+
     def reload(self) -> None:
         """SIGHUP: the config as careservice.reload applies it, the sites' DKIM keys read again, and the
         relay's OAuth2 token asked for again after a refusal."""
@@ -131,6 +134,9 @@ class CaseWorker:
         self.scheduler.add_job(self.sweep, "interval", seconds=SWEEP_SECONDS, id="retention_and_retry_sweep",
                                next_run_time=datetime.now(UTC))
         self.scheduler.add_job(self.outbox.check_relay, "interval", seconds=SWEEP_SECONDS, id="relay_check")
+        if self.config.store.shared:  # claims outlive a slow batch only while this node renews them
+            self.scheduler.add_job(self.renew_claims, "interval", seconds=self.config.store.lease_seconds / 3,
+                                   id="claim_renewal")
         self.scheduler.add_job(self.send_digests, "interval", seconds=SWEEP_SECONDS, id="daily_digest",
                                next_run_time=datetime.now(UTC))
         self.scheduler.start()

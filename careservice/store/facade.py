@@ -62,6 +62,15 @@ class Store:
             await self.executor.call(purge.sweep_orphans, checkpoint=True)
             await self.executor.call(keys.bind_unbound_keys)
 
+    async def renew_claims(self, case_ids: Iterable[str], mail_ids: Iterable[int], now: float) -> None:
+        """Keep this node's claims on the cases and mail in its hands for another lease_seconds (PostgreSQL;
+        the worker calls it every third of a lease, so a node that stopped loses its claims)."""
+        if self.backend.shared:
+            from careservice.store.pg import claims
+
+            await self.executor.call(claims.renew_claims, self.node, list(case_ids), list(mail_ids), now,
+                                     float(self.backend.lease_seconds))
+
     async def take_lease(self, name: str, seconds: float, now: float) -> bool:
         """Hold the cluster-wide lease `name` (e.g. an IMAP mailbox) for `seconds`, or keep holding it;
         False while another node's runs. Always True on SQLite: one node."""

@@ -7,6 +7,7 @@ The mail count scales with CARESERVICE_RELIABILITY_SCALE (150 per unit: 20 = the
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import random
@@ -21,8 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from careservice.crypto import Keyring
 from careservice.settings import StoreConfig
-from careservice.store import read_status
+from careservice.store import Store, read_status
+from careservice.store.pg.claims import ORPHAN_KEY_AGE
 from tests.postgres import Postgres, case_rows, with_store
 from tests.reliability.helpers import IDLE, SCALE, children, log_leaks, set_keys
 from tests.reliability.test_kill import GIVE_UP, SEED, SENDERS, Load, tally
@@ -94,6 +97,15 @@ def drain(load: ClusterLoad, store: StoreConfig, data_dir: Path) -> dict[str, ob
     return counts
 
 
+async def sweep_later(store: StoreConfig, node: Daemon) -> None:
+    sweeper = Store(node.data_dir, Keyring.load(node.config.parent / "master.key", create=False), backend=store)
+    await sweeper.start(sweep=False)
+    try:
+        await sweeper.sweep_orphans(time.time() + ORPHAN_KEY_AGE + 1)
+    finally:
+        await sweeper.close()
+
+
 def run_load(tmp_path: Path, relay: CaptureRelay, store: StoreConfig, disturb: object) -> None:
     nodes = cluster(tmp_path, relay, store)
     load = ClusterLoad(nodes[0], relay, nodes=nodes)
@@ -116,6 +128,9 @@ def run_load(tmp_path: Path, relay: CaptureRelay, store: StoreConfig, disturb: o
           f"final={counts}")
     result.check(kills)
     assert counts == IDLE
+    # a node killed between its two commits (keys first) may leave a key without rows, for no 250 was
+    # given; the sweep takes such keys once no commit can still be in progress: let it run as if then
+    asyncio.run(sweep_later(store, nodes[0]))
     assert case_rows(store, nodes[0].data_dir) == 0  # no row of any case in either database
     for node in nodes:
         assert log_leaks(node, ["kill-c", "kill-a", "@customer.example", "Name kill"]) == []

@@ -49,6 +49,16 @@ def _claim(tx: PgTx, table: str, chosen: list[Any], now: float, node: str, lease
     return chosen
 
 
+def renew_claims(tx: PgTx, keyring: Keyring, node: str, case_ids: list[str], mail_ids: list[int], now: float,
+                 lease: float) -> None:
+    """Extend this node's claims on the cases and mail it is working on now: a batch of mail sent over few
+    connections may take longer than one lease, and must not be taken over (and sent twice) while this node
+    is alive and sending. Only those: a claim whose outcome this node failed to record must expire."""
+    for table, ids in (("cases", case_ids), ("outbox", mail_ids)):
+        if ids:
+            tx.execute(f"UPDATE {table} SET lease_until=? WHERE id = ANY(?) AND claimed_by=?", (now + lease, ids, node))
+
+
 def take_lease(tx: PgTx, keyring: Keyring, name: str, holder: str, now: float, seconds: float) -> bool:
     """Hold (or keep holding) the lease `name` until now + seconds, unless another holder's is running."""
     return tx.execute(
