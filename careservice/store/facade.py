@@ -35,9 +35,11 @@ class Store:
         self.keyring = keyring
         self.backend = backend
         self.node = f"{socket.gethostname()}:{os.getpid()}"  # who holds a claim or a lease
-        if backend.shared:
+        if backend.shared:  # imported only here: psycopg is no cost of the embedded default
+            from careservice.store.pg import claims
             from careservice.store.pg.executor import PgExecutor
 
+            self.claims = claims
             self.executor: Executor | PgExecutor = PgExecutor(backend.url, backend.keys_url, keyring)
         else:
             self.executor = (InlineExecutor if inline else ThreadExecutor)(data_dir, keyring, durable)
@@ -55,9 +57,7 @@ class Store:
         """What a crash between the two databases' commits left. SQLite: at start only (its process
         pair never commits then). PostgreSQL: also every sweep, since other nodes crash too."""
         if self.backend.shared:
-            from careservice.store.pg import claims
-
-            await self.executor.call(claims.sweep_orphans, now)
+            await self.executor.call(self.claims.sweep_orphans, now)
         elif starting:
             await self.executor.call(purge.sweep_orphans, checkpoint=True)
             await self.executor.call(keys.bind_unbound_keys)
@@ -66,9 +66,7 @@ class Store:
         """Keep this node's claims on the cases and mail in its hands for another lease_seconds (PostgreSQL;
         the worker calls it every third of a lease, so a node that stopped loses its claims)."""
         if self.backend.shared:
-            from careservice.store.pg import claims
-
-            await self.executor.call(claims.renew_claims, self.node, list(case_ids), list(mail_ids), now,
+            await self.executor.call(self.claims.renew_claims, self.node, list(case_ids), list(mail_ids), now,
                                      float(self.backend.lease_seconds))
 
     async def take_lease(self, name: str, seconds: float, now: float) -> bool:
@@ -76,16 +74,12 @@ class Store:
         False while another node's runs. Always True on SQLite: one node."""
         if not self.backend.shared:
             return True
-        from careservice.store.pg import claims
-
-        return bool(await self.executor.call(claims.take_lease, name, self.node, now, seconds))
+        return bool(await self.executor.call(self.claims.take_lease, name, self.node, now, seconds))
 
     async def drop_lease(self, name: str) -> None:
         """Give a lease up at a clean stop, so another node takes over at once."""
         if self.backend.shared:
-            from careservice.store.pg import claims
-
-            await self.executor.call(claims.drop_lease, name, self.node)
+            await self.executor.call(self.claims.drop_lease, name, self.node)
 
     async def listen(self, on_wake: Callable[[], None]) -> None:
         """Call `on_wake` whenever another node (or process) commits due work; runs until cancelled.
@@ -110,9 +104,7 @@ class Store:
                         exclude: set[str]) -> list[Case]:
         """Due cases in next_run order: at most `limit`, and `max_bytes` stored (see budget.first_fit)."""
         if self.backend.shared:  # claimed for this node for lease_seconds
-            from careservice.store.pg import claims
-
-            return await self.executor.call(claims.due_cases, tuple(states), now, limit, max_bytes, tuple(exclude),
+            return await self.executor.call(self.claims.due_cases, tuple(states), now, limit, max_bytes, tuple(exclude),
                                             self.node, float(self.backend.lease_seconds))
         return await self.executor.read(cases.due_cases, tuple(states), now, limit, max_bytes, tuple(exclude))
 
@@ -157,9 +149,7 @@ class Store:
     async def due_mail(self, now: float, limit: int, max_bytes: int) -> list[QueuedMail]:
         """Due mail in next_attempt order: at most `limit`, and `max_bytes` stored (see budget.first_fit)."""
         if self.backend.shared:  # claimed for this node for lease_seconds
-            from careservice.store.pg import claims
-
-            return await self.executor.call(claims.due_mail, now, limit, max_bytes, self.node,
+            return await self.executor.call(self.claims.due_mail, now, limit, max_bytes, self.node,
                                             float(self.backend.lease_seconds))
         return await self.executor.read(mailq.due_mail, now, limit, max_bytes)
 
