@@ -81,6 +81,13 @@ class Addressing:
         mac = self._keyring.sign(f"customer|{site.id}|{case_id}|{nonce}".encode())
         return f"ack.{case_id}.{nonce}.{mac}@{site.domain}"
 
+    def forward_message_id(self, site: Site, case_id: str, staff: str) -> str:
+        """The Message-ID of the first forward of a case to one staff address: derived, so later mail about
+        the case threads to it without anything stored. Each staff member's copy has its own (a client may
+        drop a second message with an id it holds); the nonce is left out, as a reopened case keeps its thread."""
+        mac = self._keyring.sign(f"forward|{site.id}|{case_id}|{staff.lower()}".encode())
+        return f"case.{case_id}.{mac}@{site.domain}"
+
     def followed_case(self, site: Site, references: tuple[str, ...]) -> str:
         """The case id of a signed acknowledgement this message refers to, or ""."""
         for ref in references:

@@ -29,4 +29,5 @@ def build_context(config: Config, intake: bool) -> tuple[Context, Store]:
     """
     keyring = Keyring.load(config.master_key_file, create=intake)
     store = Store(config.data_dir, keyring, durable=intake, inline=not intake, backend=config.store)
-    return Context(config, Addressing(config.sites, keyring), keyring, Texts(config.templates_dir), time.time), store
+    texts = Texts(config.templates_dir, config.sites)
+    return Context(config, Addressing(config.sites, keyring), keyring, texts, time.time), store

@@ -22,7 +22,7 @@ ENDINGS = (("answered", "Answered"), ("closed_by_phone", "Closed by phone"), ("e
 TABLE_COLUMNS = (("opened", "Opened"), *ENDINGS, ("replies_refused", "Replies refused"),
                  ("form_accepted", "Form posts accepted"), ("form_refused", "Form posts refused"))
 FONT = 'system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif'
-STYLE = Style(  # the colours of templates/web/base.html
+STYLE = Style(  # the colours of templates/web/layout/base.html
     background="#ffffff", plot_background="#ffffff", foreground="#1f2933", foreground_strong="#1f2933",
     foreground_subtle="#52606d", colors=("#1d5b8c", "#2f9e6e", "#b42318", "#f2b705"), font_family=FONT,
     label_font_family=FONT, major_label_font_family=FONT, title_font_family=FONT, legend_font_family=FONT,
@@ -99,7 +99,7 @@ def _answers(tally: Tally) -> dict[str, str]:
 
 
 def page(rep: Report, texts: Texts, nonce: str) -> str:
-    """The whole /stats page, in the contact form's look (templates/web/stats.html)."""
+    """The whole /stats page, in the contact form's look (templates/web/en/stats.html)."""
     sites = [{"id": site, "chart": daily_chart(rep, site),
               "days": [{"day": t.day, "counts": t.counts, **_answers(t)} for t in reversed(rep.site_days(site))],
               "total": {"counts": rep.total(site).counts, **_answers(rep.total(site))}}

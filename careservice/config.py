@@ -10,6 +10,7 @@ from pathlib import Path
 from careservice.budget import min_memory_mb
 from careservice.configroutes import address, assign, clock_time, extra_addresses, routes, staff
 from careservice.configtable import Table
+from careservice.language import LANGUAGE
 from careservice.settings import (  # the records config.py fills in; importable from here too
     AdminConfig,
     Config,
@@ -154,9 +155,12 @@ def _site(t: Table, base: Path) -> Site:
     staff_auth = t.get("staff_auth", str, "none")
     if not valid_mode(staff_auth):
         raise ConfigError(t.key("staff_auth"), f'use "none", "dkim" or "authres:<authserv-id>", got "{staff_auth}"')
+    language = t.get("language", str, "en")
+    if not LANGUAGE.fullmatch(language):
+        raise ConfigError(t.key("language"), f'expected a language code such as "en" or "de", got "{language}"')
     assigned = assign(t, "all")
     return Site(site_id, t.get("name", str), domain, care, addresses, hosts, path, selector, _path(base, key_file),
-                staff_auth, t.get("notify_answered", bool, False), routes(t, assigned), assigned)
+                staff_auth, t.get("notify_answered", bool, False), routes(t, assigned), assigned, language)
 
 
 def _web_host(key: str, value: object) -> str:

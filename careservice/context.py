@@ -10,7 +10,7 @@ from careservice.config import Config, Site
 from careservice.crypto import Keyring
 from careservice.mail import Draft, Parsed, new_message_id, render
 from careservice.model import Case, MailKind, OutgoingMail
-from careservice.texts import Texts
+from careservice.texts import NOTICE_FOLDER, Texts
 
 
 @dataclass(frozen=True)
@@ -51,14 +51,18 @@ class Context:
         """Render `draft` into a queued mail; the recipients are exactly `draft.to`."""
         return OutgoingMail(kind, case_id, sender, draft.to, render(draft), draft.message_id)
 
-    def notice(self, site: Site, to: tuple[str, ...], headline: str, explanation: str, *, about: str,
-               filed_under: str, reply_to: str = "") -> OutgoingMail:
+    def notice(self, site: Site, to: tuple[str, ...], key: str, *, about: str, filed_under: str, reply_to: str = "",
+               answers: Parsed | None = None, **values: object) -> OutgoingMail:
         """A short automatic notice to staff that names a case (`about`, "" for none) and nothing else of
         it; it is queued under the case `filed_under`, whose key encrypts it and whose purge removes it.
-        A `reply_to` (a reply address of one staff member) makes it answerable for the case."""
-        subject, text = self.texts.mail(site.id, "notice", site=site, case_id=about or "-", headline=headline,
-                                        explanation=explanation)
+        Its words are mail/<language>/notices/<key>.txt (careservice.texts.NOTICES) in the site's language,
+        given `values` (ids, staff names, numbers: never the customer's).
+        A `reply_to` (a reply address of one staff member) makes it answerable for the case. A notice
+        that `answers` a staff member's reply is threaded to it."""
+        subject, text = self.texts.mail(site.id, f"{NOTICE_FOLDER}{key}", site=site, case_id=about or "-", **values)
         draft = Draft(from_name=f"{site.name} careservice", from_address=site.care_address, to=to,
                       subject=subject, text=text, message_id=new_message_id(site.domain), automatic=True,
-                      reply_to=reply_to, loop_marker=self.config.smtp.hostname)
+                      reply_to=reply_to, loop_marker=self.config.smtp.hostname,
+                      in_reply_to=answers.message_id if answers else "",
+                      references=answers.references if answers else ())
         return self.outgoing(MailKind.NOTICE, filed_under, "", draft)

@@ -62,7 +62,7 @@ async def export_case(config: Config, case_id: str, out: Path, now: float) -> in
         box = mailbox.mbox(out, create=False)
         try:
             box.lock()
-            for raw in (case.raw, *(item.mail.message for item in queued)):
+            for raw in (case.message.raw, *(item.mail.message for item in queued)):
                 box.add(raw)
             box.add(_contact_part(case))
             box.flush()

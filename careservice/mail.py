@@ -14,6 +14,7 @@ from email.utils import format_datetime, formataddr, getaddresses, localtime
 from typing import Any
 
 from careservice.htmlpart import to_text
+from careservice.language import content_languages
 from careservice.mimeparse import TooComplex, content, parse_headers, parse_message, trim_headers, walk
 
 LOOP_HEADER = "X-Careservice-Loop"
@@ -65,6 +66,7 @@ class Parsed:
     attachments: tuple[Attachment, ...] = field(default=())
     part_types: tuple[str, ...] = ()  # type/subtype of every MIME part, containers and attached messages too
     defects: tuple[str, ...] = ()
+    languages: tuple[str, ...] = ()  # Content-Language's primary tags, in its order
 
     @property
     def attachments_and_html(self) -> tuple[Attachment, ...]:
@@ -221,7 +223,7 @@ def parse(raw: bytes, mail_from: str) -> Parsed:
         message_id=(message_ids(headers.first("Message-ID")) or ("",))[0],
         references=message_ids(headers.first("References") + " " + headers.first("In-Reply-To")),
         automatic=_automatic(headers, mail_from, address), text=text, html=html, attachments=tuple(attachments),
-        part_types=tuple(types), defects=tuple(defects),
+        part_types=tuple(types), defects=tuple(defects), languages=content_languages(headers.first("Content-Language")),
     )
 
 
@@ -246,6 +248,7 @@ class Draft:
     automatic: bool = False
     attachments: tuple[Attachment, ...] = ()
     loop_marker: str = ""
+    language: str = ""  # its Content-Language ("" = none said)
 
 
 def _address_header(name: str, address: str) -> str:
@@ -356,6 +359,8 @@ def render(draft: Draft) -> bytes:
     refs = [r for r in (*draft.references, draft.in_reply_to) if r]
     if refs:
         msg["References"] = " ".join(f"<{r}>" for r in dict.fromkeys(refs))
+    if draft.language:
+        msg["Content-Language"] = one_line(draft.language, 35)
     if draft.automatic:
         msg["Auto-Submitted"] = "auto-replied"
         msg["X-Auto-Response-Suppress"] = "All"

@@ -36,6 +36,30 @@ DELIVERY_RESULTS = ("sent", "deferred", "failed")
 P = ParamSpec("P")
 log = logging.getLogger("careservice.metrics")
 REFUSAL_COUNTERS = ("reply_refused", "reply_late")  # a stage's counters that mean a staff reply was not relayed
+FILE_KINDS = ("counter", "histogram", "gauge_livemax")  # the multiprocess files the metrics below write
+FILE_BYTES = 1 << 16  # room for a few hundred samples; prometheus_client grows a file that needs more
+
+
+def _allocate_files() -> None:
+    """This process's metric files, made with their disk blocks allocated before any metric writes:
+    prometheus_client makes them sparse and writes through mmap, so its first write to a page while the
+    disk was full killed the process with SIGBUS (the worker restarted in a loop until space came back)."""
+    folder = os.environ.get(METRICS_DIR_ENV)
+    if not folder:
+        return
+    for kind in FILE_KINDS:
+        try:
+            fd = os.open(os.path.join(folder, f"{kind}_{os.getpid()}.db"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                if os.fstat(fd).st_size == 0:  # all zeros: the library reads it as a new, empty file
+                    os.posix_fallocate(fd, 0, FILE_BYTES)
+            finally:
+                os.close(fd)
+        except OSError as exc:  # the disk is full already: the library makes the file as it would have
+            log.warning("metrics_file_not_allocated kind=%s %s", kind, error_fields(exc))
+
+
+_allocate_files()
 
 RECEIVED = Counter("careservice_messages_received", "Inbound messages committed, by channel (one per care "
                    "address a mail was for; a re-delivered duplicate too).", ["channel"], registry=None)

@@ -83,6 +83,7 @@ class Case:
     owner: str = ""  # the staff address "#assign" handed the case to (sealed in the meta, purged with it)
     reminded: int = 0  # reminders sent for this open case (retention.remind_after)
     route: str = ""  # the id of the [[sites.routes]] that took the case ("" = none: the site's staff)
+    language: str = ""  # the customer's texts (careservice.texts); "" = the site's (sealed in the meta, purged with it)
 
 
 @dataclass(frozen=True)

@@ -38,12 +38,18 @@ def _templates(config: Config) -> Iterator[str]:
         yield f"service.templates_dir: not a directory: {config.templates_dir}"
         return
     try:
-        texts = Texts(config.templates_dir)
+        texts = Texts(config.templates_dir, config.sites)
     except TemplateProblem as exc:
         yield f"templates: {exc}"
         return
-    for site in config.sites:
-        for problem in texts.check(site):
+    for path in texts.stray():
+        yield (f"service.templates_dir: {path} is never used: texts live in <kind>/<language>/<name>, a site's "
+               "own in <kind>/<language>/<site id>/<name>")
+    for i, site in enumerate(config.sites):
+        if site.language not in texts.languages:
+            known = ", ".join(sorted(texts.languages))
+            yield f'sites[{i}].language: no texts in "{site.language}" (there are: {known})'
+        for problem in texts.check(site):  # in every language
             yield f"templates: site {site.id}: {problem.path}: {str(problem).split(': ', 1)[1]}"
 
 

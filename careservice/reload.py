@@ -38,7 +38,7 @@ def reload_config(ctx: Context) -> Config | None:
     applied = replace(new, **{name: getattr(old, name) for name in RESTART_FIELDS})
     ctx.config = applied
     ctx.addressing.use(applied.sites)
-    ctx.texts = Texts(applied.templates_dir)
+    ctx.texts = Texts(applied.templates_dir, applied.sites)
     log.info("reloaded sites=%d staff=%d%s", len(applied.sites), sum(len(s.staff) for s in applied.sites),
              f" needs_restart={','.join(restart)}" if restart else "")
     return applied

@@ -71,8 +71,7 @@ def normalised(line: str) -> str:
 
 def read_reply(text: str, html: str, forwarded: Forwarded) -> StaffReply:
     """The staff member's own words from a reply's text part or, when it has one, its HTML part."""
-    source = html_text(html) if html.strip() else text  # without a text part, `text` is the HTML as text
-    lines = [line for line in _unquoted(source, forwarded) if normalised(line) not in forwarded.own]
+    lines = [line for line in _own_lines(text, html, forwarded) if normalised(line) not in forwarded.own]
     start = next((i for i, line in enumerate(lines) if line.strip(_INVISIBLE)), len(lines))
     first = unicodedata.normalize("NFKC", lines[start].strip(_INVISIBLE)) if lines[start:] else ""
     command = _COMMAND.match(first)
@@ -103,6 +102,18 @@ def hide_addresses(text: str, staff: Iterable[str], care_address: str) -> str:
     for address in staff:
         text = re.sub(re.escape(address), care_address, text, flags=re.IGNORECASE)
     return _REPLY_ADDRESS.sub(care_address, text)
+
+
+def unquoted(text: str, html: str, answered: Forwarded) -> str:
+    """A reply's text without what it quotes of `answered`, the mail it answers (a customer's
+    follow-up to our acknowledgement), by the same rules as a staff reply."""
+    return _tidy(_own_lines(text, html, answered))
+
+
+def _own_lines(text: str, html: str, forwarded: Forwarded) -> list[str]:
+    """The lines of a reply's text part or, when it has one, its HTML part that are not quoted."""
+    source = html_text(html) if html.strip() else text  # without a text part, `text` is the HTML as text
+    return _unquoted(source, forwarded)
 
 
 def relay_problem(parsed: Parsed, case_token: str) -> str:

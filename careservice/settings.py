@@ -58,6 +58,7 @@ class Site:
     notify_answered: bool = False  # the other staff hear when one of them answers or closes a case
     routes: tuple[Route, ...] = ()  # the first that matches a new case takes it; none: the site's own staff
     assign: str = "all"  # for cases no route takes, and the default of the site's routes
+    language: str = "en"  # the texts of a case whose customer's language has none, and staff's texts
 
     @property
     def care_local(self) -> str:

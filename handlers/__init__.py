@@ -3,8 +3,11 @@
     RECEIVED    --classify-->      NEW | FOLLOW_UP | STAFF_REPLY | PURGED (auto-reply, bounce, list, loop,
                                                                           a sender marked "#spam")
     NEW         --forward-->       ACKNOWLEDGE                     (a copy per staff address, each its own Reply-To)
-    ACKNOWLEDGE --acknowledge-->   OPEN                            (ack to the customer, unless suppressed)
-    FOLLOW_UP   --forward-->       PURGED                          (forwarded under the open case)
+    ACKNOWLEDGE --acknowledge-->   OPEN                            (ack to the customer in the case's language,
+                                                                    unless suppressed)
+    FOLLOW_UP   --forward-->       PURGED                          (forwarded under the open case, threaded to
+                                                                    each staff member's first forward, its quote
+                                                                    of the acknowledgement removed)
     STAFF_REPLY --verify_reply-->  VERIFIED | PURGED               (token from the staff From it was issued to,
                                                                     staff_auth passed; else refuse/notice)
     VERIFIED    --relay_answer-->  PURGED, case -> ANSWERING       (answer queued; no new text: notice, case OPEN)

@@ -27,12 +27,12 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
         return Outcome(CaseState.OPEN, "no_ack_sender_failed", counters=("ack_suppressed",))
     if not passed and case.message.envelope.mail_from.casefold() != customer.casefold():
         return Outcome(CaseState.OPEN, "no_ack_sender_unverified", counters=("ack_suppressed",))
-    subject, text = ctx.texts.mail(site.id, "ack", site=site, case_id=case.id, contact=case.contact)
+    subject, text = ctx.texts.mail(site.id, "ack", case.language, site=site, case_id=case.id, contact=case.contact)
     threading = (case.message_id,) if case.message_id else ()  # the only thing of theirs it carries
     draft = Draft(
         from_name=site.name, from_address=site.care_address, to=(customer,), subject=subject, text=text,
         message_id=ctx.addressing.ack_message_id(site, case.id, case.nonce), in_reply_to=case.message_id,
-        references=threading, automatic=True, loop_marker=ctx.config.smtp.hostname,
+        references=threading, automatic=True, loop_marker=ctx.config.smtp.hostname, language=case.language,
     )
     return Outcome(CaseState.OPEN, "acknowledged", mails=(ctx.outgoing(MailKind.ACK, case.id, "", draft),),
                    ack_slot=AckSlot(rate_limits(customer, ctx)))

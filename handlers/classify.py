@@ -18,7 +18,7 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
         return Outcome(CaseState.PURGED, "discard_from_ourselves", counters=("discarded",))
     contact = case.contact or ContactDetails(parsed.from_name, parsed.from_address or case.message.envelope.mail_from)
     details = replace(case, contact=contact, subject=parsed.subject, message_id=parsed.message_id,
-                      references=parsed.references)
+                      references=parsed.references, language=ctx.texts.choose(parsed.languages) or site.language)
     token = reply_token(inp, ctx)
     if token:
         checked = ctx.addressing.check_reply_token(site, token)

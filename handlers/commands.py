@@ -2,7 +2,8 @@
 
 The command's words (the rest of its line and the lines below, without the quote) are a note's
 text or the name of a staff member. Every mail here is filed under the case, so its key encrypts
-it and its purge removes it; an unknown word gets the list of commands back.
+it and its purge removes it; an unknown word gets the list of commands back (the notices' texts,
+mail/<language>/commands.txt, word them per language).
 """
 
 from __future__ import annotations
@@ -20,14 +21,6 @@ from .relay_answer import not_sent, staff_words, tell_the_others
 
 Command = Callable[[Inputs, Context, Case, str], Outcome]
 
-HELP = {
-    "closed": "close the case without mail to the customer (you answered by telephone; also #phone)",
-    "note": "#note <text>: send <text> to the case's other staff, never to the customer",
-    "assign": "#assign <name>: hand the case to one staff member (address or the part before @)",
-    "spam": "delete the case without mail to anyone, and discard the sender's mail for spam.block_days",
-    "help": "this list",
-}
-
 
 def handle(inp: Inputs, ctx: Context) -> Outcome:
     target = inp.target
@@ -36,9 +29,7 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
     reply = staff_words(inp, ctx, target)
     command = COMMANDS.get(reply.command or "")
     if command is None:
-        return not_sent(inp, ctx, target, "reply_unknown_command", "Unknown command, nothing was sent",
-                        'The first line of your reply starts with "#", which is for commands, and is not one '
-                        f"we know. The commands are:\n\n{_listed()}")
+        return not_sent(inp, ctx, target, "reply_unknown_command")
     return command(inp, ctx, target, reply.words)
 
 
@@ -51,17 +42,16 @@ def _note(inp: Inputs, ctx: Context, target: Case, words: str) -> Outcome:
     site, author = inp.site, inp.parsed.from_address
     others = tuple(s for s in case_staff(site, target) if s.casefold() != author.casefold())
     if not words:
-        return not_sent(inp, ctx, target, "note_empty", "Your note was empty, nothing was sent",
-                        'Write the note after "#note", on its line or the lines below.')
+        return not_sent(inp, ctx, target, "note_empty")
     if not others:
-        return not_sent(inp, ctx, target, "note_nobody", "Your note was not sent",
-                        "You are the only staff member of this site, so nobody else would read it.")
+        return not_sent(inp, ctx, target, "note_nobody")
     subject, text = ctx.texts.mail(site.id, "note", site=site, case_id=target.id, subject=target.subject,
                                    author=author, text=words)
     notes = tuple(ctx.outgoing(MailKind.NOTE, target.id, site.care_address, Draft(
         from_name=f"{site.name} careservice", from_address=site.care_address, to=(staff,), subject=subject,
         text=text, message_id=new_message_id(site.domain), automatic=True, loop_marker=ctx.config.smtp.hostname,
         reply_to=ctx.addressing.reply_address(site, target.id, target.nonce, staff),  # each their own token
+        in_reply_to=ctx.addressing.forward_message_id(site, target.id, staff),  # in their thread of the case
     )) for staff in others)
     return Outcome(CaseState.PURGED, "note_sent", mails=notes, counters=("notes",))
 
@@ -72,14 +62,13 @@ def _assign(inp: Inputs, ctx: Context, target: Case, words: str) -> Outcome:
     staff = answerers(site, target)
     chosen = [s for s in staff if wanted in (s.casefold(), s.rpartition("@")[0].casefold())]
     if len(chosen) != 1:
-        return not_sent(inp, ctx, target, "assign_unknown", "Unknown staff member, the case was not assigned",
-                        f'"#assign" needs one of this case\'s staff: {", ".join(staff)}.')
+        return not_sent(inp, ctx, target, "assign_unknown", staff=staff)
     owner = chosen[0]
     original = replace(inp, case=target, parsed=parse(target.message.raw, target.message.envelope.mail_from))
     forwards = _to_staff(original, ctx, target, follow_up=False, to=(owner,))
     others = tuple(s for s in case_staff(site, target) if s != owner)
-    told = (ctx.notice(site, others, f"Assigned to {owner}", f"{sender} assigned this case to {owner}.",
-                       about=target.id, filed_under=target.id),) if others else ()
+    told = (ctx.notice(site, others, "assigned", owner=owner, sender=sender, about=target.id,
+                       filed_under=target.id),) if others else ()
     return Outcome(CaseState.PURGED, "assigned", mails=(*forwards, *told), counters=("assigned",), target_owner=owner)
 
 
@@ -93,15 +82,9 @@ def _spam(inp: Inputs, ctx: Context, target: Case, words: str) -> Outcome:
 
 
 def _help(inp: Inputs, ctx: Context, target: Case, words: str) -> Outcome:
-    notice = ctx.notice(inp.site, (inp.parsed.from_address,), "Commands",
-                        "Start the first line of a reply to a case with one of these; the customer never "
-                        f"gets a reply that starts with \"#\":\n\n{_listed()}", about=target.id,
-                        filed_under=inp.case.id)
+    notice = ctx.notice(inp.site, (inp.parsed.from_address,), "help", about=target.id, filed_under=inp.case.id,
+                        answers=inp.parsed)
     return Outcome(CaseState.PURGED, "help_sent", mails=(notice,))
-
-
-def _listed() -> str:
-    return "\n".join(f"#{name}: {what}" for name, what in HELP.items())
 
 
 COMMANDS: dict[str, Command] = {"closed": _close, "phone": _close, "note": _note, "assign": _assign, "spam": _spam,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 from careservice.config import Site
 from careservice.context import Context
@@ -22,10 +23,16 @@ def answer_failed(site: Site, item: QueuedMail, why: str, ctx: Context) -> Outco
     # derived, not drawn, to keep the event a pure function: the failed mail's row id differs per answer,
     # and the keyed MAC keeps it unguessable
     nonce = hashlib.sha256(ctx.keyring.sign(f"reopen|{site.id}|{case_id}|{item.id}".encode()).encode()).hexdigest()[:8]
-    notices = tuple(ctx.notice(site, (staff,), "Answer could not be delivered",
-                               f"The answer was not delivered: {why}. The case is open again; reply to this "
-                               "notice to try again (replies to the earlier forward are no longer taken).",
-                               about=case_id, filed_under=case_id,
-                               reply_to=ctx.addressing.reply_address(site, case_id, nonce, staff))
+    notices = tuple(ctx.notice(site, (staff,), "answer_failed", about=case_id, filed_under=case_id,
+                               reply_to=ctx.addressing.reply_address(site, case_id, nonce, staff), **_failure(why))
                     for staff in site.staff)
     return Outcome(CaseState.OPEN, "answer_failed", mails=notices, nonce=nonce)
+
+
+def _failure(why: str) -> dict[str, object]:
+    """The facts of the outbox's `why` that the notice words in the site's language: the relay's reply
+    `code` ("" when it was not reached) and `gave_up_after` (seconds; 0 when refused for good). The outbox
+    says "the relay refused it permanently (code 550)", "temporary refusal (code 451); gave up after
+    432000 s" or "relay unreachable; gave up after 432000 s"."""
+    code, gave_up = re.search(r"\bcode (\d{3})\b", why), re.search(r"\bgave up after (\d+) s\b", why)
+    return {"code": code.group(1) if code else "", "gave_up_after": int(gave_up.group(1)) if gave_up else 0}

@@ -26,15 +26,14 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
             from_name=f"{site.name} careservice", from_address=site.care_address, to=(staff,), subject=subject,
             text=text, message_id=new_message_id(site.domain), automatic=True, loop_marker=ctx.config.smtp.hostname,
             reply_to=ctx.addressing.reply_address(site, case.id, case.nonce, staff),  # each their own token
+            in_reply_to=ctx.addressing.forward_message_id(site, case.id, staff),  # in their thread of the case
         )) for staff in to)
         # every reminder now due is sent as this one: a worker that was down does not send a burst
         passed = sum(1 for after in reminders if after <= age)
         return Outcome(CaseState.OPEN, "reminded", mails=mails,
                        updates=replace(case, reminded=case.reminded + passed), counters=("reminders",))
-    notice = ctx.notice(site, case_staff(site, case), "Expired unanswered, deleted",
-                        f"Nobody answered this case within {ctx.config.unanswered_days} days, so it was "
-                        "deleted as our privacy policy requires. Replies to it are no longer sent.",
-                        about=case.id, filed_under=case.id)
+    notice = ctx.notice(site, case_staff(site, case), "expired", days=ctx.config.unanswered_days, about=case.id,
+                        filed_under=case.id)
     return Outcome(CaseState.PURGED, "expired", mails=(notice,), counters=("expired",))
 
 

@@ -16,18 +16,9 @@ from careservice.mail import Draft, new_message_id, parse
 from careservice.model import Case, CaseState, ContactDetails, MailKind, Outcome, OutgoingMail
 from careservice.replytext import Forwarded, StaffReply, hide_addresses, read_reply, relay_problem
 from careservice.routing import case_staff
+from careservice.texts import separated
 
 ANSWER_SLOT = "careservice-answer-slot-5f0c"  # stands for the answer in the template's frame of the HTML answer
-
-WITHHELD = {
-    "reply_unreadable": "Your reply could not be read whole (its structure is too deep or too large, or a "
-                        "header is broken), and relaying it might show the customer what it quotes. Please "
-                        "answer again.",
-    "reply_attached_mail": "Your reply has a mail attached (perhaps the forwarded case), which must not reach "
-                           "the customer. Please answer again without it.",
-    "reply_address_attached": "An attachment of your reply shows one of our reply addresses, which must not "
-                              "reach the customer. Please answer again without it.",
-}
 
 
 def handle(inp: Inputs, ctx: Context) -> Outcome:
@@ -36,52 +27,50 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
         return Outcome(CaseState.STAFF_REPLY, "target_changed")  # verify again: it sends the late notice
     problem = relay_problem(parsed, f"{target.id}.{target.nonce}")
     if problem:
-        return not_sent(inp, ctx, target, problem, "Your reply was not sent", WITHHELD[problem])
+        return not_sent(inp, ctx, target, problem)  # reply_unreadable, reply_attached_mail, reply_address_attached
     reply = staff_words(inp, ctx, target)
     if reply.command is not None:
         return Outcome(CaseState.COMMAND, "command")
     if not reply.text:
-        return not_sent(inp, ctx, target, "reply_empty", "Your reply was empty, nothing was sent",
-                        "Your reply held no text of your own above or below the quote.")
+        return not_sent(inp, ctx, target, "reply_empty")
     customer = target.contact.email if target.contact else ""
     if not customer:
-        return not_sent(inp, ctx, target, "no_customer_address", "Answer not sent",
-                        "The customer left no e-mail address; please use the telephone.")
+        return not_sent(inp, ctx, target, "no_customer_address")
     text = hide_addresses(reply.text, site.all_staff, site.care_address)  # signatures must not reveal staff addresses
-    subject, body = ctx.texts.mail(site.id, "answer", site=site, subject=target.subject, text=text)
+    subject, body = ctx.texts.mail(site.id, "answer", target.language, site=site, subject=target.subject, text=text)
     html = ""
-    if reply.html:  # the same template frames it, so the site's signature is in both
-        frame = ctx.texts.mail(site.id, "answer", site=site, subject=target.subject, text=ANSWER_SLOT)[1]
+    if reply.html:  # framed by the text's own rendering, so the site's signature is in both or (the staff's
+        # own signature holding it) in neither: the slot takes the place of the staff member's words
+        frame = body.replace(separated(text.strip()), ANSWER_SLOT, 1)
         html = page(frame, ANSWER_SLOT, hide_addresses(reply.html, site.all_staff, site.care_address))
     draft = Draft(
         from_name=site.name, from_address=site.care_address, to=(customer,), subject=subject, text=body, html=html,
         message_id=new_message_id(site.domain), in_reply_to=target.message_id, references=target.references,
-        attachments=parsed.attachments, loop_marker=ctx.config.smtp.hostname,
+        attachments=parsed.attachments, loop_marker=ctx.config.smtp.hostname, language=target.language,
     )
     answer = ctx.outgoing(MailKind.ANSWER, target.id, site.care_address, draft)
     return Outcome(CaseState.PURGED, "answer_queued", mails=(answer, *tell_the_others(inp, ctx, target, "answered")),
                    target_state=CaseState.ANSWERING)
 
 
-def not_sent(inp: Inputs, ctx: Context, target: Case, reason: str, headline: str, why: str) -> Outcome:
-    """Drop the reply and tell its sender why the customer got nothing; the case stays open."""
-    notice = ctx.notice(inp.site, (inp.parsed.from_address,), headline,
-                        f"{why} Nothing was sent to the customer and the case stays open.",
-                        about=target.id, filed_under=inp.case.id)
+def not_sent(inp: Inputs, ctx: Context, target: Case, reason: str, **values: object) -> Outcome:
+    """Drop the reply and tell its sender why the customer got nothing (the notice `reason`, given
+    `values`); the case stays open."""
+    notice = ctx.notice(inp.site, (inp.parsed.from_address,), reason, about=target.id, filed_under=inp.case.id,
+                        answers=inp.parsed, **values)
     return Outcome(CaseState.PURGED, reason, mails=(notice,))
 
 
 def tell_the_others(inp: Inputs, ctx: Context, target: Case, done: str) -> tuple[OutgoingMail, ...]:
-    """With the site's `notify_answered`, the other staff hear that the case needs nothing more from them.
-    Filed under the reply, not the case: the case's purge must not take the notice with it."""
+    """With the site's `notify_answered`, the other staff hear that the case needs nothing more from them
+    (the notice `done`: "answered" or "closed"). Filed under the reply, not the case: the case's purge
+    must not take the notice with it."""
     site, sender = inp.site, inp.parsed.from_address
     others = tuple(s for s in case_staff(site, target) if s.casefold() != sender.casefold())
     if not site.notify_answered or not others:
         return ()
-    name = inp.parsed.from_name or sender
-    return (ctx.notice(site, others, f"{done.capitalize()} by {name} \u2014 nothing more to do",
-                       f"{name} <{sender}> has {done} case {target.id}; it needs nothing more from you.",
-                       about=target.id, filed_under=inp.case.id),)
+    return (ctx.notice(site, others, done, name=inp.parsed.from_name or sender, sender=sender, about=target.id,
+                       filed_under=inp.case.id),)
 
 
 def staff_words(inp: Inputs, ctx: Context, target: Case) -> StaffReply:

@@ -21,45 +21,30 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
         # A valid reply address from elsewhere is most likely staff writing from an alias, who would
         # believe the customer answered: all staff hear of it (the sender and its text stay unnamed).
         told = case_staff(site, inp.target) if inp.target is not None else site.staff
-        notice = ctx.notice(site, told, "Reply refused because of its sender",
-                            "A reply to this case came from an address that is not on the staff list, so "
-                            "nothing was sent to the customer. If one of you wrote it, please answer again "
-                            "from your staff address.", about=case.target, filed_under=case.id)
+        notice = ctx.notice(site, told, "reply_not_from_staff", about=case.target, filed_under=case.id)
         return Outcome(CaseState.PURGED, "reply_not_from_staff", mails=(notice,), counters=("reply_refused",))
     if not authenticated(site.staff_auth, case.message.raw, sender, inp.dkim_domains):
         # perhaps forged; if not, the staff member's mail setup needs fixing: the From hears either way
-        return _refused(inp, ctx, "reply_unauthenticated",
-                        "Your reply did not carry the proof of its sender that this site asks for (a valid "
-                        "DKIM signature of your domain, or your provider's confirmation of it), so nothing "
-                        "was sent to the customer. Please ask your mail administrator.")
+        return _refused(inp, ctx, "reply_unauthenticated")
     if not case.target:
-        notice = ctx.notice(site, (sender,), "Your reply was not sent",
-                            "The reply address was not valid (changed or not issued by us), so nothing "
-                            "was sent to anyone. Reply to the original forwarded case instead.",
-                            about="", filed_under=case.id)
+        notice = ctx.notice(site, (sender,), "reply_token_invalid", about="", filed_under=case.id, answers=inp.parsed)
         return Outcome(CaseState.PURGED, "reply_token_invalid", mails=(notice,), counters=("reply_refused",))
     if inp.target is None or inp.target.state is not CaseState.OPEN:
-        notice = ctx.notice(site, (sender,), "Already answered, nothing sent",
-                            "This case was already answered, closed or expired, and its data is deleted. "
-                            "Your reply was not sent to anyone.", about=case.target, filed_under=case.id)
+        notice = ctx.notice(site, (sender,), "reply_late", about=case.target, filed_under=case.id,
+                            answers=inp.parsed)
         return Outcome(CaseState.PURGED, "reply_late", mails=(notice,), counters=("reply_late",))
     issued = ctx.addressing.check_reply_token(site, reply_token(inp, ctx))
     if issued is None or issued.staff != sender:
-        return _refused(inp, ctx, "reply_other_staff",
-                        "This reply address was issued to another staff member, so nothing was sent to the "
-                        "customer. Reply to the forward you received yourself.")
+        return _refused(inp, ctx, "reply_other_staff")
     if sender not in answerers(site, inp.target):  # issued before a reload took the sender off its route
-        return _refused(inp, ctx, "reply_not_case_staff",
-                        "You are no longer among the staff of this case, so nothing was sent to the customer.")
+        return _refused(inp, ctx, "reply_not_case_staff")
     if issued.nonce != inp.target.nonce:
-        return _refused(inp, ctx, "reply_token_stale",
-                        "This case was opened again since that forward, and its old reply address is no "
-                        "longer valid, so nothing was sent to the customer. Reply to the newest mail about it.")
+        return _refused(inp, ctx, "reply_token_stale")
     return Outcome(CaseState.VERIFIED, "reply_verified")
 
 
-def _refused(inp: Inputs, ctx: Context, reason: str, why: str) -> Outcome:
-    """Drop a reply from a staff address and tell that address why."""
-    notice = ctx.notice(inp.site, (inp.parsed.from_address,), "Your reply was not sent", why,
-                        about=inp.case.target, filed_under=inp.case.id)
+def _refused(inp: Inputs, ctx: Context, reason: str) -> Outcome:
+    """Drop a reply from a staff address and tell that address why (the notice `reason`)."""
+    notice = ctx.notice(inp.site, (inp.parsed.from_address,), reason, about=inp.case.target,
+                        filed_under=inp.case.id, answers=inp.parsed)
     return Outcome(CaseState.PURGED, reason, mails=(notice,), counters=("reply_refused",))

@@ -250,6 +250,12 @@ class Daemon:
         self.proc = None
         return code
 
+    def __enter__(self) -> Daemon:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.kill()

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.browser import chromium_page, needs_chromium
 from tests.dovecot import DovecotServer
 from tests.support import (
     CARE,
@@ -35,7 +36,6 @@ from tests.support import (
     write_config,
 )
 from tests.test_web import VALID, Reply, call, serving
-from tests.test_web_browser import ARGS, CHROMIUM
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 ALICE, CAROL, DAVE, ZOE = ("alice@customer.example", "carol@customer.example", "dave@customer.example",
@@ -315,35 +315,24 @@ def test_check_refuses_an_unreadable_token_file_and_a_shared_address(tmp_path: P
     assert check.returncode == 2 and "admin.listen: same address as smtp.listen" in check.stderr, check.stderr
 
 
-@pytest.mark.browser
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+@needs_chromium
 def test_stats_page_in_chromium_shows_the_charts(traffic: Traffic) -> None:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 1400})
-            blocked: list[str] = []  # anything the Content-Security-Policy refused, or a request that failed
-            page.on("console", lambda msg: blocked.append(msg.text) if "Content Security Policy" in msg.text else None)
-            page.on("requestfailed", lambda request: blocked.append(request.url))
-            page.goto(f"http://127.0.0.1:{traffic.daemon.admin_port}/stats")
-            assert page.title() == "Statistics · careservice"
-            charts = page.locator("figure img")
-            assert charts.count() == 3  # time to answer, then one per site
-            page.wait_for_function("[...document.querySelectorAll('figure img')].every(i => i.naturalWidth > 0)")
-            assert [charts.nth(i).evaluate("i => i.naturalWidth") for i in range(3)] == [900, 900, 900]
-            assert all(charts.nth(i).get_attribute("alt") for i in range(3))
-            assert page.locator("header").evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(29, 91, 140)"
-            answers = page.get_by_role("table", name=re.compile("^Time to answer per site"))
-            assert answers.get_by_role("row", name=re.compile(r"^ticketnest \d+ min 100 % 100 % 100 %$")).count() == 1
-            page.get_by_text("Site ticketnest: the numbers per day").click()  # opens the table behind the chart
-            ticketnest = page.get_by_role("table", name=re.compile("^Site ticketnest per day"))
-            # opened, answered, closed by phone, expired, replies refused, form posts accepted and refused
-            assert ticketnest.locator("tbody tr").first.locator("td").all_inner_texts()[:7] == [
-                "3", "1", "1", "1", "1", "1", "1"]
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
-            assert page.evaluate("document.scripts.length") == 0
-            assert blocked == []
-        finally:
-            browser.close()
+    with chromium_page(1200, 1400) as (page, blocked):
+        page.goto(f"http://127.0.0.1:{traffic.daemon.admin_port}/stats")
+        assert page.title() == "Statistics · careservice"
+        charts = page.locator("figure img")
+        assert charts.count() == 3  # time to answer, then one per site
+        page.wait_for_function("[...document.querySelectorAll('figure img')].every(i => i.naturalWidth > 0)")
+        assert [charts.nth(i).evaluate("i => i.naturalWidth") for i in range(3)] == [900, 900, 900]
+        assert all(charts.nth(i).get_attribute("alt") for i in range(3))
+        assert page.locator("header").evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(29, 91, 140)"
+        answers = page.get_by_role("table", name=re.compile("^Time to answer per site"))
+        assert answers.get_by_role("row", name=re.compile(r"^ticketnest \d+ min 100 % 100 % 100 %$")).count() == 1
+        page.get_by_text("Site ticketnest: the numbers per day").click()  # opens the table behind the chart
+        ticketnest = page.get_by_role("table", name=re.compile("^Site ticketnest per day"))
+        # opened, answered, closed by phone, expired, replies refused, form posts accepted and refused
+        assert ticketnest.locator("tbody tr").first.locator("td").all_inner_texts()[:7] == [
+            "3", "1", "1", "1", "1", "1", "1"]
+        page.screenshot(path=str(SCREENSHOT), full_page=True)
+        assert page.evaluate("document.scripts.length") == 0
+        assert blocked == []

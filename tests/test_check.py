@@ -20,6 +20,14 @@ def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]
                           cwd=cwd)
 
 
+def with_override(tmp_path: Path, name: str, text: str) -> Path:
+    """A config whose service.templates_dir holds one file, `name` (e.g. "mail/en/ack.txt"), with `text`."""
+    override = tmp_path / "overrides"
+    (override / name).parent.mkdir(parents=True, exist_ok=True)
+    (override / name).write_text(text)
+    return with_lines(write_config(tmp_path, 1), "service", f'templates_dir = "{override}"')
+
+
 def with_lines(path: Path, table: str, *lines: str) -> Path:
     """The config at `path` with `lines` added at the top of `[table]` (a new table when it has none)."""
     text = path.read_text()
@@ -99,43 +107,31 @@ def test_staff_auth_defaults_to_none_and_reads_its_modes(tmp_path: Path) -> None
 
 
 def test_check_renders_every_template_and_names_a_broken_site_override(tmp_path: Path) -> None:
-    override = tmp_path / "overrides"
-    (override / "mail" / "ixs").mkdir(parents=True)
-    (override / "mail" / "ixs" / "ack.txt").write_text("Subject: Thanks\n\nHello {{ contact.name }\n")
-    config = with_lines(write_config(tmp_path, 1), "service", f'templates_dir = "{override}"')
+    config = with_override(tmp_path, "mail/de/ixs/ack.txt", "Subject: Thanks\n\nHello {{ contact.name }\n")
     result = cli("check", "--config", str(config))
     assert result.returncode == 2, result.stdout
-    assert "site ixs" in result.stderr and "mail/ixs/ack.txt" in result.stderr
+    assert "site ixs" in result.stderr and "mail/de/ixs/ack.txt" in result.stderr  # every language is checked
     assert "ticketnest" not in result.stderr  # the other site uses the packaged default, which is fine
     run = cli("run", "--config", str(config))
-    assert run.returncode == 2 and "mail/ixs/ack.txt" in run.stderr
+    assert run.returncode == 2 and "mail/de/ixs/ack.txt" in run.stderr
 
 
 def test_check_names_a_template_that_uses_an_unknown_value(tmp_path: Path) -> None:
-    override = tmp_path / "overrides"
-    (override / "web" / "ticketnest").mkdir(parents=True)
-    (override / "web" / "ticketnest" / "thanks.html").write_text("{{ site.nmae.upper() }}")
-    config = with_lines(write_config(tmp_path, 1), "service", f'templates_dir = "{override}"')
+    config = with_override(tmp_path, "web/en/ticketnest/thanks.html", "{{ site.nmae.upper() }}")
     result = cli("check", "--config", str(config))
     assert result.returncode == 2
-    assert "site ticketnest" in result.stderr and "web/ticketnest/thanks.html" in result.stderr
+    assert "site ticketnest" in result.stderr and "web/en/ticketnest/thanks.html" in result.stderr
 
 
 def test_a_mail_template_without_its_subject_line_is_refused(tmp_path: Path) -> None:
-    override = tmp_path / "overrides"
-    (override / "mail").mkdir(parents=True)
-    (override / "mail" / "notice.txt").write_text("{{ headline }}\n")
-    config = with_lines(write_config(tmp_path, 1), "service", f'templates_dir = "{override}"')
+    config = with_override(tmp_path, "mail/en/notice.txt", "{{ headline }}\n")
     result = cli("check", "--config", str(config))
-    assert result.returncode == 2 and "mail/notice.txt" in result.stderr and "Subject" in result.stderr
+    assert result.returncode == 2 and "mail/en/notice.txt" in result.stderr and "Subject" in result.stderr
 
 
 def test_an_override_falls_back_to_the_packaged_default_per_file(tmp_path: Path) -> None:
-    override = tmp_path / "overrides"
-    (override / "web" / "ixs").mkdir(parents=True)
-    (override / "web" / "ixs" / "thanks.html").write_text("ixs says thank you")
-    config = load_config(with_lines(write_config(tmp_path, 1), "service", f'templates_dir = "{override}"'))
-    texts = Texts(config.templates_dir)
+    config = load_config(with_override(tmp_path, "web/en/ixs/thanks.html", "ixs says thank you"))
+    texts = Texts(config.templates_dir, config.sites)
     ixs, ticketnest = config.site("ixs"), config.site("ticketnest")
     assert ixs is not None and ticketnest is not None
     assert texts.page("ixs", "thanks", site=ixs, nonce="n") == "ixs says thank you"

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import struct
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -84,3 +87,21 @@ def test_a_metric_file_not_yet_sized_does_not_fail_the_scrape(tmp_path: Path) ->
     registry = CollectorRegistry()
     metrics.ProcessFiles(registry, path=str(tmp_path))
     assert registry.get_sample_value("careservice_x_total") == 3.0
+
+
+def test_each_process_allocates_its_metric_files_before_writing(tmp_path: Path) -> None:
+    """Sparse files written through mmap killed the worker with SIGBUS when the disk was full."""
+    code = ("from careservice import metrics\n"
+            "metrics.received('smtp', 1, 0.01)\nmetrics.relay_up(True)\nimport os\nprint(os.getpid())")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    pid = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                         check=True).stdout.strip()
+    files = sorted(tmp_path.glob(f"*_{pid}.db"))
+    assert [f.name.rsplit("_", 1)[0] for f in files] == sorted(metrics.FILE_KINDS)
+    for file in files:
+        stat = file.stat()
+        assert stat.st_blocks * 512 >= stat.st_size >= metrics.FILE_BYTES, file.name  # not sparse
+        assert stat.st_mode & 0o777 == 0o600
+    registry = CollectorRegistry()
+    metrics.ProcessFiles(registry, path=str(tmp_path))
+    assert registry.get_sample_value("careservice_messages_received_total", {"channel": "smtp"}) == 1.0

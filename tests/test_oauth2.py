@@ -65,6 +65,11 @@ def oauth2_lines(tmp: Path, provider: OAuthServer, grant: str, secret: str = "")
     return lines + f'scope = "{SCOPE}"\n'
 
 
+def oauth2_config(tmp: Path, relay: CaptureRelay, dovecot: DovecotServer, provider: OAuthServer, grant: str) -> Path:
+    """A daemon's config whose mailbox logs in with tokens of `grant` from `provider`."""
+    return imap_config(tmp, relay, dovecot, auth=oauth2_lines(tmp, provider, grant))
+
+
 def health(daemon: Daemon, dovecot: DovecotServer) -> dict[str, object]:
     return daemon.status().get("imap", {}).get(f"care@127.0.0.1:{dovecot.port}/INBOX", {})
 
@@ -76,11 +81,9 @@ def forwarded(relay: CaptureRelay, subject: str) -> bool:
 def test_client_credentials_drain_the_mailbox_and_renew_the_session_before_the_token_expires(
         tmp_path: Path, relay: CaptureRelay, dovecot: DovecotServer, provider: OAuthServer) -> None:
     provider.expires_in = 4  # renewed 0.4 s before it expires
-    config = imap_config(tmp_path / "svc", relay, dovecot, auth=oauth2_lines(tmp_path / "svc", provider,
-                                                                             "client_credentials"))
+    config = oauth2_config(tmp_path / "svc", relay, dovecot, provider, "client_credentials")
     dovecot.append(customer_mail("Before start", "waiting"))
-    daemon = Daemon(config).start()
-    try:
+    with Daemon(config) as daemon:
         wait_for(lambda: forwarded(relay, "Before start"), what="forward of mail taken with a token")
         assert provider.requests[0] == {"grant_type": "client_credentials", "scope": SCOPE}
         wait_for(lambda: len(provider.requests) >= 3, timeout=15, what="two renewals")
@@ -88,24 +91,18 @@ def test_client_credentials_drain_the_mailbox_and_renew_the_session_before_the_t
         dovecot.append(customer_mail("After renewal", "still taken"))
         wait_for(lambda: forwarded(relay, "After renewal"), what="forward after the first token expired")
         assert health(daemon, dovecot)["ok"] is True
-    finally:
-        daemon.stop()
 
 
 def test_a_rotated_refresh_token_is_saved_0600_and_used(tmp_path: Path, relay: CaptureRelay,
                                                         dovecot: DovecotServer, provider: OAuthServer) -> None:
     provider.expires_in = 4
-    config = imap_config(tmp_path / "svc", relay, dovecot, auth=oauth2_lines(tmp_path / "svc", provider,
-                                                                             "refresh_token"))
+    config = oauth2_config(tmp_path / "svc", relay, dovecot, provider, "refresh_token")
     stored = tmp_path / "svc" / "tokens" / "refresh.token"
     first = stored.read_text().strip()
-    daemon = Daemon(config).start()
-    try:
+    with Daemon(config):
         wait_for(lambda: len(provider.requests) >= 3, timeout=15, what="three refreshes")
         dovecot.append(customer_mail("Rotated", "taken with the newest token"))
         wait_for(lambda: forwarded(relay, "Rotated"), what="forward")
-    finally:
-        daemon.stop()
     assert provider.requests[0]["refresh_token"] == first and "scope" not in provider.requests[0]
     assert [form["refresh_token"] for form in provider.requests[1:]] != [first] * (len(provider.requests) - 1)
     assert provider.refresh_tokens == {stored.read_text().strip()}  # the one the provider still takes
@@ -122,8 +119,7 @@ def test_a_refused_grant_or_client_stops_the_mailbox_until_a_reload(tmp_path: Pa
     token_file = tmp_path / "svc" / "tokens" / "refresh.token"
     if problem == "invalid_grant":
         token_file.write_text("revoked-by-the-user\n")
-    daemon = Daemon(imap_config(tmp_path / "svc", relay, dovecot, auth=lines)).start()
-    try:
+    with Daemon(imap_config(tmp_path / "svc", relay, dovecot, auth=lines)) as daemon:
         wait_for(lambda: health(daemon, dovecot).get("problem") == f"oauth2_{problem}", what="the problem in status")
         assert health(daemon, dovecot)["ok"] is False
         time.sleep(4)  # a back-off would have asked again after 1 s and 3 s
@@ -136,24 +132,18 @@ def test_a_refused_grant_or_client_stops_the_mailbox_until_a_reload(tmp_path: Pa
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: health(daemon, dovecot).get("ok") is True, what="the mailbox working after the reload")
-    finally:
-        daemon.stop()
 
 
 def test_an_unreachable_token_endpoint_is_retried_with_back_off(tmp_path: Path, relay: CaptureRelay,
                                                                 dovecot: DovecotServer, provider: OAuthServer) -> None:
     provider.fail_with = 503
-    config = imap_config(tmp_path / "svc", relay, dovecot, auth=oauth2_lines(tmp_path / "svc", provider,
-                                                                             "client_credentials"))
-    daemon = Daemon(config).start()
-    try:
+    config = oauth2_config(tmp_path / "svc", relay, dovecot, provider, "client_credentials")
+    with Daemon(config) as daemon:
         wait_for(lambda: health(daemon, dovecot).get("problem") == "oauth2_token_failed", what="the problem")
         wait_for(lambda: len(provider.requests) >= 2, what="a retry")
         provider.fail_with = 0
         wait_for(lambda: health(daemon, dovecot).get("ok") is True, what="recovery without a reload")
         assert "http=503" in daemon.log.read_text()
-    finally:
-        daemon.stop()
 
 
 @dataclass
@@ -187,15 +177,12 @@ def relay_config(tmp: Path, relay: OAuthRelay, provider: OAuthServer, secret: st
 def test_the_relay_takes_mail_with_xoauth2_and_a_renewed_token(tmp_path: Path, provider: OAuthServer) -> None:
     provider.expires_in = 4
     relay = OAuthRelay(provider=provider).start()
-    daemon = Daemon(relay_config(tmp_path, relay, provider)).start()
-    try:
+    with Daemon(relay_config(tmp_path, relay, provider)) as daemon:
         send(daemon.smtp_port, CUSTOMER, [CARE], customer_mail("First", "one"))
         wait_for(lambda: len(relay.received) == 3, what="forwards and acknowledgement")
         time.sleep(6)  # the token expired, and the relay connection was closed after 5 s unused
         send(daemon.smtp_port, CUSTOMER, [CARE], customer_mail("Second", "two"))
         wait_for(lambda: len(relay.received) == 6, what="the second forwards and acknowledgement")
-    finally:
-        daemon.stop()
         relay.stop()
     assert relay.logins and all(relay.logins) and len(provider.requests) >= 2
 
@@ -204,8 +191,7 @@ def test_the_relay_takes_mail_with_xoauth2_and_a_renewed_token(tmp_path: Path, p
 def test_a_refused_client_stops_asking_for_relay_tokens_until_a_reload(tmp_path: Path, provider: OAuthServer) -> None:
     relay = OAuthRelay(provider=provider).start()
     config = relay_config(tmp_path, relay, provider, secret="expired-secret")
-    daemon = Daemon(config).start()
-    try:
+    with Daemon(config) as daemon:
         send(daemon.smtp_port, CUSTOMER, [CARE], customer_mail("Waiting", "for a token"))
         wait_for(lambda: daemon.log.read_text().count("relay_down") >= 2, what="two delivery rounds")
         log = daemon.log.read_text()
@@ -215,8 +201,6 @@ def test_a_refused_client_stops_asking_for_relay_tokens_until_a_reload(tmp_path:
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: len(relay.received) == 3, what="delivery after the reload")
-    finally:
-        daemon.stop()
         relay.stop()
 
 

@@ -37,7 +37,8 @@ async def ctx(tmp_path: Path) -> AsyncIterator[tuple[Context, Store]]:
     keyring = Keyring(b"k" * 32)
     store = Store(config.data_dir, keyring)
     await store.start(sweep=True)
-    yield Context(config, Addressing(config.sites, keyring), keyring, Texts(config.templates_dir), Clock()), store
+    yield Context(config, Addressing(config.sites, keyring), keyring, Texts(
+        config.templates_dir, config.sites), Clock()), store
     await store.close()
 
 

@@ -220,7 +220,7 @@ def test_submission_reaches_staff_with_every_field_and_no_client_details(daemon:
     assert forward.rcpt_tos == [STAFF] and forward.mail_from == CARE  # and a copy of its own to STAFF2
     assert str(forward.message["From"]) == f"Zoë Müller via TicketNest <{CARE}>"
     assert str(forward.message["Reply-To"]).startswith("care+")
-    assert str(forward.message["Subject"]).endswith("] Contact form")
+    assert str(forward.message["Subject"]).endswith("] TicketNest: Where are my tickets? Order 4711, …")  # brand, words
     body = forward.message.get_body(("plain",)).get_content().replace("\r\n", "\n")
     for line in ("Name:      Zoë Müller", f"E-Mail:    {CUSTOMER}", "Company:   Ätna Events GmbH",
                  "Address:   Hauptstraße 1, 10115 Berlin", "Telephone: +49 30 123456", "Fax:       +49 30 123457",
@@ -299,7 +299,7 @@ def test_every_error_at_once_keeps_the_values(shared: Daemon) -> None:
     assert reply.status == 400
     assert {n: bool(reply.field_error(n)) for n in ("name", "email", "query", "telephone", "company")} == {
         "name": True, "email": True, "query": True, "telephone": True, "company": False}
-    assert "so that we can call you" in reply.field_error("telephone")
+    assert "Required when you ask us to call you" in reply.field_error("telephone")
     assert 'value="ACME &lt;b&gt;&#34;Events&#34;&lt;/b&gt;"' in reply.text
     assert 'value="telephone" checked' in reply.text
     assert "Please check 4 fields" in reply.text

@@ -55,8 +55,8 @@ def test_the_wheel_holds_stages_and_templates_inside_the_package(wheel: Path) ->
     tops = {name.split("/", 1)[0] for name in names}
     assert tops == {"careservice", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
     for needed in ("careservice/handlers/__init__.py", "careservice/handlers/forward.py",
-                   "careservice/templates/mail/forward.txt", "careservice/templates/mail/ack.txt",
-                   "careservice/templates/web/form.html", "careservice/templates/web/base.html"):
+                   "careservice/templates/mail/en/forward.txt", "careservice/templates/mail/de/ack.txt",
+                   "careservice/templates/web/en/form.html", "careservice/templates/web/layout/base.html"):
         assert needed in names
 
 

@@ -233,3 +233,4 @@ def test_unanswered_case_expires_with_notice_and_its_reply_address_with_it(daemo
     wait_for(lambda: [c for c in relay.to(STAFF) if "Already answered" in str(c.message["Subject"])],
              what="the expired case's reply address refused")
     assert answer_to(relay) == []
+    assert files_containing(daemon.data_dir, [b"nobody answers", b"Too late"]) == []

@@ -19,6 +19,7 @@ import logging
 import math
 import re
 import socket
+import textwrap
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,7 @@ from careservice.intake.formguard import ALL, CodeTokens, RateLimit, take_all
 from careservice.intake.ingest import Ingest
 from careservice.intake.spamcheck import SpamCheck, form_message, form_probe
 from careservice.intake.webguard import ConnectionGuard, bucket, client_address, guarded_protocol, trusted
+from careservice.language import accepted_languages
 from careservice.logs import error_fields
 from careservice.mail import CONTROL, SYSTEM_LOCALPARTS, Draft, new_message_id, render
 from careservice.model import ContactDetails, Envelope, NewMessage, Source
@@ -47,7 +49,7 @@ from careservice.spamverdict import SpamVerdict, stamp
 
 log = logging.getLogger("careservice.web")
 
-SUBJECT = "Contact form"
+SUBJECT_WIDTH = 40  # characters of the query a form case's subject shows after the brand
 TOKEN_FIELD = "code_token"
 HONEYPOT_FIELD = "website"  # hidden from people; robots fill it in
 PREFERRED = ("email", "telephone")
@@ -159,10 +161,14 @@ class ContactForm:
             return None
         return Entry(site, site.contact_path)
 
+    def language(self, request: Request) -> str:
+        """The best of the browser's languages (Accept-Language) that has texts; "" for the site's."""
+        return self.ctx.texts.choose(accepted_languages(request.headers.get("accept-language", "")[:500]))
+
     def _page(self, request: Request, entry: Entry, name: str, status: int = 200,
               headers: dict[str, str] | None = None, **values: Any) -> HTMLResponse:
-        html = self.ctx.texts.page(entry.site.id, name, site=entry.site, contact_url=entry.url,
-                                   nonce=request.state.csp_nonce, **values)
+        html = self.ctx.texts.page(entry.site.id, name, self.language(request), site=entry.site,
+                                   contact_url=entry.url, nonce=request.state.csp_nonce, **values)
         return HTMLResponse(html, status_code=status, headers=headers)
 
     def _form(self, request: Request, entry: Entry, values: dict[str, str], errors: dict[str, str],
@@ -222,14 +228,15 @@ class ContactForm:
             log.warning("form_refused site=%s reason=disk_low", site.id)
             metrics.form_post(site.id, "unavailable")
             return self._form(request, entry, values, {}, "unavailable", 503)
-        verdict = await self.spam.check(form_message(site, contact, values["query"], SUBJECT),
+        verdict = await self.spam.check(form_message(site, contact, values["query"], subject(site, values["query"])),
                                         form_probe(site, contact.email))
         if verdict.result == "reject":
             log.info("form_refused site=%s reason=spam", site.id)
             metrics.form_post(site.id, "spam")
             return self._form(request, entry, values, {}, "refused", 400)
         try:
-            ids = await self.ingest.accept([self.message(site, contact, values["query"], token_id, verdict)], "web")
+            message = self.message(site, contact, values["query"], token_id, verdict, self.language(request))
+            ids = await self.ingest.accept([message], "web")
         except Exception as exc:  # not committed: the customer keeps the page and can send it again
             log.error("form_failed site=%s %s", site.id, error_fields(exc))
             metrics.form_post(site.id, "unavailable")
@@ -272,10 +279,12 @@ class ContactForm:
                               preferred), {}
 
     def message(self, site: Site, contact: ContactDetails, query: str, token_id: bytes,
-                verdict: SpamVerdict) -> NewMessage:
-        """The submission as a mail to the care address; header values cannot break lines (mail.render)."""
-        draft = Draft(from_name=contact.name, from_address=contact.email, to=(site.care_address,), subject=SUBJECT,
-                      text="\n".join(query.splitlines()).rstrip(), message_id=new_message_id(site.domain))
+                verdict: SpamVerdict, language: str) -> NewMessage:
+        """The submission as a mail to the care address, in the customer's `language` (Content-Language,
+        as a mail would say it); header values cannot break lines (mail.render)."""
+        draft = Draft(from_name=contact.name, from_address=contact.email, to=(site.care_address,),
+                      subject=subject(site, query), text="\n".join(query.splitlines()).rstrip(),
+                      message_id=new_message_id(site.domain), language=language)
         dedupe = self.ctx.keyring.digest(f"form code {token_id.hex()}") if token_id else b""
         return NewMessage(site.id, Source.WEB, Envelope(contact.email, site.care_address),
                           stamp(render(draft), verdict), contact=contact, dedupe=dedupe)
@@ -295,6 +304,13 @@ class ContactForm:
 
     async def code_audio(self, request: Request) -> Response:
         return await self._code(request, "wav")
+
+
+def subject(site: Site, query: str) -> str:
+    """A form case's subject: the brand and the query's first words ("TicketNest: Where are my tickets …")."""
+    words = " ".join(query.split())
+    shown = textwrap.shorten(words, SUBJECT_WIDTH, placeholder=" …")
+    return f"{site.name}: {words[:SUBJECT_WIDTH - 2] + ' …' if shown == '…' else shown}"  # "…": one long word
 
 
 def not_found() -> Response:

@@ -29,7 +29,7 @@ def meta(case: Case) -> bytes:
         "mail_from": case.message.envelope.mail_from, "rcpt": case.message.envelope.rcpt,
         "contact": asdict(case.contact) if case.contact else None, "subject": case.subject,
         "message_id": case.message_id, "references": list(case.references), "owner": case.owner,
-        "reminded": case.reminded, "route": case.route,
+        "reminded": case.reminded, "route": case.route, "language": case.language,
     }).encode()
 
 
@@ -68,7 +68,7 @@ def load_case(conn: sqlite3.Connection, keyring: Keyring, row: tuple[Any, ...]) 
         contact=ContactDetails(**meta["contact"]) if meta["contact"] else None,
         subject=meta["subject"], message_id=meta["message_id"], references=tuple(meta["references"]),
         target=target, failures=failures, owner=meta.get("owner", ""),  # not in cases stored before #assign
-        reminded=meta.get("reminded", 0), route=meta.get("route", ""),
+        reminded=meta.get("reminded", 0), route=meta.get("route", ""), language=meta.get("language", ""),
     )
 
 

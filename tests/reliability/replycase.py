@@ -60,8 +60,8 @@ def answers(relay: CaptureRelay, customer: str) -> list[str]:
 
 
 def new_text(answer: str) -> str:
-    """The staff member's part of an answer (templates/mail/answer.txt adds the site's signature)."""
-    return answer.split("\n--\n")[0].strip()
+    """The staff member's part of an answer (mail/<language>/answer.txt adds the signature after "-- ")."""
+    return answer.split("\n-- \n")[0].strip()
 
 
 def notices(relay: CaptureRelay, staff: str, case: str) -> list[EmailMessage]:

@@ -18,6 +18,7 @@ from tests.support import (
     CaptureRelay,
     Daemon,
     customer_mail,
+    files_containing,
     send,
     staff_reply,
     wait_for,
@@ -60,19 +61,26 @@ def test_cases_past_the_hard_limit_are_purged_whatever_their_state_or_site(tmp_p
                                   "WHERE case_id NOT IN (SELECT id FROM cases)").fetchall())
     cases.close()
     assert sorted(aged.values()) == ["answering", "open", "purged"]
+    keys = sqlite3.connect(daemon.data_dir / "keys.db")
+    wrapped = [row[0] for row in keys.execute("SELECT wrapped FROM keys")]
+    keys.close()
+    assert len(wrapped) == 3
 
     daemon.start()
     try:
         wait_for(lambda: len(re.findall(r"case_purged_hard_limit", daemon.log.read_text())) == 3,
                  what="both cases and the notice purged at the hard limit")
         rows = stored_rows(daemon.data_dir)
+        # the keys are gone from every file, WAL included (the sweep truncates it as every purge does),
+        # so what may remain of a case's sealed bytes can never be opened again
+        left = files_containing(daemon.data_dir, wrapped)
     finally:
         daemon.stop()
         relay.stop()
     log = daemon.log.read_text()
     for case_id, state in aged.items():
         assert f"case_purged_hard_limit case={case_id} state={state} age_days={AGE_DAYS}" in log
-    assert rows == {"cases": 0, "outbox": 0, "k.keys": 0}
+    assert rows == {"cases": 0, "outbox": 0, "k.keys": 0} and left == []
     stats = sqlite3.connect(daemon.data_dir / "cases.db")
     counted = stats.execute("SELECT site, value FROM stats WHERE name='purged_hard_limit'").fetchall()
     stats.close()
