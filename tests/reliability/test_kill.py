@@ -175,6 +175,14 @@ def tally(load: Load) -> Tally:
     )
 
 
+def settled(load: Load, label: str, kills: int, counts: dict[str, object]) -> None:
+    """Print what the load's mail came to; nothing lost, duplicates within the kills, the store idle."""
+    result = tally(load)
+    print(f"{label} {result.line(load)} client_retries={dict(load.refusals)} final={counts}")
+    result.check(kills)
+    assert counts == IDLE
+
+
 def kill(daemon: Daemon, rng: random.Random) -> str:
     """SIGKILL the intake process, the worker, or both; restart what the daemon does not restart itself."""
     assert daemon.proc is not None
@@ -237,11 +245,7 @@ def test_kill9_under_load_loses_nothing(tmp_path: Path, relay: CaptureRelay) -> 
         load.stop_new.set()
         daemon.stop()
 
-    result = tally(load)
-    print(f"kill -9: kills={sum(kinds.values())} {dict(kinds)} {result.line(load)} "
-          f"client_retries={dict(load.refusals)} final={counts}")
-    result.check(KILLS)
-    assert counts == IDLE
+    settled(load, f"kill -9: kills={sum(kinds.values())} {dict(kinds)}", KILLS, counts)
     assert integrity(daemon.data_dir) == ["ok", "ok"]
     assert stored_rows(daemon.data_dir) == {"cases": 0, "outbox": 0, "k.keys": 0}
     assert log_leaks(daemon, ["kill-c", "kill-a", "@customer.example", "Name kill"]) == []

@@ -28,7 +28,7 @@ from careservice.store import Store, read_status
 from careservice.store.pg.claims import ORPHAN_KEY_AGE
 from tests.postgres import Postgres, case_rows, with_store
 from tests.reliability.helpers import IDLE, SCALE, children, log_leaks, set_keys
-from tests.reliability.test_kill import GIVE_UP, SEED, SENDERS, Load, tally
+from tests.reliability.test_kill import GIVE_UP, SEED, SENDERS, Load, settled
 from tests.support import CaptureRelay, Daemon, wait_for, write_config
 
 pytestmark = pytest.mark.reliability
@@ -123,11 +123,7 @@ def run_load(tmp_path: Path, relay: CaptureRelay, store: StoreConfig, disturb: o
         load.stop_new.set()
         for node in nodes:
             node.stop()
-    result = tally(load)
-    print(f"{NODES} nodes: seed={SEED} kills={kills} {result.line(load)} client_retries={dict(load.refusals)} "
-          f"final={counts}")
-    result.check(kills)
-    assert counts == IDLE
+    settled(load, f"{NODES} nodes: seed={SEED} kills={kills}", kills, counts)
     # a node killed between its two commits (keys first) may leave a key without rows, for no 250 was
     # given; the sweep takes such keys once no commit can still be in progress: let it run as if then
     asyncio.run(sweep_later(store, nodes[0]))
