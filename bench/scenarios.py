@@ -421,6 +421,7 @@ SCENARIOS: dict[str, tuple[str, Callable[[Settings, Log, float | None], list[Row
     "4": ("4 form", lambda s, log, bare: form(s, log)),
     "5": ("5 IMAP", lambda s, log, bare: imap(s, log)),
     "6": ("6 scale", lambda s, log, bare: scale(s, log)),
+    "7": ("7 nodes", lambda s, log, bare: importlib.import_module("bench.nodes").run(s.cycle_cases, s.warmup, log)),
 }
 
 

@@ -69,7 +69,7 @@ class StoreState:
         worker = self.parts.worker.beat_age() < WORKER_LOOP_WITHIN
         yield GaugeMetricFamily("careservice_worker_up", "1 while the worker process runs and its loop beats.",
                                 value=int(worker))
-        live = statsdb.live(config.data_dir)
+        live = statsdb.live(config.data_dir, config.store)
         cases = GaugeMetricFamily("careservice_cases_open", "Cases forwarded and not yet purged.", labels=["site"])
         for site in dict.fromkeys([*(s.id for s in config.sites), *sorted(live.open_cases)]):
             cases.add_metric([site], live.open_cases.get(site, 0))
@@ -138,11 +138,12 @@ class Admin:
 
     async def healthz(self, request: Request) -> Response:
         """200 while mail is taken in safely ("degraded" while the relay is down), else 503 naming what fails."""
-        data_dir = self.parts.ctx.config.data_dir
+        config = self.parts.ctx.config
         beat = self.parts.worker.beat_age()
+        writable = await asyncio.to_thread(statsdb.writable, config.data_dir, config.store)
         checks = {
             "smtp": "ok" if self.parts.smtp_accepting() else "not_accepting",
-            "store": "ok" if await asyncio.to_thread(statsdb.writable, data_dir) else "not_writable",
+            "store": "ok" if writable else "not_writable",
             "worker": "ok" if beat < WORKER_LOOP_WITHIN else "down" if math.isinf(beat) else "stalled",
             "disk": "low" if await asyncio.to_thread(self.parts.ingest.disk_low) else "ok",
         }
@@ -167,7 +168,8 @@ class Admin:
 
     def _stats_page(self, nonce: str) -> str:
         ctx = self.parts.ctx
-        rep = report(ctx.config.data_dir, [site.id for site in ctx.config.sites], charts.PAGE_DAYS)
+        rep = report(ctx.config.data_dir, [site.id for site in ctx.config.sites], charts.PAGE_DAYS,
+                     backend=ctx.config.store)
         return charts.page(rep, ctx.texts, nonce)
 
 

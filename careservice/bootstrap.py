@@ -9,7 +9,7 @@ from pathlib import Path
 from careservice.addresses import Addressing
 from careservice.config import Config
 from careservice.context import Context
-from careservice.crypto import Keyring, load_master_key
+from careservice.crypto import Keyring
 from careservice.store import Store
 from careservice.texts import Texts
 
@@ -27,7 +27,7 @@ def build_context(config: Config, intake: bool) -> tuple[Context, Store]:
     Only the intake process creates a missing master key, and only its commits must be on disk
     before they are answered; the worker's store runs inline (see careservice.store).
     """
-    keyring = Keyring(load_master_key(config.master_key_file, create=intake))
-    store = Store(config.data_dir, keyring, durable=intake, inline=not intake)
+    keyring = Keyring.load(config.master_key_file, create=intake)
+    store = Store(config.data_dir, keyring, durable=intake, inline=not intake, backend=config.store)
     texts = Texts(config.templates_dir, config.sites)
     return Context(config, Addressing(config.sites, keyring), keyring, texts, time.time), store

@@ -1,5 +1,5 @@
-"""`careservice run | check | keygen | dkim-keygen | status | stats | cases | export | --version`; each takes
---config PATH."""
+"""`careservice run | check | keygen | dkim-keygen | status | stats | cases | export | migrate |
+rotate-master-key | --version`; each takes --config PATH."""
 
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def _dkim_keygen(config: Config, args: argparse.Namespace) -> int:
 
 def _status(config: Config, args: argparse.Namespace) -> int:
     try:
-        status = read_status(config.data_dir)
+        status = read_status(config.data_dir, config.store)
     except StoreError as exc:
         print(f"careservice: {exc}", file=sys.stderr)
         return 1
@@ -155,9 +155,28 @@ def _status(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _migrate(config: Config, args: argparse.Namespace) -> int:
+    from careservice.storeadmin import migrate
+
+    for line in migrate(config.store, config.data_dir):
+        print(line)
+    return 0
+
+
+def _rotate_master_key(config: Config, args: argparse.Namespace) -> int:
+    from careservice.storeadmin import rotate_master_key
+
+    setup_logging(config.log_level)
+    kept, rewrapped = rotate_master_key(config)
+    print(f"wrote a new master key to {config.master_key_file} (mode 0600); {rewrapped} wrapped keys now under it")
+    print(f"the old key is in {kept}: delete it once every node runs with the new one (they follow the file) and "
+          "before the oldest backup of the keys it wrapped must stop being readable")
+    return 0
+
+
 def _stats(config: Config, args: argparse.Namespace) -> int:
     try:
-        stats = report(config.data_dir, [site.id for site in config.sites], args.days)
+        stats = report(config.data_dir, [site.id for site in config.sites], args.days, backend=config.store)
     except StoreError as exc:
         print(f"careservice: {exc}", file=sys.stderr)
         return 1
@@ -207,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
                              ("stats", _stats, "print the per-site daily statistics"),
                              ("cases", _cases, "list the open cases as JSON (needs the master key)"),
                              ("export", _export, "write one open case as an mbox file (lawful disclosure)"),
+                             ("migrate", _migrate, "create or update the store's schema (both databases)"),
+                             ("rotate-master-key", _rotate_master_key,
+                              "re-wrap every case key under a new master key, keeping the old key beside it"),
                              ("worker", _worker, "(internal) the case worker that `run` starts")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--config", default="config.toml", help="config file (default ./config.toml)")

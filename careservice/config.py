@@ -23,6 +23,7 @@ from careservice.settings import (  # the records config.py fills in; importable
     Site,
     SmtpConfig,
     SpamConfig,
+    StoreConfig,
     WebConfig,
 )
 from careservice.staffauth import valid_mode
@@ -269,6 +270,7 @@ def load_config(path: Path) -> Config:
         admin=AdminConfig(parse_endpoint("admin.listen", admin_listen) if admin_listen else None,
                           _path(base, admin.get("token_file", str, ""))),
         spam=SpamConfig(spam.get("rspamd_url", str, ""), spam.positive("timeout", 5), spam.positive("block_days", 30)),
+        store=_store(root.sub("store")),
         digest_at=clock_time(root.sub("digest"), "at"),
     )
     root.refuse_unknown()
@@ -351,6 +353,20 @@ def _web(web: Table, base: Path) -> WebConfig:
         max_posts_per_minute=web.positive("max_posts_per_minute", 60),
         max_audio_codes_per_minute=web.positive("max_audio_codes_per_minute", 30),
     )
+
+
+def _store(t: Table) -> StoreConfig:
+    url, keys_url = t.get("url", str, "sqlite:"), t.get("keys_url", str, "")
+    if url != "sqlite:" and not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("store.url", f'expected "sqlite:" or "postgresql://…", got "{url.split("://")[0]}…"')
+    if url != "sqlite:" and not keys_url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("store.keys_url", "a postgresql:// URL of the keys database is needed with a PostgreSQL "
+                                            "store (another database, reached as another role)")
+    if url == "sqlite:" and keys_url:
+        raise ConfigError("store.keys_url", 'only with a PostgreSQL store.url (SQLite keeps keys.db in data_dir)')
+    if keys_url and keys_url == url:
+        raise ConfigError("store.keys_url", "must name another database than store.url")
+    return StoreConfig(url.replace("postgres://", "postgresql://", 1), keys_url, t.positive("lease_seconds", 60))
 
 
 def _durations(table: Table, name: str, default: list[str]) -> tuple[float, ...]:

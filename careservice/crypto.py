@@ -86,14 +86,44 @@ def parse_master_key(text: str, key: str) -> bytes:
 
 
 class Keyring:
-    """Everything keyed by the master key: wrapping case keys, reply tokens, pseudonymous digests."""
+    """Everything keyed by the master key: wrapping case keys, reply tokens, pseudonymous digests.
 
-    def __init__(self, master: bytes) -> None:
+    After `careservice rotate-master-key` the master key file holds the new key and `<file>.old-<date>`
+    the previous one until the operator deletes it: while it is there, keys still wrapped under it
+    unwrap and reply tokens signed with it verify. A keyring read from a file (`load`) notices the
+    file changing before it wraps a key and when an unwrap fails, so a running node follows a rotation.
+    """
+
+    def __init__(self, master: bytes, previous: tuple[bytes, ...] = (), source: Path | None = None) -> None:
+        self._source = source
+        self._stamp = _stamp(source)
+        self._use(master, previous)
+        self._daily = secrets.token_bytes(32)  # until the store hands over today's (use_daily_secret)
+
+    @classmethod
+    def load(cls, path: Path, create: bool) -> Keyring:
+        """The keyring of the master key (see load_master_key) and of the old ones kept beside its file."""
+        master = load_master_key(path, create)
+        if master_key_from_env() is not None:
+            return cls(master)
+        return cls(master, _old_keys(path), path)
+
+    def _use(self, master: bytes, previous: tuple[bytes, ...]) -> None:
         self._wrap = AESGCM(self._derive(master, b"careservice wrap v1"))
-        self._token_key = self._derive(master, b"careservice reply token v1")
+        self._old_wraps = tuple(AESGCM(self._derive(old, b"careservice wrap v1")) for old in previous)
+        self._token_keys = tuple(self._derive(key, b"careservice reply token v1") for key in (master, *previous))
+        self._token_key = self._token_keys[0]
         self._form_code_key = self._derive(master, b"careservice form code v1")
         self._block_key = self._derive(master, b"careservice sender block v1")
-        self._daily = secrets.token_bytes(32)  # until the store hands over today's (use_daily_secret)
+
+    def refresh(self) -> bool:
+        """Read the master key file again if it changed since (a rotation); whether it did."""
+        stamp = _stamp(self._source)
+        if self._source is None or stamp is None or stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        self._use(load_master_key(self._source, create=False), _old_keys(self._source))
+        return True
 
     @staticmethod
     def _derive(master: bytes, info: bytes) -> bytes:
@@ -111,13 +141,47 @@ class Keyring:
     def wrap(self, key: bytes, label: str) -> bytes:
         """`key` sealed under the master key and bound to `label`: a wrapped key moved to another row
         (another case, another day) does not open."""
+        self.refresh()  # a stat: never wrap under a key a rotation has replaced
         nonce = secrets.token_bytes(NONCE_BYTES)
         return WRAP_VERSION + nonce + self._wrap.encrypt(nonce, key, label.encode())
 
     def unwrap(self, wrapped: bytes, label: str) -> bytes:
+        try:
+            return self._unwrap(wrapped, label, (self._wrap, *self._old_wraps))
+        except InvalidTag:
+            if not self.refresh():  # wrapped by a node that has seen a rotation this one has not
+                raise
+        return self._unwrap(wrapped, label, (self._wrap, *self._old_wraps))
+
+    @property
+    def rotating(self) -> bool:
+        """Whether previous master keys are kept beside the current one (a rotation not finished)."""
+        self.refresh()
+        return bool(self._old_wraps)
+
+    def rewrap(self, wrapped: bytes, label: str) -> bytes | None:
+        """`wrapped` wrapped under the current master key; None when it already is, or when no key here
+        opens it (a node that has the newer key re-wraps it)."""
+        try:
+            self._unwrap(wrapped, label, (self._wrap,))
+            return None
+        except InvalidTag:
+            pass
+        try:
+            return self.wrap(self._unwrap(wrapped, label, self._old_wraps), label)
+        except InvalidTag:
+            return None
+
+    @staticmethod
+    def _unwrap(wrapped: bytes, label: str, wraps: tuple[AESGCM, ...]) -> bytes:
         if wrapped[:1] != WRAP_VERSION or len(wrapped) != WRAPPED_BYTES:
             raise InvalidTag()
-        return self._wrap.decrypt(wrapped[1:1 + NONCE_BYTES], wrapped[1 + NONCE_BYTES:], label.encode())
+        for aead in wraps:
+            try:
+                return aead.decrypt(wrapped[1:1 + NONCE_BYTES], wrapped[1 + NONCE_BYTES:], label.encode())
+            except InvalidTag:
+                continue
+        raise InvalidTag()
 
     def unwrap_unbound(self, wrapped: bytes) -> bytes:
         """A case key wrapped by version 0.1, under one fixed label (see Store: migrated at start)."""
@@ -125,11 +189,11 @@ class Keyring:
 
     def sign(self, message: bytes, length: int = 16) -> str:
         """A short base32 HMAC of `message` (for reply tokens)."""
-        mac = hmac.new(self._token_key, message, hashlib.sha256).digest()
-        return base64.b32encode(mac).decode().rstrip("=").lower()[:length]
+        return _mac(self._token_key, message, length)
 
     def verify(self, message: bytes, mac: str, length: int = 16) -> bool:
-        return hmac.compare_digest(self.sign(message, length), mac)
+        """Under the current master key or a previous one still kept (replies to mail sent before a rotation)."""
+        return any(hmac.compare_digest(_mac(key, message, length), mac) for key in self._token_keys)
 
     def use_daily_secret(self, secret: bytes) -> None:
         """Key digests with today's random secret (kept wrapped in keys.db until the day ends, then
@@ -145,6 +209,27 @@ class Keyring:
     def digest(self, value: str) -> bytes:
         """A keyed digest: counts or de-duplicates a value without storing it (valid for one day)."""
         return hmac.new(self._daily, value.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
+
+
+def _mac(key: bytes, message: bytes, length: int) -> str:
+    mac = hmac.new(key, message, hashlib.sha256).digest()
+    return base64.b32encode(mac).decode().rstrip("=").lower()[:length]
+
+
+def _stamp(path: Path | None) -> tuple[int, int] | None:
+    try:
+        return None if path is None else (path.stat().st_ino, path.stat().st_mtime_ns)
+    except OSError:
+        return None
+
+
+def old_key_files(path: Path) -> list[Path]:
+    """The previous master keys kept beside `path` by rotate-master-key, newest first."""
+    return sorted(path.parent.glob(f"{path.name}.old-*"), reverse=True)
+
+
+def _old_keys(path: Path) -> tuple[bytes, ...]:
+    return tuple(parse_master_key(old.read_text(), str(old)) for old in old_key_files(path))
 
 
 def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:

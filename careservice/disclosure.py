@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from careservice.config import Config
-from careservice.crypto import Keyring, load_master_key
+from careservice.crypto import Keyring
 from careservice.model import Case
 from careservice.store import Store, StoreError
 
@@ -29,9 +29,10 @@ class CaseGone(Exception):
 
 
 async def _store(config: Config) -> Store:
-    if not (config.data_dir / "cases.db").exists():  # never create an empty store elsewhere
+    if not config.store.shared and not (config.data_dir / "cases.db").exists():  # never create an empty store elsewhere
         raise StoreError(f"no store in {config.data_dir} (service.data_dir)")
-    store = Store(config.data_dir, Keyring(load_master_key(config.master_key_file, create=False)), inline=True)
+    store = Store(config.data_dir, Keyring.load(config.master_key_file, create=False), inline=True,
+                  backend=config.store)
     await store.start(sweep=False)
     return store
 

@@ -260,6 +260,7 @@ class Outbox:
         self._wake = Wakeup()
         self._down_until = 0.0
         self._down_count = 0
+        self._round: list[int] = []  # the mail of the round being sent
         self._unrecorded: dict[int, QueuedMail] = {}  # the relay took these, the store could not say so yet
         self._last_round = -math.inf
 
@@ -270,6 +271,11 @@ class Outbox:
         """Return from run() once the mail in flight is handed over and recorded."""
         self.relay.stopping = True
         self._wake.set()
+
+    def holding(self) -> list[int]:
+        """The mail in this worker's hands: the round being sent, and mail the relay took that the store
+        has not recorded yet (their claims are renewed while several nodes share the store)."""
+        return [*self._round, *self._unrecorded]
 
     def delay(self, attempt: int) -> int:
         """Seconds before retry number `attempt` (0-based); the last configured delay repeats."""
@@ -304,9 +310,11 @@ class Outbox:
                 items = items[:1]  # the relay was down: one probe, not the whole queue
             chunks = [items[i:: self.config.connections] for i in range(min(self.config.connections, len(items)))]
             failures: list[RelayDown] = []
+            self._round = [item.id for item in items]
             try:
                 sent += sum(await asyncio.gather(*(self._deliver(chunk, failures) for chunk in chunks)))
             finally:  # the back-off holds even when the store could not defer the mail
+                self._round = []
                 await self._end_round(failures)
         return sent
 

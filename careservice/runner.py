@@ -63,6 +63,11 @@ class Runner:
     def wake(self) -> None:
         self._wake.set()
 
+    @property
+    def busy(self) -> set[str]:
+        """The cases being advanced now (their claims are renewed while several nodes share the store)."""
+        return set(self._busy)
+
     def stop(self) -> None:
         """Return from run() once the batch in progress is committed."""
         self._stopping = True

@@ -149,6 +149,17 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    url: str = "sqlite:"  # "sqlite:" = the files in data_dir; "postgresql://…" = shared by several nodes
+    keys_url: str = ""  # postgresql: the case keys' database, reached as another role
+    lease_seconds: int = 60  # postgresql: how long a node's claim on a case, a mail or a mailbox lasts
+
+    @property
+    def shared(self) -> bool:
+        return self.url.startswith("postgresql")
+
+
+@dataclass(frozen=True)
 class SpamConfig:
     rspamd_url: str  # "" = no spam check
     timeout: int  # seconds for one check, after which the mail is taken unchecked
@@ -197,6 +208,7 @@ class Config:
     imap: tuple[ImapMailbox, ...] = field(default=())
     admin: AdminConfig = field(default=AdminConfig(None, ""))
     spam: SpamConfig = field(default=SpamConfig("", 5))
+    store: StoreConfig = field(default=StoreConfig())
     digest_at: time | None = None  # [digest] at: local time of each site's daily digest to its staff; None = none
     event_loop: str = "asyncio"  # or "uvloop" (the optional dependency careservice[uvloop]), for both processes
 

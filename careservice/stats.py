@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from careservice import tta
+from careservice.settings import StoreConfig
 from careservice.store import statsdb
 
 COLUMNS = ("opened", "answered", "closed_by_phone", "expired", "replies_refused", "form_accepted", "form_refused")
@@ -80,11 +81,12 @@ def _add(buckets: Iterable[dict[str, int]]) -> dict[str, int]:
     return total
 
 
-def report(data_dir: Path, site_ids: Iterable[str], days: int, now: float | None = None) -> Report:
+def report(data_dir: Path, site_ids: Iterable[str], days: int, now: float | None = None,
+           backend: StoreConfig | None = None) -> Report:
     """The last `days` days up to today (UTC), for the configured sites and any other site the store counted."""
     today = (time.time() if now is None else now) // 86400
     names = [time.strftime("%Y-%m-%d", time.gmtime((today - back) * 86400)) for back in range(days - 1, -1, -1)]
-    counters = statsdb.daily(data_dir, names[0], names[-1])
+    counters = statsdb.daily(data_dir, names[0], names[-1], backend)
     sites = list(dict.fromkeys([*site_ids, *sorted(site for site, _ in counters)]))
     tallies = {}
     for site in sites:

@@ -110,6 +110,7 @@ class CaseWorker:
         self.runner = Runner(self.ctx, self.store, STAGES, {CaseState.OPEN: config.unanswered_days * 86400.0},
                              self.outbox.wake, budget.cases)
         self.tasks: list[asyncio.Task[None]] = []
+        self.listener: asyncio.Task[None] | None = None  # other nodes' commits (PostgreSQL)
         self.scheduler = AsyncIOScheduler(job_defaults={"coalesce": True, "misfire_grace_time": SWEEP_SECONDS})
         self.checkpointer = WalCheckpointer(config.data_dir)
 
@@ -124,7 +125,9 @@ class CaseWorker:
     async def sweep(self) -> None:
         """Periodic, and once at start: purge every case past retention.hard_limit_days (one that expiry
         cannot reach, e.g. of a site removed from the config), run due expiries and retries, drop past
-        days' digests and expired "#spam" blocks, and truncate the WAL."""
+        days' digests and expired "#spam" blocks, sweep what a crash between the two databases' commits
+        left (PostgreSQL: any node's), re-wrap keys still under a previous master key while one is kept,
+        and truncate the WAL."""
         now = self.ctx.clock()
         sites = frozenset(site.id for site in self.ctx.config.sites)
         for case_id, state, created in await self.store.purge_older_than(now - self.config.hard_limit_days * 86400.0,
@@ -133,6 +136,9 @@ class CaseWorker:
         self.wake()
         await self.store.rotate_digests(now)
         await self.store.prune_blocks(now)
+        await self.store.sweep_orphans(now)
+        if self.store.keyring.rotating:  # keys a node still on the old master key wrapped since the rotation
+            await self.store.rewrap_keys()
 
     async def send_digests(self) -> None:
         """Each site's digest of the day, once `[digest] at` has passed on the context's clock (local time),
@@ -153,6 +159,9 @@ class CaseWorker:
                     self.outbox.wake()
             except Exception as exc:  # the next minute tries again; the other sites go on
                 log.error("digest_failed site=%s %s", site.id, error_fields(exc))
+
+    async def renew_claims(self) -> None:
+        await self.store.renew_claims(self.runner.busy, self.outbox.holding(), self.ctx.clock())
 
     def reload(self) -> None:
         """SIGHUP: the config as careservice.reload applies it, the sites' DKIM keys read again, and the
@@ -177,9 +186,13 @@ class CaseWorker:
         await self.store.start(sweep=True)  # a worker killed inside a purge's commit left its key behind
         self.checkpointer.start()
         self.tasks = [asyncio.create_task(self.runner.run()), asyncio.create_task(self.outbox.run())]
+        self.listener = asyncio.create_task(self.store.listen(self.wake))
         self.scheduler.add_job(self.sweep, "interval", seconds=SWEEP_SECONDS, id="retention_and_retry_sweep",
                                next_run_time=datetime.now(UTC))
         self.scheduler.add_job(self.outbox.check_relay, "interval", seconds=SWEEP_SECONDS, id="relay_check")
+        if self.config.store.shared:  # claims outlive a slow batch only while this node renews them
+            self.scheduler.add_job(self.renew_claims, "interval", seconds=self.config.store.lease_seconds / 3,
+                                   id="claim_renewal")
         self.scheduler.add_job(self.send_digests, "interval", seconds=SWEEP_SECONDS, id="daily_digest",
                                next_run_time=datetime.now(UTC))
         self.scheduler.start()
@@ -188,6 +201,8 @@ class CaseWorker:
     async def stop(self, timeout: float) -> None:
         """Finish the cases and the delivery in flight (at most `timeout` seconds), then close the store."""
         self.scheduler.shutdown(wait=False)
+        if self.listener is not None:
+            self.listener.cancel()
         self.runner.stop()
         self.outbox.stop()
         done, pending = await asyncio.wait(self.tasks, timeout=timeout) if self.tasks else (set(), set())

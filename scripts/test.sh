@@ -8,15 +8,22 @@ need=()
 command -v dovecot >/dev/null 2>&1 || [ -x /usr/sbin/dovecot ] || need+=(dovecot-imapd)
 command -v rspamd >/dev/null 2>&1 || need+=(rspamd)
 [ -x /usr/bin/chromium ] || need+=(chromium)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)  # tests/postgres.py runs its own server
 python3 -c "import ensurepip, venv" 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-        # the packages may start a system Dovecot and rspamd; tests run their own instances
-        for service in dovecot rspamd; do
+        # the packages may start a system Dovecot, rspamd and PostgreSQL cluster; tests run their own instances
+        for service in dovecot rspamd postgresql; do
             (systemctl disable --now "$service" || service "$service" stop) >/dev/null 2>&1 || true
         done
+        if command -v pg_lsclusters >/dev/null 2>&1; then  # Debian's own cluster: stopped, never started at boot
+            pg_lsclusters --no-header | while read -r version cluster _; do
+                pg_ctlcluster "$version" "$cluster" stop >/dev/null 2>&1 || true
+                echo manual >"/etc/postgresql/$version/$cluster/start.conf" 2>/dev/null || true
+            done
+        fi
     else
         echo "note: not root, cannot install ${need[*]}; tests needing them are skipped" >&2
     fi

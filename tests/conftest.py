@@ -9,7 +9,7 @@ import pytest
 
 from tests.support import CaptureRelay, Daemon, capture_relay, write_config
 
-pytest_plugins = ["tests.conftest_dovecot", "tests.conftest_rspamd"]
+pytest_plugins = ["tests.conftest_dovecot", "tests.conftest_rspamd", "tests.conftest_postgres"]
 
 
 @pytest.fixture

@@ -15,36 +15,44 @@ import pytest
 
 from careservice.crypto import Keyring
 from careservice.model import CaseState, Envelope, NewMessage, Outcome, Source
+from careservice.settings import StoreConfig
 from careservice.store import Store, StoreError
+from tests.postgres import rows_containing
 from tests.support import CARE, customer_mail, files_containing
 
 MESSAGE = NewMessage("ticketnest", Source.SMTP, Envelope("a@customer.example", CARE), b"Subject: x\r\n\r\nx")
 STATES = [CaseState.RECEIVED]
 
 
-async def test_store_seals_everything_and_purge_shreds_the_key(tmp_path: Path) -> None:
-    store = Store(tmp_path, Keyring(b"k" * 32))
+async def test_store_seals_everything_and_purge_shreds_the_key(tmp_path: Path, store_backend: StoreConfig) -> None:
+    store = Store(tmp_path, Keyring(b"k" * 32), backend=store_backend)
     await store.start(sweep=True)
     try:
         raw = customer_mail("Zebra subject", "quokka body", sender="marker@customer.example")
         await store.add_inbound([NewMessage("ticketnest", Source.SMTP, Envelope("marker@customer.example", CARE),
                                             raw)], time.time())
         [case] = await store.due_cases(STATES, time.time(), 10, 10 ** 9, set())
-        assert files_containing(tmp_path, [b"marker@customer", b"Zebra", b"quokka"]) == []
+        markers = [b"marker@customer", b"Zebra", b"quokka"]
+        assert files_containing(tmp_path, markers) == []
+        if store_backend.shared:
+            assert rows_containing(store_backend, [case.id.encode(), *markers]) == {"cases": 1, "keys": 1}
         await store.apply(case, Outcome(CaseState.PURGED, "test"), time.time(), time.time())
-        keys = sqlite3.connect(tmp_path / "keys.db")
-        assert keys.execute("SELECT count(*) FROM keys").fetchone()[0] == 0
-        keys.close()
+        if store_backend.shared:
+            assert rows_containing(store_backend, [case.id.encode()]) == {}
+        else:
+            keys = sqlite3.connect(tmp_path / "keys.db")
+            assert keys.execute("SELECT count(*) FROM keys").fetchone()[0] == 0
+            keys.close()
         assert (await store.counts())["inbound_pending"] == 0
     finally:
         await store.close()
 
 
-@pytest.mark.parametrize("inline", [False, True], ids=["threaded", "inline"])
-async def test_reader_never_sees_a_case_without_its_key(tmp_path: Path, inline: bool) -> None:
-    """cases.db and keys.db commit one after the other; a second process's reads must not fall between."""
+async def test_reader_never_sees_a_case_without_its_key(tmp_path: Path, store_backend: StoreConfig) -> None:
+    """The two databases commit one after the other; another process's reads must not fall between."""
     keyring = Keyring(b"k" * 32)
-    writer, reader = Store(tmp_path, keyring), Store(tmp_path, keyring, durable=False, inline=inline)
+    writer = Store(tmp_path, keyring, backend=store_backend)
+    reader = Store(tmp_path, keyring, durable=False, inline=True, backend=store_backend)
     await writer.start(sweep=True)
     await reader.start(sweep=False)
 
@@ -53,13 +61,31 @@ async def test_reader_never_sees_a_case_without_its_key(tmp_path: Path, inline: 
             await writer.add_inbound([MESSAGE], time.time())
 
     async def read() -> int:
-        seen = 0
-        while seen < 200:
-            seen = len(await reader.due_cases([CaseState.RECEIVED], time.time() + 1, 500, 10 ** 9, set()))
-        return seen
+        seen: set[str] = set()  # on PostgreSQL a case is claimed once: count the distinct ones
+        while len(seen) < 200:
+            seen.update(c.id for c in await reader.due_cases([CaseState.RECEIVED], time.time() + 1, 500, 10 ** 9,
+                                                              seen))
+        return len(seen)
 
     try:
         assert await asyncio.wait_for(asyncio.gather(write(), read()), 60) == [None, 200]
+    finally:
+        await writer.close()
+        await reader.close()
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["threaded", "inline"])
+async def test_reader_never_sees_a_case_without_its_key_sqlite(tmp_path: Path, inline: bool) -> None:
+    """SQLite's two ways of running calls, the threaded one beside the other process's inline one."""
+    keyring = Keyring(b"k" * 32)
+    writer, reader = Store(tmp_path, keyring), Store(tmp_path, keyring, durable=False, inline=inline)
+    await writer.start(sweep=True)
+    await reader.start(sweep=False)
+    try:
+        for _ in range(50):
+            await writer.add_inbound([MESSAGE], time.time())
+            await reader.due_cases([CaseState.RECEIVED], time.time() + 1, 500, 10 ** 9, set())
+        assert len(await reader.due_cases([CaseState.RECEIVED], time.time() + 1, 500, 10 ** 9, set())) == 50
     finally:
         await writer.close()
         await reader.close()
@@ -103,12 +129,12 @@ async def test_inline_store_waits_for_the_other_process_without_stopping_its_loo
 
 
 @pytest.mark.parametrize("inline", [False, True], ids=["threaded", "inline"])
-async def test_a_call_after_close_fails_at_once(tmp_path: Path, inline: bool) -> None:
+async def test_a_call_after_close_fails_at_once(tmp_path: Path, inline: bool, store_backend: StoreConfig) -> None:
     """A task left over at shutdown must get an error, not wait forever (that kept stopped workers alive)."""
-    first = Store(tmp_path, Keyring(b"k" * 32))
+    first = Store(tmp_path, Keyring(b"k" * 32), backend=store_backend)
     await first.start(sweep=True)
     await first.close()
-    store = Store(tmp_path, Keyring(b"k" * 32), durable=not inline, inline=inline)
+    store = Store(tmp_path, Keyring(b"k" * 32), durable=not inline, inline=inline, backend=store_backend)
     await store.start(sweep=False)
     await store.close()
     with pytest.raises(StoreError):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import sqlite3
 from email.message import EmailMessage
+from pathlib import Path
 
 import pytest
 
+from careservice.settings import StoreConfig
+from tests.postgres import case_rows, run_sql, with_store
 from tests.support import (
     CARE,
     STAFF,
@@ -19,9 +21,17 @@ from tests.support import (
     send,
     staff_reply,
     wait_for,
+    write_config,
 )
 
 CUSTOMER = "alice@customer.example"
+IDLE = {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0, "stuck_cases": 0}
+
+
+@pytest.fixture
+def config(tmp_path: Path, relay: CaptureRelay, store_backend: StoreConfig) -> Path:
+    """Each test of the workflow runs on SQLite and on PostgreSQL."""
+    return with_store(write_config(tmp_path, relay.port), store_backend)
 
 
 def open_case(daemon: Daemon, relay: CaptureRelay, raw: bytes, sender: str = CUSTOMER) -> EmailMessage:
@@ -131,7 +141,8 @@ def test_follow_up_joins_the_open_case(daemon: Daemon, relay: CaptureRelay) -> N
     assert len(relay.to(CUSTOMER)) == 1  # no second ack
 
 
-def test_genuine_answer_is_relayed_and_case_purged(daemon: Daemon, relay: CaptureRelay) -> None:
+def test_genuine_answer_is_relayed_and_case_purged(daemon: Daemon, relay: CaptureRelay,
+                                                   store_backend: StoreConfig) -> None:
     raw = customer_mail("Refund zebra", "Body quokka please", sender="marker.person@customer.example",
                         name="Wilhelmina Markername", message_id="<orig-1@customer.example>")
     forward = open_case(daemon, relay, raw, sender="marker.person@customer.example")
@@ -148,8 +159,8 @@ def test_genuine_answer_is_relayed_and_case_purged(daemon: Daemon, relay: Captur
     assert "platypus" in text and "quokka" not in text
     assert not [line for line in text.splitlines() if line.startswith(">")]
     assert b"staff.example" not in captured.raw, captured.raw.decode()
-    wait_for(lambda: daemon.status() == {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0, "stuck_cases": 0},
-             what="purge")
+    wait_for(lambda: daemon.status() == IDLE, what="purge")
+    assert case_rows(store_backend, daemon.data_dir) == 0  # nothing of the case in either database
     needles = [b"marker.person", b"Wilhelmina", b"Markername", b"zebra", b"quokka", b"platypus"]
     assert files_containing(daemon.data_dir, needles) == []
     assert not [n for n in needles if n in daemon.log.read_bytes()]
@@ -177,15 +188,13 @@ def test_tampered_token_gets_a_notice_to_staff_only(daemon: Daemon, relay: Captu
     assert daemon.status()["open_cases"] == 1
 
 
-def test_closed_marker_closes_without_mail(daemon: Daemon, relay: CaptureRelay) -> None:
+def test_closed_marker_closes_without_mail(daemon: Daemon, relay: CaptureRelay, store_backend: StoreConfig) -> None:
     forward = open_case(daemon, relay, customer_mail("Call me", "please call 0123"))
     reply = staff_reply(forward, "#closed\nCalled her, all fine.")
     send(daemon.smtp_port, STAFF, [forward["Reply-To"].addresses[0].addr_spec], reply)
     wait_for(lambda: daemon.status()["open_cases"] == 0, what="closed")
     assert answer_to(relay) == []
-    conn = sqlite3.connect(daemon.data_dir / "cases.db")
-    names = {r[0] for r in conn.execute("SELECT name FROM stats")}
-    conn.close()
+    names = {r[0] for r in run_sql(store_backend, daemon.data_dir, "SELECT name FROM stats")}
     assert {"opened", "closed_by_phone"} <= names
 
 
@@ -212,17 +221,14 @@ def test_staff_out_of_office_is_not_relayed(daemon: Daemon, relay: CaptureRelay)
     assert daemon.status()["open_cases"] == 1
 
 
-def test_unanswered_case_expires_with_notice_and_its_reply_address_with_it(daemon: Daemon,
-                                                                            relay: CaptureRelay) -> None:
+def test_unanswered_case_expires_with_notice_and_its_reply_address_with_it(daemon: Daemon, relay: CaptureRelay,
+                                                                            store_backend: StoreConfig) -> None:
     forward = open_case(daemon, relay, customer_mail("Old", "nobody answers"))
     wait_for(lambda: daemon.status()["outbound_queued"] == 0, what="queue drained")
-    conn = sqlite3.connect(daemon.data_dir / "cases.db", timeout=10)
-    conn.execute("UPDATE cases SET next_run = 0, created = created - 31 * 86400")  # retention.unanswered_days passed
-    conn.commit()
-    conn.close()
+    # retention.unanswered_days passed
+    run_sql(store_backend, daemon.data_dir, "UPDATE cases SET next_run = 0, created = created - 31 * 86400")
     wait_for(lambda: [c for c in relay.to(STAFF) if "Expired" in str(c.message["Subject"])], what="expiry notice")
-    wait_for(lambda: daemon.status() == {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0, "stuck_cases": 0},
-             what="purge")
+    wait_for(lambda: daemon.status() == IDLE, what="purge")
     send(daemon.smtp_port, STAFF, [forward["Reply-To"].addresses[0].addr_spec], staff_reply(forward, "Too late"))
     wait_for(lambda: [c for c in relay.to(STAFF) if "Already answered" in str(c.message["Subject"])],
              what="the expired case's reply address refused")

@@ -38,6 +38,7 @@ from imapclient.exceptions import IMAPClientError, LoginError
 from careservice.config import Config, ImapMailbox, OAuth2Config, Site
 from careservice.intake.headers import mailbox_envelope
 from careservice.intake.ingest import Ingest
+from careservice.intake.mailboxlease import MailboxLease
 from careservice.intake.spamcheck import Probe, SpamCheck
 from careservice.logs import error_fields
 from careservice.model import NewMessage, Source
@@ -98,6 +99,7 @@ class MailboxWorker:
         self._failures = 0
         self._delay = BACKOFF_FIRST
         self._uidvalidity: int | None = None
+        self.lease = MailboxLease(ingest.store, box.name)  # several nodes: only the holder polls
 
     def stop(self) -> None:
         self._stop.set()
@@ -118,14 +120,14 @@ class MailboxWorker:
 
     def _health(self, problem: str) -> None:
         if problem or self._problem != "":
-            record = self.ingest.mailbox_health(self.box.name, problem)
-            asyncio.run_coroutine_threadsafe(record, self.loop).result()
+            asyncio.run_coroutine_threadsafe(self.ingest.mailbox_health(self.box.name, problem), self.loop).result()
         self._problem = problem
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self._session()
+                if self.lease.held.wait(IDLE_CHECK):  # else another node polls this mailbox
+                    self._session()
             except MailboxProblem as problem:
                 if problem.final:
                     self._halt(problem.code, problem.__cause__)
@@ -208,7 +210,7 @@ class MailboxWorker:
                 raise MailboxProblem("folder_missing") from exc
             idle, uidplus = client.has_capability("IDLE"), client.has_capability("UIDPLUS")
             log.info("imap_connected mailbox=%s idle=%s uidplus=%s", self.box.name, idle, uidplus)
-            while not self._stop.is_set():
+            while not self._stop.is_set() and self.lease.held.is_set():
                 while not self._stop.is_set() and self._drain_pass(client, uidplus):
                     pass
                 if self._problem != "":
@@ -253,7 +255,7 @@ class MailboxWorker:
             return
         client.idle()
         deadline = min(time.monotonic() + IDLE_RENEW, until)
-        while not self._stop.is_set() and time.monotonic() < deadline:
+        while not self._stop.is_set() and self.lease.held.is_set() and time.monotonic() < deadline:
             started = time.monotonic()
             responses = client.idle_check(IDLE_CHECK)
             if any(len(r) > 1 and r[1] == b"EXISTS" for r in responses):
@@ -353,12 +355,11 @@ class ImapIntake:
         for box in self.config.imap:
             site = self.config.site(box.site)
             assert site is not None  # config.load_config checked imap.site
-            tokens = None
-            if box.oauth2 is not None:
-                tokens = self.tokens.setdefault(box.oauth2, TokenSource(box.oauth2, box.name))
+            tokens = self.tokens.setdefault(box.oauth2, TokenSource(box.oauth2, box.name)) if box.oauth2 else None
             worker = MailboxWorker(box, site, self.ingest, self.spam, self.config.smtp.max_message_bytes, loop,
                                    tokens)
             worker.thread.start()
+            worker.lease.start()
             self.workers.append(worker)
 
     def rearm(self) -> None:
@@ -377,4 +378,5 @@ class ImapIntake:
                 await asyncio.to_thread(worker.thread.join, STOP_GRACE)
             if worker.thread.is_alive():
                 log.warning("imap_stop_timeout mailbox=%s", worker.box.name)
+            await worker.lease.release()
         self.workers.clear()

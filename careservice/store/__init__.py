@@ -1,5 +1,7 @@
 """The durable case store: the only package that speaks SQL.
 
+Two backends behind one facade: SQLite files in data_dir (the default, one node), and PostgreSQL
+for several nodes (`pg/`: the same SQL over a cases and a keys database, plus claims and leases).
 SQLite in WAL mode with secure_delete=ON. The intake's store is `durable` (synchronous=FULL: a
 commit is on disk before the 250). The worker's is not (NORMAL: its transitions may roll back on
 power loss, which only repeats a send - delivery is at-least-once); a purge is still on disk at
@@ -16,6 +18,7 @@ with AES-256-GCM under a per-case data key; the wrapped keys live in a separate 
     rota      round robin turns per site and route, the day of each site's last digest
     tallies   per-site daily statistics, acknowledgement counts, status counts, mailbox health
     purge     deleting for good: cases with their keys, crash orphans, the hard age limit
+    pg/       the PostgreSQL backend (see its package text)
 """
 
 from careservice.model import NewMessage, QueuedMail

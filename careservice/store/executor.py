@@ -156,20 +156,9 @@ class ThreadExecutor(Executor):
         self._ready.set()
         stopping = False
         while not stopping:
-            op = self._queue.get()
-            if op is None:
-                break
-            batch = [op]
-            while len(batch) < MAX_BATCH:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stopping = True
-                    break
-                batch.append(nxt)
-            self._commit_batch(conn, batch)
+            batch, stopping = next_batch(self._queue)
+            if batch:
+                self._commit_batch(conn, batch)
         self._shut(conn)
 
     def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
@@ -275,6 +264,20 @@ class InlineExecutor(Executor):
                 yield
             finally:
                 fcntl.flock(self._write_lock, fcntl.LOCK_UN)
+
+
+def next_batch(waiting: queue.SimpleQueue[_Op | None]) -> tuple[list[_Op], bool]:
+    """The calls waiting now (blocking for the first), at most MAX_BATCH; and whether a stop (None) came."""
+    batch: list[_Op] = []
+    while len(batch) < MAX_BATCH:
+        try:
+            op = waiting.get() if not batch else waiting.get_nowait()
+        except queue.Empty:
+            break
+        if op is None:
+            return batch, True
+        batch.append(op)
+    return batch, False
 
 
 def _reads_then_writes(batch: list[_Op]) -> Iterator[tuple[list[_Op], bool]]:

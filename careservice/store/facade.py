@@ -1,26 +1,48 @@
-"""Store: the async operations the rest of the code calls, each one transaction (see executor)."""
+"""Store: the async operations the rest of the code calls, each one transaction (see executor).
+
+Two backends behind it: SQLite files in data_dir (the default, one node) and PostgreSQL (`[store]
+url`, several nodes: careservice.store.pg). The SQL of the workflow is the same for both; what
+several nodes need besides (claims with leases, mailbox leases, the orphan sweep across the two
+databases, wake-ups of the other nodes) is the PostgreSQL backend's and a no-op on SQLite.
+"""
 
 from __future__ import annotations
 
+import os
+import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from careservice.crypto import Keyring
 from careservice.model import Case, CaseState, MailKind, NewMessage, OpenCase, Outcome, OutgoingMail, QueuedMail
+from careservice.settings import StoreConfig
 from careservice.store import blocks, cases, disclosure, keys, mailq, purge, rota, tallies
 from careservice.store.executor import Executor, InlineExecutor, ThreadExecutor
+
+SQLITE = StoreConfig()
 
 
 class Store:
     """`durable`: synchronous=FULL (the intake: a commit is on disk before its 250). `inline`: the
-    caller's thread runs the transactions (the worker), else a writer thread does."""
+    caller's thread runs the transactions (the worker), else a writer thread does. Both are SQLite's:
+    on PostgreSQL every commit is durable and runs in the store's thread."""
 
-    def __init__(self, data_dir: Path, keyring: Keyring, durable: bool = True, inline: bool = False) -> None:
+    def __init__(self, data_dir: Path, keyring: Keyring, durable: bool = True, inline: bool = False,
+                 backend: StoreConfig = SQLITE) -> None:
         self.data_dir = data_dir
         self.keyring = keyring
-        self.executor: Executor = (InlineExecutor if inline else ThreadExecutor)(data_dir, keyring, durable)
+        self.backend = backend
+        self.node = f"{socket.gethostname()}:{os.getpid()}"  # who holds a claim or a lease
+        if backend.shared:  # imported only here: psycopg is no cost of the embedded default
+            from careservice.store.pg import claims
+            from careservice.store.pg.executor import PgExecutor
+
+            self.claims = claims
+            self.executor: Executor | PgExecutor = PgExecutor(backend.url, backend.keys_url, keyring)
+        else:
+            self.executor = (InlineExecutor if inline else ThreadExecutor)(data_dir, keyring, durable)
 
     async def start(self, sweep: bool) -> None:
         """Open the store; `sweep` drops what a process killed between the two files' commits left
@@ -28,9 +50,48 @@ class Store:
         lock, so the other process's commits are never seen half done."""
         await self.executor.start()
         if sweep:
+            await self.sweep_orphans(time.time(), starting=True)
+        await self.rotate_digests(time.time())
+
+    async def sweep_orphans(self, now: float, starting: bool = False) -> None:
+        """What a crash between the two databases' commits left. SQLite: at start only (its process
+        pair never commits then). PostgreSQL: also every sweep, since other nodes crash too."""
+        if self.backend.shared:
+            await self.executor.call(self.claims.sweep_orphans, now)
+        elif starting:
             await self.executor.call(purge.sweep_orphans, checkpoint=True)
             await self.executor.call(keys.bind_unbound_keys)
-        await self.rotate_digests(time.time())
+
+    async def renew_claims(self, case_ids: Iterable[str], mail_ids: Iterable[int], now: float) -> None:
+        """Keep this node's claims on the cases and mail in its hands for another lease_seconds (PostgreSQL;
+        the worker calls it every third of a lease, so a node that stopped loses its claims)."""
+        if self.backend.shared:
+            await self.executor.call(self.claims.renew_claims, self.node, list(case_ids), list(mail_ids), now,
+                                     float(self.backend.lease_seconds))
+
+    async def take_lease(self, name: str, seconds: float, now: float) -> bool:
+        """Hold the cluster-wide lease `name` (e.g. an IMAP mailbox) for `seconds`, or keep holding it;
+        False while another node's runs. Always True on SQLite: one node."""
+        if not self.backend.shared:
+            return True
+        return bool(await self.executor.call(self.claims.take_lease, name, self.node, now, seconds))
+
+    async def drop_lease(self, name: str) -> None:
+        """Give a lease up at a clean stop, so another node takes over at once."""
+        if self.backend.shared:
+            await self.executor.call(self.claims.drop_lease, name, self.node)
+
+    async def listen(self, on_wake: Callable[[], None]) -> None:
+        """Call `on_wake` whenever another node (or process) commits due work; runs until cancelled.
+        SQLite: returns at once (the daemon wakes its worker through their pipe)."""
+        if self.backend.shared:
+            from careservice.store.pg.wakeup import listen
+
+            await listen(self.backend.url, on_wake)
+
+    async def rewrap_keys(self) -> int:
+        """Wrap every case key and day secret still under a previous master key under the current one."""
+        return int(await self.executor.call(keys.rewrap_keys, checkpoint=True))
 
     async def close(self) -> None:
         await self.executor.close()
@@ -42,6 +103,9 @@ class Store:
     async def due_cases(self, states: Iterable[CaseState], now: float, limit: int, max_bytes: int,
                         exclude: set[str]) -> list[Case]:
         """Due cases in next_run order: at most `limit`, and `max_bytes` stored (see budget.first_fit)."""
+        if self.backend.shared:  # claimed for this node for lease_seconds
+            return await self.executor.call(self.claims.due_cases, tuple(states), now, limit, max_bytes, tuple(exclude),
+                                            self.node, float(self.backend.lease_seconds))
         return await self.executor.read(cases.due_cases, tuple(states), now, limit, max_bytes, tuple(exclude))
 
     async def get_case(self, case_id: str) -> Case | None:
@@ -84,6 +148,9 @@ class Store:
 
     async def due_mail(self, now: float, limit: int, max_bytes: int) -> list[QueuedMail]:
         """Due mail in next_attempt order: at most `limit`, and `max_bytes` stored (see budget.first_fit)."""
+        if self.backend.shared:  # claimed for this node for lease_seconds
+            return await self.executor.call(self.claims.due_mail, now, limit, max_bytes, self.node,
+                                            float(self.backend.lease_seconds))
         return await self.executor.read(mailq.due_mail, now, limit, max_bytes)
 
     async def mail_delivered(self, item: QueuedMail, outcome: Outcome | None, now: float) -> float | None:

@@ -30,12 +30,13 @@ def rotate_digests(conn: sqlite3.Connection, keyring: Keyring, now: float) -> No
     """Today's digest secret (made on the first call of the day), and everything keyed by an older
     one deleted with it: its secret, the de-duplication digests, past hours' acknowledgement counts."""
     day = int(now // 86400)
-    row = conn.execute("SELECT wrapped FROM k.daily WHERE day=?", (day,)).fetchone()
-    if row is None:
-        secret = secrets.token_bytes(32)
-        conn.execute("INSERT INTO k.daily VALUES (?, ?)", (day, keyring.wrap(secret, f"daily:{day}")))
-    else:
-        secret = keyring.unwrap(row[0], f"daily:{day}")
+    select = "SELECT wrapped FROM k.daily WHERE day=?"
+    row = conn.execute(select, (day,)).fetchone()
+    if row is None:  # another node sharing the store may make the day's secret at the same moment: one wins
+        conn.execute("INSERT INTO k.daily VALUES (?, ?) ON CONFLICT(day) DO NOTHING",
+                     (day, keyring.wrap(secrets.token_bytes(32), f"daily:{day}")))
+        row = conn.execute(select, (day,)).fetchone()
+    secret = keyring.unwrap(row[0], f"daily:{day}")
     conn.execute("DELETE FROM k.daily WHERE day < ?", (day,))
     conn.execute("DELETE FROM k.seen WHERE expires <= ?", (now,))
     conn.execute("DELETE FROM ack_rate WHERE hour < ?", (int(now // 3600),))
@@ -44,3 +45,16 @@ def rotate_digests(conn: sqlite3.Connection, keyring: Keyring, now: float) -> No
 
 def day_end(now: float) -> float:
     return (now // 86400 + 1) * 86400
+
+
+def rewrap_keys(conn: sqlite3.Connection, keyring: Keyring) -> int:
+    """Wrap every case key and day secret under the current master key (rotate-master-key); how many were not."""
+    done = 0
+    for table, label in (("keys", "case:{}"), ("daily", "daily:{}")):
+        column = "id" if table == "keys" else "day"
+        for row_id, wrapped in conn.execute(f"SELECT {column}, wrapped FROM k.{table}").fetchall():
+            rewrapped = keyring.rewrap(wrapped, label.format(row_id))
+            if rewrapped is not None:
+                conn.execute(f"UPDATE k.{table} SET wrapped=? WHERE {column}=?", (rewrapped, row_id))
+                done += 1
+    return done

@@ -15,14 +15,14 @@ from careservice.store.purge import add_stat, answered, drop_item
 def queue_mail(conn: sqlite3.Connection, keyring: Keyring, site: str, mail: OutgoingMail, now: float) -> None:
     key = case_key(conn, keyring, mail.case_id)
     meta = json.dumps({"sender": mail.sender, "recipients": list(mail.recipients), "message_id": mail.message_id})
-    cur = conn.execute(
-        "INSERT INTO outbox(case_id, site, kind, created, next_attempt, meta, message) VALUES (?,?,?,?,?,?,?)",
-        (mail.case_id, site, mail.kind, now, now, b"", b""),
-    )
-    aad = f"{mail.case_id}:{cur.lastrowid}".encode()
+    row_id = conn.execute(  # RETURNING, not lastrowid: the same SQL runs on PostgreSQL
+        "INSERT INTO outbox(case_id, site, kind, created, next_attempt, meta, message) VALUES (?,?,?,?,?,?,?) "
+        "RETURNING id", (mail.case_id, site, mail.kind, now, now, b"", b""),
+    ).fetchone()[0]
+    aad = f"{mail.case_id}:{row_id}".encode()
     conn.execute(
         "UPDATE outbox SET meta=?, message=? WHERE id=?",
-        (seal(key, meta.encode(), aad + b"meta"), seal(key, mail.message, aad + b"msg"), cur.lastrowid),
+        (seal(key, meta.encode(), aad + b"meta"), seal(key, mail.message, aad + b"msg"), row_id),
     )
 
 

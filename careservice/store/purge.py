@@ -20,7 +20,7 @@ def _day(ts: float) -> str:
 def add_stat(conn: sqlite3.Connection, site: str, now: float, name: str) -> None:
     """Count one event for `site` today (statistics hold per-site daily counts, nothing of a case)."""
     conn.execute(
-        "INSERT INTO stats VALUES (?,?,?,1) ON CONFLICT(site, day, name) DO UPDATE SET value = value + 1",
+        "INSERT INTO stats VALUES (?,?,?,1) ON CONFLICT(site, day, name) DO UPDATE SET value = stats.value + 1",
         (site, _day(now), name),
     )
 
@@ -57,7 +57,7 @@ def purge_aged(conn: sqlite3.Connection, keyring: Keyring, cutoff: float, sites:
     mail queued before it for a case already gone (state "purged"); returns (case id, state, created)
     of each. Each counts as `purged_hard_limit` for its site while the site is in `sites`."""
     aged = conn.execute(
-        "SELECT id, site, state, created FROM cases WHERE created < ? UNION ALL SELECT case_id, site, 'purged', "
+        "SELECT id, site, state, created FROM cases WHERE created < ? UNION ALL SELECT case_id, min(site), 'purged', "
         "min(created) FROM outbox WHERE created < ? AND case_id NOT IN (SELECT id FROM cases) GROUP BY case_id",
         (cutoff, cutoff),
     ).fetchall()

@@ -25,11 +25,11 @@ def turns(conn: sqlite3.Connection, keyring: Keyring, site: str) -> dict[str, in
 
 def take_turn(conn: sqlite3.Connection, site: str, turn: Turn) -> None:
     """Move the route's counter on from the value the stage chose by, or raise TurnTaken."""
-    row = conn.execute("SELECT turn FROM route_turns WHERE site=? AND route=?", (site, turn.route)).fetchone()
-    if (row[0] if row else 0) != turn.seen:
+    # one statement: nodes sharing a PostgreSQL store may take the same turn at once, and one of them wins
+    if conn.execute("INSERT INTO route_turns VALUES (?,?,?) ON CONFLICT(site, route) DO UPDATE SET turn=excluded.turn "
+                    "WHERE route_turns.turn=? RETURNING turn", (site, turn.route, turn.seen + 1, turn.seen)
+                    ).fetchone() is None:
         raise TurnTaken(f"turn {turn.seen} of a route at {site} was taken")
-    conn.execute("INSERT INTO route_turns VALUES (?,?,?) ON CONFLICT(site, route) DO UPDATE SET turn=excluded.turn",
-                 (site, turn.route, turn.seen + 1))
 
 
 def digest_day(conn: sqlite3.Connection, keyring: Keyring, site: str) -> str:
@@ -54,9 +54,9 @@ def queue_digest(conn: sqlite3.Connection, keyring: Keyring, site: str, day: str
     """Queue the site's digest of `day` (none at all when `mails` is empty) unless that day's went already;
     whether it was queued. The mails are filed under a key of their own, made here: no case's purge takes
     them, and the outbox deletes the key with the last of them (store.mailq)."""
-    if digest_day(conn, keyring, site) == day:
-        return False
-    conn.execute("INSERT INTO digest_days VALUES (?,?) ON CONFLICT(site) DO UPDATE SET day=excluded.day", (site, day))
+    if conn.execute("INSERT INTO digest_days VALUES (?,?) ON CONFLICT(site) DO UPDATE SET day=excluded.day "
+                    "WHERE digest_days.day <> excluded.day RETURNING day", (site, day)).fetchone() is None:
+        return False  # that day's went already (from another node too: one statement, one winner)
     if not mails:
         return False
     conn.execute("INSERT INTO k.keys VALUES (?, ?)", (filed_under, keyring.new_case_key(filed_under)[1]))

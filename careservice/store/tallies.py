@@ -8,11 +8,18 @@ from typing import Any
 
 from careservice.crypto import Keyring
 from careservice.model import CaseState
+from careservice.settings import StoreConfig
 from careservice.store.schema import INBOUND_STATES, OPEN_STATES, StoreError, connect
 
 
-def read_status(data_dir: Path) -> dict[str, Any]:
-    """Counts for `careservice status`, read through a separate read-only connection."""
+def read_status(data_dir: Path, backend: StoreConfig | None = None) -> dict[str, Any]:
+    """Counts for `careservice status`, read through a separate read-only connection (on PostgreSQL:
+    the cluster's counts, whichever node asks)."""
+    if backend is not None and backend.shared:
+        from careservice.store.pg.tx import session
+
+        with session(backend.url, backend.keys_url) as tx:
+            return status_counts(tx)  # type: ignore[arg-type]
     if not (data_dir / "cases.db").exists():
         raise StoreError(f"no store in {data_dir} (service.data_dir): has `careservice run` started with "
                          "this config?")
@@ -41,8 +48,8 @@ def status_counts(conn: sqlite3.Connection) -> dict[str, Any]:
 
 
 def add_stats(conn: sqlite3.Connection, keyring: Keyring, counts: dict[tuple[str, str, str], int]) -> None:
-    conn.executemany("INSERT INTO stats VALUES (?,?,?,?) ON CONFLICT(site, day, name) DO UPDATE SET value = value + "
-                     "excluded.value", [(*key, n) for key, n in counts.items()])
+    conn.executemany("INSERT INTO stats VALUES (?,?,?,?) ON CONFLICT(site, day, name) DO UPDATE SET "
+                     "value = stats.value + excluded.value", [(*key, n) for key, n in counts.items()])
 
 
 def take_ack_slots(conn: sqlite3.Connection, keyring: Keyring, limits: tuple[tuple[bytes, int], ...],
@@ -53,7 +60,7 @@ def take_ack_slots(conn: sqlite3.Connection, keyring: Keyring, limits: tuple[tup
         row = conn.execute("SELECT n FROM ack_rate WHERE digest=? AND hour=?", (digest, hour)).fetchone()
         if row and row[0] >= limit:
             return False
-    conn.executemany("INSERT INTO ack_rate VALUES (?,?,1) ON CONFLICT(digest, hour) DO UPDATE SET n = n + 1",
+    conn.executemany("INSERT INTO ack_rate VALUES (?,?,1) ON CONFLICT(digest, hour) DO UPDATE SET n = ack_rate.n + 1",
                      [(digest, hour) for digest, _ in limits])
     return True
 
@@ -66,5 +73,6 @@ def mailbox_health(conn: sqlite3.Connection, keyring: Keyring, name: str, proble
     row = conn.execute("SELECT ok, problem, since, failures FROM mailbox_health WHERE name=?", (name,)).fetchone()
     failures = 0 if not problem else (row[3] + 1 if row else 1)
     since = row[2] if row and row[1] == problem else now
-    conn.execute("INSERT OR REPLACE INTO mailbox_health VALUES (?,?,?,?,?)", (name, int(not problem), problem,
-                                                                              since, failures))
+    conn.execute("INSERT INTO mailbox_health VALUES (?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET ok=excluded.ok, "
+                 "problem=excluded.problem, since=excluded.since, failures=excluded.failures",
+                 (name, int(not problem), problem, since, failures))

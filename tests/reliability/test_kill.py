@@ -65,12 +65,15 @@ class Load:
     errors: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def port(self) -> int:
+        return self.daemon.smtp_port
+
     def deliver(self, sender: str, rcpt: str, raw: bytes) -> bool:
         """Send until a 250; False only if that takes longer than GIVE_UP seconds."""
         deadline = time.monotonic() + GIVE_UP
         while time.monotonic() < deadline:
             try:
-                with smtplib.SMTP("127.0.0.1", self.daemon.smtp_port, timeout=30) as client:
+                with smtplib.SMTP("127.0.0.1", self.port(), timeout=30) as client:
                     client.sendmail(sender, [rcpt], raw)
                 return True
             except (OSError, smtplib.SMTPException) as exc:
@@ -120,6 +123,64 @@ class Load:
         while not self.stop_new.is_set():
             if not self.answer_new_forwards():
                 time.sleep(0.1)
+
+
+@dataclass
+class Tally:
+    """What reached the relay of the mail a Load got accepted: losses and duplicates."""
+
+    lost: list[int]  # customer mails accepted, never forwarded
+    lost_answers: list[int]  # staff answers accepted, never delivered
+    forwarded: int
+    cases: int
+    duplicate_cases: int  # one mail opened more than one case
+    duplicate_forwards: int  # one forward sent more than once
+    duplicate_answers: int
+    answers_delivered: int
+
+    def line(self, load: Load) -> str:
+        return (f"sent={load.sent} accepted={len(load.accepted)} forwarded={self.forwarded} lost={len(self.lost)} "
+                f"cases={self.cases} duplicate_cases={self.duplicate_cases} "
+                f"duplicate_forwards={self.duplicate_forwards} answers_accepted={len(load.answered)} "
+                f"answers_delivered={self.answers_delivered} answers_lost={len(self.lost_answers)} "
+                f"duplicate_answers={self.duplicate_answers}")
+
+    def check(self, kills: int) -> None:
+        assert self.lost == [], f"accepted but never forwarded: {self.lost[:10]}"
+        assert self.lost_answers == [], f"answer accepted but never delivered: {self.lost_answers[:10]}"
+        assert self.duplicate_cases + self.duplicate_forwards + self.duplicate_answers <= kills
+
+
+def tally(load: Load) -> Tally:
+    forwards: dict[int, Counter[str]] = {}  # mail number -> reply address -> copies
+    for captured in load.relay.to(STAFF):
+        match = re.search(r"kill-c(\d+)-mark", str(captured.message["Subject"]))
+        if match and "Auto-Submitted" not in captured.message:
+            forwards.setdefault(int(match.group(1)), Counter())[captured.message["Reply-To"]
+                                                              .addresses[0].addr_spec] += 1
+    answers: Counter[int] = Counter()
+    for captured in load.relay.received:
+        match = re.search(rb"kill-a(\d+)-mark", captured.raw)
+        if match and captured.rcpt_tos[0].startswith("c"):
+            answers[int(match.group(1))] += 1
+    answered_numbers = Counter(load.answered.values())
+    return Tally(
+        lost=sorted(load.accepted - set(forwards)),
+        lost_answers=sorted(n for n in answered_numbers if answers[n] == 0),
+        forwarded=len(forwards), cases=sum(len(c) for c in forwards.values()),
+        duplicate_cases=sum(len(cases) - 1 for cases in forwards.values()),
+        duplicate_forwards=sum(n - 1 for cases in forwards.values() for n in cases.values()),
+        duplicate_answers=sum(max(0, answers[n] - answered_numbers[n]) for n in answers),
+        answers_delivered=sum(answers.values()),
+    )
+
+
+def settled(load: Load, label: str, kills: int, counts: dict[str, object]) -> None:
+    """Print what the load's mail came to; nothing lost, duplicates within the kills, the store idle."""
+    result = tally(load)
+    print(f"{label} {result.line(load)} client_retries={dict(load.refusals)} final={counts}")
+    result.check(kills)
+    assert counts == IDLE
 
 
 def kill(daemon: Daemon, rng: random.Random) -> str:
@@ -184,33 +245,7 @@ def test_kill9_under_load_loses_nothing(tmp_path: Path, relay: CaptureRelay) -> 
         load.stop_new.set()
         daemon.stop()
 
-    forwards: dict[int, Counter[str]] = {}  # mail number -> reply address -> copies
-    for captured in relay.to(STAFF):
-        match = re.search(r"kill-c(\d+)-mark", str(captured.message["Subject"]))
-        if match and "Auto-Submitted" not in captured.message:
-            forwards.setdefault(int(match.group(1)), Counter())[captured.message["Reply-To"]
-                                                              .addresses[0].addr_spec] += 1
-    answers: Counter[int] = Counter()
-    for captured in relay.received:
-        match = re.search(rb"kill-a(\d+)-mark", captured.raw)
-        if match and captured.rcpt_tos[0].startswith("c"):
-            answers[int(match.group(1))] += 1
-    lost = sorted(load.accepted - set(forwards))
-    intake_dups = sum(len(cases) - 1 for cases in forwards.values())
-    outbox_dups = sum(n - 1 for cases in forwards.values() for n in cases.values())
-    cases = sum(len(c) for c in forwards.values())
-    answered_numbers = Counter(load.answered.values())
-    lost_answers = sorted(n for n in answered_numbers if answers[n] == 0)
-    answer_dups = sum(max(0, answers[n] - answered_numbers[n]) for n in answers)
-    print(f"kill -9: kills={sum(kinds.values())} {dict(kinds)} sent={load.sent} accepted={len(load.accepted)} "
-          f"forwarded={len(forwards)} lost={len(lost)} cases={cases} duplicate_cases={intake_dups} "
-          f"duplicate_forwards={outbox_dups} answers_accepted={len(load.answered)} "
-          f"answers_delivered={sum(answers.values())} answers_lost={len(lost_answers)} "
-          f"duplicate_answers={answer_dups} client_retries={dict(load.refusals)} final={counts}")
-    assert lost == [], f"accepted but never forwarded: {lost[:10]}"
-    assert lost_answers == [], f"answer accepted but never delivered: {lost_answers[:10]}"
-    assert intake_dups + outbox_dups + answer_dups <= KILLS
-    assert counts == IDLE
+    settled(load, f"kill -9: kills={sum(kinds.values())} {dict(kinds)}", KILLS, counts)
     assert integrity(daemon.data_dir) == ["ok", "ok"]
     assert stored_rows(daemon.data_dir) == {"cases": 0, "outbox": 0, "k.keys": 0}
     assert log_leaks(daemon, ["kill-c", "kill-a", "@customer.example", "Name kill"]) == []

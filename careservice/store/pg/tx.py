@@ -1,0 +1,103 @@
+"""One store transaction over the two PostgreSQL databases, offering the sqlite3 calls the store's SQL uses.
+
+careservice.store's functions take a connection and run portable SQL with `?` parameters, naming the
+keys database's tables `k.<table>`. PgTx sends a statement to the keys database when it names
+`k.keys`, `k.blocks` or `k.daily`, else to the cases database (`k.seen` too: see pg.schema), with
+`%s` parameters. Each store call of a group commit runs in a savepoint of the databases it touched, so one
+failing call does not undo the others (a call alone needs none: two round trips less per database).
+
+Commit order: keys first, then cases. A crash between the two leaves at worst a key without rows
+(swept once it is older than a commit can take) or, after a purge, rows without their key (unreadable,
+and swept): never a committed case without its key, so a 250 is never given for data that cannot be read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import psycopg
+
+from careservice.store.schema import StoreError
+
+log = logging.getLogger("careservice.store")
+KEYS_TABLES = frozenset({"keys", "blocks", "daily"})
+_TABLE = re.compile(r"\bk\.(\w+)")
+# Statements after which a case or a mail may be due: the other nodes' workers hear of them (NOTIFY).
+_WAKES = ("INSERT INTO cases", "INSERT INTO outbox", "UPDATE cases SET state")
+
+
+@functools.lru_cache(maxsize=512)
+def translate(sql: str) -> tuple[bool, str]:
+    """(for the keys database, the statement in psycopg's dialect)."""
+    tables = set(_TABLE.findall(sql))
+    keys = bool(tables & KEYS_TABLES)
+    if keys and tables - KEYS_TABLES or keys and re.search(r"\b(FROM|INTO|JOIN|UPDATE)\s+(?!k\.)\w", sql):
+        raise ValueError(f"a statement spans the two databases: {sql}")  # a programming error
+    return keys, _TABLE.sub(r"\1", sql).replace("%", "%%").replace("?", "%s")
+
+
+class PgTx:
+    """The connection a store call gets: `execute`, `executemany`, as sqlite3's."""
+
+    def __init__(self, cases: psycopg.Connection, keys: psycopg.Connection, alone: bool = False) -> None:
+        self.cases = cases
+        self.keys = keys
+        self.alone = alone  # the transaction's only call: no savepoints, it fails or commits as a whole
+        self.wakes = False  # a statement made something due: NOTIFY before commit
+        self._open: list[psycopg.Connection] = []  # the databases the current call holds a savepoint in
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
+        keys, statement = translate(sql)
+        conn = self.keys if keys else self.cases
+        if conn not in self._open and not self.alone:
+            conn.execute("SAVEPOINT op")
+            self._open.append(conn)
+        if not keys and sql.startswith(_WAKES):
+            self.wakes = True
+        return conn.execute(statement, params)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        for row in rows:
+            self.execute(sql, row)
+
+    def end_call(self, ok: bool) -> None:
+        """Release the current call's savepoints, or roll back to them."""
+        for conn in self._open:
+            if not ok:
+                conn.execute("ROLLBACK TO SAVEPOINT op")
+            conn.execute("RELEASE SAVEPOINT op")
+        self._open = []
+
+    def run(self, fn: Any, keyring: Any, args: tuple[Any, ...]) -> Any:
+        """One store call in its savepoints; its result, or its exception (the others go on; a call alone
+        is rolled back by the caller)."""
+        try:
+            result = fn(self, keyring, *args)
+        except Exception as exc:
+            if self.cases.broken or self.keys.broken:
+                raise  # the connection is gone: the whole transaction fails
+            self.end_call(ok=False)
+            log.warning("pg_call_failed call=%s error=%s sqlstate=%s", getattr(fn, "__name__", "?"),
+                        type(exc).__name__, getattr(exc, "sqlstate", ""))
+            return exc
+        self.end_call(ok=True)
+        return result
+
+
+@contextlib.contextmanager
+def session(url: str, keys_url: str) -> Iterator[PgTx]:
+    """A PgTx over fresh connections for a one-off command (`careservice status`): read, then rolled back."""
+    try:
+        with psycopg.connect(url, connect_timeout=5) as cases, psycopg.connect(keys_url, connect_timeout=5) as keys:
+            try:
+                yield PgTx(cases, keys)
+            finally:
+                cases.rollback()
+                keys.rollback()
+    except psycopg.Error as exc:
+        raise StoreError(f"store: PostgreSQL: {type(exc).__name__}: {exc}".strip()) from None
