@@ -7,7 +7,6 @@ import contextlib
 import logging
 import math
 import os
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from careservice import metrics
 from careservice.config import RelayConfig
 from careservice.dkim import Signer
 from careservice.logs import error_fields
+from careservice.maildir import maildir_deliver
 from careservice.model import MailEvent, MailKind, Outcome, OutgoingMail, QueuedMail
 from careservice.oauth2 import OAuth2Error, TokenSource
 from careservice.store import Store
@@ -56,19 +56,6 @@ class Refusal:
 
 
 Record = Callable[[QueuedMail, Refusal | None], Awaitable[None]]
-
-
-def _maildir_deliver(path: os.PathLike[str], message: bytes) -> None:
-    """Write one message into a Maildir the way MTAs do: tmp/, fsync, rename into new/."""
-    name = f"{secrets.token_hex(12)}.careservice"
-    tmp, new = os.path.join(path, "tmp", name), os.path.join(path, "new", name)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, message)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, new)
 
 
 class Relay:
@@ -219,7 +206,7 @@ class Relay:
                 if not done:
                     for sub in ("tmp", "new", "cur"):
                         os.makedirs(maildir / sub, mode=0o700, exist_ok=True)
-                await asyncio.to_thread(_maildir_deliver, maildir, self.signer.sign(item.site, item.mail.message))
+                await asyncio.to_thread(maildir_deliver, maildir, self.signer.sign(item.site, item.mail.message))
             except OSError as exc:
                 raise RelayDown(exc, done) from None
             await record(item, None)

@@ -68,7 +68,8 @@ class WalCheckpointer:
 
     async def stop(self) -> None:
         self._stop.set()
-        await asyncio.to_thread(self._thread.join)
+        if self._thread.ident is not None:  # started (not with a PostgreSQL store)
+            await asyncio.to_thread(self._thread.join)
 
     def _due(self) -> bool:
         for name in ("cases.db-wal", "keys.db-wal"):
@@ -184,7 +185,8 @@ class CaseWorker:
 
     async def start(self) -> None:
         await self.store.start(sweep=True)  # a worker killed inside a purge's commit left its key behind
-        self.checkpointer.start()
+        if not self.config.store.shared:  # PostgreSQL checkpoints on its own
+            self.checkpointer.start()
         self.tasks = [asyncio.create_task(self.runner.run()), asyncio.create_task(self.outbox.run())]
         self.listener = asyncio.create_task(self.store.listen(self.wake))
         self.scheduler.add_job(self.sweep, "interval", seconds=SWEEP_SECONDS, id="retention_and_retry_sweep",
