@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import CaptureRelay, Daemon, capture_relay, write_config
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import capture_relay
+from tests.support import write_config
 
 pytest_plugins = ["tests.conftest_dovecot", "tests.conftest_rspamd", "tests.conftest_postgres"]
 

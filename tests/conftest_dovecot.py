@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.dovecot import DovecotServer, dovecot_binary, start_dovecot
+from tests.dovecot import DovecotServer
+from tests.dovecot import dovecot_binary
+from tests.dovecot import start_dovecot
 
 
 @pytest.fixture

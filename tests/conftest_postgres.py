@@ -9,7 +9,8 @@ import pytest
 
 from careservice.settings import StoreConfig
 from careservice.storeadmin import migrate
-from tests.postgres import Postgres, unavailable
+from tests.postgres import Postgres
+from tests.postgres import unavailable
 
 
 @pytest.fixture(scope="session")

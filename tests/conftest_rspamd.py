@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.rspamd import RspamdServer, rspamd_binary, start_rspamd
+from tests.rspamd import RspamdServer
+from tests.rspamd import rspamd_binary
+from tests.rspamd import start_rspamd
 
 
 def rspamd_cache(factory: pytest.TempPathFactory) -> Path:

@@ -32,7 +32,8 @@ def _crash_after_commit() -> None:
 
 
 def _crash_after_flag() -> None:
-    from imapclient import DELETED, IMAPClient
+    from imapclient import DELETED
+    from imapclient import IMAPClient
 
     from careservice.intake import imap
 

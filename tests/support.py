@@ -12,9 +12,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from email import message_from_bytes, policy
+from collections.abc import Callable
+from collections.abc import Iterator
+from dataclasses import dataclass
+from dataclasses import field
+from email import message_from_bytes
+from email import policy
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -36,6 +39,17 @@ def free_port() -> int:
                 continue
             return port
     raise RuntimeError("no free port in 20000-32000")
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` different free ports: free_port() draws at random, and two listeners of one daemon must not
+    draw the same one (it would refuse to start)."""
+    ports: set[int] = set()
+    for _ in range(100):
+        ports.add(free_port())
+        if len(ports) == count:
+            return sorted(ports)
+    raise RuntimeError(f"no {count} different free ports")
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = WAIT, what: str = "condition") -> None:
@@ -127,9 +141,8 @@ def write_config(tmp: Path, relay_port: int, *, extra: str = "", relay_url: str 
                  retry_delays: str = "[1, 1, 2]", give_up_after: int = 432000, sites: str = SITES) -> Path:
     """A config for one test: its own data dir, free ports, a relay on loopback; `sites` replaces the two test sites."""
     tmp.mkdir(parents=True, exist_ok=True)
-    smtp_port, web_port, admin_port = free_port(), free_port(), free_port()
-    path = tmp / "config.toml"
-    path.write_text(f"""
+    smtp_port, web_port, admin_port = free_ports(3)
+    (tmp / "config.toml").write_text(f"""
 [service]
 data_dir = "data"
 log_level = "DEBUG"
@@ -153,7 +166,7 @@ listen = "127.0.0.1:{admin_port}"
 {sites}
 {extra}
 """)
-    return path
+    return tmp / "config.toml"
 
 
 def imap_config(tmp: Path, relay: CaptureRelay, dovecot: DovecotServer, *, password: str = "", poll_seconds: int = 60,

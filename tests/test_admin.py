@@ -20,22 +20,24 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.browser import chromium_page, needs_chromium
+from tests.browser import chromium_page
+from tests.browser import needs_chromium
 from tests.dovecot import DovecotServer
-from tests.support import (
-    CARE,
-    STAFF,
-    STAFF2,
-    CaptureRelay,
-    Daemon,
-    customer_mail,
-    imap_config,
-    send,
-    staff_reply,
-    wait_for,
-    write_config,
-)
-from tests.test_web import VALID, Reply, call, serving
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import STAFF2
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import imap_config
+from tests.support import send
+from tests.support import staff_reply
+from tests.support import wait_for
+from tests.support import write_config
+from tests.test_web import VALID
+from tests.test_web import Reply
+from tests.test_web import call
+from tests.test_web import serving
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 ALICE, CAROL, DAVE, ZOE = ("alice@customer.example", "carol@customer.example", "dave@customer.example",

@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from careservice.budget import Budget, first_fit, min_memory_mb
-from careservice.config import ConfigError, load_config
+from careservice.budget import Budget
+from careservice.budget import first_fit
+from careservice.budget import min_memory_mb
+from careservice.config import ConfigError
+from careservice.config import load_config
 from tests.reliability.helpers import set_keys
 from tests.support import write_config
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import trustme
 
-from careservice.config import ConfigError, load_config
+from careservice.config import ConfigError
+from careservice.config import load_config
 from careservice.texts import Texts
 from tests.reliability.helpers import set_keys
 from tests.support import write_config

@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 from careservice.store.schema import connect
-from careservice.worker import WAL_CHECKPOINT_BYTES, WalCheckpointer
+from careservice.worker import WAL_CHECKPOINT_BYTES
+from careservice.worker import WalCheckpointer
 from tests.support import wait_for
 
 ROW = os.urandom(3000)

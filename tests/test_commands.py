@@ -9,22 +9,23 @@ from pathlib import Path
 
 import pytest
 
-from careservice.config import ConfigError, load_config
-from tests.support import (
-    CARE,
-    SITES,
-    STAFF,
-    STAFF2,
-    CaptureRelay,
-    Daemon,
-    customer_mail,
-    files_containing,
-    send,
-    staff_reply,
-    wait_for,
-    write_config,
-)
-from tests.test_workflow import CUSTOMER, answer_to, open_case
+from careservice.config import ConfigError
+from careservice.config import load_config
+from tests.support import CARE
+from tests.support import SITES
+from tests.support import STAFF
+from tests.support import STAFF2
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import files_containing
+from tests.support import send
+from tests.support import staff_reply
+from tests.support import wait_for
+from tests.support import write_config
+from tests.test_workflow import CUSTOMER
+from tests.test_workflow import answer_to
+from tests.test_workflow import open_case
 
 EMPTY = {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0, "stuck_cases": 0}
 

@@ -14,22 +14,22 @@ import pytest
 
 from careservice.config import load_config
 from careservice.worker import CaseWorker
-from tests.support import (
-    CARE,
-    STAFF,
-    STAFF2,
-    Captured,
-    CaptureRelay,
-    Daemon,
-    customer_mail,
-    files_containing,
-    send,
-    wait_for,
-    with_routes,
-    write_config,
-)
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import STAFF2
+from tests.support import Captured
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import files_containing
+from tests.support import send
+from tests.support import wait_for
+from tests.support import with_routes
+from tests.support import write_config
 from tests.test_commands import reply
-from tests.test_workflow import CUSTOMER, answer_to, open_case
+from tests.test_workflow import CUSTOMER
+from tests.test_workflow import answer_to
+from tests.test_workflow import open_case
 
 REFUNDS = "refunds@staff.example"
 SITES = with_routes(f'[[sites.routes]]\nmatch_subject = "(?i)refund"\nstaff = ["{REFUNDS}"]\n')

@@ -10,18 +10,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support import (
-    STAFF,
-    STAFF2,
-    CaptureRelay,
-    Daemon,
-    customer_mail,
-    files_containing,
-    send,
-    staff_reply,
-    wait_for,
-)
-from tests.test_workflow import CUSTOMER, open_case
+from tests.support import STAFF
+from tests.support import STAFF2
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import files_containing
+from tests.support import send
+from tests.support import staff_reply
+from tests.support import wait_for
+from tests.test_workflow import CUSTOMER
+from tests.test_workflow import open_case
 
 
 def cli(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:

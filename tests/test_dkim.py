@@ -14,27 +14,28 @@ from pathlib import Path
 import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import rsa
 
-from careservice.config import ConfigError, load_config
+from careservice.config import ConfigError
+from careservice.config import load_config
 from careservice.dkim import Signer
-from careservice.model import MailKind, OutgoingMail
+from careservice.model import MailKind
+from careservice.model import OutgoingMail
 from careservice.outbox import Relay
 from careservice.store import QueuedMail
-from tests.support import (
-    CARE,
-    SITES,
-    STAFF,
-    STAFF2,
-    Captured,
-    CaptureRelay,
-    Daemon,
-    customer_mail,
-    send,
-    staff_reply,
-    wait_for,
-    write_config,
-)
+from tests.support import CARE
+from tests.support import SITES
+from tests.support import STAFF
+from tests.support import STAFF2
+from tests.support import Captured
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import send
+from tests.support import staff_reply
+from tests.support import wait_for
+from tests.support import write_config
 
 CUSTOMER = "alice@customer.example"
 Resolver = Callable[..., bytes | None]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dkim
 import pytest
 
-from careservice.dkimcheck import DkimUnavailable, verified_domains
-from tests.reliability.test_reply_auth import SELECTOR, dkim_key
+from careservice.dkimcheck import DkimUnavailable
+from careservice.dkimcheck import verified_domains
+from tests.reliability.test_reply_auth import SELECTOR
+from tests.reliability.test_reply_auth import dkim_key
 from tests.support import customer_mail
 
 

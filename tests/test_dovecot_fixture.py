@@ -2,7 +2,8 @@
 
 import pytest
 from imapclient import IMAPClient
-from imapclient.exceptions import IMAPClientError, LoginError
+from imapclient.exceptions import IMAPClientError
+from imapclient.exceptions import LoginError
 
 from tests.dovecot import DovecotServer
 

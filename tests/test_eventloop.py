@@ -7,9 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from careservice.config import ConfigError, load_config
+from careservice.config import ConfigError
+from careservice.config import load_config
 from tests.reliability.helpers import set_keys
-from tests.support import CARE, STAFF, CaptureRelay, Daemon, customer_mail, send, wait_for, write_config
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import send
+from tests.support import wait_for
+from tests.support import write_config
 
 CUSTOMER = "alice@customer.example"
 

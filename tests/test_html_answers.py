@@ -6,19 +6,34 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from email import message_from_bytes, policy
+from email import message_from_bytes
+from email import policy
 from email.message import EmailMessage
 from pathlib import Path
 
 import dkim
 import pytest
 
-from careservice.dkim import Signer, SiteKey, txt_record, write_key
+from careservice.dkim import Signer
+from careservice.dkim import SiteKey
+from careservice.dkim import txt_record
+from careservice.dkim import write_key
 from careservice.htmlpart import own_html
-from careservice.mail import Attachment, Draft, render
-from tests.reliability.mailclients import gmail, outlook
-from tests.support import CARE, STAFF, Captured, CaptureRelay, Daemon, files_containing, send, wait_for
-from tests.test_workflow import answer_to, open_case
+from careservice.mail import Attachment
+from careservice.mail import Draft
+from careservice.mail import render
+from tests.reliability.mailclients import gmail
+from tests.reliability.mailclients import outlook
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import Captured
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import files_containing
+from tests.support import send
+from tests.support import wait_for
+from tests.test_workflow import answer_to
+from tests.test_workflow import open_case
 
 CUSTOMER = "marker.person@customer.example"
 NEEDLES = [b"marker.person", b"Wilhelmina", b"Markername", b"zebra", b"quokka", b"platypus"]

@@ -14,24 +14,25 @@ from unittest.mock import patch
 import pytest
 from imapclient import DELETED
 
-from careservice.config import ConfigError, load_config
-from careservice.intake.headers import envelope_recipient, mailbox_envelope
-from careservice.intake.imap import BATCH, MailboxWorker
+from careservice.config import ConfigError
+from careservice.config import load_config
+from careservice.intake.headers import envelope_recipient
+from careservice.intake.headers import mailbox_envelope
+from careservice.intake.imap import BATCH
+from careservice.intake.imap import MailboxWorker
 from careservice.model import Envelope
 from tests.dovecot import DovecotServer
 from tests.imapcrash import POINT_ENV
-from tests.support import (
-    CARE,
-    STAFF,
-    CaptureRelay,
-    Daemon,
-    customer_mail,
-    files_containing,
-    imap_config,
-    staff_reply,
-    wait_for,
-    write_config,
-)
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import files_containing
+from tests.support import imap_config
+from tests.support import staff_reply
+from tests.support import wait_for
+from tests.support import write_config
 
 pytestmark = pytest.mark.imap
 

@@ -14,17 +14,15 @@ from collections import Counter
 from pathlib import Path
 
 from tests.reliability.helpers import set_keys
-from tests.support import (
-    CARE,
-    STAFF,
-    STAFF2,
-    CaptureRelay,
-    Daemon,
-    customer_mail,
-    send,
-    wait_for,
-    write_config,
-)
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import STAFF2
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import send
+from tests.support import wait_for
+from tests.support import write_config
 
 STOP_TIMEOUT = 10
 SENDERS = 10

@@ -11,17 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import (
-    CARE,
-    STAFF,
-    CaptureRelay,
-    Daemon,
-    customer_mail,
-    files_containing,
-    send,
-    wait_for,
-    write_config,
-)
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import files_containing
+from tests.support import send
+from tests.support import wait_for
+from tests.support import write_config
 
 
 def test_mail_is_forwarded_and_acknowledged(daemon: Daemon, relay: CaptureRelay) -> None:

@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from careservice import metrics, tta
-from careservice.outbox import Outbox, Relay
+from careservice import metrics
+from careservice import tta
+from careservice.outbox import Outbox
+from careservice.outbox import Relay
 from tests.support import free_port
-from tests.test_outbox import CountingRelay, relay_config
+from tests.test_outbox import CountingRelay
+from tests.test_outbox import relay_config
 
 
 def test_time_to_answer_bands_give_exact_shares_and_an_estimated_median() -> None:
@@ -75,7 +78,8 @@ def test_a_metric_that_cannot_be_written_does_not_fail_its_caller(monkeypatch: p
 def test_a_metric_file_not_yet_sized_does_not_fail_the_scrape(tmp_path: Path) -> None:
     """A process creates its metric file before sizing it; a scrape in between (or after the process died
     there) failed the whole /metrics with a 500."""
-    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+    from prometheus_client.mmap_dict import MmapedDict
+    from prometheus_client.mmap_dict import mmap_key
     from prometheus_client.multiprocess import MultiProcessCollector
 
     written = MmapedDict(str(tmp_path / "counter_101.db"))

@@ -11,22 +11,27 @@ from pathlib import Path
 import pytest
 
 from careservice.config import load_config
-from careservice.texts import NOTICES, Texts, packaged_templates, sample_values
-from tests.support import (
-    SITES,
-    STAFF,
-    CaptureRelay,
-    Daemon,
-    customer_mail,
-    files_containing,
-    send,
-    staff_reply,
-    wait_for,
-    write_config,
-)
-from tests.test_check import cli, with_lines
-from tests.test_reads_well import IDLE, body
-from tests.test_workflow import CUSTOMER, answer_to, open_case
+from careservice.texts import NOTICES
+from careservice.texts import Texts
+from careservice.texts import packaged_templates
+from careservice.texts import sample_values
+from tests.support import SITES
+from tests.support import STAFF
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import files_containing
+from tests.support import send
+from tests.support import staff_reply
+from tests.support import wait_for
+from tests.support import write_config
+from tests.test_check import cli
+from tests.test_check import with_lines
+from tests.test_reads_well import IDLE
+from tests.test_reads_well import body
+from tests.test_workflow import CUSTOMER
+from tests.test_workflow import answer_to
+from tests.test_workflow import open_case
 
 GERMAN = SITES.replace('name = "TicketNest"\n', 'name = "TicketNest"\nlanguage = "de"\n', 1)
 ENGLISH = ("Nothing was sent", "The commands are", "Start the first line", "automatic notice", "this list")

@@ -12,19 +12,33 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 
 import pytest
-from aiosmtpd.smtp import SMTP, AuthResult
+from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import AuthResult
 
-from careservice.config import ConfigError, load_config
-from careservice.oauth2 import OAuth2Error, TokenSource
+from careservice.config import ConfigError
+from careservice.config import load_config
+from careservice.oauth2 import OAuth2Error
+from careservice.oauth2 import TokenSource
 from careservice.settings import OAuth2Config
-from tests.dovecot import DovecotServer, dovecot_binary, start_dovecot
+from tests.dovecot import DovecotServer
+from tests.dovecot import dovecot_binary
+from tests.dovecot import start_dovecot
 from tests.oauth_server import OAuthServer
 from tests.reliability.helpers import set_keys
-from tests.support import CARE, STAFF, CaptureRelay, Daemon, customer_mail, imap_config, send, wait_for, write_config
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import imap_config
+from tests.support import send
+from tests.support import wait_for
+from tests.support import write_config
 
 pytestmark = pytest.mark.imap
 CUSTOMER = "alice@customer.example"

@@ -7,7 +7,9 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
+from dataclasses import field
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,10 +19,24 @@ from aiosmtpd.smtp import Session
 from careservice.budget import Budget
 from careservice.config import RelayConfig
 from careservice.crypto import Keyring
-from careservice.model import CaseState, Envelope, MailEvent, MailKind, Outcome, OutgoingMail, Source
-from careservice.outbox import Outbox, Refusal, Relay
-from careservice.store import NewMessage, QueuedMail, Store
-from tests.support import CARE, STAFF, STAFF2, CaptureRelay, free_port
+from careservice.model import CaseState
+from careservice.model import Envelope
+from careservice.model import MailEvent
+from careservice.model import MailKind
+from careservice.model import Outcome
+from careservice.model import OutgoingMail
+from careservice.model import Source
+from careservice.outbox import Outbox
+from careservice.outbox import Refusal
+from careservice.outbox import Relay
+from careservice.store import NewMessage
+from careservice.store import QueuedMail
+from careservice.store import Store
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import STAFF2
+from tests.support import CaptureRelay
+from tests.support import free_port
 
 BUDGET = Budget.of(512)
 

@@ -9,12 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from careservice.intake.mailboxlease import LEASE, RENEW
+from careservice.intake.mailboxlease import LEASE
+from careservice.intake.mailboxlease import RENEW
 from careservice.settings import StoreConfig
 from tests.dovecot import DovecotServer
 from tests.postgres import with_store
 from tests.reliability.test_pg_nodes import kill_node
-from tests.support import STAFF, CaptureRelay, Daemon, customer_mail, imap_config, wait_for
+from tests.support import STAFF
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import imap_config
+from tests.support import wait_for
 
 pytestmark = pytest.mark.imap
 TAKEOVER = 30.0  # the bound

@@ -11,10 +11,20 @@ import time
 from pathlib import Path
 
 from careservice.settings import StoreConfig
-from tests.postgres import Postgres, with_store
-from tests.support import CARE, STAFF, CaptureRelay, Daemon, customer_mail, wait_for, write_config
-from tests.test_admin import get, scrape, value
-from tests.test_web import VALID, post
+from tests.postgres import Postgres
+from tests.postgres import with_store
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import wait_for
+from tests.support import write_config
+from tests.test_admin import get
+from tests.test_admin import scrape
+from tests.test_admin import value
+from tests.test_web import VALID
+from tests.test_web import post
 
 OUTAGE = 3.0  # seconds the database is away
 

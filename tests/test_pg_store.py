@@ -13,13 +13,24 @@ import psycopg
 import pytest
 from cryptography.exceptions import InvalidTag
 
-from careservice.crypto import Keyring, load_master_key, write_master_key
-from careservice.model import CaseState, Envelope, NewMessage, Outcome, Source
+from careservice.crypto import Keyring
+from careservice.crypto import load_master_key
+from careservice.crypto import write_master_key
+from careservice.model import CaseState
+from careservice.model import Envelope
+from careservice.model import NewMessage
+from careservice.model import Outcome
+from careservice.model import Source
 from careservice.settings import StoreConfig
-from careservice.store import Store, StoreError
+from careservice.store import Store
+from careservice.store import StoreError
 from careservice.store.pg import schema
-from tests.postgres import Postgres, case_rows, run_sql, with_store
-from tests.support import CARE, write_config
+from tests.postgres import Postgres
+from tests.postgres import case_rows
+from tests.postgres import run_sql
+from tests.postgres import with_store
+from tests.support import CARE
+from tests.support import write_config
 
 MESSAGE = NewMessage("ticketnest", Source.SMTP, Envelope("a@customer.example", CARE), b"Subject: x\r\n\r\nx")
 RECEIVED = [CaseState.RECEIVED]

@@ -9,24 +9,28 @@ from pathlib import Path
 import pytest
 
 from careservice.config import load_config
-from careservice.texts import MAIL_TEMPLATES, Texts, one_prefix, sample_values, signed
+from careservice.texts import MAIL_TEMPLATES
+from careservice.texts import Texts
+from careservice.texts import one_prefix
+from careservice.texts import sample_values
+from careservice.texts import signed
 from tests.reliability.mailclients import gmail
 from tests.reliability.replycase import reply_address
-from tests.support import (
-    CARE,
-    STAFF,
-    STAFF2,
-    CaptureRelay,
-    Daemon,
-    customer_mail,
-    files_containing,
-    send,
-    staff_reply,
-    wait_for,
-    write_config,
-)
-from tests.test_check import cli, with_lines
-from tests.test_web import call, serving
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import STAFF2
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import files_containing
+from tests.support import send
+from tests.support import staff_reply
+from tests.support import wait_for
+from tests.support import write_config
+from tests.test_check import cli
+from tests.test_check import with_lines
+from tests.test_web import call
+from tests.test_web import serving
 
 CUSTOMER = "alice@customer.example"
 IDLE = {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0, "stuck_cases": 0}

@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from careservice.mail import Attachment, Parsed, parse
-from careservice.replytext import Forwarded, StaffReply, html_text, read_reply, relay_problem
+from careservice.mail import Attachment
+from careservice.mail import Parsed
+from careservice.mail import parse
+from careservice.replytext import Forwarded
+from careservice.replytext import StaffReply
+from careservice.replytext import html_text
+from careservice.replytext import read_reply
+from careservice.replytext import relay_problem
 
 OWN = """New message for TicketNest customer care, case 0123456789ab.
 

@@ -14,30 +14,39 @@ from pathlib import Path
 import pytest
 
 from careservice.addresses import Addressing
-from careservice.config import ConfigError, Site, load_config
+from careservice.config import ConfigError
+from careservice.config import Site
+from careservice.config import load_config
 from careservice.configroutes import pattern
 from careservice.context import Inputs
-from careservice.crypto import Keyring, load_master_key
+from careservice.crypto import Keyring
+from careservice.crypto import load_master_key
 from careservice.mail import Parsed
-from careservice.model import Case, CaseState, Envelope, Inbound, Source
+from careservice.model import Case
+from careservice.model import CaseState
+from careservice.model import Envelope
+from careservice.model import Inbound
+from careservice.model import Source
 from careservice.routing import route_new_case
-from tests.support import (
-    CARE,
-    STAFF,
-    STAFF2,
-    Captured,
-    CaptureRelay,
-    Daemon,
-    customer_mail,
-    files_containing,
-    send,
-    staff_reply,
-    wait_for,
-    with_routes,
-    write_config,
-)
-from tests.test_web import VALID, behind_proxy, post, serving
-from tests.test_workflow import CUSTOMER, answer_to
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import STAFF2
+from tests.support import Captured
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import files_containing
+from tests.support import send
+from tests.support import staff_reply
+from tests.support import wait_for
+from tests.support import with_routes
+from tests.support import write_config
+from tests.test_web import VALID
+from tests.test_web import behind_proxy
+from tests.test_web import post
+from tests.test_web import serving
+from tests.test_workflow import CUSTOMER
+from tests.test_workflow import answer_to
 
 REFUNDS, SALES, VIP = "refunds@staff.example", "sales@staff.example", "vip@staff.example"
 ROTA = ("anna@staff.example", "ben@staff.example", "cleo@staff.example")

@@ -13,14 +13,22 @@ import pytest
 from careservice.addresses import Addressing
 from careservice.budget import Budget
 from careservice.config import load_config
-from careservice.context import Context, Inputs
+from careservice.context import Context
+from careservice.context import Inputs
 from careservice.crypto import Keyring
 from careservice.logs import error_fields
-from careservice.model import CaseState, Envelope, Outcome, Source
+from careservice.model import CaseState
+from careservice.model import Envelope
+from careservice.model import Outcome
+from careservice.model import Source
 from careservice.runner import Runner
-from careservice.store import NewMessage, Store, read_status
-from careservice.texts import TemplateProblem, Texts
-from tests.support import CARE, write_config
+from careservice.store import NewMessage
+from careservice.store import Store
+from careservice.store import read_status
+from careservice.texts import TemplateProblem
+from careservice.texts import Texts
+from tests.support import CARE
+from tests.support import write_config
 
 
 class Clock:

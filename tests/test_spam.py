@@ -6,32 +6,41 @@ import asyncio
 import re
 import smtplib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from careservice.crypto import Keyring, load_master_key
+from careservice.crypto import Keyring
+from careservice.crypto import load_master_key
 from careservice.store import Store
 from tests.conftest_rspamd import private_rspamd
 from tests.dovecot import DovecotServer
-from tests.rspamd import ADD_HEADER, GREYLIST, GTUBE, SOFT_REJECT, RspamdServer
-from tests.support import (
-    CARE,
-    STAFF,
-    CaptureRelay,
-    Daemon,
-    customer_mail,
-    files_containing,
-    imap_config,
-    send,
-    staff_reply,
-    wait_for,
-    write_config,
-)
-from tests.test_admin import admin_serving, scrape, value
-from tests.test_spamcheck import ALICE, spam_table
-from tests.test_web import VALID, keeping_nothing, post
+from tests.rspamd import ADD_HEADER
+from tests.rspamd import GREYLIST
+from tests.rspamd import GTUBE
+from tests.rspamd import SOFT_REJECT
+from tests.rspamd import RspamdServer
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import files_containing
+from tests.support import imap_config
+from tests.support import send
+from tests.support import staff_reply
+from tests.support import wait_for
+from tests.support import write_config
+from tests.test_admin import admin_serving
+from tests.test_admin import scrape
+from tests.test_admin import value
+from tests.test_spamcheck import ALICE
+from tests.test_spamcheck import spam_table
+from tests.test_web import VALID
+from tests.test_web import keeping_nothing
+from tests.test_web import post
 
 pytestmark = pytest.mark.rspamd
 

@@ -12,14 +12,29 @@ from pathlib import Path
 import pytest
 from aiosmtpd.smtp import Session
 
-from careservice.config import ConfigError, load_config
-from careservice.intake.spamcheck import FORM_USER, Probe, SpamCheck, form_message, form_probe
+from careservice.config import ConfigError
+from careservice.config import load_config
+from careservice.intake.spamcheck import FORM_USER
+from careservice.intake.spamcheck import Probe
+from careservice.intake.spamcheck import SpamCheck
+from careservice.intake.spamcheck import form_message
+from careservice.intake.spamcheck import form_probe
 from careservice.model import ContactDetails
 from careservice.settings import SpamConfig
-from careservice.spamverdict import SKIPPED, SpamVerdict, read, stamp
-from tests.rspamd import ADD_HEADER, GREYLIST, GTUBE, SOFT_REJECT, SPF_PASS_IP, RspamdServer
-from tests.support import CARE, write_config
-from tests.test_check import cli, with_lines
+from careservice.spamverdict import SKIPPED
+from careservice.spamverdict import SpamVerdict
+from careservice.spamverdict import read
+from careservice.spamverdict import stamp
+from tests.rspamd import ADD_HEADER
+from tests.rspamd import GREYLIST
+from tests.rspamd import GTUBE
+from tests.rspamd import SOFT_REJECT
+from tests.rspamd import SPF_PASS_IP
+from tests.rspamd import RspamdServer
+from tests.support import CARE
+from tests.support import write_config
+from tests.test_check import cli
+from tests.test_check import with_lines
 
 ALICE = "alice@customer.example"
 

@@ -14,11 +14,18 @@ from pathlib import Path
 import pytest
 
 from careservice.crypto import Keyring
-from careservice.model import CaseState, Envelope, NewMessage, Outcome, Source
+from careservice.model import CaseState
+from careservice.model import Envelope
+from careservice.model import NewMessage
+from careservice.model import Outcome
+from careservice.model import Source
 from careservice.settings import StoreConfig
-from careservice.store import Store, StoreError
+from careservice.store import Store
+from careservice.store import StoreError
 from tests.postgres import rows_containing
-from tests.support import CARE, customer_mail, files_containing
+from tests.support import CARE
+from tests.support import customer_mail
+from tests.support import files_containing
 
 MESSAGE = NewMessage("ticketnest", Source.SMTP, Envelope("a@customer.example", CARE), b"Subject: x\r\n\r\nx")
 STATES = [CaseState.RECEIVED]

@@ -15,10 +15,19 @@ import pytest
 import trustme
 from aiosmtpd.controller import Controller
 
-from careservice.config import ConfigError, load_config
+from careservice.config import ConfigError
+from careservice.config import load_config
 from careservice.intake.web import check_web_tls
-from tests.support import CARE, STAFF, CaptureRelay, Daemon, customer_mail, free_port, wait_for, write_config
-from tests.test_web import VALID, serving
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import free_port
+from tests.support import wait_for
+from tests.support import write_config
+from tests.test_web import VALID
+from tests.test_web import serving
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,17 @@ from urllib.parse import urlencode
 
 import pytest
 
-from careservice.crypto import Keyring, load_master_key
+from careservice.crypto import Keyring
+from careservice.crypto import load_master_key
 from careservice.intake.formguard import CodeTokens
-from tests.support import CARE, STAFF, STAFF2, CaptureRelay, Daemon, files_containing, wait_for, write_config
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import STAFF2
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import files_containing
+from tests.support import wait_for
+from tests.support import write_config
 
 CUSTOMER = "zoe@customer.example"
 CLIENTS = itertools.count(1)

@@ -7,9 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser import CHROMIUM_MARKS, chromium_page
-from tests.support import STAFF, CaptureRelay, Daemon, wait_for
-from tests.test_web import serving, start, tokens
+from tests.browser import CHROMIUM_MARKS
+from tests.browser import chromium_page
+from tests.support import STAFF
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import wait_for
+from tests.test_web import serving
+from tests.test_web import start
+from tests.test_web import tokens
 
 SCREENSHOT = Path("/tmp/form.png")
 

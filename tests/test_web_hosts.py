@@ -11,9 +11,19 @@ from typing import Any
 
 import pytest
 
-from careservice.config import ConfigError, load_config
-from tests.support import CaptureRelay, Daemon, capture_relay, wait_for, write_config
-from tests.test_web import VALID, Reply, behind_proxy, call, serving, tokens
+from careservice.config import ConfigError
+from careservice.config import load_config
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import capture_relay
+from tests.support import wait_for
+from tests.support import write_config
+from tests.test_web import VALID
+from tests.test_web import Reply
+from tests.test_web import behind_proxy
+from tests.test_web import call
+from tests.test_web import serving
+from tests.test_web import tokens
 
 BRANDS: list[dict[str, Any]] = tomllib.loads(
     (Path(__file__).resolve().parent.parent / "config.toml").read_text())["sites"]

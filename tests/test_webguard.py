@@ -6,7 +6,8 @@ import ipaddress
 
 import pytest
 
-from careservice.intake.webguard import bucket, client_address
+from careservice.intake.webguard import bucket
+from careservice.intake.webguard import client_address
 
 PROXIES = (ipaddress.ip_network("127.0.0.1"), ipaddress.ip_network("10.0.0.0/8"))
 

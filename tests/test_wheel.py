@@ -17,7 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import CARE, STAFF, CaptureRelay, customer_mail, free_port, send, wait_for
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import CaptureRelay
+from tests.support import customer_mail
+from tests.support import free_port
+from tests.support import send
+from tests.support import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "var", "dev-outbox", "build", "*.egg-info", "__pycache__",

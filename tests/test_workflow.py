@@ -8,21 +8,21 @@ from pathlib import Path
 import pytest
 
 from careservice.settings import StoreConfig
-from tests.postgres import case_rows, run_sql, with_store
-from tests.support import (
-    CARE,
-    STAFF,
-    STAFF2,
-    Captured,
-    CaptureRelay,
-    Daemon,
-    customer_mail,
-    files_containing,
-    send,
-    staff_reply,
-    wait_for,
-    write_config,
-)
+from tests.postgres import case_rows
+from tests.postgres import run_sql
+from tests.postgres import with_store
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import STAFF2
+from tests.support import Captured
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import files_containing
+from tests.support import send
+from tests.support import staff_reply
+from tests.support import wait_for
+from tests.support import write_config
 
 CUSTOMER = "alice@customer.example"
 IDLE = {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0, "stuck_cases": 0}

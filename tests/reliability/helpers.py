@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from careservice.store import read_status
-from tests.support import CaptureRelay, Daemon, write_config
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import write_config
 
 SCALE = max(1, int(os.environ.get("CARESERVICE_RELIABILITY_SCALE", "1")))  # 20 = the full run (>= 200 kills)
 IDLE = {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0, "stuck_cases": 0}

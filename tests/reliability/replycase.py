@@ -7,7 +7,13 @@ import sqlite3
 from email.message import EmailMessage
 
 from tests.reliability.helpers import status
-from tests.support import CARE, STAFF, CaptureRelay, Daemon, customer_mail, send, wait_for
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import send
+from tests.support import wait_for
 
 CUSTOMER_TEXT = "Order 4711 never arrived, please help."
 

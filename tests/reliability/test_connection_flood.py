@@ -14,8 +14,17 @@ from pathlib import Path
 import pytest
 
 from careservice.intake.limits import client_key
-from tests.reliability.helpers import SCALE, RawSmtp, log_leaks, set_keys
-from tests.support import CARE, STAFF, CaptureRelay, Daemon, customer_mail, wait_for, write_config
+from tests.reliability.helpers import SCALE
+from tests.reliability.helpers import RawSmtp
+from tests.reliability.helpers import log_leaks
+from tests.reliability.helpers import set_keys
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import wait_for
+from tests.support import write_config
 
 pytestmark = pytest.mark.reliability
 

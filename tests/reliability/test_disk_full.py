@@ -16,8 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.helpers import integrity, log_leaks, set_keys, status
-from tests.support import CARE, STAFF, CaptureRelay, Daemon, customer_mail, send, staff_reply, wait_for, write_config
+from tests.reliability.helpers import integrity
+from tests.reliability.helpers import log_leaks
+from tests.reliability.helpers import set_keys
+from tests.reliability.helpers import status
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import send
+from tests.support import staff_reply
+from tests.support import wait_for
+from tests.support import write_config
 
 pytestmark = pytest.mark.reliability
 

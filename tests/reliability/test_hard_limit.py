@@ -10,20 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.helpers import log_leaks, status, stored_rows
-from tests.support import (
-    CARE,
-    SITES,
-    STAFF,
-    CaptureRelay,
-    Daemon,
-    customer_mail,
-    files_containing,
-    send,
-    staff_reply,
-    wait_for,
-    write_config,
-)
+from tests.reliability.helpers import log_leaks
+from tests.reliability.helpers import status
+from tests.reliability.helpers import stored_rows
+from tests.support import CARE
+from tests.support import SITES
+from tests.support import STAFF
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import files_containing
+from tests.support import send
+from tests.support import staff_reply
+from tests.support import wait_for
+from tests.support import write_config
 
 pytestmark = pytest.mark.reliability
 

@@ -9,14 +9,24 @@ import smtplib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from email import message_from_bytes, policy
+from email import message_from_bytes
+from email import policy
 from pathlib import Path
 
 import pytest
 
-from careservice.mail import Parsed, parse
-from tests.reliability.helpers import log_leaks, set_keys, shared_daemon, status
-from tests.support import CARE, STAFF, CaptureRelay, Daemon, wait_for, write_config
+from careservice.mail import Parsed
+from careservice.mail import parse
+from tests.reliability.helpers import log_leaks
+from tests.reliability.helpers import set_keys
+from tests.reliability.helpers import shared_daemon
+from tests.reliability.helpers import status
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import wait_for
+from tests.support import write_config
 
 pytestmark = pytest.mark.reliability
 

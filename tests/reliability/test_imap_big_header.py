@@ -14,8 +14,17 @@ import pytest
 from careservice.intake.headers import envelope_sender
 from careservice.mimeparse import MAX_HEADER_BLOCK
 from tests.dovecot import DovecotServer
-from tests.reliability.helpers import SCALE, log_leaks, set_keys, status
-from tests.support import CARE, STAFF, CaptureRelay, Daemon, customer_mail, imap_config, wait_for
+from tests.reliability.helpers import SCALE
+from tests.reliability.helpers import log_leaks
+from tests.reliability.helpers import set_keys
+from tests.reliability.helpers import status
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import imap_config
+from tests.support import wait_for
 
 pytestmark = [pytest.mark.reliability, pytest.mark.imap]
 

@@ -10,7 +10,12 @@ import pytest
 from tests.dovecot import DovecotServer
 from tests.reliability.helpers import status
 from tests.reliability.test_hostile import CATALOGUE
-from tests.support import STAFF, CaptureRelay, Daemon, customer_mail, imap_config, wait_for
+from tests.support import STAFF
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import imap_config
+from tests.support import wait_for
 
 pytestmark = [pytest.mark.reliability, pytest.mark.imap]
 

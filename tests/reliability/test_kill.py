@@ -17,7 +17,8 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 
 import pytest
@@ -25,22 +26,29 @@ import pytest
 from careservice.bootstrap import build_context
 from careservice.config import load_config
 from careservice.crypto import Keyring
-from careservice.model import Envelope, Source
-from careservice.store import NewMessage, Store
+from careservice.model import Envelope
+from careservice.model import Source
+from careservice.store import NewMessage
+from careservice.store import Store
 from careservice.worker import CaseWorker
-from tests.reliability.helpers import IDLE, SCALE, RawSmtp, children, integrity, log_leaks, status, stored_rows
-from tests.support import (
-    CARE,
-    STAFF,
-    CaptureRelay,
-    Daemon,
-    customer_mail,
-    free_port,
-    send,
-    staff_reply,
-    wait_for,
-    write_config,
-)
+from tests.reliability.helpers import IDLE
+from tests.reliability.helpers import SCALE
+from tests.reliability.helpers import RawSmtp
+from tests.reliability.helpers import children
+from tests.reliability.helpers import integrity
+from tests.reliability.helpers import log_leaks
+from tests.reliability.helpers import status
+from tests.reliability.helpers import stored_rows
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import free_port
+from tests.support import send
+from tests.support import staff_reply
+from tests.support import wait_for
+from tests.support import write_config
 
 pytestmark = pytest.mark.reliability
 

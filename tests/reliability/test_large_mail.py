@@ -10,15 +10,26 @@ from __future__ import annotations
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from email import policy
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 
-from tests.reliability.helpers import SCALE, children, set_keys
-from tests.support import CARE, STAFF, CaptureRelay, Daemon, customer_mail, send, staff_reply, wait_for, write_config
+from tests.reliability.helpers import SCALE
+from tests.reliability.helpers import children
+from tests.reliability.helpers import set_keys
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import send
+from tests.support import staff_reply
+from tests.support import wait_for
+from tests.support import write_config
 
 pytestmark = pytest.mark.reliability
 

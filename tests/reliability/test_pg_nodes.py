@@ -17,19 +17,35 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
+from dataclasses import field
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from careservice.crypto import Keyring
 from careservice.settings import StoreConfig
-from careservice.store import Store, read_status
+from careservice.store import Store
+from careservice.store import read_status
 from careservice.store.pg.claims import ORPHAN_KEY_AGE
-from tests.postgres import Postgres, case_rows, with_store
-from tests.reliability.helpers import IDLE, SCALE, children, log_leaks, set_keys
-from tests.reliability.test_kill import GIVE_UP, SEED, SENDERS, Load, settled
-from tests.support import CaptureRelay, Daemon, wait_for, write_config
+from tests.postgres import Postgres
+from tests.postgres import case_rows
+from tests.postgres import with_store
+from tests.reliability.helpers import IDLE
+from tests.reliability.helpers import SCALE
+from tests.reliability.helpers import children
+from tests.reliability.helpers import log_leaks
+from tests.reliability.helpers import set_keys
+from tests.reliability.test_kill import GIVE_UP
+from tests.reliability.test_kill import SEED
+from tests.reliability.test_kill import SENDERS
+from tests.reliability.test_kill import Load
+from tests.reliability.test_kill import settled
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import wait_for
+from tests.support import write_config
 
 pytestmark = pytest.mark.reliability
 

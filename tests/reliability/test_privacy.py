@@ -15,12 +15,27 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from careservice import crypto
-from careservice.config import ConfigError, load_config
-from careservice.crypto import MASTER_KEY_ENV, NONCE_BYTES, Keyring, load_master_key, worker_environment
-from careservice.model import Envelope, Source
-from careservice.store import NewMessage, Store, StoreError, tallies
+from careservice.config import ConfigError
+from careservice.config import load_config
+from careservice.crypto import MASTER_KEY_ENV
+from careservice.crypto import NONCE_BYTES
+from careservice.crypto import Keyring
+from careservice.crypto import load_master_key
+from careservice.crypto import worker_environment
+from careservice.model import Envelope
+from careservice.model import Source
+from careservice.store import NewMessage
+from careservice.store import Store
+from careservice.store import StoreError
+from careservice.store import tallies
 from tests.reliability.helpers import set_keys
-from tests.support import CARE, CaptureRelay, Daemon, customer_mail, send, wait_for, write_config
+from tests.support import CARE
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import send
+from tests.support import wait_for
+from tests.support import write_config
 
 pytestmark = pytest.mark.reliability
 MASTER = b"m" * 32

@@ -8,30 +8,34 @@ import asyncio
 import string
 from collections.abc import Iterator
 from datetime import timedelta
-from email import message_from_bytes, policy
+from email import message_from_bytes
+from email import policy
 from email.mime.text import MIMEText
 
 import pytest
 from aiosmtpd.smtp import SMTP
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck
+from hypothesis import assume
+from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 
-from careservice.intake.smtp import _Session, _Sessions
-from careservice.intake.web import FIELDS, field_problem
-from careservice.mail import (
-    _OUTGOING,
-    _UTF8_QP,
-    Attachment,
-    Draft,
-    Parsed,
-    _address_header,
-    _as_bytes,
-    _plain_7bit,
-    _text_header,
-    _text_part,
-    parse,
-    render,
-)
+from careservice.intake.smtp import _Session
+from careservice.intake.smtp import _Sessions
+from careservice.intake.web import FIELDS
+from careservice.intake.web import field_problem
+from careservice.mail import _OUTGOING
+from careservice.mail import _UTF8_QP
+from careservice.mail import Attachment
+from careservice.mail import Draft
+from careservice.mail import Parsed
+from careservice.mail import _address_header
+from careservice.mail import _as_bytes
+from careservice.mail import _plain_7bit
+from careservice.mail import _text_header
+from careservice.mail import _text_part
+from careservice.mail import parse
+from careservice.mail import render
 from tests.reliability.helpers import SCALE
 
 pytestmark = pytest.mark.reliability

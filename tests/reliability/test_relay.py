@@ -13,8 +13,19 @@ from pathlib import Path
 import pytest
 from aiosmtpd.controller import Controller
 
-from tests.reliability.helpers import IDLE, SCALE, log_leaks, status
-from tests.support import CARE, STAFF, CaptureRelay, Daemon, customer_mail, send, staff_reply, wait_for, write_config
+from tests.reliability.helpers import IDLE
+from tests.reliability.helpers import SCALE
+from tests.reliability.helpers import log_leaks
+from tests.reliability.helpers import status
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import send
+from tests.support import staff_reply
+from tests.support import wait_for
+from tests.support import write_config
 
 pytestmark = pytest.mark.reliability
 

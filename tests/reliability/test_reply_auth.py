@@ -15,8 +15,22 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.reliability.mailclients import thunderbird
-from tests.reliability.replycase import answers, case_id, new_text, notices, reply_address, settled
-from tests.support import CARE, SITES, STAFF, STAFF2, CaptureRelay, Daemon, customer_mail, send, wait_for, write_config
+from tests.reliability.replycase import answers
+from tests.reliability.replycase import case_id
+from tests.reliability.replycase import new_text
+from tests.reliability.replycase import notices
+from tests.reliability.replycase import reply_address
+from tests.reliability.replycase import settled
+from tests.support import CARE
+from tests.support import SITES
+from tests.support import STAFF
+from tests.support import STAFF2
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import send
+from tests.support import wait_for
+from tests.support import write_config
 
 pytestmark = pytest.mark.reliability
 SELECTOR = b"care2025"

@@ -10,17 +10,20 @@ import pytest
 
 from tests.reliability.helpers import status
 from tests.reliability.mailclients import thunderbird
-from tests.reliability.replycase import (
-    answers,
-    case_id,
-    new_text,
-    notices,
-    open_case,
-    reply_address,
-    settled,
-)
+from tests.reliability.replycase import answers
+from tests.reliability.replycase import case_id
+from tests.reliability.replycase import new_text
+from tests.reliability.replycase import notices
+from tests.reliability.replycase import open_case
+from tests.reliability.replycase import reply_address
+from tests.reliability.replycase import settled
 from tests.reliability.test_kill import children
-from tests.support import STAFF, STAFF2, CaptureRelay, Daemon, send, wait_for
+from tests.support import STAFF
+from tests.support import STAFF2
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import send
+from tests.support import wait_for
 
 pytestmark = pytest.mark.reliability
 

@@ -5,16 +5,30 @@ with a mail or one of our reply addresses attached, and one from an address not 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from email import message_from_bytes, policy
+from collections.abc import Callable
+from collections.abc import Iterator
+from email import message_from_bytes
+from email import policy
 from email.message import EmailMessage
 
 import pytest
 
-from tests.reliability.helpers import log_leaks, shared_daemon
-from tests.reliability.mailclients import STAFF_IP, reply_headers, thunderbird
-from tests.reliability.replycase import answers, case_id, case_state, notices, open_case, reply_address, reply_to
-from tests.support import STAFF, STAFF2, CaptureRelay, Daemon
+from tests.reliability.helpers import log_leaks
+from tests.reliability.helpers import shared_daemon
+from tests.reliability.mailclients import STAFF_IP
+from tests.reliability.mailclients import reply_headers
+from tests.reliability.mailclients import thunderbird
+from tests.reliability.replycase import answers
+from tests.reliability.replycase import case_id
+from tests.reliability.replycase import case_state
+from tests.reliability.replycase import notices
+from tests.reliability.replycase import open_case
+from tests.reliability.replycase import reply_address
+from tests.reliability.replycase import reply_to
+from tests.support import STAFF
+from tests.support import STAFF2
+from tests.support import CaptureRelay
+from tests.support import Daemon
 
 pytestmark = pytest.mark.reliability
 

@@ -5,24 +5,32 @@ line starting with "#" is a command (closing the case) or, unknown, a notice; ne
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 from email.message import EmailMessage
 
 import pytest
 
-from tests.reliability.helpers import log_leaks, shared_daemon
-from tests.reliability.mailclients import CLIENTS, forward_lines, gmail, iphone, outlook, thunderbird
-from tests.reliability.replycase import (
-    CUSTOMER_TEXT,
-    answers,
-    case_id,
-    case_state,
-    new_text,
-    notices,
-    open_case,
-    reply_to,
-)
-from tests.support import STAFF, STAFF2, CaptureRelay, Daemon
+from tests.reliability.helpers import log_leaks
+from tests.reliability.helpers import shared_daemon
+from tests.reliability.mailclients import CLIENTS
+from tests.reliability.mailclients import forward_lines
+from tests.reliability.mailclients import gmail
+from tests.reliability.mailclients import iphone
+from tests.reliability.mailclients import outlook
+from tests.reliability.mailclients import thunderbird
+from tests.reliability.replycase import CUSTOMER_TEXT
+from tests.reliability.replycase import answers
+from tests.reliability.replycase import case_id
+from tests.reliability.replycase import case_state
+from tests.reliability.replycase import new_text
+from tests.reliability.replycase import notices
+from tests.reliability.replycase import open_case
+from tests.reliability.replycase import reply_to
+from tests.support import STAFF
+from tests.support import STAFF2
+from tests.support import CaptureRelay
+from tests.support import Daemon
 
 pytestmark = pytest.mark.reliability
 

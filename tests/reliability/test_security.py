@@ -12,18 +12,19 @@ from email.message import EmailMessage
 import pytest
 
 from careservice.mail import parse
-from tests.reliability.helpers import RawSmtp, log_leaks, shared_daemon, status
-from tests.support import (
-    CARE,
-    STAFF,
-    STAFF2,
-    CaptureRelay,
-    Daemon,
-    customer_mail,
-    send,
-    staff_reply,
-    wait_for,
-)
+from tests.reliability.helpers import RawSmtp
+from tests.reliability.helpers import log_leaks
+from tests.reliability.helpers import shared_daemon
+from tests.reliability.helpers import status
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import STAFF2
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import send
+from tests.support import staff_reply
+from tests.support import wait_for
 
 pytestmark = pytest.mark.reliability
 

@@ -12,9 +12,22 @@ from pathlib import Path
 
 import pytest
 
-from careservice.intake.limits import SenderQuota, sender_bucket
-from tests.reliability.helpers import SCALE, RawSmtp, log_leaks, set_keys, status
-from tests.support import CARE, STAFF, CaptureRelay, Daemon, customer_mail, send, staff_reply, wait_for, write_config
+from careservice.intake.limits import SenderQuota
+from careservice.intake.limits import sender_bucket
+from tests.reliability.helpers import SCALE
+from tests.reliability.helpers import RawSmtp
+from tests.reliability.helpers import log_leaks
+from tests.reliability.helpers import set_keys
+from tests.reliability.helpers import status
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import send
+from tests.support import staff_reply
+from tests.support import wait_for
+from tests.support import write_config
 
 pytestmark = pytest.mark.reliability
 

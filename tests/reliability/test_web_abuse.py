@@ -19,10 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from careservice.config import ConfigError, load_config
-from tests.reliability.helpers import SCALE, set_keys
-from tests.support import CaptureRelay, Daemon, write_config
-from tests.test_web import VALID, Reply, call, serving
+from careservice.config import ConfigError
+from careservice.config import load_config
+from tests.reliability.helpers import SCALE
+from tests.reliability.helpers import set_keys
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import write_config
+from tests.test_web import VALID
+from tests.test_web import Reply
+from tests.test_web import call
+from tests.test_web import serving
 
 pytestmark = pytest.mark.reliability
 

@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from email import message_from_bytes, policy
+from email import message_from_bytes
+from email import policy
 from email.message import EmailMessage
 
-from careservice.context import Context, Inputs
-from careservice.handlers import classify, commands, forward, relay_answer
+from careservice.context import Context
+from careservice.context import Inputs
+from careservice.handlers import classify
+from careservice.handlers import commands
+from careservice.handlers import forward
+from careservice.handlers import relay_answer
 from careservice.mail import parse
-from careservice.model import Case, CaseState, Envelope, Inbound, Outcome, OutgoingMail, Source
-from tests.support import CARE, STAFF, STAFF2, customer_mail, staff_reply
+from careservice.model import Case
+from careservice.model import CaseState
+from careservice.model import Envelope
+from careservice.model import Inbound
+from careservice.model import Outcome
+from careservice.model import OutgoingMail
+from careservice.model import Source
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import STAFF2
+from tests.support import customer_mail
+from tests.support import staff_reply
 
 CUSTOMER = "alice@customer.example"
 
@@ -53,7 +68,8 @@ def reply_to(ctx: Context, case: Case, text: str, sender: str = STAFF, forwarded
              headers: bytes = b"") -> Case:
     """The staff reply (from `sender`, to the forward `forwarded_to` got, default the sender's or the
     first staff address's), classified: state STAFF_REPLY with its target set; `headers` go on top."""
-    from email import message_from_bytes, policy
+    from email import message_from_bytes
+    from email import policy
 
     staff = forwarded_to or (sender if sender in (STAFF, STAFF2) else STAFF)
     forward_mail = message_from_bytes(forward_of(ctx, case, staff).message, policy=policy.default)

@@ -5,16 +5,36 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from datetime import time as clock_time
-from email import message_from_bytes, policy
+from email import message_from_bytes
+from email import policy
 
 import pytest
 
-from careservice.context import Context, Inputs
-from careservice.handlers import DIGEST, delivery, digest, expire, relay_answer, verify_reply
-from careservice.model import CaseState, MailKind, OpenCase, OutgoingMail, QueuedMail
-from careservice.texts import NOTICE_FOLDER, NOTICES, Texts
-from tests.stages.kit import CUSTOMER, command, inputs, message, open_case, reply_to
-from tests.support import CARE, STAFF, STAFF2
+from careservice.context import Context
+from careservice.context import Inputs
+from careservice.handlers import DIGEST
+from careservice.handlers import delivery
+from careservice.handlers import digest
+from careservice.handlers import expire
+from careservice.handlers import relay_answer
+from careservice.handlers import verify_reply
+from careservice.model import CaseState
+from careservice.model import MailKind
+from careservice.model import OpenCase
+from careservice.model import OutgoingMail
+from careservice.model import QueuedMail
+from careservice.texts import NOTICE_FOLDER
+from careservice.texts import NOTICES
+from careservice.texts import Texts
+from tests.stages.kit import CUSTOMER
+from tests.stages.kit import command
+from tests.stages.kit import inputs
+from tests.stages.kit import message
+from tests.stages.kit import open_case
+from tests.stages.kit import reply_to
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import STAFF2
 
 
 def test_an_open_case_is_reminded_at_each_age_to_its_owner_or_its_staff(ctx: Context) -> None:

@@ -7,10 +7,23 @@ from dataclasses import replace
 import pytest
 
 from careservice.context import Context
-from careservice.handlers import acknowledge, classify, forward
-from careservice.model import CaseState, ContactDetails, MailKind, Source
-from tests.stages.kit import CUSTOMER, case_of, inputs, open_case, reply_to, with_message
-from tests.support import CARE, STAFF, STAFF2, customer_mail
+from careservice.handlers import acknowledge
+from careservice.handlers import classify
+from careservice.handlers import forward
+from careservice.model import CaseState
+from careservice.model import ContactDetails
+from careservice.model import MailKind
+from careservice.model import Source
+from tests.stages.kit import CUSTOMER
+from tests.stages.kit import case_of
+from tests.stages.kit import inputs
+from tests.stages.kit import open_case
+from tests.stages.kit import reply_to
+from tests.stages.kit import with_message
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import STAFF2
+from tests.support import customer_mail
 
 
 def test_classify_opens_a_new_case_with_the_contact(ctx: Context) -> None:

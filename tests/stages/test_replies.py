@@ -8,10 +8,20 @@ from dataclasses import replace
 import pytest
 
 from careservice.context import Context
-from careservice.handlers import delivery, relay_answer, verify_reply
-from careservice.model import CaseState, MailKind, OutgoingMail, QueuedMail
-from tests.stages.kit import CUSTOMER, inputs, open_case, reply_to
-from tests.support import CARE, STAFF, STAFF2
+from careservice.handlers import delivery
+from careservice.handlers import relay_answer
+from careservice.handlers import verify_reply
+from careservice.model import CaseState
+from careservice.model import MailKind
+from careservice.model import OutgoingMail
+from careservice.model import QueuedMail
+from tests.stages.kit import CUSTOMER
+from tests.stages.kit import inputs
+from tests.stages.kit import open_case
+from tests.stages.kit import reply_to
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import STAFF2
 
 
 def test_verify_reply_refuses_strangers_bad_tokens_and_late_replies(ctx: Context) -> None:

@@ -9,10 +9,19 @@ import pytest
 
 from careservice.context import Context
 from careservice.crypto import Keyring
-from careservice.handlers import commands, relay_answer
-from careservice.model import CaseState, MailKind
-from tests.stages.kit import CUSTOMER, command, forward_of, inputs, message, open_case, reply_to
-from tests.support import STAFF, STAFF2
+from careservice.handlers import commands
+from careservice.handlers import relay_answer
+from careservice.model import CaseState
+from careservice.model import MailKind
+from tests.stages.kit import CUSTOMER
+from tests.stages.kit import command
+from tests.stages.kit import forward_of
+from tests.stages.kit import inputs
+from tests.stages.kit import message
+from tests.stages.kit import open_case
+from tests.stages.kit import reply_to
+from tests.support import STAFF
+from tests.support import STAFF2
 
 
 @pytest.mark.parametrize("first_line", ["#closed", "#Closed", "#phone - called her back"])

@@ -6,7 +6,9 @@ import pkgutil
 from pathlib import Path
 
 import careservice.handlers as handlers
-from careservice.handlers import DIGEST, EVENTS, STAGES
+from careservice.handlers import DIGEST
+from careservice.handlers import EVENTS
+from careservice.handlers import STAGES
 from careservice.model import CaseState
 
 WAITING = {CaseState.ANSWERING, CaseState.PURGED}  # moved on by the outbox, or gone
