@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import tomllib
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -112,6 +113,7 @@ class Texts:
         self._env.filters["signed"] = signed
         self._defaults = {site.id: site.language for site in sites}
         self._chosen: dict[tuple[str, str, str, str], Template] = {}
+        self._words: dict[tuple[str, str, str], dict[str, Any]] = {}
         self._languages: frozenset[str] | None = None
 
     @property
@@ -143,12 +145,37 @@ class Texts:
                         found.append("/".join((kind, *parts)))
         return found
 
+    def _names(self, kind: str, site_id: str, name: str, language: str) -> list[str]:
+        """Where `name` may be, best first (see the module)."""
+        order = dict.fromkeys(x for x in (language, self._defaults.get(site_id, ""), FALLBACK_LANGUAGE) if x)
+        return [path for lang in order for path in (
+            *((f"{kind}/{lang}/{site_id}/{name}",) if site_id else ()), f"{kind}/{lang}/{name}")]
+
+    def page_words(self, site_id: str, name: str, language: str = "") -> dict[str, Any]:
+        """A page's words, kept as data beside it (`web/<language>/<name>.toml`, found like a template; none
+        for a page without one): its tables become the page's values."""
+        key = (site_id, name, language)
+        if key not in self._words:
+            loader = self._env.loader
+            assert loader is not None
+            for path in self._names("web", site_id, f"{name}.toml", language):
+                try:
+                    source = loader.get_source(self._env, path)[0]
+                except TemplateNotFound:
+                    continue
+                try:
+                    self._words[key] = tomllib.loads(source)
+                except tomllib.TOMLDecodeError as exc:
+                    raise TemplateProblem(path, f"not valid TOML: {exc}") from None
+                break
+            else:
+                self._words[key] = {}
+        return self._words[key]
+
     def _template(self, kind: str, site_id: str, name: str, language: str) -> Template:
         key = (kind, site_id, name, language)
         if key not in self._chosen:  # the file lookup, including the misses before a fallback, once
-            order = dict.fromkeys(x for x in (language, self._defaults.get(site_id, ""), FALLBACK_LANGUAGE) if x)
-            names = [path for lang in order for path in (
-                *((f"{kind}/{lang}/{site_id}/{name}",) if site_id else ()), f"{kind}/{lang}/{name}")]
+            names = self._names(kind, site_id, name, language)
             try:
                 self._chosen[key] = self._env.select_template(names)
             except TemplateNotFound:
@@ -169,7 +196,8 @@ class Texts:
         return subject, body
 
     def page(self, site_id: str, name: str, language: str = "", **values: Any) -> str:
-        return self._template("web", site_id, f"{name}.html", language).render(**values)
+        words = self.page_words(site_id, name, language)
+        return self._template("web", site_id, f"{name}.html", language).render(**words, **values)
 
     def check(self, site: Site) -> list[TemplateProblem]:
         """Render every mail and page template for `site` in every language with sample values; the problems."""
@@ -185,7 +213,8 @@ class Texts:
         try:
             template = self._template(kind, site.id, name + suffix, language)
             path = template.name or path
-            text = template.render(**sample_values(kind, name, site))
+            words = self.page_words(site.id, name, language) if kind == "web" else {}
+            text = template.render(**words, **sample_values(kind, name, site))
         except TemplateProblem as exc:
             return [exc]
         except TemplateSyntaxError as exc:  # in a template this one extends or includes

@@ -207,3 +207,15 @@ def test_config_error_exit_code_without_traceback(tmp_path: Path) -> None:
     config.write_text(config.read_text().replace('url = "smtp://', 'url = "smpt://'))
     result = cli("check", "--config", str(config))
     assert result.returncode == 2 and "relay.url" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_forms_words_are_data_beside_it_and_a_broken_file_is_named(tmp_path: Path) -> None:
+    config = load_config(with_override(tmp_path, "web/en/ixs/form.toml", '[words]\nheading = "Write to {site}"\n'))
+    texts = Texts(config.templates_dir, config.sites)
+    ixs = config.site("ixs")
+    assert ixs is not None
+    assert texts.page_words("ixs", "form")["words"] == {"heading": "Write to {site}"}  # the site's own file wins
+    assert texts.page_words("ticketnest", "form", "de")["labels"]["query"] == "Ihr Anliegen"
+    broken = with_override(tmp_path / "broken", "web/de/form.toml", "[words\n")
+    result = cli("check", "--config", str(broken))
+    assert result.returncode == 2 and "web/de/form.toml: not valid TOML" in result.stderr
