@@ -122,7 +122,8 @@ def test_answer_refused_with_5xx_gives_staff_a_notice_naming_only_the_case(daemo
     assert case_id(forward) in str(notice["Subject"]) and "not be delivered" in str(notice["Subject"])
     assert not [n for n in (b"refused-mark", b"platypus", CUSTOMER.encode(), b"Name ") if n in raw]
     assert answers(relay) == []
-    assert status(daemon) == {**IDLE, "open_cases": 1}  # open again: staff can answer once more
+    # open again, staff can answer once more; each staff member's notice delivered (they go one by one)
+    wait_for(lambda: status(daemon) == {**IDLE, "open_cases": 1}, what="the case open and every notice delivered")
     reply(daemon, forward, "stale-answer-mark")  # the case was reopened under new reply addresses
     wait_for(lambda: len(notices(relay)) == 2, what="stale reply refused")
     assert "opened again" in notices(relay)[1].get_body(("plain",)).get_content() and answers(relay) == []
