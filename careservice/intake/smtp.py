@@ -10,7 +10,6 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from types import MethodType
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -20,6 +19,7 @@ from careservice.addresses import Addressing, Recipient
 from careservice.config import SmtpConfig
 from careservice.intake.ingest import Ingest
 from careservice.intake.limits import SenderQuota, client_key, sender_bucket
+from careservice.intake.smtpcommands import AuthMethods, Commands
 from careservice.intake.spamcheck import REPLY_GREYLIST, REPLY_SPAM, SpamCheck
 from careservice.logs import error_fields
 from careservice.model import Envelope as CaseEnvelope
@@ -208,10 +208,11 @@ class _Session(SMTP):
 
     aiosmtpd's own __init__ inspects the handler and the session class on every connection (a fifth of
     the intake's CPU per message, profiled). A session here starts as a copy of one `template` built
-    with the same options at start-up, then gets fresh stream state and method tables bound to itself.
-    Each command runs through `_command`, which is where a draining daemon answers 421 instead, and
-    where the idle limit before MAIL is watched: a slot held without a transaction is a slot taken
-    from everyone else, so smtp.idle_before_mail (not smtp.timeout) bounds it.
+    with the same options at start-up, then gets fresh stream state and command tables that bind to it
+    on lookup (careservice.intake.smtpcommands). Each command runs through `run_command`, which is
+    where a draining daemon answers 421 instead, and where the idle limit before MAIL is watched: a
+    slot held without a transaction is a slot taken from everyone else, so smtp.idle_before_mail (not
+    smtp.timeout) bounds it.
     """
 
     def __init__(self, sessions: _Sessions, template: SMTP) -> None:
@@ -219,9 +220,8 @@ class _Session(SMTP):
         asyncio.StreamReaderProtocol.__init__(
             self, asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
             client_connected_cb=self._cb_client_connected, loop=self.loop)
-        self._smtp_methods = {name: self._command(getattr(self, f"smtp_{name}")) for name in template._smtp_methods}
-        self._auth_methods = {name: impl._replace(method=MethodType(impl.method.__func__, self))
-                              if impl.is_builtin else impl for name, impl in template._auth_methods.items()}
+        self._smtp_methods = Commands(self)
+        self._auth_methods = AuthMethods(self, template._auth_methods)
         self._sessions: _Sessions | None = sessions
         self._in_command = False
         self._closing = False
@@ -268,21 +268,20 @@ class _Session(SMTP):
         transport.close()
         self.loop.call_later(LINGER_SECONDS, transport.abort)
 
-    def _command(self, method: Callable[[str], Awaitable[None]]) -> Callable[[str], Awaitable[None]]:
-        async def run(arg: str) -> None:
-            if self._sessions is not None and self._sessions.draining:
-                await self._shutting_down()
-                return
-            self._in_command = True
-            try:
-                await method(arg)
-            finally:
-                self._in_command = False
-            if self._sessions is not None and self._sessions.draining:  # e.g. DATA committed meanwhile
-                await self._shutting_down()
-            else:
-                self._watch_idle()
-        return run
+    async def run_command(self, method: Callable[[SMTP, str], Awaitable[None]], arg: str) -> None:
+        """aiosmtpd's `smtp_<COMMAND>` method for `arg`, unless draining; the idle limit watched after it."""
+        if self._sessions is not None and self._sessions.draining:
+            await self._shutting_down()
+            return
+        self._in_command = True
+        try:
+            await method(self, arg)
+        finally:
+            self._in_command = False
+        if self._sessions is not None and self._sessions.draining:  # e.g. DATA committed meanwhile
+            await self._shutting_down()
+        else:
+            self._watch_idle()
 
     def end_when_idle(self) -> None:
         """Between commands with nothing half-read, end now: a QUIT of our own takes the next turn of the
