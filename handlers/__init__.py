@@ -36,12 +36,13 @@ from collections.abc import Callable, Sequence
 
 from careservice.config import Site
 from careservice.context import Context, Inputs
-from careservice.model import CaseState, MailEvent, OpenCase, Outcome, OutgoingMail, QueuedMail
+from careservice.model import CaseState, DeliveryFailure, MailEvent, OpenCase, Outcome, OutgoingMail, QueuedMail
 
 from . import acknowledge, classify, commands, delivery, digest, expire, forward, relay_answer, verify_reply
 
 Stage = Callable[[Inputs, Context], Outcome]  # pure: the runner loads the inputs and commits the outcome
-Event = Callable[[Site, QueuedMail, str, Context], Outcome]  # the outbox commits it with the delivery record
+# the outbox commits it with the delivery record; the failure's facts for ANSWER_FAILED, else None
+Event = Callable[[Site, QueuedMail, DeliveryFailure | None, Context], Outcome]
 # the worker queues its mails, filed under a key of their own (the last argument), with the day's date
 Digest = Callable[[Site, Sequence[OpenCase], float, Context, str], tuple[OutgoingMail, ...]]
 

@@ -12,6 +12,7 @@ from careservice.handlers import delivery
 from careservice.handlers import relay_answer
 from careservice.handlers import verify_reply
 from careservice.model import CaseState
+from careservice.model import DeliveryFailure
 from careservice.model import MailKind
 from careservice.model import OutgoingMail
 from careservice.model import QueuedMail
@@ -94,7 +95,7 @@ def test_verify_reply_refuses_a_token_of_before_the_case_reopened(ctx: Context) 
     site = ctx.config.sites[0]
     answer = OutgoingMail(MailKind.ANSWER, case.id, CARE, (CUSTOMER,), b"x", "m@x")
     item = QueuedMail(7, site.id, 3, time.time(), answer)
-    reopened = replace(case, nonce=delivery.answer_failed(site, item, "550", ctx).nonce)
+    reopened = replace(case, nonce=delivery.answer_failed(site, item, DeliveryFailure(550, None), ctx).nonce)
     stale = verify_reply.handle(inputs(ctx, reply, target=reopened), ctx)
     assert (stale.reason, stale.mails[0].recipients) == ("reply_token_stale", (STAFF,))
 
