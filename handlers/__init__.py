@@ -62,4 +62,8 @@ EVENTS: dict[MailEvent, Event] = {
     MailEvent.ANSWER_FAILED: delivery.answer_failed,
 }
 
+# the stages that read the target's own message (the customer's words in a staff reply's quote, the forward
+# "#assign" sends again): the runner parses it for them, once per chain, into Inputs.target_parsed
+READS_TARGET: frozenset[CaseState] = frozenset({CaseState.VERIFIED, CaseState.COMMAND})
+
 DIGEST: Digest = digest.daily
