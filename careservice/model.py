@@ -94,6 +94,10 @@ class OutgoingMail:
     recipients: tuple[str, ...]
     message: bytes
     message_id: str
+    # an answer: who works its case (careservice.routing), so the relay's event tells the case's staff; sealed
+    # with the queued mail, purged with it
+    route: str = ""
+    owner: str = ""
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,14 @@
                                                                     purged when retention.unanswered_days pass)
     ANSWERING   events from the relay (EVENTS): ANSWER_DELIVERED purges the case;
                 ANSWER_FAILED (refused for good, or given up) makes it OPEN again under new reply
-                addresses and tells staff
+                addresses and tells the case's staff
     DIGEST      once a day per site, from [digest] at (the worker, with the OPEN cases): one mail per staff
                 member listing the cases they may answer, each with their own reply address; no case moves
 
 Who works a case (careservice.routing): NEW takes the first [[sites.routes]] entry that matches (recipient,
 subject or a form's query text), else the site's own staff; under assign = "round_robin" one of them in
-turn becomes its owner (Outcome.turn). Forwards, notes, reminders and "#assign" go to the case's staff;
+turn becomes its owner (Outcome.turn). Forwards, notes, reminders, "#assign" and the notice of an answer the
+relay did not take (its route and owner go with the queued answer) go to the case's staff;
 its staff and the site's own may answer it.
 """
 

@@ -9,6 +9,8 @@ tells the staff member why.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from careservice.config import Site
 from careservice.context import Context, Inputs
 from careservice.htmlpart import page
@@ -48,7 +50,9 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
         message_id=new_message_id(site.domain), in_reply_to=target.message_id, references=target.references,
         attachments=parsed.attachments, loop_marker=ctx.config.smtp.hostname, language=target.language,
     )
-    answer = ctx.outgoing(MailKind.ANSWER, target.id, site.care_address, draft)
+    # carries who works the case: should the relay refuse it, its notice goes to the case's staff
+    answer = replace(ctx.outgoing(MailKind.ANSWER, target.id, site.care_address, draft), route=target.route,
+                     owner=target.owner)
     return Outcome(CaseState.PURGED, "answer_queued", mails=(answer, *tell_the_others(inp, ctx, target, "answered")),
                    target_state=CaseState.ANSWERING)
 

@@ -24,6 +24,7 @@ from careservice.model import MailKind
 from careservice.model import OpenCase
 from careservice.model import OutgoingMail
 from careservice.model import QueuedMail
+from careservice.settings import Route
 from careservice.texts import NOTICE_FOLDER
 from careservice.texts import NOTICES
 from careservice.texts import Texts
@@ -84,6 +85,18 @@ def test_delivery_events_purge_or_reopen_with_a_notice(ctx: Context) -> None:
     for staff, notice in zip((STAFF, STAFF2), failed.mails, strict=True):
         reply_address = ctx.addressing.reply_address(site, "c0ffee000001", failed.nonce, staff)
         assert f"Reply-To: {reply_address}".encode() in notice.message
+
+
+def test_a_failed_answers_notice_goes_to_the_staff_of_the_case_the_answer_carries(ctx: Context) -> None:
+    routed = "refunds@staff.example"
+    site = replace(ctx.config.sites[0], routes=(Route("refunds", "", None, (routed,), "all"),))
+    answer = OutgoingMail(MailKind.ANSWER, "c0ffee000001", CARE, (CUSTOMER,), b"x", "m@x", route="refunds")
+    failed = delivery.answer_failed(site, QueuedMail(1, site.id, 3, time.time(), answer), REFUSED, ctx)
+    assert [m.recipients for m in failed.mails] == [(routed,)]  # not the site's own staff
+    reply_address = ctx.addressing.reply_address(site, answer.case_id, failed.nonce, routed)
+    assert f"Reply-To: {reply_address}".encode() in failed.mails[0].message
+    unrouted = QueuedMail(1, site.id, 3, time.time(), replace(answer, route=""))
+    assert [m.recipients for m in delivery.answer_failed(site, unrouted, REFUSED, ctx).mails] == [(STAFF,), (STAFF2,)]
 
 
 def test_the_digest_lists_each_staff_members_cases_oldest_first_with_their_own_reply_addresses(

@@ -112,6 +112,9 @@ def test_relay_answer_sends_only_the_new_words_from_the_care_address(ctx: Contex
     assert answer.kind is MailKind.ANSWER and answer.recipients == (CUSTOMER,) and answer.sender == CARE
     assert b"refund is on its way" in answer.message and b"4711" not in answer.message
     assert STAFF.encode() not in answer.message
+    assert (answer.route, answer.owner) == ("", "")
+    routed = relay_answer.handle(inputs(ctx, reply, target=replace(case, route="refunds", owner=STAFF2)), ctx)
+    assert (routed.mails[0].route, routed.mails[0].owner) == ("refunds", STAFF2)  # for the relay's event
 
 
 def test_relay_answer_knows_the_customers_words_by_the_target_message_the_runner_parsed(ctx: Context) -> None:
