@@ -15,6 +15,7 @@ import shutil
 import sqlite3
 import subprocess
 import tempfile
+import tomllib
 from pathlib import Path
 
 import psycopg
@@ -109,7 +110,8 @@ def with_store(config: Path, store: StoreConfig) -> Path:
     """Point a config written by tests.support.write_config at `store` (unchanged for SQLite), its relay
     timeout below the store's lease (the tests' leases are short; check refuses a lease a send outlasts)."""
     if store.shared:
-        set_keys(config, "relay", timeout=store.lease_seconds - 1)
+        timeout = tomllib.loads(config.read_text())["relay"].get("timeout", 60)
+        set_keys(config, "relay", timeout=min(timeout, store.lease_seconds - 1))
         with config.open("a") as f:
             f.write(f'\n[store]\nurl = "{store.url}"\nkeys_url = "{store.keys_url}"\n'
                     f"lease_seconds = {store.lease_seconds}\n")
