@@ -81,18 +81,22 @@ def test_the_time_stamp_follows_the_record(logged: Logged) -> None:
     assert stamps == ["1970-01-01T00:00:00", "1970-01-01T00:00:00", "1970-01-01T00:00:01", "1970-01-01T23:59:59"]
 
 
-def test_info_lines_of_one_turn_are_written_together_at_the_next_turn(logged: Logged) -> None:
+def test_a_turns_first_line_is_written_at_once_and_the_rest_together_at_the_next_turn(logged: Logged) -> None:
     ours, _, stream, _ = logged
 
     async def turns() -> None:
         ours.info("one")
+        assert [w.count("\n") for w in stream.writes] == [1]
         ours.info("two")
-        assert stream.writes == []  # still this turn
-        await asyncio.sleep(0)
-        assert [w.count("\n") for w in stream.writes] == [2]
         ours.info("three")
+        assert [w.count("\n") for w in stream.writes] == [1]  # still this turn
         await asyncio.sleep(0)
-        assert [w.count("\n") for w in stream.writes] == [2, 1]
+        assert [w.count("\n") for w in stream.writes] == [1, 2]
+        ours.info("four")  # a turn of its own: at once
+        assert [w.count("\n") for w in stream.writes] == [1, 2, 1]
+        await asyncio.sleep(0)
+        assert [w.count("\n") for w in stream.writes] == [1, 2, 1]
+        assert [line.rsplit(" ", 1)[1] for line in stream.text.splitlines()] == ["one", "two", "three", "four"]
 
     asyncio.run(turns())
 
@@ -101,10 +105,11 @@ def test_a_warning_is_written_at_once_with_the_lines_before_it(logged: Logged) -
     ours, _, stream, _ = logged
 
     async def warn() -> None:
+        ours.info("first")
         ours.info("before")
         ours.warning("disk_low")
-        assert len(stream.writes) == 1 and stream.writes[0].count("\n") == 2
-        assert stream.writes[0].rstrip().endswith("WARNING careservice.testlogs disk_low")
+        assert [w.count("\n") for w in stream.writes] == [1, 2]
+        assert stream.writes[1].rstrip().endswith("WARNING careservice.testlogs disk_low")
 
     asyncio.run(warn())
 
@@ -121,13 +126,14 @@ def test_what_is_left_is_written_at_exit(logged: Logged) -> None:
     loop = asyncio.new_event_loop()
 
     async def log_and_stop() -> None:
+        ours.info("first")
         ours.info("last")
         loop.stop()
 
     loop.create_task(log_and_stop())
     loop.run_forever()  # stops in the turn that logged: the scheduled write has not run
     loop.close()
-    assert stream.writes == []
+    assert stream.text.endswith("INFO careservice.testlogs first\n")
     logging.shutdown([lambda: handler])  # what the interpreter's exit runs
     assert stream.text.endswith("INFO careservice.testlogs last\n")
 
