@@ -8,12 +8,15 @@ SMTPDataError, SMTPNotSupported, each after an RSET; a partial refusal returns t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import aiosmtplib
 from aiosmtplib.email import parse_address, quote_address
 from aiosmtplib.protocol import (
     COMMAND_INJECTION_REGEX,
+    MAX_RESPONSE_LENGTH,
     PERIOD_REGEX,
     SMTPProtocol,
     normalize_message_line_endings,
@@ -44,30 +47,30 @@ async def sendmail(client: aiosmtplib.SMTP, sender: str, recipients: Sequence[st
     commands = [_command(b"MAIL", b"FROM:" + quote_address(sender).encode(encoding),
                          *(option.encode("ascii") for option in options))]
     commands += [_command(b"RCPT", b"TO:" + quote_address(r).encode(encoding)) for r in recipients]
-    timeout = client.timeout
+    replies = _Replies(protocol)
     try:
-        protocol.write(b"".join(commands) + b"DATA\r\n")
-        replies = [await _reply(client, protocol, timeout) for _ in range(len(recipients) + 2)]
-        mail, *rcpts, data = replies
-        refused = [aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, address)
-                   for reply, address in zip(rcpts, recipients, strict=True) if reply.code not in (250, 251)]
-        error: aiosmtplib.SMTPException
-        if mail.code != 250:
-            error = aiosmtplib.SMTPSenderRefused(mail.code, mail.message, sender)
-        elif len(refused) == len(recipients):
-            error = aiosmtplib.SMTPRecipientsRefused(refused)
-        elif data.code != 354:
-            error = aiosmtplib.SMTPDataError(data.code, data.message)
-        else:
-            protocol.write(PERIOD_REGEX.sub(b"..", content) + b".\r\n")
-            done = await _reply(client, protocol, timeout)
-            if done.code == 250:
-                return {r.recipient: SMTPResponse(r.code, r.message) for r in refused}, done.message
-            error = aiosmtplib.SMTPDataError(done.code, done.message)
-        if data.code == 354 and not isinstance(error, aiosmtplib.SMTPDataError):
-            # a relay that took DATA with no sender or recipient accepted: an empty message ends it (RFC 2920)
-            protocol.write(b".\r\n")
-            await _reply(client, protocol, timeout)
+        with replies.holding():
+            protocol.write(b"".join(commands) + b"DATA\r\n")
+            mail, *rcpts, data = [await replies.next(client) for _ in range(len(recipients) + 2)]
+            refused = [aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, address)
+                       for reply, address in zip(rcpts, recipients, strict=True) if reply.code not in (250, 251)]
+            error: aiosmtplib.SMTPException
+            if mail.code != 250:
+                error = aiosmtplib.SMTPSenderRefused(mail.code, mail.message, sender)
+            elif len(refused) == len(recipients):
+                error = aiosmtplib.SMTPRecipientsRefused(refused)
+            elif data.code != 354:
+                error = aiosmtplib.SMTPDataError(data.code, data.message)
+            else:
+                protocol.write(PERIOD_REGEX.sub(b"..", content) + b".\r\n")
+                done = await replies.next(client)
+                if done.code == 250:
+                    return {r.recipient: SMTPResponse(r.code, r.message) for r in refused}, done.message
+                error = aiosmtplib.SMTPDataError(done.code, done.message)
+            if data.code == 354 and not isinstance(error, aiosmtplib.SMTPDataError):
+                # a relay that took DATA with no sender or recipient accepted: an empty message ends it (RFC 2920)
+                protocol.write(b".\r\n")
+                await replies.next(client)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         client.close()  # as aiosmtplib does: a reply given up on would be paired with the next command
         raise
@@ -85,13 +88,62 @@ def _command(*args: bytes) -> bytes:
     return b" ".join(args) + b"\r\n"
 
 
-async def _reply(client: aiosmtplib.SMTP, protocol: SMTPProtocol, timeout: float | None) -> SMTPResponse:
-    """The next reply in order. aiosmtplib's protocol parses one reply per arrival of data and keeps the
-    rest in its buffer, so replies that came together are taken from there first."""
-    reply = protocol._read_response_from_buffer()  # noqa: SLF001 - aiosmtplib has no public way to this
-    if reply is None:
-        reply = await protocol.read_response(timeout=timeout)
-    if reply.code == CLOSING:
-        client.close()
-        raise aiosmtplib.SMTPResponseException(reply.code, reply.message)
-    return reply
+class _Replies(SMTPProtocol):
+    """Takes the connection's data while a pipelined transaction's replies come in, and hands them out in
+    order. aiosmtplib's protocol, made for one reply per command, parses one reply per arrival of data and
+    ignores data that arrives while a reply waits for its reader: replies in separate packets could be lost.
+    This is aiosmtplib's protocol class for its reply parser and limits; the connection's own protocol gets
+    the connection back afterwards, and hears of its loss."""
+
+    def __init__(self, protocol: SMTPProtocol) -> None:
+        super().__init__(loop=asyncio.get_running_loop())
+        self.protocol = protocol
+        self.transport = protocol.transport
+        self.arrived = asyncio.Event()
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        if self.transport is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        self.transport.set_protocol(self)
+        try:
+            yield
+        finally:
+            if self.transport is not None:
+                self.transport.set_protocol(self.protocol)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer.extend(data)
+        self.arrived.set()
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes, and connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.arrived.set()
+        self.protocol.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.protocol.resume_writing()
+
+    async def next(self, client: aiosmtplib.SMTP) -> SMTPResponse:
+        """The next reply, within the client's timeout; a 421 closes the connection and raises."""
+        try:
+            async with asyncio.timeout(client.timeout):
+                while (reply := self._read_response_from_buffer()) is None:
+                    if self.transport is None:
+                        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+                    if len(self._buffer) > MAX_RESPONSE_LENGTH:  # what is left is one unfinished reply
+                        raise aiosmtplib.SMTPResponseException(-1, "Response too long")
+                    self.arrived.clear()
+                    await self.arrived.wait()
+        except TimeoutError as exc:
+            raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc
+        if reply.code == CLOSING:
+            client.close()
+            raise aiosmtplib.SMTPResponseException(reply.code, reply.message)
+        return reply
