@@ -4,7 +4,10 @@ aiosmtplib sends each command and waits for its reply: MAIL, RCPT, DATA and the 
 four round trips. With PIPELINING, MAIL, every RCPT and DATA go in one write, their replies are read in
 order, then the body: two of each. The contract is aiosmtplib's `SMTP.sendmail`, so the outbox classifies
 refusals exactly as before: SMTPSenderRefused, SMTPRecipientsRefused (every recipient refused),
-SMTPDataError, SMTPNotSupported, each after an RSET; a partial refusal returns the refused recipients."""
+SMTPDataError, SMTPNotSupported, each after an RSET; a partial refusal returns the refused recipients.
+One difference: a 421 (the relay closing the connection) to any command raises SMTPResponseException,
+which the outbox counts as the relay failing; aiosmtplib reports a 421 to the one RCPT of a mail as a
+refused recipient, and the relay failing only with the next mail."""
 
 from __future__ import annotations
 
@@ -74,10 +77,9 @@ async def sendmail(client: aiosmtplib.SMTP, sender: str, recipients: Sequence[st
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         client.close()  # as aiosmtplib does: a reply given up on would be paired with the next command
         raise
-    try:  # as sendmail: the envelope is reset for the next mail; a failing RSET is not the error to report
+    # as sendmail: the envelope is reset for the next mail; a failing RSET is not the error to report
+    with contextlib.suppress(ConnectionError, aiosmtplib.SMTPResponseException):
         await client.rset()
-    except (ConnectionError, aiosmtplib.SMTPResponseException):
-        pass
     raise error
 
 
