@@ -105,6 +105,7 @@ class CaseWorker:
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.time, shard: tuple[int, int] = ONE) -> None:
         self.config = config
+        self.shard = shard
         self.first = shard[0] == 0  # runs the jobs of the whole store
         self.ctx, self.store = build_context(config, intake=False, shard=shard)
         self.ctx.clock = clock  # the one clock of stages, outbox and digest: a test sets the day and hour
@@ -203,7 +204,7 @@ class CaseWorker:
             self.scheduler.add_job(self.renew_claims, "interval", seconds=self.config.store.lease_seconds / 3,
                                    id="claim_renewal")
         self.scheduler.start()
-        log.info("worker_started")
+        log.info("worker_started index=%d of=%d", *self.shard)
 
     async def stop(self, timeout: float) -> None:
         """Finish the cases and the delivery in flight (at most `timeout` seconds), then close the store."""

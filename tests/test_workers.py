@@ -1,0 +1,187 @@
+"""service.workers: several worker processes, each taking the cases and mail of its own shard (SQLite) or
+its own claims (PostgreSQL); every mail forwarded, acknowledged and answered once, and nothing left."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from careservice.config import ConfigError
+from careservice.config import load_config
+from careservice.crypto import Keyring
+from careservice.model import CaseState
+from careservice.model import Envelope
+from careservice.model import MailKind
+from careservice.model import OutgoingMail
+from careservice.model import Source
+from careservice.settings import StoreConfig
+from careservice.store import NewMessage
+from careservice.store import Store
+from careservice.store import mailq
+from tests.postgres import case_rows
+from tests.postgres import with_store
+from tests.reliability.helpers import children
+from tests.reliability.helpers import set_keys
+from tests.support import CARE
+from tests.support import STAFF
+from tests.support import CaptureRelay
+from tests.support import Daemon
+from tests.support import customer_mail
+from tests.support import send
+from tests.support import staff_reply
+from tests.support import wait_for
+from tests.support import write_config
+
+IDLE = {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0, "stuck_cases": 0}
+MAILS = 24
+
+
+def test_workers_is_a_number_from_1_to_16(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 1)
+    assert load_config(config).workers == 1
+    assert load_config(set_keys(config, "service", workers=2)).workers == 2
+    for bad in (0, 17):
+        with pytest.raises(ConfigError, match="from 1 to 16") as raised:
+            load_config(set_keys(config, "service", workers=bad))
+        assert raised.value.key == "service.workers"
+    result = subprocess.run([sys.executable, "-m", "careservice", "check", "--config", str(set_keys(config, "service",
+                                                                                               workers=0))],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "service.workers" in result.stderr
+
+
+async def test_the_shards_of_the_due_cases_and_mail_are_disjoint_and_cover_all(tmp_path: Path) -> None:
+    keyring = Keyring(b"k" * 32)
+    intake = Store(tmp_path, keyring)
+    await intake.start(sweep=True)
+    now = time.time()
+    ids = await intake.add_inbound([NewMessage("ticketnest", Source.SMTP, Envelope(f"c{i}@customer.example", CARE),
+                                               b"Subject: x\r\n\r\nx") for i in range(64)], now)
+    for case_id in ids:  # a mail queued under each case: it goes with its case's shard
+        await intake.executor.call(mailq.queue_mail, "ticketnest", OutgoingMail(
+            MailKind.FORWARD, case_id, CARE, (STAFF,), b"Subject: f\r\n\r\nf", f"<{case_id}@care.test>"), now)
+    await intake.close()
+    for of in (1, 2, 3):
+        cases: list[set[str]] = []
+        mail: list[set[str]] = []
+        for index in range(of):
+            worker = Store(tmp_path, keyring, durable=False, inline=True, shard=(index, of))
+            await worker.start(sweep=False)
+            try:
+                cases.append({c.id for c in await worker.due_cases([CaseState.RECEIVED], now + 1, 100, 10 ** 9,
+                                                                   set())})
+                mail.append({m.mail.case_id for m in await worker.due_mail(now + 1, 100, 10 ** 9)})
+            finally:
+                await worker.close()
+        for taken in (cases, mail):
+            assert set().union(*taken) == set(ids)
+            assert sum(len(shard) for shard in taken) == len(ids)  # no case in two shards
+            assert all(taken)  # 64 random ids: every shard has some
+        assert cases == mail  # a case's mail goes to the worker that takes the case
+
+
+def _workers(daemon: Daemon) -> dict[int, int]:
+    """index -> pid of the daemon's worker children."""
+    assert daemon.proc is not None
+    found = {}
+    for pid in children(daemon.proc.pid):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        if b"worker" in args:
+            found[int(args[args.index(b"--index") + 1])] = pid
+    return found
+
+
+def _customer(i: int) -> str:
+    return f"c{i}@customer{i}.example"  # a domain each: acknowledgements are limited per domain and hour
+
+
+def _send_customers(daemon: Daemon, numbers: range) -> None:
+    for i in numbers:
+        send(daemon.smtp_port, _customer(i), [CARE], customer_mail(f"Question w{i}-mark", f"Body w{i}-mark",
+                                                                   sender=_customer(i), name=f"Name w{i}"))
+
+
+def _forwards(relay: CaptureRelay) -> dict[int, list[str]]:
+    """Mail number -> the reply addresses of the forwards STAFF got for it."""
+    found: dict[int, list[str]] = {}
+    for captured in relay.to(STAFF):
+        match = re.search(r"w(\d+)-mark", str(captured.message["Subject"]))
+        if match and "Auto-Submitted" not in captured.message:
+            found.setdefault(int(match.group(1)), []).append(captured.message["Reply-To"].addresses[0].addr_spec)
+    return found
+
+
+def _answers(relay: CaptureRelay, i: int) -> int:
+    return sum(1 for c in relay.to(_customer(i)) if "Auto-Submitted" not in c.message)
+
+
+def _answer_all_and_drain(daemon: Daemon, relay: CaptureRelay, count: int, store: StoreConfig) -> None:
+    """Answer every forward; each customer gets one answer, and nothing of any case is left."""
+    answered: set[str] = set()
+    for captured in relay.to(STAFF):
+        address = captured.message["Reply-To"].addresses[0].addr_spec
+        if re.search(r"w\d+-mark", str(captured.message["Subject"])) and address not in answered:
+            answered.add(address)  # a forward sent twice (a kill) is answered once
+            send(daemon.smtp_port, STAFF, [address], staff_reply(captured.message, "Answer"))
+    wait_for(lambda: all(_answers(relay, i) for i in range(count)), timeout=60, what="every answer relayed")
+    wait_for(lambda: daemon.status() == IDLE, timeout=60, what="every case purged")
+    assert [i for i in range(count) if _answers(relay, i) != 1] == []
+    assert case_rows(store, daemon.data_dir) == 0
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path, relay: CaptureRelay, store_backend: StoreConfig) -> Path:
+    return with_store(set_keys(write_config(tmp_path, relay.port), "service", workers=2), store_backend)
+
+
+def test_two_workers_forward_acknowledge_and_answer_each_mail_once(two_workers: Path, relay: CaptureRelay,
+                                                                    store_backend: StoreConfig) -> None:
+    daemon = Daemon(two_workers).start()
+    try:
+        assert sorted(_workers(daemon)) == [0, 1]
+        _send_customers(daemon, range(MAILS))
+        wait_for(lambda: len(_forwards(relay)) == MAILS and all(relay.to(_customer(i)) for i in range(MAILS)),
+                 timeout=60, what="every forward and ack")
+        assert {i: len(r) for i, r in _forwards(relay).items()} == dict.fromkeys(range(MAILS), 1)
+        assert [i for i in range(MAILS) if len(relay.to(_customer(i))) != 1] == []  # one ack each
+        _answer_all_and_drain(daemon, relay, MAILS, store_backend)
+        log = daemon.log.read_text()
+        assert "worker_started index=0 of=2" in log and "worker_started index=1 of=2" in log
+        if not store_backend.shared:  # both shards had cases: each was advanced by its own worker
+            digits = {int(case[-1], 16) % 2 for case in re.findall(r"case_advanced case=([0-9a-f]+)", log)}
+            assert digits == {0, 1}
+            assert sorted(p.name for p in daemon.data_dir.glob("worker*.lock")) == ["worker-1.lock", "worker.lock"]
+    finally:
+        assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("store_backend", ["sqlite"], indirect=True)
+def test_a_killed_worker_is_restarted_and_its_shard_loses_nothing(two_workers: Path, relay: CaptureRelay,
+                                                                  store_backend: StoreConfig) -> None:
+    daemon = Daemon(two_workers).start()
+    try:
+        _send_customers(daemon, range(MAILS // 2))
+        before = _workers(daemon)
+        os.kill(before[1], signal.SIGKILL)
+        _send_customers(daemon, range(MAILS // 2, MAILS))  # some land in the dead worker's shard
+        wait_for(lambda: "worker_exited index=1" in daemon.log.read_text(), what="the exit seen")
+        wait_for(lambda: _workers(daemon).get(1, before[1]) != before[1], what="worker 1 restarted")
+        assert _workers(daemon)[0] == before[0]  # the other worker ran on
+        wait_for(lambda: len(_forwards(relay)) == MAILS and all(relay.to(_customer(i)) for i in range(MAILS)),
+                 timeout=60, what="every forward and ack")
+        copies = [len(r) - 1 for r in _forwards(relay).values()] + [len(relay.to(_customer(i))) - 1
+                                                                    for i in range(MAILS)]
+        assert sum(copies) <= 1  # at most the one mail in flight at the kill, as the kill suite allows
+        _answer_all_and_drain(daemon, relay, MAILS, store_backend)
+    finally:
+        assert daemon.stop() == 0
