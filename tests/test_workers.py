@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -37,10 +38,15 @@ from tests.support import customer_mail
 from tests.support import send
 from tests.support import staff_reply
 from tests.support import wait_for
+from tests.support import with_routes
 from tests.support import write_config
+from tests.test_routing import ROTA
+from tests.test_routing import ROUND_ROBIN
+from tests.test_routing import forwards
 
 IDLE = {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0, "stuck_cases": 0}
 MAILS = 24
+RR_CASES = 9  # three turns for each of the route's three staff members
 
 
 def test_workers_is_a_number_from_1_to_16(tmp_path: Path) -> None:
@@ -183,5 +189,21 @@ def test_a_killed_worker_is_restarted_and_its_shard_loses_nothing(two_workers: P
                                                                     for i in range(MAILS)]
         assert sum(copies) <= 1  # at most the one mail in flight at the kill, as the kill suite allows
         _answer_all_and_drain(daemon, relay, MAILS, store_backend)
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_two_workers_hand_round_robin_turns_out_once_each(tmp_path: Path, relay: CaptureRelay) -> None:
+    """Both workers take turns of one route: a turn the other took meanwhile is taken again at once (no
+    hold), and no turn goes to two cases."""
+    config = write_config(tmp_path, relay.port, sites=with_routes(ROUND_ROBIN))
+    daemon = Daemon(set_keys(config, "service", workers=2)).start()
+    try:
+        for n in range(RR_CASES):
+            send(daemon.smtp_port, _customer(n), [CARE], customer_mail(f"Refund {n}", "please", sender=_customer(n)))
+        wait_for(lambda: all(forwards(relay, f"Refund {n}") for n in range(RR_CASES)), what="every forward")
+        owners = Counter(a for n in range(RR_CASES) for c in forwards(relay, f"Refund {n}") for a in c.rcpt_tos)
+        assert sorted(owners.values()) == [3, 3, 3] and set(owners) == set(ROTA)
+        assert "case_stage_failed" not in daemon.log.read_text()
     finally:
         assert daemon.stop() == 0
