@@ -112,6 +112,7 @@ class WorkerSupervisor:
     (PostgreSQL); the daemon is healthy only while every one of them beats."""
 
     def __init__(self, config: Config) -> None:
+        self.data_dir = config.data_dir
         self.stopping = False  # set as soon as a stop begins: a worker exiting then is not restarted
         self.children = [WorkerChild(config, index, self) for index in range(config.workers)]
 
@@ -125,7 +126,7 @@ class WorkerSupervisor:
 
     async def start(self) -> None:
         """Spawn the workers and wait (bounded) for each one's first heartbeat, so that READY means ready."""
-        await asyncio.to_thread(workerlock.previous_gone, self.children[0].config.data_dir)
+        await asyncio.to_thread(workerlock.previous_gone, self.data_dir)
         for child in self.children:
             await child.spawn()
         deadline = time.monotonic() + START_WAIT
