@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
@@ -30,8 +31,17 @@ from tests.postgres import case_rows
 from tests.postgres import with_store
 from tests.reliability.helpers import children
 from tests.reliability.helpers import set_keys
+from tests.reliability.mailclients import thunderbird
+from tests.reliability.replycase import answers
+from tests.reliability.replycase import case_id
+from tests.reliability.replycase import new_text
+from tests.reliability.replycase import notices
+from tests.reliability.replycase import open_case
+from tests.reliability.replycase import reply_address
+from tests.reliability.replycase import settled
 from tests.support import CARE
 from tests.support import STAFF
+from tests.support import STAFF2
 from tests.support import CaptureRelay
 from tests.support import Daemon
 from tests.support import customer_mail
@@ -46,6 +56,7 @@ from tests.test_routing import forwards
 
 IDLE = {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0, "stuck_cases": 0}
 MAILS = 24
+RACES = 2  # cases answered twice at once: each pair of replies falls in two shards with odds of one in two
 RR_CASES = 9  # three turns for each of the route's three staff members
 
 
@@ -70,9 +81,9 @@ async def test_the_shards_of_the_due_cases_and_mail_are_disjoint_and_cover_all(t
     now = time.time()
     ids = await intake.add_inbound([NewMessage("ticketnest", Source.SMTP, Envelope(f"c{i}@customer.example", CARE),
                                                b"Subject: x\r\n\r\nx") for i in range(64)], now)
-    for case_id in ids:  # a mail queued under each case: it goes with its case's shard
+    for case in ids:  # a mail queued under each case: it goes with its case's shard
         await intake.executor.call(mailq.queue_mail, "ticketnest", OutgoingMail(
-            MailKind.FORWARD, case_id, CARE, (STAFF,), b"Subject: f\r\n\r\nf", f"<{case_id}@care.test>"), now)
+            MailKind.FORWARD, case, CARE, (STAFF,), b"Subject: f\r\n\r\nf", f"<{case}@care.test>"), now)
     await intake.close()
     for of in (1, 2, 3):
         cases: list[set[str]] = []
@@ -205,5 +216,41 @@ def test_two_workers_hand_round_robin_turns_out_once_each(tmp_path: Path, relay:
         owners = Counter(a for n in range(RR_CASES) for c in forwards(relay, f"Refund {n}") for a in c.rcpt_tos)
         assert sorted(owners.values()) == [3, 3, 3] and set(owners) == set(ROTA)
         assert "case_stage_failed" not in daemon.log.read_text()
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_two_replies_to_one_case_answer_once_when_two_workers_race(tmp_path: Path, relay: CaptureRelay) -> None:
+    """Both staff members' replies are committed while the workers are stopped; a reply whose id falls in
+    the other shard (one in two) is judged by the other process at the same moment. The reply's commit
+    checks its target's state again under the write lock: one answer, and the other gets the notice."""
+    daemon = Daemon(set_keys(write_config(tmp_path, relay.port), "service", workers=2)).start()
+    try:
+        forwards_by_customer: dict[str, EmailMessage] = {}
+        for n in range(RACES):
+            customer = f"race{n}@customer{n}.example"
+            forward = open_case(daemon, relay, customer)
+            forward2 = relay.to(STAFF2)[-1].message  # each staff member answers with their own reply address
+            pids = list(_workers(daemon).values())
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                send(daemon.smtp_port, STAFF, [reply_address(forward)], thunderbird(forward, "First answer"))
+                send(daemon.smtp_port, STAFF2, [reply_address(forward2)], thunderbird(forward2, "Second answer",
+                                                                                      sender=STAFF2))
+            finally:
+                for pid in pids:
+                    os.kill(pid, signal.SIGCONT)
+            forwards_by_customer[customer] = forward
+            case = case_id(forward)  # the next case's forward must not be taken for this one's late notice
+            wait_for(lambda case=case: notices(relay, STAFF, case) + notices(relay, STAFF2, case), what="late notice")
+            settled(daemon)
+        wait_for(lambda: daemon.status() == IDLE, what="every case answered and purged")
+        for customer, forward in forwards_by_customer.items():
+            got = [new_text(a) for a in answers(relay, customer)]
+            assert len(got) == 1 and got[0] in ("First answer", "Second answer"), got
+            late = notices(relay, STAFF2 if got[0] == "First answer" else STAFF, case_id(forward))
+            assert len(late) == 1 and "Already answered" in str(late[0]["Subject"])
+        assert case_rows(StoreConfig(), daemon.data_dir) == 0
     finally:
         assert daemon.stop() == 0
