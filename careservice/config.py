@@ -237,7 +237,7 @@ def load_config(path: Path) -> Config:
         raise ConfigError("service.log_level", f'unknown level "{log_level}"')
     templates_dir = service.get("templates_dir", str, "")
     event_loop = _event_loop(service)
-    smtp = _smtp(root.sub("smtp"), base)
+    smtp, relay = _smtp(root.sub("smtp"), base), _relay(root.sub("relay"), base)
     unanswered_days = retention.positive("unanswered_days", 30)
     hard_limit_days = retention.positive("hard_limit_days", unanswered_days + 2)
     if hard_limit_days <= unanswered_days:  # the limit catches what expiry missed; it must not come first
@@ -258,7 +258,7 @@ def load_config(path: Path) -> Config:
         workers=service.within("workers", 1, 1, MAX_WORKERS),
         master_key_file=_resolve(base, security.get("master_key_file", str, "master.key")),
         smtp=smtp,
-        relay=_relay(root.sub("relay"), base),
+        relay=relay,
         web=_web(root.sub("web"), base),
         unanswered_days=unanswered_days,
         hard_limit_days=hard_limit_days,
@@ -272,7 +272,7 @@ def load_config(path: Path) -> Config:
         admin=AdminConfig(parse_endpoint("admin.listen", admin_listen) if admin_listen else None,
                           _path(base, admin.get("token_file", str, ""))),
         spam=SpamConfig(spam.get("rspamd_url", str, ""), spam.positive("timeout", 5), spam.positive("block_days", 30)),
-        store=_store(root.sub("store")),
+        store=_store(root.sub("store"), relay),
         digest_at=clock_time(root.sub("digest"), "at"),
     )
     root.refuse_unknown()
@@ -357,7 +357,7 @@ def _web(web: Table, base: Path) -> WebConfig:
     )
 
 
-def _store(t: Table) -> StoreConfig:
+def _store(t: Table, relay: RelayConfig) -> StoreConfig:
     url, keys_url = t.get("url", str, "sqlite:"), t.get("keys_url", str, "")
     if url != "sqlite:" and not url.startswith(("postgresql://", "postgres://")):
         raise ConfigError("store.url", f'expected "sqlite:" or "postgresql://…", got "{url.split("://")[0]}…"')
@@ -368,7 +368,13 @@ def _store(t: Table) -> StoreConfig:
         raise ConfigError("store.keys_url", 'only with a PostgreSQL store.url (SQLite keeps keys.db in data_dir)')
     if keys_url and keys_url == url:
         raise ConfigError("store.keys_url", "must name another database than store.url")
-    return StoreConfig(url.replace("postgres://", "postgresql://", 1), keys_url, t.positive("lease_seconds", 60))
+    lease = t.positive("lease_seconds", 2 * int(relay.timeout))
+    # a claim that runs out mid-send lets another node take the mail and send it again (SQLite claims nothing)
+    if url != "sqlite:" and lease <= relay.timeout:
+        raise ConfigError(t.key("lease_seconds"), f"must be more than relay.timeout ({relay.timeout:g}) with a "
+                                                  f"PostgreSQL store, or a node whose claim runs out mid-send lets "
+                                                  f"another send the same mail again; got {lease}")
+    return StoreConfig(url.replace("postgres://", "postgresql://", 1), keys_url, lease)
 
 
 def _durations(table: Table, name: str, default: list[str]) -> tuple[float, ...]:

@@ -28,6 +28,8 @@ class Inputs:
     blocked: bool = False  # RECEIVED: its sender is marked "#spam" (spam.block_days not yet passed)
     # NEW at a site with a round robin: each route's turn ("" the site's own), read from the store
     turns: Mapping[str, int] = field(default_factory=dict)
+    # `target`'s message, parsed by the runner for the states in handlers.READS_TARGET, else None
+    target_parsed: Parsed | None = None
 
 
 @dataclass

@@ -94,6 +94,10 @@ class OutgoingMail:
     recipients: tuple[str, ...]
     message: bytes
     message_id: str
+    # an answer: who works its case (careservice.routing), so the relay's event tells the case's staff; sealed
+    # with the queued mail, purged with it
+    route: str = ""
+    owner: str = ""
 
 
 @dataclass(frozen=True)
@@ -182,3 +186,14 @@ class MailEvent(StrEnum):
 
     ANSWER_DELIVERED = "answer_delivered"
     ANSWER_FAILED = "answer_failed"
+
+
+@dataclass(frozen=True)
+class DeliveryFailure:
+    """Why the outbox dropped a mail, as it hands ANSWER_FAILED the facts: refused for good (a `code`, no
+    `gave_up_after`), or given up after `gave_up_after` seconds, the last attempt refused for now (its
+    `code`) or the relay not reached (no `code`). The two fields tell the three apart; a third saying which
+    could only disagree with them."""
+
+    code: int | None  # the relay's reply code to the last attempt; None when the relay was not reached
+    gave_up_after: int | None  # seconds of retries (relay.give_up_after); None when refused for good

@@ -19,7 +19,7 @@ from careservice.config import RelayConfig
 from careservice.dkim import Signer
 from careservice.logs import error_fields
 from careservice.maildir import maildir_deliver
-from careservice.model import MailEvent, MailKind, Outcome, OutgoingMail, QueuedMail
+from careservice.model import DeliveryFailure, MailEvent, MailKind, Outcome, OutgoingMail, QueuedMail
 from careservice.oauth2 import OAuth2Error, TokenSource
 from careservice.store import Store
 from careservice.tlsconf import client_context
@@ -237,7 +237,8 @@ class Outbox:
     """The sender loop: due mail in batches over `connections` parallel connections."""
 
     def __init__(self, config: RelayConfig, store: Store, relay: Relay, clock: Callable[[], float],
-                 on_event: Callable[[MailEvent, QueuedMail, str], Outcome | None], batch_bytes: int) -> None:
+                 on_event: Callable[[MailEvent, QueuedMail, DeliveryFailure | None], Outcome | None],
+                 batch_bytes: int) -> None:
         self.config = config
         self.batch_bytes = batch_bytes  # stored bytes per round (careservice.budget)
         self.store = store
@@ -340,9 +341,7 @@ class Outbox:
                 await self._delivered(item)
                 sent += 1
                 return
-            why = (f"the relay refused it permanently (code {refusal.code})" if refusal.permanent
-                   else f"temporary refusal (code {refusal.code})")
-            _, fields = await self._retry_or_fail(item, why, refusal.permanent)
+            _, fields = await self._retry_or_fail(item, refusal.code, refusal.permanent)
             if fields:
                 log.warning("relay_refused relay=%s code=%d case=%s kind=%s permanent=%s %s", self.relay.name,
                             refusal.code, item.mail.case_id, item.mail.kind, str(refusal.permanent).lower(), fields)
@@ -352,7 +351,7 @@ class Outbox:
         except RelayDown as failure:
             failures.append(failure)
             for item in items[failure.done:]:  # the round's one relay line covers those that only wait
-                dropped, fields = await self._retry_or_fail(item, "relay unreachable")
+                dropped, fields = await self._retry_or_fail(item, None)
                 if dropped and fields:
                     log.warning("mail_failed case=%s kind=%s %s", item.mail.case_id, item.mail.kind, fields)
         return sent
@@ -361,26 +360,27 @@ class Outbox:
         self._unrecorded[item.id] = item
         started = time.monotonic()
         answer = item.mail.kind is MailKind.ANSWER
-        outcome = self.on_event(MailEvent.ANSWER_DELIVERED, item, "") if answer else None
+        outcome = self.on_event(MailEvent.ANSWER_DELIVERED, item, None) if answer else None
         waited = await self.store.mail_delivered(item, outcome, self.clock())
         metrics.delivered(item.site, item.mail.kind is MailKind.ANSWER, waited, time.monotonic() - started)
         del self._unrecorded[item.id]
         log.info("mail_delivered case=%s kind=%s", item.mail.case_id, item.mail.kind)
 
-    async def _retry_or_fail(self, item: QueuedMail, why: str, permanent: bool = False) -> tuple[bool, str]:
-        """Defer `item` to its next attempt, or drop it (refused for good, or past give_up_after) and give
-        staff a notice for an answer. Returns whether it was dropped and the log fields saying so; the
-        fields are "" when the drop could not be recorded (logged here; the mail stays queued)."""
+    async def _retry_or_fail(self, item: QueuedMail, code: int | None, permanent: bool = False) -> tuple[bool, str]:
+        """Defer `item`, which the relay refused with `code` (None: not reached), to its next attempt, or
+        drop it (refused for good, or past give_up_after) and give staff a notice for an answer. Returns
+        whether it was dropped and the log fields saying so; the fields are "" when the drop could not be
+        recorded (logged here; the mail stays queued)."""
         retry_in = self.delay(item.attempts)
         now = self.clock()
         if not permanent and now + retry_in - item.created <= self.config.give_up_after:
             await self.store.mail_deferred(item, now + retry_in)
             metrics.not_delivered(gave_up=False)
             return False, f"retry_in={retry_in}"
-        if not permanent:
-            why = f"{why}; gave up after {self.config.give_up_after} s"
+        failure = DeliveryFailure(code, None if permanent else self.config.give_up_after)
         try:
-            outcome = self.on_event(MailEvent.ANSWER_FAILED, item, why) if item.mail.kind is MailKind.ANSWER else None
+            answer = item.mail.kind is MailKind.ANSWER
+            outcome = self.on_event(MailEvent.ANSWER_FAILED, item, failure) if answer else None
             await self.store.mail_failed(item, outcome, now)
         except Exception as exc:
             log.error("mail_fail_record_failed case=%s %s", item.mail.case_id, error_fields(exc))

@@ -47,8 +47,7 @@ def case_staff(site: Site, case: Routed) -> tuple[str, ...]:
 
 def answerers(site: Site, case: Routed) -> tuple[str, ...]:
     """Who may answer the case, or be assigned it: its staff, and the site's own staff, who stand in for
-    every route of their site (they also get the notice when an answer cannot be delivered, since the
-    relay's event does not know the case's route)."""
+    every route of their site."""
     return tuple(dict.fromkeys((*case_staff(site, case), *site.staff)))
 
 

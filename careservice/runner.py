@@ -10,7 +10,7 @@ from dataclasses import replace
 from careservice import metrics
 from careservice.context import Context, Inputs
 from careservice.dkimcheck import verified_domains
-from careservice.handlers import Stage
+from careservice.handlers import READS_TARGET, Stage
 from careservice.logs import error_fields
 from careservice.mail import Parsed, parse
 from careservice.model import Case, CaseState, Outcome
@@ -120,11 +120,14 @@ class Runner:
             # thread would hold the GIL while the store's inline transactions hold the write lock
             parsed = parse(case.message.raw, case.message.envelope.mail_from)
             target: Case | None = None
+            target_parsed: Parsed | None = None  # for the states that read it; parsed once per chain
             signers: tuple[str, ...] | None = None
             blocked = case.state is CaseState.RECEIVED and await self.store.is_blocked(self.senders(case, parsed), now)
             for _ in range(MAX_CHAIN):
                 if current.target and (target is None or target.id != current.target):
-                    target = await self.store.get_case(current.target)
+                    target, target_parsed = await self.store.get_case(current.target), None
+                if current.state in READS_TARGET and target is not None and target_parsed is None:
+                    target_parsed = parse(target.message.raw, target.message.envelope.mail_from)
                 if (current.state is CaseState.STAFF_REPLY and site.staff_auth == "dkim" and signers is None
                         and current.target and parsed.from_address in site.all_staff):
                     # verified here, not at intake, so the verdict is never stored or carried in a header a
@@ -138,13 +141,14 @@ class Runner:
                     taking_turn = True
                     turns = await self.store.turns(site.id)
                 inputs = Inputs(current, site, parsed, target if current.target else None, now,
-                                dkim_domains=signers or (), blocked=blocked, turns=turns or {})
+                                dkim_domains=signers or (), blocked=blocked, turns=turns or {},
+                                target_parsed=target_parsed if current.target else None)
                 step = self.stages[current.state](inputs, self.ctx)
                 outcome = step if outcome is None else merge(outcome, step)
                 current = replace(step.updates or current, state=step.state)
                 if step.state not in self.stages or self.next_run(current, step.state, now) > now:
                     break
-            del parsed, inputs  # the message (attachments decoded) is not kept for the commit
+            del parsed, target_parsed, inputs  # the messages (attachments decoded) are not kept for the commit
             assert outcome is not None
             await self.store.apply(case, outcome, now, self.next_run(outcome.updates or case, outcome.state, now))
             metrics.stage_outcome(case.site, outcome)

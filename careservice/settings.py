@@ -152,7 +152,8 @@ class AdminConfig:
 class StoreConfig:
     url: str = "sqlite:"  # "sqlite:" = the files in data_dir; "postgresql://…" = shared by several nodes
     keys_url: str = ""  # postgresql: the case keys' database, reached as another role
-    lease_seconds: int = 60  # postgresql: how long a node's claim on a case, a mail or a mailbox lasts
+    lease_seconds: int = 60  # postgresql: how long a node's claim on a case, a mail or a mailbox lasts; the
+    # config's default is twice relay.timeout, and it must exceed relay.timeout (config._store)
 
     @property
     def shared(self) -> bool:

@@ -35,7 +35,7 @@ from careservice.dkim import Signer
 from careservice.handlers import DIGEST, EVENTS, STAGES
 from careservice.handlers.digest import due_day
 from careservice.logs import error_fields
-from careservice.model import CaseState, MailEvent, Outcome, QueuedMail
+from careservice.model import CaseState, DeliveryFailure, MailEvent, Outcome, QueuedMail
 from careservice.outbox import Outbox, Relay
 from careservice.reload import reload_config
 from careservice.runner import Runner
@@ -182,11 +182,11 @@ class CaseWorker:
         except ConfigError as exc:  # changed since the reload's check passed: keep signing with the keys in force
             log.error("dkim_keys_kept key=%s (the new ones did not load; `careservice check` says why)", exc.key)
 
-    def on_event(self, event: MailEvent, item: QueuedMail, why: str) -> Outcome | None:
+    def on_event(self, event: MailEvent, item: QueuedMail, failure: DeliveryFailure | None) -> Outcome | None:
         """The workflow's outcome of the relay's word on an answer (handlers.EVENTS); None for a case of a
         site no longer configured (the hard age limit purges it)."""
         site = self.ctx.config.site(item.site)
-        return None if site is None else EVENTS[event](site, item, why, self.ctx)
+        return None if site is None else EVENTS[event](site, item, failure, self.ctx)
 
     async def start(self) -> None:
         await self.store.start(sweep=True)  # a worker killed inside a purge's commit left its key behind

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from careservice.context import Context, Inputs
-from careservice.mail import Draft, new_message_id, parse
+from careservice.mail import Draft, new_message_id
 from careservice.model import Case, CaseState, MailKind, Outcome, SenderBlock
 from careservice.routing import answerers, case_staff
 
@@ -64,7 +64,8 @@ def _assign(inp: Inputs, ctx: Context, target: Case, words: str) -> Outcome:
     if len(chosen) != 1:
         return not_sent(inp, ctx, target, "assign_unknown", staff=staff)
     owner = chosen[0]
-    original = replace(inp, case=target, parsed=parse(target.message.raw, target.message.envelope.mail_from))
+    assert inp.target_parsed is not None  # parsed by the runner for this state (handlers.READS_TARGET)
+    original = replace(inp, case=target, parsed=inp.target_parsed)
     forwards = _to_staff(original, ctx, target, follow_up=False, to=(owner,))
     others = tuple(s for s in case_staff(site, target) if s != owner)
     told = (ctx.notice(site, others, "assigned", owner=owner, sender=sender, about=target.id,

@@ -9,10 +9,12 @@ tells the staff member why.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from careservice.config import Site
 from careservice.context import Context, Inputs
 from careservice.htmlpart import page
-from careservice.mail import Draft, new_message_id, parse
+from careservice.mail import Draft, Parsed, new_message_id
 from careservice.model import Case, CaseState, ContactDetails, MailKind, Outcome, OutgoingMail
 from careservice.replytext import Forwarded, StaffReply, hide_addresses, read_reply, relay_problem
 from careservice.routing import case_staff
@@ -48,7 +50,9 @@ def handle(inp: Inputs, ctx: Context) -> Outcome:
         message_id=new_message_id(site.domain), in_reply_to=target.message_id, references=target.references,
         attachments=parsed.attachments, loop_marker=ctx.config.smtp.hostname, language=target.language,
     )
-    answer = ctx.outgoing(MailKind.ANSWER, target.id, site.care_address, draft)
+    # carries who works the case: should the relay refuse it, its notice goes to the case's staff
+    answer = replace(ctx.outgoing(MailKind.ANSWER, target.id, site.care_address, draft), route=target.route,
+                     owner=target.owner)
     return Outcome(CaseState.PURGED, "answer_queued", mails=(answer, *tell_the_others(inp, ctx, target, "answered")),
                    target_state=CaseState.ANSWERING)
 
@@ -75,14 +79,14 @@ def tell_the_others(inp: Inputs, ctx: Context, target: Case, done: str) -> tuple
 
 def staff_words(inp: Inputs, ctx: Context, target: Case) -> StaffReply:
     """What the staff member wrote in the reply `inp`, without the quote and the forward's own lines."""
-    return read_reply(inp.parsed.text, inp.parsed.html, _forwarded(ctx, inp.site, target))
+    assert inp.target_parsed is not None  # parsed by the runner for this state (handlers.READS_TARGET)
+    return read_reply(inp.parsed.text, inp.parsed.html, _forwarded(ctx, inp.site, target, inp.target_parsed))
 
 
-def _forwarded(ctx: Context, site: Site, target: Case) -> Forwarded:
-    """The forward staff got for `target`: its own blocks (rendered again without the customer's
-    text, as a first message and as a follow-up) and the customer's text."""
+def _forwarded(ctx: Context, site: Site, target: Case, customer: Parsed) -> Forwarded:
+    """The forward staff got for `target` (whose message is `customer`): its own blocks (rendered again
+    without the customer's text, as a first message and as a follow-up) and the customer's text."""
     contact = target.contact or ContactDetails("", "")
     blocks = [ctx.texts.mail(site.id, "forward", site=site, case_id=target.id, subject=target.subject,
                              contact=contact, text="", follow_up=follow_up)[1] for follow_up in (False, True)]
-    customer = parse(target.message.raw, target.message.envelope.mail_from)  # not kept: the case waits
     return Forwarded.of(blocks, customer.text)

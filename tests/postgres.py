@@ -15,11 +15,13 @@ import shutil
 import sqlite3
 import subprocess
 import tempfile
+import tomllib
 from pathlib import Path
 
 import psycopg
 
 from careservice.settings import StoreConfig
+from tests.reliability.helpers import set_keys
 
 ROOT = Path("/usr/lib/postgresql")
 
@@ -105,8 +107,11 @@ def rows_containing(store: StoreConfig, needles: list[bytes]) -> dict[str, int]:
 
 
 def with_store(config: Path, store: StoreConfig) -> Path:
-    """Point a config written by tests.support.write_config at `store` (unchanged for SQLite)."""
+    """Point a config written by tests.support.write_config at `store` (unchanged for SQLite), its relay
+    timeout below the store's lease (the tests' leases are short; check refuses a lease a send outlasts)."""
     if store.shared:
+        timeout = tomllib.loads(config.read_text())["relay"].get("timeout", 60)
+        set_keys(config, "relay", timeout=min(timeout, store.lease_seconds - 1))
         with config.open("a") as f:
             f.write(f'\n[store]\nurl = "{store.url}"\nkeys_url = "{store.keys_url}"\n'
                     f"lease_seconds = {store.lease_seconds}\n")

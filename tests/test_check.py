@@ -76,6 +76,22 @@ def test_the_hard_limit_defaults_past_the_unanswered_days_and_must_stay_past_the
     assert raised.value.key == "retention.hard_limit_days"
 
 
+def test_a_postgresql_claim_must_outlast_a_relay_send(tmp_path: Path) -> None:
+    """A lease that runs out mid-send lets another node send the same mail again: check refuses it."""
+    config = with_lines(write_config(tmp_path, 1), "store", 'url = "postgresql://cases@db.test/cases"',
+                        'keys_url = "postgresql://keys@db.test/keys"')  # write_config: relay.timeout = 10
+    assert load_config(config).store.lease_seconds == 20  # twice relay.timeout unless set
+    for lease in (10, 3):
+        with pytest.raises(ConfigError, match=r"must be more than relay\.timeout \(10\)") as raised:
+            load_config(set_keys(config, "store", lease_seconds=lease))
+        assert raised.value.key == "store.lease_seconds"
+    result = cli("check", "--config", str(config))
+    assert result.returncode == 2 and "store.lease_seconds" in result.stderr
+    assert load_config(set_keys(config, "store", lease_seconds=11)).store.lease_seconds == 11
+    sqlite = with_lines(write_config(tmp_path / "sqlite", 1), "store", "lease_seconds = 3")  # one node claims nothing
+    assert load_config(sqlite).store.lease_seconds == 3
+
+
 def test_a_typo_gets_a_suggestion(tmp_path: Path) -> None:
     config = with_lines(write_config(tmp_path, 1), "smtp", "require_tsl = true")
     with pytest.raises(ConfigError, match='did you mean "require_tls"'):

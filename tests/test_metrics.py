@@ -48,7 +48,7 @@ async def test_an_idle_relay_is_probed_for_relay_up(tmp_path: Path) -> None:
     try:
         clock = [1000.0]
         outbox = Outbox(relay_config(server.port), None, Relay(relay_config(server.port), ""),  # type: ignore[arg-type]
-                        lambda: clock[0], lambda item, why: None, 1_000_000)
+                        lambda: clock[0], lambda event, item, failure: None, 1_000_000)
         await outbox.check_relay()
         assert relay_up() == 1  # it greeted us (and got a QUIT)
     finally:

@@ -20,6 +20,7 @@ from careservice.budget import Budget
 from careservice.config import RelayConfig
 from careservice.crypto import Keyring
 from careservice.model import CaseState
+from careservice.model import DeliveryFailure
 from careservice.model import Envelope
 from careservice.model import MailEvent
 from careservice.model import MailKind
@@ -235,7 +236,7 @@ async def attempts(store: Store) -> list[int]:
     return sorted(item.attempts for item in await store.due_mail(float("inf"), 1000, BUDGET.mail))
 
 
-def notice_for(event: MailEvent, item: QueuedMail, why: str) -> Outcome:
+def notice_for(event: MailEvent, item: QueuedMail, failure: DeliveryFailure | None) -> Outcome:
     """What handlers.EVENTS answer, reduced to its effects: a failed answer reopens with a notice."""
     if event is MailEvent.ANSWER_DELIVERED:
         return Outcome(CaseState.PURGED, "answered", counters=("answered",))
@@ -308,6 +309,36 @@ async def test_a_refusal_is_one_line_naming_the_relay_and_its_code(store: Store,
     ]
     assert [c.rcpt_tos for c in relay.received] == [[STAFF]]  # the notice
     assert not [line for line in lines(caplog) if "customer" in line or "private" in line]
+
+
+async def test_a_failed_answers_event_gets_the_relays_facts(store: Store) -> None:
+    """Refused for good, given up after temporary refusals, given up on a relay that cannot be reached: the
+    event hands on the reply code and the seconds given up after, as the outbox knew them."""
+    relay = CaptureRelay().start()
+    config = replace(relay_config(relay.port), retry_delays=(60,), give_up_after=30)  # gives up at the first retry
+    clock = Clock()
+    events: list[tuple[MailEvent, DeliveryFailure | None]] = []
+
+    def recorded(event: MailEvent, item: QueuedMail, failure: DeliveryFailure | None) -> Outcome:
+        events.append((event, failure))
+        return notice_for(event, item, failure)
+
+    outbox = Outbox(config, store, Relay(config, ""), clock, recorded, BUDGET.mail)
+    try:
+        for reply in ("550 5.1.1 no such user", "451 4.3.0 try later"):  # the notice each made goes through
+            relay.replies = [reply]
+            await queue_mail(store, MailKind.ANSWER, 1, clock.now)
+            await outbox.deliver_due()
+        relay.stop()  # nothing listens there any more
+        await outbox.relay.close_idle(0)
+        await queue_mail(store, MailKind.ANSWER, 1, clock.now)
+        await outbox.deliver_due()
+    finally:
+        await outbox.relay.close_idle(0)
+        relay.stop()
+    assert events == [(MailEvent.ANSWER_FAILED, DeliveryFailure(550, None)),
+                      (MailEvent.ANSWER_FAILED, DeliveryFailure(451, 30)),
+                      (MailEvent.ANSWER_FAILED, DeliveryFailure(None, 30))]
 
 
 async def test_partly_refused_recipients_are_one_line(store: Store, caplog: pytest.LogCaptureFixture) -> None:

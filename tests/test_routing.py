@@ -110,6 +110,31 @@ def test_routes_by_recipient_and_subject_first_match_wins_else_the_site_staff(tm
         daemon.stop()
 
 
+def test_an_answer_the_relay_refuses_is_told_to_the_routes_staff_not_the_sites(tmp_path: Path,
+                                                                              relay: CaptureRelay) -> None:
+    daemon = Daemon(write_config(tmp_path, relay.port, sites=ROUTES)).start()
+    try:
+        assert open_routed(daemon, relay, "Where is my order", to="refunds@ticketnest.test") == [REFUNDS]
+        [forward] = forwards(relay, "Where is my order")
+        relay.replies = ["554 5.7.1 recipient refused"]  # the answer, for good
+        send(daemon.smtp_port, REFUNDS, [forward.message["Reply-To"].addresses[0].addr_spec],
+             staff_reply(forward.message, "Your order ships today.", sender=REFUNDS))
+        failed = lambda: [c for c in relay.received if "not be delivered" in str(c.message["Subject"])]  # noqa: E731
+        wait_for(failed, what="the notice of the refused answer")
+        wait_for(lambda: daemon.status()["outbound_queued"] == 0, what="every notice delivered")
+        assert [c.rcpt_tos for c in failed()] == [[REFUNDS]]  # the route's staff, not STAFF or STAFF2
+        assert answer_to(relay) == []
+        # the notice's reply address answers the case again; this time the relay takes it
+        [notice] = failed()
+        send(daemon.smtp_port, REFUNDS, [notice.message["Reply-To"].addresses[0].addr_spec],
+             staff_reply(notice.message, "Your order ships today.", sender=REFUNDS))
+        wait_for(lambda: answer_to(relay), what="the second answer")
+        wait_for(lambda: daemon.status()["open_cases"] == 0, what="the answered case purged")
+        assert files_containing(daemon.data_dir, [b"Where is my order"]) == []
+    finally:
+        daemon.stop()
+
+
 def reply_address_for(config: Path, forward: Captured, staff: str) -> str:
     """The reply address of the forward's case signed for `staff` (as a note or digest would issue it)."""
     loaded = load_config(config)

@@ -15,7 +15,8 @@ from careservice.store.shards import clause
 
 def queue_mail(conn: sqlite3.Connection, keyring: Keyring, site: str, mail: OutgoingMail, now: float) -> None:
     key = case_key(conn, keyring, mail.case_id)
-    meta = json.dumps({"sender": mail.sender, "recipients": list(mail.recipients), "message_id": mail.message_id})
+    meta = json.dumps({"sender": mail.sender, "recipients": list(mail.recipients), "message_id": mail.message_id,
+                       "route": mail.route, "owner": mail.owner})
     row_id = conn.execute(  # RETURNING, not lastrowid: the same SQL runs on PostgreSQL
         "INSERT INTO outbox(case_id, site, kind, created, next_attempt, meta, message) VALUES (?,?,?,?,?,?,?) "
         "RETURNING id", (mail.case_id, site, mail.kind, now, now, b"", b""),
@@ -44,7 +45,8 @@ def load_mail(conn: sqlite3.Connection, keyring: Keyring, row_id: int) -> Queued
     aad = f"{case_id}:{row_id}".encode()
     meta = json.loads(open_sealed(key, meta_blob, aad + b"meta"))
     mail = OutgoingMail(MailKind(kind), case_id, meta["sender"], tuple(meta["recipients"]),
-                        open_sealed(key, msg_blob, aad + b"msg"), meta["message_id"])
+                        open_sealed(key, msg_blob, aad + b"msg"), meta["message_id"],
+                        meta.get("route", ""), meta.get("owner", ""))  # not in mail queued before they were carried
     return QueuedMail(row_id, site, attempts, created, mail)
 
 

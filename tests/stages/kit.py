@@ -48,7 +48,10 @@ def inputs(ctx: Context, case: Case, target: Case | None = None, dkim_domains: t
     site = ctx.config.site(case.site)
     assert site is not None
     parsed = parse(case.message.raw, case.message.envelope.mail_from)
-    return Inputs(case, replace(site, staff_auth=staff_auth), parsed, target, time.time(), dkim_domains)
+    # as the runner loads them, here for every state: a stage that has no use for the target's message ignores it
+    target_parsed = parse(target.message.raw, target.message.envelope.mail_from) if target else None
+    return Inputs(case, replace(site, staff_auth=staff_auth), parsed, target, time.time(), dkim_domains,
+                  target_parsed=target_parsed)
 
 
 def open_case(ctx: Context) -> Case:

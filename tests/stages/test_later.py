@@ -19,10 +19,12 @@ from careservice.handlers import expire
 from careservice.handlers import relay_answer
 from careservice.handlers import verify_reply
 from careservice.model import CaseState
+from careservice.model import DeliveryFailure
 from careservice.model import MailKind
 from careservice.model import OpenCase
 from careservice.model import OutgoingMail
 from careservice.model import QueuedMail
+from careservice.settings import Route
 from careservice.texts import NOTICE_FOLDER
 from careservice.texts import NOTICES
 from careservice.texts import Texts
@@ -35,6 +37,10 @@ from tests.stages.kit import reply_to
 from tests.support import CARE
 from tests.support import STAFF
 from tests.support import STAFF2
+
+REFUSED = DeliveryFailure(550, None)
+# refused for good; given up after temporary refusals; given up on a relay not reached
+FAILURES = (REFUSED, DeliveryFailure(451, 432000), DeliveryFailure(None, 600))
 
 
 def test_an_open_case_is_reminded_at_each_age_to_its_owner_or_its_staff(ctx: Context) -> None:
@@ -67,18 +73,30 @@ def test_delivery_events_purge_or_reopen_with_a_notice(ctx: Context) -> None:
     site = ctx.config.sites[0]
     item = QueuedMail(1, site.id, 3, time.time(), OutgoingMail(MailKind.ANSWER, "c0ffee000001", CARE, (CUSTOMER,),
                                                                 b"x", "m@x"))
-    delivered = delivery.answer_delivered(site, item, "", ctx)
+    delivered = delivery.answer_delivered(site, item, None, ctx)
     assert (delivered.state, delivered.counters, delivered.mails) == (CaseState.PURGED, ("answered",), ())
-    failed = delivery.answer_failed(site, item, "the relay refused it permanently (code 550)", ctx)
+    failed = delivery.answer_failed(site, item, REFUSED, ctx)
     assert failed.state is CaseState.OPEN and [m.recipients for m in failed.mails] == [(STAFF,), (STAFF2,)]
     notice = failed.mails[0].message
     assert b"code 550" in b" ".join(notice.split()) and CUSTOMER.encode() not in notice  # wrapped at 72
     assert len(failed.nonce) == 8 and failed.nonce != "0a1b2c3d"  # old reply addresses stop verifying
-    again = delivery.answer_failed(site, replace(item, id=2), "550", ctx)
+    again = delivery.answer_failed(site, replace(item, id=2), REFUSED, ctx)
     assert again.nonce != failed.nonce  # each failed answer issues new ones
     for staff, notice in zip((STAFF, STAFF2), failed.mails, strict=True):
         reply_address = ctx.addressing.reply_address(site, "c0ffee000001", failed.nonce, staff)
         assert f"Reply-To: {reply_address}".encode() in notice.message
+
+
+def test_a_failed_answers_notice_goes_to_the_staff_of_the_case_the_answer_carries(ctx: Context) -> None:
+    routed = "refunds@staff.example"
+    site = replace(ctx.config.sites[0], routes=(Route("refunds", "", None, (routed,), "all"),))
+    answer = OutgoingMail(MailKind.ANSWER, "c0ffee000001", CARE, (CUSTOMER,), b"x", "m@x", route="refunds")
+    failed = delivery.answer_failed(site, QueuedMail(1, site.id, 3, time.time(), answer), REFUSED, ctx)
+    assert [m.recipients for m in failed.mails] == [(routed,)]  # not the site's own staff
+    reply_address = ctx.addressing.reply_address(site, answer.case_id, failed.nonce, routed)
+    assert f"Reply-To: {reply_address}".encode() in failed.mails[0].message
+    unrouted = QueuedMail(1, site.id, 3, time.time(), replace(answer, route=""))
+    assert [m.recipients for m in delivery.answer_failed(site, unrouted, REFUSED, ctx).mails] == [(STAFF,), (STAFF2,)]
 
 
 def test_the_digest_lists_each_staff_members_cases_oldest_first_with_their_own_reply_addresses(
@@ -140,9 +158,8 @@ def test_stages_name_each_notice_by_its_key_and_values_never_by_its_words(ctx: C
     site = ctx.config.sites[0]
     item = QueuedMail(1, site.id, 3, time.time(), OutgoingMail(MailKind.ANSWER, case.id, CARE, (CUSTOMER,), b"x",
                                                                 "m@x"))
-    for why in ("the relay refused it permanently (code 550)", "temporary refusal (code 451); gave up after 432000 s",
-                "relay unreachable; gave up after 600 s"):
-        delivery.answer_failed(replace(site, staff=(STAFF,)), item, why, ctx)  # the relay's three ways to fail
+    for failure in FAILURES:  # the relay's three ways to fail
+        delivery.answer_failed(replace(site, staff=(STAFF,)), item, failure, ctx)
     on_case = {"case_id": case.id}
     assert texts.notices == [
         ("reply_empty", on_case), ("reply_unknown_command", on_case), ("help", on_case),
@@ -158,15 +175,16 @@ def test_stages_name_each_notice_by_its_key_and_values_never_by_its_words(ctx: C
     assert {key for key, _ in texts.notices} <= set(NOTICES)
 
 
-@pytest.mark.parametrize(("why", "worded"), [
-    ("the relay refused it permanently (code 550)", "the relay refused it permanently (code 550)."),
-    ("temporary refusal (code 451); gave up after 432000 s", "temporary refusal (code 451); gave up after 432000 s."),
-    ("relay unreachable; gave up after 600 s", "relay unreachable; gave up after 600 s."),
-])
-def test_an_undelivered_answers_notice_words_the_relays_reason_as_before(ctx: Context, why: str, worded: str) -> None:
+@pytest.mark.parametrize(("failure", "worded"), list(zip(FAILURES, (
+    "the relay refused it permanently (code 550).",
+    "temporary refusal (code 451); gave up after 432000 s.",
+    "relay unreachable; gave up after 600 s.",
+), strict=True)))
+def test_an_undelivered_answers_notice_words_the_relays_reason_as_before(ctx: Context, failure: DeliveryFailure,
+                                                                          worded: str) -> None:
     site = ctx.config.sites[0]
     item = QueuedMail(1, site.id, 3, time.time(), OutgoingMail(MailKind.ANSWER, "c0ffee000001", CARE, (CUSTOMER,),
                                                                 b"x", "m@x"))
-    notice = message(delivery.answer_failed(site, item, why, ctx).mails[0])
+    notice = message(delivery.answer_failed(site, item, failure, ctx).mails[0])
     text = " ".join(notice.get_body(("plain",)).get_content().split())
     assert f"The answer was not delivered: {worded} The case is open again;" in text

@@ -11,7 +11,9 @@ from careservice.context import Context
 from careservice.handlers import delivery
 from careservice.handlers import relay_answer
 from careservice.handlers import verify_reply
+from careservice.mail import parse
 from careservice.model import CaseState
+from careservice.model import DeliveryFailure
 from careservice.model import MailKind
 from careservice.model import OutgoingMail
 from careservice.model import QueuedMail
@@ -19,9 +21,11 @@ from tests.stages.kit import CUSTOMER
 from tests.stages.kit import inputs
 from tests.stages.kit import open_case
 from tests.stages.kit import reply_to
+from tests.stages.kit import with_message
 from tests.support import CARE
 from tests.support import STAFF
 from tests.support import STAFF2
+from tests.support import customer_mail
 
 
 def test_verify_reply_refuses_strangers_bad_tokens_and_late_replies(ctx: Context) -> None:
@@ -94,7 +98,7 @@ def test_verify_reply_refuses_a_token_of_before_the_case_reopened(ctx: Context) 
     site = ctx.config.sites[0]
     answer = OutgoingMail(MailKind.ANSWER, case.id, CARE, (CUSTOMER,), b"x", "m@x")
     item = QueuedMail(7, site.id, 3, time.time(), answer)
-    reopened = replace(case, nonce=delivery.answer_failed(site, item, "550", ctx).nonce)
+    reopened = replace(case, nonce=delivery.answer_failed(site, item, DeliveryFailure(550, None), ctx).nonce)
     stale = verify_reply.handle(inputs(ctx, reply, target=reopened), ctx)
     assert (stale.reason, stale.mails[0].recipients) == ("reply_token_stale", (STAFF,))
 
@@ -108,6 +112,20 @@ def test_relay_answer_sends_only_the_new_words_from_the_care_address(ctx: Contex
     assert answer.kind is MailKind.ANSWER and answer.recipients == (CUSTOMER,) and answer.sender == CARE
     assert b"refund is on its way" in answer.message and b"4711" not in answer.message
     assert STAFF.encode() not in answer.message
+    assert (answer.route, answer.owner) == ("", "")
+    routed = relay_answer.handle(inputs(ctx, reply, target=replace(case, route="refunds", owner=STAFF2)), ctx)
+    assert (routed.mails[0].route, routed.mails[0].owner) == ("refunds", STAFF2)  # for the relay's event
+
+
+def test_relay_answer_knows_the_customers_words_by_the_target_message_the_runner_parsed(ctx: Context) -> None:
+    case = open_case(ctx)
+    echo = replace(reply_to(ctx, case, "Order 4711 is lost"), state=CaseState.VERIFIED)  # only the customer's words
+    loaded = inputs(ctx, echo, target=case)
+    assert relay_answer.handle(loaded, ctx).reason == "reply_empty"
+    unread = replace(loaded, target=with_message(case, raw=b""))  # the stage parses nothing of the target itself
+    assert relay_answer.handle(unread, ctx).reason == "reply_empty"
+    other = replace(loaded, target_parsed=parse(customer_mail("Lost tickets", "Something else"), CUSTOMER))
+    assert relay_answer.handle(other, ctx).reason == "answer_queued"
 
 
 def test_relay_answer_sends_nothing_for_an_empty_reply_or_a_gone_case(ctx: Context) -> None:
