@@ -30,7 +30,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from careservice import charts
+from careservice import charts, metrics
 from careservice.asgi import QuietServer, SecurityHeaders
 from careservice.context import Context
 from careservice.intake.ingest import Ingest
@@ -130,6 +130,7 @@ class Admin:
     async def metrics(self, request: Request) -> Response:
         """The text format Prometheus asks for in Accept (OpenMetrics, or the classic text format by default)."""
         encode, content_type = choose_encoder(request.headers.get("accept", ""))
+        metrics.write_replies()
         try:
             body = await asyncio.to_thread(encode, self.registry)
         except (StoreError, sqlite3.Error):

@@ -212,7 +212,9 @@ class Keyring:
 
 
 def _mac(key: bytes, message: bytes, length: int) -> str:
-    mac = hmac.new(key, message, hashlib.sha256).digest()
+    """The first `length` base32 characters of the HMAC, from only the bytes they encode (base32 turns
+    each 5 bytes into 8 characters; encoding all 32 took two thirds of the time)."""
+    mac = hmac.digest(key, message, "sha256")[:-(-length // 8) * 5]
     return base64.b32encode(mac).decode().rstrip("=").lower()[:length]
 
 

@@ -91,6 +91,7 @@ SPAM_CHECKS = Counter("careservice_spam_checks", "Inbound messages rspamd was as
 _STAGE_COUNTERS = {"opened": OPENED, "closed_by_phone": CLOSED_BY_PHONE, "expired": EXPIRED}
 
 _form_tally: Tally[tuple[str, str, str]] = Tally()  # (site, day, form_<result>) until the daemon stores it
+_replies: Tally[bytes] = Tally()  # SMTP reply code -> replies sent since the last scrape
 
 
 def initialise(site_ids: Iterable[str]) -> None:
@@ -128,13 +129,23 @@ def _never_fails(count: Callable[P, None]) -> Callable[P, None]:
 
 
 
+def smtp_reply(status: bytes) -> None:
+    """One line the SMTP listener sends; the last line of a reply counts, by its code. Counted here and
+    added to the metric at the next scrape (write_replies), not at each of a message's seven or so
+    replies (a locked write to the metric file each)."""
+    code = status[:3]
+    if code.isdigit() and status[3:4] != b"-":
+        _replies[code] += 1
+
+
 @_never_fails
-def smtp_reply(status: str | bytes) -> None:
-    """One line the SMTP listener sends; the last line of a reply counts, by its code."""
-    line = status.decode("ascii", "replace") if isinstance(status, bytes) else status
-    code = line[:3]
-    if code.isdigit() and line[3:4] != "-":
-        _smtp_code(code).inc()
+def write_replies() -> None:
+    """Add the SMTP replies counted since the last call to careservice_smtp_replies_total; the admin calls it
+    before each scrape, in the same thread as the listener counts."""
+    counted = dict(_replies)
+    _replies.clear()
+    for code, count in counted.items():
+        _smtp_code(code.decode()).inc(count)
 
 
 @functools.cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import time
@@ -27,6 +28,7 @@ class Ingest:
         self.clock = clock
         self._disk_checked = -DISK_CHECK_INTERVAL
         self._free = 0
+        self._waking = False  # a wake of the worker is due at the next turn of the loop
 
     def free_bytes(self) -> int:
         """Free space under data_dir (re-read at most 4x a second)."""
@@ -48,11 +50,17 @@ class Ingest:
         """Record an IMAP mailbox's health for `status --json` ("" = working; else a short code)."""
         await self.store.mailbox_health(name, problem, self.clock())
 
+    def _wake(self) -> None:
+        self._waking = False
+        self.on_commit()
+
     async def accept(self, messages: list[NewMessage], source: str) -> list[str]:
         """Commit `messages` in one transaction; returns ids ('' = duplicate). Raises if not committed."""
         started = time.monotonic()
         ids = await self.store.add_inbound(messages, self.clock())
         metrics.received(source, len(messages), time.monotonic() - started)
-        self.on_commit()
+        if not self._waking:  # the messages of one group commit go on in one turn: one wake for them all
+            self._waking = True
+            asyncio.get_running_loop().call_soon(self._wake)
         log.info("inbound_committed source=%s cases=%s", source, ",".join(i or "duplicate" for i in ids))
         return ids

@@ -10,7 +10,6 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from types import MethodType
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -20,6 +19,7 @@ from careservice.addresses import Addressing, Recipient
 from careservice.config import SmtpConfig
 from careservice.intake.ingest import Ingest
 from careservice.intake.limits import SenderQuota, client_key, sender_bucket
+from careservice.intake.smtpsession import LeanSession
 from careservice.intake.spamcheck import REPLY_GREYLIST, REPLY_SPAM, SpamCheck
 from careservice.logs import error_fields
 from careservice.model import Envelope as CaseEnvelope
@@ -203,25 +203,17 @@ class _Sessions:
         return len(left)
 
 
-class _Session(SMTP):
+class _Session(LeanSession):
     """aiosmtpd's session, counted from its creation until its connection is lost.
 
-    aiosmtpd's own __init__ inspects the handler and the session class on every connection (a fifth of
-    the intake's CPU per message, profiled). A session here starts as a copy of one `template` built
-    with the same options at start-up, then gets fresh stream state and method tables bound to itself.
-    Each command runs through `_command`, which is where a draining daemon answers 421 instead, and
-    where the idle limit before MAIL is watched: a slot held without a transaction is a slot taken
-    from everyone else, so smtp.idle_before_mail (not smtp.timeout) bounds it.
+    It starts as a copy of one `template` (careservice.intake.smtpsession). Each command runs through
+    `run_command`, which is where a draining daemon answers 421 instead, and where the idle limit
+    before MAIL is watched: a slot held without a transaction is a slot taken from everyone else, so
+    smtp.idle_before_mail (not smtp.timeout) bounds it.
     """
 
     def __init__(self, sessions: _Sessions, template: SMTP) -> None:
-        self.__dict__.update(template.__dict__)
-        asyncio.StreamReaderProtocol.__init__(
-            self, asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
-            client_connected_cb=self._cb_client_connected, loop=self.loop)
-        self._smtp_methods = {name: self._command(getattr(self, f"smtp_{name}")) for name in template._smtp_methods}
-        self._auth_methods = {name: impl._replace(method=MethodType(impl.method.__func__, self))
-                              if impl.is_builtin else impl for name, impl in template._auth_methods.items()}
+        super().__init__(template)
         self._sessions: _Sessions | None = sessions
         self._in_command = False
         self._closing = False
@@ -268,21 +260,20 @@ class _Session(SMTP):
         transport.close()
         self.loop.call_later(LINGER_SECONDS, transport.abort)
 
-    def _command(self, method: Callable[[str], Awaitable[None]]) -> Callable[[str], Awaitable[None]]:
-        async def run(arg: str) -> None:
-            if self._sessions is not None and self._sessions.draining:
-                await self._shutting_down()
-                return
-            self._in_command = True
-            try:
-                await method(arg)
-            finally:
-                self._in_command = False
-            if self._sessions is not None and self._sessions.draining:  # e.g. DATA committed meanwhile
-                await self._shutting_down()
-            else:
-                self._watch_idle()
-        return run
+    async def run_command(self, method: Callable[[SMTP, str], Awaitable[None]], arg: str) -> None:
+        """aiosmtpd's `smtp_<COMMAND>` method for `arg`, unless draining; the idle limit watched after it."""
+        if self._sessions is not None and self._sessions.draining:
+            await self._shutting_down()
+            return
+        self._in_command = True
+        try:
+            await method(self, arg)
+        finally:
+            self._in_command = False
+        if self._sessions is not None and self._sessions.draining:  # e.g. DATA committed meanwhile
+            await self._shutting_down()
+        else:
+            self._watch_idle()
 
     def end_when_idle(self) -> None:
         """Between commands with nothing half-read, end now: a QUIT of our own takes the next turn of the
@@ -305,11 +296,6 @@ class _Session(SMTP):
                     while await self._reader.read(65536):
                         pass
         transport.close()
-
-    async def push(self, status: str | bytes) -> None:
-        """Every reply line aiosmtpd sends passes here: counted for careservice_smtp_replies_total."""
-        metrics.smtp_reply(status)
-        await super().push(status)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's address parse, with a fast path for the plain `<local@domain>` that nearly every

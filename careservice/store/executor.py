@@ -168,8 +168,7 @@ class ThreadExecutor(Executor):
                 results = self._locked_transaction(conn, ops, write, any(op.checkpoint for op in ops))
             finally:
                 fcntl.flock(self._write_lock, fcntl.LOCK_UN)
-            for op, result in zip(ops, results, strict=True):
-                op.loop.call_soon_threadsafe(_resolve, op.future, result)
+            _hand_back(ops, results)
 
 
 class InlineExecutor(Executor):
@@ -292,6 +291,21 @@ def _lock_mode(write: bool) -> int:
     """Writers take the lock exclusively (the kernel queues the two processes; SQLite's own busy wait
     sleeps); readers share it."""
     return fcntl.LOCK_EX if write else fcntl.LOCK_SH
+
+
+def _hand_back(ops: list[_Op], results: list[Any]) -> None:
+    """The results of one transaction, to each caller's loop in one callback: one wake-up of the loop
+    (a write to its self-pipe) per group commit, not one per message."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+    for op, result in zip(ops, results, strict=True):
+        by_loop.setdefault(op.loop, []).append((op.future, result))
+    for loop, resolved in by_loop.items():
+        loop.call_soon_threadsafe(_resolve_all, resolved)
+
+
+def _resolve_all(resolved: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    for future, result in resolved:
+        _resolve(future, result)
 
 
 def _resolve(future: asyncio.Future[Any], result: Any) -> None:

@@ -69,6 +69,26 @@ def test_idle_session_is_closed(daemon: tuple[Daemon, CaptureRelay]) -> None:
         session.close()
 
 
+def test_commands_answer_as_aiosmtpd_defines_them(daemon: tuple[Daemon, CaptureRelay]) -> None:
+    """A session binds aiosmtpd's commands to itself as they are looked up: HELP finds each with its syntax,
+    an unknown one is refused, AUTH reaches aiosmtpd's own check (TLS first), and a transaction still works."""
+    session = RawSmtp(daemon[0].smtp_port)
+    try:
+        assert session.command(b"EHLO help.example").startswith(b"250")
+        listed = session.command(b"HELP")
+        assert listed.startswith(b"250 Supported commands: ")
+        assert {b"DATA", b"EHLO", b"MAIL", b"QUIT", b"RCPT", b"RSET"} <= set(listed.split()[3:])
+        assert session.command(b"HELP MAIL").startswith(b"250 Syntax: MAIL FROM: <address>")
+        assert session.command(b"FROB x").startswith(b"500")
+        assert session.command(b"AUTH PLAIN AGEAYg==").startswith(b"538")
+        assert session.command(b"MAIL FROM:<help@customer.example>").startswith(b"250")
+        assert session.command(b"RCPT TO:<" + CARE.encode() + b">").startswith(b"250")
+        assert session.command(b"RSET").startswith(b"250")
+        assert session.command(b"QUIT").startswith(b"221")
+    finally:
+        session.close()
+
+
 def test_drip_fed_data_is_cut_off_and_stores_nothing(daemon: tuple[Daemon, CaptureRelay]) -> None:
     proc, _ = daemon
     before = status(proc)
