@@ -49,6 +49,7 @@ class Settings:
     imap_messages: int
     scale_levels: tuple[int, ...]
     scale_batch: int
+    workers: int = 1  # service.workers of the daemon in scenario 2 (python -m bench --workers N)
 
 
 QUICK = Settings(quick=True, reps=1, fresh_servers=False, intake_count={3_000: 300, 100_000: 100},
@@ -61,9 +62,11 @@ FULL = Settings(quick=False, reps=3, fresh_servers=True, intake_count={3_000: 5_
 
 
 @contextmanager
-def careservice(relay: Server) -> Iterator[BenchDaemon]:
-    """A fresh daemon (own data dir) relaying to `relay`."""
-    with tempfile.TemporaryDirectory(prefix="careservice-bench-") as tmp, BenchDaemon(Path(tmp), relay.port) as d:
+def careservice(relay: Server, workers: int = 1) -> Iterator[BenchDaemon]:
+    """A fresh daemon (own data dir) relaying to `relay`, with `workers` worker processes."""
+    settings = {"service.workers": str(workers)} if workers != 1 else {}
+    with tempfile.TemporaryDirectory(prefix="careservice-bench-") as tmp, \
+            BenchDaemon(Path(tmp), relay.port, settings=settings) as d:
         yield d
 
 
@@ -216,7 +219,8 @@ def intake(s: Settings, log: Log) -> list[Row]:
 def full_cycle(s: Settings, log: Log, bare_rate: float | None) -> list[Row]:
     """Cases/s from SMTP intake to forward and ack at the relay; forward latency at a fixed offered load."""
     rows = []
-    with relay_sink() as relay, careservice(relay) as daemon:
+    workers = f", workers = {s.workers}" if s.workers != 1 else ""
+    with relay_sink() as relay, careservice(relay, s.workers) as daemon:
         warm = s.warmup
         send(Job(daemon.port, CustomerMails(3_000), warm, 10))
         _drain(daemon, warm, "warm-up")
@@ -227,7 +231,7 @@ def full_cycle(s: Settings, log: Log, bare_rate: float | None) -> list[Row]:
         usage = meter.stop()
         seconds = max(daemon.log.last["forward"], daemon.log.last["ack"]) - min(r[1] for r in result.records)
         rate = result.ok / seconds
-        row = Row("2 full cycle", "3 KB c=10 pc=1, forward+ack to relay", "careservice", rate, "cases/s",
+        row = Row("2 full cycle", f"3 KB c=10 pc=1, forward+ack to relay{workers}", "careservice", rate, "cases/s",
                   server_cores=usage.server_cores, gen_cores=result.gen_cores * result.seconds / seconds,
                   machine_cores=usage.machine_cores,
                   note=f"intake {result.rate:.0f} msg/s; daemon CPU {1000 * (daemon.cpu() - cpu0) / result.ok:.2f} "
@@ -238,7 +242,7 @@ def full_cycle(s: Settings, log: Log, bare_rate: float | None) -> list[Row]:
         judge(row, ">= 600 cases/s", rate >= 600)
         rows.append(row)
         log(f"2 full cycle: {rate:.0f} cases/s (intake {result.rate:.0f} msg/s)")
-    with PySink(record=True) as relay, careservice(relay) as daemon:
+    with PySink(record=True) as relay, careservice(relay, s.workers) as daemon:
         count = int(s.offered_rate * s.latency_seconds)
         # warm up, then wait until the warm-up's cases are delivered: a backlog left by the (unpaced)
         # warm-up would otherwise delay the first paced second (it made the full run's p99 1.1 s)
@@ -251,8 +255,8 @@ def full_cycle(s: Settings, log: Log, bare_rate: float | None) -> list[Row]:
         arrived = {a.index: a.t for a in relay.taken("forward") if a.index in accepted}
         latencies = [(arrived[i] - accepted[i]) * 1000 for i in arrived]
         p99 = percentile(latencies, 99)
-        row = Row("2 full cycle", f"250 -> forward at relay, {s.offered_rate:.0f} msg/s offered", "careservice",
-                  result.rate, "msg/s", percentile(latencies, 50), p99, **_usage_fields(result),
+        row = Row("2 full cycle", f"250 -> forward at relay, {s.offered_rate:.0f} msg/s offered{workers}",
+                  "careservice", result.rate, "msg/s", percentile(latencies, 50), p99, **_usage_fields(result),
                   note=f"{len(latencies)} forwards timed; intake p99 {result.p99_ms:.1f} ms; {_failures(result)}"
                   .rstrip("; "),
                   extra={"max_ms": max(latencies, default=0.0)})

@@ -67,7 +67,7 @@ class StoreState:
         info.add_metric([version("careservice")], 1)
         yield info
         worker = self.parts.worker.beat_age() < WORKER_LOOP_WITHIN
-        yield GaugeMetricFamily("careservice_worker_up", "1 while the worker process runs and its loop beats.",
+        yield GaugeMetricFamily("careservice_worker_up", "1 while every worker process runs and its loop beats.",
                                 value=int(worker))
         live = statsdb.live(config.data_dir, config.store)
         cases = GaugeMetricFamily("careservice_cases_open", "Cases forwarded and not yet purged.", labels=["site"])

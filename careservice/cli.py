@@ -58,8 +58,11 @@ def _share_metrics(data_dir: Path) -> None:
 def _worker(config: Config, args: argparse.Namespace) -> int:
     from careservice.worker import run_worker
 
+    if not 0 <= args.index < args.of:
+        print(f"careservice: worker --index {args.index} is not below --of {args.of}", file=sys.stderr)
+        return EXIT_CONFIG
     setup_logging(config.log_level)
-    _serve(config, run_worker(config))
+    _serve(config, run_worker(config, (args.index, args.of)))
     return 0
 
 
@@ -251,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument("--out", required=True, help="the mbox file to create (never overwritten)")
         if name == "keygen":
             sub.add_argument("--output", help="write here instead of security.master_key_file")
+        if name == "worker":  # set by `run`, one pair for each of its service.workers children
+            sub.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
+            sub.add_argument("--of", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.umask(0o077)  # whatever we create (stores, WAL, keys, locks, dev mail) is ours alone
     try:

@@ -28,6 +28,7 @@ from careservice.settings import (  # the records config.py fills in; importable
 )
 from careservice.staffauth import valid_mode
 
+MAX_WORKERS = 16  # service.workers: case ids shard by their last hex digit (careservice.store.cases)
 RELAY_SCHEMES = ("smtp", "smtps", "smtp+starttls", "maildir")
 IMAP_SECURITY = ("tls", "starttls", "none")
 HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")  # RFC 5322 field name: printable ASCII but ":"
@@ -254,6 +255,7 @@ def load_config(path: Path) -> Config:
         log_level=log_level,
         stop_timeout=service.positive("stop_timeout", 30),
         worker_memory_mb=worker_mb,
+        workers=service.within("workers", 1, 1, MAX_WORKERS),
         master_key_file=_resolve(base, security.get("master_key_file", str, "master.key")),
         smtp=smtp,
         relay=relay,

@@ -40,6 +40,12 @@ class Table:
             raise ConfigError(self.key(name), f"must be positive, got {value}")
         return value
 
+    def within(self, name: str, default: int, low: int, high: int) -> int:
+        value = self.get(name, int, default)
+        if not low <= value <= high:
+            raise ConfigError(self.key(name), f"must be from {low} to {high}, got {value}")
+        return value
+
     def sub(self, name: str) -> Table:
         table = Table(self.get(name, dict, {}), self.key(name))
         self.children.append(table)

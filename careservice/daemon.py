@@ -1,8 +1,8 @@
-"""Composition root of the intake process: listeners, IMAP, the worker child; start, reload, drain.
+"""Composition root of the intake process: listeners, IMAP, the worker children; start, reload, drain.
 
 SIGTERM/SIGINT drain within service.stop_timeout: the listeners stop accepting, SMTP sessions get
 421 at their next command while a DATA in progress is committed and answered, the form and IMAP
-finish their current item, and the worker finishes the delivery in flight. SIGHUP reloads what can
+finish their current item, and each worker finishes the delivery in flight. SIGHUP reloads what can
 change without a restart (careservice.reload). Under systemd the service manager hears of each
 step through $NOTIFY_SOCKET, and of our health through the watchdog.
 """
@@ -35,7 +35,7 @@ STOP_MARGIN = 2.0  # of stop_timeout, kept for closing the store and the worker'
 
 
 class Service:
-    """The daemon's main process: owns the listeners and the intake, and supervises the worker."""
+    """The daemon's main process: owns the listeners and the intake, and supervises the workers."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -156,7 +156,7 @@ async def run_forever(config: Config) -> None:
 
 
 async def _watchdog(notifier: Notifier, service: Service) -> None:
-    """WATCHDOG=1 at half the interval systemd asked for, only while this loop and the worker are healthy."""
+    """WATCHDOG=1 at half the interval systemd asked for, only while this loop and every worker are healthy."""
     interval = notifier.watchdog_interval()
     if interval is None:
         return

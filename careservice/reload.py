@@ -17,8 +17,8 @@ from careservice.texts import Texts
 
 log = logging.getLogger("careservice.reload")
 
-RESTART_FIELDS = ("data_dir", "master_key_file", "stop_timeout", "worker_memory_mb", "log_level", "smtp", "relay",
-                  "web", "unanswered_days", "hard_limit_days", "imap", "admin", "spam")
+RESTART_FIELDS = ("data_dir", "master_key_file", "stop_timeout", "worker_memory_mb", "workers", "log_level", "smtp",
+                  "relay", "web", "unanswered_days", "hard_limit_days", "imap", "admin", "spam")
 
 
 def reload_config(ctx: Context) -> Config | None:

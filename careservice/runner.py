@@ -15,6 +15,7 @@ from careservice.logs import error_fields
 from careservice.mail import Parsed, parse
 from careservice.model import Case, CaseState, Outcome
 from careservice.store import Store
+from careservice.store.rota import TurnTaken
 from careservice.wakeup import Wakeup
 
 log = logging.getLogger("careservice.runner")
@@ -57,7 +58,7 @@ class Runner:
         # A round robin's turn is read before its stage and moved on by the stage's commit: new cases of a
         # site with one take turns one after the other, or those of one batch would all get the same
         # staff member. The turn itself lives in the store, which refuses a turn taken meanwhile (by
-        # another worker: the case is held and tried again).
+        # another worker process or node: the case is tried again at once).
         self._turns = asyncio.Lock()
 
     def wake(self) -> None:
@@ -156,6 +157,9 @@ class Runner:
             target_id = (outcome.updates or case).target
             log.info("case_advanced case=%s from=%s to=%s reason=%s mails=%d%s", case.id, case.state,
                      outcome.state, outcome.reason, len(outcome.mails), f" target={target_id}" if target_id else "")
+        except TurnTaken:  # another worker process or node moved the turn on since it was read: no failure,
+            # and the case stays due, so the next round (at once) takes it with the turn as it is now
+            log.info("case_turn_taken case=%s", case.id)
         except Exception as exc:  # a stage or the store failed: hold the case, try again later
             await self.hold(case, current.state, now, exc)
         finally:

@@ -212,6 +212,7 @@ class Config:
     store: StoreConfig = field(default=StoreConfig())
     digest_at: time | None = None  # [digest] at: local time of each site's daily digest to its staff; None = none
     event_loop: str = "asyncio"  # or "uvloop" (the optional dependency careservice[uvloop]), for both processes
+    workers: int = 1  # worker processes, each taking the cases of its shard (SQLite) or its own claims (PostgreSQL)
 
     def site(self, site_id: str) -> Site | None:
         return next((s for s in self.sites if s.id == site_id), None)

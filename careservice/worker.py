@@ -1,16 +1,18 @@
-"""The case worker process (`careservice worker`, started by the daemon): stages and outbox over the store.
+"""A case worker process (`careservice worker`, started by the daemon): stages and outbox over the store.
 
-It stops when its stdin (the daemon's pipe) closes or on SIGTERM/SIGINT, after the batch of cases
-and the relay delivery in flight, so a mail the relay took is always recorded as sent. SIGHUP
+The daemon starts `service.workers` of them, worker I of N taking the cases and mail of its shard
+(careservice.store.shards; on PostgreSQL its own claims); the jobs of the whole store (the sweep, the
+daily digest, the WAL checkpoints) run in worker 0 alone. Each stops when its stdin (the daemon's
+pipe) closes or on SIGTERM/SIGINT, after the batch of cases and the relay delivery in flight, so a
+mail the relay took is always recorded as sent. SIGHUP
 reloads the sites, staff lists and templates. While its loops run it writes a heartbeat byte to
-stdout, which the daemon's systemd watchdog relies on. Each minute it also sends the daily digest
-once it is due (handlers.digest).
+stdout, which the daemon's systemd watchdog relies on. Each minute worker 0 also sends the daily
+digest once it is due (handlers.digest).
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import os
 import secrets
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from careservice import workerlock
 from careservice.bootstrap import build_context, read_secret
 from careservice.budget import Budget
 from careservice.config import RELAY_PASSWORD_ENV, Config, ConfigError
@@ -37,11 +40,11 @@ from careservice.outbox import Outbox, Relay
 from careservice.reload import reload_config
 from careservice.runner import Runner
 from careservice.store.schema import connect
+from careservice.store.shards import ONE
 
 log = logging.getLogger("careservice.worker")
 SWEEP_SECONDS = 60
 HEARTBEAT_SECONDS = 1.0
-LOCK_WAIT = 30.0
 NICENESS = 10
 WAL_CHECK_SECONDS = 0.25
 WAL_CHECKPOINT_BYTES = 1000 * 4096  # SQLite's own autocheckpoint threshold (1,000 pages)
@@ -100,9 +103,11 @@ class WalCheckpointer:
 class CaseWorker:
     """The stages and the outbox over the shared store, in this process's one thread."""
 
-    def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time, shard: tuple[int, int] = ONE) -> None:
         self.config = config
-        self.ctx, self.store = build_context(config, intake=False)
+        self.shard = shard
+        self.first = shard[0] == 0  # runs the jobs of the whole store
+        self.ctx, self.store = build_context(config, intake=False, shard=shard)
         self.ctx.clock = clock  # the one clock of stages, outbox and digest: a test sets the day and hour
         relay = Relay(config.relay, read_secret(config.relay.password_file, RELAY_PASSWORD_ENV),
                       Signer.load(config.sites))
@@ -185,20 +190,21 @@ class CaseWorker:
 
     async def start(self) -> None:
         await self.store.start(sweep=True)  # a worker killed inside a purge's commit left its key behind
-        if not self.config.store.shared:  # PostgreSQL checkpoints on its own
+        if self.first and not self.config.store.shared:  # PostgreSQL checkpoints on its own
             self.checkpointer.start()
         self.tasks = [asyncio.create_task(self.runner.run()), asyncio.create_task(self.outbox.run())]
         self.listener = asyncio.create_task(self.store.listen(self.wake))
-        self.scheduler.add_job(self.sweep, "interval", seconds=SWEEP_SECONDS, id="retention_and_retry_sweep",
-                               next_run_time=datetime.now(UTC))
+        if self.first:
+            self.scheduler.add_job(self.sweep, "interval", seconds=SWEEP_SECONDS, id="retention_and_retry_sweep",
+                                   next_run_time=datetime.now(UTC))
+            self.scheduler.add_job(self.send_digests, "interval", seconds=SWEEP_SECONDS, id="daily_digest",
+                                   next_run_time=datetime.now(UTC))
         self.scheduler.add_job(self.outbox.check_relay, "interval", seconds=SWEEP_SECONDS, id="relay_check")
-        if self.config.store.shared:  # claims outlive a slow batch only while this node renews them
+        if self.config.store.shared:  # claims outlive a slow batch only while this process renews them
             self.scheduler.add_job(self.renew_claims, "interval", seconds=self.config.store.lease_seconds / 3,
                                    id="claim_renewal")
-        self.scheduler.add_job(self.send_digests, "interval", seconds=SWEEP_SECONDS, id="daily_digest",
-                               next_run_time=datetime.now(UTC))
         self.scheduler.start()
-        log.info("worker_started")
+        log.info("worker_started index=%d of=%d", *self.shard)
 
     async def stop(self, timeout: float) -> None:
         """Finish the cases and the delivery in flight (at most `timeout` seconds), then close the store."""
@@ -216,15 +222,15 @@ class CaseWorker:
         log.info("worker_stopped unfinished=%d", len(pending))
 
 
-async def run_worker(config: Config) -> None:
-    """The child process: hold the worker lock, run until stdin closes or a stop signal arrives.
+async def run_worker(config: Config, shard: tuple[int, int] = ONE) -> None:
+    """The child process: hold its worker lock, run until stdin closes or a stop signal arrives.
 
     It runs at a lower CPU priority: under a burst the listeners' 250s come first and the worker
     catches up afterwards (the committed backlog is safe in the store).
     """
     os.nice(NICENESS)
-    lock = await asyncio.to_thread(_worker_lock, config.data_dir)
-    worker = CaseWorker(config)
+    lock = await asyncio.to_thread(workerlock.hold, config.data_dir, shard[0])
+    worker = CaseWorker(config, shard=shard)
     await worker.start()
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
@@ -260,17 +266,3 @@ async def _heartbeat(worker: CaseWorker, done: asyncio.Event) -> None:
             except OSError:
                 return  # the daemon is gone; stdin's EOF stops us
         await asyncio.sleep(HEARTBEAT_SECONDS)
-
-
-def _worker_lock(data_dir: Path) -> int:
-    """Wait (bounded) for the exclusive worker lock: a previous worker may still be finishing."""
-    fd = os.open(data_dir / "worker.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    deadline = time.monotonic() + LOCK_WAIT
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)

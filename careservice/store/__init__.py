@@ -18,6 +18,7 @@ with AES-256-GCM under a per-case data key; the wrapped keys live in a separate 
     rota      round robin turns per site and route, the day of each site's last digest
     tallies   per-site daily statistics, acknowledgement counts, status counts, mailbox health
     purge     deleting for good: cases with their keys, crash orphans, the hard age limit
+    shards    which worker process takes which case and mail (service.workers)
     pg/       the PostgreSQL backend (see its package text)
 """
 

@@ -18,6 +18,7 @@ from careservice.store.mailq import queue_mail
 from careservice.store.purge import add_stat, drop_item, purge_case
 from careservice.store.rota import take_turn
 from careservice.store.schema import StoreError
+from careservice.store.shards import clause
 from careservice.store.tallies import take_ack_slots
 
 log = logging.getLogger("careservice.store")
@@ -73,11 +74,11 @@ def load_case(conn: sqlite3.Connection, keyring: Keyring, row: tuple[Any, ...]) 
 
 
 def due_cases(conn: sqlite3.Connection, keyring: Keyring, states: tuple[CaseState, ...], now: float,
-               limit: int, max_bytes: int, exclude: tuple[str, ...]) -> list[Case]:
+               limit: int, max_bytes: int, exclude: tuple[str, ...], shard: tuple[int, int]) -> list[Case]:
     marks = ",".join("?" * len(states))
     sized = conn.execute(  # length() reads a blob's size, not the blob
-        f"SELECT id, length(meta) + length(raw) FROM cases WHERE state IN ({marks}) AND next_run <= ? "
-        "ORDER BY next_run LIMIT ?", (*states, now, SCAN * limit + len(exclude)),
+        f"SELECT id, length(meta) + length(raw) FROM cases WHERE state IN ({marks}) AND next_run <= ?"
+        f"{clause('id', shard)} ORDER BY next_run LIMIT ?", (*states, now, SCAN * limit + len(exclude)),
     ).fetchall()
     skip = set(exclude)
     chosen = first_fit(((case_id, size) for case_id, size in sized if case_id not in skip), limit, max_bytes)

@@ -18,7 +18,7 @@ from typing import Any
 from careservice.crypto import Keyring
 from careservice.model import Case, CaseState, MailKind, NewMessage, OpenCase, Outcome, OutgoingMail, QueuedMail
 from careservice.settings import StoreConfig
-from careservice.store import blocks, cases, disclosure, keys, mailq, purge, rota, tallies
+from careservice.store import blocks, cases, disclosure, keys, mailq, purge, rota, shards, tallies
 from careservice.store.executor import Executor, InlineExecutor, ThreadExecutor
 
 SQLITE = StoreConfig()
@@ -26,14 +26,17 @@ SQLITE = StoreConfig()
 
 class Store:
     """`durable`: synchronous=FULL (the intake: a commit is on disk before its 250). `inline`: the
-    caller's thread runs the transactions (the worker), else a writer thread does. Both are SQLite's:
-    on PostgreSQL every commit is durable and runs in the store's thread."""
+    caller's thread runs the transactions (the worker), else a writer thread does. `shard`: (index, of)
+    of a worker process, which takes only the due cases and mail of its shard (store.shards). All three
+    are SQLite's: on PostgreSQL every commit is durable and runs in the store's thread, and claims keep
+    each worker process to its own rows."""
 
     def __init__(self, data_dir: Path, keyring: Keyring, durable: bool = True, inline: bool = False,
-                 backend: StoreConfig = SQLITE) -> None:
+                 backend: StoreConfig = SQLITE, shard: tuple[int, int] = shards.ONE) -> None:
         self.data_dir = data_dir
         self.keyring = keyring
         self.backend = backend
+        self.shard = shard
         self.node = f"{socket.gethostname()}:{os.getpid()}"  # who holds a claim or a lease
         if backend.shared:  # imported only here: psycopg is no cost of the embedded default
             from careservice.store.pg import claims
@@ -106,7 +109,8 @@ class Store:
         if self.backend.shared:  # claimed for this node for lease_seconds
             return await self.executor.call(self.claims.due_cases, tuple(states), now, limit, max_bytes, tuple(exclude),
                                             self.node, float(self.backend.lease_seconds))
-        return await self.executor.read(cases.due_cases, tuple(states), now, limit, max_bytes, tuple(exclude))
+        return await self.executor.read(cases.due_cases, tuple(states), now, limit, max_bytes, tuple(exclude),
+                                        self.shard)
 
     async def get_case(self, case_id: str) -> Case | None:
         return await self.executor.read(cases.get_case, case_id)
@@ -151,7 +155,7 @@ class Store:
         if self.backend.shared:  # claimed for this node for lease_seconds
             return await self.executor.call(self.claims.due_mail, now, limit, max_bytes, self.node,
                                             float(self.backend.lease_seconds))
-        return await self.executor.read(mailq.due_mail, now, limit, max_bytes)
+        return await self.executor.read(mailq.due_mail, now, limit, max_bytes, self.shard)
 
     async def mail_delivered(self, item: QueuedMail, outcome: Outcome | None, now: float) -> float | None:
         """Drop a delivered mail and apply the workflow's outcome for its case in the same transaction;

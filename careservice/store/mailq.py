@@ -10,6 +10,7 @@ from careservice.crypto import Keyring, open_sealed, seal
 from careservice.model import CaseState, MailKind, Outcome, OutgoingMail, QueuedMail
 from careservice.store.keys import case_key
 from careservice.store.purge import add_stat, answered, drop_item
+from careservice.store.shards import clause
 
 
 def queue_mail(conn: sqlite3.Connection, keyring: Keyring, site: str, mail: OutgoingMail, now: float) -> None:
@@ -27,10 +28,11 @@ def queue_mail(conn: sqlite3.Connection, keyring: Keyring, site: str, mail: Outg
     )
 
 
-def due_mail(conn: sqlite3.Connection, keyring: Keyring, now: float, limit: int, max_bytes: int) -> list[QueuedMail]:
+def due_mail(conn: sqlite3.Connection, keyring: Keyring, now: float, limit: int, max_bytes: int,
+             shard: tuple[int, int]) -> list[QueuedMail]:
     sized = conn.execute(
-        "SELECT id, length(meta) + length(message) FROM outbox WHERE next_attempt <= ? ORDER BY next_attempt "
-        "LIMIT ?", (now, SCAN * limit),
+        f"SELECT id, length(meta) + length(message) FROM outbox WHERE next_attempt <= ?{clause('case_id', shard)} "
+        "ORDER BY next_attempt LIMIT ?", (now, SCAN * limit),
     ).fetchall()
     return [load_mail(conn, keyring, row_id) for row_id in first_fit(sized, limit, max_bytes)]
 

@@ -37,6 +37,7 @@ from tests.reliability.helpers import RawSmtp
 from tests.reliability.helpers import children
 from tests.reliability.helpers import integrity
 from tests.reliability.helpers import log_leaks
+from tests.reliability.helpers import set_keys
 from tests.reliability.helpers import status
 from tests.reliability.helpers import stored_rows
 from tests.support import CARE
@@ -192,7 +193,7 @@ def settled(load: Load, label: str, kills: int, counts: dict[str, object]) -> No
 
 
 def kill(daemon: Daemon, rng: random.Random) -> str:
-    """SIGKILL the intake process, the worker, or both; restart what the daemon does not restart itself."""
+    """SIGKILL the intake process, the workers, or both; restart what the daemon does not restart itself."""
     assert daemon.proc is not None
     workers = children(daemon.proc.pid)
     what = rng.choice(["intake", "worker", "both"]) if workers else "intake"
@@ -225,10 +226,12 @@ def test_worker_restart_writes_nothing_into_client_connections(tmp_path: Path, r
         daemon.stop()
 
 
-def test_kill9_under_load_loses_nothing(tmp_path: Path, relay: CaptureRelay) -> None:
+@pytest.mark.parametrize(("workers", "kills"), [(1, KILLS), (2, max(2, KILLS // 5))])  # 2: a shorter round
+def test_kill9_under_load_loses_nothing(tmp_path: Path, relay: CaptureRelay, workers: int, kills: int) -> None:
     rng = random.Random(SEED)
-    print(f"seed={SEED} kills={KILLS}")
-    daemon = Daemon(write_config(tmp_path, relay.port, retry_delays="[1]")).start()
+    print(f"seed={SEED} kills={kills} workers={workers}")
+    config = set_keys(write_config(tmp_path, relay.port, retry_delays="[1]"), "service", workers=workers)
+    daemon = Daemon(config).start()
     load = Load(daemon, relay)
     threads = [threading.Thread(target=load.customers, args=(i,)) for i in range(SENDERS)]
     threads.append(threading.Thread(target=load.staff))
@@ -236,7 +239,7 @@ def test_kill9_under_load_loses_nothing(tmp_path: Path, relay: CaptureRelay) -> 
     try:
         for thread in threads:
             thread.start()
-        for _ in range(KILLS):
+        for _ in range(kills):
             time.sleep(rng.uniform(0.2, 1.5))
             kinds[kill(daemon, rng)] += 1
         load.stop_new.set()
@@ -253,7 +256,7 @@ def test_kill9_under_load_loses_nothing(tmp_path: Path, relay: CaptureRelay) -> 
         load.stop_new.set()
         daemon.stop()
 
-    settled(load, f"kill -9: kills={sum(kinds.values())} {dict(kinds)}", KILLS, counts)
+    settled(load, f"kill -9: workers={workers} kills={sum(kinds.values())} {dict(kinds)}", kills, counts)
     assert integrity(daemon.data_dir) == ["ok", "ok"]
     assert stored_rows(daemon.data_dir) == {"cases": 0, "outbox": 0, "k.keys": 0}
     assert log_leaks(daemon, ["kill-c", "kill-a", "@customer.example", "Name kill"]) == []
