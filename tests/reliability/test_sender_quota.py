@@ -88,11 +88,14 @@ def test_one_sender_over_its_hourly_quota_is_refused_and_others_are_not(daemon: 
     send(daemon.smtp_port, STAFF, [str(forward["Reply-To"])], staff_reply(forward, "Answer past the flood."))
     wait_for(lambda: any("Answer past the flood." in c.raw.decode(errors="replace") for c in relay.to(OTHER)),
              what="the staff answer relayed to the customer")
-    wait_for(lambda: status(daemon)["inbound_pending"] == 0, what="intake processed")
+    # the store holds the flood's quota, not the flood: its accepted mails are the only open cases left (the
+    # other sender's was answered and purged). Not data_dir's size: at this scale the WAL, checkpointed only
+    # from 4 MB on, outweighs the whole flood (it measured 2.2-3.1 MB against a 1.4 MB flood)
+    wait_for(lambda: status(daemon)["inbound_pending"] == 0 and status(daemon)["open_cases"] == fits,
+             what=f"the flood's {fits} accepted mails the only open cases")
     stored = sum(f.stat().st_size for f in daemon.data_dir.iterdir() if f.is_file())
     print(f"\nsender quota: attempts={ATTEMPTS + 1} of {size} bytes accepted={fits} refused_452_4.2.2="
           f"{ATTEMPTS - fits + 1} other_sender=250 staff_answer=relayed data_dir={stored} bytes")
-    assert stored < QUOTA * 3  # the store holds the flood's quota, not the flood (WAL and keys beside it)
     log = daemon.log.read_text()
     assert log.count("reason=sender_quota") == ATTEMPTS - fits + 1
     assert log_leaks(daemon, [FLOODER, OTHER, STAFF, "quota-"]) == []
