@@ -39,7 +39,7 @@ RULES = (
     ("worker", re.compile(r"\(careservice/store/|^WalCheckpointer\."), "store"),
     ("worker", re.compile(r"\(careservice/mimeparse\.py|^parse \(careservice/mail\.py"), "parse"),
     ("worker", re.compile(r"\((careservice/(mail|texts)\.py|jinja2/)"), "render"),
-    ("worker", re.compile(r"\((aiosmtplib/|careservice/outbox\.py|careservice/dkim\.py)"), "relay client"),
+    ("worker", re.compile(r"\((aiosmtplib/|careservice/(outbox|smtpclient|dkim)\.py)"), "relay client"),
 )
 _FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>.+?):\d+\)$")
 _COMMIT = next(n for n, line in enumerate((Path(__file__).resolve().parent.parent / "careservice" / "store" /

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import aiosmtplib
 
-from careservice import metrics
+from careservice import metrics, smtpclient
 from careservice.config import RelayConfig
 from careservice.dkim import Signer
 from careservice.logs import error_fields
@@ -214,8 +214,8 @@ class Relay:
     async def _send_one(self, client: aiosmtplib.SMTP, mail: OutgoingMail, message: bytes) -> Refusal | None:
         utf8 = not all(a.isascii() for a in (mail.sender, *mail.recipients))
         try:
-            errors, _ = await client.sendmail(mail.sender, list(mail.recipients), message,
-                                              mail_options=["SMTPUTF8"] if utf8 else [])
+            errors, _ = await smtpclient.sendmail(client, mail.sender, mail.recipients, message,
+                                                  ["SMTPUTF8"] if utf8 else [])
         except aiosmtplib.SMTPNotSupported:  # a UTF-8 address, and the relay has no SMTPUTF8: never sendable
             return Refusal(553, True)
         except aiosmtplib.SMTPRecipientsRefused as exc:

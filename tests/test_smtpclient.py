@@ -1,0 +1,258 @@
+"""The relay client's pipelined transactions (RFC 2920) against real SMTP servers on 127.0.0.1: an aiosmtpd
+relay that advertises PIPELINING, the same without it, and Postfix's smtp-sink when installed; each refusal
+the outbox tells apart, and a connection dropped once the pipelined commands are out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from dataclasses import field
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
+from aiosmtpd.smtp import Session
+
+from careservice.crypto import Keyring
+from careservice.model import MailKind
+from careservice.model import OutgoingMail
+from careservice.outbox import Outbox
+from careservice.outbox import Refusal
+from careservice.outbox import Relay
+from careservice.outbox import RelayDown
+from careservice.store import QueuedMail
+from careservice.store import Store
+from tests.support import free_port
+from tests.test_outbox import BUDGET
+from tests.test_outbox import Clock
+from tests.test_outbox import CountingRelay
+from tests.test_outbox import attempts
+from tests.test_outbox import lines
+from tests.test_outbox import notice_for
+from tests.test_outbox import queue_mail
+from tests.test_outbox import queued
+from tests.test_outbox import relay_config
+from tests.test_outbox import send
+
+KNOWN = "c@customer.example"
+UNKNOWN = "gone@customer.example"
+
+
+@dataclass
+class PipeliningRelay(CountingRelay):
+    """An aiosmtpd relay that offers PIPELINING (aiosmtpd reads commands in order, so it can take them
+    pipelined; it just does not say so), notes per MAIL whether DATA had already arrived with it, and
+    scripts refusals: `mail_reply` for MAIL, RCPT for the addresses in `unknown`, and a dropped connection
+    at RCPT number `drop_at_rcpt` (1-based, counted over the server's life)."""
+
+    offer: bool = True
+    mail_reply: str = ""
+    unknown: set[str] = field(default_factory=set)
+    drop_at_rcpt: int = 0
+    pipelined: list[bool] = field(default_factory=list)
+    rcpts: int = 0
+
+    async def handle_EHLO(self, server: object, session: Session, envelope: object, hostname: str,
+                          responses: list[str]) -> list[str]:
+        responses = await super().handle_EHLO(server, session, envelope, hostname, responses)
+        return [*responses[:-1], "250-PIPELINING", responses[-1]] if self.offer else responses
+
+    async def handle_MAIL(self, server: object, session: Session, envelope: SmtpEnvelope, address: str,
+                          mail_options: list[str]) -> str:
+        # what the client wrote after MAIL and the server has not read yet (aiosmtpd peeks there too)
+        self.pipelined.append(b"DATA\r\n" in bytes(server._reader._buffer))  # type: ignore[attr-defined]
+        if self.mail_reply:
+            return self.mail_reply
+        envelope.mail_from = address
+        return "250 OK"
+
+    async def handle_RCPT(self, server: object, session: Session, envelope: SmtpEnvelope, address: str,
+                          rcpt_options: list[str]) -> str:
+        self.rcpts += 1
+        if self.rcpts == self.drop_at_rcpt:
+            server.transport.close()  # type: ignore[attr-defined]
+            return "250 OK"
+        if address in self.unknown:
+            return "550 5.1.1 no such user"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+
+@contextlib.contextmanager
+def serving(server: PipeliningRelay) -> Iterator[Relay]:
+    """`server` started, and a Relay client of it; the server stops at the end."""
+    server.start()
+    try:
+        yield Relay(relay_config(server.port), "")
+    finally:
+        server.stop()
+
+
+def to(n: int, *recipients: str) -> QueuedMail:
+    item = queued(n)
+    mail = item.mail
+    return QueuedMail(item.id, item.site, item.attempts, item.created,
+                      OutgoingMail(MailKind.FORWARD, mail.case_id, mail.sender, recipients, mail.message,
+                                   mail.message_id))
+
+
+async def test_mail_rcpt_and_data_go_in_one_write_when_the_relay_offers_pipelining() -> None:
+    server = PipeliningRelay()
+    with serving(server) as relay:
+        assert await send(relay, [queued(1), to(2, KNOWN, "d@customer.example"), queued(3)]) == [None] * 3
+        # the first mail greets (aiosmtplib's EHLO), the rest of the session is pipelined
+        assert server.pipelined == [False, True, True] and server.sessions == 1
+        assert [c.rcpt_tos for c in server.received] == [[KNOWN], [KNOWN, "d@customer.example"], [KNOWN]]
+        assert [c.raw for c in server.received] == [queued(n).mail.message for n in (1, 2, 3)]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="uvloop not installed")
+def test_pipelined_mail_on_uvloop() -> None:
+    """service.event_loop = "uvloop": its transports take the connection's data the same way."""
+    import uvloop
+
+    server = PipeliningRelay(unknown={UNKNOWN})
+    with serving(server) as relay:
+        results = uvloop.run(send(relay, [queued(1), to(2, KNOWN, UNKNOWN), to(3, UNKNOWN), queued(4)]))
+        assert results == [None, None, Refusal(550, True), None]
+        assert server.pipelined == [False, True, True, True] and server.sessions == 1
+        assert [c.raw for c in server.received] == [queued(n).mail.message for n in (1, 2, 4)]
+
+
+async def test_without_pipelining_each_command_waits_for_its_reply() -> None:
+    server = PipeliningRelay(offer=False)
+    with serving(server) as relay:
+        assert await send(relay, [queued(1), queued(2), queued(3)]) == [None] * 3
+        assert server.pipelined == [False] * 3 and len(server.received) == 3
+
+
+async def test_a_body_with_dots_and_bare_newlines_arrives_as_aiosmtplib_sends_it() -> None:
+    server = PipeliningRelay()
+    with serving(server) as relay:
+        body = b"From: care@ticketnest.test\nSubject: dots\n\n.\n..two\n.leading\r\nlast"
+        item = queued(2)
+        dotted = QueuedMail(2, item.site, 0, 0.0, OutgoingMail(MailKind.ACK, "case", "", (KNOWN,), body, "2@t"))
+        assert await send(relay, [queued(1), dotted]) == [None, None]
+        assert server.pipelined == [False, True]
+        assert server.received[1].raw == body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") + b"\r\n"
+
+
+@pytest.mark.parametrize(("reply", "refusal"), [("550 5.7.1 not you", Refusal(550, True)),
+                                                 ("451 4.3.0 later", Refusal(451, False))])
+async def test_a_refused_mail_from_is_classified_and_the_session_stays_usable(reply: str,
+                                                                              refusal: Refusal) -> None:
+    server = PipeliningRelay()
+    with serving(server) as relay:
+        assert await send(relay, [queued(1)]) == [None]
+        server.mail_reply = reply
+        assert await send(relay, [queued(2)]) == [refusal]
+        server.mail_reply = ""
+        assert await send(relay, [queued(3)]) == [None]
+        assert server.pipelined == [False, True, True] and server.sessions == 1
+        assert [c.raw for c in server.received] == [queued(1).mail.message, queued(3).mail.message]
+
+
+async def test_one_of_two_recipients_refused_delivers_to_the_other(caplog: pytest.LogCaptureFixture) -> None:
+    server = PipeliningRelay(unknown={UNKNOWN})
+    with serving(server) as relay:
+        assert await send(relay, [queued(1), to(2, UNKNOWN, KNOWN)]) == [None, None]
+        assert server.pipelined == [False, True]
+        assert [c.rcpt_tos for c in server.received] == [[KNOWN], [KNOWN]]
+        refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("relay_refused_recipients")]
+        assert refused == [f"relay_refused_recipients relay=127.0.0.1:{server.port} code=550 case=case kind=forward"
+                           " refused=1 recipients=2"]
+
+
+async def test_all_recipients_refused_reads_datas_refusal_and_resets() -> None:
+    server = PipeliningRelay(unknown={UNKNOWN, "also@customer.example"})
+    with serving(server) as relay:
+        results = await send(relay, [queued(1), to(2, UNKNOWN, "also@customer.example"), queued(3)])
+        assert results == [None, Refusal(550, True), None]
+        # DATA's 503 was read, RSET cleared the envelope: the next mail went over the same session
+        assert server.pipelined == [False, True, True] and server.sessions == 1
+        assert [c.raw for c in server.received] == [queued(1).mail.message, queued(3).mail.message]
+
+
+async def test_a_connection_dropped_after_the_pipelined_commands_is_relay_down_and_not_sent() -> None:
+    server = PipeliningRelay(drop_at_rcpt=2)
+    with serving(server) as relay:
+        recorded: list[int] = []
+
+        async def record(item: QueuedMail, refusal: Refusal | None) -> None:
+            recorded.append(item.id)
+
+        with pytest.raises(RelayDown) as down:
+            await relay.send_all([queued(1), queued(2), queued(3)], record)
+        assert down.value.done == 1 and recorded == [1]
+        assert "error=SMTPServerDisconnected" in down.value.fields
+        assert server.pipelined == [False, True] and len(server.received) == 1
+        assert not relay.keeps_connections
+        assert await send(relay, [queued(2)]) == [None]  # a new connection takes it
+        assert len(server.received) == 2 and server.sessions == 2
+
+
+async def test_a_relay_closing_with_421_mid_pipeline_is_relay_down_with_its_code() -> None:
+    server = PipeliningRelay()
+    with serving(server) as relay:
+        assert await send(relay, [queued(1)]) == [None]
+        server.mail_reply = "421 4.3.2 shutting down"
+        with pytest.raises(RelayDown) as down:
+            await send(relay, [queued(2)])
+        assert down.value.done == 0 and "code=421" in down.value.fields
+        assert len(server.received) == 1
+
+
+@pytest.mark.skipif(shutil.which("smtp-sink") is None, reason="Postfix's smtp-sink is not installed")
+async def test_postfixs_smtp_sink_takes_pipelined_mail() -> None:
+    port = free_port()
+    sink = subprocess.Popen(["smtp-sink", "-u", "nobody", "-c", f"127.0.0.1:{port}", "16"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        relay = Relay(relay_config(port), "")
+        for _ in range(50):  # bounded: smtp-sink binds a moment after it starts
+            if await relay.reachable():
+                break
+            await asyncio.sleep(0.1)
+        items = [queued(1), to(2, KNOWN, "d@customer.example"), queued(3)]
+        assert await send(relay, items) == [None] * 3
+        await relay.close_idle(0)
+    finally:
+        sink.terminate()
+        out, _ = sink.communicate(timeout=10)
+    assert b"mesg=3" in out  # -c: smtp-sink counts the messages it took
+
+
+async def test_the_outbox_retries_mail_a_pipelined_session_dropped_and_never_marks_it_sent(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    intake = Store(tmp_path, Keyring(b"k" * 32))
+    await intake.start(sweep=True)
+    await intake.close()
+    store = Store(tmp_path, Keyring(b"k" * 32), durable=False, inline=True)
+    await store.start(sweep=True)
+    server = PipeliningRelay(drop_at_rcpt=2).start()
+    config = replace(relay_config(server.port), retry_delays=(60, 300))
+    clock = Clock()
+    outbox = Outbox(config, store, Relay(config, ""), clock, notice_for, BUDGET.mail)
+    try:
+        await queue_mail(store, MailKind.ACK, 3, clock.now)
+        with caplog.at_level(logging.DEBUG):
+            assert await outbox.deliver_due() == 1
+        assert lines(caplog, logging.WARNING) == [
+            f"WARNING careservice.outbox relay_dropped relay=127.0.0.1:{server.port} error=SMTPServerDisconnected"
+            " connections=1"]
+        assert await attempts(store) == [1, 1]  # the two after the first wait their retry, not marked sent
+        assert len(server.received) == 1 and server.pipelined == [False, True]
+        clock.now += 60
+        assert await outbox.deliver_due() == 2
+        assert len(server.received) == 3 and await attempts(store) == []
+    finally:
+        await outbox.relay.close_idle(0)
+        server.stop()
+        await store.close()
