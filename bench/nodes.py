@@ -23,6 +23,7 @@ from careservice.storeadmin import migrate
 from tests.postgres import Postgres, unavailable, with_store
 
 SETUPS = (("sqlite", 1), ("postgresql", 1), ("postgresql", 2), ("postgresql", 3))
+QUICK_SETUPS = (("sqlite", 1), ("postgresql", 1), ("postgresql", 3))  # --quick stays under two minutes
 CONCURRENCY = 10
 DRAIN_TIMEOUT = 1800.0
 
@@ -82,12 +83,12 @@ def _postgres_cpu(postgres: Postgres | None) -> float:
     return cpu_seconds(pid, tree=True)
 
 
-def run(cases: int, warmup: int, log: Callable[[str], None]) -> list[Row]:
+def run(cases: int, warmup: int, log: Callable[[str], None], setups: tuple[tuple[str, int], ...] = SETUPS) -> list[Row]:
     why = unavailable()
     rows: list[Row] = []
     postgres = Postgres().start() if not why else None
     try:
-        for backend, count in SETUPS:
+        for backend, count in setups:
             case = f"3 KB c={CONCURRENCY}/node, {count} node{'s' if count > 1 else ''} on {backend}"
             if backend == "postgresql" and postgres is None:
                 rows.append(Row("7 nodes", case, "careservice", None, "cases/s", note=why))

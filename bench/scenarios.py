@@ -425,8 +425,13 @@ SCENARIOS: dict[str, tuple[str, Callable[[Settings, Log, float | None], list[Row
     "4": ("4 form", lambda s, log, bare: form(s, log)),
     "5": ("5 IMAP", lambda s, log, bare: imap(s, log)),
     "6": ("6 scale", lambda s, log, bare: scale(s, log)),
-    "7": ("7 nodes", lambda s, log, bare: importlib.import_module("bench.nodes").run(s.cycle_cases, s.warmup, log)),
+    "7": ("7 nodes", lambda s, log, bare: _nodes(s, log)),
 }
+
+
+def _nodes(s: Settings, log: Log) -> list[Row]:
+    nodes = importlib.import_module("bench.nodes")
+    return nodes.run(s.cycle_cases, s.warmup, log, nodes.QUICK_SETUPS if s.quick else nodes.SETUPS)
 
 
 def run(selected: list[str], s: Settings, log: Log) -> list[Row]:
