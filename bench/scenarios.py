@@ -19,6 +19,7 @@ from email import message_from_bytes, policy
 from pathlib import Path
 from typing import Any
 
+from bench.floor import DurableSink, paused_worker
 from bench.load import CustomerMails, Job, LoadResult, Mail, MailList, send, send_until_fast, smtp_data
 from bench.procstat import Meter
 from bench.report import Row, judge, percentile
@@ -90,6 +91,12 @@ def _drain(daemon: BenchDaemon, cases: int, what: str) -> None:
 # ----- 1. durable intake -----
 
 TARGETS = ("careservice", "bare aiosmtpd", "bare aiosmtpd uvloop", "postfix")  # goals: against the default loop
+# what bounds the goal from below (bench/floor.py), measured for 3 KB mail, where the goal is judged
+FLOORS = ("careservice, worker paused", "aiosmtpd + SQLite")
+
+
+def _targets(size: int) -> tuple[str, ...]:
+    return TARGETS + FLOORS if size == 3_000 else TARGETS
 
 
 @dataclass
@@ -105,6 +112,13 @@ def _intake_server(target: str) -> Iterator[_Target]:
         if target == "careservice":
             daemon = stack.enter_context(careservice(stack.enter_context(relay_sink())))
             yield _Target(daemon.port, lambda: Meter(daemon.pid, tree=True), daemon)
+        elif target == "careservice, worker paused":  # no drain between runs: the mail waits for the worker
+            daemon = stack.enter_context(careservice(stack.enter_context(relay_sink())))
+            stack.enter_context(paused_worker(daemon))
+            yield _Target(daemon.port, lambda: Meter(daemon.pid, tree=True))
+        elif target == "aiosmtpd + SQLite":
+            floor = stack.enter_context(DurableSink())
+            yield _Target(floor.port, lambda: Meter(floor.pid))
         elif target.startswith("bare aiosmtpd"):
             sink = stack.enter_context(PySink(uvloop=target.endswith("uvloop")))
             yield _Target(sink.port, lambda: Meter(sink.pid))
@@ -165,7 +179,7 @@ def intake(s: Settings, log: Log) -> list[Row]:
     """careservice vs a bare aiosmtpd handler vs Postfix: msg/s and MAIL FROM -> 250 latency."""
     why_no_postfix = ensure_postfix() or Postfix.unavailable() or _postfix_starts()
     missing = {"postfix": why_no_postfix, "bare aiosmtpd uvloop": "" if _has_uvloop() else "uvloop not installed"}
-    targets = [t for t in TARGETS if not missing.get(t)]
+    targets = [t for t in TARGETS + FLOORS if not missing.get(t)]
     runs: dict[tuple[int, int, int, str], list[LoadResult]] = defaultdict(list)
     notes: dict[tuple[int, int, int, str], str] = {}
     configs = [(size, conc, per_conn) for size in SIZES for conc, per_conn in SHAPES]
@@ -184,19 +198,21 @@ def intake(s: Settings, log: Log) -> list[Row]:
         if s.fresh_servers:  # a new server for every run, targets alternating
             for config in configs:
                 for target in targets:
-                    with _intake_server(target) as server:
-                        measure(server, target, *config, rep)
+                    if target in _targets(config[0]):
+                        with _intake_server(target) as server:
+                            measure(server, target, *config, rep)
         else:  # one server per target for all its runs (quick)
             for target in targets:
                 with _intake_server(target) as server:
                     for config in configs:
-                        measure(server, target, *config, rep)
+                        if target in _targets(config[0]):
+                            measure(server, target, *config, rep)
     rows = []
     for size in SIZES:
         for conc, per_conn in SHAPES:
             case = f"{size // 1000} KB c={conc} pc={per_conn}"
             group = {t: _median_row("1 durable intake", case, t, runs[(size, conc, per_conn, t)], "msg/s")
-                     for t in targets}
+                     for t in targets if t in _targets(size)}
             for target, why in missing.items():
                 if why:
                     group[target] = Row("1 durable intake", case, target, None, "msg/s", note=why)
@@ -205,11 +221,14 @@ def intake(s: Settings, log: Log) -> list[Row]:
             for base in TARGETS[1:]:
                 if group[base].value and ours.value:
                     ours.ratios[base] = ours.value / group[base].value
+            for floor in FLOORS:
+                if floor in group and group[floor].value and group["bare aiosmtpd"].value:
+                    group[floor].ratios["bare aiosmtpd"] = group[floor].value / group["bare aiosmtpd"].value
             if size == 3_000 and conc == 10:
                 bare, postfix = ours.ratios.get("bare aiosmtpd"), ours.ratios.get("postfix")
                 judge(ours, ">= 0.8x bare, >= 1.3x postfix",
                       bare is not None and bare >= 0.8 and (postfix is None or postfix >= 1.3))
-            rows.extend(group[t] for t in TARGETS)
+            rows.extend(group[t] for t in _targets(size))
     return rows
 
 

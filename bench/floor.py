@@ -1,0 +1,167 @@
+"""What the durable intake goal stands against: the two rows of scenario 1 that bound it from below.
+
+DurableSink: the simplest durable SMTP intake in Python, as the machine's ceilings measured it before
+careservice existed: aiosmtpd hands each message to one writer thread, which inserts whatever is
+waiting into SQLite (WAL, synchronous=FULL) as one transaction and answers 250 only after COMMIT.
+No encryption, no parsing, no limits, no second process: a design with less work than any durable
+intake can do, so its ratio to bare aiosmtpd is the most a durable one can reach here.
+
+paused_worker: careservice with its worker processes stopped (SIGSTOP) for the measured runs, so the
+intake runs alone: its own ceiling, without the worker's CPU and commits beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import queue
+import shutil
+import signal
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.smtp import SMTP
+
+from bench.load import WORKER_CONTEXT
+from bench.procstat import family
+from bench.servers import HOST, MAX_MESSAGE, START_TIMEOUT, BenchDaemon, Server
+from tests.support import free_port
+
+BATCH = 256
+
+
+def _write(path: Path, waiting: queue.SimpleQueue[tuple[bytes, asyncio.Future[None]] | None],
+           loop: asyncio.AbstractEventLoop) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE mail(id INTEGER PRIMARY KEY, body BLOB NOT NULL)")
+    while (first := waiting.get()) is not None:
+        batch = [first]
+        while len(batch) < BATCH:
+            try:
+                item = waiting.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                waiting.put(None)  # the stop comes after this batch
+                break
+            batch.append(item)
+        conn.execute("BEGIN")
+        conn.executemany("INSERT INTO mail(body) VALUES (?)", [(body,) for body, _ in batch])
+        conn.execute("COMMIT")
+        loop.call_soon_threadsafe(_resolve_all, [future for _, future in batch])
+    conn.close()
+
+
+def _resolve_all(futures: list[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
+
+
+class _DurableHandler:
+    def __init__(self, waiting: queue.SimpleQueue[tuple[bytes, asyncio.Future[None]] | None]) -> None:
+        self.waiting = waiting
+
+    async def handle_DATA(self, server: SMTP, session: object, envelope: Any) -> str:
+        done = asyncio.get_running_loop().create_future()
+        self.waiting.put((envelope.original_content, done))
+        await done
+        return "250 2.0.0 stored"
+
+
+def _serve(port: int, path: Path, ready: Any) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        waiting: queue.SimpleQueue[tuple[bytes, asyncio.Future[None]] | None] = queue.SimpleQueue()
+        writer = threading.Thread(target=_write, args=(path, waiting, loop))
+        writer.start()
+        handler = _DurableHandler(waiting)
+        server = await loop.create_server(
+            lambda: SMTP(handler, hostname="floor.bench.localhost", data_size_limit=MAX_MESSAGE * 2,
+                         enable_SMTPUTF8=True), HOST, port)
+        ready.set()
+        await stop.wait()
+        server.close()
+        await server.wait_closed()
+        waiting.put(None)
+        await asyncio.to_thread(writer.join)
+
+    asyncio.run(main())
+
+
+class DurableSink(Server):
+    """aiosmtpd + SQLite group commit in its own process (see the module's docstring)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._dir = Path(tempfile.mkdtemp(prefix="careservice-bench-floor-"))
+        self._proc: Any = None
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def start(self) -> DurableSink:
+        ready = WORKER_CONTEXT.Event()
+        self._proc = WORKER_CONTEXT.Process(target=_serve, args=(self.port, self._dir / "mail.db", ready),
+                                            daemon=True)
+        self._proc.start()
+        if not ready.wait(START_TIMEOUT):
+            self.stop()
+            raise RuntimeError("durable sink did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.join(30)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(10)
+            self._proc = None
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def paused_worker(daemon: BenchDaemon) -> Iterator[None]:
+    """The daemon's worker processes stopped while the block runs, and continued after it.
+
+    A worker stopped inside a transaction would hold data_dir/write.lock and stall the intake: stop
+    it only while the lock is free (bounded tries), and let it go on otherwise."""
+    workers = [pid for pid in family(daemon.pid) if pid != daemon.pid]
+    if not workers:
+        raise RuntimeError("the daemon has no worker process to pause")
+    lock = os.open(daemon.data_dir / "write.lock", os.O_RDWR)
+    try:
+        for _ in range(200):
+            for pid in workers:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a worker held it (or the intake committed): try again
+                for pid in workers:
+                    os.kill(pid, signal.SIGCONT)
+                time.sleep(0.01)
+                continue
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            break
+        else:
+            raise RuntimeError("the store's write lock stayed busy: the worker could not be paused")
+        try:
+            yield
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+    finally:
+        os.close(lock)
