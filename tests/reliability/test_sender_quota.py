@@ -113,7 +113,7 @@ def test_the_hour_slides_and_a_quiet_sender_is_forgotten() -> None:
     assert quota.remaining("a@x.example") == 100
     now[0] += 61 * 60
     quota.charge("c@x.example", 1)
-    assert len(quota._used) == 1  # only c is still remembered
+    assert len(quota) == 1  # only c is still remembered
 
 
 def test_the_null_sender_counts_per_client_address() -> None:
