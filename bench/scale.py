@@ -22,7 +22,7 @@ from typing import Any
 
 from bench.ab import Variant, _variant
 from bench.load import CustomerMails, Job, send
-from bench.procstat import cpu_seconds, family, rss_bytes
+from bench.procstat import TICK, cpu_seconds, family, rss_bytes
 from bench.scenarios import DRAIN_TIMEOUT
 from bench.servers import BenchDaemon, relay_sink
 from careservice.store import read_status
@@ -70,6 +70,24 @@ def _split(daemon: BenchDaemon) -> tuple[float, float]:
     return intake, cpu_seconds(daemon.pid, tree=True) - intake
 
 
+def _ticks(daemon: BenchDaemon) -> dict[str, float]:
+    """CPU seconds, user and system apart, of the intake process and of each thread of the worker."""
+    out = {}
+    for pid in family(daemon.pid)[:2]:
+        for task in Path(f"/proc/{pid}/task").iterdir() if pid != daemon.pid else [Path(f"/proc/{pid}")]:
+            fields = task.joinpath("stat").read_text().rsplit(")", 1)[1].split()
+            name = "intake" if pid == daemon.pid else f"worker.{task.name}"
+            out[f"{name} user"], out[f"{name} sys"] = int(fields[11]) / TICK, int(fields[12]) / TICK
+    return out
+
+
+def _ticks_per_case(before: dict[str, float], after: dict[str, float], cases: int) -> str:
+    """The intake's user/sys and the worker's busiest threads' user/sys, in ms per case."""
+    per = {k: 1000 * (after[k] - before.get(k, 0.0)) / cases for k in after}
+    threads = sorted({k.rsplit(" ", 1)[0] for k in per}, key=lambda t: -(per[f"{t} user"] + per[f"{t} sys"]))
+    return " ".join(f"{t} {per[f'{t} user']:.2f}+{per[f'{t} sys']:.2f}" for t in threads[:4])
+
+
 def _io(daemon: BenchDaemon) -> list[dict[str, int]]:
     """/proc/PID/io of the intake process and of the worker (bytes and calls of read and write)."""
     out = []
@@ -112,7 +130,7 @@ def run_variant(v: Variant, levels: list[int], batch: int, log: Any) -> list[dic
                             "intake_ms": 1000 * (after[0] - before[0]) / filled.ok,
                             "wal_mb": {k: n / 2**20 for k, n in wal.largest.items()}})
             intake0, worker0 = _split(daemon)
-            io0 = _io(daemon)
+            io0, ticks0 = _io(daemon), _ticks(daemon)
             with WalWatch(daemon.data_dir) as wal:
                 r = send(Job(daemon.port, CustomerMails(SIZE), batch, 10, 1, DRAIN_TIMEOUT, first=sent))
                 sent += r.ok
@@ -120,6 +138,7 @@ def run_variant(v: Variant, levels: list[int], batch: int, log: Any) -> list[dic
                     raise RuntimeError(f"batch at {level} not delivered")
             intake1, worker1 = _split(daemon)
             io = _io_per_case(io0, _io(daemon), r.ok)
+            ticks = _ticks_per_case(ticks0, _ticks(daemon), r.ok)
             pages, free = _free_pages(daemon.data_dir / "cases.db")
             row = {"variant": v.name, "level": level, "open": read_status(daemon.data_dir)["open_cases"],
                    "intake_ms": 1000 * (intake1 - intake0) / r.ok, "worker_ms": 1000 * (worker1 - worker0) / r.ok,
@@ -133,8 +152,8 @@ def run_variant(v: Variant, levels: list[int], batch: int, log: Any) -> list[dic
                 f"{row['worker_ms']:.2f}) {r.rate:.0f} msg/s RSS {row['rss_total_mb']:.0f} MB "
                 f"({' '.join(f'{m:.0f}' for m in row['rss_mb'].values())}) WAL max "
                 f"{' '.join(f'{m:.1f}' for m in row['wal_mb'].values())} MB; cases.db {pages} pages {free} free; "
-                f"read/written per case (intake | worker): {io}")
-            row["io"] = io
+                f"read/written per case (intake | worker): {io}; user+sys ms per case: {ticks}")
+            row["io"], row["ticks"] = io, ticks
     return out
 
 
