@@ -99,5 +99,5 @@ class SenderQuota:
         total = used.get(digest, 0) + size
         if total:
             used[digest] = total
-        else:  # a refund of this minute's charge
-            del used[digest]
+        else:  # a refund of this minute's charge, or a charge of nothing (a staff reply counts no customer)
+            used.pop(digest, None)
