@@ -185,3 +185,33 @@ async def test_inline_calls_of_one_loop_turn_commit_together_each_in_its_own_sav
     assert isinstance(results[3], StoreError)
     assert commits == ["COMMIT"]
     assert (await worker.counts())["open_cases"] == 3
+
+
+async def test_a_start_drops_rows_without_a_key_and_keys_without_rows(tmp_path: Path) -> None:
+    """What a process killed between the two files' commits left, the next start sweeps (SQLite)."""
+    keyring = Keyring(b"k" * 32)
+    store = Store(tmp_path, keyring)
+    await store.start(sweep=True)
+    try:
+        kept, keyless, rowless = await store.add_inbound([MESSAGE, MESSAGE, MESSAGE], time.time())
+    finally:
+        await store.close()
+    cases = sqlite3.connect(tmp_path / "cases.db", isolation_level=None)
+    try:
+        cases.execute("DELETE FROM cases WHERE id=?", (rowless,))
+        cases.execute("INSERT INTO outbox(case_id, site, kind, created, next_attempt, meta, message) "
+                      "VALUES (?, 'ticketnest', 'ack', 0, 0, x'00', x'00')", (keyless,))
+        cases.execute("ATTACH DATABASE ? AS k", (str(tmp_path / "keys.db"),))
+        cases.execute("DELETE FROM k.keys WHERE id=?", (keyless,))
+    finally:
+        cases.close()
+    await store.start(sweep=True)
+    await store.close()
+    cases = sqlite3.connect(tmp_path / "cases.db")
+    try:
+        cases.execute("ATTACH DATABASE ? AS k", (str(tmp_path / "keys.db"),))
+        assert [r[0] for r in cases.execute("SELECT id FROM cases")] == [kept]
+        assert cases.execute("SELECT count(*) FROM outbox").fetchone()[0] == 0
+        assert [r[0] for r in cases.execute("SELECT id FROM k.keys")] == [kept]
+    finally:
+        cases.close()

@@ -45,45 +45,59 @@ class SenderQuota:
 
     A sender is known here only by a keyed digest under a key made at start and held in memory alone,
     so the table can neither be stored nor read back to addresses. Usage is kept per minute, so the
-    hour slides; a sender unseen for an hour is forgotten."""
+    hour slides; a sender unseen for an hour is forgotten with the minutes it was seen in."""
 
     def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
         self._clock = clock
         self._key = secrets.token_bytes(32)
-        self._used: dict[bytes, dict[int, int]] = {}  # digest -> {minute: bytes}
-        self._forgotten = clock()
+        # a ring of one dict per minute of the hour (minute % 60): a sender costs one small entry per minute
+        # it sent in, and a minute's dict is dropped whole when its slot comes round again, with no sweep
+        self._hour: list[dict[int, int]] = [{} for _ in range(WINDOW_MINUTES)]
+        self._minute = int(clock() // MINUTE)
 
-    def _digest(self, sender: str) -> bytes:
-        return hashlib.blake2b(sender.encode("utf-8", "surrogateescape"), key=self._key, digest_size=16).digest()
+    def __len__(self) -> int:
+        """Senders remembered."""
+        self._now()
+        return len(set().union(*self._hour))
+
+    def _digest(self, sender: str) -> int:
+        digest = hashlib.blake2b(sender.encode("utf-8", "surrogateescape"), key=self._key, digest_size=8).digest()
+        return int.from_bytes(digest) >> 4  # 60 bits: the largest int CPython keeps in 32 bytes
+
+    def _now(self) -> dict[int, int]:
+        """This minute's usage, once the minutes that left the hour are emptied."""
+        minute = int(self._clock() // MINUTE)
+        if minute > self._minute:
+            for passed in range(max(self._minute, minute - WINDOW_MINUTES) + 1, minute + 1):
+                self._hour[passed % WINDOW_MINUTES] = {}
+            self._minute = minute
+        return self._hour[self._minute % WINDOW_MINUTES]
+
+    def _left(self, digest: int) -> int:
+        self._now()
+        return self.limit - sum([used[digest] for used in self._hour if digest in used])
 
     def remaining(self, sender: str) -> int:
         """Bytes `sender` may still send this hour (0 or less: none)."""
-        minutes = self._used.get(self._digest(sender))
-        if not minutes:
-            return self.limit
-        oldest = int(self._clock() // MINUTE) - WINDOW_MINUTES
-        return self.limit - sum(size for minute, size in minutes.items() if minute > oldest)
+        return self._left(self._digest(sender))
 
     def charge(self, sender: str, size: int) -> bool:
         """Count `size` bytes for `sender` if they fit in what it has left; False (nothing counted) if not."""
-        if size > self.remaining(sender):
+        digest = self._digest(sender)
+        if size > self._left(digest):
             return False
-        self._add(sender, size)
+        self._add(digest, size)
         return True
 
     def refund(self, sender: str, size: int) -> None:
         """Take back a charge whose message was not stored after all."""
-        self._add(sender, -size)
+        self._add(self._digest(sender), -size)
 
-    def _add(self, sender: str, size: int) -> None:
-        now = self._clock()
-        minute = int(now // MINUTE)
-        minutes = self._used.setdefault(self._digest(sender), {})
-        minutes[minute] = minutes.get(minute, 0) + size
-        for old in [m for m in minutes if m <= minute - WINDOW_MINUTES]:
-            del minutes[old]
-        if now - self._forgotten >= MINUTE:
-            self._forgotten = now
-            for digest in [d for d, used in self._used.items() if max(used) <= minute - WINDOW_MINUTES]:
-                del self._used[digest]
+    def _add(self, digest: int, size: int) -> None:
+        used = self._now()
+        total = used.get(digest, 0) + size
+        if total:
+            used[digest] = total
+        else:  # a refund of this minute's charge, or a charge of nothing (a staff reply counts no customer)
+            used.pop(digest, None)

@@ -70,8 +70,10 @@ def purge_aged(conn: sqlite3.Connection, keyring: Keyring, cutoff: float, sites:
 
 def sweep_orphans(conn: sqlite3.Connection, keyring: Keyring) -> None:
     """After a crash between the two files' commits: drop rows without a key and keys without rows."""
-    conn.execute("DELETE FROM cases WHERE id NOT IN (SELECT id FROM k.keys)")
-    conn.execute("DELETE FROM outbox WHERE case_id NOT IN (SELECT id FROM k.keys)")
+    # the rows to drop are found in the (id) and (case_id) indexes: a scan of the tables themselves read
+    # every case's and queued mail's whole row, under write.lock, while the other process's commits wait
+    conn.execute("DELETE FROM cases WHERE rowid IN (SELECT rowid FROM cases WHERE id NOT IN (SELECT id FROM k.keys))")
+    conn.execute("DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE case_id NOT IN (SELECT id FROM k.keys))")
     conn.execute(
         "DELETE FROM k.keys WHERE id NOT IN (SELECT id FROM cases) AND id NOT IN (SELECT case_id FROM outbox)"
     )

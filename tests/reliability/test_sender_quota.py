@@ -113,7 +113,8 @@ def test_the_hour_slides_and_a_quiet_sender_is_forgotten() -> None:
     assert quota.remaining("a@x.example") == 100
     now[0] += 61 * 60
     quota.charge("c@x.example", 1)
-    assert len(quota._used) == 1  # only c is still remembered
+    assert len(quota) == 1  # only c is still remembered
+    assert quota.charge("d@x.example", 0) and len(quota) == 1  # a staff reply is charged nothing
 
 
 def test_the_null_sender_counts_per_client_address() -> None:
