@@ -215,3 +215,52 @@ async def test_a_start_drops_rows_without_a_key_and_keys_without_rows(tmp_path: 
         assert [r[0] for r in cases.execute("SELECT id FROM k.keys")] == [kept]
     finally:
         cases.close()
+
+
+async def test_the_intake_answers_only_once_both_wals_are_synced_after_the_write_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit is acknowledged only once both WALs holding it are synced, and they sync outside
+    write.lock (the worker's transactions do not wait for the disk). Each sync waits here until the
+    test has seen that the caller is still waiting."""
+    store = Store(tmp_path, Keyring(b"k" * 32))
+    await store.start(sweep=True)
+    wals = [os.stat(tmp_path / name).st_ino for name in ("cases.db-wal", "keys.db-wal")]
+    real_sync = os.fdatasync
+    synced: list[tuple[int, int, int, bool]] = []  # (inode, cases, keys, write.lock free) at each sync
+    entered, release = threading.Event(), threading.Event()
+
+    def sync(fd: int) -> None:
+        look = sqlite3.connect(tmp_path / "cases.db")  # committed, as another process sees it
+        try:
+            look.execute("ATTACH DATABASE ? AS k", (str(tmp_path / "keys.db"),))
+            cases, = look.execute("SELECT count(*) FROM cases").fetchone()
+            keys, = look.execute("SELECT count(*) FROM k.keys").fetchone()
+        finally:
+            look.close()
+        lock = os.open(tmp_path / "write.lock", os.O_RDWR)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if the store still held it
+            free = True
+        except BlockingIOError:
+            free = False
+        finally:
+            os.close(lock)
+        synced.append((os.fstat(fd).st_ino, cases, keys, free))
+        entered.set()
+        release.wait(5)
+        real_sync(fd)
+        entered.clear()
+
+    monkeypatch.setattr(os, "fdatasync", sync)
+    try:
+        call = asyncio.create_task(store.add_inbound([MESSAGE], time.time()))
+        assert await asyncio.to_thread(entered.wait, 5), "the commit was not synced by the store"
+        await asyncio.sleep(0.2)
+        assert not call.done(), "acknowledged before the WAL was synced"
+        release.set()
+        assert len(await asyncio.wait_for(call, 5)) == 1
+    finally:
+        release.set()
+        monkeypatch.undo()
+        await store.close()
+    assert sorted(synced) == sorted((wal, 1, 1, True) for wal in wals)

@@ -2,12 +2,13 @@
 
 Two backends behind one facade: SQLite files in data_dir (the default, one node), and PostgreSQL
 for several nodes (`pg/`: the same SQL over a cases and a keys database, plus claims and leases).
-SQLite in WAL mode with secure_delete=ON. The intake's store is `durable` (synchronous=FULL: a
-commit is on disk before the 250). The worker's is not (NORMAL: its transitions may roll back on
-power loss, which only repeats a send - delivery is at-least-once); a purge is still on disk at
-once, since the WAL checkpoint that follows it syncs the database. Every personal byte is sealed
-with AES-256-GCM under a per-case data key; the wrapped keys live in a separate database file
-(keys.db), so deleting a key makes every copy of its case unreadable.
+SQLite in WAL mode with secure_delete=ON. The intake's store is `durable` (both WALs synced after
+each group commit, outside the write lock: a commit is on disk before the 250). The worker's is not
+(NORMAL: its transitions may roll back on power loss, which only repeats a send - delivery is
+at-least-once); a purge is still on disk at once, since the WAL checkpoint that follows it syncs
+the database. Every personal byte is sealed with AES-256-GCM under a per-case data key; the
+wrapped keys live in a separate database file (keys.db), so deleting a key makes every copy of its
+case unreadable.
 
     facade    Store: the async operations the rest of the code calls
     executor  how calls become transactions: a writer thread (group commit) or the caller's thread

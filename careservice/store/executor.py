@@ -6,8 +6,10 @@ for writes, shared for reads: a commit spans cases.db and keys.db, which WAL mod
 atomic together, so a reader must not look between the two files' commits).
 
 - ThreadExecutor (the intake): one writer thread owns the connection and commits whatever is waiting
-  as one transaction (group commit), resolving the callers' futures only after COMMIT, so the
-  event loop keeps answering SMTP meanwhile.
+  as one transaction (group commit), resolving the callers' futures only once the commit is on disk,
+  so the event loop keeps answering SMTP meanwhile. Its commits do not sync under the lock: it syncs
+  both WALs after releasing it (see _sync_wals), so the worker's transactions need not wait for the
+  disk.
 - InlineExecutor (the worker): the calls made in one turn of the caller's loop run in its thread,
   reads in one snapshot and writes in one transaction. The worker has no listener to keep
   responsive, and with a writer thread its transactions waited for the GIL between statements while
@@ -40,7 +42,7 @@ class _Op:
     args: tuple[Any, ...]
     checkpoint: bool
     write: bool
-    future: asyncio.Future[Any]  # the caller's, resolved after COMMIT
+    future: asyncio.Future[Any]  # the caller's, resolved once the COMMIT is durable
     loop: asyncio.AbstractEventLoop
 
 
@@ -124,6 +126,51 @@ class ThreadExecutor(Executor):
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._open_error: BaseException | None = None
+        self._wals: list[int] = []  # fds of cases.db-wal and keys.db-wal, synced after each write
+
+    def _open(self) -> sqlite3.Connection:
+        """Durable: the commits themselves do not sync (synchronous=NORMAL), _sync_wals does, outside the lock."""
+        conn = super()._open()
+        if not self.durable:
+            return conn
+        try:
+            for schema in ("main", "k"):
+                conn.execute(f"PRAGMA {schema}.synchronous=NORMAL")
+            # the connection has the WALs open, so no other process can delete them (SQLite deletes a
+            # WAL only at the last connection's close): these are the files SQLite writes our commits to
+            for name in ("cases.db-wal", "keys.db-wal"):
+                self._wals.append(os.open(self.data_dir / name, os.O_RDONLY))
+            fd = os.open(self.data_dir, os.O_RDONLY)  # the WALs' directory entries (new files at a first start)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except (sqlite3.Error, OSError):
+            self._shut(conn)
+            raise
+        return conn
+
+    def _shut(self, conn: sqlite3.Connection) -> None:
+        super()._shut(conn)
+        for fd in self._wals:
+            os.close(fd)
+        self._wals = []
+
+    def _sync_wals(self) -> None:
+        """Put the commits made so far on disk, as synchronous=FULL would have inside COMMIT.
+
+        Whatever happened to a WAL since our COMMIT, the commit is then durable: frames another process
+        appended meanwhile are synced with ours; a checkpoint copies only synced frames (it syncs the WAL
+        first) and syncs the database before it marks them copied; and SQLite starts a WAL over (TRUNCATE
+        or restart, writing over our frames) only once every frame is copied, i.e. ours are in the synced
+        database. A sync that fails leaves the commit visible but not known durable: its callers hear a
+        StoreError (no 250), as they would from COMMIT.
+
+        The worker may see (and forward) a case in the moment between COMMIT and its sync. That moment
+        existed before, between COMMIT and the 250 (a sender without a 250 sends again: the case comes
+        twice); a power loss in it can now also lose the stored copy, whose sender had no 250 either."""
+        for fd in self._wals:
+            os.fdatasync(fd)
 
     @property
     def open(self) -> bool:
@@ -168,6 +215,11 @@ class ThreadExecutor(Executor):
                 results = self._locked_transaction(conn, ops, write, any(op.checkpoint for op in ops))
             finally:
                 fcntl.flock(self._write_lock, fcntl.LOCK_UN)
+            if write:
+                try:
+                    self._sync_wals()
+                except OSError as exc:
+                    results = [StoreError(f"sync failed: {exc.strerror}")] * len(ops)
             _hand_back(ops, results)
 
 

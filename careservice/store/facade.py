@@ -25,7 +25,7 @@ SQLITE = StoreConfig()
 
 
 class Store:
-    """`durable`: synchronous=FULL (the intake: a commit is on disk before its 250). `inline`: the
+    """`durable`: each commit synced (the intake: a commit is on disk before its 250). `inline`: the
     caller's thread runs the transactions (the worker), else a writer thread does. `shard`: (index, of)
     of a worker process, which takes only the due cases and mail of its shard (store.shards). All three
     are SQLite's: on PostgreSQL every commit is durable and runs in the store's thread, and claims keep
