@@ -31,7 +31,7 @@ from aiosmtpd.smtp import SMTP
 
 from bench.load import WORKER_CONTEXT
 from bench.procstat import family
-from bench.servers import HOST, MAX_MESSAGE, START_TIMEOUT, BenchDaemon, Server
+from bench.servers import START_TIMEOUT, BenchDaemon, Server, serve_until_term
 from tests.support import free_port
 
 BATCH = 256
@@ -80,20 +80,10 @@ class _DurableHandler:
 
 def _serve(port: int, path: Path, ready: Any) -> None:
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
         waiting: queue.SimpleQueue[tuple[bytes, asyncio.Future[None]] | None] = queue.SimpleQueue()
-        writer = threading.Thread(target=_write, args=(path, waiting, loop))
+        writer = threading.Thread(target=_write, args=(path, waiting, asyncio.get_running_loop()))
         writer.start()
-        handler = _DurableHandler(waiting)
-        server = await loop.create_server(
-            lambda: SMTP(handler, hostname="floor.bench.localhost", data_size_limit=MAX_MESSAGE * 2,
-                         enable_SMTPUTF8=True), HOST, port)
-        ready.set()
-        await stop.wait()
-        server.close()
-        await server.wait_closed()
+        await serve_until_term(_DurableHandler(waiting), "floor.bench.localhost", port, ready)
         waiting.put(None)
         await asyncio.to_thread(writer.join)
 

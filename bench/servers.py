@@ -128,20 +128,23 @@ class _SinkHandler:
         return "250 2.0.0 OK"
 
 
+async def serve_until_term(handler: Any, hostname: str, port: int, ready: Any) -> None:
+    """aiosmtpd with `handler` on 127.0.0.1:`port` until SIGTERM; `ready` is set once it listens."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    server = await loop.create_server(
+        lambda: SMTP(handler, hostname=hostname, data_size_limit=MAX_MESSAGE * 2, enable_SMTPUTF8=True), HOST, port)
+    ready.set()
+    await stop.wait()
+    server.close()
+    await server.wait_closed()
+
+
 def _serve_sink(port: int, arrivals: Queue[Arrival | None] | None, keep_forwards: bool, ready: Any,
                 uvloop: bool = False) -> None:
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        handler = _SinkHandler(arrivals, keep_forwards)
-        server = await loop.create_server(
-            lambda: SMTP(handler, hostname="sink.bench.localhost", data_size_limit=MAX_MESSAGE * 2,
-                         enable_SMTPUTF8=True), HOST, port)
-        ready.set()
-        await stop.wait()
-        server.close()
-        await server.wait_closed()
+        await serve_until_term(_SinkHandler(arrivals, keep_forwards), "sink.bench.localhost", port, ready)
         if arrivals is not None:
             arrivals.put(None)
 
