@@ -234,11 +234,15 @@ class Daemon:
     def start(self) -> Daemon:
         env = {**os.environ, **self.env}
         with self.log.open("ab") as log:
+            since = log.tell()  # a restart appends to the same log
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", self.module, "run", "--config", str(self.config)],
                 stdout=log, stderr=log, env=env, cwd=self.config.parent,
             )
-        wait_for(self._listening, what="daemon SMTP port")
+        # the SMTP port opens before the web and admin servers: a test that then moves data_dir or
+        # stops something must not race the rest of the start
+        wait_for(lambda: self._listening() and b"careservice running:" in self.log.read_bytes()[since:],
+                 what="daemon started")
         return self
 
     def _listening(self) -> bool:
