@@ -53,6 +53,7 @@ def test_forward_carries_case_and_contact(daemon: Daemon, relay: CaptureRelay) -
     forward = open_case(daemon, relay, raw)
     captured = relay.to(STAFF)[0]
     assert captured.rcpt_tos == [STAFF]  # each staff address gets its own copy (own reply address)
+    wait_for(lambda: relay.to(STAFF2), what="the second staff member's copy")  # its own relay connection
     assert relay.to(STAFF2)[0].message["Reply-To"] != forward["Reply-To"]
     assert forward["From"].addresses[0].display_name == "Alice Example via TicketNest"
     assert forward["From"].addresses[0].addr_spec == CARE
