@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.load import CustomerMails, Job, send
+from bench.postfix import relay_sink
 from bench.procstat import Meter
 from bench.report import percentile
 from bench.scenarios import DRAIN_TIMEOUT
-from bench.servers import BenchDaemon, PySink, relay_sink
+from bench.servers import BenchDaemon, PySink
 
 SIZE = 3_000
 WARMUP = 100

@@ -15,9 +15,10 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from bench.load import CustomerMails, Job, LoadResult, send
+from bench.postfix import relay_sink
 from bench.procstat import cpu_seconds
 from bench.report import Row
-from bench.servers import BenchDaemon, Server, relay_sink
+from bench.servers import BenchDaemon, Server
 from careservice.settings import StoreConfig
 from careservice.storeadmin import migrate
 from tests.postgres import Postgres, unavailable, with_store

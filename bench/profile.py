@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.load import CustomerMails, Job, send
+from bench.postfix import relay_sink
 from bench.scenarios import DRAIN_TIMEOUT
-from bench.servers import BenchDaemon, relay_sink
+from bench.servers import BenchDaemon
 
 COMPONENTS = ("intake SMTP", "intake commit", "parse", "render", "relay client", "store", "stages and loop",
               "logging", "metrics")

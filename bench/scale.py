@@ -22,9 +22,10 @@ from typing import Any
 
 from bench.ab import Variant, _variant
 from bench.load import CustomerMails, Job, send
+from bench.postfix import relay_sink
 from bench.procstat import TICK, cpu_seconds, family, rss_bytes
 from bench.scenarios import DRAIN_TIMEOUT
-from bench.servers import BenchDaemon, relay_sink
+from bench.servers import BenchDaemon
 from careservice.store import read_status
 
 SIZE = 3_000

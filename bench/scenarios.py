@@ -21,9 +21,10 @@ from typing import Any
 
 from bench.floor import DurableSink, paused_worker
 from bench.load import CustomerMails, Job, LoadResult, Mail, MailList, send, send_until_fast, smtp_data
+from bench.postfix import Postfix, ensure_postfix, relay_sink
 from bench.procstat import Meter
 from bench.report import Row, judge, percentile
-from bench.servers import BenchDaemon, Postfix, PySink, Server, ensure_postfix, relay_sink
+from bench.servers import BenchDaemon, PySink, Server
 from careservice.store import read_status
 from tests.support import STAFF, staff_reply
 
