@@ -49,6 +49,8 @@ class _Op:
 class Executor:
     """Runs store calls as transactions; `await start()`, then `await call(...)`, then `await close()`."""
 
+    syncs_after_commit = False  # durable: COMMIT syncs (synchronous=FULL), or the executor does after it
+
     def __init__(self, data_dir: Path, keyring: Keyring, durable: bool) -> None:
         self.data_dir = data_dir
         self.keyring = keyring
@@ -83,7 +85,7 @@ class Executor:
         return await self.call(fn, *args, write=False)
 
     def _open(self) -> sqlite3.Connection:
-        conn = connect(self.data_dir, durable=self.durable)
+        conn = connect(self.data_dir, durable=self.durable, sync_commits=self.durable and not self.syncs_after_commit)
         self._write_lock = os.open(self.data_dir / "write.lock", os.O_RDWR | os.O_CREAT, 0o600)
         return conn
 
@@ -120,6 +122,8 @@ class Executor:
 class ThreadExecutor(Executor):
     """A writer thread that owns the connection and commits what is waiting together."""
 
+    syncs_after_commit = True  # _sync_wals, outside write.lock
+
     def __init__(self, data_dir: Path, keyring: Keyring, durable: bool) -> None:
         super().__init__(data_dir, keyring, durable)
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
@@ -129,13 +133,11 @@ class ThreadExecutor(Executor):
         self._wals: list[int] = []  # fds of cases.db-wal and keys.db-wal, synced after each write
 
     def _open(self) -> sqlite3.Connection:
-        """Durable: the commits themselves do not sync (synchronous=NORMAL), _sync_wals does, outside the lock."""
+        """Durable: the commits themselves do not sync (syncs_after_commit), _sync_wals does, outside the lock."""
         conn = super()._open()
         if not self.durable:
             return conn
         try:
-            for schema in ("main", "k"):
-                conn.execute(f"PRAGMA {schema}.synchronous=NORMAL")
             # the connection has the WALs open, so no other process can delete them (SQLite deletes a
             # WAL only at the last connection's close): these are the files SQLite writes our commits to
             for name in ("cases.db-wal", "keys.db-wal"):
@@ -145,7 +147,7 @@ class ThreadExecutor(Executor):
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        except (sqlite3.Error, OSError):
+        except OSError:
             self._shut(conn)
             raise
         return conn

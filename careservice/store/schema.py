@@ -51,7 +51,10 @@ class StoreError(Exception):
     """The store could not commit; the caller must not acknowledge anything."""
 
 
-def connect(data_dir: Path, read_only: bool = False, durable: bool = True) -> sqlite3.Connection:
+def connect(data_dir: Path, read_only: bool = False, durable: bool = True,
+            sync_commits: bool | None = None) -> sqlite3.Connection:
+    """sync_commits: whether COMMIT itself syncs (synchronous=FULL); by default when durable. A caller
+    that passes False for a durable store syncs the WALs itself before it answers anyone."""
     if read_only:
         conn = sqlite3.connect(f"file:{data_dir / 'cases.db'}?mode=ro", uri=True, isolation_level=None)
         conn.execute("PRAGMA busy_timeout=5000")
@@ -60,11 +63,12 @@ def connect(data_dir: Path, read_only: bool = False, durable: bool = True) -> sq
         data_dir.mkdir(parents=True, exist_ok=True)
     elif not (data_dir / "cases.db").exists():
         raise sqlite3.OperationalError(f"no store in {data_dir}")
+    full = durable if sync_commits is None else sync_commits
     conn = sqlite3.connect(data_dir / "cases.db", isolation_level=None)
     conn.execute("ATTACH DATABASE ? AS k", (str(data_dir / "keys.db"),))
     for schema in ("main", "k"):
         conn.execute(f"PRAGMA {schema}.journal_mode=WAL")
-        conn.execute(f"PRAGMA {schema}.synchronous={'FULL' if durable else 'NORMAL'}")
+        conn.execute(f"PRAGMA {schema}.synchronous={'FULL' if full else 'NORMAL'}")
         conn.execute(f"PRAGMA {schema}.secure_delete=ON")
         conn.execute(f"PRAGMA {schema}.journal_size_limit=0")
     conn.execute("PRAGMA temp_store=MEMORY")
