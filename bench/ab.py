@@ -1,7 +1,7 @@
 """`python -m bench.ab`: paired, interleaved A/B runs of careservice variants on a shared machine.
 
 A variant is a source tree (a git worktree of the commit to test) and optional environment. Each
-round runs the in-run baselines (bare aiosmtpd, and bare aiosmtpd on uvloop when installed) and then
+round runs the in-run baselines (bare aiosmtpd, and bare aiosmtpd on uvloop) and then
 every variant, the variants' order alternating between rounds (A B, B A, ...), so that drift of the
 machine spreads over all of them. Per variant and round, with a fresh daemon each:
 
@@ -45,7 +45,7 @@ class Variant:
 
 
 def _variant(text: str) -> Variant:
-    """NAME=PATH[,KEY=VALUE...]; a KEY with a dot is a config setting (service.event_loop="uvloop")."""
+    """NAME=PATH[,KEY=VALUE...]; a KEY with a dot is a config setting (service.event_loop="asyncio")."""
     name, _, rest = text.partition("=")
     path, *pairs = rest.split(",")
     items = [pair.split("=", 1) for pair in pairs]
@@ -110,11 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--out", type=Path, help="JSON file for all runs")
     args = parser.parse_args(argv)
-    try:
-        import uvloop  # noqa: F401
-        baselines = (("bare", False), ("bare uvloop", True))
-    except ImportError:
-        baselines = (("bare", False),)
+    baselines = (("bare", False), ("bare uvloop", True))
     runs: list[dict[str, Any]] = []
     first = 0
     for rnd in range(args.rounds):

@@ -1,8 +1,7 @@
-"""service.event_loop: both processes on uvloop when asked, a config error for anything else."""
+"""service.event_loop: both processes on the loop asked for (uvloop by default), a config error for anything else."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,10 @@ from tests.support import write_config
 
 CUSTOMER = "alice@customer.example"
 
-NEEDS_UVLOOP = pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="uvloop not installed")
 
-
-def test_the_default_loop_is_asyncio_and_an_unknown_one_is_refused(tmp_path: Path) -> None:
+def test_the_default_loop_is_uvloop_and_an_unknown_one_is_refused(tmp_path: Path) -> None:
     config = write_config(tmp_path, 1)
-    assert load_config(config).event_loop == "asyncio"
+    assert load_config(config).event_loop == "uvloop"
     with pytest.raises(ConfigError, match="tokio") as raised:
         load_config(set_keys(config, "service", event_loop="tokio"))
     assert raised.value.key == "service.event_loop"
@@ -41,15 +38,17 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-@NEEDS_UVLOOP
-def test_on_uvloop_both_processes_run_it_and_a_case_goes_through(tmp_path: Path, relay: CaptureRelay) -> None:
-    config = set_keys(write_config(tmp_path, relay.port), "service", event_loop="uvloop")
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_both_processes_run_on_the_loop_asked_for_and_a_case_goes_through(tmp_path: Path, relay: CaptureRelay,
+                                                                          loop: str) -> None:
+    config = set_keys(write_config(tmp_path, relay.port), "service", event_loop=loop)
     daemon = Daemon(config).start()
     try:
         send(daemon.smtp_port, CUSTOMER, [CARE], customer_mail("Lost tickets", "Order 4711 is lost"))
         wait_for(lambda: relay.to(STAFF) and relay.to(CUSTOMER), what="forward and ack")
         assert daemon.proc is not None
         workers = _children(daemon.proc.pid)
-        assert workers and _maps_uvloop(daemon.proc.pid) and all(_maps_uvloop(pid) for pid in workers)
+        assert workers
+        assert [_maps_uvloop(pid) for pid in (daemon.proc.pid, *workers)] == [loop == "uvloop"] * (1 + len(workers))
     finally:
         daemon.stop()
