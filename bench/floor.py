@@ -31,7 +31,7 @@ from aiosmtpd.smtp import SMTP
 
 from bench.load import WORKER_CONTEXT
 from bench.procstat import family
-from bench.servers import START_TIMEOUT, BenchDaemon, Server, serve_until_term
+from bench.servers import START_TIMEOUT, BenchDaemon, Server, run_loop, serve_until_term
 from tests.support import free_port
 
 BATCH = 256
@@ -78,7 +78,7 @@ class _DurableHandler:
         return "250 2.0.0 stored"
 
 
-def _serve(port: int, path: Path, ready: Any) -> None:
+def _serve(port: int, path: Path, ready: Any, uvloop: bool) -> None:
     async def main() -> None:
         waiting: queue.SimpleQueue[tuple[bytes, asyncio.Future[None]] | None] = queue.SimpleQueue()
         writer = threading.Thread(target=_write, args=(path, waiting, asyncio.get_running_loop()))
@@ -87,13 +87,14 @@ def _serve(port: int, path: Path, ready: Any) -> None:
         waiting.put(None)
         await asyncio.to_thread(writer.join)
 
-    asyncio.run(main())
+    run_loop(main(), uvloop)
 
 
 class DurableSink(Server):
-    """aiosmtpd + SQLite group commit in its own process (see the module's docstring)."""
+    """aiosmtpd + SQLite group commit in its own process (see the module's docstring), on either loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, uvloop: bool = False) -> None:
+        self.uvloop = uvloop
         self.port = free_port()
         self._dir = Path(tempfile.mkdtemp(prefix="careservice-bench-floor-"))
         self._proc: Any = None
@@ -104,7 +105,7 @@ class DurableSink(Server):
 
     def start(self) -> DurableSink:
         ready = WORKER_CONTEXT.Event()
-        self._proc = WORKER_CONTEXT.Process(target=_serve, args=(self.port, self._dir / "mail.db", ready),
+        self._proc = WORKER_CONTEXT.Process(target=_serve, args=(self.port, self._dir / "mail.db", ready, self.uvloop),
                                             daemon=True)
         self._proc.start()
         if not ready.wait(START_TIMEOUT):

@@ -92,7 +92,7 @@ def _drain(daemon: BenchDaemon, cases: int, what: str) -> None:
 
 TARGETS = ("careservice", "bare aiosmtpd", "bare aiosmtpd uvloop", "postfix")  # goals: vs the standard asyncio loop
 # what bounds the goal from below (bench/floor.py), measured for 3 KB mail, where the goal is judged
-FLOORS = ("careservice, worker paused", "aiosmtpd + SQLite")
+FLOORS = ("careservice, worker paused", "aiosmtpd + SQLite", "aiosmtpd + SQLite uvloop")
 
 
 def _targets(size: int) -> tuple[str, ...]:
@@ -116,8 +116,8 @@ def _intake_server(target: str) -> Iterator[_Target]:
             daemon = stack.enter_context(careservice(stack.enter_context(relay_sink())))
             stack.enter_context(paused_worker(daemon))
             yield _Target(daemon.port, lambda: Meter(daemon.pid, tree=True))
-        elif target == "aiosmtpd + SQLite":
-            floor = stack.enter_context(DurableSink())
+        elif target.startswith("aiosmtpd + SQLite"):
+            floor = stack.enter_context(DurableSink(uvloop=target.endswith("uvloop")))
             yield _Target(floor.port, lambda: Meter(floor.pid))
         elif target.startswith("bare aiosmtpd"):
             sink = stack.enter_context(PySink(uvloop=target.endswith("uvloop")))
@@ -218,8 +218,9 @@ def intake(s: Settings, log: Log) -> list[Row]:
                 if group[base].value and ours.value:
                     ours.ratios[base] = ours.value / group[base].value
             for floor in FLOORS:
-                if floor in group and group[floor].value and group["bare aiosmtpd"].value:
-                    group[floor].ratios["bare aiosmtpd"] = group[floor].value / group["bare aiosmtpd"].value
+                for base in TARGETS[1:]:
+                    if floor in group and group[floor].value and group[base].value:
+                        group[floor].ratios[base] = group[floor].value / group[base].value
             if size == 3_000 and conc == 10:
                 bare, postfix = ours.ratios.get("bare aiosmtpd"), ours.ratios.get("postfix")
                 judge(ours, ">= 0.8x bare, >= 1.3x postfix",

@@ -17,11 +17,13 @@ import sys
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Any, Self
 
+import uvloop as uvloops
 from aiosmtpd.smtp import SMTP
 
 from bench.load import WORKER_CONTEXT
@@ -146,12 +148,12 @@ def _serve_sink(port: int, arrivals: Queue[Arrival | None] | None, keep_forwards
         if arrivals is not None:
             arrivals.put(None)
 
-    if uvloop:
-        import uvloop as loops
+    run_loop(main(), uvloop)
 
-        loops.run(main())
-    else:
-        asyncio.run(main())
+
+def run_loop(main: Coroutine[Any, Any, None], uvloop: bool) -> None:
+    """A server process's main coroutine on the standard asyncio loop, or on uvloop."""
+    (uvloops.run if uvloop else asyncio.run)(main)
 
 
 class PySink(Server):
