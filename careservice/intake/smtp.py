@@ -277,9 +277,12 @@ class _Session(LeanSession):
 
     def end_when_idle(self) -> None:
         """Between commands with nothing half-read, end now: a QUIT of our own takes the next turn of the
-        command loop, which `_command` answers with 421. Otherwise the next command gets the 421."""
-        if not self._in_command and not self._reader._buffer and self.transport is not None:  # type: ignore[attr-defined]
-            self._reader.feed_data(b"QUIT\r\n")
+        command loop, which `_command` answers with 421. Otherwise the next command gets the 421. After
+        the client's EOF there is no next command: aiosmtpd's loop reads the EOF and ends the session (on
+        uvloop the EOF can come before connection_lost takes the session out of `live`)."""
+        reader = self._reader
+        if not self._in_command and not reader._buffer and not reader.at_eof() and self.transport is not None:  # type: ignore[attr-defined]
+            reader.feed_data(b"QUIT\r\n")
 
     async def _shutting_down(self) -> None:
         """421, then a lingering close: our FIN first, then read what the client still sends until it
