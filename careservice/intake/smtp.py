@@ -10,7 +10,7 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -328,10 +328,12 @@ class _Refuse(asyncio.Protocol):
         self.reply = reply
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
+        # a stream transport, though not an asyncio.WriteTransport by class on uvloop (an assert here
+        # raised there and cut the connection before the 421)
+        stream = cast(asyncio.WriteTransport, transport)
         metrics.smtp_reply(self.reply)
-        transport.write(self.reply)
-        transport.close()
+        stream.write(self.reply)
+        stream.close()
 
 
 class SmtpListener:
