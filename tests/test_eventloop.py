@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
 from careservice.config import ConfigError
 from careservice.config import load_config
+from tests.reliability.helpers import RawSmtp
 from tests.reliability.helpers import set_keys
 from tests.support import CARE
 from tests.support import STAFF
@@ -52,3 +54,24 @@ def test_both_processes_run_on_the_loop_asked_for_and_a_case_goes_through(tmp_pa
         assert [_maps_uvloop(pid) for pid in (daemon.proc.pid, *workers)] == [loop == "uvloop"] * (1 + len(workers))
     finally:
         daemon.stop()
+
+
+def _all_greeted(port: int, count: int) -> bool:
+    """Whether `count` new sessions from 127.0.0.1 all get a 220 (each closed again after its greeting)."""
+    sessions = [RawSmtp(port, timeout=5) for _ in range(count)]
+    for session in sessions:
+        session.sock.close()
+    return all(s.greeting.startswith(b"220") for s in sessions)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_client_that_hangs_up_before_the_greeting_gives_its_slot_back(tmp_path: Path, loop: str) -> None:
+    """On uvloop the connect and the EOF can arrive in one turn: the session must still close and leave."""
+    config = set_keys(write_config(tmp_path, 1), "smtp", max_connections_per_client=3)
+    daemon = Daemon(set_keys(config, "service", event_loop=loop)).start()
+    try:
+        for _ in range(3):
+            socket.create_connection(("127.0.0.1", daemon.smtp_port)).close()
+        wait_for(lambda: _all_greeted(daemon.smtp_port, 3), timeout=10, what="three slots free again")
+    finally:
+        assert daemon.stop() == 0

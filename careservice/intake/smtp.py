@@ -309,6 +309,20 @@ class _Session(LeanSession):
             return simple.group(1), arg[simple.end():]
         return super()._getaddr(arg)
 
+    def eof_received(self) -> bool | None:
+        keep_open = super().eof_received()
+        self.loop.call_soon(self._close_if_abandoned)
+        return keep_open
+
+    def _close_if_abandoned(self) -> None:
+        """aiosmtpd cancels its handler at the client's EOF and leaves the close to the handler's command
+        loop. A handler cancelled before it reached that loop (uvloop can deliver the connect and the EOF
+        in one turn, before the handler's first step) closes nothing: the connection, and its client's
+        slot, would stay until the process ends."""
+        task = self._handler_coroutine
+        if self.transport is not None and (task is None or task.done()):
+            self.transport.close()
+
     def connection_lost(self, error: Exception | None) -> None:
         if self._idle is not None:
             self._idle.cancel()
