@@ -45,7 +45,7 @@ class Variant:
 
 
 def _variant(text: str) -> Variant:
-    """NAME=PATH[,KEY=VALUE...]; a KEY with a dot is a config setting (service.event_loop="uvloop")."""
+    """NAME=PATH[,KEY=VALUE...]; a KEY with a dot is a config setting (service.event_loop="asyncio")."""
     name, _, rest = text.partition("=")
     path, *pairs = rest.split(",")
     items = [pair.split("=", 1) for pair in pairs]

@@ -90,7 +90,7 @@ def _drain(daemon: BenchDaemon, cases: int, what: str) -> None:
 
 # ----- 1. durable intake -----
 
-TARGETS = ("careservice", "bare aiosmtpd", "bare aiosmtpd uvloop", "postfix")  # goals: against the default loop
+TARGETS = ("careservice", "bare aiosmtpd", "bare aiosmtpd uvloop", "postfix")  # goals: vs the standard asyncio loop
 # what bounds the goal from below (bench/floor.py), measured for 3 KB mail, where the goal is judged
 FLOORS = ("careservice, worker paused", "aiosmtpd + SQLite", "aiosmtpd + SQLite uvloop")
 

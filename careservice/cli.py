@@ -69,7 +69,7 @@ def _worker(config: Config, args: argparse.Namespace) -> int:
 def _serve(config: Config, main: Coroutine[Any, Any, None]) -> None:
     """Run a serving process's main coroutine on service.event_loop."""
     if config.event_loop == "uvloop":
-        import uvloop  # the optional dependency; config.py checked it is installed
+        import uvloop  # config.py checked that it is installed
 
         uvloop.run(main)
     else:

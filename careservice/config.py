@@ -56,12 +56,12 @@ def _resolve(base: Path, value: str) -> Path:
 
 
 def _event_loop(service: Table) -> str:
-    """service.event_loop: "asyncio" (the default) or "uvloop", checked to be installed."""
-    name = service.get("event_loop", str, "asyncio")
+    """service.event_loop: "uvloop" (the default) or "asyncio", uvloop checked to be installed."""
+    name = service.get("event_loop", str, "uvloop")
     if name not in ("asyncio", "uvloop"):
         raise ConfigError("service.event_loop", f'"asyncio" or "uvloop", got "{name}"')
     if name == "uvloop" and importlib.util.find_spec("uvloop") is None:
-        raise ConfigError("service.event_loop", 'uvloop is not installed (pip install "careservice[uvloop]")')
+        raise ConfigError("service.event_loop", 'uvloop is not installed (pip install uvloop, or set "asyncio")')
     return name
 
 

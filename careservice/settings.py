@@ -211,7 +211,7 @@ class Config:
     spam: SpamConfig = field(default=SpamConfig("", 5))
     store: StoreConfig = field(default=StoreConfig())
     digest_at: time | None = None  # [digest] at: local time of each site's daily digest to its staff; None = none
-    event_loop: str = "asyncio"  # or "uvloop" (the optional dependency careservice[uvloop]), for both processes
+    event_loop: str = "uvloop"  # or "asyncio" (the standard library's loop), for both processes
     workers: int = 1  # worker processes, each taking the cases of its shard (SQLite) or its own claims (PostgreSQL)
 
     def site(self, site_id: str) -> Site | None:

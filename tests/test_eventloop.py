@@ -1,4 +1,4 @@
-"""service.event_loop: both processes on the loop asked for (asyncio by default), a config error for anything else."""
+"""service.event_loop: both processes on the loop asked for (uvloop by default), a config error for anything else."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from tests.support import write_config
 CUSTOMER = "alice@customer.example"
 
 
-def test_the_default_loop_is_asyncio_and_an_unknown_one_is_refused(tmp_path: Path) -> None:
+def test_the_default_loop_is_uvloop_and_an_unknown_one_is_refused(tmp_path: Path) -> None:
     config = write_config(tmp_path, 1)
-    assert load_config(config).event_loop == "asyncio"
+    assert load_config(config).event_loop == "uvloop"
     with pytest.raises(ConfigError, match="tokio") as raised:
         load_config(set_keys(config, "service", event_loop="tokio"))
     assert raised.value.key == "service.event_loop"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import logging
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import uvloop
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session
 
@@ -113,11 +113,8 @@ async def test_mail_rcpt_and_data_go_in_one_write_when_the_relay_offers_pipelini
         assert [c.raw for c in server.received] == [queued(n).mail.message for n in (1, 2, 3)]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="uvloop not installed")
 def test_pipelined_mail_on_uvloop() -> None:
-    """service.event_loop = "uvloop": its transports take the connection's data the same way."""
-    import uvloop
-
+    """service.event_loop = "uvloop" (the default): its transports take the connection's data the same way."""
     server = PipeliningRelay(unknown={UNKNOWN})
     with serving(server) as relay:
         results = uvloop.run(send(relay, [queued(1), to(2, KNOWN, UNKNOWN), to(3, UNKNOWN), queued(4)]))
