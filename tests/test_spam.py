@@ -117,6 +117,17 @@ def test_smtp_refuses_at_data_and_keeps_nothing(refusing: Daemon, token: bytes, 
     assert MARKER not in refusing.log.read_text() and ALICE not in refusing.log.read_text()
 
 
+def test_rspamd_with_the_readmes_logging_keeps_no_sender_or_subject(refusing: Daemon, rspamd: RspamdServer) -> None:
+    """rspamd's defaults log each scan with the Message-ID, client address and envelope: the README's logging.inc
+    (tests/rspamd.py writes it) must leave none of them in rspamd's own logs."""
+    message_id = "<zq-mid-5521@customer.example>"
+    raw = customer_mail(f"Offer {MARKER}", f"Buy now {MARKER} {GTUBE.decode()}", message_id=message_id)
+    with pytest.raises(smtplib.SMTPDataError):
+        send(refusing.smtp_port, ALICE, [CARE], raw)
+    logs = "".join(path.read_text(errors="replace") for path in (rspamd.root / "log").iterdir())
+    assert [word for word in (ALICE, MARKER, "zq-mid-5521") if word in logs] == []
+
+
 def test_a_form_post_rspamd_rejects_is_refused_and_not_kept(refusing: Daemon) -> None:
     reply = post(refusing, {**VALID, "query": f"Cheap {MARKER} {GTUBE.decode()}"})
     assert reply.status == 400
