@@ -43,13 +43,16 @@ RULES = (
     ("worker", re.compile(r"\((aiosmtplib/|careservice/(outbox|smtpclient|dkim)\.py)"), "relay client"),
 )
 _FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>.+?):\d+\)$")
-_COMMIT = next(n for n, line in enumerate((Path(__file__).resolve().parent.parent / "careservice" / "store" /
-                                          "executor.py").read_text().splitlines(), 1) if '"COMMIT"' in line)
-# leaves where a thread waits rather than computes: py-spy counts some of them as active,
-# so they are left out of the CPU shares and reported apart (the COMMIT's share is mostly its fsyncs)
+_EXECUTOR = (Path(__file__).resolve().parent.parent / "careservice" / "store" / "executor.py").read_text().splitlines()
+_COMMIT = next(n for n, line in enumerate(_EXECUTOR, 1) if '"COMMIT"' in line)
+_FDATASYNC = next(n for n, line in enumerate(_EXECUTOR, 1) if "os.fdatasync(" in line)
+# leaves where a thread waits rather than computes: py-spy counts some of them as active (a thread
+# in the disk's uninterruptible wait, as in an fsync, is not idle to it), so they are left out of the
+# CPU shares and reported apart (the COMMIT's share is mostly its fsyncs; the intake syncs its WALs itself)
 WAITING = re.compile(r"^(EpollSelector\.select \(selectors\.py|_worker \(concurrent/futures/thread\.py|Condition\.wait "
                      r"|ThreadedChildWatcher\._do_waitpid "
-                     rf"|\w*Executor\._locked_transaction \(careservice/store/executor\.py:{_COMMIT}\))")
+                     rf"|\w*Executor\._locked_transaction \(careservice/store/executor\.py:{_COMMIT}\)"
+                     rf"|\w*Executor\._sync_wals \(careservice/store/executor\.py:{_FDATASYNC}\))")
 
 
 def classify(stack: str) -> tuple[str, str, str]:
