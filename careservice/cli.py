@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Coroutine
 from datetime import UTC, datetime
@@ -44,15 +45,22 @@ def _run(config: Config, args: argparse.Namespace) -> int:
 
 
 def _share_metrics(data_dir: Path) -> None:
-    """An empty data_dir/metrics for the metrics of this run's processes (the worker inherits the variable);
-    before anything imports prometheus_client, which picks its mode at its first import."""
+    """A new, empty folder under data_dir/metrics for the metrics of this run's processes (the worker
+    inherits the variable); before anything imports prometheus_client, which picks its mode at its first
+    import. Earlier runs' folders are removed. A folder of its own per run, because after a kill -9 of
+    the daemon its old worker can live on for a moment and make files in its folder: emptying one shared
+    folder then failed, and the restart stopped on "File exists"."""
     if "prometheus_client" in sys.modules:
         raise RuntimeError("prometheus_client was imported before its multiprocess folder was set")
-    folder = data_dir / "metrics"
+    root = data_dir / "metrics"
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(mode=0o700)
-    os.environ[METRICS_DIR_ENV] = str(folder)
+    root.mkdir(mode=0o700, exist_ok=True)
+    for old in root.iterdir():  # a folder still written to is left, and removed at the next start
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # files of the layout before runs had folders of their own
+            old.unlink(missing_ok=True)
+    os.environ[METRICS_DIR_ENV] = tempfile.mkdtemp(prefix="run-", dir=root)  # 0700
 
 
 def _worker(config: Config, args: argparse.Namespace) -> int:

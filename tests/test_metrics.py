@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import struct
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -109,3 +111,42 @@ def test_each_process_allocates_its_metric_files_before_writing(tmp_path: Path) 
     registry = CollectorRegistry()
     metrics.ProcessFiles(registry, path=str(tmp_path))
     assert registry.get_sample_value("careservice_messages_received_total", {"channel": "smtp"}) == 1.0
+
+
+def _share_metrics(data_dir: Path) -> Path:
+    """`careservice run`'s metrics folder for a new run (in a process of its own: prometheus_client is
+    imported here already, and the folder must be set before its first import)."""
+    code = ("import os, sys\nfrom pathlib import Path\nfrom careservice import cli\n"
+            "cli._share_metrics(Path(sys.argv[1]))\nprint(os.environ['PROMETHEUS_MULTIPROC_DIR'])")
+    run = subprocess.run([sys.executable, "-c", code, str(data_dir)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-500:]
+    return Path(run.stdout.strip())
+
+
+def test_a_restart_gets_an_empty_metrics_folder_while_the_old_worker_still_writes(tmp_path: Path) -> None:
+    """After a kill -9 of the daemon its worker lives on for a moment and may make metric files: the
+    restart must neither fail on them ("File exists") nor count them."""
+    data_dir = tmp_path / "data"
+    old = _share_metrics(data_dir)
+    stop = threading.Event()
+
+    def old_worker() -> None:
+        for n in range(1_000_000):  # bounded; stopped once the restarts are done
+            if stop.is_set():
+                return
+            try:
+                (old / f"counter_{n}.db").touch()
+            except FileNotFoundError:  # its folder is gone
+                return
+
+    writer = threading.Thread(target=old_worker)
+    writer.start()
+    try:
+        news = [_share_metrics(data_dir) for _ in range(5)]
+    finally:
+        stop.set()
+        writer.join(30)
+    assert all(new.parent == data_dir / "metrics" and new != old for new in news)
+    assert list(news[-1].iterdir()) == [] and stat.S_IMODE(news[-1].stat().st_mode) == 0o700
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    assert [p for p in (data_dir / "metrics").iterdir() if p not in (old, news[-1])] == []  # earlier runs removed

@@ -127,8 +127,9 @@ staff = ["{STAFF}"]
         files = {p.name: stat.S_IMODE(p.stat().st_mode) for p in state.iterdir() if p.is_file()}
         assert {"cases.db", "keys.db", "cases.db-wal", "keys.db-wal"} <= set(files), files
         assert {name: mode for name, mode in files.items() if mode != 0o600} == {}
-        metrics = state / "metrics"  # prometheus_client's files of both processes
-        assert stat.S_IMODE(metrics.stat().st_mode) == 0o700 and any(metrics.iterdir())
+        [metrics] = (state / "metrics").iterdir()  # this run's folder: prometheus_client's files of both processes
+        assert stat.S_IMODE((state / "metrics").stat().st_mode) == stat.S_IMODE(metrics.stat().st_mode) == 0o700
+        assert any(metrics.iterdir())
         assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in metrics.iterdir() if p.stat().st_mode & 0o077} == {}
         assert stat.S_IMODE((etc / "master.key").stat().st_mode) == 0o600
     finally:
