@@ -67,6 +67,7 @@ class Load:
     daemon: Daemon
     relay: CaptureRelay
     stop_new: threading.Event = field(default_factory=threading.Event)
+    stop_all: threading.Event = field(default_factory=threading.Event)  # the test ends: no more sending at all
     accepted: set[int] = field(default_factory=set)  # customer mail numbers that got a 250
     answered: dict[str, int] = field(default_factory=dict)  # reply address -> mail number, reply got a 250
     sent: int = 0
@@ -80,7 +81,7 @@ class Load:
     def deliver(self, sender: str, rcpt: str, raw: bytes) -> bool:
         """Send until a 250; False only if that takes longer than GIVE_UP seconds."""
         deadline = time.monotonic() + GIVE_UP
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.stop_all.is_set():
             try:
                 with smtplib.SMTP("127.0.0.1", self.port(), timeout=30) as client:
                     client.sendmail(sender, [rcpt], raw)
@@ -113,6 +114,8 @@ class Load:
         """Answer every forwarded case not answered yet; returns how many were answered now."""
         done = 0
         for captured in self.relay.to(STAFF):
+            if self.stop_all.is_set():
+                break
             forward = captured.message
             if "Auto-Submitted" in forward or "kill-c" not in str(forward["Subject"]):
                 continue
@@ -124,7 +127,7 @@ class Load:
             if self.deliver(STAFF, address, reply):
                 self.answered[address] = number
                 done += 1
-            else:
+            elif not self.stop_all.is_set():
                 self.errors.append(f"answer for mail {number} never accepted")
         return done
 
@@ -233,8 +236,9 @@ def test_kill9_under_load_loses_nothing(tmp_path: Path, relay: CaptureRelay, wor
     config = set_keys(write_config(tmp_path, relay.port, retry_delays="[1]"), "service", workers=workers)
     daemon = Daemon(config).start()
     load = Load(daemon, relay)
-    threads = [threading.Thread(target=load.customers, args=(i,)) for i in range(SENDERS)]
-    threads.append(threading.Thread(target=load.staff))
+    # daemon threads, stopped by stop_all: one left behind by a failure must not keep pytest from exiting
+    threads = [threading.Thread(target=load.customers, args=(i,), daemon=True) for i in range(SENDERS)]
+    threads.append(threading.Thread(target=load.staff, daemon=True))
     kinds: Counter[str] = Counter()
     try:
         for thread in threads:
@@ -245,6 +249,7 @@ def test_kill9_under_load_loses_nothing(tmp_path: Path, relay: CaptureRelay, wor
         load.stop_new.set()
         for thread in threads:
             thread.join(GIVE_UP + 30)
+        assert not [thread for thread in threads if thread.is_alive()], "a sender still running"
         assert not load.errors, load.errors[:5]
         # answer what is still open, then everything must drain and purge
         deadline = time.monotonic() + 120
@@ -254,6 +259,7 @@ def test_kill9_under_load_loses_nothing(tmp_path: Path, relay: CaptureRelay, wor
         counts = status(daemon)
     finally:
         load.stop_new.set()
+        load.stop_all.set()
         daemon.stop()
 
     settled(load, f"kill -9: workers={workers} kills={sum(kinds.values())} {dict(kinds)}", kills, counts)
