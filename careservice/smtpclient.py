@@ -16,7 +16,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import aiosmtplib
-from aiosmtplib.email import parse_address, quote_address
+from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import (
     COMMAND_INJECTION_REGEX,
     MAX_RESPONSE_LENGTH,
@@ -42,11 +42,10 @@ async def sendmail(client: aiosmtplib.SMTP, sender: str, recipients: Sequence[st
     utf8 = any(option.lower() == "smtputf8" for option in mail_options)
     if utf8 and not client.supports_extension("smtputf8"):
         raise aiosmtplib.SMTPNotSupported("SMTPUTF8 is not supported by this server")
-    for address in (sender, *recipients):  # as sendmail: nothing is sent for an address that cannot be
-        parse_address(address)
     content = normalize_message_line_endings(message)
     options = [f"size={len(content)}", *mail_options] if client.supports_extension("size") else mail_options
     encoding = "utf-8" if utf8 else "ascii"
+    # quote_address raises for an address that cannot be sent, before anything is: as sendmail
     commands = [_command(b"MAIL", b"FROM:" + quote_address(sender).encode(encoding),
                          *(option.encode("ascii") for option in options))]
     commands += [_command(b"RCPT", b"TO:" + quote_address(r).encode(encoding)) for r in recipients]

@@ -3,8 +3,8 @@
 The daemon starts `service.workers` of them, worker I of N taking the cases and mail of its shard
 (careservice.store.shards; on PostgreSQL its own claims); the jobs of the whole store (the sweep, the
 daily digest, the WAL checkpoints) run in worker 0 alone. Each stops when its stdin (the daemon's
-pipe) closes or on SIGTERM/SIGINT, after the batch of cases and the relay delivery in flight, so a
-mail the relay took is always recorded as sent. SIGHUP
+pipe) closes or on SIGTERM/SIGINT, after the batch of cases, the relay delivery and the scheduled job
+in flight, so a mail the relay took is always recorded as sent. SIGHUP
 reloads the sites, staff lists and templates. While its loops run it writes a heartbeat byte to
 stdout, which the daemon's systemd watchdog relies on. Each minute worker 0 also sends the daily
 digest once it is due (handlers.digest).
@@ -21,7 +21,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -118,6 +118,7 @@ class CaseWorker:
         self.tasks: list[asyncio.Task[None]] = []
         self.listener: asyncio.Task[None] | None = None  # other nodes' commits (PostgreSQL)
         self.scheduler = AsyncIOScheduler(job_defaults={"coalesce": True, "misfire_grace_time": SWEEP_SECONDS})
+        self.jobs: set[asyncio.Task[object]] = set()  # the scheduler's jobs running now: a stop lets them end
         self.checkpointer = WalCheckpointer(config.data_dir)
 
     def wake(self) -> None:
@@ -195,28 +196,42 @@ class CaseWorker:
         self.tasks = [asyncio.create_task(self.runner.run()), asyncio.create_task(self.outbox.run())]
         self.listener = asyncio.create_task(self.store.listen(self.wake))
         if self.first:
-            self.scheduler.add_job(self.sweep, "interval", seconds=SWEEP_SECONDS, id="retention_and_retry_sweep",
-                                   next_run_time=datetime.now(UTC))
-            self.scheduler.add_job(self.send_digests, "interval", seconds=SWEEP_SECONDS, id="daily_digest",
-                                   next_run_time=datetime.now(UTC))
-        self.scheduler.add_job(self.outbox.check_relay, "interval", seconds=SWEEP_SECONDS, id="relay_check")
+            self._every(SWEEP_SECONDS, self.sweep, "retention_and_retry_sweep", now=True)
+            self._every(SWEEP_SECONDS, self.send_digests, "daily_digest", now=True)
+        self._every(SWEEP_SECONDS, self.outbox.check_relay, "relay_check")
         if self.config.store.shared:  # claims outlive a slow batch only while this process renews them
-            self.scheduler.add_job(self.renew_claims, "interval", seconds=self.config.store.lease_seconds / 3,
-                                   id="claim_renewal")
+            self._every(self.config.store.lease_seconds / 3, self.renew_claims, "claim_renewal")
         self.scheduler.start()
         log.info("worker_started index=%d of=%d", *self.shard)
 
+    def _every(self, seconds: float, job: Callable[[], Awaitable[None]], name: str, now: bool = False) -> None:
+        async def run() -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self.jobs.add(task)
+            try:
+                await job()
+            finally:
+                self.jobs.discard(task)
+
+        first = {"next_run_time": datetime.now(UTC)} if now else {}  # else one interval after the start
+        self.scheduler.add_job(run, "interval", seconds=seconds, id=name, name=name, **first)
+
     async def stop(self, timeout: float) -> None:
-        """Finish the cases and the delivery in flight (at most `timeout` seconds), then close the store."""
-        self.scheduler.shutdown(wait=False)
+        """Finish the cases, the delivery and the scheduler's jobs in flight (at most `timeout` seconds), then
+        close the store. The scheduler's shutdown cancels a job still running, which it logs as an error."""
+        self.scheduler.pause()
+        await asyncio.sleep(0)  # a job the scheduler started in this turn takes its first step and counts as running
         if self.listener is not None:
             self.listener.cancel()
         self.runner.stop()
         self.outbox.stop()
-        done, pending = await asyncio.wait(self.tasks, timeout=timeout) if self.tasks else (set(), set())
+        running = [*self.tasks, *self.jobs]
+        done, pending = await asyncio.wait(running, timeout=timeout) if running else (set(), set())
+        self.scheduler.shutdown(wait=False)
         for task in pending:
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*running, return_exceptions=True)
         await self.checkpointer.stop()
         await self.store.close()
         log.info("worker_stopped unfinished=%d", len(pending))

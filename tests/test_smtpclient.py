@@ -15,11 +15,13 @@ from dataclasses import field
 from dataclasses import replace
 from pathlib import Path
 
+import aiosmtplib
 import pytest
 import uvloop
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session
 
+from careservice import smtpclient
 from careservice.crypto import Keyring
 from careservice.model import MailKind
 from careservice.model import OutgoingMail
@@ -139,6 +141,25 @@ async def test_a_body_with_dots_and_bare_newlines_arrives_as_aiosmtplib_sends_it
         assert await send(relay, [queued(1), dotted]) == [None, None]
         assert server.pipelined == [False, True]
         assert server.received[1].raw == body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") + b"\r\n"
+
+
+async def test_an_address_that_cannot_go_on_a_command_line_sends_nothing() -> None:
+    """As aiosmtplib's sendmail: an address with a space (which could smuggle in an ESMTP parameter) raises
+    before any command is written, and the session stays usable."""
+    server = PipeliningRelay()
+    server.start()
+    try:
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=server.port) as client:
+            await smtpclient.sendmail(client, KNOWN, [KNOWN], queued(1).mail.message, [])
+            for sender, recipient in [(KNOWN, "c NOTIFY=NEVER@customer.example"), ("c d@customer.example", KNOWN)]:
+                with pytest.raises(ValueError, match="not permitted in an SMTP mailbox"):
+                    await smtpclient.sendmail(client, sender, [KNOWN, recipient], queued(2).mail.message, [])
+            assert server.rcpts == 1
+            await smtpclient.sendmail(client, KNOWN, [KNOWN], queued(3).mail.message, [])
+        assert server.pipelined == [True, True] and server.rcpts == 2 and server.sessions == 1
+        assert [c.raw for c in server.received] == [queued(n).mail.message for n in (1, 3)]
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize(("reply", "refusal"), [("550 5.7.1 not you", Refusal(550, True)),

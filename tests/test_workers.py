@@ -3,6 +3,8 @@ its own claims (PostgreSQL); every mail forwarded, acknowledged and answered onc
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import re
 import signal
@@ -15,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from careservice.bootstrap import build_context
 from careservice.config import ConfigError
 from careservice.config import load_config
 from careservice.crypto import Keyring
+from careservice.crypto import write_master_key
 from careservice.model import CaseState
 from careservice.model import Envelope
 from careservice.model import MailKind
@@ -27,6 +31,7 @@ from careservice.settings import StoreConfig
 from careservice.store import NewMessage
 from careservice.store import Store
 from careservice.store import mailq
+from careservice.worker import CaseWorker
 from tests.postgres import case_rows
 from tests.postgres import with_store
 from tests.reliability.helpers import children
@@ -103,6 +108,27 @@ async def test_the_shards_of_the_due_cases_and_mail_are_disjoint_and_cover_all(t
             assert sum(len(shard) for shard in taken) == len(ids)  # no case in two shards
             assert all(taken)  # 64 random ids: every shard has some
         assert cases == mail  # a case's mail goes to the worker that takes the case
+
+
+async def test_a_stop_lets_the_scheduled_job_in_flight_finish(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Stopped while its start's sweep runs (as when its daemon is killed right after a restart), the worker lets the
+    sweep finish: APScheduler's shutdown cancels a job still running and logs that at ERROR, which pages an operator."""
+    config = load_config(write_config(tmp_path, 1))  # port 1: nothing is due, no relay is dialled
+    write_master_key(config.master_key_file)
+    _, intake = build_context(config, intake=True)  # the store, as the daemon's main process makes it
+    await intake.start(sweep=True)
+    await intake.close()
+    caplog.set_level(logging.INFO, logger="apscheduler")
+    worker = CaseWorker(config)
+    await worker.start()
+    deadline = time.monotonic() + 10
+    # each loop turn: the stop comes while the sweep waits for its first store call, its calls take a few turns
+    while not any(r.getMessage().startswith("Running job") and "sweep" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, "the sweep did not start"
+        await asyncio.sleep(0)
+    await worker.stop(10)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert any("sweep" in r.getMessage() and r.getMessage().endswith("executed successfully") for r in caplog.records)
 
 
 def _workers(daemon: Daemon) -> dict[int, int]:
