@@ -62,6 +62,9 @@ end
 # The README's advice for an rspamd that sees customer mail: its scan lines (level notice and info) carry the
 # Message-ID, client address and envelope by default, so log warnings and errors only.
 PRIVATE_LOGGING = 'level = "warning";\n'
+# and no signing: dkim_signing and arc sign local and authenticated mail by default, and log the sender's domain
+# at warning when they find no key for it
+NO_SIGNING = ("dkim_signing.conf", "arc.conf")
 _NETWORK_MODULES = ("fuzzy_check", "rbl", "surbl", "asn", "phishing", "hfilter", "url_redirector", "neural",
                     "whitelist", "mime_types", "multimap", "mid")
 
@@ -122,6 +125,8 @@ def start_rspamd(root: Path, cache: Path) -> RspamdServer:
     port = free_port()
     (etc / "local.d" / "options.inc").write_text(_OPTIONS.format(cache=cache))
     (etc / "local.d" / "logging.inc").write_text(PRIVATE_LOGGING)
+    for name in NO_SIGNING:
+        (etc / "local.d" / name).write_text("enabled = false;\n")
     (etc / "override.d" / "worker-normal.inc").write_text(f'bind_socket = "127.0.0.1:{port}";\ncount = 1;\n')
     for worker in ("worker-controller.inc", "worker-proxy.inc"):
         (etc / "override.d" / worker).write_text("enabled = false;\n")
