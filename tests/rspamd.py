@@ -90,6 +90,10 @@ class RspamdServer:
     def log(self) -> Path:
         return self.root / "log" / "stdout.log"
 
+    def logged(self) -> str:
+        """Everything rspamd wrote to its log folder so far (its own log and its stdout)."""
+        return "".join(path.read_text(errors="replace") for path in (self.root / "log").iterdir())
+
     def check(self, raw: bytes, sender: str, ip: str = SPF_PASS_IP) -> dict[str, object]:
         """rspamd's own answer for `raw`, asked directly (to compare the service's reading with)."""
         request = urllib.request.Request(f"{self.url}/checkv2", data=raw, method="POST", headers={

@@ -147,8 +147,7 @@ async def test_an_address_that_cannot_go_on_a_command_line_sends_nothing() -> No
     """As aiosmtplib's sendmail: an address with a space (which could smuggle in an ESMTP parameter) raises
     before any command is written, and the session stays usable."""
     server = PipeliningRelay()
-    server.start()
-    try:
+    with serving(server):
         async with aiosmtplib.SMTP(hostname="127.0.0.1", port=server.port) as client:
             await smtpclient.sendmail(client, KNOWN, [KNOWN], queued(1).mail.message, [])
             for sender, recipient in [(KNOWN, "c NOTIFY=NEVER@customer.example"), ("c d@customer.example", KNOWN)]:
@@ -158,8 +157,6 @@ async def test_an_address_that_cannot_go_on_a_command_line_sends_nothing() -> No
             await smtpclient.sendmail(client, KNOWN, [KNOWN], queued(3).mail.message, [])
         assert server.pipelined == [True, True] and server.rcpts == 2 and server.sessions == 1
         assert [c.raw for c in server.received] == [queued(n).mail.message for n in (1, 3)]
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize(("reply", "refusal"), [("550 5.7.1 not you", Refusal(550, True)),

@@ -21,7 +21,6 @@ from careservice.bootstrap import build_context
 from careservice.config import ConfigError
 from careservice.config import load_config
 from careservice.crypto import Keyring
-from careservice.crypto import write_master_key
 from careservice.model import CaseState
 from careservice.model import Envelope
 from careservice.model import MailKind
@@ -114,8 +113,7 @@ async def test_a_stop_lets_the_scheduled_job_in_flight_finish(tmp_path: Path, ca
     """Stopped while its start's sweep runs (as when its daemon is killed right after a restart), the worker lets the
     sweep finish: APScheduler's shutdown cancels a job still running and logs that at ERROR, which pages an operator."""
     config = load_config(write_config(tmp_path, 1))  # port 1: nothing is due, no relay is dialled
-    write_master_key(config.master_key_file)
-    _, intake = build_context(config, intake=True)  # the store, as the daemon's main process makes it
+    intake = build_context(config, intake=True)[1]  # the master key and the store, as the daemon's main process
     await intake.start(sweep=True)
     await intake.close()
     caplog.set_level(logging.INFO, logger="apscheduler")
