@@ -37,12 +37,20 @@ from tests.support import free_port
 BATCH = 256
 
 
-def _write(path: Path, waiting: queue.SimpleQueue[tuple[bytes, asyncio.Future[None]] | None],
-           loop: asyncio.AbstractEventLoop) -> None:
+def open_mail_db(path: Path) -> sqlite3.Connection:
+    """The floor's one table, in WAL mode, committing with synchronous=FULL (bench.cyclefloor's relay
+    process deletes from it too, hence the busy timeout)."""
     conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout=5000")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("CREATE TABLE mail(id INTEGER PRIMARY KEY, body BLOB NOT NULL)")
+    conn.execute("CREATE TABLE IF NOT EXISTS mail(id INTEGER PRIMARY KEY, body BLOB NOT NULL)")
+    return conn
+
+
+def _write(path: Path, waiting: queue.SimpleQueue[tuple[bytes, asyncio.Future[None]] | None],
+           loop: asyncio.AbstractEventLoop) -> None:
+    conn = open_mail_db(path)
     while (first := waiting.get()) is not None:
         batch = [first]
         while len(batch) < BATCH:
@@ -78,7 +86,7 @@ class _DurableHandler:
         return "250 2.0.0 stored"
 
 
-def _serve(port: int, path: Path, ready: Any, uvloop: bool) -> None:
+def serve_durable(port: int, path: Path, ready: Any, uvloop: bool) -> None:
     async def main() -> None:
         waiting: queue.SimpleQueue[tuple[bytes, asyncio.Future[None]] | None] = queue.SimpleQueue()
         writer = threading.Thread(target=_write, args=(path, waiting, asyncio.get_running_loop()))
@@ -105,8 +113,8 @@ class DurableSink(Server):
 
     def start(self) -> DurableSink:
         ready = WORKER_CONTEXT.Event()
-        self._proc = WORKER_CONTEXT.Process(target=_serve, args=(self.port, self._dir / "mail.db", ready, self.uvloop),
-                                            daemon=True)
+        self._proc = WORKER_CONTEXT.Process(target=serve_durable, daemon=True,
+                                            args=(self.port, self._dir / "mail.db", ready, self.uvloop))
         self._proc.start()
         if not ready.wait(START_TIMEOUT):
             self.stop()

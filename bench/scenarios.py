@@ -18,6 +18,7 @@ from email import message_from_bytes, policy
 from pathlib import Path
 from typing import Any
 
+from bench import cyclefloor
 from bench.floor import DurableSink, paused_worker
 from bench.load import CustomerMails, Job, LoadResult, Mail, MailList, send, send_until_fast, smtp_data
 from bench.postfix import Postfix, ensure_postfix, relay_sink
@@ -258,6 +259,11 @@ def full_cycle(s: Settings, log: Log, bare_rate: float | None) -> list[Row]:
         judge(row, ">= 600 cases/s", rate >= 600)
         rows.append(row)
         log(f"2 full cycle: {rate:.0f} cases/s (intake {result.rate:.0f} msg/s)")
+    floors = cyclefloor.rows(s.cycle_cases, s.warmup, "3 KB c=10 pc=1, forward+ack to relay", bare_rate)
+    for floor in floors:
+        row.ratios[floor.target] = rate / floor.value  # type: ignore[operator]
+        log(f"2 full cycle {floor.target}: {floor.value:.0f} cases/s ({floor.note})")
+    rows.extend(floors)
     with PySink(record=True) as relay, careservice(relay, s.workers) as daemon:
         count = int(s.offered_rate * s.latency_seconds)
         # warm up, then wait until the warm-up's cases are delivered: a backlog left by the (unpaced)

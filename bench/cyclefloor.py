@@ -1,0 +1,167 @@
+"""What the full-cycle goal stands against: the least work a durable intake-to-relay cycle does in CPython.
+
+CycleFloor is the intake floor of bench.floor (aiosmtpd, one writer thread committing what is waiting
+into SQLite with synchronous=FULL, 250 after COMMIT) with a relay process beside it, as careservice has
+its worker: that process takes the stored mail in batches of BATCH, sends each one twice over
+CONNECTIONS persistent relay connections (aiosmtplib, pipelined as careservice's relay client does): the
+stored bytes as the forward and a fixed short text as the acknowledgement, and then deletes the batch
+(secure_delete, as the purge promise needs). No encryption, parsing, templates, workflow state, limits,
+logging or metrics: any cycle that forwards and acknowledges durably does at least this, so its CPU per
+case, set against the cores the machine has left beside the load generator and the relay, is the most
+cases/s CPython can reach here with the design's libraries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import shutil
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+
+from bench.floor import open_mail_db, serve_durable
+from bench.load import WORKER_CONTEXT, CustomerMails, Job, send
+from bench.postfix import relay_sink
+from bench.procstat import Meter, cpu_seconds
+from bench.report import Row
+from bench.servers import HOST, START_TIMEOUT, Server, run_loop
+from careservice.smtpclient import sendmail
+from tests.support import free_port
+
+BATCH = 64
+DRAIN_SECONDS = 600.0  # bounds the wait for the floor's last delivery (a full run's 10,000 cases take ~15 s)
+CONNECTIONS = 4
+IDLE_POLL = 0.002  # seconds between looks at an empty table: the floor's only wake-up
+SENDER = "care@floor.bench.localhost"
+ACK = (b"From: care@floor.bench.localhost\r\nTo: customer@floor.bench.localhost\r\nSubject: received\r\n"
+       b"Auto-Submitted: auto-replied\r\n\r\nWe have your message and answer soon.\r\n")
+
+
+async def _send(client: aiosmtplib.SMTP, bodies: list[bytes]) -> None:
+    for body in bodies:
+        await sendmail(client, SENDER, ["staff@floor.bench.localhost"], body, [])
+        await sendmail(client, SENDER, ["customer@floor.bench.localhost"], ACK, [])
+
+
+async def _relay(path: Path, relay_port: int, delivered: Any, last: Any) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute("PRAGMA synchronous=NORMAL")  # as careservice's worker: a lost delete only sends again
+    conn.execute("PRAGMA secure_delete=ON")
+    clients = [aiosmtplib.SMTP(hostname=HOST, port=relay_port) for _ in range(CONNECTIONS)]
+    for client in clients:
+        await client.connect()
+        await client.ehlo()  # pipelined sends need the EHLO's answer (careservice.smtpclient)
+    while True:
+        rows = conn.execute("SELECT id, body FROM mail ORDER BY id LIMIT ?", (BATCH,)).fetchall()
+        if not rows:
+            await asyncio.sleep(IDLE_POLL)
+            continue
+        bodies = [body for _, body in rows]
+        await asyncio.gather(*(_send(c, bodies[i::CONNECTIONS]) for i, c in enumerate(clients)))
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("DELETE FROM mail WHERE id=?", [(row_id,) for row_id, _ in rows])
+        conn.execute("COMMIT")
+        with delivered.get_lock():
+            delivered.value += len(rows)
+            last.value = time.monotonic()
+
+
+def _relay_main(path: Path, relay_port: int, delivered: Any, last: Any, uvloop: bool) -> None:
+    run_loop(_relay(path, relay_port, delivered, last), uvloop)
+
+
+def _serve(port: int, path: Path, relay_port: int, delivered: Any, last: Any, ready: Any, uvloop: bool) -> None:
+    """The intake in this process, the relay in a child of it (so the meter's process tree holds both)."""
+    open_mail_db(path).close()  # the table, before the relay looks for it
+    relay = multiprocessing.get_context("fork").Process(target=_relay_main, daemon=True,
+                                                        args=(path, relay_port, delivered, last, uvloop))
+    relay.start()
+    try:
+        serve_durable(port, path, ready, uvloop)
+    finally:
+        relay.terminate()
+        relay.join(10)
+
+
+class CycleFloor(Server):
+    """The floor's two processes, relaying to `relay_port`; `delivered` counts the cases whose forward and
+    ack the relay took, `last` is when the latest batch was done (time.monotonic)."""
+
+    def __init__(self, relay_port: int, uvloop: bool = True) -> None:
+        self.relay_port = relay_port
+        self.uvloop = uvloop
+        self.port = free_port()
+        self._dir = Path(tempfile.mkdtemp(prefix="careservice-bench-cyclefloor-"))
+        self._delivered = WORKER_CONTEXT.Value("q", 0)
+        self._last = WORKER_CONTEXT.Value("d", 0.0, lock=False)
+        self._proc: Any = None
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def delivered(self) -> int:
+        return int(self._delivered.value)
+
+    def wait_delivered(self, count: int, timeout: float) -> float:
+        """Wait (bounded) until `count` cases are delivered; when the last of them was."""
+        deadline = time.monotonic() + timeout
+        while self.delivered < count:
+            if time.monotonic() > deadline or not self._proc.is_alive():
+                raise RuntimeError(f"cycle floor delivered {self.delivered} of {count} cases")
+            time.sleep(0.05)
+        return float(self._last.value)
+
+    def start(self) -> CycleFloor:
+        ready = WORKER_CONTEXT.Event()
+        # not a daemon process: it has the relay as its child (stop() ends both)
+        self._proc = WORKER_CONTEXT.Process(target=_serve, args=(
+            self.port, self._dir / "mail.db", self.relay_port, self._delivered, self._last, ready, self.uvloop))
+        self._proc.start()
+        if not ready.wait(START_TIMEOUT):
+            self.stop()
+            raise RuntimeError("cycle floor did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.join(30)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(10)
+            self._proc = None
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def rows(cases: int, warmup: int, case: str, bare_rate: float | None) -> list[Row]:
+    """The floor's full cycle on the standard loop and on uvloop, measured as scenario 2 measures careservice:
+    cases/s from the first MAIL FROM until the relay took the last forward and ack, 10 senders, 3 KB."""
+    rows = []
+    for uvloop in (False, True):
+        with relay_sink() as relay, CycleFloor(relay.port, uvloop) as floor:
+            send(Job(floor.port, CustomerMails(3_000), warmup, 10))
+            floor.wait_delivered(warmup, DRAIN_SECONDS)
+            meter, cpu0 = Meter(floor.pid, tree=True).start(), cpu_seconds(floor.pid, tree=True)
+            result = send(Job(floor.port, CustomerMails(3_000), cases, 10, 1, DRAIN_SECONDS, first=warmup))
+            last = floor.wait_delivered(warmup + result.ok, DRAIN_SECONDS)
+            usage = meter.stop()
+            seconds = last - min(r[1] for r in result.records)
+            cpu_ms = 1000 * (cpu_seconds(floor.pid, tree=True) - cpu0) / max(result.ok, 1)
+            row = Row("2 full cycle", case, "floor: aiosmtpd + SQLite + aiosmtplib" + (" uvloop" if uvloop else ""),
+                      result.ok / seconds, "cases/s", server_cores=usage.server_cores,
+                      gen_cores=result.gen_cores * result.seconds / seconds, machine_cores=usage.machine_cores,
+                      note=f"intake {result.rate:.0f} msg/s; floor CPU {cpu_ms:.2f} ms/case"
+                           + (f"; {result.failed} failed" if result.failed else ""),
+                      extra={"cases": result.ok, "seconds": seconds, "cpu_ms_per_case": cpu_ms})
+            if bare_rate:
+                row.ratios["bare aiosmtpd intake"] = row.value / bare_rate  # type: ignore[operator]
+            rows.append(row)
+    return rows
