@@ -60,11 +60,13 @@ for tok, act in pairs({ ['XCARESERVICE-TEST-ADDHEADER'] = 'add header', ['XCARES
 end
 """
 # The README's advice for an rspamd that sees customer mail: its scan lines (level notice and info) carry the
-# Message-ID, client address and envelope by default, so log warnings and errors only.
-PRIVATE_LOGGING = 'level = "warning";\n'
-# and no signing: dkim_signing and arc sign local and authenticated mail by default, and log the sender's domain
-# at warning when they find no key for it
-NO_SIGNING = ("dkim_signing.conf", "arc.conf")
+# Message-ID, client address and envelope by default, and its warnings name the HELO, the sender's domain,
+# the domains of links in the text and attachments' file names, so log errors only.
+PRIVATE_LOGGING = 'level = "error";\n'
+# and the modules whose own lines name the sender, turned off (local.d/<module>.conf): dkim_signing and arc sign
+# local and authenticated mail by default and log the sender's domain when they find no key for it; asn and
+# once_received log the client's address at error when its DNS lookup fails
+PRIVATE_OFF = ("dkim_signing.conf", "arc.conf", "asn.conf", "once_received.conf")
 _NETWORK_MODULES = ("fuzzy_check", "rbl", "surbl", "asn", "phishing", "hfilter", "url_redirector", "neural",
                     "whitelist", "mime_types", "multimap", "mid")
 
@@ -129,7 +131,7 @@ def start_rspamd(root: Path, cache: Path) -> RspamdServer:
     port = free_port()
     (etc / "local.d" / "options.inc").write_text(_OPTIONS.format(cache=cache))
     (etc / "local.d" / "logging.inc").write_text(PRIVATE_LOGGING)
-    for name in NO_SIGNING:
+    for name in PRIVATE_OFF:
         (etc / "local.d" / name).write_text("enabled = false;\n")
     (etc / "override.d" / "worker-normal.inc").write_text(f'bind_socket = "127.0.0.1:{port}";\ncount = 1;\n')
     for worker in ("worker-controller.inc", "worker-proxy.inc"):

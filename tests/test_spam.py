@@ -147,6 +147,21 @@ def test_rspamd_with_the_readmes_config_logs_no_senders_domain(tmp_path: Path, r
     assert "zq-shop-7731" not in rspamd.logged()
 
 
+@pytest.mark.parametrize("sender", ["zq..5521@odd-sender-5521.example", '"zq 5521"@odd-sender-5521.example'])
+def test_a_sender_rspamd_cannot_read_is_not_told_it(tmp_path: Path, relay: CaptureRelay, rspamd: RspamdServer,
+                                                    sender: str) -> None:
+    """rspamd logs an envelope sender it cannot parse, whole and at error ('bad from header'), so no log level
+    keeps it out: such a sender is not passed to it, and its mail is checked and taken all the same."""
+    daemon = Daemon(write_config(tmp_path, relay.port, extra=spam_table(rspamd.url))).start()
+    try:
+        send(daemon.smtp_port, sender, [CARE], customer_mail("Odd sender", "Where are my tickets?"))
+        wait_for(lambda: forward_for(relay, "Odd sender"), what="the forward")
+        assert spam_counts(daemon)["ham"] == 1
+    finally:
+        daemon.stop()
+    assert "5521" not in rspamd.logged()
+
+
 def test_a_form_post_rspamd_rejects_is_refused_and_not_kept(refusing: Daemon) -> None:
     reply = post(refusing, {**VALID, "query": f"Cheap {MARKER} {GTUBE.decode()}"})
     assert reply.status == 400
