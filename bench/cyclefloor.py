@@ -15,23 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import shutil
 import sqlite3
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import aiosmtplib
 
-from bench.floor import open_mail_db, serve_durable
+from bench.floor import DurableSink, open_mail_db, serve_durable
 from bench.load import WORKER_CONTEXT, CustomerMails, Job, send
 from bench.postfix import relay_sink
 from bench.procstat import Meter, cpu_seconds
 from bench.report import Row
-from bench.servers import HOST, START_TIMEOUT, Server, run_loop
+from bench.servers import HOST, run_loop
 from careservice.smtpclient import sendmail
-from tests.support import free_port
 
 BATCH = 64
 DRAIN_SECONDS = 600.0  # bounds the wait for the floor's last delivery (a full run's 10,000 cases take ~15 s)
@@ -89,22 +86,20 @@ def _serve(port: int, path: Path, relay_port: int, delivered: Any, last: Any, re
         relay.join(10)
 
 
-class CycleFloor(Server):
+class CycleFloor(DurableSink):
     """The floor's two processes, relaying to `relay_port`; `delivered` counts the cases whose forward and
     ack the relay took, `last` is when the latest batch was done (time.monotonic)."""
 
     def __init__(self, relay_port: int, uvloop: bool = True) -> None:
+        super().__init__(uvloop)
         self.relay_port = relay_port
-        self.uvloop = uvloop
-        self.port = free_port()
-        self._dir = Path(tempfile.mkdtemp(prefix="careservice-bench-cyclefloor-"))
         self._delivered = WORKER_CONTEXT.Value("q", 0)
         self._last = WORKER_CONTEXT.Value("d", 0.0, lock=False)
-        self._proc: Any = None
 
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
+    def process(self, ready: Any) -> Any:
+        # not a daemon process: it has the relay as its child (stop() ends both)
+        return WORKER_CONTEXT.Process(target=_serve, args=(
+            self.port, self._dir / "mail.db", self.relay_port, self._delivered, self._last, ready, self.uvloop))
 
     @property
     def delivered(self) -> int:
@@ -118,27 +113,6 @@ class CycleFloor(Server):
                 raise RuntimeError(f"cycle floor delivered {self.delivered} of {count} cases")
             time.sleep(0.05)
         return float(self._last.value)
-
-    def start(self) -> CycleFloor:
-        ready = WORKER_CONTEXT.Event()
-        # not a daemon process: it has the relay as its child (stop() ends both)
-        self._proc = WORKER_CONTEXT.Process(target=_serve, args=(
-            self.port, self._dir / "mail.db", self.relay_port, self._delivered, self._last, ready, self.uvloop))
-        self._proc.start()
-        if not ready.wait(START_TIMEOUT):
-            self.stop()
-            raise RuntimeError("cycle floor did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
-            self._proc.join(30)
-            if self._proc.is_alive():
-                self._proc.kill()
-                self._proc.join(10)
-            self._proc = None
-        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 def rows(cases: int, warmup: int, case: str, bare_rate: float | None) -> list[Row]:

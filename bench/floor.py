@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from aiosmtpd.smtp import SMTP
 
@@ -111,14 +111,18 @@ class DurableSink(Server):
     def pid(self) -> int:
         return self._proc.pid
 
-    def start(self) -> DurableSink:
+    def process(self, ready: Any) -> Any:
+        """The server's process, not yet started; it sets `ready` once it listens."""
+        return WORKER_CONTEXT.Process(target=serve_durable, daemon=True,
+                                      args=(self.port, self._dir / "mail.db", ready, self.uvloop))
+
+    def start(self) -> Self:
         ready = WORKER_CONTEXT.Event()
-        self._proc = WORKER_CONTEXT.Process(target=serve_durable, daemon=True,
-                                            args=(self.port, self._dir / "mail.db", ready, self.uvloop))
+        self._proc = self.process(ready)
         self._proc.start()
         if not ready.wait(START_TIMEOUT):
             self.stop()
-            raise RuntimeError("durable sink did not start")
+            raise RuntimeError(f"{type(self).__name__} did not start")
         return self
 
     def stop(self) -> None:
