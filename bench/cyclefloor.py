@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import sqlite3
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiosmtplib
 
 from bench.floor import DurableSink, open_mail_db, serve_durable
-from bench.load import WORKER_CONTEXT, CustomerMails, Job, send
+from bench.load import WORKER_CONTEXT, CustomerMails, Job, LoadResult, send
 from bench.postfix import relay_sink
-from bench.procstat import Meter, cpu_seconds
+from bench.procstat import Meter, Usage, cpu_seconds
 from bench.report import Row
 from bench.servers import HOST, run_loop
 from careservice.smtpclient import sendmail
@@ -46,8 +47,7 @@ async def _send(client: aiosmtplib.SMTP, bodies: list[bytes]) -> None:
 
 
 async def _relay(path: Path, relay_port: int, delivered: Any, last: Any) -> None:
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA busy_timeout=5000")
+    conn = open_mail_db(path)
     conn.execute("PRAGMA synchronous=NORMAL")  # as careservice's worker: a lost delete only sends again
     conn.execute("PRAGMA secure_delete=ON")
     clients = [aiosmtplib.SMTP(hostname=HOST, port=relay_port) for _ in range(CONNECTIONS)]
@@ -75,7 +75,6 @@ def _relay_main(path: Path, relay_port: int, delivered: Any, last: Any, uvloop: 
 
 def _serve(port: int, path: Path, relay_port: int, delivered: Any, last: Any, ready: Any, uvloop: bool) -> None:
     """The intake in this process, the relay in a child of it (so the meter's process tree holds both)."""
-    open_mail_db(path).close()  # the table, before the relay looks for it
     relay = multiprocessing.get_context("fork").Process(target=_relay_main, daemon=True,
                                                         args=(path, relay_port, delivered, last, uvloop))
     relay.start()
@@ -115,27 +114,54 @@ class CycleFloor(DurableSink):
         return float(self._last.value)
 
 
+@dataclass(frozen=True)
+class Cycle:
+    """One measured full cycle: the load's result, the server's usage, the seconds from the first MAIL FROM
+    until the relay took the last forward and ack, and the server's CPU per case."""
+
+    result: LoadResult
+    usage: Usage
+    seconds: float
+    cpu_ms: float
+
+    @property
+    def rate(self) -> float:
+        return self.result.ok / self.seconds
+
+    @property
+    def gen_cores(self) -> float:
+        return self.result.gen_cores * self.result.seconds / self.seconds
+
+
+def measure(port: int, pid: int, cases: int, warmup: int, bound: float, delivered: Callable[[int], float]) -> Cycle:
+    """Scenario 2's full cycle against the server `pid` (its process tree) listening on `port`: `warmup` mails,
+    then `cases` by 10 senders (3 KB, one connection each, none started after `bound` seconds);
+    `delivered(n)` waits (bounded) until n cases are delivered and gives when the last one was."""
+    send(Job(port, CustomerMails(3_000), warmup, 10))
+    delivered(warmup)
+    meter, cpu0 = Meter(pid, tree=True).start(), cpu_seconds(pid, tree=True)
+    result = send(Job(port, CustomerMails(3_000), cases, 10, 1, bound, first=warmup))
+    last = delivered(warmup + result.ok)
+    usage = meter.stop()
+    cpu_ms = 1000 * (cpu_seconds(pid, tree=True) - cpu0) / max(result.ok, 1)
+    return Cycle(result, usage, last - min(r[1] for r in result.records), cpu_ms)
+
+
 def rows(cases: int, warmup: int, case: str, bare_rate: float | None) -> list[Row]:
-    """The floor's full cycle on the standard loop and on uvloop, measured as scenario 2 measures careservice:
-    cases/s from the first MAIL FROM until the relay took the last forward and ack, 10 senders, 3 KB."""
+    """The floor's full cycle on the standard loop and on uvloop, measured as scenario 2 measures careservice."""
     rows = []
     for uvloop in (False, True):
         with relay_sink() as relay, CycleFloor(relay.port, uvloop) as floor:
-            send(Job(floor.port, CustomerMails(3_000), warmup, 10))
-            floor.wait_delivered(warmup, DRAIN_SECONDS)
-            meter, cpu0 = Meter(floor.pid, tree=True).start(), cpu_seconds(floor.pid, tree=True)
-            result = send(Job(floor.port, CustomerMails(3_000), cases, 10, 1, DRAIN_SECONDS, first=warmup))
-            last = floor.wait_delivered(warmup + result.ok, DRAIN_SECONDS)
-            usage = meter.stop()
-            seconds = last - min(r[1] for r in result.records)
-            cpu_ms = 1000 * (cpu_seconds(floor.pid, tree=True) - cpu0) / max(result.ok, 1)
+            cycle = measure(floor.port, floor.pid, cases, warmup, DRAIN_SECONDS,
+                            lambda n: floor.wait_delivered(n, DRAIN_SECONDS))  # noqa: B023 (called in this turn)
+            result = cycle.result
             row = Row("2 full cycle", case, "floor: aiosmtpd + SQLite + aiosmtplib" + (" uvloop" if uvloop else ""),
-                      result.ok / seconds, "cases/s", server_cores=usage.server_cores,
-                      gen_cores=result.gen_cores * result.seconds / seconds, machine_cores=usage.machine_cores,
-                      note=f"intake {result.rate:.0f} msg/s; floor CPU {cpu_ms:.2f} ms/case"
+                      cycle.rate, "cases/s", server_cores=cycle.usage.server_cores, gen_cores=cycle.gen_cores,
+                      machine_cores=cycle.usage.machine_cores,
+                      note=f"intake {result.rate:.0f} msg/s; floor CPU {cycle.cpu_ms:.2f} ms/case"
                            + (f"; {result.failed} failed" if result.failed else ""),
-                      extra={"cases": result.ok, "seconds": seconds, "cpu_ms_per_case": cpu_ms})
+                      extra={"cases": result.ok, "seconds": cycle.seconds, "cpu_ms_per_case": cycle.cpu_ms})
             if bare_rate:
-                row.ratios["bare aiosmtpd intake"] = row.value / bare_rate  # type: ignore[operator]
+                row.ratios["bare aiosmtpd intake"] = cycle.rate / bare_rate
             rows.append(row)
     return rows

@@ -238,22 +238,18 @@ def full_cycle(s: Settings, log: Log, bare_rate: float | None) -> list[Row]:
     rows = []
     workers = f", workers = {s.workers}" if s.workers != 1 else ""
     with relay_sink() as relay, careservice(relay, s.workers) as daemon:
-        warm = s.warmup
-        send(Job(daemon.port, CustomerMails(3_000), warm, 10))
-        _drain(daemon, warm, "warm-up")
-        meter = Meter(daemon.pid, tree=True).start()
-        cpu0 = daemon.cpu()
-        result = send(Job(daemon.port, CustomerMails(3_000), s.cycle_cases, 10, 1, DRAIN_TIMEOUT, first=warm))
-        _drain(daemon, warm + result.ok, "full cycle")
-        usage = meter.stop()
-        seconds = max(daemon.log.last["forward"], daemon.log.last["ack"]) - min(r[1] for r in result.records)
-        rate = result.ok / seconds
+        def delivered(cases: int) -> float:
+            _drain(daemon, cases, "full cycle")
+            return max(daemon.log.last["forward"], daemon.log.last["ack"])
+
+        cycle = cyclefloor.measure(daemon.port, daemon.pid, s.cycle_cases, s.warmup, DRAIN_TIMEOUT, delivered)
+        result, rate = cycle.result, cycle.rate
         row = Row("2 full cycle", f"3 KB c=10 pc=1, forward+ack to relay{workers}", "careservice", rate, "cases/s",
-                  server_cores=usage.server_cores, gen_cores=result.gen_cores * result.seconds / seconds,
-                  machine_cores=usage.machine_cores,
-                  note=f"intake {result.rate:.0f} msg/s; daemon CPU {1000 * (daemon.cpu() - cpu0) / result.ok:.2f} "
+                  server_cores=cycle.usage.server_cores, gen_cores=cycle.gen_cores,
+                  machine_cores=cycle.usage.machine_cores,
+                  note=f"intake {result.rate:.0f} msg/s; daemon CPU {cycle.cpu_ms:.2f} "
                        f"ms/case" + (f"; {_failures(result)}" if result.failed else ""),
-                  extra={"cases": result.ok, "seconds": seconds, "intake_rate": result.rate})
+                  extra={"cases": result.ok, "seconds": cycle.seconds, "intake_rate": result.rate})
         if bare_rate:
             row.ratios["bare aiosmtpd intake"] = rate / bare_rate
         judge(row, ">= 600 cases/s", rate >= 600)
