@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Iterator, Sequence
 
 import aiosmtplib
@@ -29,6 +30,9 @@ from aiosmtplib.response import SMTPResponse
 Refused = dict[str, SMTPResponse]
 
 CLOSING = 421  # the relay is going away and closes the connection: a relay failure, not a refusal
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+# a dot-atom address, which email.utils.parseaddr (inside quote_address) returns unchanged
+_PLAIN_ADDRESS = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
 
 
 async def sendmail(client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str], message: bytes,
@@ -42,13 +46,13 @@ async def sendmail(client: aiosmtplib.SMTP, sender: str, recipients: Sequence[st
     utf8 = any(option.lower() == "smtputf8" for option in mail_options)
     if utf8 and not client.supports_extension("smtputf8"):
         raise aiosmtplib.SMTPNotSupported("SMTPUTF8 is not supported by this server")
-    content = normalize_message_line_endings(message)
+    content = _crlf(message)
     options = [f"size={len(content)}", *mail_options] if client.supports_extension("size") else mail_options
     encoding = "utf-8" if utf8 else "ascii"
     # quote_address raises for an address that cannot be sent, before anything is: as sendmail
-    commands = [_command(b"MAIL", b"FROM:" + quote_address(sender).encode(encoding),
+    commands = [_command(b"MAIL", b"FROM:" + _quoted(sender).encode(encoding),
                          *(option.encode("ascii") for option in options))]
-    commands += [_command(b"RCPT", b"TO:" + quote_address(r).encode(encoding)) for r in recipients]
+    commands += [_command(b"RCPT", b"TO:" + _quoted(r).encode(encoding)) for r in recipients]
     replies = _Replies(protocol)
     try:
         with replies.holding():
@@ -64,7 +68,7 @@ async def sendmail(client: aiosmtplib.SMTP, sender: str, recipients: Sequence[st
             elif data.code != 354:
                 error = aiosmtplib.SMTPDataError(data.code, data.message)
             else:
-                protocol.write(PERIOD_REGEX.sub(b"..", content) + b".\r\n")
+                protocol.write(_dot_stuffed(content) + b".\r\n")
                 done = await replies.next(client)
                 if done.code == 250:
                     return {r.recipient: SMTPResponse(r.code, r.message) for r in refused}, done.message
@@ -80,6 +84,26 @@ async def sendmail(client: aiosmtplib.SMTP, sender: str, recipients: Sequence[st
     with contextlib.suppress(ConnectionError, aiosmtplib.SMTPResponseException):
         await client.rset()
     raise error
+
+
+def _quoted(address: str) -> str:
+    """quote_address(address), without its parser for the plain addresses nearly all mail has: that
+    parse was about a tenth of the worker's CPU per case."""
+    return f"<{address}>" if _PLAIN_ADDRESS.fullmatch(address) else quote_address(address)
+
+
+def _crlf(message: bytes) -> bytes:
+    """normalize_message_line_endings(message), without a regex pass over a message whose line ends
+    are all CRLF already, as every message careservice renders is."""
+    lines = message.count(b"\n")
+    if lines == message.count(b"\r\n") == message.count(b"\r") and message.endswith(b"\r\n"):
+        return message
+    return normalize_message_line_endings(message)
+
+
+def _dot_stuffed(content: bytes) -> bytes:
+    """PERIOD_REGEX.sub(b"..", content), without the regex pass when no line starts with a dot."""
+    return PERIOD_REGEX.sub(b"..", content) if content.startswith(b".") or b"\n." in content else content
 
 
 def _command(*args: bytes) -> bytes:

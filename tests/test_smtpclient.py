@@ -20,6 +20,7 @@ import pytest
 import uvloop
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session
+from aiosmtplib.email import quote_address
 
 from careservice import smtpclient
 from careservice.crypto import Keyring
@@ -141,6 +142,28 @@ async def test_a_body_with_dots_and_bare_newlines_arrives_as_aiosmtplib_sends_it
         assert await send(relay, [queued(1), dotted]) == [None, None]
         assert server.pipelined == [False, True]
         assert server.received[1].raw == body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") + b"\r\n"
+
+
+async def test_a_crlf_body_with_dot_lines_is_dot_stuffed_on_the_fast_path() -> None:
+    """A rendered message has CRLF line ends only, so it skips aiosmtplib's line-end regex; its dots are
+    still stuffed, and a lone CR still sends it down the regex path."""
+    server = PipeliningRelay()
+    with serving(server) as relay:
+        bodies = [b".first\r\nSubject: d\r\n\r\n.\r\n..two\r\nx.y\r\n", b"Subject: r\r\n\r\na\rb\r\n",
+                  b"Subject: n\r\n\r\nno end"]
+        items = [QueuedMail(n, "ticketnest", 0, 0.0, OutgoingMail(MailKind.ACK, "case", "", (KNOWN,), body, f"{n}@t"))
+                 for n, body in enumerate(bodies, 2)]
+        assert await send(relay, [queued(1), *items]) == [None] * 4
+        assert server.pipelined == [False, True, True, True]
+        assert [c.raw for c in server.received[1:]] == [bodies[0], b"Subject: r\r\n\r\na\r\nb\r\n",
+                                                        bodies[2] + b"\r\n"]
+
+
+@pytest.mark.parametrize("address", ["c@customer.example", "o'neil+tag/x=y@sub.customer-1.example", "a.b.c@d",
+                                     "a..b@d.example", ".a@d.example", "a@d..example", "a@[127.0.0.1]",
+                                     '"a b"@d.example', "Name <a@d.example>", "", "a@d.example.", "ä@d.example"])
+def test_addresses_go_on_the_command_line_exactly_as_aiosmtplib_quotes_them(address: str) -> None:
+    assert smtpclient._quoted(address) == quote_address(address)
 
 
 async def test_an_address_that_cannot_go_on_a_command_line_sends_nothing() -> None:
