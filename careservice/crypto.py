@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import os
 import secrets
@@ -204,11 +203,11 @@ class Keyring:
         """The keyed digest a "#spam" block is stored under: stable (from the master key, not the day's
         secret) because a block lasts spam.block_days; used for nothing else, so it links to nothing."""
         normal = address.strip().casefold().encode("utf-8", "surrogateescape")
-        return hmac.new(self._block_key, normal, hashlib.sha256).digest()
+        return hmac.digest(self._block_key, normal, "sha256")
 
     def digest(self, value: str) -> bytes:
         """A keyed digest: counts or de-duplicates a value without storing it (valid for one day)."""
-        return hmac.new(self._daily, value.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
+        return hmac.digest(self._daily, value.encode("utf-8", "surrogateescape"), "sha256")
 
 
 def _mac(key: bytes, message: bytes, length: int) -> str:

@@ -187,6 +187,31 @@ async def test_inline_calls_of_one_loop_turn_commit_together_each_in_its_own_sav
     assert (await worker.counts())["open_cases"] == 3
 
 
+def _add_stat_then_fail(conn: sqlite3.Connection, keyring: Keyring, name: str) -> None:
+    conn.execute("INSERT INTO stats VALUES ('ticketnest', 'day', ?, 1)", (name,))
+    if name == "fails":
+        raise ValueError(name)
+
+
+@pytest.mark.parametrize("store_kind", ["inline", "thread"])
+async def test_a_call_alone_commits_or_rolls_back_whole_without_a_savepoint(stores: tuple[Store, Store],
+                                                                           store_kind: str) -> None:
+    """A transaction of one call needs no savepoint: its failure rolls back what it wrote, and the
+    store goes on."""
+    store = stores[0] if store_kind == "thread" else stores[1]
+    statements: list[str] = []
+    if store_kind == "inline":  # the writer thread's connection is that thread's alone
+        store.executor.conn.set_trace_callback(statements.append)  # type: ignore[union-attr]
+    with pytest.raises(StoreError, match="ValueError"):
+        await store.executor.call(_add_stat_then_fail, "fails")
+    await store.executor.call(_add_stat_then_fail, "kept")
+    rows = await store.executor.read(lambda conn, keyring: conn.execute("SELECT name FROM stats").fetchall())
+    assert rows == [("kept",)]
+    if store_kind == "inline":
+        assert [s.split()[0] for s in statements if not s.startswith("INSERT")] == [
+            "BEGIN", "ROLLBACK", "BEGIN", "COMMIT", "BEGIN", "SELECT", "COMMIT"]
+
+
 async def test_a_start_drops_rows_without_a_key_and_keys_without_rows(tmp_path: Path) -> None:
     """What a process killed between the two files' commits left, the next start sweeps (SQLite)."""
     keyring = Keyring(b"k" * 32)

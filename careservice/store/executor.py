@@ -97,18 +97,25 @@ class Executor:
     def _locked_transaction(self, conn: sqlite3.Connection, ops: list[_Op], write: bool,
                             truncate: bool) -> list[Any]:
         results: list[Any] = []
+        alone = len(ops) == 1  # a call alone fails with its transaction: no savepoint, two statements less
         try:
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             for op in ops:
-                conn.execute("SAVEPOINT op")
+                if not alone:
+                    conn.execute("SAVEPOINT op")
                 try:
                     results.append(op.fn(conn, self.keyring, *op.args))
-                    conn.execute("RELEASE op")
+                    if not alone:
+                        conn.execute("RELEASE op")
                 except Exception as exc:  # one failing call must not undo the others
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
+                    if alone:
+                        conn.execute("ROLLBACK")
+                    else:
+                        conn.execute("ROLLBACK TO op")
+                        conn.execute("RELEASE op")
                     results.append(exc if isinstance(exc, StoreError) else StoreError(type(exc).__name__))
-            conn.execute("COMMIT")
+            if conn.in_transaction:
+                conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
