@@ -23,13 +23,16 @@ from careservice.model import DeliveryFailure, MailEvent, MailKind, Outcome, Out
 from careservice.oauth2 import OAuth2Error, TokenSource
 from careservice.store import Store
 from careservice.tlsconf import client_context
-from careservice.wakeup import Wakeup
+from careservice.wakeup import Gate, Wakeup
 
 log = logging.getLogger("careservice.outbox")
 
 BATCH = 100
 IDLE_WAIT = 5.0
 PROBE_AFTER = 60.0  # seconds without a delivery round before check_relay asks the relay itself
+# how long a connection whose mail the relay took waits for the round's other connections, so that their
+# deliveries are recorded in one transaction: a commit each was the worker's most frequent transaction
+RECORD_LINGER = 0.005
 
 
 class RelayDown(Exception):
@@ -299,8 +302,9 @@ class Outbox:
             chunks = [items[i:: self.config.connections] for i in range(min(self.config.connections, len(items)))]
             failures: list[RelayDown] = []
             self._round = [item.id for item in items]
+            gate = Gate(len(chunks), RECORD_LINGER)
             try:
-                sent += sum(await asyncio.gather(*(self._deliver(chunk, failures) for chunk in chunks)))
+                sent += sum(await asyncio.gather(*(self._deliver(chunk, failures, gate) for chunk in chunks)))
             finally:  # the back-off holds even when the store could not defer the mail
                 self._round = []
                 await self._end_round(failures)
@@ -330,15 +334,16 @@ class Outbox:
         if self.clock() - self._last_round >= PROBE_AFTER:
             metrics.relay_up(await self.relay.reachable())
 
-    async def _deliver(self, items: list[QueuedMail], failures: list[RelayDown]) -> int:
+    async def _deliver(self, items: list[QueuedMail], failures: list[RelayDown], gate: Gate) -> int:
         """Send one connection's share; returns how many were delivered. A relay failure goes to
-        `failures`, for the round's one log line."""
+        `failures`, for the round's one log line. Each delivery is recorded before the connection's next
+        mail, together with the other connections' (`gate`)."""
         sent = 0
 
         async def record(item: QueuedMail, refusal: Refusal | None) -> None:
             nonlocal sent
             if refusal is None:
-                await self._delivered(item)
+                await self._delivered(item, gate)
                 sent += 1
                 return
             _, fields = await self._retry_or_fail(item, refusal.code, refusal.permanent)
@@ -354,10 +359,14 @@ class Outbox:
                 dropped, fields = await self._retry_or_fail(item, None)
                 if dropped and fields:
                     log.warning("mail_failed case=%s kind=%s %s", item.mail.case_id, item.mail.kind, fields)
+        finally:
+            gate.leave()
         return sent
 
-    async def _delivered(self, item: QueuedMail) -> None:
+    async def _delivered(self, item: QueuedMail, gate: Gate | None = None) -> None:
         self._unrecorded[item.id] = item
+        if gate is not None:
+            await gate.passage()
         started = time.monotonic()
         answer = item.mail.kind is MailKind.ANSWER
         outcome = self.on_event(MailEvent.ANSWER_DELIVERED, item, None) if answer else None
