@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import base64
+import functools
 import re
 import secrets
+import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from email.charset import QP, Charset
 from email.header import Header, decode_header, make_header
 from email.message import Message
 from email.policy import Compat32
-from email.utils import format_datetime, formataddr, getaddresses, localtime
+from email.utils import format_datetime, formataddr, getaddresses
 from typing import Any
 
 from careservice.htmlpart import to_text
@@ -331,6 +334,13 @@ def _multipart(msg: Message, body: Message, attachments: tuple[Attachment, ...])
     return b"".join(pieces)
 
 
+@functools.lru_cache(maxsize=1)
+def _date(second: int) -> str:
+    """The Date header of the mail rendered in this second, in local time (once a second: it was 1.5 %
+    of the worker's CPU per case, most of it email.utils.localtime() building a time zone)."""
+    return format_datetime(datetime.fromtimestamp(second).astimezone())
+
+
 def render(draft: Draft) -> bytes:
     """Build the RFC 5322 bytes (CRLF) of `draft`; header values are single-line by construction.
 
@@ -352,7 +362,7 @@ def render(draft: Draft) -> bytes:
     if draft.reply_to:
         msg["Reply-To"] = _address_header("", draft.reply_to)
     msg["Subject"] = _text_header(draft.subject)
-    msg["Date"] = format_datetime(localtime())
+    msg["Date"] = _date(int(time.time()))
     msg["Message-ID"] = f"<{draft.message_id}>"
     if draft.in_reply_to:
         msg["In-Reply-To"] = f"<{draft.in_reply_to}>"

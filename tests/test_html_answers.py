@@ -1,19 +1,25 @@
 """HTML over real SMTP on loopback: a staff member's HTML answer reaches the customer as
 multipart/alternative without the quote, anything remote or a staff or reply address; a customer's
-HTML mail reaches staff as readable text with the HTML attached."""
+HTML mail reaches staff as readable text with the HTML attached. And the Date header of what careservice
+renders."""
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from email import message_from_bytes
 from email import policy
 from email.message import EmailMessage
+from email.utils import format_datetime
+from email.utils import localtime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import dkim
 import pytest
 
+from careservice import mail
 from careservice.dkim import Signer
 from careservice.dkim import SiteKey
 from careservice.dkim import txt_record
@@ -160,3 +166,24 @@ def test_the_answer_html_keeps_nothing_that_fetches_or_runs(hostile: str) -> Non
     assert "Your refund is on its way." in html and "Agent Smith" in html
     assert "t.example" not in html and "javascript" not in html and "url(" not in html and "data:text" not in html
     assert not re.search(r"<(script|style|link|base|meta|iframe|form|object|svg|video)\b", html)
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Berlin", "America/St_Johns"])
+def test_the_date_header_is_now_in_local_time(monkeypatch: pytest.MonkeyPatch, zone: str) -> None:
+    """Formatted once a second (mail._date): still the local time and offset at which the mail was rendered."""
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    mail._date.cache_clear()
+    try:
+        draft = Draft(from_name="TicketNest", from_address=CARE, to=(CUSTOMER,), subject="s", text="t\n",
+                      message_id="m2@ticketnest.test")
+        before = int(time.time())
+        date = message_from_bytes(render(draft), policy=policy.default)["Date"]
+        after = int(time.time())
+        assert format_datetime(localtime()) == date or after != before  # the same text, unless a second passed
+        assert before <= parsedate_to_datetime(date).timestamp() <= after
+        assert parsedate_to_datetime(date).utcoffset() == localtime().utcoffset()
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+        mail._date.cache_clear()
