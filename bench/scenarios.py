@@ -247,9 +247,10 @@ def full_cycle(s: Settings, log: Log, bare_rate: float | None) -> list[Row]:
         row = Row("2 full cycle", f"3 KB c=10 pc=1, forward+ack to relay{workers}", "careservice", rate, "cases/s",
                   server_cores=cycle.usage.server_cores, gen_cores=cycle.gen_cores,
                   machine_cores=cycle.usage.machine_cores,
-                  note=f"intake {result.rate:.0f} msg/s; daemon CPU {cycle.cpu_ms:.2f} "
-                       f"ms/case" + (f"; {_failures(result)}" if result.failed else ""),
-                  extra={"cases": result.ok, "seconds": cycle.seconds, "intake_rate": result.rate})
+                  note=f"intake {result.rate:.0f} msg/s; daemon {cycle.split}"
+                       + (f"; {_failures(result)}" if result.failed else ""),
+                  extra={"cases": result.ok, "seconds": cycle.seconds, "intake_rate": result.rate,
+                         "cpu_ms_per_case": cycle.cpu_ms, "intake_cpu_ms_per_case": cycle.intake_cpu_ms})
         if bare_rate:
             row.ratios["bare aiosmtpd intake"] = rate / bare_rate
         judge(row, ">= 600 cases/s", rate >= 600)
