@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -72,11 +71,8 @@ def one_round(cases: int, relay_port: int) -> tuple[float, float]:
     """(cases/s, CPU ms per case) of one drain of `cases` in a fresh store."""
     with tempfile.TemporaryDirectory(prefix="careservice-bench-worker-") as tmp:
         root = Path(tmp)
-        path, _ = write_config(root, relay_port)
-        subprocess.run([sys.executable, "-m", "careservice", "keygen", "--config", str(path)], check=True,
-                       cwd=root, capture_output=True)
-        config = load_config(path)
-        asyncio.run(fill(config, cases))
+        config = load_config(write_config(root, relay_port)[0])
+        asyncio.run(fill(config, cases))  # its intake store creates the master key, as the daemon's does
         with (root / "worker.log").open("w") as log:
             setup_logging("INFO", log)
             seconds, cpu = uvloop.run(drain(config))
