@@ -41,13 +41,13 @@ class Gate:
         loop = asyncio.get_running_loop()
         mine: asyncio.Future[None] = loop.create_future()
         self._waiting.append(mine)
-        if self._timer is None:
-            self._timer = loop.call_later(self.linger, self._release)
         if len(self._waiting) >= self.expected:
             self._release()
             await asyncio.sleep(0)  # on in the next turn, with the others whose wake-ups the release queued
-        else:
-            await mine
+            return
+        if self._timer is None:  # the linger runs only while someone waits
+            self._timer = loop.call_later(self.linger, self._release)
+        await mine
 
     def leave(self) -> None:
         """One of the expected will not come again: the others need not wait for it."""
