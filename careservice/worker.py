@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import secrets
+import shutil
 import signal
 import sqlite3
 import stat
@@ -59,10 +60,18 @@ class WalCheckpointer:
     processes' connections now turn it off (careservice.store.schema). A PASSIVE checkpoint changes
     nothing either file holds, and SQLite lets writers go on meanwhile, so it needs none of our lock;
     the purges' TRUNCATE checkpoints stay under the lock, where they were.
+
+    Below smtp.min_free_bytes it copies every new frame at once. A frame left in the WAL holds its
+    space twice over: in the WAL now, and in cases.db when a checkpoint copies it in. On a disk that
+    fills up, the WAL's backlog then ate the headroom kept for staff answers: the answer's purge
+    could not checkpoint (SQLITE_FULL), so the WAL could not shrink, and the case stayed until
+    someone freed space. A WAL copied in whole starts over, truncated, at the next commit.
     """
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, min_free_bytes: int) -> None:
         self.data_dir = data_dir
+        self.min_free_bytes = min_free_bytes
+        self._copied: tuple[object, ...] | None = None  # _due() as of the last checkpoint that need not run again
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="careservice-checkpoint", daemon=True)
 
@@ -74,14 +83,21 @@ class WalCheckpointer:
         if self._thread.ident is not None:  # started (not with a PostgreSQL store)
             await asyncio.to_thread(self._thread.join)
 
-    def _due(self) -> bool:
+    def _due(self) -> tuple[object, ...] | None:
+        """None when no checkpoint is due, else the WALs' sizes and times and the free space now: a
+        checkpoint done or failed is not tried again until a commit or freed space changes those."""
+        wals = []
         for name in ("cases.db-wal", "keys.db-wal"):
             try:
-                if os.stat(self.data_dir / name).st_size >= WAL_CHECKPOINT_BYTES:
-                    return True
+                wal = os.stat(self.data_dir / name)
             except FileNotFoundError:
                 continue
-        return False
+            wals.append((wal.st_size, wal.st_mtime_ns))
+        if not any(size for size, _ in wals):
+            return None
+        now = (wals, shutil.disk_usage(self.data_dir).free)
+        big = any(size >= WAL_CHECKPOINT_BYTES for size, _ in wals)
+        return now if (big or now[1] < self.min_free_bytes) and now != self._copied else None
 
     def _run(self) -> None:
         try:
@@ -91,11 +107,16 @@ class WalCheckpointer:
             return
         try:
             while not self._stop.wait(WAL_CHECK_SECONDS):
-                if self._due():
-                    try:
-                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")  # every attached file
-                    except sqlite3.Error as exc:  # the next round tries again; the sweep truncates anyway
-                        log.warning("wal_checkpoint_failed error=%s", exc.sqlite_errorname)
+                due = self._due()
+                if due is None:
+                    continue
+                try:
+                    busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()  # every file
+                except sqlite3.Error as exc:  # tried again once a commit or freed space changes; the sweep truncates
+                    log.warning("wal_checkpoint_failed error=%s", exc.sqlite_errorname)
+                    self._copied = due
+                else:
+                    self._copied = due if not busy and frames == copied else None
         finally:
             conn.close()
 
@@ -119,7 +140,7 @@ class CaseWorker:
         self.listener: asyncio.Task[None] | None = None  # other nodes' commits (PostgreSQL)
         self.scheduler = AsyncIOScheduler(job_defaults={"coalesce": True, "misfire_grace_time": SWEEP_SECONDS})
         self.jobs: set[asyncio.Task[object]] = set()  # the scheduler's jobs running now: a stop lets them end
-        self.checkpointer = WalCheckpointer(config.data_dir)
+        self.checkpointer = WalCheckpointer(config.data_dir, config.smtp.min_free_bytes)
 
     def wake(self) -> None:
         self.runner.wake()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from pathlib import Path
 
 from careservice.store.schema import connect
@@ -37,11 +38,33 @@ def test_no_commit_checkpoints_and_the_checkpointer_copies_the_wal(tmp_path: Pat
         assert (data_dir / "cases.db-wal").stat().st_size > WAL_CHECKPOINT_BYTES
         assert (data_dir / "cases.db").stat().st_size == size  # nothing copied in by a commit
 
-        checkpointer = WalCheckpointer(data_dir)
+        checkpointer = WalCheckpointer(data_dir, min_free_bytes=0)
         checkpointer.start()
         try:
             wait_for(lambda: (data_dir / "cases.db").stat().st_size > WAL_CHECKPOINT_BYTES, what="checkpoint")
         finally:
             asyncio.run(checkpointer.stop())
+    finally:
+        held.close()
+
+
+def test_below_the_disk_floor_every_frame_is_copied_and_the_wal_starts_over(tmp_path: Path) -> None:
+    """A WAL far under the 1,000-page threshold holds space twice on a nearly full disk: copied at once."""
+    data_dir = tmp_path / "data"
+    connect(data_dir).close()
+    held = connect(data_dir)  # as the processes hold theirs: the last close would checkpoint and delete the WAL
+    try:
+        _fill(data_dir, 50)
+        wal = (data_dir / "cases.db-wal").stat().st_size
+        assert 50 * len(ROW) < wal < WAL_CHECKPOINT_BYTES
+
+        checkpointer = WalCheckpointer(data_dir, min_free_bytes=shutil.disk_usage(data_dir).free + 2**30)
+        checkpointer.start()
+        try:
+            wait_for(lambda: (data_dir / "cases.db").stat().st_size > 50 * len(ROW), what="checkpoint below the floor")
+        finally:
+            asyncio.run(checkpointer.stop())
+        _fill(data_dir, 1)  # the next commit starts the WAL over: its space is free again
+        assert (data_dir / "cases.db-wal").stat().st_size < wal // 10
     finally:
         held.close()
