@@ -239,7 +239,7 @@ def full_cycle(s: Settings, log: Log, bare_rate: float | None) -> list[Row]:
     workers = f", workers = {s.workers}" if s.workers != 1 else ""
     with relay_sink() as relay, careservice(relay, s.workers) as daemon:
         def delivered(cases: int) -> float:
-            _drain(daemon, cases, "full cycle")
+            _drain(daemon, cases, "warm-up" if cases <= s.warmup else "full cycle")  # measure() waits for both
             return max(daemon.log.last["forward"], daemon.log.last["ack"])
 
         cycle = cyclefloor.measure(daemon.port, daemon.pid, s.cycle_cases, s.warmup, DRAIN_TIMEOUT, delivered)
