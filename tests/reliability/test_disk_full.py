@@ -1,4 +1,4 @@
-"""Disk full: data_dir on a 4 MB tmpfs. Below smtp.min_free_bytes customer mail gets 452 at RCPT,
+"""Disk full: data_dir on an 8 MB tmpfs. Below smtp.min_free_bytes customer mail gets 452 at RCPT,
 while staff answers to signed reply addresses are still taken down to smtp.reply_min_free_bytes (so
 cases can be answered and purged), and below that MAIL gets 452; a commit that fails for lack of
 space gets 451 and stores nothing; the store stays sound and the running daemon takes mail again as
@@ -32,7 +32,7 @@ from tests.support import write_config
 
 pytestmark = pytest.mark.reliability
 
-SIZE = 4 * 1024 * 1024
+SIZE = 8 * 1024 * 1024  # room for the outgrown mail of the first test, its forwards and its purge
 MIN_FREE = 1024 * 1024
 REPLY_MIN_FREE = 256 * 1024  # smtp.reply_min_free_bytes in the headroom test
 CUSTOMER = "disk.tester@customer.example"
@@ -40,7 +40,7 @@ CUSTOMER = "disk.tester@customer.example"
 
 @pytest.fixture
 def small_data_dir(tmp_path: Path) -> Iterator[Path]:
-    """tmp_path/data as a 4 MB tmpfs (root only); unmounted afterwards whatever happens."""
+    """tmp_path/data as a tmpfs of SIZE bytes (root only); unmounted afterwards whatever happens."""
     if os.geteuid() != 0:
         pytest.skip("disk-full test needs root to mount a tmpfs for data_dir")
     data = tmp_path / "data"
@@ -67,8 +67,8 @@ def fill(path: Path, leave: int) -> None:
                 break
 
 
-def mail(marker: str) -> bytes:
-    return customer_mail(f"Subject {marker}", f"Body {marker} " + "x" * 60_000, sender=CUSTOMER)
+def mail(marker: str, size: int = 60_000) -> bytes:
+    return customer_mail(f"Subject {marker}", f"Body {marker} " + "x" * size, sender=CUSTOMER)
 
 
 def intake_reply(daemon: Daemon, rcpt: str = CARE, sender: str = CUSTOMER) -> tuple[int, bytes]:
@@ -84,7 +84,8 @@ def forwarded(relay: CaptureRelay, marker: str) -> int:
 
 
 def test_disk_full_refuses_cleanly_and_recovers(tmp_path: Path, small_data_dir: Path, relay: CaptureRelay) -> None:
-    config = set_keys(write_config(tmp_path, relay.port, retry_delays="[1]"), "smtp", min_free_bytes=MIN_FREE)
+    config = set_keys(write_config(tmp_path, relay.port, retry_delays="[1]"), "smtp", min_free_bytes=MIN_FREE,
+                      max_message_bytes=1_000_000)
     daemon = Daemon(config).start()
     filler = small_data_dir / "filler"
     try:
@@ -97,18 +98,21 @@ def test_disk_full_refuses_cleanly_and_recovers(tmp_path: Path, small_data_dir: 
 
         filler.unlink()  # room at MAIL time; then the disk fills up before the data arrives
         wait_for(lambda: intake_reply(daemon)[0] == 250, timeout=5, what="MAIL taken again")
+        # below the floor the WAL was copied in whole (careservice.worker.WalCheckpointer), and a commit
+        # then writes over its file, needing no new space: to need any, the mail must outgrow that file
+        full = mail("disk-full-mark", (small_data_dir / "cases.db-wal").stat().st_size + 50_000)
         with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=30) as client:
             client.ehlo()
             assert client.mail(CUSTOMER)[0] == 250 and client.rcpt(CARE)[0] == 250
             fill(filler, leave=0)
-            code, text = client.data(mail("disk-full-mark"))
+            code, text = client.data(full)
             assert client.noop()[0] == 250
         assert (code, text[:5]) == (451, b"4.3.0"), (code, text)
         assert status(daemon)["inbound_pending"] == 0  # nothing half-stored
 
         filler.unlink()  # space returns: the same daemon takes and delivers mail again
         wait_for(lambda: intake_reply(daemon)[0] == 250, timeout=5, what="MAIL taken again")
-        send(daemon.smtp_port, CUSTOMER, [CARE], mail("disk-full-mark"))  # the client's retry
+        send(daemon.smtp_port, CUSTOMER, [CARE], full)  # the client's retry
         send(daemon.smtp_port, CUSTOMER, [CARE], mail("disk-after-mark"))
         wait_for(lambda: forwarded(relay, "disk-after-mark") == 1 and forwarded(relay, "disk-full-mark") == 1,
                  timeout=30, what="forwards after recovery")
