@@ -20,7 +20,9 @@ CREATE TABLE IF NOT EXISTS cases(
     id TEXT PRIMARY KEY, site TEXT NOT NULL, state TEXT NOT NULL, source TEXT NOT NULL,
     created REAL NOT NULL, next_run REAL NOT NULL, nonce TEXT NOT NULL, target TEXT NOT NULL,
     meta BLOB NOT NULL, raw BLOB NOT NULL, failures INTEGER NOT NULL DEFAULT 0);
-CREATE INDEX IF NOT EXISTS cases_due ON cases(state, next_run);
+DROP INDEX IF EXISTS cases_due;
+CREATE INDEX IF NOT EXISTS cases_by_state ON cases(state, next_run, site);
+CREATE INDEX IF NOT EXISTS cases_stuck ON cases(failures) WHERE failures > 0;
 CREATE INDEX IF NOT EXISTS cases_created ON cases(created);
 CREATE TABLE IF NOT EXISTS outbox(
     id INTEGER PRIMARY KEY, case_id TEXT NOT NULL, site TEXT NOT NULL, kind TEXT NOT NULL,

@@ -53,6 +53,11 @@ CASES = (
     CREATE TABLE route_turns(site text NOT NULL, route text NOT NULL, turn bigint NOT NULL, PRIMARY KEY(site, route));
     CREATE TABLE digest_days(site text PRIMARY KEY, day text NOT NULL);
     """,
+    """
+    DROP INDEX cases_due;
+    CREATE INDEX cases_by_state ON cases(state, next_run, site);
+    CREATE INDEX cases_stuck ON cases(failures) WHERE failures > 0;
+    """,
 )
 
 KEYS = (
