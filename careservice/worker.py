@@ -61,11 +61,12 @@ class WalCheckpointer:
     nothing either file holds, and SQLite lets writers go on meanwhile, so it needs none of our lock;
     the purges' TRUNCATE checkpoints stay under the lock, where they were.
 
-    Below smtp.min_free_bytes it copies every new frame at once. A frame left in the WAL holds its
-    space twice over: in the WAL now, and in cases.db when a checkpoint copies it in. On a disk that
-    fills up, the WAL's backlog then ate the headroom kept for staff answers: the answer's purge
-    could not checkpoint (SQLITE_FULL), so the WAL could not shrink, and the case stayed until
-    someone freed space. A WAL copied in whole starts over, truncated, at the next commit.
+    Within WAL_CHECKPOINT_BYTES of smtp.min_free_bytes, and below it, it copies every new frame at
+    once. A frame left in the WAL holds its space twice over: in the WAL now, and in cases.db when a
+    checkpoint copies it in. On a disk that filled up, the WAL's backlog ate the headroom kept for
+    staff answers: the answer's purge could not checkpoint (SQLITE_FULL), so the WAL could not be
+    reset, and the case stayed until someone freed space. Copied in while there is room for it, the
+    WAL is reset: the next commits write over its file, and it is truncated to what they wrote.
     """
 
     def __init__(self, data_dir: Path, min_free_bytes: int) -> None:
@@ -97,7 +98,7 @@ class WalCheckpointer:
             return None
         now = (wals, shutil.disk_usage(self.data_dir).free)
         big = any(size >= WAL_CHECKPOINT_BYTES for size, _ in wals)
-        return now if (big or now[1] < self.min_free_bytes) and now != self._copied else None
+        return now if (big or now[1] < self.min_free_bytes + WAL_CHECKPOINT_BYTES) and now != self._copied else None
 
     def _run(self) -> None:
         try:

@@ -7,6 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
+
 from careservice.store.schema import connect
 from careservice.worker import WAL_CHECKPOINT_BYTES
 from careservice.worker import WalCheckpointer
@@ -48,7 +50,8 @@ def test_no_commit_checkpoints_and_the_checkpointer_copies_the_wal(tmp_path: Pat
         held.close()
 
 
-def test_below_the_disk_floor_every_frame_is_copied_and_the_wal_starts_over(tmp_path: Path) -> None:
+@pytest.mark.parametrize("above_floor", [-2**30, 2**20], ids=["below the floor", "within 1,000 pages of it"])
+def test_near_the_disk_floor_every_frame_is_copied_and_the_wal_starts_over(tmp_path: Path, above_floor: int) -> None:
     """A WAL far under the 1,000-page threshold holds space twice on a nearly full disk: copied at once."""
     data_dir = tmp_path / "data"
     connect(data_dir).close()
@@ -58,7 +61,7 @@ def test_below_the_disk_floor_every_frame_is_copied_and_the_wal_starts_over(tmp_
         wal = (data_dir / "cases.db-wal").stat().st_size
         assert 50 * len(ROW) < wal < WAL_CHECKPOINT_BYTES
 
-        checkpointer = WalCheckpointer(data_dir, min_free_bytes=shutil.disk_usage(data_dir).free + 2**30)
+        checkpointer = WalCheckpointer(data_dir, min_free_bytes=shutil.disk_usage(data_dir).free - above_floor)
         checkpointer.start()
         try:
             wait_for(lambda: (data_dir / "cases.db").stat().st_size > 50 * len(ROW), what="checkpoint below the floor")

@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import sqlite3
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +37,14 @@ def status(daemon: Daemon) -> dict[str, object]:
     counts = read_status(daemon.data_dir)
     counts.pop("imap", None)
     return counts
+
+
+def wal_copied(data_dir: Path) -> bool:
+    """Whether every frame in cases.db's WAL is in the database, read from the WAL index (cases.db-shm:
+    mxFrame at byte 16, nBackfill at byte 96, native order) without a connection, which would hold a snapshot."""
+    shm = (data_dir / "cases.db-shm").read_bytes()[:100]
+    frames, copied = struct.unpack_from("=I", shm, 16)[0], struct.unpack_from("=I", shm, 96)[0]
+    return frames == copied
 
 
 def integrity(data_dir: Path) -> list[str]:

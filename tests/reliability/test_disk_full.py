@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from careservice.worker import WAL_CHECKPOINT_BYTES
 from tests.reliability.helpers import integrity
 from tests.reliability.helpers import log_leaks
 from tests.reliability.helpers import set_keys
 from tests.reliability.helpers import status
+from tests.reliability.helpers import wal_copied
 from tests.support import CARE
 from tests.support import STAFF
 from tests.support import CaptureRelay
@@ -39,13 +41,15 @@ CUSTOMER = "disk.tester@customer.example"
 
 
 @pytest.fixture
-def small_data_dir(tmp_path: Path) -> Iterator[Path]:
-    """tmp_path/data as a tmpfs of SIZE bytes (root only); unmounted afterwards whatever happens."""
+def small_data_dir(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """tmp_path/data as a tmpfs of SIZE bytes, or the test's indirect parameter (root only); unmounted
+    afterwards whatever happens."""
     if os.geteuid() != 0:
         pytest.skip("disk-full test needs root to mount a tmpfs for data_dir")
     data = tmp_path / "data"
     data.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SIZE},mode=0700", "tmpfs", str(data)],
+    size = getattr(request, "param", SIZE)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(data)],
                              capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
@@ -168,7 +172,10 @@ def test_staff_can_still_answer_below_the_floor(tmp_path: Path, small_data_dir: 
         forged = f"{local[:-16]}{'a' * 16}@{domain}"  # the same case and nonce, a wrong MAC
         assert forged != reply_to
 
-        fill(filler, leave=(MIN_FREE + REPLY_MIN_FREE) // 2)
+        wait_for(lambda: status(daemon)["outbound_queued"] == 0, what="the forwards and ack recorded")
+        fill(filler, leave=MIN_FREE - 100_000)  # below the floor, with room for the WAL's copy (~250 KB here)
+        wait_for(lambda: wal_copied(small_data_dir), what="the WAL copied in below the floor")  # a filling disk
+        # gives the checkpointer that time; an answer inside the same quarter second may find no room
         wait_for(lambda: intake_reply(daemon)[0] == 452, timeout=5, what="452 below the floor")  # checked 4x/s
         seen = {"customer": intake_reply(daemon), "forged_reply": intake_reply(daemon, forged, STAFF),
                 "staff_reply": intake_reply(daemon, reply_to, STAFF)}
@@ -184,6 +191,43 @@ def test_staff_can_still_answer_below_the_floor(tmp_path: Path, small_data_dir: 
         wait_for(lambda: intake_reply(daemon, reply_to, STAFF)[0] == 452, timeout=5, what="452 below the reply floor")
         print(f"disk below floor: { {k: v[0] for k, v in seen.items()} } answer relayed, case purged; "
               f"below reply_min_free_bytes: {intake_reply(daemon, reply_to, STAFF)}")
+    finally:
+        daemon.stop()
+    assert integrity(daemon.data_dir) == ["ok", "ok"]
+    assert log_leaks(daemon, ["disk-", CUSTOMER, STAFF, "Subject ", "Answered"]) == []
+
+
+@pytest.mark.parametrize("small_data_dir", [16 * 1024 * 1024], indirect=True)
+def test_the_largest_answer_is_purged_on_a_disk_filled_to_the_reply_floor(tmp_path: Path, small_data_dir: Path,
+                                                                          relay: CaptureRelay) -> None:
+    """The disk fills in steps, as disks do, to just above reply_min_free_bytes (the floors in their default
+    ratio to max_message_bytes); a staff answer of nearly max_message_bytes to a large case is still taken,
+    relayed, and its case purged. The WAL's backlog is copied in while there is room for that."""
+    largest = 1_000_000
+    min_free, reply_min_free = largest * 3 // 2, largest // 2
+    config = set_keys(write_config(tmp_path, relay.port, retry_delays="[1]"), "smtp", max_message_bytes=largest,
+                      min_free_bytes=min_free, reply_min_free_bytes=reply_min_free)
+    daemon = Daemon(config).start()
+    filler = small_data_dir / "filler"
+    try:
+        text = os.urandom(225_000).hex()
+        body = "\n".join(text[i:i + 76] for i in range(0, len(text), 76))
+        send(daemon.smtp_port, CUSTOMER, [CARE], customer_mail("Subject disk-large-mark", body, sender=CUSTOMER))
+        wait_for(lambda: forwarded(relay, "disk-large-mark") == 1, what="the large case forwarded")
+        forward = next(c for c in relay.to(STAFF) if "disk-large-mark" in str(c.message["Subject"])).message
+        answer = staff_reply(forward, "Answered in full. " + body)  # the quote too: nearly max_message_bytes
+        assert largest * 9 // 10 < len(answer) < largest
+
+        fill(filler, leave=min_free + WAL_CHECKPOINT_BYTES - 100_000)  # near the floor: the WAL is copied in
+        wait_for(lambda: wal_copied(small_data_dir), what="the WAL copied in near the floor")
+        fill(filler, leave=reply_min_free + 100_000)
+        wait_for(lambda: wal_copied(small_data_dir), what="the WAL copied in below the floor")
+        wait_for(lambda: intake_reply(daemon)[0] == 452, timeout=5, what="452 below the floor")
+        send(daemon.smtp_port, STAFF, [str(forward["Reply-To"])], answer)
+        wait_for(lambda: any("Answered in full." in c.raw.decode(errors="replace") for c in relay.to(CUSTOMER)),
+                 timeout=30, what="the answer relayed to the customer")
+        wait_for(lambda: status(daemon)["open_cases"] == 0 and status(daemon)["outbound_queued"] == 0,
+                 what="the case purged")
     finally:
         daemon.stop()
     assert integrity(daemon.data_dir) == ["ok", "ok"]
