@@ -3,17 +3,17 @@
 Each round fills a fresh store as the intake does (N cases of scenario 2's 3 KB mail to one site),
 then runs one CaseWorker in this process, on uvloop and with the daemon's INFO logging, until every
 case is open and its forward and acknowledgement are delivered to smtp-sink. It reports cases/s and
-this process's CPU per case over the drain (the worker's thread and its WAL checkpointer; what is
-left is counted every POLL seconds). That is the one-thread bound of scenario 2's full cycle,
-without the intake and the load generator competing for the cores. For an A/B, run it once per
-checkout (PYTHONPATH) in interleaved rounds and compare medians: the machine is too noisy for one run.
+this process's CPU per case over the drain (the worker's thread and its WAL checkpointer; the store's
+counts, read from indexes, are polled every POLL seconds). That is the one-thread bound of scenario
+2's full cycle, without the intake and the load generator competing for the cores. For an A/B, run it
+once per checkout (PYTHONPATH) in interleaved rounds and compare medians: the machine is too noisy
+for one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import sqlite3
 import statistics
 import sys
 import tempfile
@@ -30,7 +30,6 @@ from careservice.config import Config, load_config
 from careservice.logs import setup_logging
 from careservice.model import Envelope, NewMessage, Source
 from careservice.spamverdict import SKIPPED, stamp
-from careservice.store.schema import INBOUND_STATES
 from careservice.worker import CaseWorker
 
 POLL = 0.3
@@ -52,17 +51,6 @@ async def fill(config: Config, cases: int) -> None:
         await store.close()
 
 
-def _left(data_dir: Path) -> int:
-    """Cases still inbound and mail still queued, counted from indexes alone (`status` once read every case)."""
-    conn = sqlite3.connect(f"file:{data_dir / 'cases.db'}?mode=ro", uri=True)
-    try:
-        marks = ",".join("?" * len(INBOUND_STATES))
-        return conn.execute(f"SELECT (SELECT count(*) FROM cases WHERE state IN ({marks})) + "
-                            "(SELECT count(*) FROM outbox)", INBOUND_STATES).fetchone()[0]
-    finally:
-        conn.close()
-
-
 async def drain(config: Config) -> tuple[float, float]:
     """(seconds, CPU seconds) until the worker has advanced every case and delivered all it queued."""
     worker = CaseWorker(config)
@@ -72,10 +60,10 @@ async def drain(config: Config) -> tuple[float, float]:
         deadline = started + DRAIN_SECONDS
         while time.perf_counter() < deadline:
             await asyncio.sleep(POLL)
-            left = _left(config.data_dir)
-            if not left:
+            counts = await worker.store.counts()
+            if counts["inbound_pending"] == 0 and counts["outbound_queued"] == 0:
                 return time.perf_counter() - started, time.process_time() - cpu
-        raise RuntimeError(f"the worker did not drain in {DRAIN_SECONDS:.0f} s: {left} cases and mails left")
+        raise RuntimeError(f"the worker did not drain in {DRAIN_SECONDS:.0f} s: {counts}")
     finally:
         await worker.stop(10)
 
