@@ -96,9 +96,10 @@ class WalCheckpointer:
             wals.append((wal.st_size, wal.st_mtime_ns))
         if not any(size for size, _ in wals):
             return None
-        now = (wals, shutil.disk_usage(self.data_dir).free)
+        free = shutil.disk_usage(self.data_dir).free
+        now = (wals, free)
         big = any(size >= WAL_CHECKPOINT_BYTES for size, _ in wals)
-        return now if (big or now[1] < self.min_free_bytes + WAL_CHECKPOINT_BYTES) and now != self._copied else None
+        return now if (big or free < self.min_free_bytes + WAL_CHECKPOINT_BYTES) and now != self._copied else None
 
     def _run(self) -> None:
         try:
