@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import ssl
@@ -38,7 +37,7 @@ REPLY_TRY_AGAIN = "451 4.3.0 Temporary failure, please try again later"
 REPLY_TOO_MANY_CONNECTIONS = b"421 4.7.0 Too many connections, try again later\r\n"
 REPLY_TOO_MANY_FROM_CLIENT = b"421 4.7.0 Too many connections from your address, try again later\r\n"
 REPLY_IDLE = b"421 4.4.2 Idle too long\r\n"
-REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down"
+REPLY_SHUTTING_DOWN = b"421 4.3.2 Service shutting down\r\n"
 LINGER_SECONDS = 2.0
 BACKLOG_SECONDS = 0.05
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -248,22 +247,38 @@ class _Session(LeanSession):
             self._idle = self.loop.call_later(self._sessions.idle_before_mail, self._idle_too_long)
 
     def _idle_too_long(self) -> None:
-        """421 and close, whatever the client has half-sent: a partial command line must not hold the
-        slot until smtp.timeout. A client that does not read its 421 is cut off after LINGER_SECONDS."""
+        """421, whatever the client has half-sent: a partial command line must not hold the slot until
+        smtp.timeout."""
         self._idle = None
-        transport = self.transport
-        if self._closing or transport is None:
+        if not self._closing and self.transport is not None:
+            log.info("session_closed reason=idle_before_mail")
+            self._goodbye(REPLY_IDLE)
+
+    def _goodbye(self, reply: bytes) -> None:
+        """Say `reply` and end with a lingering close: our FIN first, then what the client still sends
+        is read and dropped (no command runs, nothing more is said) until it closes too, so that no
+        unread byte turns the close into a reset that could hide the reply (a client whose command
+        crossed the 421 would see only the reset). A client that does not close is cut off after
+        LINGER_SECONDS. Once only: a later call (the idle limit ran out during a command that ended in
+        a drain) does nothing."""
+        if self._closing or self.transport is None:
             return
+        transport = cast(asyncio.WriteTransport, self.transport)
         self._closing = True
-        log.info("session_closed reason=idle_before_mail")
-        transport.write(REPLY_IDLE)
-        transport.close()
+        metrics.smtp_reply(reply)
+        transport.write(reply)
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:  # TLS has no half-close
+            transport.close()
         self.loop.call_later(LINGER_SECONDS, transport.abort)
 
     async def run_command(self, method: Callable[[SMTP, str], Awaitable[None]], arg: str) -> None:
         """aiosmtpd's `smtp_<COMMAND>` method for `arg`, unless draining; the idle limit watched after it."""
+        if self._closing:
+            return
         if self._sessions is not None and self._sessions.draining:
-            await self._shutting_down()
+            self._goodbye(REPLY_SHUTTING_DOWN)
             return
         self._in_command = True
         try:
@@ -271,7 +286,7 @@ class _Session(LeanSession):
         finally:
             self._in_command = False
         if self._sessions is not None and self._sessions.draining:  # e.g. DATA committed meanwhile
-            await self._shutting_down()
+            self._goodbye(REPLY_SHUTTING_DOWN)
         else:
             self._watch_idle()
 
@@ -284,21 +299,9 @@ class _Session(LeanSession):
         if not self._in_command and not reader._buffer and not reader.at_eof() and self.transport is not None:  # type: ignore[attr-defined]
             reader.feed_data(b"QUIT\r\n")
 
-    async def _shutting_down(self) -> None:
-        """421, then a lingering close: our FIN first, then read what the client still sends until it
-        closes too, so that no unread byte turns the close into a reset that could hide the 421."""
-        if self._closing or self.transport is None:
-            return
-        self._closing = True
-        await self.push(REPLY_SHUTTING_DOWN)
-        transport = self.transport
-        if transport.can_write_eof():
-            transport.write_eof()
-            with contextlib.suppress(TimeoutError, OSError):
-                async with asyncio.timeout(LINGER_SECONDS):
-                    while await self._reader.read(65536):
-                        pass
-        transport.close()
+    async def push(self, status: str | bytes) -> None:
+        if not self._closing:  # after the goodbye, aiosmtpd's own replies (500, too long) are dropped too
+            await super().push(status)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's address parse, with a fast path for the plain `<local@domain>` that nearly every
@@ -380,7 +383,7 @@ async def start_smtp(config: SmtpConfig, handler: SmtpHandler) -> SmtpListener:
 
     def session() -> asyncio.Protocol:
         if sessions.draining:  # accepted in the same turn as the stop began
-            return _Refuse(f"{REPLY_SHUTTING_DOWN}\r\n".encode())
+            return _Refuse(REPLY_SHUTTING_DOWN)
         if len(sessions.live) >= sessions.limit:
             log.warning("connection_refused reason=too_many_connections open=%d", len(sessions.live))
             return _Refuse(REPLY_TOO_MANY_CONNECTIONS)

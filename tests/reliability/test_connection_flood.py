@@ -5,6 +5,8 @@ transaction, gets `421 4.4.2` and is closed, so a client from another address st
 
 from __future__ import annotations
 
+import os
+import signal
 import smtplib
 import time
 from collections import Counter
@@ -84,9 +86,9 @@ def test_idle_flood_from_one_address_leaves_room_for_others(daemon: Daemon, rela
     finally:
         for session in flood:
             session.close()
-    wait_for(lambda: RawSmtp(daemon.smtp_port).greeting.startswith(b"220"), what="the flooding address admitted again")
-    log = daemon.log.read_text()
+    log = daemon.log.read_text()  # before the probes below, which are refused until the held sessions' ends are read
     assert log.count("connection_refused reason=too_many_from_client") == FLOOD - PER_CLIENT
+    wait_for(lambda: RawSmtp(daemon.smtp_port).greeting.startswith(b"220"), what="the flooding address admitted again")
     assert log.count("session_closed reason=idle_before_mail") >= PER_CLIENT
     assert log_leaks(daemon, [OTHER, SENDER, "flood-other"]) == []  # reason codes and counts only
 
@@ -122,6 +124,28 @@ def test_idle_limit_runs_until_mail_and_again_after_each_transaction(daemon: Dae
             if session is not None:
                 session.close()
     wait_for(lambda: forwarded(relay, "flood-slow-mark"), what="the slow client's mail forwarded")
+
+
+def test_a_command_crossing_the_idle_421_does_not_turn_the_close_into_a_reset(daemon: Daemon) -> None:
+    """A NOOP sent just as the idle limit runs out is still unread when the daemon says 421. Closing
+    with it unread sends a reset, which the client reads as ECONNRESET and which can discard a 421 it
+    has not read yet; the daemon must half-close, drop what it still reads and wait for the client's
+    close. Stopping the daemon (SIGSTOP) past the limit makes the crossing certain: on resume, the
+    limit and the NOOP are due together (uvloop runs the timer first)."""
+    session = RawSmtp(daemon.smtp_port, timeout=LIMIT)
+    assert session.command(b"EHLO crossing.example").startswith(b"250")
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(IDLE * 1.25)
+        session.send(b"NOOP\r\n")
+        time.sleep(0.2)
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+    try:
+        assert session.reply() == b"421 4.4.2 Idle too long\r\n"
+        assert session.reply() == b""  # not ConnectionResetError
+    finally:
+        session.close()
 
 
 @pytest.mark.parametrize(("peer", "key"), [
