@@ -8,14 +8,17 @@ need=()
 command -v dovecot >/dev/null 2>&1 || [ -x /usr/sbin/dovecot ] || need+=(dovecot-imapd)
 command -v rspamd >/dev/null 2>&1 || need+=(rspamd)
 [ -x /usr/bin/chromium ] || need+=(chromium)
+command -v smtp-sink >/dev/null 2>&1 || [ -x /usr/sbin/smtp-sink ] || need+=(postfix)  # its smtp-sink is a relay in a test
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)  # tests/postgres.py runs its own server
 python3 -c "import ensurepip, venv" 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
+        # postfix unconfigured: only its smtp-sink is used, no system instance is set up
+        echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-        # the packages may start a system Dovecot, rspamd and PostgreSQL cluster; tests run their own instances
-        for service in dovecot rspamd postgresql; do
+        # the packages may start a system Dovecot, rspamd, Postfix and PostgreSQL cluster; tests run their own instances
+        for service in dovecot rspamd postfix postgresql; do
             (systemctl disable --now "$service" || service "$service" stop) >/dev/null 2>&1 || true
         done
         if command -v pg_lsclusters >/dev/null 2>&1; then  # Debian's own cluster: stopped, never started at boot
