@@ -93,6 +93,11 @@ class SpamCheck:
         if self._resolver is not None:
             self._resolver.shutdown(wait=False, cancel_futures=True)
 
+    @property
+    def enabled(self) -> bool:
+        """False without spam.rspamd_url: every check is SKIPPED."""
+        return self._client is not None
+
     async def check(self, raw: bytes, probe: Probe) -> SpamVerdict:
         """rspamd's verdict on `raw`; "unavailable" when rspamd gave none (counted, logged once a minute)."""
         if self._client is None:

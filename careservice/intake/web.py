@@ -45,7 +45,7 @@ from careservice.logs import error_fields
 from careservice.mail import CONTROL, SYSTEM_LOCALPARTS, Draft, new_message_id, render
 from careservice.model import ContactDetails, Envelope, NewMessage, Source
 from careservice.preflight import check_web_tls
-from careservice.spamverdict import SpamVerdict, stamp
+from careservice.spamverdict import SKIPPED, SpamVerdict, stamp
 
 log = logging.getLogger("careservice.web")
 
@@ -224,18 +224,21 @@ class ContactForm:
             metrics.form_post(site.id, "bad_code" if list(errors) == ["verification_code"] else "invalid")
             return self._form(request, entry, values, errors, status=400)
         assert contact is not None  # no errors: validate returned the details
-        if await asyncio.to_thread(self.ingest.disk_low):
+        if self.ingest.disk_low():  # a cached statvfs, as at SMTP RCPT
             log.warning("form_refused site=%s reason=disk_low", site.id)
             metrics.form_post(site.id, "unavailable")
             return self._form(request, entry, values, {}, "unavailable", 503)
-        verdict = await self.spam.check(form_message(site, contact, values["query"], subject(site, values["query"])),
-                                        form_probe(site, contact.email))
+        title = subject(site, values["query"])
+        verdict = SKIPPED
+        if self.spam.enabled:  # the message rspamd reads is rendered for it alone
+            verdict = await self.spam.check(form_message(site, contact, values["query"], title),
+                                            form_probe(site, contact.email))
         if verdict.result == "reject":
             log.info("form_refused site=%s reason=spam", site.id)
             metrics.form_post(site.id, "spam")
             return self._form(request, entry, values, {}, "refused", 400)
         try:
-            message = self.message(site, contact, values["query"], token_id, verdict, self.language(request))
+            message = self.message(site, contact, values["query"], title, token_id, verdict, self.language(request))
             ids = await self.ingest.accept([message], "web")
         except Exception as exc:  # not committed: the customer keeps the page and can send it again
             log.error("form_failed site=%s %s", site.id, error_fields(exc))
@@ -278,12 +281,12 @@ class ContactForm:
         return ContactDetails(clean["name"], email, address, clean["telephone"], clean["fax"], clean["company"],
                               preferred), {}
 
-    def message(self, site: Site, contact: ContactDetails, query: str, token_id: bytes,
+    def message(self, site: Site, contact: ContactDetails, query: str, title: str, token_id: bytes,
                 verdict: SpamVerdict, language: str) -> NewMessage:
         """The submission as a mail to the care address, in the customer's `language` (Content-Language,
         as a mail would say it); header values cannot break lines (mail.render)."""
         draft = Draft(from_name=contact.name, from_address=contact.email, to=(site.care_address,),
-                      subject=subject(site, query), text="\n".join(query.splitlines()).rstrip(),
+                      subject=title, text="\n".join(query.splitlines()).rstrip(),
                       message_id=new_message_id(site.domain), language=language)
         dedupe = self.ctx.keyring.digest(f"form code {token_id.hex()}") if token_id else b""
         return NewMessage(site.id, Source.WEB, Envelope(contact.email, site.care_address),
