@@ -250,19 +250,18 @@ class _Session(LeanSession):
         """421, whatever the client has half-sent: a partial command line must not hold the slot until
         smtp.timeout."""
         self._idle = None
-        if not self._closing and self.transport is not None:
+        if self._goodbye(REPLY_IDLE):
             log.info("session_closed reason=idle_before_mail")
-            self._goodbye(REPLY_IDLE)
 
-    def _goodbye(self, reply: bytes) -> None:
+    def _goodbye(self, reply: bytes) -> bool:
         """Say `reply` and end with a lingering close: our FIN first, then what the client still sends
         is read and dropped (no command runs, nothing more is said) until it closes too, so that no
         unread byte turns the close into a reset that could hide the reply (a client whose command
         crossed the 421 would see only the reset). A client that does not close is cut off after
         LINGER_SECONDS. Once only: a later call (the idle limit ran out during a command that ended in
-        a drain) does nothing."""
+        a drain) does nothing and returns False."""
         if self._closing or self.transport is None:
-            return
+            return False
         transport = cast(asyncio.WriteTransport, self.transport)
         self._closing = True
         metrics.smtp_reply(reply)
@@ -272,6 +271,7 @@ class _Session(LeanSession):
         else:  # TLS has no half-close
             transport.close()
         self.loop.call_later(LINGER_SECONDS, transport.abort)
+        return True
 
     async def run_command(self, method: Callable[[SMTP, str], Awaitable[None]], arg: str) -> None:
         """aiosmtpd's `smtp_<COMMAND>` method for `arg`, unless draining; the idle limit watched after it."""

@@ -100,7 +100,7 @@ class SpamCheck:
 
     async def check(self, raw: bytes, probe: Probe) -> SpamVerdict:
         """rspamd's verdict on `raw`; "unavailable" when rspamd gave none (counted, logged once a minute)."""
-        if self._client is None:
+        if not self.enabled:
             return SKIPPED
         try:
             async with asyncio.timeout(self.config.timeout):
