@@ -165,7 +165,7 @@ def rows(cases: int, warmup: int, case: str, bare_rate: float | None) -> list[Ro
             result = cycle.result
             row = Row("2 full cycle", case, "floor: aiosmtpd + SQLite + aiosmtplib" + (" uvloop" if uvloop else ""),
                       cycle.rate, "cases/s", server_cores=cycle.usage.server_cores, gen_cores=cycle.gen_cores,
-                      machine_cores=cycle.usage.machine_cores,
+                      machine_cores=cycle.usage.machine_cores, steal_cores=cycle.usage.steal_cores,
                       note=f"intake {result.rate:.0f} msg/s; floor {cycle.split}"
                            + (f"; {result.failed} failed" if result.failed else ""),
                       extra={"cases": result.ok, "seconds": cycle.seconds, "cpu_ms_per_case": cycle.cpu_ms,

@@ -139,6 +139,7 @@ def run(n: int, concurrency: int) -> dict[str, Any]:
         "rate": ok / done if drained else None, "unit": "posts/s",
         "accepted_rate": ok / wall, "p50_ms": percentile(lat, 50) * 1000, "p99_ms": percentile(lat, 99) * 1000,
         "server_cores": usage.server_cores, "machine_cores": usage.machine_cores, "gen_cores": cpu / wall,
+        "steal_cores": usage.steal_cores,
         "baseline_rate": (n - get_failed) / get_wall, "baseline": "GET of the form page, same clients",
         "baseline_p50_ms": percentile(get_lat, 50) * 1000, "baseline_gen_cores": get_cpu / get_wall,
         "smtp_accepted_rate": smtp.rate, "smtp_rate": smtp.ok / smtp_done if smtp_done else None,

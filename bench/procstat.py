@@ -56,17 +56,21 @@ def rss_bytes(pid: int, tree: bool = False) -> int:
     return total
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds all cores spent busy since boot (everything but idle and iowait)."""
+def machine_seconds() -> tuple[float, float]:
+    """CPU seconds all cores spent busy since boot (everything but idle and iowait), and of those the
+    steal: time a virtual machine's CPUs were ready but the hypervisor ran something else."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(values[:8]) - values[3] - values[4]) / TICK
+    return (sum(values[:8]) - values[3] - values[4]) / TICK, values[7] / TICK
 
 
 @dataclass(frozen=True)
 class Usage:
     wall: float
     server_cores: float  # CPU seconds of the measured server per second of wall time
-    machine_cores: float  # busy cores of the whole machine (of os.cpu_count())
+    machine_cores: float  # busy cores of the whole machine (of os.cpu_count()), steal included
+    # cores the hypervisor gave to other guests while ours were ready to run: a row measured under much of
+    # it measured the host, and the latency tail follows it
+    steal_cores: float = 0.0
 
 
 class Meter:
@@ -75,16 +79,18 @@ class Meter:
     def __init__(self, pid: int | None, tree: bool = False) -> None:
         self.pid = pid
         self.tree = tree
-        self._t0 = self._server0 = self._machine0 = 0.0
+        self._t0 = self._server0 = self._machine0 = self._steal0 = 0.0
 
     def _server(self) -> float:
         return cpu_seconds(self.pid, self.tree) if self.pid else 0.0
 
     def start(self) -> Meter:
-        self._t0, self._server0, self._machine0 = time.monotonic(), self._server(), machine_busy_seconds()
+        self._t0, self._server0 = time.monotonic(), self._server()
+        self._machine0, self._steal0 = machine_seconds()
         return self
 
     def stop(self) -> Usage:
         wall = max(time.monotonic() - self._t0, 1e-9)
-        return Usage(wall, (self._server() - self._server0) / wall,
-                     (machine_busy_seconds() - self._machine0) / wall)
+        machine, steal = machine_seconds()
+        return Usage(wall, (self._server() - self._server0) / wall, (machine - self._machine0) / wall,
+                     (steal - self._steal0) / wall)

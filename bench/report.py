@@ -35,6 +35,7 @@ class Row:
     server_cores: float | None = None
     gen_cores: float | None = None
     machine_cores: float | None = None
+    steal_cores: float | None = None  # of machine_cores: taken by the hypervisor (bench.procstat.Usage)
     ratios: dict[str, float] = field(default_factory=dict)  # baseline name -> value / baseline value
     goal: str = ""
     verdict: str = ""  # "met", "MISSED" or "" (no goal)
@@ -55,13 +56,13 @@ def _num(value: float | None, digits: int = 0) -> str:
 def table(rows: list[Row]) -> str:
     """A plain-text table, one line per row."""
     head = ["scenario", "case", "target", "value", "unit", "ratio", "p50 ms", "p99 ms", "srv CPU", "gen CPU",
-            "machine", "goal", "verdict", "note"]
+            "machine", "steal", "goal", "verdict", "note"]
     lines = [head]
     for r in rows:
         ratios = ", ".join(f"{v:.2f}x {k}" for k, v in r.ratios.items())
         lines.append([r.scenario, r.case, r.target, _num(r.value, 1 if (r.value or 0) < 100 else 0), r.unit, ratios,
                       _num(r.p50_ms, 2), _num(r.p99_ms, 2), _num(r.server_cores, 2), _num(r.gen_cores, 2),
-                      _num(r.machine_cores, 2), r.goal, r.verdict, r.note])
+                      _num(r.machine_cores, 2), _num(r.steal_cores, 2), r.goal, r.verdict, r.note])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = []
     for n, line in enumerate(lines):

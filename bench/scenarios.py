@@ -31,7 +31,12 @@ from tests.support import STAFF, staff_reply
 Log = Callable[[str], None]
 SIZES = (3_000, 100_000)
 SHAPES = ((1, 1), (10, 1), (1, 10), (10, 10))  # (concurrent senders, messages per connection)
-DRAIN_TIMEOUT = 1800.0  # bounds every wait for the daemon; filling 100k cases (full run) takes minutes
+DRAIN_TIMEOUT = 1800.0
+# the latency row is measured again (in the full run, at most LATENCY_ATTEMPTS times) while the hypervisor
+# took STEAL_LIMIT cores or more: with about one of the 2 cores stolen the daemon fell behind the offered
+# 100 msg/s, and its p50 grew to seconds. Every attempt is reported; the row is the least stolen one.
+LATENCY_ATTEMPTS = 3
+STEAL_LIMIT = 0.05  # bounds every wait for the daemon; filling 100k cases (full run) takes minutes
 ANSWER_TEXT = "Thank you for writing. Your tickets are on their way and should arrive tomorrow."
 
 
@@ -75,7 +80,8 @@ def careservice(relay: Server, workers: int = 1) -> Iterator[BenchDaemon]:
 def _usage_fields(result: LoadResult) -> dict[str, Any]:
     usage = result.usage
     return {"server_cores": usage.server_cores if usage else None,
-            "machine_cores": usage.machine_cores if usage else None, "gen_cores": result.gen_cores}
+            "machine_cores": usage.machine_cores if usage else None, "gen_cores": result.gen_cores,
+            "steal_cores": usage.steal_cores if usage else None}
 
 
 def _failures(result: LoadResult) -> str:
@@ -166,6 +172,7 @@ def _median_row(scenario: str, case: str, target: str, results: list[LoadResult]
     return Row(scenario, case, target, med([r.rate for r in results]), unit, med([r.p50_ms for r in results]),
                med([r.p99_ms for r in results]), med([f["server_cores"] for f in fields]),
                med([r.gen_cores for r in results]), med([f["machine_cores"] for f in fields]),
+               med([f["steal_cores"] for f in fields]),
                note=(f"{failed} failed; " if failed else "") + ("generator saturated; " if any(
                    r.saturated for r in results) else "") + (f"median of {len(results)}" if len(results) > 1 else ""),
                extra={"runs": [{"rate": r.rate, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "ok": r.ok,
@@ -246,7 +253,7 @@ def full_cycle(s: Settings, log: Log, bare_rate: float | None) -> list[Row]:
         result, rate = cycle.result, cycle.rate
         row = Row("2 full cycle", f"3 KB c=10 pc=1, forward+ack to relay{workers}", "careservice", rate, "cases/s",
                   server_cores=cycle.usage.server_cores, gen_cores=cycle.gen_cores,
-                  machine_cores=cycle.usage.machine_cores,
+                  machine_cores=cycle.usage.machine_cores, steal_cores=cycle.usage.steal_cores,
                   note=f"intake {result.rate:.0f} msg/s; daemon {cycle.split}"
                        + (f"; {_failures(result)}" if result.failed else ""),
                   extra={"cases": result.ok, "seconds": cycle.seconds, "intake_rate": result.rate,
@@ -261,6 +268,33 @@ def full_cycle(s: Settings, log: Log, bare_rate: float | None) -> list[Row]:
         row.ratios[floor.target] = rate / floor.value  # type: ignore[operator]
         log(f"2 full cycle {floor.target}: {floor.value:.0f} cases/s ({floor.note})")
     rows.extend(floors)
+    attempts = [_latency_attempt(s)]
+    while len(attempts) < (1 if s.quick else LATENCY_ATTEMPTS) and _steal(attempts[-1][0]) >= STEAL_LIMIT:
+        log(f"2 latency: host steal {_steal(attempts[-1][0]):.2f} cores, measuring again")
+        attempts.append(_latency_attempt(s))
+    result, latencies = min(attempts, key=lambda attempt: _steal(attempt[0]))
+    p99 = percentile(latencies, 99)
+    tried = "; ".join(f"attempt {n}: p99 {percentile(lat, 99):.1f} ms at steal {_steal(r):.2f}"
+                      for n, (r, lat) in enumerate(attempts, 1))
+    row = Row("2 full cycle", f"250 -> forward at relay, {s.offered_rate:.0f} msg/s offered{workers}",
+              "careservice", result.rate, "msg/s", percentile(latencies, 50), p99, **_usage_fields(result),
+              note=f"{len(latencies)} forwards timed; intake p99 {result.p99_ms:.1f} ms; {_failures(result)}"
+              .rstrip("; ") + (f"; the least stolen of {tried}" if len(attempts) > 1 else ""),
+              extra={"max_ms": max(latencies, default=0.0),
+                     "attempts": [{"p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99), **_usage_fields(r)}
+                                  for r, lat in attempts]})
+    judge(row, "p99 < 50 ms", bool(latencies) and p99 < 50)
+    rows.append(row)
+    log(f"2 latency at {s.offered_rate:.0f}/s: p50 {row.p50_ms:.1f} ms p99 {p99:.1f} ms")
+    return rows
+
+
+def _steal(result: LoadResult) -> float:
+    return result.usage.steal_cores if result.usage else 0.0
+
+
+def _latency_attempt(s: Settings) -> tuple[LoadResult, list[float]]:
+    """One latency measurement on a fresh daemon: the paced run, and each forward's 250 -> relay in ms."""
     with PySink(record=True) as relay, careservice(relay, s.workers) as daemon:
         count = int(s.offered_rate * s.latency_seconds)
         # warm up, then wait until the warm-up's cases are delivered: a backlog left by the (unpaced)
@@ -272,17 +306,7 @@ def full_cycle(s: Settings, log: Log, bare_rate: float | None) -> list[Row]:
         _drain(daemon, warm.ok + result.ok, "latency run")
         accepted = {index: done for index, _, done in result.records}
         arrived = {a.index: a.t for a in relay.taken("forward") if a.index in accepted}
-        latencies = [(arrived[i] - accepted[i]) * 1000 for i in arrived]
-        p99 = percentile(latencies, 99)
-        row = Row("2 full cycle", f"250 -> forward at relay, {s.offered_rate:.0f} msg/s offered{workers}",
-                  "careservice", result.rate, "msg/s", percentile(latencies, 50), p99, **_usage_fields(result),
-                  note=f"{len(latencies)} forwards timed; intake p99 {result.p99_ms:.1f} ms; {_failures(result)}"
-                  .rstrip("; "),
-                  extra={"max_ms": max(latencies, default=0.0)})
-        judge(row, "p99 < 50 ms", bool(latencies) and p99 < 50)
-        rows.append(row)
-        log(f"2 latency at {s.offered_rate:.0f}/s: p50 {row.p50_ms:.1f} ms p99 {p99:.1f} ms")
-    return rows
+        return result, [(arrived[i] - accepted[i]) * 1000 for i in arrived]
 
 
 # ----- 3. answer and purge -----
@@ -328,7 +352,7 @@ def answer_and_purge(s: Settings, log: Log, bare_rate: float | None) -> list[Row
         rate = result.ok / seconds
         row = Row("3 answer and purge", "staff reply -> answer at relay -> purge", "careservice", rate, "answers/s",
                   percentile(purge_ms, 50), percentile(purge_ms, 99), usage.server_cores,
-                  result.gen_cores * result.seconds / seconds, usage.machine_cores,
+                  result.gen_cores * result.seconds / seconds, usage.machine_cores, usage.steal_cores,
                   note=f"latency = relay 250 -> purge committed; max {max(purge_ms, default=0):.0f} ms; "
                        f"left after: {left}" + (f"; {_failures(result)}" if result.failed else ""),
                   extra={"answers": result.ok, "purge_max_ms": max(purge_ms, default=0.0), **left})
@@ -363,7 +387,7 @@ def form(s: Settings, log: Log) -> list[Row]:
     # the issue's measure: POSTs accepted and committed (303) per second; forward + ack follow at the worker's pace
     end_to_end = f"{r['rate']:.0f}/s forwarded and acked" if r.get("rate") else "not drained"
     row = Row("4 form", case, "careservice", r.get("accepted_rate"), "posts/s", r.get("p50_ms"), r.get("p99_ms"),
-              r.get("server_cores"), r.get("gen_cores"), r.get("machine_cores"),
+              r.get("server_cores"), r.get("gen_cores"), r.get("machine_cores"), r.get("steal_cores"),
               note="; ".join(n for n in (f"committed (303); {end_to_end}", str(r.get("note", ""))) if n), extra=r)
     base = Row("4 form", case, "GET form page", r.get("baseline_rate"), "req/s", r.get("baseline_p50_ms"),
                gen_cores=r.get("baseline_gen_cores"))
