@@ -8,7 +8,8 @@ machine spreads over all of them. Per variant and round, with a fresh daemon eac
 - intake: 3 KB, 10 senders, one connection per message; msg/s at the 250, and the full cycle
   (cases/s from the first MAIL FROM until the last forward and ack reached the relay), the daemon's
   CPU per case and the generator's CPU;
-- latency (with --latency N): N mails offered at --rate msg/s, 250 -> forward at the relay.
+- latency (with --latency N): N mails offered at --rate msg/s, 250 -> forward at the relay, the
+  daemon's CPU per case at that rate and the host's CPU steal meanwhile (bench.procstat.Usage).
 
 Ratios are to the bare aiosmtpd of the same round; the summary gives each variant's median ratio.
 """
@@ -89,14 +90,17 @@ def _latency(v: Variant, count: int, rate: float, first: int) -> dict[str, Any]:
         daemon = stack.enter_context(BenchDaemon(root, relay.port, v.env, v.tree, v.settings))
         warm = send(Job(daemon.port, CustomerMails(SIZE), WARMUP, 10, first=first))
         daemon.log.wait({"forward": warm.ok, "ack": warm.ok}, DRAIN_TIMEOUT)
+        cpu0 = daemon.cpu()
         r = send(Job(daemon.port, CustomerMails(SIZE), count, 10, 1, count / rate + 5, rate=rate,
-                     first=first + WARMUP))
+                     first=first + WARMUP), meter=Meter(daemon.pid, tree=True))
         daemon.log.wait({"forward": warm.ok + r.ok, "ack": warm.ok + r.ok}, DRAIN_TIMEOUT)
+        cpu_ms = 1000 * (daemon.cpu() - cpu0) / max(r.ok, 1)
         accepted = {index: done for index, _, done in r.records}
         arrived = {a.index: a.t for a in relay.taken("forward") if a.index in accepted}
         ms = [(arrived[i] - accepted[i]) * 1000 for i in arrived]
         return {"timed": len(ms), "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99),
-                "max_ms": max(ms, default=0.0), "gen_cores": r.gen_cores, "failed": r.failed}
+                "max_ms": max(ms, default=0.0), "gen_cores": r.gen_cores, "failed": r.failed,
+                "cpu_ms_per_case": cpu_ms, "steal_cores": r.usage.steal_cores if r.usage else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = _latency(v, args.latency, args.rate, first)
                 runs.append({"round": rnd, "variant": name, "kind": "latency", **result})
                 print(f"round {rnd + 1} {name}: latency p50 {result['p50_ms']:.1f} p99 {result['p99_ms']:.1f} "
-                      f"max {result['max_ms']:.0f} ms ({result['timed']} timed)", file=sys.stderr, flush=True)
+                      f"max {result['max_ms']:.0f} ms ({result['timed']} timed) cpu {result['cpu_ms_per_case']:.2f} "
+                      f"ms/case steal {result['steal_cores']:.2f}", file=sys.stderr, flush=True)
     print(summary(runs))
     if args.out:
         args.out.write_text(json.dumps(runs, indent=1))
@@ -151,7 +156,7 @@ def summary(runs: list[dict[str, Any]]) -> str:
     lines = []
     for name in dict.fromkeys(r["variant"] for r in runs):
         for kind, keys in (("intake", ("rate", "ratio", "cycle", "cpu_ms_per_case", "gen_cores", "server_cores")),
-                           ("latency", ("p50_ms", "p99_ms", "max_ms", "timed"))):
+                           ("latency", ("p50_ms", "p99_ms", "max_ms", "timed", "cpu_ms_per_case", "steal_cores"))):
             mine = [r for r in runs if r["variant"] == name and r["kind"] == kind]
             if not mine:
                 continue
