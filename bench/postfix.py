@@ -72,7 +72,7 @@ class CSink(Server):
             self._proc = None
 
 
-def relay_sink() -> Server:
+def relay_sink() -> CSink | PySink:
     """The cheapest relay available: smtp-sink, else a PySink."""
     return CSink() if CSink.available() else PySink()
 

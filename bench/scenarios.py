@@ -249,15 +249,15 @@ def full_cycle(s: Settings, log: Log, bare_rate: float | None) -> list[Row]:
             _drain(daemon, cases, "warm-up" if cases <= s.warmup else "full cycle")  # measure() waits for both
             return max(daemon.log.last["forward"], daemon.log.last["ack"])
 
-        cycle = cyclefloor.measure(daemon.port, daemon.pid, s.cycle_cases, s.warmup, DRAIN_TIMEOUT, delivered)
+        cycle = cyclefloor.measure(daemon.port, daemon.pid, relay.pid, s.cycle_cases, s.warmup, DRAIN_TIMEOUT,
+                                   delivered)
         result, rate = cycle.result, cycle.rate
         row = Row("2 full cycle", f"3 KB c=10 pc=1, forward+ack to relay{workers}", "careservice", rate, "cases/s",
                   server_cores=cycle.usage.server_cores, gen_cores=cycle.gen_cores,
                   machine_cores=cycle.usage.machine_cores, steal_cores=cycle.usage.steal_cores,
                   note=f"intake {result.rate:.0f} msg/s; daemon {cycle.split}"
                        + (f"; {_failures(result)}" if result.failed else ""),
-                  extra={"cases": result.ok, "seconds": cycle.seconds, "intake_rate": result.rate,
-                         "cpu_ms_per_case": cycle.cpu_ms, "intake_cpu_ms_per_case": cycle.intake_cpu_ms})
+                  extra=cycle.extra)
         if bare_rate:
             row.ratios["bare aiosmtpd intake"] = rate / bare_rate
         judge(row, ">= 600 cases/s", rate >= 600)
