@@ -141,7 +141,8 @@ class Cycle:
     @property
     def ceiling(self) -> float:
         """Cases/s at which the server, the load generator and the relay, at their measured CPU per case,
-        would keep every core that the hypervisor left to this machine busy: no run goes faster here."""
+        would keep every core that the hypervisor left to this machine busy: at these costs no run goes faster.
+        The costs move with the rate and the steal, so it describes its own run, not another."""
         cores = (os.cpu_count() or 1) - self.usage.steal_cores
         return 1000 * cores / (self.cpu_ms + self.gen_cpu_ms + self.relay_cpu_ms)
 

@@ -31,12 +31,12 @@ from tests.support import STAFF, staff_reply
 Log = Callable[[str], None]
 SIZES = (3_000, 100_000)
 SHAPES = ((1, 1), (10, 1), (1, 10), (10, 10))  # (concurrent senders, messages per connection)
-DRAIN_TIMEOUT = 1800.0
+DRAIN_TIMEOUT = 1800.0  # bounds every wait for the daemon; filling 100k cases (full run) takes minutes
 # the latency row is measured again (in the full run, at most LATENCY_ATTEMPTS times) while the hypervisor
 # took STEAL_LIMIT cores or more: with about one of the 2 cores stolen the daemon fell behind the offered
 # 100 msg/s, and its p50 grew to seconds. Every attempt is reported; the row is the least stolen one.
 LATENCY_ATTEMPTS = 3
-STEAL_LIMIT = 0.05  # bounds every wait for the daemon; filling 100k cases (full run) takes minutes
+STEAL_LIMIT = 0.05
 ANSWER_TEXT = "Thank you for writing. Your tickets are on their way and should arrive tomorrow."
 
 
