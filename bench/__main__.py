@@ -12,6 +12,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     from bench import scenarios
     from bench.report import table, write_json, write_svg
+    from bench.settings import FULL, QUICK
 
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small counts, one repetition (under two minutes)")
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [key for key in selected if key not in scenarios.SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario {', '.join(unknown)} (choose from {', '.join(scenarios.SCENARIOS)})")
-    settings = scenarios.QUICK if args.quick else scenarios.FULL
+    settings = QUICK if args.quick else FULL
     if args.reps:
         settings = replace(settings, reps=args.reps)
     settings = replace(settings, workers=args.workers)

@@ -30,8 +30,8 @@ from bench.load import CustomerMails, Job, send
 from bench.postfix import relay_sink
 from bench.procstat import Meter
 from bench.report import percentile
-from bench.scenarios import DRAIN_TIMEOUT
-from bench.servers import BenchDaemon, PySink
+from bench.scenarios import paced
+from bench.servers import DRAIN_TIMEOUT, BenchDaemon, PySink
 
 SIZE = 3_000
 WARMUP = 100
@@ -70,13 +70,11 @@ def _intake(v: Variant, count: int, first: int) -> dict[str, Any]:
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="careservice-ab-")))
         daemon = stack.enter_context(BenchDaemon(root, relay.port, v.env, v.tree, v.settings))
         warm = send(Job(daemon.port, CustomerMails(SIZE), WARMUP, 10, first=first))
-        if not daemon.log.wait({"forward": warm.ok, "ack": warm.ok}, DRAIN_TIMEOUT):
-            raise RuntimeError("warm-up not delivered")
+        daemon.drain(warm.ok, "warm-up")
         cpu0 = daemon.cpu()
         r = send(Job(daemon.port, CustomerMails(SIZE), count, 10, 1, DRAIN_TIMEOUT, first=first + WARMUP),
                  meter=Meter(daemon.pid, tree=True))
-        if not daemon.log.wait({"forward": warm.ok + r.ok, "ack": warm.ok + r.ok}, DRAIN_TIMEOUT):
-            raise RuntimeError("intake run not delivered")
+        daemon.drain(warm.ok + r.ok, "intake run")
         seconds = max(daemon.log.last["forward"], daemon.log.last["ack"]) - min(rec[1] for rec in r.records)
         return {"rate": r.rate, "cycle": r.ok / seconds, "cpu_ms_per_case": 1000 * (daemon.cpu() - cpu0) / r.ok,
                 "gen_cores": r.gen_cores, "server_cores": r.usage.server_cores if r.usage else None,
@@ -88,19 +86,11 @@ def _latency(v: Variant, count: int, rate: float, first: int) -> dict[str, Any]:
         relay = stack.enter_context(PySink(record=True))
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="careservice-ab-")))
         daemon = stack.enter_context(BenchDaemon(root, relay.port, v.env, v.tree, v.settings))
-        warm = send(Job(daemon.port, CustomerMails(SIZE), WARMUP, 10, first=first))
-        daemon.log.wait({"forward": warm.ok, "ack": warm.ok}, DRAIN_TIMEOUT)
-        cpu0 = daemon.cpu()  # to after the drain, which a meter around the load would not cover
-        r = send(Job(daemon.port, CustomerMails(SIZE), count, 10, 1, count / rate + 5, rate=rate,
-                     first=first + WARMUP), meter=Meter(None))  # the machine's steal only
-        daemon.log.wait({"forward": warm.ok + r.ok, "ack": warm.ok + r.ok}, DRAIN_TIMEOUT)
-        cpu_ms = 1000 * (daemon.cpu() - cpu0) / max(r.ok, 1)
-        accepted = {index: done for index, _, done in r.records}
-        arrived = {a.index: a.t for a in relay.taken("forward") if a.index in accepted}
-        ms = [(arrived[i] - accepted[i]) * 1000 for i in arrived]
+        run = paced(daemon, relay, WARMUP, count, rate, first, meter=Meter(None))  # the machine's steal only
+        ms, r = run.latencies, run.result
         return {"timed": len(ms), "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99),
                 "max_ms": max(ms, default=0.0), "gen_cores": r.gen_cores, "failed": r.failed,
-                "cpu_ms_per_case": cpu_ms, "steal_cores": r.usage.steal_cores if r.usage else None}
+                "cpu_ms_per_case": run.cpu_ms_per_case, "steal_cores": r.usage.steal_cores if r.usage else None}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,13 +44,10 @@ DRAIN_TIMEOUT = 600.0
 
 def messages(n: int, size: int, tag: str) -> list[bytes]:
     """`n` customer mails of about `size` bytes, each with its own sender, subject and Message-ID."""
-    out = []
-    for i in range(n):
-        head = customer_mail(f"{tag} {i}", "", sender=f"customer{i}@customer.example")
-        lines = max(1, (size - len(head)) // 77)
-        out.append(customer_mail(f"{tag} {i}", "\n".join(f"{i:08d} " + "x" * 66 for _ in range(lines)),
-                                 sender=f"customer{i}@customer.example"))
-    return out
+    head = customer_mail(f"{tag} {n}", "", sender=f"customer{n}@customer.example")  # the longest index's
+    lines = max(1, (size - len(head)) // 77)
+    return [customer_mail(f"{tag} {i}", "\n".join(f"{i:08d} " + "x" * 66 for _ in range(lines)),
+                          sender=f"customer{i}@customer.example") for i in range(n)]
 
 
 def _maildir_ready(dovecot: DovecotServer) -> None:

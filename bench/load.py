@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from bench.procstat import Meter, Usage
 from bench.report import percentile
@@ -125,6 +126,17 @@ class LoadResult:
     @property
     def saturated(self) -> bool:
         return self.gen_max_proc_cores >= SATURATED
+
+    def usage_fields(self) -> dict[str, Any]:
+        """The CPU columns of a report row, in cores."""
+        usage = self.usage
+        return {"server_cores": usage.server_cores if usage else None,
+                "machine_cores": usage.machine_cores if usage else None, "gen_cores": self.gen_cores,
+                "steal_cores": usage.steal_cores if usage else None}
+
+    @property
+    def failure_note(self) -> str:
+        return f"{self.failed} failed {self.failures}" if self.failed else ""
 
 
 class SmtpError(Exception):

@@ -25,8 +25,7 @@ from typing import Any
 
 from bench.load import CustomerMails, Job, send
 from bench.postfix import relay_sink
-from bench.scenarios import DRAIN_TIMEOUT
-from bench.servers import BenchDaemon
+from bench.servers import DRAIN_TIMEOUT, BenchDaemon
 
 COMPONENTS = ("intake SMTP", "intake commit", "parse", "render", "relay client", "store", "stages and loop",
               "logging", "metrics")
@@ -88,7 +87,7 @@ def profile(cases: int, rate: int, out: Path) -> dict[str, Any]:
     with relay_sink() as relay, tempfile.TemporaryDirectory(prefix="careservice-profile-") as tmp, \
             BenchDaemon(Path(tmp), relay.port) as daemon:
         warm = send(Job(daemon.port, CustomerMails(3_000), 100, 10))
-        daemon.log.wait({"forward": warm.ok, "ack": warm.ok}, DRAIN_TIMEOUT)
+        daemon.drain(warm.ok, "warm-up")
         raw = Path(tmp) / "spy.txt"
         sampler = subprocess.Popen([spy, "record", "--pid", str(daemon.pid), "--subprocesses", "--format", "raw",
                                     "--output", str(raw), "--rate", str(rate), "--threads"],
@@ -96,7 +95,7 @@ def profile(cases: int, rate: int, out: Path) -> dict[str, Any]:
         time.sleep(1.0)  # py-spy attaches to both processes
         cpu0 = daemon.cpu()
         result = send(Job(daemon.port, CustomerMails(3_000), cases, 10, 1, DRAIN_TIMEOUT, first=warm.ok))
-        daemon.log.wait({"forward": warm.ok + result.ok, "ack": warm.ok + result.ok}, DRAIN_TIMEOUT)
+        daemon.drain(warm.ok + result.ok, "profiled run")
         cpu_ms = 1000 * (daemon.cpu() - cpu0) / result.ok
         sampler.send_signal(signal.SIGINT)  # py-spy writes its file and exits
         sampler.wait(60)

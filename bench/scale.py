@@ -24,8 +24,7 @@ from bench.ab import Variant, _variant
 from bench.load import CustomerMails, Job, send
 from bench.postfix import relay_sink
 from bench.procstat import TICK, cpu_seconds, family, rss_bytes
-from bench.scenarios import DRAIN_TIMEOUT
-from bench.servers import BenchDaemon
+from bench.servers import DRAIN_TIMEOUT, BenchDaemon
 from careservice.store import read_status
 
 SIZE = 3_000
@@ -120,8 +119,7 @@ def run_variant(v: Variant, levels: list[int], batch: int, log: Any) -> list[dic
                 with WalWatch(daemon.data_dir) as wal:
                     filled = send(Job(daemon.port, CustomerMails(SIZE), fill, 10, 10, DRAIN_TIMEOUT, first=sent))
                     sent += filled.ok
-                    if not daemon.log.wait({"forward": sent, "ack": sent}, DRAIN_TIMEOUT):
-                        raise RuntimeError(f"fill to {level} not delivered")
+                    daemon.drain(sent, f"fill to {level}")
                 after = _split(daemon)
                 log(f"{v.name} fill to {sent:,}: {1000 * (sum(after) - sum(before)) / filled.ok:.2f} ms/case (intake "
                     f"{1000 * (after[0] - before[0]) / filled.ok:.2f}) WAL max "
@@ -135,8 +133,7 @@ def run_variant(v: Variant, levels: list[int], batch: int, log: Any) -> list[dic
             with WalWatch(daemon.data_dir) as wal:
                 r = send(Job(daemon.port, CustomerMails(SIZE), batch, 10, 1, DRAIN_TIMEOUT, first=sent))
                 sent += r.ok
-                if not daemon.log.wait({"forward": sent, "ack": sent}, DRAIN_TIMEOUT):
-                    raise RuntimeError(f"batch at {level} not delivered")
+                daemon.drain(sent, f"batch at {level}")
             intake1, worker1 = _split(daemon)
             io = _io_per_case(io0, _io(daemon), r.ok)
             ticks = _ticks_per_case(ticks0, _ticks(daemon), r.ok)

@@ -14,10 +14,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.queues import Queue
 from pathlib import Path
@@ -33,6 +35,7 @@ from tests.support import CARE, STAFF, free_port
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 START_TIMEOUT = 30.0
+DRAIN_TIMEOUT = 1800.0  # bounds every wait for the daemon; filling 100k cases (full run) takes minutes
 MAX_MESSAGE = 1_000_000
 _TOKEN = re.compile(rb"ref (\d{8})")
 _REPLY_CASE = re.compile(rb"care\+([0-9a-f]{12})\.")
@@ -342,6 +345,12 @@ class BenchDaemon(Server):
         for line in self._proc.stderr:
             self.log.feed(line, time.monotonic())
 
+    def drain(self, cases: int, what: str) -> None:
+        """Wait until `cases` forwards and acks have been delivered in all."""
+        if not self.log.wait({"forward": cases, "ack": cases}, DRAIN_TIMEOUT):
+            raise RuntimeError(f"{what}: delivered {dict(self.log.delivered)} of {cases} cases after "
+                               f"{DRAIN_TIMEOUT} s; log: {' | '.join(list(self.log.tail)[-3:])}")
+
     def cpu(self) -> float:
         """CPU seconds of the daemon and its worker processes."""
         return cpu_seconds(self.pid, tree=True)
@@ -357,3 +366,12 @@ class BenchDaemon(Server):
         if self._reader is not None:
             self._reader.join(10)
             self._reader = None
+
+
+@contextmanager
+def careservice(relay: Server, workers: int = 1) -> Iterator[BenchDaemon]:
+    """A fresh daemon (own data dir) relaying to `relay`, with `workers` worker processes."""
+    settings = {"service.workers": str(workers)} if workers != 1 else {}
+    with tempfile.TemporaryDirectory(prefix="careservice-bench-") as tmp, \
+            BenchDaemon(Path(tmp), relay.port, settings=settings) as d:
+        yield d
