@@ -27,6 +27,7 @@ FEED_CHUNK = 64 * 1024
 # header block's last line end.
 HEADER_END = re.compile(rb"((?>\r\n|\r|\n))(?>\r\n|\r|\n)")
 _LINE = re.compile(rb"(?>\r\n|\r|\n)(?![ \t])")
+_NESTED = ("multipart", "message")  # the parser reads these bodies part by part
 
 
 class TooComplex(Exception):
@@ -80,9 +81,25 @@ def _part_counter() -> Callable[..., Message]:
 
 def parse_message(head: bytes, body: memoryview) -> Message:
     """BytesParser.parsebytes(head + body), fed in pieces: parsebytes decodes the whole message into
-    one string and reads it back through a StringIO that holds four bytes a character."""
+    one string and reads it back through a StringIO that holds four bytes a character.
+
+    The body of a message that is neither multipart nor message/* is not fed: for those the parser
+    only joins the lines after the header block into the payload, line by line (most of its time for
+    a plain mail), so the payload is made here from the same text in one step."""
+    separator = HEADER_END.match(body)
+    if separator:
+        msg = _fed(memoryview(head), body[:separator.end()])
+        if msg.get_content_maintype() not in _NESTED:
+            # what the parser had put in the payload: "" after a blank line, else the lines from the
+            # first one it did not take for a header
+            msg.set_payload(msg.get_payload() + str(body[separator.end():], "ascii", "surrogateescape"))
+            return msg
+    return _fed(memoryview(head), body)
+
+
+def _fed(*pieces: memoryview) -> Message:
     parser = FeedParser(_part_counter(), policy=_PARSING)
-    for piece in (memoryview(head), body):
+    for piece in pieces:
         for start in range(0, len(piece), FEED_CHUNK):
             parser.feed(str(piece[start:start + FEED_CHUNK], "ascii", "surrogateescape"))
     return parser.close()
