@@ -29,6 +29,11 @@ CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # Unicode categories C
 _MSGID = re.compile(r"<([^<>\s]{1,250})>")
 _FOLD = re.compile(r"\r?\n[ \t]*")
 _CONTENT_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+")
+# `Name Of Words <local@domain>` or a bare `local@domain`, in the forms whose reading by getaddresses is
+# plain (tests/test_parse.py compares them), so most From headers skip its tokenizer
+_DOT_ATOM_ADDRESS = r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_PLAIN_FROM = re.compile(rf"(?:(?P<name>[A-Za-z0-9]+(?: [A-Za-z0-9]+)*) *)?<(?P<angled>{_DOT_ATOM_ADDRESS})>"
+                         rf"|(?P<bare>{_DOT_ATOM_ADDRESS})")
 
 
 class _OutgoingPolicy(Compat32):
@@ -197,7 +202,9 @@ def message_ids(value: str) -> tuple[str, ...]:
 
 
 def _addresses(values: list[str]) -> list[tuple[str, str]]:
-    return [(one_line(_decoded(name), 200), address) for name, address in getaddresses(values)]
+    plain = _PLAIN_FROM.fullmatch(values[0]) if len(values) == 1 else None
+    pairs = [(plain["name"] or "", plain["angled"] or plain["bare"])] if plain else getaddresses(values)
+    return [(one_line(_decoded(name), 200), address) for name, address in pairs]
 
 
 def parse(raw: bytes, mail_from: str) -> Parsed:
@@ -275,7 +282,7 @@ def _text_header(value: str) -> Header | str:
 
 def _plain_7bit(text: str) -> bool:
     """True when `text` can go as it is (7bit, RFC 5322 line lengths): no quoted-printable to encode."""
-    return text.isascii() and "\r" not in text and all(len(line) <= 998 for line in text.split("\n"))
+    return text.isascii() and "\r" not in text and max(map(len, text.split("\n"))) <= 998
 
 
 def _text_part(text: str, subtype: str = "plain") -> Message:

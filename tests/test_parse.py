@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from email.utils import getaddresses
+
+from careservice.mail import _PLAIN_FROM
+from careservice.mail import _addresses
+from careservice.mail import _decoded
+from careservice.mail import one_line
 from careservice.mail import parse
 
 
@@ -37,3 +43,19 @@ def test_a_comment_after_the_content_type_still_reads_the_body() -> None:
 def test_an_encoded_word_is_never_taken_for_an_address() -> None:
     raw = b"From: =?utf-8?q?evil=0d=0abcc=3a_victim@evil.example?=\r\nSubject: x\r\n\r\nx\r\n"
     assert parse(raw, "a@customer.example").from_address == ""
+
+
+def test_plain_from_headers_read_as_getaddresses_reads_them() -> None:
+    names = ["", "Alice", "Alice Example", "A1 B2 C3", "9", "Alice  Example", " Alice", "O'Neil", "Müller",
+             '"Example, Alice"', "=?utf-8?q?J=C3=BCrgen?=", "Alice (work)", "Alice."]
+    addresses = ["a@b.c", "A.B+c-d_e@x-y.example", "a..b@c", ".a@b", "a@b..c", "a@b_c.example", '"a b"@c',
+                 "a@[127.0.0.1]", "a@", "@b", "a@b.", "a b@c"]
+    fast = 0
+    for name in names:
+        for address in addresses:
+            for value in (f"{name} <{address}>", f"{name}<{address}>", address, f"<{address}>", f"{name} {address}"):
+                expected = [(one_line(_decoded(n), 200), a) for n, a in getaddresses([value])]
+                assert _addresses([value]) == expected, value
+                fast += bool(_PLAIN_FROM.fullmatch(value))
+    assert fast >= 20  # the fast path was compared, not only the stdlib's
+    assert _addresses(["a@b.c", "Bob <b@c.d>"]) == [("", "a@b.c"), ("Bob", "b@c.d")]
