@@ -157,15 +157,18 @@ class _Replies(SMTPProtocol):
 
     async def next(self, client: aiosmtplib.SMTP) -> SMTPResponse:
         """The next reply, within the client's timeout; a 421 closes the connection and raises."""
+        # a pipelined transaction's replies mostly arrive together: those after the first need no timer
+        reply = self._read_response_from_buffer()
         try:
-            async with asyncio.timeout(client.timeout):
-                while (reply := self._read_response_from_buffer()) is None:
-                    if self.transport is None:
-                        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-                    if len(self._buffer) > MAX_RESPONSE_LENGTH:  # what is left is one unfinished reply
-                        raise aiosmtplib.SMTPResponseException(-1, "Response too long")
-                    self.arrived.clear()
-                    await self.arrived.wait()
+            if reply is None:
+                async with asyncio.timeout(client.timeout):
+                    while (reply := self._read_response_from_buffer()) is None:
+                        if self.transport is None:
+                            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+                        if len(self._buffer) > MAX_RESPONSE_LENGTH:  # what is left is one unfinished reply
+                            raise aiosmtplib.SMTPResponseException(-1, "Response too long")
+                        self.arrived.clear()
+                        await self.arrived.wait()
         except TimeoutError as exc:
             raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc
         if reply.code == CLOSING:

@@ -6,7 +6,6 @@ import json
 import logging
 import secrets
 import sqlite3
-from dataclasses import asdict
 from typing import Any
 
 from careservice.budget import SCAN, first_fit
@@ -26,9 +25,10 @@ _CASE_COLUMNS = "id, site, state, source, created, nonce, target, meta, raw, fai
 
 
 def meta(case: Case) -> bytes:
+    # vars, not asdict: ContactDetails holds strings only, and asdict deep-copies each field
     return json.dumps({
         "mail_from": case.message.envelope.mail_from, "rcpt": case.message.envelope.rcpt,
-        "contact": asdict(case.contact) if case.contact else None, "subject": case.subject,
+        "contact": vars(case.contact) if case.contact else None, "subject": case.subject,
         "message_id": case.message_id, "references": list(case.references), "owner": case.owner,
         "reminded": case.reminded, "route": case.route, "language": case.language,
     }).encode()
