@@ -11,7 +11,6 @@ from __future__ import annotations
 import binascii
 import contextlib
 import re
-from collections.abc import Callable
 from email.feedparser import FeedParser
 from email.message import Message
 from email.parser import BytesParser
@@ -65,18 +64,22 @@ class _BoundedCompat32(Compat32):
 _PARSING = _BoundedCompat32()
 
 
-def _part_counter() -> Callable[..., Message]:
-    """A message factory for one parse that stops the parser at part MAX_PARTS + 1."""
-    made = -1  # FeedParser calls the factory once to probe its signature
+class _Parts:
+    """The message factory for one parse: stops the parser at part MAX_PARTS + 1, and keeps the root
+    (the first part), so that its headers can be read while the body is still to come."""
 
-    def make(policy: Compat32) -> Message:
-        nonlocal made
-        made += 1
-        if made > MAX_PARTS:
+    def __init__(self) -> None:
+        self.made = -1  # FeedParser calls the factory once to probe its signature: part 0
+        self.root: Message | None = None
+
+    def __call__(self, policy: Compat32) -> Message:
+        self.made += 1
+        if self.made > MAX_PARTS:
             raise TooComplex
-        return Message(policy=policy)
-
-    return make
+        msg = Message(policy=policy)
+        if self.made == 1:
+            self.root = msg
+        return msg
 
 
 def parse_message(head: bytes, body: memoryview) -> Message:
@@ -86,28 +89,40 @@ def parse_message(head: bytes, body: memoryview) -> Message:
     The body of a message that is neither multipart nor message/* is not fed: for those the parser
     only joins the lines after the header block into the payload, line by line (most of its time for
     a plain mail), so the payload is made here from the same text in one step."""
+    parts = _Parts()
+    parser = FeedParser(parts, policy=_PARSING)
     separator = HEADER_END.match(body)
-    if separator:
-        msg = _fed(memoryview(head), body[:separator.end()])
-        if msg.get_content_maintype() not in _NESTED:
-            # what the parser had put in the payload: "" after a blank line, else the lines from the
-            # first one it did not take for a header
-            msg.set_payload(msg.get_payload() + str(body[separator.end():], "ascii", "surrogateescape"))
-            return msg
-    return _fed(memoryview(head), body)
+    if not separator:
+        return _fed(parser, memoryview(head), body)
+    _feed(parser, memoryview(head), body[:separator.end()])
+    rest = body[separator.end():]
+    # the root has its headers once the parser has read the blank line (a CR at the end of the feed it
+    # holds back, as the start of a possible CRLF: then this reads the default type)
+    if parts.root is not None and parts.root.get_content_maintype() in _NESTED:
+        return _fed(parser, rest)
+    msg = parser.close()
+    if msg.get_content_maintype() in _NESTED:  # the held-back CR case: parsed again, whole
+        return _fed(FeedParser(_Parts(), policy=_PARSING), memoryview(head), body)
+    # what the parser had put in the payload: "" after a blank line, else the lines from the first one
+    # it did not take for a header
+    msg.set_payload(msg.get_payload() + str(rest, "ascii", "surrogateescape"))
+    return msg
 
 
-def _fed(*pieces: memoryview) -> Message:
-    parser = FeedParser(_part_counter(), policy=_PARSING)
+def _feed(parser: FeedParser, *pieces: memoryview) -> None:
     for piece in pieces:
         for start in range(0, len(piece), FEED_CHUNK):
             parser.feed(str(piece[start:start + FEED_CHUNK], "ascii", "surrogateescape"))
+
+
+def _fed(parser: FeedParser, *pieces: memoryview) -> Message:
+    _feed(parser, *pieces)
     return parser.close()
 
 
 def parse_headers(head: bytes) -> Message:
     """The header block alone, for a message whose body the parser could not take."""
-    return BytesParser(_part_counter(), policy=_PARSING).parsebytes(head, headersonly=True)
+    return BytesParser(_Parts(), policy=_PARSING).parsebytes(head, headersonly=True)
 
 
 def walk(msg: Message) -> list[Message]:

@@ -31,6 +31,8 @@ CASES = {
     "multipart": HEAD + b"Content-Type: multipart/mixed; boundary=XX\r\n\r\npreamble\r\n--XX\r\n"
                  b"Content-Type: text/plain\r\n\r\nhello\r\n--XX\r\nContent-Type: text/html\r\n\r\n<p>hi</p>\r\n"
                  b"--XX--\r\nepilogue\r\n",
+    "multipart, cr only": (HEAD + b"Content-Type: multipart/mixed; boundary=XX\r\n\r\n--XX\r\n\r\nhello\r\n"
+                           b"--XX--\r\n").replace(b"\r\n", b"\r"),
     "multipart without a boundary": HEAD + b"Content-Type: multipart/mixed\r\n\r\nbody\r\n",
     "message/rfc822": HEAD + b"Content-Type: message/rfc822\r\n\r\nFrom: b@customer.example\r\n\r\ninner\r\n",
     "delivery status": HEAD + b"Content-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; x\r\n\r\n"
@@ -58,10 +60,22 @@ def test_parse_message_is_the_stdlib_parse(raw: bytes) -> None:
     assert _shape(parse_message(head, body)) == _shape(_whole(raw))
 
 
-def test_a_plain_body_is_not_fed_to_the_parser(monkeypatch: pytest.MonkeyPatch) -> None:
-    fed: list[str] = []
+@pytest.fixture
+def fed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every piece of text fed to a FeedParser."""
+    pieces: list[str] = []
     original = FeedParser.feed
-    monkeypatch.setattr(FeedParser, "feed", lambda self, data: (fed.append(data), original(self, data))[1])
+    monkeypatch.setattr(FeedParser, "feed", lambda self, data: (pieces.append(data), original(self, data))[1])
+    return pieces
+
+
+def test_a_plain_body_is_not_fed_to_the_parser(fed: list[str]) -> None:
     head, body, _ = trim_headers(CASES["plain"])
     assert parse_message(head, body).get_payload() == "hello\r\nsecond line\r\n"
     assert "hello" not in "".join(fed)
+
+
+def test_a_multipart_message_is_fed_once(fed: list[str]) -> None:
+    head, body, _ = trim_headers(CASES["multipart"])
+    assert parse_message(head, body).is_multipart()
+    assert "".join(fed) == str(head + bytes(body), "ascii")
