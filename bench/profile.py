@@ -82,7 +82,7 @@ def read_raw(path: Path) -> Counter[str]:
     return stacks
 
 
-def profile(cases: int, rate: int, out: Path) -> dict[str, Any]:
+def profile(cases: int, rate: int, out: Path, offered: float = 0.0) -> dict[str, Any]:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     with relay_sink() as relay, tempfile.TemporaryDirectory(prefix="careservice-profile-") as tmp, \
             BenchDaemon(Path(tmp), relay.port) as daemon:
@@ -94,7 +94,8 @@ def profile(cases: int, rate: int, out: Path) -> dict[str, Any]:
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)  # py-spy attaches to both processes
         cpu0 = daemon.cpu()
-        result = send(Job(daemon.port, CustomerMails(3_000), cases, 10, 1, DRAIN_TIMEOUT, first=warm.ok))
+        seconds = cases / offered + 5 if offered else DRAIN_TIMEOUT
+        result = send(Job(daemon.port, CustomerMails(3_000), cases, 10, 1, seconds, rate=offered, first=warm.ok))
         daemon.drain(warm.ok + result.ok, "profiled run")
         cpu_ms = 1000 * (daemon.cpu() - cpu0) / result.ok
         sampler.send_signal(signal.SIGINT)  # py-spy writes its file and exits
@@ -114,8 +115,8 @@ def profile(cases: int, rate: int, out: Path) -> dict[str, Any]:
             leaves[f"{process}: {leaf}"] += count
     total = sum(n for c, n in by_component.items() if c != "waiting") or 1
     report = {
-        "cases": result.ok, "intake_rate": result.rate, "cpu_ms_per_case": cpu_ms, "samples": total,
-        "waiting_samples": by_component["waiting"],
+        "cases": result.ok, "offered_rate": offered or None, "intake_rate": result.rate, "cpu_ms_per_case": cpu_ms,
+        "samples": total, "waiting_samples": by_component["waiting"],
         "ms_per_case": {c: cpu_ms * by_component[c] / total for c in COMPONENTS},
         "process_share": {p: n / total for p, n in by_process.items()},
         "top_leaf_functions": [(name, n / total) for name, n in leaves.most_common(25)],
@@ -129,8 +130,9 @@ def chart(report: dict[str, Any], path: Path) -> None:
     """A horizontal bar per component, in ms of CPU per case."""
     import pygal
 
+    pace = f", {report['offered_rate']:g}/s offered" if report.get("offered_rate") else ""
     bars = pygal.HorizontalBar(title=f"careservice CPU per case by component: {report['cpu_ms_per_case']:.2f} ms "
-                                     f"({report['cases']} cases, 3 KB, c=10, py-spy)",
+                                     f"({report['cases']} cases, 3 KB, c=10{pace}, py-spy)",
                                x_title="ms of CPU per case", print_values=True, value_formatter=lambda v: f"{v:.2f}",
                                width=900, height=500, legend_at_bottom=True)
     for component in COMPONENTS:
@@ -143,11 +145,13 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=3_000)
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second (each pauses the processes)")
+    parser.add_argument("--offered", type=float, default=0.0,
+                        help="mails per second offered (0: as fast as the daemon takes them)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     if not (shutil.which("py-spy") or (Path(sys.executable).parent / "py-spy").exists()):
         parser.error("py-spy is not installed (pip install -e '.[bench]')")
-    report = profile(args.cases, args.rate, args.out)
+    report = profile(args.cases, args.rate, args.out, args.offered)
     print(f"{report['cases']} cases, {report['cpu_ms_per_case']:.2f} ms CPU per case, {report['samples']} samples")
     for component, ms in report["ms_per_case"].items():
         print(f"  {component:16} {ms:6.3f} ms")
