@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from email import message_from_bytes, policy
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from bench import cyclefloor
 from bench.intake import intake
@@ -19,18 +19,10 @@ from bench.postfix import relay_sink
 from bench.procstat import Meter
 from bench.report import Row, judge, percentile
 from bench.servers import DRAIN_TIMEOUT, BenchDaemon, PySink, careservice
-from bench.settings import Log, Settings
+from bench.settings import Log, Settings, least_stolen, tried
 from careservice.store import read_status
 from tests.support import STAFF, staff_reply
 
-# careservice's full-cycle, latency and scale rows are measured again (in the full run, at most ATTEMPTS
-# times) while the hypervisor took STEAL_LIMIT cores or more: with about one of the 2 cores stolen the
-# daemon fell behind the offered 100 msg/s, and its p50 grew to seconds; a full cycle at 0.26 cores of
-# steal ran at half its floor's rate, and scale's 1k level at 0.79 made 100k look 23 % cheaper. Every
-# attempt is reported; the row is the least stolen one.
-ATTEMPTS = 3
-STEAL_LIMIT = 0.05
-T = TypeVar("T")
 ANSWER_TEXT = "Thank you for writing. Your tickets are on their way and should arrive tomorrow."
 
 
@@ -56,7 +48,7 @@ def full_cycle(s: Settings, log: Log, bare_rate: float | None) -> list[Row]:
     judge(row, ">= 600 cases/s", rate >= 600)
     rows.append(row)
     log(f"2 full cycle: {rate:.0f} cases/s (intake {result.rate:.0f} msg/s)")
-    floors = cyclefloor.rows(s.cycle_cases, s.warmup, "3 KB c=10 pc=1, forward+ack to relay", bare_rate)
+    floors = cyclefloor.rows(s, log, "3 KB c=10 pc=1, forward+ack to relay", bare_rate)
     for floor in floors:
         row.ratios[floor.target] = rate / floor.value  # type: ignore[operator]
         log(f"2 full cycle {floor.target}: {floor.value:.0f} cases/s ({floor.note})")
@@ -78,24 +70,6 @@ def full_cycle(s: Settings, log: Log, bare_rate: float | None) -> list[Row]:
     rows.append(row)
     log(f"2 latency at {s.offered_rate:.0f}/s: p50 {row.p50_ms:.1f} ms p99 {p99:.1f} ms")
     return rows
-
-
-def least_stolen(measure: Callable[[], T], steal: Callable[[T], float], s: Settings, log: Log,
-                 what: str) -> tuple[T, list[T]]:
-    """`measure()` once, and again while the host stole STEAL_LIMIT cores or more (the full run only, at
-    most ATTEMPTS in all): the least stolen attempt, and all of them in the order they ran."""
-    attempts = [measure()]
-    while len(attempts) < (1 if s.quick else ATTEMPTS) and steal(attempts[-1]) >= STEAL_LIMIT:
-        log(f"{what}: host steal {steal(attempts[-1]):.2f} cores, measuring again")
-        attempts.append(measure())
-    return min(attempts, key=steal), attempts
-
-
-def tried(attempts: list[T], describe: Callable[[T], str]) -> str:
-    """A row's note on its attempts (empty for one)."""
-    if len(attempts) < 2:
-        return ""
-    return "; the least stolen of " + "; ".join(f"attempt {n}: {describe(a)}" for n, a in enumerate(attempts, 1))
 
 
 def _steal(result: LoadResult) -> float:

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 Log = Callable[[str], None]
+T = TypeVar("T")
+
+# the full-cycle rows (careservice's and its floors'), the latency row and each level of scale are measured
+# again (in the full run, at most ATTEMPTS times) while the hypervisor took STEAL_LIMIT cores or more: with
+# about one of the 2 cores stolen the daemon fell behind the offered 100 msg/s, and its p50 grew to
+# seconds; a full cycle at 0.26 cores of steal ran at half its floor's rate, and scale's first level at
+# 0.79 made 100k look 23 % cheaper. Every attempt is reported; the row is the least stolen one.
+ATTEMPTS = 3
+STEAL_LIMIT = 0.05
 
 
 @dataclass(frozen=True)
@@ -36,3 +46,21 @@ FULL = Settings(quick=False, reps=3, fresh_servers=True, intake_count={3_000: 5_
                 intake_seconds=20.0, warmup=200, cycle_cases=10_000, latency_seconds=20.0, offered_rate=100.0,
                 answers=2_000, form_posts=5_000, imap_messages=5_000, scale_levels=(1_000, 10_000, 100_000),
                 scale_batch=2_000, node_cases=10_000)
+
+
+def least_stolen(measure: Callable[[], T], steal: Callable[[T], float], s: Settings, log: Log,
+                 what: str) -> tuple[T, list[T]]:
+    """`measure()` once, and again while the host stole STEAL_LIMIT cores or more (the full run only, at
+    most ATTEMPTS in all): the least stolen attempt, and all of them in the order they ran."""
+    attempts = [measure()]
+    while len(attempts) < (1 if s.quick else ATTEMPTS) and steal(attempts[-1]) >= STEAL_LIMIT:
+        log(f"{what}: host steal {steal(attempts[-1]):.2f} cores, measuring again")
+        attempts.append(measure())
+    return min(attempts, key=steal), attempts
+
+
+def tried(attempts: list[T], describe: Callable[[T], str]) -> str:
+    """A row's note on its attempts (empty for one)."""
+    if len(attempts) < 2:
+        return ""
+    return "; the least stolen of " + "; ".join(f"attempt {n}: {describe(a)}" for n, a in enumerate(attempts, 1))
