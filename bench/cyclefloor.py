@@ -162,6 +162,16 @@ class Cycle:
     def gen_cores(self) -> float:
         return self.result.gen_cores * self.result.seconds / self.seconds
 
+    def usage_fields(self) -> dict[str, float]:
+        """The CPU columns of a report row, in cores (the load generator's over the whole cycle)."""
+        return {"server_cores": self.usage.server_cores, "gen_cores": self.gen_cores,
+                "machine_cores": self.usage.machine_cores, "steal_cores": self.usage.steal_cores}
+
+    @staticmethod
+    def attempts_note(cycles: list[Cycle]) -> str:
+        """A row's note on the attempts least_stolen made (empty for one)."""
+        return tried(cycles, lambda c: f"{c.rate:.0f} cases/s at steal {c.usage.steal_cores:.2f}")
+
 
 def measure(port: int, pid: int, relay_pid: int, cases: int, warmup: int, bound: float,
             delivered: Callable[[int], float]) -> Cycle:
@@ -196,12 +206,9 @@ def rows(s: Settings, log: Log, case: str, bare_rate: float | None) -> list[Row]
 
         cycle, cycles = least_stolen(attempt, lambda c: c.usage.steal_cores, s, log, f"2 full cycle {target}")
         result = cycle.result
-        row = Row("2 full cycle", case, target, cycle.rate, "cases/s", server_cores=cycle.usage.server_cores,
-                  gen_cores=cycle.gen_cores, machine_cores=cycle.usage.machine_cores,
-                  steal_cores=cycle.usage.steal_cores,
+        row = Row("2 full cycle", case, target, cycle.rate, "cases/s", **cycle.usage_fields(),
                   note=f"intake {result.rate:.0f} msg/s; floor {cycle.split}"
-                       + (f"; {result.failed} failed" if result.failed else "")
-                       + tried(cycles, lambda c: f"{c.rate:.0f} cases/s at steal {c.usage.steal_cores:.2f}"),
+                       + (f"; {result.failed} failed" if result.failed else "") + Cycle.attempts_note(cycles),
                   extra=cycle.extra)
         if bare_rate:
             row.ratios["bare aiosmtpd intake"] = cycle.rate / bare_rate

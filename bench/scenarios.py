@@ -36,11 +36,9 @@ def full_cycle(s: Settings, log: Log, bare_rate: float | None) -> list[Row]:
     cycle, cycles = least_stolen(lambda: _cycle_attempt(s), lambda c: c.usage.steal_cores, s, log, "2 full cycle")
     result, rate = cycle.result, cycle.rate
     row = Row("2 full cycle", f"3 KB c=10 pc=1, forward+ack to relay{workers}", "careservice", rate, "cases/s",
-              server_cores=cycle.usage.server_cores, gen_cores=cycle.gen_cores,
-              machine_cores=cycle.usage.machine_cores, steal_cores=cycle.usage.steal_cores,
+              **cycle.usage_fields(),
               note=f"intake {result.rate:.0f} msg/s; daemon {cycle.split}"
-                   + (f"; {result.failure_note}" if result.failed else "")
-                   + tried(cycles, lambda c: f"{c.rate:.0f} cases/s at steal {c.usage.steal_cores:.2f}"),
+                   + (f"; {result.failure_note}" if result.failed else "") + cyclefloor.Cycle.attempts_note(cycles),
               extra={**cycle.extra, "attempts": [{"rate": c.rate, **c.extra, "steal_cores": c.usage.steal_cores}
                                                  for c in cycles]})
     if bare_rate:

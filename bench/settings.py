@@ -10,10 +10,9 @@ Log = Callable[[str], None]
 T = TypeVar("T")
 
 # the full-cycle rows (careservice's and its floors'), the latency row and each level of scale are measured
-# again (in the full run, at most ATTEMPTS times) while the hypervisor took STEAL_LIMIT cores or more: with
-# about one of the 2 cores stolen the daemon fell behind the offered 100 msg/s, and its p50 grew to
-# seconds; a full cycle at 0.26 cores of steal ran at half its floor's rate, and scale's first level at
-# 0.79 made 100k look 23 % cheaper. Every attempt is reported; the row is the least stolen one.
+# again (in the full run, at most ATTEMPTS times) while the hypervisor took STEAL_LIMIT cores or more: a
+# stolen host slows careservice's rows or one baseline and not the other, so the ratio and the verdict
+# would describe the host, not the code. Every attempt is reported; the row is the least stolen one.
 ATTEMPTS = 3
 STEAL_LIMIT = 0.05
 
