@@ -53,7 +53,7 @@ def test_an_open_case_is_reminded_at_each_age_to_its_owner_or_its_staff(ctx: Con
     mail = message(reminder)
     assert mail["Reply-To"] == ctx.addressing.reply_address(ctx.config.sites[0], case.id, case.nonce, STAFF2)
     assert f"#{case.id}]" in str(mail["Subject"]) and "1 day 1 hour" in str(mail["Subject"])
-    assert b"4711" not in reminder.message and b"Lost tickets" not in reminder.message
+    assert b"Order 4711" not in reminder.message and b"Lost tickets" not in reminder.message
     assert CUSTOMER.encode() not in reminder.message and b"TicketNest" in reminder.message
     owned = expire.handle(inputs(ctx, replace(case, owner=STAFF2)), ctx)
     assert owned.mails[0].recipients == (STAFF2,)

