@@ -34,10 +34,10 @@ from tests.support import send
 from tests.support import staff_reply
 from tests.support import wait_for
 from tests.support import write_config
-from tests.test_web import VALID
-from tests.test_web import Reply
-from tests.test_web import call
-from tests.test_web import serving
+from tests.webclient import VALID
+from tests.webclient import Reply
+from tests.webclient import call
+from tests.webclient import serving
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 ALICE, CAROL, DAVE, ZOE = ("alice@customer.example", "carol@customer.example", "dave@customer.example",

@@ -23,8 +23,8 @@ from tests.support import write_config
 from tests.test_admin import get
 from tests.test_admin import scrape
 from tests.test_admin import value
-from tests.test_web import VALID
-from tests.test_web import post
+from tests.webclient import VALID
+from tests.webclient import post
 
 OUTAGE = 3.0  # seconds the database is away
 

@@ -29,8 +29,8 @@ from tests.support import wait_for
 from tests.support import write_config
 from tests.test_check import cli
 from tests.test_check import with_lines
-from tests.test_web import call
-from tests.test_web import serving
+from tests.webclient import call
+from tests.webclient import serving
 
 CUSTOMER = "alice@customer.example"
 IDLE = {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0, "stuck_cases": 0}

@@ -41,12 +41,12 @@ from tests.support import staff_reply
 from tests.support import wait_for
 from tests.support import with_routes
 from tests.support import write_config
-from tests.test_web import VALID
-from tests.test_web import behind_proxy
-from tests.test_web import post
-from tests.test_web import serving
 from tests.test_workflow import CUSTOMER
 from tests.test_workflow import answer_to
+from tests.webclient import VALID
+from tests.webclient import behind_proxy
+from tests.webclient import post
+from tests.webclient import serving
 
 REFUNDS, SALES, VIP = "refunds@staff.example", "sales@staff.example", "vip@staff.example"
 ROTA = ("anna@staff.example", "ben@staff.example", "cleo@staff.example")

@@ -38,11 +38,11 @@ from tests.test_admin import scrape
 from tests.test_admin import value
 from tests.test_spamcheck import ALICE
 from tests.test_spamcheck import spam_table
-from tests.test_web import VALID
-from tests.test_web import behind_proxy
-from tests.test_web import keeping_nothing
-from tests.test_web import post
-from tests.test_web import serving
+from tests.webclient import VALID
+from tests.webclient import behind_proxy
+from tests.webclient import keeping_nothing
+from tests.webclient import post
+from tests.webclient import serving
 
 pytestmark = pytest.mark.rspamd
 

@@ -26,8 +26,8 @@ from tests.support import customer_mail
 from tests.support import free_port
 from tests.support import wait_for
 from tests.support import write_config
-from tests.test_web import VALID
-from tests.test_web import serving
+from tests.webclient import VALID
+from tests.webclient import serving
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ from tests.support import STAFF
 from tests.support import CaptureRelay
 from tests.support import Daemon
 from tests.support import wait_for
-from tests.test_web import serving
-from tests.test_web import start
-from tests.test_web import tokens
+from tests.webclient import serving
+from tests.webclient import start
+from tests.webclient import tokens
 
 SCREENSHOT = Path("/tmp/form.png")
 

@@ -18,12 +18,12 @@ from tests.support import Daemon
 from tests.support import capture_relay
 from tests.support import wait_for
 from tests.support import write_config
-from tests.test_web import VALID
-from tests.test_web import Reply
-from tests.test_web import behind_proxy
-from tests.test_web import call
-from tests.test_web import serving
-from tests.test_web import tokens
+from tests.webclient import VALID
+from tests.webclient import Reply
+from tests.webclient import behind_proxy
+from tests.webclient import call
+from tests.webclient import serving
+from tests.webclient import tokens
 
 BRANDS: list[dict[str, Any]] = tomllib.loads(
     (Path(__file__).resolve().parent.parent / "config.toml").read_text())["sites"]

@@ -26,10 +26,10 @@ from tests.reliability.helpers import set_keys
 from tests.support import CaptureRelay
 from tests.support import Daemon
 from tests.support import write_config
-from tests.test_web import VALID
-from tests.test_web import Reply
-from tests.test_web import call
-from tests.test_web import serving
+from tests.webclient import VALID
+from tests.webclient import Reply
+from tests.webclient import call
+from tests.webclient import serving
 
 pytestmark = pytest.mark.reliability
 
