@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [key for key in selected if key not in scenarios.SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario {', '.join(unknown)} (choose from {', '.join(scenarios.SCENARIOS)})")
+    # SIGTERM (kill, timeout) unwinds as Ctrl-C does, so the servers a scenario started (a private
+    # Postfix is a daemon of its own) are stopped by its finally blocks rather than left running
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     settings = QUICK if args.quick else FULL
     if args.reps:
         settings = replace(settings, reps=args.reps)
