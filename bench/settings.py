@@ -9,10 +9,11 @@ from typing import TypeVar
 Log = Callable[[str], None]
 T = TypeVar("T")
 
-# the full-cycle rows (careservice's and its floors'), the latency row and each level of scale are measured
-# again (in the full run, at most ATTEMPTS times) while the hypervisor took STEAL_LIMIT cores or more: a
-# stolen host slows careservice's rows or one baseline and not the other, so the ratio and the verdict
-# would describe the host, not the code. Every attempt is reported; the row is the least stolen one.
+# the full-cycle rows (careservice's and its floors'), the latency row, the form row and each level of
+# scale are measured again (in the full run, at most ATTEMPTS times) while the hypervisor took
+# STEAL_LIMIT cores or more: a stolen host slows careservice's rows or one baseline and not the other,
+# so the ratio and the verdict would describe the host, not the code. Every attempt is reported; the
+# row is the least stolen one.
 ATTEMPTS = 3
 STEAL_LIMIT = 0.05
 
