@@ -191,7 +191,7 @@ def form(s: Settings, log: Log) -> list[Row]:
     module = _module("bench.form")
     if module is None:
         return [Row("4 form", case, "careservice", None, "posts/s", note="n/a: bench/form.py not there")]
-    r, tries = least_stolen(lambda: module.run(s.form_posts, 10), lambda r: r.get("steal_cores") or 0.0, s, log,
+    r, tries = least_stolen(lambda: module.run(s.form_posts, 10), lambda t: t.get("steal_cores") or 0.0, s, log,
                             "4 form")
     # the measure: POSTs accepted and committed (303) per second; forward + ack follow at the worker's pace
     end_to_end = f"{r['rate']:.0f}/s forwarded and acked" if r.get("rate") else "not drained"

@@ -86,7 +86,7 @@ def children(pid: int) -> list[int]:
 def log_leaks(daemon: Daemon, markers: list[str]) -> list[str]:
     """Log lines of the daemon that contain any of `markers` (must be empty). A marker of hex digits only
     (an order number) counts only as a word of its own: the log's case ids are random hex and hold such a
-    marker by chance ("4711" in "case=447118538e18" failed CI once)."""
+    marker by chance ("4711" in "case=447118538e18")."""
     found = [re.compile(rf"(?<![0-9a-fA-F]){re.escape(m)}(?![0-9a-fA-F])" if HEX.fullmatch(m) else re.escape(m))
              for m in markers]
     lines = daemon.log.read_text(errors="replace").splitlines()
