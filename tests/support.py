@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import random
+import re
 import signal
 import smtplib
 import socket
@@ -24,6 +25,8 @@ from pathlib import Path
 from aiosmtpd.controller import Controller
 
 from tests.dovecot import DovecotServer
+
+HEX = re.compile(r"[0-9a-fA-F]+")
 
 WAIT = 20.0
 
@@ -317,6 +320,16 @@ def staff_reply(forward: EmailMessage, text: str, sender: str = STAFF, to: str =
     msg["Message-ID"] = f"<{base64.b32encode(os.urandom(10)).decode().lower()}@staff.example>"
     msg.set_content(f"{text}\n\nOn Monday, {forward['From']} wrote:\n{quoted}\n")
     return msg.as_bytes(policy=policy.SMTP)
+
+
+def holds(text: str | bytes, marker: str) -> bool:
+    """Whether `text` holds `marker`. A marker of hex digits only (an order number) counts only as a word of
+    its own: case ids, Message-IDs and MIME boundaries are random hex and hold such a marker by chance
+    ("4711" in case id 447118538e18)."""
+    found = text.decode("latin-1") if isinstance(text, bytes) else text
+    if HEX.fullmatch(marker):
+        return re.search(rf"(?<![0-9a-fA-F]){marker}(?![0-9a-fA-F])", found) is not None
+    return marker in found
 
 
 def files_containing(root: Path, needles: list[bytes]) -> list[str]:

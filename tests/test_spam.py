@@ -28,6 +28,7 @@ from tests.support import CaptureRelay
 from tests.support import Daemon
 from tests.support import customer_mail
 from tests.support import files_containing
+from tests.support import holds
 from tests.support import imap_config
 from tests.support import send
 from tests.support import staff_reply
@@ -159,7 +160,7 @@ def test_a_sender_rspamd_cannot_read_is_not_told_it(tmp_path: Path, relay: Captu
         assert spam_counts(daemon)["ham"] == 1
     finally:
         daemon.stop()
-    assert "odd-sender-5521" not in rspamd.logged()  # the sender's domain: rspamd's own ids are hex
+    assert not holds(rspamd.logged(), "5521")
 
 
 def test_a_form_post_rspamd_rejects_is_refused_and_not_kept(refusing: Daemon) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import sqlite3
 import struct
@@ -16,10 +15,10 @@ import pytest
 from careservice.store import read_status
 from tests.support import CaptureRelay
 from tests.support import Daemon
+from tests.support import holds
 from tests.support import write_config
 
 SCALE = max(1, int(os.environ.get("CARESERVICE_RELIABILITY_SCALE", "1")))  # 20 = the full run (>= 200 kills)
-HEX = re.compile(r"[0-9a-fA-F]+")
 IDLE = {"open_cases": 0, "inbound_pending": 0, "outbound_queued": 0, "stuck_cases": 0}
 
 
@@ -84,13 +83,9 @@ def children(pid: int) -> list[int]:
 
 
 def log_leaks(daemon: Daemon, markers: list[str]) -> list[str]:
-    """Log lines of the daemon that contain any of `markers` (must be empty). A marker of hex digits only
-    (an order number) counts only as a word of its own: the log's case ids are random hex and hold such a
-    marker by chance ("4711" in "case=447118538e18")."""
-    found = [re.compile(rf"(?<![0-9a-fA-F]){re.escape(m)}(?![0-9a-fA-F])" if HEX.fullmatch(m) else re.escape(m))
-             for m in markers]
+    """Log lines of the daemon that hold any of `markers` (tests.support.holds; must be empty)."""
     lines = daemon.log.read_text(errors="replace").splitlines()
-    return [line for line in lines if any(f.search(line) for f in found)]
+    return [line for line in lines if any(holds(line, m) for m in markers)]
 
 
 class RawSmtp:

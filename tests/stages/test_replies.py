@@ -26,6 +26,7 @@ from tests.support import CARE
 from tests.support import STAFF
 from tests.support import STAFF2
 from tests.support import customer_mail
+from tests.support import holds
 
 
 def test_verify_reply_refuses_strangers_bad_tokens_and_late_replies(ctx: Context) -> None:
@@ -110,7 +111,7 @@ def test_relay_answer_sends_only_the_new_words_from_the_care_address(ctx: Contex
     assert (outcome.state, outcome.target_state) == (CaseState.PURGED, CaseState.ANSWERING)
     [answer] = outcome.mails
     assert answer.kind is MailKind.ANSWER and answer.recipients == (CUSTOMER,) and answer.sender == CARE
-    assert b"refund is on its way" in answer.message and b"Order 4711" not in answer.message
+    assert b"refund is on its way" in answer.message and not holds(answer.message, "4711")
     assert STAFF.encode() not in answer.message
     assert (answer.route, answer.owner) == ("", "")
     routed = relay_answer.handle(inputs(ctx, reply, target=replace(case, route="refunds", owner=STAFF2)), ctx)
