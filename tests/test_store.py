@@ -22,6 +22,8 @@ from careservice.model import Source
 from careservice.settings import StoreConfig
 from careservice.store import Store
 from careservice.store import StoreError
+from careservice.store.keys import case_key
+from careservice.store.purge import purge_case
 from tests.postgres import rows_containing
 from tests.support import CARE
 from tests.support import customer_mail
@@ -210,6 +212,36 @@ async def test_a_call_alone_commits_or_rolls_back_whole_without_a_savepoint(stor
     if store_kind == "inline":
         assert [s.split()[0] for s in statements if not s.startswith("INSERT")] == [
             "BEGIN", "ROLLBACK", "BEGIN", "COMMIT", "BEGIN", "SELECT", "COMMIT"]
+
+
+def _key_twice_purge_key(conn: sqlite3.Connection, keyring: Keyring, case_id: str) -> str:
+    """What case_key gives after the purge (asserting here would escape the executor as a BaseException)."""
+    if case_key(conn, keyring, case_id) != case_key(conn, keyring, case_id):
+        return "two keys"
+    purge_case(conn, case_id)
+    try:
+        case_key(conn, keyring, case_id)
+    except StoreError:
+        return "purged"
+    return "the purged key"
+
+
+async def test_a_case_key_is_unwrapped_once_a_transaction_and_forgotten_with_it_or_its_purge(
+        stores: tuple[Store, Store]) -> None:
+    intake, worker = stores
+    kept, purged = await intake.add_inbound([MESSAGE] * 2, time.time())
+    lookups: list[str] = []
+    worker.executor.conn.set_trace_callback(  # type: ignore[union-attr]
+        lambda sql: lookups.append(sql) if sql.startswith("SELECT wrapped FROM k.keys") else None)
+    assert await worker.executor.call(lambda conn, keyring: case_key(conn, keyring, kept) == case_key(
+        conn, keyring, kept)) is True
+    assert len(lookups) == 1
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):  # nothing remembered between transactions
+        case_key(sqlite3.connect(":memory:"), Keyring(b"k" * 32), kept)
+    assert await worker.executor.call(case_key, kept)  # the next transaction reads it again
+    assert len(lookups) == 2
+    assert await worker.executor.call(_key_twice_purge_key, purged) == "purged"
+    assert len(lookups) == 4  # once before its purge, and once after it, finding none
 
 
 async def test_a_start_drops_rows_without_a_key_and_keys_without_rows(tmp_path: Path) -> None:

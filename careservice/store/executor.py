@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from careservice.crypto import Keyring
+from careservice.store.keys import remembering
 from careservice.store.schema import StoreError, checkpoint, connect
 
 MAX_BATCH = 256
@@ -97,23 +98,26 @@ class Executor:
     def _locked_transaction(self, conn: sqlite3.Connection, ops: list[_Op], write: bool,
                             truncate: bool) -> list[Any]:
         results: list[Any] = []
-        alone = len(ops) == 1  # a call alone fails with its transaction: no savepoint, two statements less
+        # a savepoint each only where one failing call could undo another's writes: a write alone fails with
+        # its transaction, and reads leave nothing to undo (two statements less per call)
+        isolated = write and len(ops) > 1
         try:
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            for op in ops:
-                if not alone:
-                    conn.execute("SAVEPOINT op")
-                try:
-                    results.append(op.fn(conn, self.keyring, *op.args))
-                    if not alone:
-                        conn.execute("RELEASE op")
-                except Exception as exc:  # one failing call must not undo the others
-                    if alone:
-                        conn.execute("ROLLBACK")
-                    else:
-                        conn.execute("ROLLBACK TO op")
-                        conn.execute("RELEASE op")
-                    results.append(exc if isinstance(exc, StoreError) else StoreError(type(exc).__name__))
+            with remembering():
+                for op in ops:
+                    if isolated:
+                        conn.execute("SAVEPOINT op")
+                    try:
+                        results.append(op.fn(conn, self.keyring, *op.args))
+                        if isolated:
+                            conn.execute("RELEASE op")
+                    except Exception as exc:  # one failing call must not undo the others
+                        if isolated:
+                            conn.execute("ROLLBACK TO op")
+                            conn.execute("RELEASE op")
+                        elif write:
+                            conn.execute("ROLLBACK")
+                        results.append(exc if isinstance(exc, StoreError) else StoreError(type(exc).__name__))
             if conn.in_transaction:
                 conn.execute("COMMIT")
         except sqlite3.Error as exc:

@@ -2,20 +2,51 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import sqlite3
+import threading
+from collections.abc import Iterator
 
 from careservice.crypto import Keyring
 from careservice.store.schema import StoreError
 
 UNBOUND_KEY_BYTES = 12 + 32 + 16  # nonce, key, tag: a case key as version 0.1 wrapped it
+_remembered = threading.local()  # .keys: the case keys unwrapped in this thread's transaction, or None
+
+
+@contextlib.contextmanager
+def remembering() -> Iterator[None]:
+    """Within the block (one transaction: careservice.store.executor), each case key is read and unwrapped
+    once: applying a new case's outcome needed its key three times (its forward, its ack, its meta), and
+    the outbox twice (forward and ack). Forgotten when the block ends, so no key outlives its transaction
+    in memory; a purge inside it forgets the case's key at once (forget_key)."""
+    _remembered.keys = {}
+    try:
+        yield
+    finally:
+        _remembered.keys = None
 
 
 def case_key(conn: sqlite3.Connection, keyring: Keyring, case_id: str) -> bytes:
+    memo: dict[str, bytes] | None = getattr(_remembered, "keys", None)
+    if memo is not None and case_id in memo:
+        return memo[case_id]
     row = conn.execute("SELECT wrapped FROM k.keys WHERE id=?", (case_id,)).fetchone()
     if row is None:
         raise StoreError(f"no key for case {case_id}")
-    return keyring.unwrap(row[0], f"case:{case_id}")
+    key = keyring.unwrap(row[0], f"case:{case_id}")
+    if memo is not None:
+        memo[case_id] = key
+    return key
+
+
+def delete_key(conn: sqlite3.Connection, case_id: str) -> None:
+    """Delete a case's key, and forget it if this transaction had unwrapped it."""
+    conn.execute("DELETE FROM k.keys WHERE id=?", (case_id,))
+    memo: dict[str, bytes] | None = getattr(_remembered, "keys", None)
+    if memo is not None:
+        memo.pop(case_id, None)
 
 
 def bind_unbound_keys(conn: sqlite3.Connection, keyring: Keyring) -> None:

@@ -10,6 +10,7 @@ import sqlite3
 import time
 
 from careservice.crypto import Keyring
+from careservice.store.keys import delete_key
 from careservice.tta import bucket_name
 
 
@@ -29,14 +30,14 @@ def purge_case(conn: sqlite3.Connection, case_id: str) -> None:
     """Delete a case, everything queued for it, and its key."""
     conn.execute("DELETE FROM outbox WHERE case_id=?", (case_id,))
     conn.execute("DELETE FROM cases WHERE id=?", (case_id,))
-    conn.execute("DELETE FROM k.keys WHERE id=?", (case_id,))
+    delete_key(conn, case_id)
 
 
 def drop_item(conn: sqlite3.Connection, case_id: str) -> None:
     """Delete a case row; its key goes too unless queued mail still needs it."""
     conn.execute("DELETE FROM cases WHERE id=?", (case_id,))
     if not conn.execute("SELECT 1 FROM outbox WHERE case_id=? LIMIT 1", (case_id,)).fetchone():
-        conn.execute("DELETE FROM k.keys WHERE id=?", (case_id,))
+        delete_key(conn, case_id)
 
 
 def answered(conn: sqlite3.Connection, site: str, case_id: str, now: float) -> float | None:

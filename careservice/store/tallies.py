@@ -54,12 +54,13 @@ def add_stats(conn: sqlite3.Connection, keyring: Keyring, counts: dict[tuple[str
 
 def take_ack_slots(conn: sqlite3.Connection, keyring: Keyring, limits: tuple[tuple[bytes, int], ...],
                    hour: int) -> bool:
-    """Count one acknowledgement under every (digest, limit) this hour, or under none if any is used up."""
-    conn.execute("DELETE FROM ack_rate WHERE hour < ?", (hour,))
-    for digest, limit in limits:
-        row = conn.execute("SELECT n FROM ack_rate WHERE digest=? AND hour=?", (digest, hour)).fetchone()
-        if row and row[0] >= limit:
-            return False
+    """Count one acknowledgement under every (digest, limit) this hour, or under none if any is used up.
+    Past hours' counts are not read; the sweep deletes them (careservice.store.keys.rotate_digests)."""
+    marks = ",".join("?" * len(limits))
+    counted = dict(conn.execute(f"SELECT digest, n FROM ack_rate WHERE hour=? AND digest IN ({marks})",
+                                (hour, *(digest for digest, _ in limits))).fetchall())
+    if any(counted.get(digest, 0) >= limit for digest, limit in limits):
+        return False
     conn.executemany("INSERT INTO ack_rate VALUES (?,?,1) ON CONFLICT(digest, hour) DO UPDATE SET n = ack_rate.n + 1",
                      [(digest, hour) for digest, _ in limits])
     return True
