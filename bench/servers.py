@@ -33,6 +33,13 @@ from bench.procstat import cpu_seconds, rss_bytes
 from tests.support import CARE, STAFF, free_port
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def tree_env(tree: Path) -> dict[str, str]:
+    """The environment that runs careservice, its stages and templates included, from source tree `tree`
+    (bench/treepath/sitecustomize.py), with the bench's modules after the tree's."""
+    path = (str(tree), str(REPO / "bench" / "treepath"), str(REPO), os.environ.get("PYTHONPATH", ""))
+    return {"PYTHONPATH": os.pathsep.join(p for p in path if p), "CARESERVICE_TREE": str(tree)}
 HOST = "127.0.0.1"
 START_TIMEOUT = 30.0
 DRAIN_TIMEOUT = 1800.0  # bounds every wait for the daemon; filling 100k cases (full run) takes minutes
@@ -325,11 +332,10 @@ class BenchDaemon(Server):
         return self._proc.pid
 
     def start(self) -> BenchDaemon:
-        path = os.pathsep.join(p for p in (str(self.repo), os.environ.get("PYTHONPATH", "")) if p)
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "careservice", "run", "--config", str(self.config)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=self.root,
-            env={**os.environ, "PYTHONPATH": path, **self.env},
+            env={**os.environ, **tree_env(self.repo), **self.env},
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
