@@ -227,21 +227,25 @@ def _key_twice_purge_key(conn: sqlite3.Connection, keyring: Keyring, case_id: st
 
 
 async def test_a_case_key_is_unwrapped_once_a_transaction_and_forgotten_with_it_or_its_purge(
-        stores: tuple[Store, Store]) -> None:
-    intake, worker = stores
-    kept, purged = await intake.add_inbound([MESSAGE] * 2, time.time())
-    lookups: list[str] = []
-    worker.executor.conn.set_trace_callback(  # type: ignore[union-attr]
-        lambda sql: lookups.append(sql) if sql.startswith("SELECT wrapped FROM k.keys") else None)
-    assert await worker.executor.call(lambda conn, keyring: case_key(conn, keyring, kept) == case_key(
-        conn, keyring, kept)) is True
-    assert len(lookups) == 1
-    with pytest.raises(sqlite3.OperationalError, match="no such table"):  # nothing remembered between transactions
-        case_key(sqlite3.connect(":memory:"), Keyring(b"k" * 32), kept)
-    assert await worker.executor.call(case_key, kept)  # the next transaction reads it again
-    assert len(lookups) == 2
-    assert await worker.executor.call(_key_twice_purge_key, purged) == "purged"
-    assert len(lookups) == 4  # once before its purge, and once after it, finding none
+        tmp_path: Path, store_backend: StoreConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    keyring = Keyring(b"k" * 32)
+    unwrapped: list[str] = []
+    unwrap = keyring.unwrap
+    monkeypatch.setattr(keyring, "unwrap", lambda wrapped, label: (  # case keys only, not the day's secret
+        unwrapped.append(label) if label.startswith("case:") else None) or unwrap(wrapped, label))
+    store = Store(tmp_path, keyring, backend=store_backend)
+    await store.start(sweep=False)
+    try:
+        kept, purged = await store.add_inbound([MESSAGE] * 2, time.time())
+        assert await store.executor.call(lambda conn, keyring: case_key(conn, keyring, kept) == case_key(
+            conn, keyring, kept)) is True
+        assert unwrapped == [f"case:{kept}"]
+        assert await store.executor.call(case_key, kept)  # the next transaction reads it again
+        assert unwrapped == [f"case:{kept}"] * 2
+        assert await store.executor.call(_key_twice_purge_key, purged) == "purged"
+        assert unwrapped[2:] == [f"case:{purged}"]  # once before its purge; after it, no key is found
+    finally:
+        await store.close()
 
 
 async def test_a_start_drops_rows_without_a_key_and_keys_without_rows(tmp_path: Path) -> None:

@@ -17,10 +17,10 @@ _remembered = threading.local()  # .keys: the case keys unwrapped in this thread
 
 @contextlib.contextmanager
 def remembering() -> Iterator[None]:
-    """Within the block (one transaction: careservice.store.executor), each case key is read and unwrapped
+    """Within the block (one transaction, on SQLite or PostgreSQL), each case key is read and unwrapped
     once: applying a new case's outcome needed its key three times (its forward, its ack, its meta), and
     the outbox twice (forward and ack). Forgotten when the block ends, so no key outlives its transaction
-    in memory; a purge inside it forgets the case's key at once (forget_key)."""
+    in memory; a purge inside it forgets the case's key at once (delete_key)."""
     _remembered.keys = {}
     try:
         yield
