@@ -1,5 +1,6 @@
 """The PostgreSQL store beyond the backend-neutral tests: migrations, claims shared by several nodes,
-mailbox leases, the master-key rotation (on both backends), and an outage of the database."""
+mailbox leases, the savepoints of a group commit, the master-key rotation (on both backends), and an outage
+of the database."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -25,6 +27,7 @@ from careservice.settings import StoreConfig
 from careservice.store import Store
 from careservice.store import StoreError
 from careservice.store.pg import schema
+from careservice.store.pg.tx import PgTx
 from tests.postgres import Postgres
 from tests.postgres import case_rows
 from tests.postgres import run_sql
@@ -176,3 +179,60 @@ async def test_rotate_master_key_rewraps_every_key_while_a_node_runs(tmp_path: P
                     new_only.unwrap(backup[case_id], f"case:{case_id}")
     finally:
         await running.close()
+
+
+class Recording(psycopg.Connection):  # type: ignore[type-arg]
+    """A connection that keeps the text of every statement sent through `execute`."""
+
+    sent: list[str]
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> psycopg.Cursor[Any]:
+        self.sent = [*getattr(self, "sent", []), str(query)]
+        return super().execute(query, params, **kwargs)
+
+
+def _read_keys_then_count(conn: PgTx, keyring: Keyring, name: str) -> None:
+    conn.execute("SELECT count(*) FROM k.keys")
+    conn.execute("INSERT INTO stats VALUES ('ticketnest', 'day', ?, 1)", (name,))
+
+
+def _read_a_missing_table(conn: PgTx, keyring: Keyring) -> None:
+    conn.execute("SELECT 1 FROM no_such_table")
+
+
+def _count_then_fail(conn: PgTx, keyring: Keyring, name: str) -> None:
+    conn.execute("INSERT INTO stats VALUES ('ticketnest', 'day', ?, 1)", (name,))
+    conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+
+def stat_names(pg_store: StoreConfig) -> list[str]:
+    with psycopg.connect(pg_store.url) as conn:
+        return [name for (name,) in conn.execute("SELECT name FROM stats ORDER BY name")]
+
+
+def test_a_call_of_a_group_commit_takes_a_savepoint_only_where_it_writes(pg_store: StoreConfig) -> None:
+    """A database a call only reads needs no savepoint; one it writes to does, so that a failing call,
+    there too, undoes only itself."""
+    keyring = Keyring(b"k" * 32)
+    with Recording.connect(pg_store.url) as cases, Recording.connect(pg_store.keys_url) as keys:
+        tx = PgTx(cases, keys)
+        assert tx.run(_read_keys_then_count, keyring, ("kept",)) is None
+        assert isinstance(tx.run(_count_then_fail, keyring, ("undone",)), psycopg.errors.UndefinedTable)
+        keys.commit()
+        cases.commit()
+        assert keys.sent == ["SELECT count(*) FROM keys"]
+        assert [s.split()[0] for s in cases.sent] == ["SAVEPOINT", "INSERT", "RELEASE",
+                                                       "SAVEPOINT", "INSERT", "INSERT", "ROLLBACK", "RELEASE"]
+    assert stat_names(pg_store) == ["kept"]
+
+
+def test_a_read_failing_where_no_savepoint_can_undo_it_fails_the_whole_transaction(pg_store: StoreConfig) -> None:
+    """The database is left aborted: its COMMIT would roll back the calls before, which were told they
+    succeeded. So the failure ends the transaction (PgExecutor rolls back; every call hears StoreError)."""
+    keyring = Keyring(b"k" * 32)
+    with psycopg.connect(pg_store.url) as cases, psycopg.connect(pg_store.keys_url) as keys:
+        tx = PgTx(cases, keys)
+        assert tx.run(_read_keys_then_count, keyring, ("written before",)) is None
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            tx.run(_read_a_missing_table, keyring, ())
+        cases.rollback()

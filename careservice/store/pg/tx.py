@@ -3,8 +3,10 @@
 careservice.store's functions take a connection and run portable SQL with `?` parameters, naming the
 keys database's tables `k.<table>`. PgTx sends a statement to the keys database when it names
 `k.keys`, `k.blocks` or `k.daily`, else to the cases database (`k.seen` too: see pg.schema), with
-`%s` parameters. Each store call of a group commit runs in a savepoint of the databases it touched, so one
-failing call does not undo the others (a call alone needs none: two round trips less per database).
+`%s` parameters. Each store call of a group commit runs in a savepoint of the databases it writes to, so one
+failing call does not undo the others. A call alone needs none, nor does a database a call only reads: two
+round trips less each. A read that fails in SQL there leaves that database's transaction aborted with no
+savepoint to return to: then the whole transaction fails, and every call of it hears StoreError.
 
 Commit order: keys first, then cases. A crash between the two leaves at worst a key without rows
 (swept once it is older than a commit can take) or, after a purge, rows without their key (unreadable,
@@ -32,13 +34,14 @@ _WAKES = ("INSERT INTO cases", "INSERT INTO outbox", "UPDATE cases SET state")
 
 
 @functools.lru_cache(maxsize=512)
-def translate(sql: str) -> tuple[bool, str]:
-    """(for the keys database, the statement in psycopg's dialect)."""
+def translate(sql: str) -> tuple[bool, bool, str]:
+    """(for the keys database, whether it may write, the statement in psycopg's dialect)."""
     tables = set(_TABLE.findall(sql))
     keys = bool(tables & KEYS_TABLES)
     if keys and tables - KEYS_TABLES or keys and re.search(r"\b(FROM|INTO|JOIN|UPDATE)\s+(?!k\.)\w", sql):
         raise ValueError(f"a statement spans the two databases: {sql}")  # a programming error
-    return keys, _TABLE.sub(r"\1", sql).replace("%", "%%").replace("?", "%s")
+    writes = not sql.startswith("SELECT") or " FOR " in sql  # a locking read counts as a write
+    return keys, writes, _TABLE.sub(r"\1", sql).replace("%", "%%").replace("?", "%s")
 
 
 class PgTx:
@@ -52,9 +55,9 @@ class PgTx:
         self._open: list[psycopg.Connection] = []  # the databases the current call holds a savepoint in
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
-        keys, statement = translate(sql)
+        keys, writes, statement = translate(sql)
         conn = self.keys if keys else self.cases
-        if conn not in self._open and not self.alone:
+        if writes and conn not in self._open and not self.alone:
             conn.execute("SAVEPOINT op")
             self._open.append(conn)
         if not keys and sql.startswith(_WAKES):
@@ -73,14 +76,18 @@ class PgTx:
             conn.execute("RELEASE SAVEPOINT op")
         self._open = []
 
+    def _aborted_without_savepoint(self) -> bool:
+        return any(conn.info.transaction_status is psycopg.pq.TransactionStatus.INERROR
+                   for conn in (self.cases, self.keys) if conn not in self._open)
+
     def run(self, fn: Any, keyring: Any, args: tuple[Any, ...]) -> Any:
         """One store call in its savepoints; its result, or its exception (the others go on; a call alone
         is rolled back by the caller)."""
         try:
             result = fn(self, keyring, *args)
         except Exception as exc:
-            if self.cases.broken or self.keys.broken:
-                raise  # the connection is gone: the whole transaction fails
+            if self.cases.broken or self.keys.broken or not self.alone and self._aborted_without_savepoint():
+                raise  # the connection is gone, or a read failed where no savepoint can undo it: all fail
             self.end_call(ok=False)
             log.warning("pg_call_failed call=%s error=%s sqlstate=%s", getattr(fn, "__name__", "?"),
                         type(exc).__name__, getattr(exc, "sqlstate", ""))
