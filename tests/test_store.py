@@ -9,6 +9,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,20 @@ from tests.support import files_containing
 
 MESSAGE = NewMessage("ticketnest", Source.SMTP, Envelope("a@customer.example", CARE), b"Subject: x\r\n\r\nx")
 STATES = [CaseState.RECEIVED]
+
+
+async def test_a_message_taken_before_is_a_duplicate_within_one_commit_and_after_it(
+        tmp_path: Path, store_backend: StoreConfig) -> None:
+    store = Store(tmp_path, Keyring(b"k" * 32), backend=store_backend)
+    await store.start(sweep=True)
+    try:
+        again = replace(MESSAGE, dedupe=b"d" * 32)
+        first, second = await store.add_inbound([again, again], time.time())
+        [third] = await store.add_inbound([again], time.time())
+        assert first != "" and second == third == ""
+        assert (await store.counts())["inbound_pending"] == 1
+    finally:
+        await store.close()
 
 
 async def test_store_seals_everything_and_purge_shreds_the_key(tmp_path: Path, store_backend: StoreConfig) -> None:

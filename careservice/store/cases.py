@@ -37,12 +37,13 @@ def meta(case: Case) -> bytes:
 def add_inbound(conn: sqlite3.Connection, keyring: Keyring, messages: list[NewMessage], now: float) -> list[str]:
     ids = []
     for m in messages:
-        if m.dedupe:
-            # k.seen, beside the keys: SQLite commits cases.db first, so a digest is durable only with its case
-            if conn.execute("SELECT 1 FROM k.seen WHERE digest=?", (m.dedupe,)).fetchone():
-                ids.append("")
-                continue
-            conn.execute("INSERT INTO k.seen VALUES (?, ?)", (m.dedupe, day_end(now)))  # its secret's life
+        # k.seen, beside the keys: SQLite commits cases.db first, so a digest is durable only with its case. It
+        # lasts as long as the day's secret that keyed it. One statement: on PostgreSQL a round trip less, and a
+        # node that commits the same message meanwhile makes this one a duplicate instead of a failed call.
+        if m.dedupe and not conn.execute("INSERT INTO k.seen VALUES (?, ?) ON CONFLICT DO NOTHING RETURNING 1",
+                                         (m.dedupe, day_end(now))).fetchone():
+            ids.append("")
+            continue
         case_id = secrets.token_hex(6)
         key, wrapped = keyring.new_case_key(case_id)
         case = Case(case_id, m.site, CaseState.RECEIVED, now, secrets.token_hex(4),
