@@ -25,6 +25,7 @@ from careservice.store import Store
 from careservice.store import StoreError
 from careservice.store.keys import case_key
 from careservice.store.purge import purge_case
+from careservice.store.tallies import take_ack_slots
 from tests.postgres import rows_containing
 from tests.support import CARE
 from tests.support import customer_mail
@@ -44,6 +45,29 @@ async def test_a_message_taken_before_is_a_duplicate_within_one_commit_and_after
         [third] = await store.add_inbound([again], time.time())
         assert first != "" and second == third == ""
         assert (await store.counts())["inbound_pending"] == 1
+    finally:
+        await store.close()
+
+
+def _ack_rate(conn: sqlite3.Connection, keyring: Keyring) -> dict[tuple[bytes, int], int]:
+    return {(bytes(digest), hour): n for digest, hour, n in conn.execute("SELECT digest, hour, n FROM ack_rate")}
+
+
+async def test_an_acknowledgement_counts_under_every_limit_or_under_none(tmp_path: Path,
+                                                                         store_backend: StoreConfig) -> None:
+    store = Store(tmp_path, Keyring(b"k" * 32), backend=store_backend)
+    await store.start(sweep=True)
+    address, domain, other = b"a" * 32, b"d" * 32, b"o" * 32
+    try:
+        taken = [await store.executor.call(take_ack_slots, ((address, 2), (domain, 3)), 7) for _ in range(3)]
+        assert taken == [True, True, False]  # the address's limit is used up: the domain's count stays
+        assert await store.executor.read(_ack_rate) == {(address, 7): 2, (domain, 7): 2}
+        assert await store.executor.call(take_ack_slots, ((other, 5), (domain, 3)), 7) is True
+        assert await store.executor.call(take_ack_slots, ((other, 5), (domain, 3)), 7) is False
+        assert await store.executor.call(take_ack_slots, ((address, 2),), 8) is True  # a new hour
+        assert await store.executor.call(take_ack_slots, ((other, 5), (other, 5)), 9) is True  # counted once
+        assert await store.executor.read(_ack_rate) == {(address, 7): 2, (domain, 7): 3, (other, 7): 1,
+                                                        (address, 8): 1, (other, 9): 1}
     finally:
         await store.close()
 

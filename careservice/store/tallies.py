@@ -61,8 +61,12 @@ def take_ack_slots(conn: sqlite3.Connection, keyring: Keyring, limits: tuple[tup
                                 (hour, *(digest for digest, _ in limits))).fetchall())
     if any(counted.get(digest, 0) >= limit for digest, limit in limits):
         return False
-    conn.executemany("INSERT INTO ack_rate VALUES (?,?,1) ON CONFLICT(digest, hour) DO UPDATE SET n = ack_rate.n + 1",
-                     [(digest, hour) for digest, _ in limits])
+    # one statement for all of them (on PostgreSQL one round trip, not one each); a row once, since a statement
+    # may not update a row twice there
+    digests = list(dict.fromkeys(digest for digest, _ in limits))
+    conn.execute(f"INSERT INTO ack_rate VALUES {','.join(['(?,?,1)'] * len(digests))} "
+                 "ON CONFLICT(digest, hour) DO UPDATE SET n = ack_rate.n + 1",
+                 [value for digest in digests for value in (digest, hour)])
     return True
 
 
