@@ -33,13 +33,6 @@ from bench.procstat import cpu_seconds, rss_bytes
 from tests.support import CARE, STAFF, free_port
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def tree_env(tree: Path) -> dict[str, str]:
-    """The environment that runs careservice, its stages and templates included, from source tree `tree`
-    (bench/treepath/sitecustomize.py), with the bench's modules after the tree's."""
-    path = (str(tree), str(REPO / "bench" / "treepath"), str(REPO), os.environ.get("PYTHONPATH", ""))
-    return {"PYTHONPATH": os.pathsep.join(p for p in path if p), "CARESERVICE_TREE": str(tree)}
 HOST = "127.0.0.1"
 START_TIMEOUT = 30.0
 DRAIN_TIMEOUT = 1800.0  # bounds every wait for the daemon; filling 100k cases (full run) takes minutes
@@ -47,6 +40,13 @@ MAX_MESSAGE = 1_000_000
 _TOKEN = re.compile(rb"ref (\d{8})")
 _REPLY_CASE = re.compile(rb"care\+([0-9a-f]{12})\.")
 _CUSTOMER = re.compile(r"customer(\d{8})@")
+
+
+def tree_env(tree: Path) -> dict[str, str]:
+    """The environment that runs careservice, its stages and templates included, from source tree `tree`
+    (bench/treepath/sitecustomize.py), with the bench's modules after the tree's."""
+    path = (str(tree), str(REPO / "bench" / "treepath"), str(REPO), os.environ.get("PYTHONPATH", ""))
+    return {"PYTHONPATH": os.pathsep.join(p for p in path if p), "CARESERVICE_TREE": str(tree)}
 
 
 def wait_port(port: int, alive: Any = None, timeout: float = START_TIMEOUT) -> None:
