@@ -11,7 +11,10 @@ machine spreads over all of them. Per variant and round, with a fresh daemon eac
 - latency (with --latency N): N mails offered at --rate msg/s, 250 -> forward at the relay, the
   daemon's CPU per case at that rate and the host's CPU steal meanwhile (bench.procstat.Usage).
 
-Ratios are to the bare aiosmtpd of the same round; the summary gives each variant's median ratio.
+Ratios are to the bare aiosmtpd of the same round; the summary gives each variant's median ratio. With
+--floor, each round also runs scenario 2's cycle floor (bench.cyclefloor) on both loops, and each variant's
+full cycle gets its ratio to the standard-loop floor of its round: paired, so that a host that slows
+between runs moves both (a full run measures each once, minutes apart).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.cyclefloor import CycleFloor, measure
 from bench.load import CustomerMails, Job, send
 from bench.postfix import relay_sink
 from bench.procstat import Meter
@@ -62,6 +66,14 @@ def _bare(count: int, uvloop: bool, first: int) -> dict[str, Any]:
                  meter=Meter(sink.pid))
     return {"rate": r.rate, "gen_cores": r.gen_cores, "server_cores": r.usage.server_cores if r.usage else None,
             "failed": r.failed}
+
+
+def _floor(count: int, uvloop: bool) -> dict[str, Any]:
+    with relay_sink() as relay, CycleFloor(relay.port, uvloop) as floor:
+        c = measure(floor.port, floor.pid, relay.pid, count, WARMUP, DRAIN_TIMEOUT,
+                    lambda n: floor.wait_delivered(n, DRAIN_TIMEOUT))
+    return {"rate": c.result.rate, "cycle": c.rate, "cpu_ms_per_case": c.cpu_ms, "gen_cores": c.gen_cores,
+            "server_cores": c.usage.server_cores, "failed": c.result.failed}
 
 
 def _intake(v: Variant, count: int, first: int) -> dict[str, Any]:
@@ -102,9 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--intake", type=int, default=2_000, help="messages per intake run (0: none)")
     parser.add_argument("--latency", type=int, default=0, help="mails per latency run (0: none)")
     parser.add_argument("--rate", type=float, default=100.0)
+    parser.add_argument("--floor", action="store_true", help="run the cycle floor on both loops in each round")
     parser.add_argument("--out", type=Path, help="JSON file for all runs")
     args = parser.parse_args(argv)
     baselines = (("bare", False), ("bare uvloop", True))
+    floors = (("floor", False), ("floor uvloop", True))
     runs: list[dict[str, Any]] = []
     first = 0
     for rnd in range(args.rounds):
@@ -118,12 +132,20 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append({"round": rnd, "variant": name, "kind": "intake", **result})
                 print(f"round {rnd + 1} {name}: {result['rate']:.0f} msg/s gen {result['gen_cores']:.2f}",
                       file=sys.stderr, flush=True)
+            for name, uv in floors if args.floor else ():
+                result = _floor(args.intake, uv)
+                base[name] = result["cycle"]
+                runs.append({"round": rnd, "variant": name, "kind": "cycle", **result})
+                print(f"round {rnd + 1} {name}: cycle {result['cycle']:.0f}/s cpu {result['cpu_ms_per_case']:.2f} "
+                      f"ms/case gen {result['gen_cores']:.2f}", file=sys.stderr, flush=True)
         for v in order:
             name = v.name
             if args.intake:
                 first += 1_000_000
                 result = _intake(v, args.intake, first)
                 result["ratio"] = result["rate"] / base["bare"]
+                if "floor" in base:
+                    result["floor_ratio"] = result["cycle"] / base["floor"]
                 runs.append({"round": rnd, "variant": name, "kind": "intake", **result})
                 print(f"round {rnd + 1} {name}: intake {result['rate']:.0f} msg/s ({result['ratio']:.2f}x bare) "
                       f"cycle {result['cycle']:.0f}/s cpu {result['cpu_ms_per_case']:.2f} ms/case "
@@ -145,7 +167,9 @@ def summary(runs: list[dict[str, Any]]) -> str:
     """Per variant: medians over the rounds, and every round's value."""
     lines = []
     for name in dict.fromkeys(r["variant"] for r in runs):
-        for kind, keys in (("intake", ("rate", "ratio", "cycle", "cpu_ms_per_case", "gen_cores", "server_cores")),
+        for kind, keys in (("intake", ("rate", "ratio", "cycle", "floor_ratio", "cpu_ms_per_case", "gen_cores",
+                                       "server_cores")),
+                           ("cycle", ("cycle", "cpu_ms_per_case", "gen_cores", "server_cores")),
                            ("latency", ("p50_ms", "p99_ms", "max_ms", "timed", "cpu_ms_per_case", "steal_cores"))):
             mine = [r for r in runs if r["variant"] == name and r["kind"] == kind]
             if not mine:
