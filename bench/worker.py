@@ -22,6 +22,9 @@ from pathlib import Path
 
 import uvloop
 
+import careservice
+import careservice.handlers
+import careservice.templates
 from bench.load import CustomerMails
 from bench.postfix import relay_sink
 from bench.servers import write_config
@@ -86,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=3_000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
+    # which checkout runs: `python -m` puts the working directory ahead of PYTHONPATH (README, bench.worker)
+    print(f"code: careservice {Path(careservice.__file__).parent}, "
+          f"stages {Path(careservice.handlers.__file__).parent}, "
+          f"templates {Path(careservice.templates.__file__).parent}", flush=True)
     results = []
     with relay_sink() as relay:
         for n in range(args.rounds):
