@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.cyclefloor import CycleFloor, measure
+from bench.cyclefloor import run_floor
 from bench.load import CustomerMails, Job, send
 from bench.postfix import relay_sink
 from bench.procstat import Meter
@@ -69,9 +69,7 @@ def _bare(count: int, uvloop: bool, first: int) -> dict[str, Any]:
 
 
 def _floor(count: int, uvloop: bool) -> dict[str, Any]:
-    with relay_sink() as relay, CycleFloor(relay.port, uvloop) as floor:
-        c = measure(floor.port, floor.pid, relay.pid, count, WARMUP, DRAIN_TIMEOUT,
-                    lambda n: floor.wait_delivered(n, DRAIN_TIMEOUT))
+    c = run_floor(uvloop, count, WARMUP)
     return {"rate": c.result.rate, "cycle": c.rate, "cpu_ms_per_case": c.cpu_ms, "gen_cores": c.gen_cores,
             "server_cores": c.usage.server_cores, "failed": c.result.failed}
 

@@ -192,6 +192,13 @@ def measure(port: int, pid: int, relay_pid: int, cases: int, warmup: int, bound:
                  per_case * (cpu_seconds(relay_pid, tree=True) - relay0))
 
 
+def run_floor(uvloop: bool, cases: int, warmup: int) -> Cycle:
+    """One full cycle of a fresh floor on the given loop, relaying to a fresh smtp-sink."""
+    with relay_sink() as relay, CycleFloor(relay.port, uvloop) as floor:
+        return measure(floor.port, floor.pid, relay.pid, cases, warmup, DRAIN_SECONDS,
+                       lambda n: floor.wait_delivered(n, DRAIN_SECONDS))
+
+
 def rows(s: Settings, log: Log, case: str, bare_rate: float | None) -> list[Row]:
     """The floor's full cycle on the standard loop and on uvloop, measured as scenario 2 measures careservice
     (again while the host steals: bench.settings.least_stolen)."""
@@ -200,9 +207,7 @@ def rows(s: Settings, log: Log, case: str, bare_rate: float | None) -> list[Row]
         target = "floor: aiosmtpd + SQLite + aiosmtplib" + (" uvloop" if uvloop else "")
 
         def attempt() -> Cycle:
-            with relay_sink() as relay, CycleFloor(relay.port, uvloop) as floor:  # noqa: B023 (called in this turn)
-                return measure(floor.port, floor.pid, relay.pid, s.cycle_cases, s.warmup, DRAIN_SECONDS,
-                               lambda n: floor.wait_delivered(n, DRAIN_SECONDS))
+            return run_floor(uvloop, s.cycle_cases, s.warmup)  # noqa: B023 (called in this turn)
 
         cycle, cycles = least_stolen(attempt, lambda c: c.usage.steal_cores, s, log, f"2 full cycle {target}")
         result = cycle.result
