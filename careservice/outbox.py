@@ -173,32 +173,44 @@ class Relay:
         if self.config.maildir is not None:
             await self._write_all(self.config.maildir, items, record)
             return
-        client: aiosmtplib.SMTP | None = None
+        session: smtpclient.Session | None = None
         done = 0
         try:
             client, unchecked = await self._connection()
-            for item in items:
+            session = smtpclient.Session(client)
+            following = self._mail(items[0]) if items else None
+            for n, item in enumerate(items):
                 if self.stopping:
                     break  # the rest stay queued as they are
-                message = self.signer.sign(item.site, item.mail.message)
+                mail, following = following, self._mail(items[n + 1]) if n + 1 < len(items) else None
                 try:
-                    refusal = await self._send_one(client, item.mail, message)
+                    refusal = await self._send_one(session, item.mail, mail, following)
                 except aiosmtplib.SMTPServerDisconnected:
                     if not unchecked:
                         raise
-                    client.close()  # dropped since its last use: the mail goes over a new connection
-                    client = await self._connect()
-                    refusal = await self._send_one(client, item.mail, message)
+                    session.client.close()  # dropped since its last use: the mail goes over a new connection
+                    session = smtpclient.Session(await self._connect())
+                    refusal = await self._send_one(session, item.mail, mail, following)
                 unchecked = False
                 await record(item, refusal)  # committed before the next one
                 done += 1
-            self._kept.append((time.monotonic(), client))
-            client = None
+            session.close()
+            if session.reusable:  # else a mail's envelope went ahead and the relay waits for its content
+                self._kept.append((time.monotonic(), session.client))
+                session = None
         except (aiosmtplib.SMTPException, OSError, TimeoutError, OAuth2Error) as exc:
             raise RelayDown(exc, done) from None
         finally:
-            if client is not None:  # broken, or the store failed: not kept, not left open
-                client.close()
+            if session is not None:  # broken, or the store failed: not kept, not left open
+                session.close()
+                session.client.close()
+
+    def _mail(self, item: QueuedMail) -> smtpclient.Mail:
+        """The transaction of a queued mail: signed with the DKIM keys in force as it leaves."""
+        mail = item.mail
+        utf8 = not all(a.isascii() for a in (mail.sender, *mail.recipients))
+        return smtpclient.Mail(mail.sender, mail.recipients, self.signer.sign(item.site, mail.message),
+                               ["SMTPUTF8"] if utf8 else [])
 
     async def _write_all(self, maildir: Path, items: list[QueuedMail], record: Record) -> None:
         """The maildir relay: a folder it cannot write is a relay that is down."""
@@ -214,20 +226,18 @@ class Relay:
                 raise RelayDown(exc, done) from None
             await record(item, None)
 
-    async def _send_one(self, client: aiosmtplib.SMTP, mail: OutgoingMail, message: bytes) -> Refusal | None:
-        utf8 = not all(a.isascii() for a in (mail.sender, *mail.recipients))
+    async def _send_one(self, session: smtpclient.Session, mail: OutgoingMail, transaction: smtpclient.Mail,
+                        following: smtpclient.Mail | None) -> Refusal | None:
         try:
-            errors, _ = await smtpclient.sendmail(client, mail.sender, mail.recipients, message,
-                                                  ["SMTPUTF8"] if utf8 else [])
+            errors, _ = await session.sendmail(transaction, following)
         except aiosmtplib.SMTPNotSupported:  # a UTF-8 address, and the relay has no SMTPUTF8: never sendable
             return Refusal(553, True)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             codes = [r.code for r in exc.recipients]
             return Refusal(min(codes), all(c >= 500 for c in codes))
-        except aiosmtplib.SMTPResponseException as exc:
+        except aiosmtplib.SMTPResponseException as exc:  # the envelope is reset (sendmail)
             if exc.code in (421, -1):
                 raise
-            await client.rset()
             return Refusal(exc.code, exc.code >= 500)
         if errors:  # delivered to the others; a refused one is not tried again
             log.warning("relay_refused_recipients relay=%s code=%d case=%s kind=%s refused=%d recipients=%d",

@@ -1,20 +1,24 @@
-"""One mail transaction on an aiosmtplib connection, pipelined (RFC 2920) when the relay offers PIPELINING.
+"""Mail transactions on one aiosmtplib connection, pipelined (RFC 2920) when the relay offers PIPELINING.
 
 aiosmtplib sends each command and waits for its reply: MAIL, RCPT, DATA and the body are four writes and
 four round trips. With PIPELINING, MAIL, every RCPT and DATA go in one write, their replies are read in
-order, then the body: two of each. The contract is aiosmtplib's `SMTP.sendmail`, so the outbox classifies
-refusals exactly as before: SMTPSenderRefused, SMTPRecipientsRefused (every recipient refused),
-SMTPDataError, SMTPNotSupported, each after an RSET; a partial refusal returns the refused recipients.
-One difference: a 421 (the relay closing the connection) to any command raises SMTPResponseException,
-which the outbox counts as the relay failing; aiosmtplib reports a 421 to the one RCPT of a mail as a
-refused recipient, and the relay failing only with the next mail."""
+order, then the body. And a Session writes the next mail's MAIL, RCPT and DATA in the same write as this
+mail's body and final dot (RFC 2920 lets message content open a group): one write and one wait per mail.
+The contract is aiosmtplib's `SMTP.sendmail`, so the outbox classifies refusals exactly as before:
+SMTPSenderRefused, SMTPRecipientsRefused (every recipient refused), SMTPDataError, SMTPNotSupported, each
+with the envelope reset; a partial refusal returns the refused recipients. One difference: a 421 (the relay
+closing the connection) to any command raises SMTPResponseException, which the outbox counts as the relay
+failing; aiosmtplib reports a 421 to the one RCPT of a mail as a refused recipient, and the relay failing
+only with the next mail."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
 
 import aiosmtplib
 from aiosmtplib.email import quote_address
@@ -35,55 +39,116 @@ _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _PLAIN_ADDRESS = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
 
 
-async def sendmail(client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str], message: bytes,
-                   mail_options: list[str]) -> tuple[Refused, str]:
-    """`client.sendmail`, pipelined when the relay offered PIPELINING in its EHLO. The first mail of a
-    connection has no EHLO yet, and goes through aiosmtplib (which greets), as does every mail to a
-    relay without PIPELINING."""
-    protocol = client.protocol
-    if protocol is None or client.is_ehlo_or_helo_needed or not client.supports_extension("pipelining"):
-        return await client.sendmail(sender, list(recipients), message, mail_options=mail_options)
-    utf8 = any(option.lower() == "smtputf8" for option in mail_options)
-    if utf8 and not client.supports_extension("smtputf8"):
-        raise aiosmtplib.SMTPNotSupported("SMTPUTF8 is not supported by this server")
-    content = _crlf(message)
-    options = [f"size={len(content)}", *mail_options] if client.supports_extension("size") else mail_options
-    encoding = "utf-8" if utf8 else "ascii"
-    # quote_address raises for an address that cannot be sent, before anything is: as sendmail
-    commands = [_command(b"MAIL", b"FROM:" + _quoted(sender).encode(encoding),
-                         *(option.encode("ascii") for option in options))]
-    commands += [_command(b"RCPT", b"TO:" + _quoted(r).encode(encoding)) for r in recipients]
-    replies = _Replies(protocol)
-    try:
-        with replies.holding():
-            protocol.write(b"".join(commands) + b"DATA\r\n")
-            mail, *rcpts, data = [await replies.next(client) for _ in range(len(recipients) + 2)]
+@dataclass(frozen=True, eq=False)
+class Mail:
+    """One mail's transaction: the envelope, the message as it leaves (signed), and MAIL's options."""
+
+    sender: str
+    recipients: Sequence[str]
+    message: bytes
+    options: list[str]
+
+    @cached_property
+    def content(self) -> bytes:
+        """The message with CRLF line ends, as DATA sends it and SIZE counts it."""
+        return _crlf(self.message)
+
+
+class Session:
+    """The mail transactions of one connection, in order; `close()` before the connection is reused or
+    closed. A mail whose envelope went ahead with the previous body must be the next one sent; if it
+    is not (a stop, a failure in between), `reusable` is False and the connection must be closed: the
+    relay waits for that mail's content, and only closing the connection ends its transaction."""
+
+    def __init__(self, client: aiosmtplib.SMTP) -> None:
+        self.client = client
+        self._replies: _Replies | None = None  # the connection's data while pipelining
+        self._ahead: Mail | None = None  # the mail whose envelope was written with the last body
+
+    @property
+    def reusable(self) -> bool:
+        return self._ahead is None
+
+    def close(self) -> None:
+        """Give the connection its own protocol back (for NOOP and QUIT)."""
+        if self._replies is not None:
+            self._replies.release()
+            self._replies = None
+
+    async def sendmail(self, mail: Mail, following: Mail | None = None) -> tuple[Refused, str]:
+        """`client.sendmail` of `mail`; with PIPELINING, `following`'s envelope goes with its body (the
+        next call must then send `following`). The first mail of a connection has no EHLO yet, and goes
+        through aiosmtplib (which greets), as does every mail to a relay without PIPELINING."""
+        client = self.client
+        if self._ahead is not None and self._ahead is not mail:
+            raise RuntimeError("a mail whose envelope went ahead must be sent next")
+        if self._replies is None:
+            if (client.protocol is None or client.is_ehlo_or_helo_needed
+                    or not client.supports_extension("pipelining")):
+                return await client.sendmail(mail.sender, list(mail.recipients), mail.message,
+                                             mail_options=mail.options)
+            self._replies = _Replies(client.protocol)
+        replies = self._replies
+        try:
+            if self._ahead is None:
+                replies.write(self._envelope(mail))
+            self._ahead = None
+            first, *rcpts, data = [await replies.next(client) for _ in range(len(mail.recipients) + 2)]
             refused = [aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, address)
-                       for reply, address in zip(rcpts, recipients, strict=True) if reply.code not in (250, 251)]
+                       for reply, address in zip(rcpts, mail.recipients, strict=True) if reply.code not in (250, 251)]
             error: aiosmtplib.SMTPException
-            if mail.code != 250:
-                error = aiosmtplib.SMTPSenderRefused(mail.code, mail.message, sender)
-            elif len(refused) == len(recipients):
+            if first.code != 250:
+                error = aiosmtplib.SMTPSenderRefused(first.code, first.message, mail.sender)
+            elif len(refused) == len(mail.recipients):
                 error = aiosmtplib.SMTPRecipientsRefused(refused)
             elif data.code != 354:
                 error = aiosmtplib.SMTPDataError(data.code, data.message)
             else:
-                protocol.write(_dot_stuffed(content) + b".\r\n")
+                ahead = self._envelope_or_none(following)
+                replies.write(_dot_stuffed(mail.content) + b".\r\n" + ahead)
+                self._ahead = following if ahead else None
                 done = await replies.next(client)
                 if done.code == 250:
                     return {r.recipient: SMTPResponse(r.code, r.message) for r in refused}, done.message
-                error = aiosmtplib.SMTPDataError(done.code, done.message)
-            if data.code == 354 and not isinstance(error, aiosmtplib.SMTPDataError):
+                # the end of the content ended the transaction, whatever the reply (RFC 5321 4.1.1.4): no
+                # RSET, which would also reset (or, after its DATA, become the content of) the mail ahead
+                raise aiosmtplib.SMTPDataError(done.code, done.message)
+            if data.code == 354:
                 # a relay that took DATA with no sender or recipient accepted: an empty message ends it (RFC 2920)
-                protocol.write(b".\r\n")
+                replies.write(b".\r\n")
                 await replies.next(client)
-    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
-        client.close()  # as aiosmtplib does: a reply given up on would be paired with the next command
-        raise
-    # as sendmail: the envelope is reset for the next mail; a failing RSET is not the error to report
-    with contextlib.suppress(ConnectionError, aiosmtplib.SMTPResponseException):
-        await client.rset()
-    raise error
+            # as sendmail: the envelope is reset for the next mail; a failing RSET is not the error to report
+            with contextlib.suppress(ConnectionError, aiosmtplib.SMTPResponseException):
+                replies.write(b"RSET\r\n")
+                await replies.next(client)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+            client.close()  # as aiosmtplib does: a reply given up on would be paired with the next command
+            raise
+        raise error
+
+    def _envelope(self, mail: Mail) -> bytes:
+        """MAIL, each RCPT and DATA, as one write. Raises, before anything is written, for an address
+        that cannot be sent (quote_address, as sendmail) or a UTF-8 one the relay cannot take."""
+        client = self.client
+        utf8 = any(option.lower() == "smtputf8" for option in mail.options)
+        if utf8 and not client.supports_extension("smtputf8"):
+            raise aiosmtplib.SMTPNotSupported("SMTPUTF8 is not supported by this server")
+        size = [f"size={len(mail.content)}"] if client.supports_extension("size") else []
+        encoding = "utf-8" if utf8 else "ascii"
+        commands = [_command(b"MAIL", b"FROM:" + _quoted(mail.sender).encode(encoding),
+                             *(option.encode("ascii") for option in [*size, *mail.options]))]
+        commands += [_command(b"RCPT", b"TO:" + _quoted(r).encode(encoding)) for r in mail.recipients]
+        return b"".join(commands) + b"DATA\r\n"
+
+    def _envelope_or_none(self, mail: Mail | None) -> bytes:
+        """The envelope of the mail to send next, to go ahead with this body; b"" when there is none or
+        it cannot be sent (its own sendmail then raises, before writing anything)."""
+        if mail is None:
+            return b""
+        try:
+            return self._envelope(mail)
+        except (ValueError, aiosmtplib.SMTPNotSupported):
+            return b""
 
 
 def _quoted(address: str) -> str:
@@ -114,28 +179,27 @@ def _command(*args: bytes) -> bytes:
 
 
 class _Replies(SMTPProtocol):
-    """Takes the connection's data while a pipelined transaction's replies come in, and hands them out in
+    """Takes the connection's data while pipelined transactions' replies come in, and hands them out in
     order. aiosmtplib's protocol, made for one reply per command, parses one reply per arrival of data and
     ignores data that arrives while a reply waits for its reader: replies in separate packets could be lost.
     This is aiosmtplib's protocol class for its reply parser and limits; the connection's own protocol gets
-    the connection back afterwards, and hears of its loss."""
+    the connection back at release(), and hears of its loss."""
 
     def __init__(self, protocol: SMTPProtocol) -> None:
         super().__init__(loop=asyncio.get_running_loop())
         self.protocol = protocol
         self.transport = protocol.transport
         self.arrived = asyncio.Event()
-
-    @contextlib.contextmanager
-    def holding(self) -> Iterator[None]:
         if self.transport is None:
             raise aiosmtplib.SMTPServerDisconnected("Connection lost")
         self.transport.set_protocol(self)
-        try:
-            yield
-        finally:
-            if self.transport is not None:
-                self.transport.set_protocol(self.protocol)
+
+    def release(self) -> None:
+        if self.transport is not None:
+            self.transport.set_protocol(self.protocol)
+
+    def write(self, data: bytes) -> None:
+        self.protocol.write(data)  # aiosmtplib's: raises SMTPServerDisconnected on a closed connection
 
     def data_received(self, data: bytes) -> None:
         self._buffer.extend(data)

@@ -53,13 +53,15 @@ class PipeliningRelay(CountingRelay):
     """An aiosmtpd relay that offers PIPELINING (aiosmtpd reads commands in order, so it can take them
     pipelined; it just does not say so), notes per MAIL whether DATA had already arrived with it, and
     scripts refusals: `mail_reply` for MAIL, RCPT for the addresses in `unknown`, and a dropped connection
-    at RCPT number `drop_at_rcpt` (1-based, counted over the server's life)."""
+    at RCPT number `drop_at_rcpt` (1-based, counted over the server's life). It notes per content too
+    whether the next mail's MAIL had arrived with it."""
 
     offer: bool = True
     mail_reply: str = ""
     unknown: set[str] = field(default_factory=set)
     drop_at_rcpt: int = 0
     pipelined: list[bool] = field(default_factory=list)
+    ahead: list[bool] = field(default_factory=list)  # per content: whether the next MAIL came with it
     rcpts: int = 0
 
     async def handle_EHLO(self, server: object, session: Session, envelope: object, hostname: str,
@@ -75,6 +77,10 @@ class PipeliningRelay(CountingRelay):
             return self.mail_reply
         envelope.mail_from = address
         return "250 OK"
+
+    async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+        self.ahead.append(b"MAIL FROM:" in bytes(server._reader._buffer))  # type: ignore[attr-defined]
+        return await super().handle_DATA(server, session, envelope)
 
     async def handle_RCPT(self, server: object, session: Session, envelope: SmtpEnvelope, address: str,
                           rcpt_options: list[str]) -> str:
@@ -110,8 +116,10 @@ async def test_mail_rcpt_and_data_go_in_one_write_when_the_relay_offers_pipelini
     server = PipeliningRelay()
     with serving(server) as relay:
         assert await send(relay, [queued(1), to(2, KNOWN, "d@customer.example"), queued(3)]) == [None] * 3
-        # the first mail greets (aiosmtplib's EHLO), the rest of the session is pipelined
+        # the first mail greets (aiosmtplib's EHLO), the rest of the session is pipelined, the third
+        # mail's envelope in the same write as the second's content
         assert server.pipelined == [False, True, True] and server.sessions == 1
+        assert server.ahead == [False, True, False]
         assert [c.rcpt_tos for c in server.received] == [[KNOWN], [KNOWN, "d@customer.example"], [KNOWN]]
         assert [c.raw for c in server.received] == [queued(n).mail.message for n in (1, 2, 3)]
 
@@ -124,6 +132,41 @@ def test_pipelined_mail_on_uvloop() -> None:
         assert results == [None, None, Refusal(550, True), None]
         assert server.pipelined == [False, True, True, True] and server.sessions == 1
         assert [c.raw for c in server.received] == [queued(n).mail.message for n in (1, 2, 4)]
+
+
+async def test_a_refused_content_leaves_the_envelope_that_went_ahead_with_it_intact() -> None:
+    """The relay's refusal at the end of the content ended that transaction: no RSET follows, which
+    would reset the mail ahead, or, after its DATA, be sent to the next recipient as its content."""
+    server = PipeliningRelay()
+    with serving(server) as relay:
+        assert await send(relay, [queued(1)]) == [None]
+        server.replies = ["554 5.6.0 content refused"]
+        assert await send(relay, [queued(2), queued(3), queued(4)]) == [Refusal(554, True), None, None]
+        assert server.ahead == [False, True, True, False] and server.sessions == 1
+        assert [c.raw for c in server.received] == [queued(n).mail.message for n in (1, 3, 4)]
+        assert await send(relay, [queued(5)]) == [None]  # the kept connection is in a clean state
+        assert server.sessions == 1 and len(server.received) == 4
+
+
+async def test_a_stop_with_an_envelope_ahead_closes_the_connection_and_the_mail_stays_queued() -> None:
+    """The relay waits for the content of the mail whose envelope went ahead: only closing the
+    connection ends that transaction, so the connection is not kept, and the mail goes later."""
+    server = PipeliningRelay()
+    with serving(server) as relay:
+        assert await send(relay, [queued(1)]) == [None]
+        recorded: list[int] = []
+
+        async def record(item: QueuedMail, refusal: Refusal | None) -> None:
+            recorded.append(item.id)
+            relay.stopping = True
+
+        await relay.send_all([queued(2), queued(3)], record)
+        assert recorded == [2] and server.ahead == [False, True]
+        assert not relay.keeps_connections
+        relay.stopping = False
+        assert await send(relay, [queued(3)]) == [None]
+        assert server.sessions == 2
+        assert [c.raw for c in server.received] == [queued(n).mail.message for n in (1, 2, 3)]
 
 
 async def test_without_pipelining_each_command_waits_for_its_reply() -> None:
@@ -172,12 +215,14 @@ async def test_an_address_that_cannot_go_on_a_command_line_sends_nothing() -> No
     server = PipeliningRelay()
     with serving(server):
         async with aiosmtplib.SMTP(hostname="127.0.0.1", port=server.port) as client:
-            await smtpclient.sendmail(client, KNOWN, [KNOWN], queued(1).mail.message, [])
+            session = smtpclient.Session(client)
+            await session.sendmail(smtpclient.Mail(KNOWN, [KNOWN], queued(1).mail.message, []))
             for sender, recipient in [(KNOWN, "c NOTIFY=NEVER@customer.example"), ("c d@customer.example", KNOWN)]:
                 with pytest.raises(ValueError, match="not permitted in an SMTP mailbox"):
-                    await smtpclient.sendmail(client, sender, [KNOWN, recipient], queued(2).mail.message, [])
+                    await session.sendmail(smtpclient.Mail(sender, [KNOWN, recipient], queued(2).mail.message, []))
             assert server.rcpts == 1
-            await smtpclient.sendmail(client, KNOWN, [KNOWN], queued(3).mail.message, [])
+            await session.sendmail(smtpclient.Mail(KNOWN, [KNOWN], queued(3).mail.message, []))
+            session.close()  # aiosmtplib's QUIT needs the connection's own protocol back
         assert server.pipelined == [True, True] and server.rcpts == 2 and server.sessions == 1
         assert [c.raw for c in server.received] == [queued(n).mail.message for n in (1, 3)]
 
