@@ -43,12 +43,12 @@ ACK = (b"From: care@floor.bench.localhost\r\nTo: customer@floor.bench.localhost\
 
 
 async def _send(client: aiosmtplib.SMTP, bodies: list[bytes]) -> None:
-    mails = [mail for body in bodies for mail in (Mail(SENDER, ["staff@floor.bench.localhost"], body, []),
-                                                  Mail(SENDER, ["customer@floor.bench.localhost"], ACK, []))]
+    mails = [mail for body in bodies for mail in (Mail(SENDER, ["staff@floor.bench.localhost"], body),
+                                                  Mail(SENDER, ["customer@floor.bench.localhost"], ACK))]
     session = Session(client)
     for n, mail in enumerate(mails):  # each envelope ahead with the content before it, as careservice's outbox
         await session.sendmail(mail, mails[n + 1] if n + 1 < len(mails) else None)
-    session.close()
+    session.end(keep=True)
 
 
 async def _relay(path: Path, relay_port: int, delivered: Any, last: Any) -> None:

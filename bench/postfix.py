@@ -123,10 +123,11 @@ message_size_limit = {size}
 class Postfix(Server):
     """A private Postfix (own config and queue directories, own port): queue to disk with fsync, then discard."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, settings: str = "") -> None:
         self.root = root
         self.port = free_port()
         self.conf = root / "conf"
+        self.settings = settings  # main.cf lines added to the instance's own
 
     @staticmethod
     def unavailable() -> str:
@@ -146,7 +147,7 @@ class Postfix(Server):
         self.root.chmod(0o755)
         shutil.chown(self.root / "data", "postfix")
         (self.conf / "main.cf").write_text(MAIN_CF.format(root=self.root, domain=CARE.split("@")[1],
-                                                          size=MAX_MESSAGE * 2))
+                                                          size=MAX_MESSAGE * 2) + self.settings)
         (self.conf / "master.cf").write_text(MASTER_CF.format(listen=f"{HOST}:{self.port}"))
         done = subprocess.run(["postfix", "-c", str(self.conf), "start"], capture_output=True, check=False,
                               timeout=60)

@@ -9,7 +9,6 @@ import math
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiosmtplib
@@ -21,6 +20,7 @@ from careservice.logs import error_fields
 from careservice.maildir import maildir_deliver
 from careservice.model import DeliveryFailure, MailEvent, MailKind, Outcome, OutgoingMail, QueuedMail
 from careservice.oauth2 import OAuth2Error, TokenSource
+from careservice.smtpclient import Refusal
 from careservice.store import Store
 from careservice.tlsconf import client_context
 from careservice.wakeup import Gate, Wakeup
@@ -50,12 +50,6 @@ class RelayDown(Exception):
                        + (f" {detail}" if detail else ""))
         self.done = done
         super().__init__(self.fields)
-
-
-@dataclass(frozen=True)
-class Refusal:
-    code: int
-    permanent: bool
 
 
 Record = Callable[[QueuedMail, Refusal | None], Awaitable[None]]
@@ -188,29 +182,24 @@ class Relay:
                 except aiosmtplib.SMTPServerDisconnected:
                     if not unchecked:
                         raise
-                    session.client.close()  # dropped since its last use: the mail goes over a new connection
+                    session.end(keep=False)  # dropped since its last use: the mail goes over a new connection
                     session = smtpclient.Session(await self._connect())
                     refusal = await self._send_one(session, item.mail, mail, following)
                 unchecked = False
                 await record(item, refusal)  # committed before the next one
                 done += 1
-            session.close()
-            if session.reusable:  # else a mail's envelope went ahead and the relay waits for its content
+            if session.end(keep=True):
                 self._kept.append((time.monotonic(), session.client))
-                session = None
+            session = None
         except (aiosmtplib.SMTPException, OSError, TimeoutError, OAuth2Error) as exc:
             raise RelayDown(exc, done) from None
         finally:
             if session is not None:  # broken, or the store failed: not kept, not left open
-                session.close()
-                session.client.close()
+                session.end(keep=False)
 
     def _mail(self, item: QueuedMail) -> smtpclient.Mail:
-        """The transaction of a queued mail: signed with the DKIM keys in force as it leaves."""
-        mail = item.mail
-        utf8 = not all(a.isascii() for a in (mail.sender, *mail.recipients))
-        return smtpclient.Mail(mail.sender, mail.recipients, self.signer.sign(item.site, mail.message),
-                               ["SMTPUTF8"] if utf8 else [])
+        """The transaction of a queued mail, signed with the DKIM keys in force as it leaves."""
+        return smtpclient.Mail(item.mail.sender, item.mail.recipients, self.signer.sign(item.site, item.mail.message))
 
     async def _write_all(self, maildir: Path, items: list[QueuedMail], record: Record) -> None:
         """The maildir relay: a folder it cannot write is a relay that is down."""
@@ -228,22 +217,12 @@ class Relay:
 
     async def _send_one(self, session: smtpclient.Session, mail: OutgoingMail, transaction: smtpclient.Mail,
                         following: smtpclient.Mail | None) -> Refusal | None:
-        try:
-            errors, _ = await session.sendmail(transaction, following)
-        except aiosmtplib.SMTPNotSupported:  # a UTF-8 address, and the relay has no SMTPUTF8: never sendable
-            return Refusal(553, True)
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            codes = [r.code for r in exc.recipients]
-            return Refusal(min(codes), all(c >= 500 for c in codes))
-        except aiosmtplib.SMTPResponseException as exc:  # the envelope is reset (sendmail)
-            if exc.code in (421, -1):
-                raise
-            return Refusal(exc.code, exc.code >= 500)
-        if errors:  # delivered to the others; a refused one is not tried again
+        refusal, refused = await session.deliver(transaction, following)
+        if refused:  # delivered to the others; a refused one is not tried again
             log.warning("relay_refused_recipients relay=%s code=%d case=%s kind=%s refused=%d recipients=%d",
-                        self.name, min(r.code for r in errors.values()), mail.case_id, mail.kind, len(errors),
+                        self.name, min(r.code for r in refused.values()), mail.case_id, mail.kind, len(refused),
                         len(mail.recipients))
-        return None
+        return refusal
 
 
 class Outbox:

@@ -4,12 +4,12 @@ aiosmtplib sends each command and waits for its reply: MAIL, RCPT, DATA and the 
 four round trips. With PIPELINING, MAIL, every RCPT and DATA go in one write, their replies are read in
 order, then the body. And a Session writes the next mail's MAIL, RCPT and DATA in the same write as this
 mail's body and final dot (RFC 2920 lets message content open a group): one write and one wait per mail.
-The contract is aiosmtplib's `SMTP.sendmail`, so the outbox classifies refusals exactly as before:
+`Session.sendmail` keeps the contract of aiosmtplib's `SMTP.sendmail`, whichever way a mail goes:
 SMTPSenderRefused, SMTPRecipientsRefused (every recipient refused), SMTPDataError, SMTPNotSupported, each
-with the envelope reset; a partial refusal returns the refused recipients. One difference: a 421 (the relay
-closing the connection) to any command raises SMTPResponseException, which the outbox counts as the relay
-failing; aiosmtplib reports a 421 to the one RCPT of a mail as a refused recipient, and the relay failing
-only with the next mail."""
+with the envelope reset; a partial refusal returns the refused recipients. `deliver` makes these the
+outbox's Refusal. One difference: a 421 (the relay closing the connection) to any command raises
+SMTPResponseException, which the outbox counts as the relay failing; aiosmtplib reports a 421 to the one
+RCPT of a mail as a refused recipient, and the relay failing only with the next mail."""
 
 from __future__ import annotations
 
@@ -39,14 +39,26 @@ _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _PLAIN_ADDRESS = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """The relay's refusal of a whole mail: its reply code, and whether trying again cannot help."""
+
+    code: int
+    permanent: bool
+
+
 @dataclass(frozen=True, eq=False)
 class Mail:
-    """One mail's transaction: the envelope, the message as it leaves (signed), and MAIL's options."""
+    """One mail's transaction: the envelope, and the message as it leaves (signed)."""
 
     sender: str
     recipients: Sequence[str]
     message: bytes
-    options: list[str]
+
+    @cached_property
+    def options(self) -> list[str]:
+        """MAIL's options: SMTPUTF8 for a mail to or from an address that is not ASCII (RFC 6531)."""
+        return [] if all(a.isascii() for a in (self.sender, *self.recipients)) else ["SMTPUTF8"]
 
     @cached_property
     def content(self) -> bytes:
@@ -55,25 +67,40 @@ class Mail:
 
 
 class Session:
-    """The mail transactions of one connection, in order; `close()` before the connection is reused or
-    closed. A mail whose envelope went ahead with the previous body must be the next one sent; if it
-    is not (a stop, a failure in between), `reusable` is False and the connection must be closed: the
-    relay waits for that mail's content, and only closing the connection ends its transaction."""
+    """The mail transactions of one connection, in order, until `end()`. A mail whose envelope went ahead
+    with the previous content must be the next one sent."""
 
     def __init__(self, client: aiosmtplib.SMTP) -> None:
         self.client = client
         self._replies: _Replies | None = None  # the connection's data while pipelining
-        self._ahead: Mail | None = None  # the mail whose envelope was written with the last body
+        self._ahead: Mail | None = None  # the mail whose envelope was written with the last content
 
-    @property
-    def reusable(self) -> bool:
-        return self._ahead is None
-
-    def close(self) -> None:
-        """Give the connection its own protocol back (for NOOP and QUIT)."""
+    def end(self, keep: bool) -> bool:
+        """Give the connection its own protocol back (for NOOP and QUIT), and close it unless `keep` and
+        no envelope went ahead: the relay then waits for that mail's content, and only closing the
+        connection ends its transaction. Returns whether the connection stays open."""
         if self._replies is not None:
             self._replies.release()
             self._replies = None
+        if keep and self._ahead is None:
+            return True
+        self.client.close()
+        return False
+
+    async def deliver(self, mail: Mail, following: Mail | None = None) -> tuple[Refusal | None, Refused]:
+        """`sendmail`'s outcome for the outbox: the refusal of the whole mail (None: the relay took it), and
+        the recipients it refused when it took the mail for others. A 421 or an unreadable reply raises."""
+        try:
+            return None, (await self.sendmail(mail, following))[0]
+        except aiosmtplib.SMTPNotSupported:  # a UTF-8 address, and the relay has no SMTPUTF8: never sendable
+            return Refusal(553, True), {}
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            codes = [r.code for r in exc.recipients]
+            return Refusal(min(codes), all(c >= 500 for c in codes)), {}
+        except aiosmtplib.SMTPResponseException as exc:  # the envelope is reset (sendmail)
+            if exc.code in (CLOSING, -1):
+                raise
+            return Refusal(exc.code, exc.code >= 500), {}
 
     async def sendmail(self, mail: Mail, following: Mail | None = None) -> tuple[Refused, str]:
         """`client.sendmail` of `mail`; with PIPELINING, `following`'s envelope goes with its body (the
