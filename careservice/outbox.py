@@ -174,9 +174,10 @@ class Relay:
             session = smtpclient.Session(client)
             following = self._mail(items[0]) if items else None
             for n, item in enumerate(items):
-                if self.stopping:
+                if self.stopping and not session.awaited:  # a mail whose envelope went ahead is in flight
                     break  # the rest stay queued as they are
-                mail, following = following, self._mail(items[n + 1]) if n + 1 < len(items) else None
+                last = self.stopping or n + 1 == len(items)
+                mail, following = following, None if last else self._mail(items[n + 1])
                 try:
                     refusal = await self._send_one(session, item.mail, mail, following)
                 except aiosmtplib.SMTPServerDisconnected:

@@ -75,6 +75,11 @@ class Session:
         self._replies: _Replies | None = None  # the connection's data while pipelining
         self._ahead: Mail | None = None  # the mail whose envelope was written with the last content
 
+    @property
+    def awaited(self) -> bool:
+        """Whether a mail's envelope went ahead: the relay waits for that mail's content."""
+        return self._ahead is not None
+
     def end(self, keep: bool) -> bool:
         """Give the connection its own protocol back (for NOOP and QUIT), and close it unless `keep` and
         no envelope went ahead: the relay then waits for that mail's content, and only closing the
@@ -82,7 +87,7 @@ class Session:
         if self._replies is not None:
             self._replies.release()
             self._replies = None
-        if keep and self._ahead is None:
+        if keep and not self.awaited:
             return True
         self.client.close()
         return False

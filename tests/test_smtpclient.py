@@ -150,9 +150,10 @@ async def test_a_refused_content_leaves_the_envelope_that_went_ahead_with_it_int
         assert server.sessions == 1 and len(server.received) == 4
 
 
-async def test_a_stop_with_an_envelope_ahead_closes_the_connection_and_the_mail_stays_queued() -> None:
-    """The relay waits for the content of the mail whose envelope went ahead: only closing the
-    connection ends that transaction, so the connection is not kept, and the mail goes later."""
+async def test_a_stop_with_an_envelope_ahead_sends_that_mail_and_no_other() -> None:
+    """The relay waits for the content of the mail whose envelope went ahead: that mail is in flight, so a
+    stop sends it, and nothing more goes ahead; the connection ends cleanly (a closed one would leave the
+    relay a transaction cut off after DATA)."""
     server = PipeliningRelay()
     with serving(server) as relay:
         assert await send(relay, [queued(1)]) == [None]
@@ -162,10 +163,25 @@ async def test_a_stop_with_an_envelope_ahead_closes_the_connection_and_the_mail_
             recorded.append(item.id)
             relay.stopping = True
 
-        await relay.send_all([queued(2), queued(3)], record)
-        assert recorded == [2] and server.ahead == [False, True]
-        assert not relay.keeps_connections
-        relay.stopping = False
+        await relay.send_all([queued(2), queued(3), queued(4)], record)
+        assert recorded == [2, 3] and server.ahead == [False, True, False]
+        assert relay.keeps_connections and server.sessions == 1
+        assert [c.raw for c in server.received] == [queued(n).mail.message for n in (1, 2, 3)]
+
+
+async def test_a_record_that_fails_with_an_envelope_ahead_closes_the_connection() -> None:
+    """Only closing the connection ends the transaction of a mail whose envelope went ahead: when the store
+    cannot record the delivery before it, that mail stays queued and goes over a new connection."""
+    server = PipeliningRelay()
+    with serving(server) as relay:
+        assert await send(relay, [queued(1)]) == [None]
+
+        async def record(item: QueuedMail, refusal: Refusal | None) -> None:
+            raise RuntimeError("the store failed")
+
+        with pytest.raises(RuntimeError):
+            await relay.send_all([queued(2), queued(3)], record)
+        assert server.ahead == [False, True] and not relay.keeps_connections
         assert await send(relay, [queued(3)]) == [None]
         assert server.sessions == 2
         assert [c.raw for c in server.received] == [queued(n).mail.message for n in (1, 2, 3)]
