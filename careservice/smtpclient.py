@@ -56,9 +56,14 @@ class Mail:
     message: bytes
 
     @cached_property
+    def utf8(self) -> bool:
+        """Whether an address is not ASCII: MAIL then says SMTPUTF8 (RFC 6531), and the relay must offer it."""
+        return not all(a.isascii() for a in (self.sender, *self.recipients))
+
+    @property
     def options(self) -> list[str]:
-        """MAIL's options: SMTPUTF8 for a mail to or from an address that is not ASCII (RFC 6531)."""
-        return [] if all(a.isascii() for a in (self.sender, *self.recipients)) else ["SMTPUTF8"]
+        """MAIL's options, as aiosmtplib's sendmail takes them."""
+        return ["SMTPUTF8"] if self.utf8 else []
 
     @cached_property
     def content(self) -> bytes:
@@ -162,11 +167,10 @@ class Session:
         """MAIL, each RCPT and DATA, as one write. Raises, before anything is written, for an address
         that cannot be sent (quote_address, as sendmail) or a UTF-8 one the relay cannot take."""
         client = self.client
-        utf8 = any(option.lower() == "smtputf8" for option in mail.options)
-        if utf8 and not client.supports_extension("smtputf8"):
+        if mail.utf8 and not client.supports_extension("smtputf8"):
             raise aiosmtplib.SMTPNotSupported("SMTPUTF8 is not supported by this server")
         size = [f"size={len(mail.content)}"] if client.supports_extension("size") else []
-        encoding = "utf-8" if utf8 else "ascii"
+        encoding = "utf-8" if mail.utf8 else "ascii"
         commands = [_command(b"MAIL", b"FROM:" + _quoted(mail.sender).encode(encoding),
                              *(option.encode("ascii") for option in [*size, *mail.options]))]
         commands += [_command(b"RCPT", b"TO:" + _quoted(r).encode(encoding)) for r in mail.recipients]
