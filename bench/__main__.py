@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small counts, one repetition (under two minutes)")
     parser.add_argument("--only", default=",".join(scenarios.SCENARIOS),
                         help="comma-separated scenario numbers (default: all, 1-7)")
-    parser.add_argument("--reps", type=int, help="repetitions of scenario 1 (median reported; default 1 quick, 3 full)")
+    parser.add_argument("--reps", type=int, help="repetitions of scenario 1 and of scenario 2's full cycle "
+                                                 "(median reported; default 1 quick, 3 full)")
     parser.add_argument("--workers", type=int, default=1, help="service.workers of scenario 2's daemon (default 1)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
                         help="folder for the JSON and SVG (default bench/results)")

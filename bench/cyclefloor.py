@@ -30,7 +30,7 @@ from bench.postfix import relay_sink
 from bench.procstat import Meter, Usage, cpu_seconds
 from bench.report import Row
 from bench.servers import HOST, run_loop
-from bench.settings import Log, Settings, least_stolen, tried
+from bench.settings import Settings, tried
 from careservice.smtpclient import Mail, Session
 
 BATCH = 64
@@ -202,23 +202,24 @@ def run_floor(uvloop: bool, cases: int, warmup: int) -> Cycle:
                        lambda n: floor.wait_delivered(n, DRAIN_SECONDS))
 
 
-def rows(s: Settings, log: Log, case: str, bare_rate: float | None) -> list[Row]:
-    """The floor's full cycle on the standard loop and on uvloop, measured as scenario 2 measures careservice
-    (again while the host steals: bench.settings.least_stolen)."""
-    rows = []
-    for uvloop in (False, True):
-        target = "floor: aiosmtpd + SQLite + aiosmtplib" + (" uvloop" if uvloop else "")
+FLOORS = {"floor: aiosmtpd + SQLite + aiosmtplib": False, "floor: aiosmtpd + SQLite + aiosmtplib uvloop": True}
 
-        def attempt() -> Cycle:
-            return run_floor(uvloop, s.cycle_cases, s.warmup)  # noqa: B023 (called in this turn)
 
-        cycle, cycles = least_stolen(attempt, lambda c: c.usage.steal_cores, s, log, f"2 full cycle {target}")
-        result = cycle.result
-        row = Row("2 full cycle", case, target, cycle.rate, "cases/s", **cycle.usage_fields(),
-                  note=f"intake {result.rate:.0f} msg/s; floor {cycle.split}"
-                       + (f"; {result.failed} failed" if result.failed else "") + Cycle.attempts_note(cycles),
-                  extra=cycle.extra)
-        if bare_rate:
-            row.ratios["bare aiosmtpd intake"] = cycle.rate / bare_rate
-        rows.append(row)
-    return rows
+def floor_attempt(uvloop: bool, s: Settings) -> Callable[[], Cycle]:
+    """One measurement of the floor on the given loop, as scenario 2 measures careservice."""
+    return lambda: run_floor(uvloop, s.cycle_cases, s.warmup)
+
+
+def median_row(case: str, target: str, reps: list[tuple[Cycle, list[Cycle]]], who: str) -> tuple[Row, Cycle]:
+    """The row of one target's repetitions (each the least stolen of its attempts): the median repetition,
+    with every repetition's figures in its note and extra."""
+    cycle, cycles = sorted(reps, key=lambda rep: rep[0].rate)[(len(reps) - 1) // 2]
+    result = cycle.result
+    rates = ", ".join(f"{c.rate:.0f}" for c, _ in reps)
+    row = Row("2 full cycle", case, target, cycle.rate, "cases/s", **cycle.usage_fields(),
+              note=f"intake {result.rate:.0f} msg/s; {who} {cycle.split}"
+                   + (f"; {result.failure_note}" if result.failed else "") + Cycle.attempts_note(cycles)
+                   + (f"; median of {len(reps)} repetitions: {rates} cases/s" if len(reps) > 1 else ""),
+              extra={**cycle.extra, "repetitions": [{"rate": c.rate, **c.extra, "steal_cores": c.usage.steal_cores,
+                                                     "attempts": len(tries)} for c, tries in reps]})
+    return row, cycle

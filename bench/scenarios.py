@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sqlite3
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,26 +32,31 @@ ANSWER_TEXT = "Thank you for writing. Your tickets are on their way and should a
 
 def full_cycle(s: Settings, log: Log, bare_rate: float | None) -> list[Row]:
     """Cases/s from SMTP intake to forward and ack at the relay; forward latency at a fixed offered load."""
-    rows = []
     workers = f", workers = {s.workers}" if s.workers != 1 else ""
-    cycle, cycles = least_stolen(lambda: _cycle_attempt(s), lambda c: c.usage.steal_cores, s, log, "2 full cycle")
-    result, rate = cycle.result, cycle.rate
-    row = Row("2 full cycle", f"3 KB c=10 pc=1, forward+ack to relay{workers}", "careservice", rate, "cases/s",
-              **cycle.usage_fields(),
-              note=f"intake {result.rate:.0f} msg/s; daemon {cycle.split}"
-                   + (f"; {result.failure_note}" if result.failed else "") + cyclefloor.Cycle.attempts_note(cycles),
-              extra={**cycle.extra, "attempts": [{"rate": c.rate, **c.extra, "steal_cores": c.usage.steal_cores}
-                                                 for c in cycles]})
+    case = "3 KB c=10 pc=1, forward+ack to relay"
+    measures = {"careservice": lambda: _cycle_attempt(s)} | {
+        target: cyclefloor.floor_attempt(uvloop, s) for target, uvloop in cyclefloor.FLOORS.items()}
+    reps: dict[str, list[tuple[cyclefloor.Cycle, list[cyclefloor.Cycle]]]] = {target: [] for target in measures}
+    for rep in range(s.reps):  # repetitions outermost, as in scenario 1: drift of the host spreads over all
+        for target, attempt in measures.items():
+            reps[target].append(least_stolen(attempt, lambda c: c.usage.steal_cores, s, log,
+                                             f"2 full cycle {target}, repetition {rep + 1}"))
+    row, cycle = cyclefloor.median_row(case + workers, "careservice", reps["careservice"], "daemon")
     if bare_rate:
-        row.ratios["bare aiosmtpd intake"] = rate / bare_rate
-    judge(row, ">= 600 cases/s", rate >= 600)
-    rows.append(row)
-    log(f"2 full cycle: {rate:.0f} cases/s (intake {result.rate:.0f} msg/s)")
-    floors = cyclefloor.rows(s, log, "3 KB c=10 pc=1, forward+ack to relay", bare_rate)
-    for floor in floors:
-        row.ratios[floor.target] = rate / floor.value  # type: ignore[operator]
-        log(f"2 full cycle {floor.target}: {floor.value:.0f} cases/s ({floor.note})")
-    rows.extend(floors)
+        row.ratios["bare aiosmtpd intake"] = cycle.rate / bare_rate
+    judge(row, ">= 600 cases/s", cycle.rate >= 600)
+    rows = [row]
+    log(f"2 full cycle: {cycle.rate:.0f} cases/s (intake {cycle.result.rate:.0f} msg/s), median of "
+        + ", ".join(f"{c.rate:.0f}" for c, _ in reps["careservice"]))
+    for target in cyclefloor.FLOORS:
+        floor, floor_cycle = cyclefloor.median_row(case, target, reps[target], "floor")
+        if bare_rate:
+            floor.ratios["bare aiosmtpd intake"] = floor_cycle.rate / bare_rate
+        # paired: each repetition's careservice to the floor measured beside it, then the median
+        row.ratios[target] = statistics.median(
+            mine.rate / theirs.rate for (mine, _), (theirs, _) in zip(reps["careservice"], reps[target], strict=True))
+        log(f"2 full cycle {target}: {floor_cycle.rate:.0f} cases/s ({floor.note})")
+        rows.append(floor)
     best, attempts = least_stolen(lambda: _latency_attempt(s), lambda a: _steal(a.result), s, log, "2 latency")
     result, latencies = best.result, best.latencies
     p99 = percentile(latencies, 99)
