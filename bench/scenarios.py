@@ -239,28 +239,40 @@ def imap(s: Settings, log: Log) -> list[Row]:
 
 
 def scale(s: Settings, log: Log) -> list[Row]:
-    """Memory and per-case cost of the daemon with 1k, 10k (and 100k) open cases."""
+    """Memory and per-case cost of the daemon with 1k, 10k (and 100k) open cases.
+
+    Filling to 100k takes minutes, in which this host's speed drifts by more than the goal's 20 %. So a
+    second daemon stays near the first level, and each later level's batch is paired with a batch on it
+    just before and just after: the cost ratio is to their mean (each of its batches adds open cases
+    too, so it holds a few thousand; the note says how many)."""
     rows: list[Row] = []
-    with relay_sink() as relay, careservice(relay) as daemon:
-        sent = 0
+    with relay_sink() as relay, careservice(relay) as daemon, careservice(relay) as small:
+        sent = {daemon: 0, small: 0}
         rss0 = daemon.rss()
+
+        def fill(d: BenchDaemon, level: int) -> None:
+            count = level - sent[d] - s.scale_batch
+            if count > 0:
+                filled = send(Job(d.port, CustomerMails(3_000), count, 10, 10, DRAIN_TIMEOUT, first=sent[d]))
+                sent[d] += filled.ok
+                d.drain(sent[d], f"filling to {level}")
+
+        def batch(d: BenchDaemon) -> tuple[LoadResult, float]:
+            cpu0 = d.cpu()
+            result = send(Job(d.port, CustomerMails(3_000), s.scale_batch, 10, 1, DRAIN_TIMEOUT, first=sent[d]),
+                          meter=Meter(d.pid, tree=True))
+            sent[d] += result.ok
+            d.drain(sent[d], "scale batch")
+            return result, 1000 * (d.cpu() - cpu0) / result.ok
+
+        fill(small, s.scale_levels[0])
         for level in s.scale_levels:
-            fill = level - sent - s.scale_batch
-            if fill > 0:
-                filled = send(Job(daemon.port, CustomerMails(3_000), fill, 10, 10, DRAIN_TIMEOUT, first=sent))
-                sent += filled.ok
-                daemon.drain(sent, f"filling to {level}")
-
-            def batch() -> tuple[LoadResult, float]:
-                nonlocal sent
-                cpu0 = daemon.cpu()
-                result = send(Job(daemon.port, CustomerMails(3_000), s.scale_batch, 10, 1, DRAIN_TIMEOUT, first=sent),
-                              meter=Meter(daemon.pid, tree=True))
-                sent += result.ok
-                daemon.drain(sent, f"batch at {level}")  # noqa: B023 (called in this turn)
-                return result, 1000 * (daemon.cpu() - cpu0) / result.ok
-
-            (result, cost_ms), batches = least_stolen(batch, lambda b: _steal(b[0]), s, log, f"6 scale {level}")
+            fill(daemon, level)
+            paired = [batch(small)] if rows else []
+            (result, cost_ms), batches = least_stolen(lambda: batch(daemon), lambda b: _steal(b[0]), s, log,
+                                                      f"6 scale {level}")
+            if rows:
+                paired.append(batch(small))
             rss = daemon.rss()
             open_cases = read_status(daemon.data_dir)["open_cases"]
             row = Row("6 scale", f"{open_cases:,} open cases", "careservice", result.rate, "msg/s", result.p50_ms,
@@ -268,17 +280,23 @@ def scale(s: Settings, log: Log) -> list[Row]:
                       note=f"RSS {rss / 2**20:.0f} MB (idle {rss0 / 2**20:.0f} MB); daemon CPU {cost_ms:.2f} ms/case"
                            + tried(batches, lambda b: f"{b[1]:.2f} ms/case at steal {_steal(b[0]):.2f}"),
                       extra={"open_cases": open_cases, "rss_bytes": rss, "cpu_ms_per_case": cost_ms})
-            if rows:
-                first = rows[0]
-                row.ratios["1k cost"] = cost_ms / first.extra["cpu_ms_per_case"]
-                row.ratios["1k intake"] = result.rate / (first.value or 1)
+            if rows:  # as the rows were judged before the pairing, minutes apart
+                row.ratios["1k cost, unpaired"] = cost_ms / rows[0].extra["cpu_ms_per_case"]
             goals = []
             if level == 10_000:
                 goals.append(rss < 200 * 2**20)
-            if rows:
-                goals.append(abs(row.ratios["1k cost"] - 1) <= 0.2)
+            if paired:
+                small_cost = statistics.fmean(cost for _, cost in paired)
+                row.ratios["small store cost"] = cost_ms / small_cost
+                row.ratios["small store intake"] = result.rate / statistics.fmean(r.rate for r, _ in paired)
+                small_open = read_status(small.data_dir)["open_cases"]
+                row.note += (f"; paired with a daemon at {small_open:,} open cases, before and after: "
+                             + ", ".join(f"{cost:.2f}" for _, cost in paired) + " ms/case")
+                row.extra["small_store_cpu_ms_per_case"] = [cost for _, cost in paired]
+                goals.append(abs(row.ratios["small store cost"] - 1) <= 0.2)
             if goals:
-                judge(row, ("RSS < 200 MB, " if level == 10_000 else "") + "cost within 20% of 1k", all(goals))
+                judge(row, ("RSS < 200 MB, " if level == 10_000 else "") + "cost within 20% of a small store",
+                      all(goals))
             rows.append(row)
             log(f"6 scale {open_cases} open: RSS {rss / 2**20:.0f} MB, {cost_ms:.2f} ms/case, {result.rate:.0f} msg/s")
     return rows
