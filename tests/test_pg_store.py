@@ -26,6 +26,7 @@ from careservice.model import Source
 from careservice.settings import StoreConfig
 from careservice.store import Store
 from careservice.store import StoreError
+from careservice.store import purge
 from careservice.store.pg import schema
 from careservice.store.pg.tx import PgTx
 from tests.postgres import Postgres
@@ -134,6 +135,41 @@ async def test_orphans_of_a_crash_between_the_two_commits_are_swept(tmp_path: Pa
         assert (await store.get_case(kept)) is not None
     finally:
         await store.close()
+
+
+async def test_a_key_is_deleted_only_once_the_cases_database_has_committed(
+        tmp_path: Path, pg_store: StoreConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call that deletes an item's key and writes what it made of the item (a staff reply dropped as
+    its answer is queued) must not lose the item when the process dies between the two databases'
+    commits: the key deletion waits until the cases commit is done. Before, the key went in the first
+    commit, and the sweep then deleted the keyless reply: the answer was lost (a kill test found it)."""
+    store = Store(tmp_path, Keyring(b"k" * 32), backend=pg_store)
+    await store.start(sweep=True)
+    try:
+        [item] = await store.add_inbound([MESSAGE], time.time())
+        cases_db = psycopg.conninfo.conninfo_to_dict(pg_store.url)["dbname"]
+        real_commit = psycopg.Connection.commit
+
+        def commit(conn: psycopg.Connection[Any]) -> None:
+            if conn.info.dbname == cases_db:
+                raise psycopg.OperationalError("the process died here")
+            real_commit(conn)
+
+        monkeypatch.setattr(psycopg.Connection, "commit", commit)
+        with pytest.raises(StoreError):
+            await store.executor.call(_drop_item, item)
+        monkeypatch.undo()
+        await store.sweep_orphans(time.time() + 3600)
+        assert (await store.get_case(item)) is not None  # neither lost nor keyless
+        await store.executor.call(_drop_item, item)  # and when the cases commit succeeds, the key goes
+        assert case_rows(pg_store, tmp_path) == 0
+    finally:
+        monkeypatch.undo()
+        await store.close()
+
+
+def _drop_item(tx: PgTx, keyring: Keyring, case_id: str) -> None:
+    purge.drop_item(tx, case_id)  # type: ignore[arg-type]  (PgTx offers the sqlite3 calls the store uses)
 
 
 def dumped_keys(postgres: Postgres, keys_url: str) -> dict[str, bytes]:

@@ -12,7 +12,8 @@ from careservice.crypto import Keyring
 from careservice.store.schema import StoreError
 
 UNBOUND_KEY_BYTES = 12 + 32 + 16  # nonce, key, tag: a case key as version 0.1 wrapped it
-_remembered = threading.local()  # .keys: the case keys unwrapped in this thread's transaction, or None
+# .keys: the case keys unwrapped in this thread's transaction (None for one it deleted), or None outside one
+_remembered = threading.local()
 
 
 @contextlib.contextmanager
@@ -20,7 +21,8 @@ def remembering() -> Iterator[None]:
     """Within the block (one transaction, on SQLite or PostgreSQL), each case key is read and unwrapped
     once: applying a new case's outcome needed its key three times (its forward, its ack, its meta), and
     the outbox twice (forward and ack). Forgotten when the block ends, so no key outlives its transaction
-    in memory; a purge inside it forgets the case's key at once (delete_key)."""
+    in memory; a purge inside it forgets the case's key at once, and the key counts as gone for the rest
+    of the transaction (delete_key), also where the deletion itself waits for the commit (PostgreSQL)."""
     _remembered.keys = {}
     try:
         yield
@@ -29,10 +31,12 @@ def remembering() -> Iterator[None]:
 
 
 def case_key(conn: sqlite3.Connection, keyring: Keyring, case_id: str) -> bytes:
-    memo: dict[str, bytes] | None = getattr(_remembered, "keys", None)
-    if memo is not None and case_id in memo:
-        return memo[case_id]
-    row = conn.execute("SELECT wrapped FROM k.keys WHERE id=?", (case_id,)).fetchone()
+    memo: dict[str, bytes | None] | None = getattr(_remembered, "keys", None)
+    remembered = memo.get(case_id) if memo is not None else None
+    if remembered is not None:
+        return remembered
+    row = None if memo is not None and case_id in memo else (  # deleted in this transaction
+        conn.execute("SELECT wrapped FROM k.keys WHERE id=?", (case_id,)).fetchone())
     if row is None:
         raise StoreError(f"no key for case {case_id}")
     key = keyring.unwrap(row[0], f"case:{case_id}")
@@ -42,11 +46,11 @@ def case_key(conn: sqlite3.Connection, keyring: Keyring, case_id: str) -> bytes:
 
 
 def delete_key(conn: sqlite3.Connection, case_id: str) -> None:
-    """Delete a case's key, and forget it if this transaction had unwrapped it."""
+    """Delete a case's key; for the rest of this transaction it is gone, also from the memo."""
     conn.execute("DELETE FROM k.keys WHERE id=?", (case_id,))
-    memo: dict[str, bytes] | None = getattr(_remembered, "keys", None)
+    memo: dict[str, bytes | None] | None = getattr(_remembered, "keys", None)
     if memo is not None:
-        memo.pop(case_id, None)
+        memo[case_id] = None
 
 
 def bind_unbound_keys(conn: sqlite3.Connection, keyring: Keyring) -> None:

@@ -123,8 +123,9 @@ class PgExecutor:
                 return results
             if tx.wakes:
                 tx.cases.execute(f"NOTIFY {CHANNEL}")
-            tx.keys.commit()  # first: see careservice.store.pg.tx
+            tx.keys.commit()  # first, and the key deletions last: see careservice.store.pg.tx
             tx.cases.commit()
+            tx.delete_keys()
             return results
         except BaseException:
             _rollback(tx)

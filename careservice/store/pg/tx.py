@@ -8,9 +8,12 @@ failing call does not undo the others. A call alone needs none, nor does a datab
 round trips less each. A read that fails in SQL there leaves that database's transaction aborted with no
 savepoint to return to: then the whole transaction fails, and every call of it hears StoreError.
 
-Commit order: keys first, then cases. A crash between the two leaves at worst a key without rows
-(swept once it is older than a commit can take) or, after a purge, rows without their key (unreadable,
-and swept): never a committed case without its key, so a 250 is never given for data that cannot be read.
+Commit order: keys first, then cases, then the key deletions the calls asked for, in a commit of their
+own. A crash between them leaves at worst a key without rows (swept once it is older than a commit can
+take): never a committed case without its key, so a 250 is never given for data that cannot be read, and
+never a row whose key is gone while the work it fed was rolled back. (With the deletions in the first
+commit, a worker killed between the two lost a staff reply: its key was gone, the answer made from it was
+not queued, and the keyless reply was swept.)
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ KEYS_TABLES = frozenset({"keys", "blocks", "daily"})
 _TABLE = re.compile(r"\bk\.(\w+)")
 # Statements after which a case or a mail may be due: the other nodes' workers hear of them (NOTIFY).
 _WAKES = ("INSERT INTO cases", "INSERT INTO outbox", "UPDATE cases SET state")
+_KEY_DELETION = "DELETE FROM k.keys"
 
 
 @functools.lru_cache(maxsize=512)
@@ -53,9 +57,14 @@ class PgTx:
         self.alone = alone  # the transaction's only call: no savepoints, it fails or commits as a whole
         self.wakes = False  # a statement made something due: NOTIFY before commit
         self._open: list[psycopg.Connection] = []  # the databases the current call holds a savepoint in
+        self.key_deletions: list[tuple[str, Sequence[Any]]] = []  # run after the cases commit (delete_keys)
+        self._call_deletions: list[tuple[str, Sequence[Any]]] = []  # the current call's, kept if it succeeds
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
         keys, writes, statement = translate(sql)
+        if sql.startswith(_KEY_DELETION):
+            self._call_deletions.append((statement, params))
+            return self.keys.cursor()  # nothing to read: a DELETE's cursor has no rows either
         conn = self.keys if keys else self.cases
         if writes and conn not in self._open and not self.alone:
             conn.execute("SAVEPOINT op")
@@ -75,6 +84,24 @@ class PgTx:
                 conn.execute("ROLLBACK TO SAVEPOINT op")
             conn.execute("RELEASE SAVEPOINT op")
         self._open = []
+        if ok:
+            self.key_deletions += self._call_deletions
+        self._call_deletions = []
+
+    def delete_keys(self) -> None:
+        """The key deletions of the committed calls, committed on their own; if they fail, the keys
+        stay without rows, and the sweep deletes them once they are older than a commit can take."""
+        if not self.key_deletions:
+            return
+        try:
+            for statement, params in self.key_deletions:
+                self.keys.execute(statement, params)
+            self.keys.commit()
+        except psycopg.Error as exc:
+            with contextlib.suppress(psycopg.Error):
+                self.keys.rollback()
+            log.warning("pg_key_deletion_failed keys=%d sqlstate=%s", len(self.key_deletions),
+                        getattr(exc, "sqlstate", ""))
 
     def _aborted_without_savepoint(self) -> bool:
         return any(conn.info.transaction_status is psycopg.pq.TransactionStatus.INERROR
