@@ -32,11 +32,13 @@ def remembering() -> Iterator[None]:
 
 def case_key(conn: sqlite3.Connection, keyring: Keyring, case_id: str) -> bytes:
     memo: dict[str, bytes | None] | None = getattr(_remembered, "keys", None)
-    remembered = memo.get(case_id) if memo is not None else None
-    if remembered is not None:
-        return remembered
-    row = None if memo is not None and case_id in memo else (  # deleted in this transaction
-        conn.execute("SELECT wrapped FROM k.keys WHERE id=?", (case_id,)).fetchone())
+    if memo is not None and case_id in memo:
+        remembered = memo[case_id]
+        if remembered is not None:
+            return remembered
+        row = None  # deleted in this transaction
+    else:
+        row = conn.execute("SELECT wrapped FROM k.keys WHERE id=?", (case_id,)).fetchone()
     if row is None:
         raise StoreError(f"no key for case {case_id}")
     key = keyring.unwrap(row[0], f"case:{case_id}")
