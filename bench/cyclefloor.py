@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Any
 
 import aiosmtplib
 
-from bench.floor import DurableSink, open_mail_db, serve_durable
+from bench.floor import DurableSink, PlainStore, open_mail_db, serve_durable
 from bench.load import WORKER_CONTEXT, CustomerMails, Job, LoadResult, send
 from bench.postfix import relay_sink
 from bench.procstat import Meter, Usage, cpu_seconds
@@ -38,53 +39,73 @@ DRAIN_SECONDS = 600.0  # bounds the wait for the floor's last delivery (a full r
 CONNECTIONS = 4
 IDLE_POLL = 0.002  # seconds between looks at an empty table: the floor's only wake-up
 SENDER = "care@floor.bench.localhost"
+STAFF = "staff@floor.bench.localhost"
+CUSTOMER = "customer@floor.bench.localhost"
 ACK = (b"From: care@floor.bench.localhost\r\nTo: customer@floor.bench.localhost\r\nSubject: received\r\n"
        b"Auto-Submitted: auto-replied\r\n\r\nWe have your message and answer soon.\r\n")
 
 
-async def _send(client: aiosmtplib.SMTP, bodies: list[bytes]) -> None:
-    mails = [mail for body in bodies for mail in (Mail(SENDER, ["staff@floor.bench.localhost"], body),
-                                                  Mail(SENDER, ["customer@floor.bench.localhost"], ACK))]
+class PlainCycle(PlainStore):
+    """The floor's relay side beside its store: the stored bytes go out as the forward and a fixed short text as
+    the acknowledgement, and the batch is deleted (bench.workfloor does the product's work instead)."""
+
+    def open_relay(self, path: Path) -> sqlite3.Connection:
+        conn = open_mail_db(path)
+        conn.execute("PRAGMA synchronous=NORMAL")  # as careservice's worker: a lost delete only sends again
+        conn.execute("PRAGMA secure_delete=ON")
+        return conn
+
+    def take(self, conn: sqlite3.Connection) -> list[tuple[int, tuple[Mail, Mail]]]:
+        """Up to BATCH stored cases, each with its forward and acknowledgement."""
+        rows = conn.execute("SELECT id, body FROM mail ORDER BY id LIMIT ?", (BATCH,)).fetchall()
+        return [(row_id, (Mail(SENDER, [STAFF], body), Mail(SENDER, [CUSTOMER], ACK))) for row_id, body in rows]
+
+    def done(self, conn: sqlite3.Connection, ids: list[int]) -> None:
+        """The relay took these cases' mail."""
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("DELETE FROM mail WHERE id=?", [(row_id,) for row_id in ids])
+        conn.execute("COMMIT")
+
+
+async def _send(client: aiosmtplib.SMTP, mails: list[Mail]) -> None:
     session = Session(client)
     for n, mail in enumerate(mails):  # each envelope ahead with the content before it, as careservice's outbox
         await session.sendmail(mail, mails[n + 1] if n + 1 < len(mails) else None)
     session.end(keep=True)
 
 
-async def _relay(path: Path, relay_port: int, delivered: Any, last: Any) -> None:
-    conn = open_mail_db(path)
-    conn.execute("PRAGMA synchronous=NORMAL")  # as careservice's worker: a lost delete only sends again
-    conn.execute("PRAGMA secure_delete=ON")
+async def _relay(path: Path, relay_port: int, delivered: Any, last: Any, kind: PlainCycle) -> None:
+    conn = kind.open_relay(path)
     clients = [aiosmtplib.SMTP(hostname=HOST, port=relay_port) for _ in range(CONNECTIONS)]
     for client in clients:
         await client.connect()
         await client.ehlo()  # pipelined sends need the EHLO's answer (careservice.smtpclient)
     while True:
-        rows = conn.execute("SELECT id, body FROM mail ORDER BY id LIMIT ?", (BATCH,)).fetchall()
-        if not rows:
+        cases = kind.take(conn)
+        if not cases:
             await asyncio.sleep(IDLE_POLL)
             continue
-        bodies = [body for _, body in rows]
-        await asyncio.gather(*(_send(c, bodies[i::CONNECTIONS]) for i, c in enumerate(clients)))
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany("DELETE FROM mail WHERE id=?", [(row_id,) for row_id, _ in rows])
-        conn.execute("COMMIT")
+        await asyncio.gather(*(_send(c, [mail for _, pair in cases[i::CONNECTIONS] for mail in pair])
+                               for i, c in enumerate(clients)))
+        kind.done(conn, [case_id for case_id, _ in cases])
         with delivered.get_lock():
-            delivered.value += len(rows)
+            delivered.value += len(cases)
             last.value = time.monotonic()
 
 
-def _relay_main(path: Path, relay_port: int, delivered: Any, last: Any, uvloop: bool) -> None:
-    run_loop(_relay(path, relay_port, delivered, last), uvloop)
+def _relay_main(path: Path, relay_port: int, delivered: Any, last: Any, uvloop: bool, kind: PlainCycle) -> None:
+    run_loop(_relay(path, relay_port, delivered, last, kind), uvloop)
 
 
-def _serve(port: int, path: Path, relay_port: int, delivered: Any, last: Any, ready: Any, uvloop: bool) -> None:
+def _serve(port: int, path: Path, relay_port: int, delivered: Any, last: Any, ready: Any, uvloop: bool,
+           kind: PlainCycle) -> None:
     """The intake in this process, the relay in a child of it (so the meter's process tree holds both)."""
+    kind.open(path).close()  # the schema, before the two processes open the files at once
     relay = multiprocessing.get_context("fork").Process(target=_relay_main, daemon=True,
-                                                        args=(path, relay_port, delivered, last, uvloop))
+                                                        args=(path, relay_port, delivered, last, uvloop, kind))
     relay.start()
     try:
-        serve_durable(port, path, ready, uvloop)
+        serve_durable(port, path, ready, uvloop, kind)
     finally:
         relay.terminate()
         relay.join(10)
@@ -94,16 +115,18 @@ class CycleFloor(DurableSink):
     """The floor's two processes, relaying to `relay_port`; `delivered` counts the cases whose forward and
     ack the relay took, `last` is when the latest batch was done (time.monotonic)."""
 
-    def __init__(self, relay_port: int, uvloop: bool = True) -> None:
+    def __init__(self, relay_port: int, uvloop: bool = True, kind: PlainCycle | None = None) -> None:
         super().__init__(uvloop)
         self.relay_port = relay_port
+        self.kind = kind or PlainCycle()
         self._delivered = WORKER_CONTEXT.Value("q", 0)
         self._last = WORKER_CONTEXT.Value("d", 0.0, lock=False)
 
     def process(self, ready: Any) -> Any:
         # not a daemon process: it has the relay as its child (stop() ends both)
         return WORKER_CONTEXT.Process(target=_serve, args=(
-            self.port, self._dir / "mail.db", self.relay_port, self._delivered, self._last, ready, self.uvloop))
+            self.port, self._dir / "mail.db", self.relay_port, self._delivered, self._last, ready, self.uvloop,
+            self.kind))
 
     @property
     def delivered(self) -> int:
@@ -195,19 +218,22 @@ def measure(port: int, pid: int, relay_pid: int, cases: int, warmup: int, bound:
                  per_case * (cpu_seconds(relay_pid, tree=True) - relay0))
 
 
-def run_floor(uvloop: bool, cases: int, warmup: int) -> Cycle:
+def run_floor(uvloop: bool, cases: int, warmup: int, kind: PlainCycle | None = None) -> Cycle:
     """One full cycle of a fresh floor on the given loop, relaying to a fresh smtp-sink."""
-    with relay_sink() as relay, CycleFloor(relay.port, uvloop) as floor:
+    with relay_sink() as relay, CycleFloor(relay.port, uvloop, kind) as floor:
         return measure(floor.port, floor.pid, relay.pid, cases, warmup, DRAIN_SECONDS,
                        lambda n: floor.wait_delivered(n, DRAIN_SECONDS))
 
 
-FLOORS = {"floor: aiosmtpd + SQLite + aiosmtplib": False, "floor: aiosmtpd + SQLite + aiosmtplib uvloop": True}
+# each floor's loop (uvloop or not) and its work (bench.workfloor adds the product's)
+FLOORS: dict[str, tuple[bool, type[PlainCycle]]] = {
+    "floor: aiosmtpd + SQLite + aiosmtplib": (False, PlainCycle),
+    "floor: aiosmtpd + SQLite + aiosmtplib uvloop": (True, PlainCycle)}
 
 
-def floor_attempt(uvloop: bool, s: Settings) -> Callable[[], Cycle]:
-    """One measurement of the floor on the given loop, as scenario 2 measures careservice."""
-    return lambda: run_floor(uvloop, s.cycle_cases, s.warmup)
+def floor_attempt(uvloop: bool, kind: type[PlainCycle], s: Settings) -> Callable[[], Cycle]:
+    """One measurement of a floor, as scenario 2 measures careservice."""
+    return lambda: run_floor(uvloop, s.cycle_cases, s.warmup, kind())
 
 
 def median_row(case: str, target: str, reps: list[tuple[Cycle, list[Cycle]]], who: str) -> tuple[Row, Cycle]:

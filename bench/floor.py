@@ -48,9 +48,23 @@ def open_mail_db(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _write(path: Path, waiting: queue.SimpleQueue[tuple[bytes, asyncio.Future[None]] | None],
+class PlainStore:
+    """The floor's storage: each message's bytes as they came, in one table (bench.workfloor adds the product's
+    sealing). prepare runs in the event loop, open and insert in the writer thread."""
+
+    def open(self, path: Path) -> sqlite3.Connection:
+        return open_mail_db(path)
+
+    def prepare(self, content: bytes) -> Any:
+        return content
+
+    def insert(self, conn: sqlite3.Connection, items: list[Any]) -> None:
+        conn.executemany("INSERT INTO mail(body) VALUES (?)", [(body,) for body in items])
+
+
+def _write(path: Path, store: PlainStore, waiting: queue.SimpleQueue[tuple[Any, asyncio.Future[None]] | None],
            loop: asyncio.AbstractEventLoop) -> None:
-    conn = open_mail_db(path)
+    conn = store.open(path)
     while (first := waiting.get()) is not None:
         batch = [first]
         while len(batch) < BATCH:
@@ -63,7 +77,7 @@ def _write(path: Path, waiting: queue.SimpleQueue[tuple[bytes, asyncio.Future[No
                 break
             batch.append(item)
         conn.execute("BEGIN")
-        conn.executemany("INSERT INTO mail(body) VALUES (?)", [(body,) for body, _ in batch])
+        store.insert(conn, [item for item, _ in batch])
         conn.execute("COMMIT")
         loop.call_soon_threadsafe(_resolve_all, [future for _, future in batch])
     conn.close()
@@ -76,22 +90,25 @@ def _resolve_all(futures: list[asyncio.Future[None]]) -> None:
 
 
 class _DurableHandler:
-    def __init__(self, waiting: queue.SimpleQueue[tuple[bytes, asyncio.Future[None]] | None]) -> None:
+    def __init__(self, store: PlainStore, waiting: queue.SimpleQueue[tuple[Any, asyncio.Future[None]] | None]) -> None:
+        self.store = store
         self.waiting = waiting
 
     async def handle_DATA(self, server: SMTP, session: object, envelope: Any) -> str:
         done = asyncio.get_running_loop().create_future()
-        self.waiting.put((envelope.original_content, done))
+        self.waiting.put((self.store.prepare(envelope.original_content), done))
         await done
         return "250 2.0.0 stored"
 
 
-def serve_durable(port: int, path: Path, ready: Any, uvloop: bool) -> None:
+def serve_durable(port: int, path: Path, ready: Any, uvloop: bool, store: PlainStore | None = None) -> None:
+    store = store or PlainStore()
+
     async def main() -> None:
-        waiting: queue.SimpleQueue[tuple[bytes, asyncio.Future[None]] | None] = queue.SimpleQueue()
-        writer = threading.Thread(target=_write, args=(path, waiting, asyncio.get_running_loop()))
+        waiting: queue.SimpleQueue[tuple[Any, asyncio.Future[None]] | None] = queue.SimpleQueue()
+        writer = threading.Thread(target=_write, args=(path, store, waiting, asyncio.get_running_loop()))
         writer.start()
-        await serve_until_term(_DurableHandler(waiting), "floor.bench.localhost", port, ready)
+        await serve_until_term(_DurableHandler(store, waiting), "floor.bench.localhost", port, ready)
         waiting.put(None)
         await asyncio.to_thread(writer.join)
 

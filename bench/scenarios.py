@@ -13,7 +13,7 @@ from email import message_from_bytes, policy
 from pathlib import Path
 from typing import Any
 
-from bench import cyclefloor
+from bench import cyclefloor, workfloor
 from bench.intake import intake
 from bench.load import CustomerMails, Job, LoadResult, Mail, MailList, send, smtp_data
 from bench.postfix import relay_sink
@@ -24,6 +24,10 @@ from bench.settings import Log, Settings, least_stolen, tried
 from careservice.store import read_status
 from tests.support import STAFF, staff_reply
 
+# the intake rate during a cycle, as a ratio to bare aiosmtpd measured in the same repetition (the intake goal's
+# measure, with the worker or relay running, for careservice and for each floor)
+BESIDE = "bare aiosmtpd, intake beside it"
+FLOORS = cyclefloor.FLOORS | workfloor.FLOORS
 ANSWER_TEXT = "Thank you for writing. Your tickets are on their way and should arrive tomorrow."
 
 
@@ -35,27 +39,33 @@ def full_cycle(s: Settings, log: Log, bare_rate: float | None) -> list[Row]:
     workers = f", workers = {s.workers}" if s.workers != 1 else ""
     case = "3 KB c=10 pc=1, forward+ack to relay"
     measures = {"careservice": lambda: _cycle_attempt(s)} | {
-        target: cyclefloor.floor_attempt(uvloop, s) for target, uvloop in cyclefloor.FLOORS.items()}
+        target: cyclefloor.floor_attempt(uvloop, kind, s) for target, (uvloop, kind) in FLOORS.items()}
     reps: dict[str, list[tuple[cyclefloor.Cycle, list[cyclefloor.Cycle]]]] = {target: [] for target in measures}
+    bares: list[LoadResult] = []
     for rep in range(s.reps):  # repetitions outermost, as in scenario 1: drift of the host spreads over all
         for target, attempt in measures.items():
             reps[target].append(least_stolen(attempt, lambda c: c.usage.steal_cores, s, log,
                                              f"2 full cycle {target}, repetition {rep + 1}"))
+        bares.append(least_stolen(lambda: _bare_attempt(s), _steal, s, log,
+                                  f"2 bare aiosmtpd, repetition {rep + 1}")[0])
     row, cycle = cyclefloor.median_row(case + workers, "careservice", reps["careservice"], "daemon")
     if bare_rate:
         row.ratios["bare aiosmtpd intake"] = cycle.rate / bare_rate
+    row.ratios[BESIDE] = _intake_ratio(reps["careservice"], bares)
     judge(row, ">= 600 cases/s", cycle.rate >= 600)
     rows = [row]
-    log(f"2 full cycle: {cycle.rate:.0f} cases/s (intake {cycle.result.rate:.0f} msg/s), median of "
-        + ", ".join(f"{c.rate:.0f}" for c, _ in reps["careservice"]))
-    for target in cyclefloor.FLOORS:
+    log(f"2 full cycle: {cycle.rate:.0f} cases/s (intake {cycle.result.rate:.0f} msg/s, {row.ratios[BESIDE]:.2f}x "
+        "bare), median of " + ", ".join(f"{c.rate:.0f}" for c, _ in reps["careservice"]))
+    for target in FLOORS:
         floor, floor_cycle = cyclefloor.median_row(case, target, reps[target], "floor")
         if bare_rate:
             floor.ratios["bare aiosmtpd intake"] = floor_cycle.rate / bare_rate
+        floor.ratios[BESIDE] = _intake_ratio(reps[target], bares)
         # paired: each repetition's careservice to the floor measured beside it, then the median
         row.ratios[target] = statistics.median(
             mine.rate / theirs.rate for (mine, _), (theirs, _) in zip(reps["careservice"], reps[target], strict=True))
-        log(f"2 full cycle {target}: {floor_cycle.rate:.0f} cases/s ({floor.note})")
+        log(f"2 full cycle {target}: {floor_cycle.rate:.0f} cases/s, intake {floor.ratios[BESIDE]:.2f}x bare "
+            f"({floor.note})")
         rows.append(floor)
     best, attempts = least_stolen(lambda: _latency_attempt(s), lambda a: _steal(a.result), s, log, "2 latency")
     result, latencies = best.result, best.latencies
@@ -78,6 +88,18 @@ def full_cycle(s: Settings, log: Log, bare_rate: float | None) -> list[Row]:
 
 def _steal(result: LoadResult) -> float:
     return result.usage.steal_cores if result.usage else 0.0
+
+
+def _bare_attempt(s: Settings) -> LoadResult:
+    """Bare aiosmtpd (standard loop) taking the full cycle's load: what the intake rates beside it compare to."""
+    with PySink() as sink:
+        return send(Job(sink.port, CustomerMails(3_000), s.cycle_cases, 10, 1, DRAIN_TIMEOUT, first=s.warmup,
+                        warmup=s.warmup), meter=Meter(sink.pid))
+
+
+def _intake_ratio(reps: list[tuple[cyclefloor.Cycle, list[cyclefloor.Cycle]]], bares: list[LoadResult]) -> float:
+    """The median of each repetition's intake rate during the cycle to bare aiosmtpd's beside it."""
+    return statistics.median(c.result.rate / bare.rate for (c, _), bare in zip(reps, bares, strict=True))
 
 
 def _cycle_attempt(s: Settings) -> cyclefloor.Cycle:
