@@ -48,10 +48,12 @@ def full_cycle(s: Settings, log: Log, bare_rate: float | None) -> list[Row]:
                                              f"2 full cycle {target}, repetition {rep + 1}"))
         bares.append(least_stolen(lambda: _bare_attempt(s), _steal, s, log,
                                   f"2 bare aiosmtpd, repetition {rep + 1}")[0])
+    rates = {target: [c.rate for c, _ in r] for target, r in reps.items()}
+    intakes = {target: [c.result.rate for c, _ in r] for target, r in reps.items()} | {"bare": [b.rate for b in bares]}
     row, cycle = cyclefloor.median_row(case + workers, "careservice", reps["careservice"], "daemon")
     if bare_rate:
         row.ratios["bare aiosmtpd intake"] = cycle.rate / bare_rate
-    row.ratios[BESIDE] = _intake_ratio(reps["careservice"], bares)
+    row.ratios[BESIDE] = _paired(intakes["careservice"], intakes["bare"])
     judge(row, ">= 600 cases/s", cycle.rate >= 600)
     rows = [row]
     log(f"2 full cycle: {cycle.rate:.0f} cases/s (intake {cycle.result.rate:.0f} msg/s, {row.ratios[BESIDE]:.2f}x "
@@ -60,10 +62,10 @@ def full_cycle(s: Settings, log: Log, bare_rate: float | None) -> list[Row]:
         floor, floor_cycle = cyclefloor.median_row(case, target, reps[target], "floor")
         if bare_rate:
             floor.ratios["bare aiosmtpd intake"] = floor_cycle.rate / bare_rate
-        floor.ratios[BESIDE] = _intake_ratio(reps[target], bares)
-        # paired: each repetition's careservice to the floor measured beside it, then the median
-        row.ratios[target] = statistics.median(
-            mine.rate / theirs.rate for (mine, _), (theirs, _) in zip(reps["careservice"], reps[target], strict=True))
+        floor.ratios[BESIDE] = _paired(intakes[target], intakes["bare"])
+        row.ratios[target] = _paired(rates["careservice"], rates[target])
+        if target in workfloor.FLOORS:  # what the intake with its worker running can be held to
+            row.ratios[f"intake: {target}"] = _paired(intakes["careservice"], intakes[target])
         log(f"2 full cycle {target}: {floor_cycle.rate:.0f} cases/s, intake {floor.ratios[BESIDE]:.2f}x bare "
             f"({floor.note})")
         rows.append(floor)
@@ -97,9 +99,9 @@ def _bare_attempt(s: Settings) -> LoadResult:
                         warmup=s.warmup), meter=Meter(sink.pid))
 
 
-def _intake_ratio(reps: list[tuple[cyclefloor.Cycle, list[cyclefloor.Cycle]]], bares: list[LoadResult]) -> float:
-    """The median of each repetition's intake rate during the cycle to bare aiosmtpd's beside it."""
-    return statistics.median(c.result.rate / bare.rate for (c, _), bare in zip(reps, bares, strict=True))
+def _paired(mine: list[float], theirs: list[float]) -> float:
+    """The median of each repetition's ratio of mine to theirs, measured beside it: the host's drift cancels."""
+    return statistics.median(a / b for a, b in zip(mine, theirs, strict=True))
 
 
 def _cycle_attempt(s: Settings) -> cyclefloor.Cycle:
