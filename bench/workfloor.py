@@ -6,13 +6,13 @@ libraries (cryptography, email, Jinja2):
 - the intake seals the message under a fresh AES-256-GCM data key and wraps that key under a master key; the
   writer thread commits the wrapped key to keys.db and the sealed message to cases.db in one transaction, both
   synchronous=FULL, so that deleting a key later shreds every copy of its case (WAL frames, backups);
-- the relay process unwraps each key and opens its message, parses it (email, default policy) for its sender,
+- the relay process unwraps each key and opens its message, parses it (email, compat32) for its sender,
   subject and text, renders the forward (with a MAC'd reply address, so that only genuine answers come back)
   and the acknowledgement from careservice's own templates into messages, sends both, and marks the case
-  forwarded: the case stays, sealed, until its answer.
+  forwarded: the case stays, sealed, until its answer. It runs at careservice's worker's CPU priority (nice 10).
 careservice does more besides: limits, dedupe, routing, languages, a workflow table, logging and metrics. None
-of that is here, so this floor's intake rate beside its relay is the most any design that keeps the promise
-reaches in CPython on this machine.
+of that is here, so this floor's intake rate beside its relay is the most a design that keeps the promise with
+these libraries reaches in CPython on this machine.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from bench.cyclefloor import BATCH, SENDER, STAFF, PlainCycle
 from bench.floor import open_mail_db
 from careservice.smtpclient import Mail
+from careservice.worker import NICENESS
 
 NONCE = 12
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "mail" / "en"
@@ -81,6 +82,7 @@ class WorkCycle(PlainCycle):
         conn.executemany("INSERT INTO cases(id, sealed) VALUES (?, ?)", [(i, sealed) for i, _, sealed in items])
 
     def open_relay(self, path: Path) -> sqlite3.Connection:
+        os.nice(NICENESS)  # as careservice's worker, so that the intake's 250s come first here too
         conn = _open(path)
         conn.execute("PRAGMA synchronous=NORMAL")  # as careservice's worker: a lost mark only sends again
         return conn
