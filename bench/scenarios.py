@@ -54,6 +54,7 @@ def full_cycle(s: Settings, log: Log, bare_rate: float | None) -> list[Row]:
     if bare_rate:
         row.ratios["bare aiosmtpd intake"] = cycle.rate / bare_rate
     row.ratios[BESIDE] = _paired(intakes["careservice"], intakes["bare"])
+    row.extra["bare_intake_rates"] = intakes["bare"]  # the BESIDE ratios' denominators, one a repetition
     judge(row, ">= 600 cases/s", cycle.rate >= 600)
     rows = [row]
     log(f"2 full cycle: {cycle.rate:.0f} cases/s (intake {cycle.result.rate:.0f} msg/s, {row.ratios[BESIDE]:.2f}x "
