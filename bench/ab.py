@@ -35,7 +35,7 @@ from bench.postfix import relay_sink
 from bench.procstat import Meter
 from bench.report import percentile
 from bench.scenarios import paced
-from bench.servers import DRAIN_TIMEOUT, BenchDaemon, PySink
+from bench.servers import DRAIN_TIMEOUT, BenchDaemon, PySink, bare_run
 
 SIZE = 3_000
 WARMUP = 100
@@ -61,9 +61,7 @@ def _variant(text: str) -> Variant:
 
 
 def _bare(count: int, uvloop: bool, first: int) -> dict[str, Any]:
-    with PySink(uvloop=uvloop) as sink:
-        r = send(Job(sink.port, CustomerMails(SIZE), count, 10, 1, 60, first=first, warmup=WARMUP),
-                 meter=Meter(sink.pid))
+    r = bare_run(count, first, WARMUP, 60, uvloop)
     return {"rate": r.rate, "gen_cores": r.gen_cores, "server_cores": r.usage.server_cores if r.usage else None,
             "failed": r.failed}
 

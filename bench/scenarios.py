@@ -19,7 +19,7 @@ from bench.load import CustomerMails, Job, LoadResult, Mail, MailList, send, smt
 from bench.postfix import relay_sink
 from bench.procstat import Meter
 from bench.report import Row, judge, percentile
-from bench.servers import DRAIN_TIMEOUT, BenchDaemon, PySink, careservice
+from bench.servers import DRAIN_TIMEOUT, BenchDaemon, PySink, bare_run, careservice
 from bench.settings import Log, Settings, least_stolen, tried
 from careservice.store import read_status
 from tests.support import STAFF, staff_reply
@@ -46,8 +46,8 @@ def full_cycle(s: Settings, log: Log, bare_rate: float | None) -> list[Row]:
         for target, attempt in measures.items():
             reps[target].append(least_stolen(attempt, lambda c: c.usage.steal_cores, s, log,
                                              f"2 full cycle {target}, repetition {rep + 1}"))
-        bares.append(least_stolen(lambda: _bare_attempt(s), _steal, s, log,
-                                  f"2 bare aiosmtpd, repetition {rep + 1}")[0])
+        bares.append(least_stolen(lambda: bare_run(s.cycle_cases, s.warmup, s.warmup, DRAIN_TIMEOUT), _steal, s,
+                                  log, f"2 bare aiosmtpd, repetition {rep + 1}")[0])
     rates = {target: [c.rate for c, _ in r] for target, r in reps.items()}
     intakes = {target: [c.result.rate for c, _ in r] for target, r in reps.items()} | {"bare": [b.rate for b in bares]}
     row, cycle = cyclefloor.median_row(case + workers, "careservice", reps["careservice"], "daemon")
@@ -91,13 +91,6 @@ def full_cycle(s: Settings, log: Log, bare_rate: float | None) -> list[Row]:
 
 def _steal(result: LoadResult) -> float:
     return result.usage.steal_cores if result.usage else 0.0
-
-
-def _bare_attempt(s: Settings) -> LoadResult:
-    """Bare aiosmtpd (standard loop) taking the full cycle's load: what the intake rates beside it compare to."""
-    with PySink() as sink:
-        return send(Job(sink.port, CustomerMails(3_000), s.cycle_cases, 10, 1, DRAIN_TIMEOUT, first=s.warmup,
-                        warmup=s.warmup), meter=Meter(sink.pid))
 
 
 def _paired(mine: list[float], theirs: list[float]) -> float:

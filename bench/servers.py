@@ -28,8 +28,8 @@ from typing import Any, Self
 import uvloop as uvloops
 from aiosmtpd.smtp import SMTP
 
-from bench.load import WORKER_CONTEXT
-from bench.procstat import cpu_seconds, rss_bytes
+from bench.load import WORKER_CONTEXT, CustomerMails, Job, LoadResult, send
+from bench.procstat import Meter, cpu_seconds, rss_bytes
 from tests.support import CARE, STAFF, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -223,6 +223,13 @@ class PySink(Server):
 
 
 # ----- careservice -----
+
+
+def bare_run(count: int, first: int, warmup: int, seconds: float, uvloop: bool = False) -> LoadResult:
+    """A fresh bare aiosmtpd taking `count` 3 KB mails (after `warmup`) from 10 senders, one per connection."""
+    with PySink(uvloop=uvloop) as sink:
+        return send(Job(sink.port, CustomerMails(3_000), count, 10, 1, seconds, first=first, warmup=warmup),
+                    meter=Meter(sink.pid))
 
 
 def write_config(root: Path, relay_port: int) -> tuple[Path, int]:
