@@ -31,10 +31,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bench.cyclefloor import BATCH, SENDER, STAFF, PlainCycle
 from bench.floor import open_mail_db
+from careservice.crypto import open_sealed, seal
 from careservice.smtpclient import Mail
 from careservice.worker import NICENESS
 
-NONCE = 12
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "mail" / "en"
 PARSER = BytesParser(policy=policy.compat32)  # the default policy parses each header into objects: ~0.5 ms
 SITE = {"name": "TicketNest", "care_address": SENDER}
@@ -53,15 +53,6 @@ def _open(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _seal(key: bytes, plain: bytes) -> bytes:
-    nonce = os.urandom(NONCE)
-    return nonce + AESGCM(key).encrypt(nonce, plain, None)
-
-
-def _open_sealed(key: bytes, sealed: bytes) -> bytes:
-    return AESGCM(key).decrypt(sealed[:NONCE], sealed[NONCE:], None)
-
-
 class WorkCycle(PlainCycle):
     """The intake's sealing and two-file commit, and the relay's opening, parsing, rendering and marking (see the
     module's docstring). The master key is made here and reaches both processes with this object."""
@@ -75,7 +66,7 @@ class WorkCycle(PlainCycle):
 
     def prepare(self, content: bytes) -> CaseRow:
         key = AESGCM.generate_key(bit_length=256)
-        return int.from_bytes(os.urandom(8)) >> 1, _seal(self.master, key), _seal(key, content)
+        return int.from_bytes(os.urandom(8)) >> 1, seal(self.master, key, b""), seal(key, content, b"")
 
     def insert(self, conn: sqlite3.Connection, items: list[CaseRow]) -> None:
         conn.executemany("INSERT INTO k.keys(id, wrapped) VALUES (?, ?)", [(i, wrapped) for i, wrapped, _ in items])
@@ -99,7 +90,7 @@ class WorkCycle(PlainCycle):
 
     def _mails(self, row: CaseRow) -> tuple[Mail, Mail]:
         case_id, wrapped, sealed = row
-        msg = PARSER.parsebytes(_open_sealed(_open_sealed(self.master, wrapped), sealed))
+        msg = PARSER.parsebytes(open_sealed(open_sealed(self.master, wrapped, b""), sealed, b""))
         name, address = parseaddr(msg["From"] or "")
         text = msg.get_payload(decode=True) if not msg.is_multipart() else b""
         context = {"site": SITE, "case_id": case_id, "subject": str(msg["Subject"] or ""),
